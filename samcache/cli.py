@@ -1,0 +1,153 @@
+"""The `samcache` command line: thin click wrappers over typed functions in the other modules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from samcache import __version__
+from samcache.errors import SamcacheError
+
+SPLIT_FRACTIONS_HELP = "train,val,test fractions for datasets without explicit splits."
+
+
+class _Group(click.Group):
+    """Turns samcache's own errors into a one-line message and exit code 1 (bugs keep tracebacks)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SamcacheError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+def _fractions(value: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected three numbers like 0.8,0.1,0.1, got {value!r}") from None
+    if len(parts) != 3:
+        raise click.BadParameter(f"expected three numbers like 0.8,0.1,0.1, got {value!r}")
+    return parts  # type: ignore[return-value]
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="samcache")
+def main() -> None:
+    """Fine-tune Segment Anything's mask decoder on your images, from an HDF5 embedding cache.
+
+    \b
+    Typical session:
+      samcache data stamps --out data/stamps --n 60      # or bring COCO JSON / mask folders
+      samcache data check data/stamps
+    """
+
+
+# --------------------------------------------------------------------------------------- data
+@main.group(cls=_Group)
+def data() -> None:
+    """Datasets: generate the synthetic stamps set, check a dataset."""
+
+
+@data.command("stamps")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write (COCO layout).")
+@click.option("--n", "n_images", type=click.IntRange(min=1), default=60, show_default=True, help="Pages.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same pages, byte for byte.")
+def data_stamps(out: Path, n_images: int, seed: int) -> None:
+    """Generate a synthetic "stamps on scanned documents" set.
+
+    Writes OUT/images/*.jpg and OUT/train.json, OUT/val.json, OUT/test.json with exact masks.
+
+    \b
+    Example:
+      samcache data stamps --out data/stamps --n 60 --seed 0
+    """
+    from samcache.datasets.stamps import generate_stamps
+
+    summary = generate_stamps(out, n_images, seed)
+    splits = ", ".join(f"{k} {v['images']} images/{v['objects']} objects" for k, v in summary["splits"].items())
+    click.echo(f"wrote {summary['images']} pages with {summary['objects']} stamps to {out} ({splits})")
+
+
+@data.command("check")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--image-root", type=click.Path(path_type=Path), help="Folder COCO file_names are relative to.")
+@click.option("--split-fractions", default="0.8,0.1,0.1", show_default=True, help=SPLIT_FRACTIONS_HELP)
+@click.option("--mask-mode", type=click.Choice(["auto", "labels", "components", "single"]), default="auto",
+              show_default=True, help="How mask folders become objects.")
+@click.option("--strict", is_flag=True, help="Any problem is an error (exit code 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+def data_check(dataset: Path, image_root, split_fractions: str, mask_mode: str, strict: bool, as_json: bool) -> None:
+    """Count images, objects, splits and categories, and list every problem found.
+
+    DATASET is a COCO JSON file, a folder with train.json/val.json/test.json, or a folder
+    with images/ and masks/. Exit code 1 when the dataset cannot be read, or with --strict
+    when it has any problem.
+
+    \b
+    Example:
+      samcache data check data/stamps --json
+    """
+    from samcache.datasets import load_dataset
+
+    ds = load_dataset(dataset, image_root=image_root, fractions=_fractions(split_fractions), mask_mode=mask_mode)
+    summary = ds.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"{dataset} ({summary['format']}): {summary['images']} images, {summary['objects']} objects")
+        for split, counts in summary["splits"].items():
+            click.echo(f"  split {split:<6} {counts['images']:>6} images {counts['objects']:>7} objects")
+        for category, count in summary["categories"].items():
+            click.echo(f"  category {category:<20} {count:>7} objects")
+        if summary["ignored_crowd"]:
+            click.echo(f"  {summary['ignored_crowd']} crowd annotations ignored")
+        click.echo(f"  {len(ds.problems)} problem(s)")
+        for problem in ds.problems:
+            click.echo(f"  - {problem}")
+    if strict:
+        ds.raise_if_problems()
+
+
+# ------------------------------------------------------------------------------------- models
+@main.command("models")
+def models_cmd() -> None:
+    """List the model types and where their weights are.
+
+    \b
+    Example:
+      samcache models
+    """
+    from samcache import models
+
+    home = models.samcache_home()
+    click.echo(f"weights folder (SAMCACHE_HOME): {home}")
+    for model_type in models.MODEL_TYPES:
+        official = models.OFFICIAL_WEIGHTS.get(model_type)
+        if official is None:
+            click.echo(f"  {model_type:<6} samcache's small SAM-shaped model, random weights (offline, for tests/demo)")
+            continue
+        state = "present" if (home / official.filename).is_file() else "not downloaded"
+        click.echo(f"  {model_type:<6} {official.filename} ({official.size_bytes / 1e9:.2f} GB, {state})")
+
+
+@main.command("fetch")
+@click.argument("model_type", type=click.Choice(["vit_b", "vit_l", "vit_h"]))
+def fetch_cmd(model_type: str) -> None:
+    """Download Meta's official weights into SAMCACHE_HOME and verify their SHA-256.
+
+    \b
+    Example:
+      samcache fetch vit_b
+    """
+    from samcache import models
+
+    path = models.resolve_checkpoint(model_type, None, download=True)
+    click.echo(f"{model_type}: {path} (SHA-256 verified)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The error types samcache raises for bad user input.
+
+The CLI turns any `SamcacheError` into a one-line message and a non-zero exit code;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class SamcacheError(Exception):
+    """Base class: a problem with the user's input, files or environment."""
+
+
+class ImageReadError(SamcacheError):
+    """An image file is missing, corrupt, truncated or in an unsupported format."""
+
+
+class DatasetError(SamcacheError):
+    """A dataset cannot be read, or has problems and `strict` was asked for."""
+
+
+class CheckpointError(SamcacheError):
+    """Weights cannot be found, downloaded, verified or loaded into the model asked for."""
+
+
+class CacheError(SamcacheError):
+    """An embedding cache is unreadable or incompatible with the request."""

@@ -1,0 +1,366 @@
+"""Model building and weight loading: the only module that knows where SAM weights come from.
+
+`load_sam(model_type, checkpoint)` is the entry point. It builds the architecture with
+segment_anything's own modules, finds the weights (an explicit path, `$SAMCACHE_HOME`, or
+a verified download of Meta's official file), loads them without executing pickled code
+(`weights_only=True`, or safetensors) and with strict keys, and says which weights it used
+(`weights_sha256`), so caches and runs can refuse to mix models.
+
+`tiny` is samcache's own SAM-shaped model: SAM's geometry (1024 px input, 256x64x64
+embeddings) and SAM's exact prompt encoder and mask decoder, with a small ViT image encoder,
+so every stage runs at real sizes in seconds on a CPU. Its weights are random, deterministic
+from a seed: nothing about it is pretrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from samcache.errors import CheckpointError
+from samcache.fileio import sha256_file
+
+IMAGE_SIZE = 1024
+PATCH_SIZE = 16
+PROMPT_EMBED_DIM = 256
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The image encoder's shape for one model type (the rest of SAM is the same for all)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+
+
+ENCODER_SPECS: dict[str, EncoderSpec] = {
+    "vit_b": EncoderSpec(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": EncoderSpec(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": EncoderSpec(1280, 32, 16, (7, 15, 23, 31)),
+    # Windowed attention only: a global block over 4096 tokens would cost 4x the rest on a CPU.
+    "tiny": EncoderSpec(128, 4, 4, ()),
+}
+MODEL_TYPES = tuple(ENCODER_SPECS)
+
+
+@dataclass(frozen=True)
+class OfficialWeights:
+    """Meta's released checkpoint for a model type."""
+
+    url: str
+    sha256: str
+    size_bytes: int
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+_SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+OFFICIAL_WEIGHTS: dict[str, OfficialWeights] = {
+    "vit_b": OfficialWeights(
+        _SAM_BASE_URL + "sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        375_042_383,
+    ),
+    "vit_l": OfficialWeights(
+        _SAM_BASE_URL + "sam_vit_l_0b3195.pth",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+        1_249_524_607,
+    ),
+    "vit_h": OfficialWeights(
+        _SAM_BASE_URL + "sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        2_564_550_879,
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A SAM model and the identity of its weights.
+
+    Arguments:
+      sam: the model, in eval mode, on the CPU.
+      model_type: one of MODEL_TYPES.
+      weights_sha256: SHA-256 of the checkpoint file, or for generated weights (tiny) of the
+        state dict's tensors; caches and runs record it and refuse a mismatch.
+      weights_source: a human-readable origin: a path, or "tiny random init (seed 0)".
+    """
+
+    sam: Sam
+    model_type: str
+    weights_sha256: str
+    weights_source: str
+
+
+def samcache_home() -> Path:
+    """Where downloaded weights live: `$SAMCACHE_HOME`, default `~/.cache/samcache`."""
+    return Path(os.environ.get("SAMCACHE_HOME", Path.home() / ".cache" / "samcache")).expanduser()
+
+
+def build_sam(model_type: str) -> Sam:
+    """Builds an untrained SAM of `model_type` with segment_anything's modules (eval mode, CPU)."""
+    spec = _spec(model_type)
+    embedding_size = IMAGE_SIZE // PATCH_SIZE
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=spec.depth,
+            embed_dim=spec.embed_dim,
+            img_size=IMAGE_SIZE,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=spec.num_heads,
+            patch_size=PATCH_SIZE,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=spec.global_attn_indexes,
+            window_size=14,
+            out_chans=PROMPT_EMBED_DIM,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=PROMPT_EMBED_DIM,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+            transformer_dim=PROMPT_EMBED_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
+    )
+    return sam.eval()
+
+
+def build_tiny(seed: int = 0) -> Sam:
+    """The tiny model with random weights, identical for the same seed on any machine."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_sam("tiny")
+
+
+def load_sam(
+    model_type: str,
+    checkpoint: Optional[str | Path] = None,
+    *,
+    seed: int = 0,
+    download: bool = True,
+) -> LoadedModel:
+    """Builds `model_type` and loads its weights.
+
+    Arguments:
+      model_type: "vit_b", "vit_l", "vit_h" or "tiny".
+      checkpoint: a state dict file (.pth/.pt weights-only, or .safetensors). Without it, real
+        models use `$SAMCACHE_HOME/<official file>` or download it; tiny uses random weights.
+      seed: the seed of tiny's random weights.
+      download: allow downloading the official weights when they are not in `$SAMCACHE_HOME`.
+    """
+    _spec(model_type)
+    if model_type == "tiny" and checkpoint is None:
+        sam = build_tiny(seed)
+        return LoadedModel(sam, "tiny", state_dict_sha256(sam.state_dict()), f"tiny random init (seed {seed})")
+    path = resolve_checkpoint(model_type, checkpoint, download=download)
+    sam = build_sam(model_type)
+    load_weights_into(sam, read_state_dict(path), model_type=model_type, source=path)
+    return LoadedModel(sam, model_type, file_sha256_cached(path), str(path))
+
+
+def resolve_checkpoint(model_type: str, checkpoint: Optional[str | Path], *, download: bool = True) -> Path:
+    """The checkpoint file to load: the explicit path, a verified file in `$SAMCACHE_HOME`, or a download."""
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+        return path
+    official = OFFICIAL_WEIGHTS.get(model_type)
+    if official is None:
+        raise CheckpointError(f"model type {model_type!r} has no official weights; pass --checkpoint PATH")
+    path = samcache_home() / official.filename
+    if path.is_file():
+        digest = file_sha256_cached(path)
+        if digest != official.sha256:
+            raise CheckpointError(
+                f"{path} has SHA-256 {digest}, but Meta's {model_type} file has {official.sha256}; "
+                f"delete it to download again, or pass it explicitly with --checkpoint {path}"
+            )
+        return path
+    if not download:
+        raise CheckpointError(_offline_message(model_type, official, reason="downloads are disabled"))
+    return download_official(model_type)
+
+
+def download_official(model_type: str) -> Path:
+    """Downloads Meta's checkpoint for `model_type` into `$SAMCACHE_HOME`, verifying its SHA-256.
+
+    The file is written as `<name>.part` and renamed only once verified, so an interrupted or
+    corrupted download never leaves a file that looks complete.
+    """
+    from tqdm import tqdm
+
+    official = OFFICIAL_WEIGHTS[model_type]
+    home = samcache_home()
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / official.filename
+    partial_path = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(official.url, timeout=60) as response, open(partial_path, "wb") as out:
+            total = int(response.headers.get("Content-Length") or official.size_bytes)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {official.filename}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        partial_path.unlink(missing_ok=True)
+        raise CheckpointError(_offline_message(model_type, official, reason=f"download failed: {exc}")) from exc
+    if digest.hexdigest() != official.sha256:
+        partial_path.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"downloaded {official.url} has SHA-256 {digest.hexdigest()}, expected {official.sha256}; "
+            "the file was deleted, try again"
+        )
+    os.replace(partial_path, target)
+    return target
+
+
+def _offline_message(model_type: str, official: OfficialWeights, *, reason: str) -> str:
+    return (
+        f"no {model_type} weights: {reason}. Download {official.url} on a machine with internet "
+        f"(SHA-256 {official.sha256}) and either put it in {samcache_home()} (set SAMCACHE_HOME to "
+        f"change that folder) or pass --checkpoint PATH"
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads a state dict without ever executing pickled code.
+
+    `.safetensors` files are read with safetensors; anything else with
+    `torch.load(weights_only=True)`, which refuses objects other than tensors and plain types.
+    A `{"model": state_dict}` or `{"state_dict": ...}` wrapper, common in training checkpoints,
+    is unwrapped.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than tensors and plain types, and loading "
+            f"them would run code from the file ({str(exc).splitlines()[0]})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict) and len(obj) <= 3:
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def load_weights_into(sam: Sam, state_dict: dict[str, torch.Tensor], *, model_type: str, source: str | Path) -> None:
+    """`load_state_dict(strict=True)`, with an error that names the model type expected and, when it
+    can tell, the type the file looks like."""
+    expected = sam.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong_shape:
+        looks_like = guess_model_type(state_dict)
+        hint = f"; it looks like a {looks_like} checkpoint" if looks_like and looks_like != model_type else ""
+        details = []
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(
+                f"{len(wrong_shape)} tensor(s) of the wrong shape, e.g. {k}: "
+                f"{tuple(state_dict[k].shape)} in the file, {tuple(expected[k].shape)} expected"
+            )
+        if missing:
+            details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise CheckpointError(
+            f"{source} does not fit the {model_type} model{hint}: " + "; ".join(details)
+            + f". Pass --model with the checkpoint's type, or a {model_type} checkpoint"
+        )
+    sam.load_state_dict(state_dict, strict=True)
+
+
+def guess_model_type(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
+    """The model type whose encoder width and depth match the state dict, if any."""
+    pos = state_dict.get("image_encoder.pos_embed")
+    if pos is None:
+        return None
+    depth = 1 + max(
+        (int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")), default=-1
+    )
+    for name, spec in ENCODER_SPECS.items():
+        if spec.embed_dim == pos.shape[-1] and spec.depth == depth:
+            return name
+    return None
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict: names, dtypes, shapes and bytes, in sorted key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_sha256_cached(path: str | Path) -> str:
+    """SHA-256 of a (large) weights file, remembered in a `<file>.sha256` sidecar keyed by size and
+    modification time, so a 2.5 GB checkpoint is hashed once, not at every command."""
+    path = Path(path)
+    stat = path.stat()
+    key = f"{stat.st_size}:{stat.st_mtime_ns}"
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        stored_key, digest = sidecar.read_text().split()
+        if stored_key == key and len(digest) == 64:
+            return digest
+    except (OSError, ValueError):
+        pass
+    digest = sha256_file(path)
+    try:
+        sidecar.write_text(f"{key} {digest}\n")
+    except OSError:
+        pass  # a read-only weights folder only costs re-hashing next time
+    return digest
+
+
+def _spec(model_type: str) -> EncoderSpec:
+    try:
+        return ENCODER_SPECS[model_type]
+    except KeyError:
+        raise CheckpointError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}") from None

@@ -1,0 +1,89 @@
+"""SAM's input preprocessing, split so the slow part runs in DataLoader workers.
+
+`SamPredictor.set_image` does: resize the longest side to the encoder's size with
+`ResizeLongestSide.apply_image` (PIL bilinear), then `Sam.preprocess`: subtract the pixel
+mean, divide by the std, and pad bottom-right with zeros to a square. samcache does exactly
+that, in two steps:
+
+- `resize_image` (per image, in a worker process): uint8 in, uint8 out, using
+  segment_anything's own `ResizeLongestSide`, so the pixels are the predictor's by construction.
+- `batch_to_model_input` (per batch, on the encoder's device): normalize, then pad. The pad
+  happens after normalization, as in `Sam.preprocess`, so padded pixels are 0, not -mean/std.
+
+Box and point prompts go through the same coordinate transform as the predictor's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from samcache.models import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The preprocessing parameters, recorded in every cache's provenance.
+
+    Arguments:
+      image_size: the encoder's square input side; the longest image side is resized to it.
+      pixel_mean, pixel_std: per-channel RGB normalization, in 0..255 units.
+      resize: how the resize is done (SamPredictor's: PIL bilinear via ResizeLongestSide).
+    """
+
+    image_size: int = IMAGE_SIZE
+    pixel_mean: tuple[float, float, float] = PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = PIXEL_STD
+    resize: str = "ResizeLongestSide(PIL bilinear)"
+
+    def as_dict(self) -> dict:
+        """Plain JSON types (lists, not tuples), so a dict read back from a cache compares equal."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+def input_size(original_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> tuple[int, int]:
+    """(h, w) of the image after resizing its longest side to `image_size`, before padding."""
+    return ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], image_size)
+
+
+def resize_image(image: np.ndarray, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> RGB uint8 (h, w, 3) with max(h, w) == image_size, as SamPredictor does."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+    return ResizeLongestSide(image_size).apply_image(image)
+
+
+def batch_to_model_input(
+    images: Sequence[torch.Tensor],
+    *,
+    device: torch.device | str = "cpu",
+    preprocessing: Preprocessing = Preprocessing(),
+) -> torch.Tensor:
+    """Resized uint8 images (each (h, w, 3), any sizes) -> the encoder's input (B, 3, S, S) float32.
+
+    Normalization happens on `device`, so only uint8 bytes cross from the workers and to the GPU.
+    """
+    size = preprocessing.image_size
+    mean = torch.tensor(preprocessing.pixel_mean, device=device).view(3, 1, 1)
+    std = torch.tensor(preprocessing.pixel_std, device=device).view(3, 1, 1)
+    batch = torch.zeros((len(images), 3, size, size), dtype=torch.float32, device=device)
+    for i, image in enumerate(images):
+        chw = image.to(device, non_blocking=True).permute(2, 0, 1).float()
+        h, w = chw.shape[-2:]
+        batch[i, :, :h, :w] = (chw - mean) / std
+    return batch
+
+
+def transform_coords(coords: np.ndarray, original_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """Point coordinates (..., 2) as (x, y) in original pixels -> the encoder's input frame."""
+    return ResizeLongestSide(image_size).apply_coords(np.asarray(coords, dtype=np.float64), original_size)
+
+
+def transform_boxes(boxes: np.ndarray, original_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """Boxes (N, 4) XYXY in original pixels -> the encoder's input frame."""
+    return ResizeLongestSide(image_size).apply_boxes(np.asarray(boxes, dtype=np.float64), original_size)

@@ -1,0 +1,175 @@
+"""Model registry, tiny model, checkpoint resolution, download and safe loading."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from segment_anything import sam_model_registry
+
+from samcache import models
+from samcache.errors import CheckpointError
+
+
+def test_tiny_is_deterministic_and_seeded():
+    a, b, c = models.load_sam("tiny", seed=0), models.load_sam("tiny", seed=0), models.load_sam("tiny", seed=1)
+    assert a.weights_sha256 == b.weights_sha256 != c.weights_sha256
+    for key, tensor in a.sam.state_dict().items():
+        assert torch.equal(tensor, b.sam.state_dict()[key])
+    assert "random" in a.weights_source
+
+
+def test_tiny_has_sams_geometry_and_exact_decoder():
+    tiny = models.build_tiny(0)
+    vit_b = models.build_sam("vit_b")
+    with torch.inference_mode():
+        features = tiny.image_encoder(torch.zeros(1, 3, 1024, 1024))
+    assert features.shape == (1, 256, 64, 64)
+    for part in ("prompt_encoder", "mask_decoder"):
+        tiny_sd, ref_sd = getattr(tiny, part).state_dict(), getattr(vit_b, part).state_dict()
+        assert {k: v.shape for k, v in tiny_sd.items()} == {k: v.shape for k, v in ref_sd.items()}
+    encoder_params = sum(p.numel() for p in tiny.image_encoder.parameters())
+    assert encoder_params < 0.05 * sum(p.numel() for p in vit_b.image_encoder.parameters())
+
+
+def test_random_vit_b_in_official_layout_loads(vit_b_checkpoint):
+    loaded = models.load_sam("vit_b", vit_b_checkpoint)
+    reference = sam_model_registry["vit_b"](checkpoint=str(vit_b_checkpoint))  # proves the layout is official
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(loaded.sam.state_dict()[key], tensor)
+    assert loaded.weights_sha256 == hashlib.sha256(vit_b_checkpoint.read_bytes()).hexdigest()
+    assert loaded.model_type == "vit_b"
+
+
+def test_wrong_model_type_names_expected_and_actual(vit_b_checkpoint):
+    with pytest.raises(CheckpointError) as info:
+        models.load_sam("vit_l", vit_b_checkpoint)
+    message = str(info.value)
+    assert "vit_l model" in message and "looks like a vit_b" in message and str(vit_b_checkpoint) in message
+
+
+def test_state_dict_with_missing_keys_is_refused(tmp_path):
+    sd = models.build_tiny(0).state_dict()
+    del sd["mask_decoder.iou_token.weight"]
+    path = tmp_path / "broken.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match="missing key.*mask_decoder.iou_token.weight"):
+        models.load_sam("tiny", path)
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {_Exploit.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused_and_not_run(tmp_path):
+    _Exploit.marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1), "payload": _Exploit()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        models.load_sam("vit_b", path)
+    assert not _Exploit.marker.exists()
+
+
+def test_safetensors_checkpoint_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    sam = models.build_tiny(3)
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, str(path))
+    loaded = models.load_sam("tiny", path)
+    assert all(torch.equal(v, sam.state_dict()[k]) for k, v in loaded.sam.state_dict().items())
+
+
+def test_wrapped_state_dict_is_unwrapped(tmp_path):
+    sam = models.build_tiny(4)
+    path = tmp_path / "trainer.pth"
+    torch.save({"model": sam.state_dict(), "epoch": 3}, path)
+    loaded = models.load_sam("tiny", path)
+    assert torch.equal(loaded.sam.mask_decoder.iou_token.weight, sam.mask_decoder.iou_token.weight)
+
+
+def test_missing_checkpoint_path_is_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        models.load_sam("vit_b", tmp_path / "nope.pth")
+
+
+def test_unknown_model_type():
+    with pytest.raises(CheckpointError, match="unknown model type 'vit_x'"):
+        models.load_sam("vit_x")
+
+
+def _serve(directory: Path):
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(directory), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _fake_official(monkeypatch, url: str, payload: bytes):
+    official = models.OfficialWeights(url, hashlib.sha256(payload).hexdigest(), len(payload))
+    monkeypatch.setitem(models.OFFICIAL_WEIGHTS, "vit_b", official)
+    return official
+
+
+def test_download_verifies_sha256_and_lands_in_home(tmp_path, monkeypatch, vit_b_checkpoint):
+    served = tmp_path / "served"
+    served.mkdir()
+    payload = vit_b_checkpoint.read_bytes()
+    (served / "sam_vit_b_01ec64.pth").write_bytes(payload)
+    server = _serve(served)
+    try:
+        _fake_official(monkeypatch, f"http://127.0.0.1:{server.server_port}/sam_vit_b_01ec64.pth", payload)
+        loaded = models.load_sam("vit_b")
+        home_file = models.samcache_home() / "sam_vit_b_01ec64.pth"
+        assert home_file.read_bytes() == payload
+        assert loaded.weights_source == str(home_file)
+        # The second call finds the verified file and does not download again.
+        server.shutdown()
+        assert models.load_sam("vit_b").weights_sha256 == hashlib.sha256(payload).hexdigest()
+    finally:
+        server.shutdown()
+
+
+def test_download_with_wrong_sha256_keeps_nothing(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "sam_vit_b_01ec64.pth").write_bytes(b"not the weights")
+    server = _serve(served)
+    try:
+        _fake_official(monkeypatch, f"http://127.0.0.1:{server.server_port}/sam_vit_b_01ec64.pth", b"the weights")
+        with pytest.raises(CheckpointError, match="SHA-256"):
+            models.resolve_checkpoint("vit_b", None)
+        assert list(models.samcache_home().iterdir()) == []
+    finally:
+        server.shutdown()
+
+
+def test_offline_error_says_how_to_pass_checkpoint(monkeypatch):
+    _fake_official(monkeypatch, "http://127.0.0.1:9/sam_vit_b_01ec64.pth", b"x")
+    with pytest.raises(CheckpointError) as info:
+        models.load_sam("vit_b")
+    assert "--checkpoint PATH" in str(info.value) and "SAMCACHE_HOME" in str(info.value)
+
+
+def test_corrupted_file_in_home_is_refused(monkeypatch):
+    _fake_official(monkeypatch, "http://127.0.0.1:9/sam_vit_b_01ec64.pth", b"good")
+    home = models.samcache_home()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "sam_vit_b_01ec64.pth").write_bytes(b"bad!")
+    with pytest.raises(CheckpointError, match="delete it to download again"):
+        models.resolve_checkpoint("vit_b", None)
+
+
+def test_file_hash_sidecar_tracks_changes(tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"one")
+    assert models.file_sha256_cached(path) == hashlib.sha256(b"one").hexdigest()
+    path.write_bytes(b"two!")
+    assert models.file_sha256_cached(path) == hashlib.sha256(b"two!").hexdigest()
