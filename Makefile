@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SAMCACHE := $(VENV)/bin/samcache
 STAMPS := data/stamps
+CACHE := cache/stamps
 DEMO_PAGES ?= 60
 
 .PHONY: install demo test clean
@@ -19,9 +20,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: install
 	@test -f $(STAMPS)/train.json || $(SAMCACHE) data stamps --out $(STAMPS) --n $(DEMO_PAGES) --seed 0
 	$(SAMCACHE) data check $(STAMPS)
+	$(SAMCACHE) embed $(STAMPS) --out $(CACHE) --model tiny
+	$(SAMCACHE) info $(CACHE)
 
 test: install
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(STAMPS) cache/*.h5 cache/*/ runs/
+	rm -rf $(STAMPS) $(CACHE) runs/

@@ -43,7 +43,27 @@ def main() -> None:
     Typical session:
       samcache data stamps --out data/stamps --n 60      # or bring COCO JSON / mask folders
       samcache data check data/stamps
+      samcache embed data/stamps --out cache/stamps --model tiny
+      samcache info cache/stamps
     """
+
+
+def dataset_options(command):
+    """The options every command that reads a dataset takes."""
+    command = click.option("--mask-mode", type=click.Choice(["auto", "labels", "components", "single"]),
+                           default="auto", show_default=True, help="How mask folders become objects.")(command)
+    command = click.option("--split-fractions", default="0.8,0.1,0.1", show_default=True,
+                           help=SPLIT_FRACTIONS_HELP)(command)
+    command = click.option("--image-root", type=click.Path(path_type=Path),
+                           help="Folder COCO file_names are relative to.")(command)
+    return command
+
+
+def _load_dataset(dataset: Path, image_root, split_fractions: str, mask_mode: str, strict: bool = False):
+    from samcache.datasets import load_dataset
+
+    return load_dataset(dataset, image_root=image_root, fractions=_fractions(split_fractions),
+                        mask_mode=mask_mode, strict=strict)
 
 
 # --------------------------------------------------------------------------------------- data
@@ -74,10 +94,7 @@ def data_stamps(out: Path, n_images: int, seed: int) -> None:
 
 @data.command("check")
 @click.argument("dataset", type=click.Path(path_type=Path))
-@click.option("--image-root", type=click.Path(path_type=Path), help="Folder COCO file_names are relative to.")
-@click.option("--split-fractions", default="0.8,0.1,0.1", show_default=True, help=SPLIT_FRACTIONS_HELP)
-@click.option("--mask-mode", type=click.Choice(["auto", "labels", "components", "single"]), default="auto",
-              show_default=True, help="How mask folders become objects.")
+@dataset_options
 @click.option("--strict", is_flag=True, help="Any problem is an error (exit code 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 def data_check(dataset: Path, image_root, split_fractions: str, mask_mode: str, strict: bool, as_json: bool) -> None:
@@ -91,9 +108,7 @@ def data_check(dataset: Path, image_root, split_fractions: str, mask_mode: str, 
     Example:
       samcache data check data/stamps --json
     """
-    from samcache.datasets import load_dataset
-
-    ds = load_dataset(dataset, image_root=image_root, fractions=_fractions(split_fractions), mask_mode=mask_mode)
+    ds = _load_dataset(dataset, image_root, split_fractions, mask_mode)
     summary = ds.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -110,6 +125,79 @@ def data_check(dataset: Path, image_root, split_fractions: str, mask_mode: str, 
             click.echo(f"  - {problem}")
     if strict:
         ds.raise_if_problems()
+
+
+# -------------------------------------------------------------------------------------- embed
+@main.command("embed")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--out", "cache_dir", type=click.Path(path_type=Path), required=True, help="Cache folder.")
+@click.option("--model", "model_type", type=click.Choice(["tiny", "vit_b", "vit_l", "vit_h"]), default="tiny",
+              show_default=True, help="SAM image encoder to run.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights file (default: official weights).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Images per forward.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Processes decoding images while the encoder runs.")
+@click.option("--intensity", type=click.Choice(["percentile", "minmax", "dtype"]), default="percentile",
+              show_default=True, help="How images with more than 8 bits become 8-bit.")
+@click.option("--shard-images", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Commit a shard after this many images (what a crash can lose at most).")
+@dataset_options
+@click.option("--strict", is_flag=True, help="Any dataset problem or unreadable image is an error.")
+def embed_cmd(dataset: Path, cache_dir: Path, model_type: str, checkpoint, batch_size: int, device: str,
+              precision: str, workers: int, intensity: str, shard_images: int, image_root, split_fractions: str,
+              mask_mode: str, strict: bool) -> None:
+    """Run the image encoder once per image and store embeddings, geometry and objects in CACHE.
+
+    Crash-safe and resumable: re-run the same command after an interruption and it embeds only
+    what was not committed; images added to the dataset later are embedded on the next run.
+
+    \b
+    Example:
+      samcache embed data/stamps --out cache/stamps --model tiny
+      samcache embed my_coco/ --out cache/mine --model vit_b --checkpoint sam_vit_b_01ec64.pth
+    """
+    from samcache.embed import EmbedConfig, embed_dataset
+
+    ds = _load_dataset(dataset, image_root, split_fractions, mask_mode, strict=strict)
+    for problem in ds.problems:
+        click.echo(f"warning: {problem}", err=True)
+    config = EmbedConfig(model_type=model_type, checkpoint=checkpoint, batch_size=batch_size, device=device,
+                         precision=precision, workers=workers, strict=strict, intensity=intensity,
+                         shard_images=shard_images)
+    summary = embed_dataset(ds, cache_dir, config)
+    click.echo(summary.line())
+
+
+@main.command("info")
+@click.argument("cache_dir", metavar="CACHE", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+def info_cmd(cache_dir: Path, as_json: bool) -> None:
+    """Describe a cache: images, objects, splits, model, weights, dtype, size, failed images.
+
+    \b
+    Example:
+      samcache info cache/stamps --json
+    """
+    from samcache.cache import EmbeddingCache
+
+    info = EmbeddingCache(cache_dir).info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['cache']}: {info['images']} images, {info['objects']} objects (schema v{info['schema_version']})")
+    for split, counts in info["splits"].items():
+        click.echo(f"  split {split:<6} {counts['images']:>6} images {counts['objects']:>7} objects")
+    click.echo(f"  model {info['model_type']}, weights SHA-256 {info['weights_sha256']}")
+    click.echo(f"  embeddings {info['embedding_dtype']} {'x'.join(map(str, info['embedding_shape']))}, "
+               f"computed in {info['compute_precision']}, intensity {info['intensity']}")
+    click.echo(f"  {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, {info['bytes_per_image'] / 2**20:.2f} MiB per image, "
+               f"{info['shards']} shard(s), {info['superseded_records']} superseded record(s)")
+    click.echo(f"  {len(info['failed'])} failed image(s)")
+    for failure in info["failed"]:
+        click.echo(f"  - {failure['name']}: {failure['error']}")
 
 
 # ------------------------------------------------------------------------------------- models

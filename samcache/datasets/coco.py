@@ -82,8 +82,8 @@ class _CocoReader:
         self.seen_names: dict[str, str] = {}
         self.seen_annotation_ids: dict[Any, str] = {}
 
-    def problem(self, file: Path, record: str, message: str, dropped: str) -> None:
-        self.dataset.problems.append(Problem(str(file), record, message, dropped))
+    def problem(self, file: Path, record: str, message: str, dropped: str, unreadable_image: str = "") -> None:
+        self.dataset.problems.append(Problem(str(file), record, message, dropped, unreadable_image))
 
     def read_file(self, file: Path, split: Optional[str]) -> None:
         try:
@@ -98,9 +98,12 @@ class _CocoReader:
         categories = self.read_categories(file, data.get("categories", []))
 
         images: dict[Any, ImageRecord] = {}
+        dropped_ids: set = set()
         for entry in data["images"]:
             image = self.read_image_entry(file, entry, split)
             if image is None:
+                if isinstance(entry, dict) and "id" in entry:
+                    dropped_ids.add(entry["id"])
                 continue
             if image.image_id in images:
                 self.problem(file, f"image id {image.image_id} ({image.name})", "duplicate image id", "image")
@@ -108,7 +111,9 @@ class _CocoReader:
             images[image.image_id] = image
 
         for ann in annotations:
-            self.read_annotation(file, ann, images, categories)
+            # An image already reported and dropped takes its annotations with it, silently.
+            if not (isinstance(ann, dict) and ann.get("image_id") in dropped_ids and ann.get("image_id") not in images):
+                self.read_annotation(file, ann, images, categories)
         self.dataset.images.extend(images.values())
 
     def read_categories(self, file: Path, entries: Any) -> dict[Any, str]:
@@ -133,7 +138,7 @@ class _CocoReader:
             self.problem(file, record, "file_name escapes the dataset's image folder (via a link)", "image")
             return None
         if not image_path.is_file():
-            self.problem(file, record, f"image file {image_path} is missing", "image")
+            self.problem(file, record, f"image file {image_path} is missing", "image", unreadable_image=name)
             return None
         if name in self.seen_names:
             self.problem(file, record, f"file_name already used in {self.seen_names[name]}", "image")
@@ -141,7 +146,7 @@ class _CocoReader:
         try:
             height, width = read_image_size(image_path)
         except ImageReadError as exc:
-            self.problem(file, record, str(exc), "image")
+            self.problem(file, record, str(exc), "image", unreadable_image=name)
             return None
         declared = (entry.get("height"), entry.get("width"))
         if declared != (None, None) and declared != (height, width):

@@ -62,7 +62,7 @@ def read_maskdir(
         try:
             height, width = read_image_size(image_path)
         except ImageReadError as exc:
-            dataset.problems.append(Problem(str(image_path), record, str(exc), "image"))
+            dataset.problems.append(Problem(str(image_path), record, str(exc), "image", unreadable_image=name))
             continue
         try:
             label_image = _read_mask(mask_path)

@@ -66,12 +66,15 @@ class Problem:
       record: which record, e.g. "image id 4 (a.png)" or "annotation id 17".
       message: what is wrong.
       dropped: what was left out because of it: "object", "image" or "nothing".
+      unreadable_image: the image's name when its file is missing or cannot be decoded; the
+        cache lists such images as failed.
     """
 
     file: str
     record: str
     message: str
     dropped: str
+    unreadable_image: str = ""
 
     def __str__(self) -> str:
         return f"{self.file}: {self.record}: {self.message} ({self.dropped} skipped)"

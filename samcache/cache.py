@@ -1,0 +1,479 @@
+"""The embedding cache: the only module that imports h5py.
+
+A cache is a folder (format in docs/cache-format.md):
+
+    CACHE/cache.json                 header: schema version and provenance, written once
+    CACHE/shards/g00001-r0000-s000000.h5   committed shards: embeddings, images, objects, failures
+    CACHE/shards/*.h5.tmp            a shard being written (ignored by readers, removed on restart)
+
+Crash safety comes from the shard protocol: a shard is written as `*.h5.tmp`, flushed,
+closed, fsynced, then renamed to `*.h5`. A rename is atomic, so the committed shards are
+always complete HDF5 files, and the folder listing is the manifest: a killed writer loses at
+most the shard it was writing. Shard names sort by (generation, rank, sequence); a
+generation is one run, so when an image appears in several shards (its file or its
+annotations changed) the latest record wins.
+
+Readers (`EmbeddingCache`) load the small per-image and per-object tables into memory at
+open, and read embeddings lazily through h5py handles opened in the process that uses them,
+so a reader can be handed to DataLoader workers (h5py handles do not survive a fork).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import h5py
+import numpy as np
+
+from samcache import __version__
+from samcache.errors import CacheError
+from samcache.fileio import atomic_write_json
+
+SCHEMA_VERSION = 1
+HEADER_NAME = "cache.json"
+SHARD_DIR = "shards"
+EMBEDDING_SHAPE = (256, 64, 64)
+FP16_MAX = float(np.finfo(np.float16).max)
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What made the embeddings; a cache accepts new images only from the same recipe.
+
+    Arguments:
+      model_type: "vit_b", "vit_l", "vit_h" or "tiny".
+      weights_sha256: SHA-256 of the weights (see models.LoadedModel).
+      preprocessing: preprocess.Preprocessing.as_dict().
+      intensity: how images with more than 8 bits were mapped to uint8 (images.read_image).
+      embedding_dtype: the stored dtype, "float16".
+      compute_precision: "fp32" or "bf16" (autocast) for the encoder.
+      weights_source: where the weights came from (informative; not compared).
+      samcache_version: the version that created the cache (informative; not compared).
+    """
+
+    model_type: str
+    weights_sha256: str
+    preprocessing: dict
+    intensity: str
+    embedding_dtype: str = "float16"
+    compute_precision: str = "fp32"
+    weights_source: str = ""
+    samcache_version: str = __version__
+
+    # These must agree for two sets of embeddings to be one dataset.
+    COMPARED = ("model_type", "weights_sha256", "preprocessing", "intensity", "embedding_dtype")
+
+    def mismatch(self, other: "Provenance") -> Optional[str]:
+        for key in self.COMPARED:
+            if getattr(self, key) != getattr(other, key):
+                return f"{key} is {getattr(self, key)!r} in the cache, {getattr(other, key)!r} now"
+        return None
+
+
+@dataclass
+class CachedObject:
+    """One object as stored: box XYXY in original pixels, category, compressed COCO RLE."""
+
+    object_id: int
+    box: tuple[float, float, float, float]
+    category: str
+    rle: dict
+
+
+@dataclass
+class ImageEntry:
+    """One image ready to be written to a shard.
+
+    Arguments:
+      name: the dataset's key for the image (its path relative to the image root).
+      path: the source file; sha256, file_size and file_mtime_ns identify its content.
+      original_size: (H, W) of the decoded image; input_size: (h, w) after the resize.
+      split, image_id: from the dataset.
+      objects: the image's objects.
+      annotations_sha256: a hash of the objects, to notice edited annotations.
+    """
+
+    name: str
+    path: str
+    sha256: str
+    file_size: int
+    file_mtime_ns: int
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    split: str
+    image_id: int
+    objects: list[CachedObject]
+    annotations_sha256: str
+
+
+@dataclass
+class FailedEntry:
+    """An image that could not be embedded, with the reason."""
+
+    name: str
+    path: str
+    sha256: str
+    file_size: int
+    file_mtime_ns: int
+    error: str
+
+
+def crash_point(name: str) -> None:
+    """Test hook: `SAMCACHE_CRASH_AT=name:n` SIGKILLs this process the n-th time it passes `name`.
+
+    The crash-safety test uses it to die at exact moments (mid-write, just before a rename...);
+    it is inert unless the variable is set.
+    """
+    spec = os.environ.get("SAMCACHE_CRASH_AT")
+    if not spec:
+        return
+    point, _, count = spec.partition(":")
+    if point != name:
+        return
+    crash_point.counts[name] = crash_point.counts.get(name, 0) + 1  # type: ignore[attr-defined]
+    if crash_point.counts[name] >= int(count or 1):  # type: ignore[attr-defined]
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+crash_point.counts = {}  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------------- writing
+def open_for_writing(cache_dir: Path, provenance: Provenance) -> None:
+    """Creates the cache folder and header, or checks an existing header matches `provenance`."""
+    cache_dir = Path(cache_dir)
+    header_path = cache_dir / HEADER_NAME
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise CacheError(f"{cache_dir} exists and is not a cache folder")
+    if header_path.exists():
+        existing = read_header(cache_dir)
+        reason = existing.mismatch(provenance)
+        if reason:
+            raise CacheError(
+                f"refusing to add to {cache_dir}: it was made with other settings ({reason}). "
+                "Embeddings from different models or weights cannot be mixed; use another --out"
+            )
+        return
+    if cache_dir.exists() and any(cache_dir.iterdir()):
+        raise CacheError(f"{cache_dir} is a non-empty folder without {HEADER_NAME}: not a samcache cache")
+    (cache_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(header_path, {"schema_version": SCHEMA_VERSION, "provenance": asdict(provenance)})
+
+
+def read_header(cache_dir: Path) -> Provenance:
+    path = Path(cache_dir) / HEADER_NAME
+    try:
+        header = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CacheError(f"{cache_dir} is not a samcache cache (no {HEADER_NAME})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CacheError(f"{path} is unreadable: {exc}") from exc
+    if header.get("schema_version") != SCHEMA_VERSION:
+        raise CacheError(
+            f"{cache_dir} has cache schema version {header.get('schema_version')}, this samcache reads {SCHEMA_VERSION}"
+        )
+    return Provenance(**header["provenance"])
+
+
+def next_generation(cache_dir: Path) -> int:
+    """1 + the highest generation among committed shards: every run writes a new generation."""
+    gens = [int(p.name[1:6]) for p in _shard_paths(cache_dir)]
+    return max(gens, default=0) + 1
+
+
+def remove_stale_temporaries(cache_dir: Path, rank: int) -> int:
+    """Deletes the `.tmp` shards a killed run of this rank left behind; other ranks' are theirs."""
+    removed = 0
+    for tmp in (Path(cache_dir) / SHARD_DIR).glob(f"*-r{rank:04d}-*.h5.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+class ShardWriter:
+    """Writes one shard: rows go into `NAME.h5.tmp`; `commit()` closes, fsyncs and renames it.
+
+    Embeddings are written as they come (one chunk per image, uncompressed); the small tables
+    are written at commit. Until `commit()` returns, nothing about this shard is visible.
+    """
+
+    def __init__(self, cache_dir: Path, *, generation: int, rank: int, sequence: int, provenance: Provenance):
+        self.final_path = Path(cache_dir) / SHARD_DIR / f"g{generation:05d}-r{rank:04d}-s{sequence:06d}.h5"
+        self.tmp_path = self.final_path.with_name(self.final_path.name + ".tmp")
+        self.file = h5py.File(self.tmp_path, "w")
+        self.file.attrs["schema_version"] = SCHEMA_VERSION
+        self.file.attrs["provenance"] = json.dumps(asdict(provenance), sort_keys=True)
+        self.embeddings = self.file.create_dataset(
+            "embeddings", shape=(0, *EMBEDDING_SHAPE), maxshape=(None, *EMBEDDING_SHAPE),
+            dtype=np.float16, chunks=(1, *EMBEDDING_SHAPE),
+        )
+        self.images: list[ImageEntry] = []
+        self.failed: list[FailedEntry] = []
+        self.created = time.time()
+
+    def __len__(self) -> int:
+        return len(self.images) + len(self.failed)
+
+    def add(self, entry: ImageEntry, embedding: np.ndarray) -> None:
+        """Appends one image. `embedding` is (256, 64, 64) float32/float16; values beyond fp16's range
+        are an error, never a silent inf."""
+        if embedding.shape != EMBEDDING_SHAPE:
+            raise CacheError(f"{entry.name}: embedding shape {embedding.shape}, expected {EMBEDDING_SHAPE}")
+        if not np.isfinite(embedding).all() or np.abs(embedding).max() > FP16_MAX:
+            raise CacheError(
+                f"{entry.name}: the encoder produced values outside float16's range (|x| > {FP16_MAX:.0f}) "
+                "or non-finite values; these weights cannot be cached in float16"
+            )
+        row = len(self.images)
+        self.embeddings.resize(row + 1, axis=0)
+        self.embeddings[row] = embedding.astype(np.float16)
+        self.images.append(entry)
+        crash_point("shard-row-written")
+
+    def add_failure(self, entry: FailedEntry) -> None:
+        self.failed.append(entry)
+
+    def commit(self) -> Path:
+        self._write_tables()
+        self.file.flush()
+        crash_point("shard-before-close")
+        self.file.close()
+        _fsync_path(self.tmp_path)
+        crash_point("shard-before-rename")
+        os.replace(self.tmp_path, self.final_path)
+        _fsync_path(self.final_path.parent)
+        crash_point("shard-committed")
+        return self.final_path
+
+    def abandon(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+    def _write_tables(self) -> None:
+        images = self.file.create_group("images")
+        entries = self.images
+        _strings(images, "name", [e.name for e in entries])
+        _strings(images, "path", [e.path for e in entries])
+        _strings(images, "sha256", [e.sha256 for e in entries])
+        _strings(images, "split", [e.split for e in entries])
+        _strings(images, "annotations_sha256", [e.annotations_sha256 for e in entries])
+        images.create_dataset("file_size", data=np.array([e.file_size for e in entries], np.int64))
+        images.create_dataset("file_mtime_ns", data=np.array([e.file_mtime_ns for e in entries], np.int64))
+        images.create_dataset("image_id", data=np.array([e.image_id for e in entries], np.int64))
+        images.create_dataset("original_size", data=np.array([e.original_size for e in entries], np.int32).reshape(-1, 2))
+        images.create_dataset("input_size", data=np.array([e.input_size for e in entries], np.int32).reshape(-1, 2))
+        counts = np.array([len(e.objects) for e in entries], np.int64)
+        images.create_dataset("object_count", data=counts)
+        images.create_dataset("object_start", data=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
+
+        objects = self.file.create_group("objects")
+        flat = [(row, o) for row, e in enumerate(entries) for o in e.objects]
+        objects.create_dataset("image_row", data=np.array([r for r, _ in flat], np.int64))
+        objects.create_dataset("object_id", data=np.array([o.object_id for _, o in flat], np.int64))
+        objects.create_dataset("box", data=np.array([o.box for _, o in flat], np.float32).reshape(-1, 4))
+        _strings(objects, "category", [o.category for _, o in flat])
+        _strings(objects, "rle_counts", [o.rle["counts"] for _, o in flat])
+
+        failed = self.file.create_group("failed")
+        for key in ("name", "path", "sha256", "error"):
+            _strings(failed, key, [getattr(f, key) for f in self.failed])
+        failed.create_dataset("file_size", data=np.array([f.file_size for f in self.failed], np.int64))
+        failed.create_dataset("file_mtime_ns", data=np.array([f.file_mtime_ns for f in self.failed], np.int64))
+
+
+def _strings(group: h5py.Group, name: str, values: list[str]) -> None:
+    group.create_dataset(name, data=np.array(values, dtype=object), dtype=_STR)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _shard_paths(cache_dir: Path) -> list[Path]:
+    return sorted((Path(cache_dir) / SHARD_DIR).glob("g*-r*-s*.h5"))
+
+
+# ----------------------------------------------------------------------------------- reading
+@dataclass
+class ImageInfo:
+    """What the cache knows of one image (without its embedding)."""
+
+    index: int
+    name: str
+    path: str
+    sha256: str
+    file_size: int
+    file_mtime_ns: int
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    split: str
+    image_id: int
+    annotations_sha256: str
+    objects: list[CachedObject] = field(default_factory=list)
+
+
+class EmbeddingCache:
+    """A read-only view of a cache: all committed shards as one dataset, images sorted by name.
+
+    Arguments:
+      cache_dir: the cache folder.
+    """
+
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+        self.provenance = read_header(self.cache_dir)
+        self.shards = _shard_paths(self.cache_dir)
+        latest_image: dict[str, tuple[int, int, ImageInfo]] = {}
+        latest_failure: dict[str, tuple[int, FailedEntry]] = {}
+        self.superseded = 0
+        for shard_index, path in enumerate(self.shards):
+            try:
+                with h5py.File(path, "r") as f:
+                    images, failures = _read_tables(f)
+            except (OSError, KeyError) as exc:
+                raise CacheError(f"shard {path} is unreadable: {exc}") from exc
+            for row, info in enumerate(images):
+                self.superseded += info.name in latest_image or info.name in latest_failure
+                latest_image[info.name] = (shard_index, row, info)
+                latest_failure.pop(info.name, None)
+            for failure in failures:
+                self.superseded += failure.name in latest_image or failure.name in latest_failure
+                latest_failure[failure.name] = (shard_index, failure)
+                latest_image.pop(failure.name, None)
+        names = sorted(latest_image)
+        self.images: list[ImageInfo] = []
+        self._location = np.zeros((len(names), 2), np.int64)
+        for index, name in enumerate(names):
+            shard_index, row, info = latest_image[name]
+            info.index = index
+            self.images.append(info)
+            self._location[index] = (shard_index, row)
+        self.failed: list[FailedEntry] = [latest_failure[n][1] for n in sorted(latest_failure)]
+        self._index_by_name = {info.name: i for i, info in enumerate(self.images)}
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # h5py handles never cross a process boundary
+        return state
+
+    def index_of(self, name: str) -> Optional[int]:
+        return self._index_by_name.get(name)
+
+    def split_indices(self, split: str) -> list[int]:
+        return [info.index for info in self.images if info.split == split]
+
+    @property
+    def splits(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for info in self.images:
+            counts = out.setdefault(info.split, {"images": 0, "objects": 0})
+            counts["images"] += 1
+            counts["objects"] += len(info.objects)
+        return dict(sorted(out.items()))
+
+    def embedding(self, index: int) -> np.ndarray:
+        """The (256, 64, 64) float16 embedding of image `index`, read from disk."""
+        shard_index, row = self._location[index]
+        return self._handle(int(shard_index))["embeddings"][int(row)]
+
+    def embeddings(self, indices: Iterable[int]) -> np.ndarray:
+        return np.stack([self.embedding(i) for i in indices]) if indices else np.zeros((0, *EMBEDDING_SHAPE), np.float16)
+
+    def info(self) -> dict:
+        """The summary `samcache info` prints, as plain JSON types."""
+        size = self.bytes_on_disk()
+        return {
+            "cache": str(self.cache_dir),
+            "schema_version": SCHEMA_VERSION,
+            "images": len(self.images),
+            "objects": sum(len(info.objects) for info in self.images),
+            "splits": self.splits,
+            "categories": dict(sorted(Counter(o.category for i in self.images for o in i.objects).items())),
+            "model_type": self.provenance.model_type,
+            "weights_sha256": self.provenance.weights_sha256,
+            "weights_source": self.provenance.weights_source,
+            "embedding_dtype": self.provenance.embedding_dtype,
+            "embedding_shape": list(EMBEDDING_SHAPE),
+            "compute_precision": self.provenance.compute_precision,
+            "intensity": self.provenance.intensity,
+            "samcache_version": self.provenance.samcache_version,
+            "shards": len(self.shards),
+            "superseded_records": self.superseded,
+            "bytes_on_disk": size,
+            "bytes_per_image": size / len(self.images) if self.images else 0.0,
+            "failed": [{"name": f.name, "path": f.path, "error": f.error} for f in self.failed],
+        }
+
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.shards) + (self.cache_dir / HEADER_NAME).stat().st_size
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    def _handle(self, shard_index: int) -> h5py.File:
+        if self._pid != os.getpid():  # forked into a worker: start with fresh handles
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(shard_index)
+        if handle is None:
+            handle = h5py.File(self.shards[shard_index], "r")
+            self._handles[shard_index] = handle
+        return handle
+
+
+def _read_tables(f: h5py.File) -> tuple[list[ImageInfo], list[FailedEntry]]:
+    im = f["images"]
+    names = _read_strings(im["name"])
+    paths, shas, splits = _read_strings(im["path"]), _read_strings(im["sha256"]), _read_strings(im["split"])
+    ann_shas = _read_strings(im["annotations_sha256"])
+    sizes, mtimes, ids = im["file_size"][()], im["file_mtime_ns"][()], im["image_id"][()]
+    original, inputs = im["original_size"][()], im["input_size"][()]
+    starts, counts = im["object_start"][()], im["object_count"][()]
+    ob = f["objects"]
+    object_ids, boxes = ob["object_id"][()], ob["box"][()]
+    categories, rles = _read_strings(ob["category"]), _read_strings(ob["rle_counts"])
+    images = []
+    for row, name in enumerate(names):
+        h, w = int(original[row, 0]), int(original[row, 1])
+        objects = [
+            CachedObject(int(object_ids[j]), tuple(float(v) for v in boxes[j]), categories[j],
+                         {"size": [h, w], "counts": rles[j]})
+            for j in range(int(starts[row]), int(starts[row] + counts[row]))
+        ]
+        images.append(ImageInfo(
+            -1, name, paths[row], shas[row], int(sizes[row]), int(mtimes[row]), (h, w),
+            (int(inputs[row, 0]), int(inputs[row, 1])), splits[row], int(ids[row]), ann_shas[row], objects,
+        ))
+    fa = f["failed"]
+    failures = [
+        FailedEntry(n, p, s, int(size), int(mtime), e)
+        for n, p, s, e, size, mtime in zip(
+            _read_strings(fa["name"]), _read_strings(fa["path"]), _read_strings(fa["sha256"]),
+            _read_strings(fa["error"]), fa["file_size"][()], fa["file_mtime_ns"][()],
+        )
+    ]
+    return images, failures
+
+
+def _read_strings(dataset: h5py.Dataset) -> list[str]:
+    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in dataset[()]]

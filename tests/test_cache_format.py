@@ -1,0 +1,82 @@
+"""docs/cache-format.md is the contract: a reader with only h5py, numpy and pycocotools gets it all."""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "cache-format.md"
+
+
+@pytest.fixture(scope="module")
+def cache_with_history(tmp_path_factory) -> tuple[Path, Path]:
+    """A cache written in two runs, where the second rewrote one image (its annotations changed)."""
+    from samcache.datasets import load_dataset
+    from samcache.datasets.stamps import generate_stamps
+    from samcache.embed import EmbedConfig, embed_dataset
+
+    data = tmp_path_factory.mktemp("ds")
+    generate_stamps(data, 4, seed=11, progress=False)
+    cache = tmp_path_factory.mktemp("cache") / "c"
+    config = EmbedConfig(workers=0, progress=False, shard_images=2, batch_size=1)
+    embed_dataset(load_dataset(data), cache, config)
+    train = json.loads((data / "train.json").read_text())
+    train["annotations"] = train["annotations"][:-1]
+    (data / "train.json").write_text(json.dumps(train))
+    assert embed_dataset(load_dataset(data), cache, config).refreshed == 1
+    return data, cache
+
+
+def test_documented_recipe_reads_the_cache(cache_with_history):
+    data, cache = cache_with_history
+    recipe = re.search(r"## Reading a cache with h5py only\n\n```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(recipe.replace('"CACHE/', f'"{cache}/'), namespace)  # the doc's code, run as written
+    assert namespace["header"]["schema_version"] == 1
+    names = sorted(n for n, where in namespace["latest"].items() if where)
+    assert len(names) == 4
+
+
+def test_plain_h5py_reader_agrees_with_samcache(cache_with_history):
+    from pycocotools import mask as mask_utils
+
+    from samcache.cache import EmbeddingCache
+
+    data, cache = cache_with_history
+    header = json.loads((cache / "cache.json").read_text())
+    assert header["schema_version"] == 1 and header["provenance"]["embedding_dtype"] == "float16"
+    shards = sorted(glob.glob(str(cache / "shards" / "g*-r*-s*.h5")))
+    assert len(shards) == 3  # two of the first run, one of the second
+    latest = {}
+    for shard in shards:
+        with h5py.File(shard, "r") as f:
+            assert f.attrs["schema_version"] == 1
+            assert json.loads(f.attrs["provenance"])["model_type"] == "tiny"
+            for row, name in enumerate(f["images/name"].asstr()[()]):
+                latest[name] = (shard, row)
+    reference = EmbeddingCache(cache)
+    assert sorted(latest) == [info.name for info in reference.images]
+    for name, (shard, row) in latest.items():
+        info = reference.images[reference.index_of(name)]
+        with h5py.File(shard, "r") as f:
+            np.testing.assert_array_equal(f["embeddings"][row], reference.embedding(info.index))
+            assert tuple(f["images/original_size"][row]) == info.original_size
+            assert tuple(f["images/input_size"][row]) == info.input_size
+            assert f["images/split"].asstr()[row] == info.split
+            start, count = f["images/object_start"][row], f["images/object_count"][row]
+            boxes = f["objects/box"][start : start + count]
+            assert (f["objects/image_row"][start : start + count] == row).all()
+            np.testing.assert_allclose(boxes, np.reshape([o.box for o in info.objects], (-1, 4)))
+            for j, obj in zip(range(start, start + count), info.objects):
+                h, w = info.original_size
+                mask = mask_utils.decode({"size": [h, w], "counts": f["objects/rle_counts"].asstr()[j].encode()})
+                x0, y0, x1, y1 = boxes[j - start]
+                ys, xs = np.nonzero(mask)
+                assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+                assert f["objects/category"].asstr()[j] == obj.category

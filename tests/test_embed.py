@@ -1,0 +1,254 @@
+"""samcache embed and the cache: parity with SamPredictor, incremental runs, refusals, bad images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from segment_anything import SamPredictor
+
+from samcache import cache as cache_store
+from samcache import masks
+from samcache.cache import EmbeddingCache
+from samcache.cli import main
+from samcache.datasets import load_dataset
+from samcache.datasets.stamps import generate_stamps
+from samcache.embed import EmbedConfig, embed_dataset
+from samcache.errors import CacheError
+from samcache.images import read_image
+from samcache.models import build_tiny
+from tests.conftest import make_coco, write_image
+
+FAST = dict(workers=0, progress=False, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def stamps(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stamps")
+    generate_stamps(out, 5, seed=7, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stamps_cache(stamps, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "c"
+    embed_dataset(load_dataset(stamps), out, EmbedConfig(**FAST))
+    return out
+
+
+def test_cache_holds_everything_training_needs(stamps, stamps_cache):
+    ds = load_dataset(stamps)
+    cache = EmbeddingCache(stamps_cache)
+    assert len(cache) == len(ds.images) == 5
+    for record in ds.images:
+        info = cache.images[cache.index_of(record.name)]
+        assert info.original_size == (record.height, record.width)
+        assert max(info.input_size) == 1024 and info.split == record.split
+        assert len(info.sha256) == 64 and Path(info.path) == record.path
+        assert [o.box for o in info.objects] == [o.box for o in record.objects]
+        assert [o.category for o in info.objects] == [o.category for o in record.objects]
+        for cached, original in zip(info.objects, record.objects):
+            np.testing.assert_array_equal(masks.decode(cached.rle), masks.decode(original.rle))
+    emb = cache.embedding(0)
+    assert emb.dtype == np.float16 and emb.shape == (256, 64, 64)
+    assert cache.provenance.model_type == "tiny" and cache.provenance.embedding_dtype == "float16"
+    info = cache.info()
+    assert info["images"] == 5 and info["objects"] == sum(len(r.objects) for r in ds.images)
+    assert 2 * 2**20 <= info["bytes_per_image"] < 2.2 * 2**20  # fp16 256x64x64 = 2 MiB, plus small tables
+
+
+def test_chunks_are_one_image_and_uncompressed(stamps_cache):
+    import h5py
+
+    shard = sorted((stamps_cache / "shards").glob("*.h5"))[0]
+    with h5py.File(shard) as f:
+        assert f["embeddings"].chunks == (1, 256, 64, 64) and f["embeddings"].compression is None
+
+
+def test_parity_with_sampredictor(stamps, stamps_cache):
+    ds = load_dataset(stamps)
+    cache = EmbeddingCache(stamps_cache)
+    sam = build_tiny(0)
+    record = ds.images[0]
+    image = read_image(record.path)
+    reference = SamPredictor(sam)
+    reference.set_image(image)
+    cached = torch.from_numpy(cache.embedding(cache.index_of(record.name)).astype(np.float32))[None]
+    assert torch.allclose(cached, reference.features, rtol=1e-3, atol=2e-3)  # fp16 rounding
+
+    from_cache = SamPredictor(sam)
+    from_cache.original_size, from_cache.input_size = record.height, record.width
+    from_cache.original_size = (record.height, record.width)
+    from_cache.input_size = cache.images[cache.index_of(record.name)].input_size
+    from_cache.features, from_cache.is_image_set = cached, True
+    for obj in record.objects:
+        box = np.array(obj.box)
+        expected, _, _ = reference.predict(box=box, multimask_output=False)
+        got, _, _ = from_cache.predict(box=box, multimask_output=False)
+        agreement = (expected == got).mean()
+        assert agreement > 0.999, agreement
+
+
+def test_rerun_is_a_noop_and_says_so(stamps, stamps_cache, tmp_path):
+    cache_copy = tmp_path / "copy"
+    shutil.copytree(stamps_cache, cache_copy)
+    before = sorted(p.name for p in (cache_copy / "shards").iterdir())
+    result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(cache_copy), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "nothing to embed: all 5 images are already in" in result.output
+    assert sorted(p.name for p in (cache_copy / "shards").iterdir()) == before
+
+
+def test_images_added_later_are_embedded_and_only_they(stamps, tmp_path):
+    dataset_dir = tmp_path / "ds"
+    shutil.copytree(stamps, dataset_dir)
+    train = json.loads((dataset_dir / "train.json").read_text())
+    later = train["images"][-1]
+    train["images"] = train["images"][:-1]
+    (dataset_dir / "train.json").write_text(json.dumps(train))
+    first = embed_dataset(load_dataset(dataset_dir), tmp_path / "c", EmbedConfig(**FAST))
+    assert first.embedded == 4
+    first_shards = {p: p.read_bytes() for p in (tmp_path / "c" / "shards").glob("*.h5")}
+
+    train["images"].append(later)
+    (dataset_dir / "train.json").write_text(json.dumps(train))
+    second = embed_dataset(load_dataset(dataset_dir), tmp_path / "c", EmbedConfig(**FAST))
+    assert (second.embedded, second.skipped) == (1, 4)
+    assert all(p.read_bytes() == data for p, data in first_shards.items())  # old shards untouched
+    cache = EmbeddingCache(tmp_path / "c")
+    assert len(cache) == 5 and cache.index_of(later["file_name"]) is not None
+
+
+def test_edited_annotations_are_refreshed_without_the_encoder(stamps, stamps_cache, tmp_path, monkeypatch):
+    dataset_dir, cache_dir = tmp_path / "ds", tmp_path / "c"
+    shutil.copytree(stamps, dataset_dir)
+    shutil.copytree(stamps_cache, cache_dir)
+    test = json.loads((dataset_dir / "test.json").read_text())
+    test["annotations"] = test["annotations"][:1]
+    (dataset_dir / "test.json").write_text(json.dumps(test))
+    name = next(im["file_name"] for im in test["images"] if im["id"] == test["annotations"][0]["image_id"])
+    before = EmbeddingCache(cache_dir)
+    old_embedding = before.embedding(before.index_of(name))
+
+    import samcache.embed as embed_module
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder ran")
+
+    monkeypatch.setattr(embed_module, "batch_to_model_input", no_encoder)
+    summary = embed_dataset(load_dataset(dataset_dir), cache_dir, EmbedConfig(**FAST))
+    assert summary.refreshed >= 1 and summary.embedded == 0
+    after = EmbeddingCache(cache_dir)
+    assert len(after.images[after.index_of(name)].objects) == 1
+    np.testing.assert_array_equal(after.embedding(after.index_of(name)), old_embedding)
+    assert after.info()["superseded_records"] == summary.refreshed
+
+
+def test_other_weights_are_refused(stamps, stamps_cache, tmp_path):
+    other = tmp_path / "tiny_seed1.pth"
+    torch.save(build_tiny(1).state_dict(), other)
+    cache_copy = tmp_path / "copy"
+    shutil.copytree(stamps_cache, cache_copy)
+    with pytest.raises(CacheError, match="weights_sha256 is .* in the cache, .* now.*cannot be mixed"):
+        embed_dataset(load_dataset(stamps), cache_copy, EmbedConfig(checkpoint=other, **FAST))
+    result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(cache_copy), "--intensity", "dtype"])
+    assert result.exit_code == 1 and "intensity is 'percentile' in the cache, 'dtype' now" in result.output
+
+
+def _dataset_with_bad_images(tmp_path: Path) -> Path:
+    images = []
+    for i, kind in enumerate(["good", "truncated", "zero", "garbage", "good2"]):
+        path = tmp_path / "images" / f"{kind}.jpg"
+        if kind.startswith("good") or kind == "truncated":
+            write_image(path.with_suffix(".png"), 40, 60, seed=i)
+            import cv2
+
+            ok, data = cv2.imencode(".jpg", cv2.imread(str(path.with_suffix(".png"))))
+            path.with_suffix(".png").unlink()
+            path.write_bytes(data.tobytes()[: len(data) // 2] if kind == "truncated" else data.tobytes())
+        elif kind == "zero":
+            path.write_bytes(b"")
+        else:
+            path.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg at all" * 10)
+        images.append({"id": i, "file_name": path.name, "width": 60, "height": 40})
+    anns = [{"id": i, "image_id": i, "category_id": 1, "segmentation": [[5, 5, 30, 5, 30, 30, 5, 30]]}
+            for i in range(5)]
+    return make_coco(tmp_path, images, anns, "train.json")
+
+
+def test_bad_images_are_skipped_listed_and_not_retried(tmp_path):
+    dataset = _dataset_with_bad_images(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["embed", str(tmp_path), "--out", str(tmp_path / "c"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(runner.invoke(main, ["info", str(tmp_path / "c"), "--json"]).output)
+    assert info["images"] == 2
+    failed = {f["name"]: f["error"] for f in info["failed"]}
+    assert set(failed) == {"truncated.jpg", "zero.jpg", "garbage.jpg"}
+    assert all(name in error for name, error in failed.items())
+    text = runner.invoke(main, ["info", str(tmp_path / "c")]).output
+    assert "3 failed image(s)" in text and "zero.jpg" in text
+    again = runner.invoke(main, ["embed", str(tmp_path), "--out", str(tmp_path / "c"), "--workers", "0"])
+    assert "nothing to embed: all 2 images are already in" in again.output
+    assert "1 unchanged images that failed before" in again.output  # truncated.jpg; the other two are known
+    assert len(list((tmp_path / "c" / "shards").glob("*.h5"))) == 1
+    strict = runner.invoke(main, ["embed", str(dataset), "--out", str(tmp_path / "c2"), "--workers", "0", "--strict"])
+    assert strict.exit_code == 1 and "strict" in strict.output
+
+
+def test_full_disk_loses_nothing_committed(stamps, tmp_path, monkeypatch):
+    import errno
+
+    calls = {"n": 0}
+    real_add = cache_store.ShardWriter.add
+
+    def add_until_full(self, entry, embedding):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_add(self, entry, embedding)
+
+    monkeypatch.setattr(cache_store.ShardWriter, "add", add_until_full)
+    with pytest.raises(CacheError, match="No space left on device.*committed before this is intact"):
+        embed_dataset(load_dataset(stamps), tmp_path / "c", EmbedConfig(shard_images=2, **FAST))
+    assert not list((tmp_path / "c" / "shards").glob("*.tmp"))
+    assert len(EmbeddingCache(tmp_path / "c")) == 2  # the first shard survived
+    monkeypatch.setattr(cache_store.ShardWriter, "add", real_add)
+    summary = embed_dataset(load_dataset(stamps), tmp_path / "c", EmbedConfig(shard_images=2, **FAST))
+    assert (summary.embedded, summary.skipped) == (3, 2)
+
+
+def test_workers_give_the_same_cache(stamps, stamps_cache, tmp_path):
+    embed_dataset(load_dataset(stamps), tmp_path / "c", EmbedConfig(workers=2, batch_size=2, progress=False))
+    a, b = EmbeddingCache(stamps_cache), EmbeddingCache(tmp_path / "c")
+    assert [i.name for i in a.images] == [i.name for i in b.images]
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.embedding(i), b.embedding(i))
+
+
+def test_fp16_overflow_is_an_error(tmp_path):
+    provenance = cache_store.Provenance("tiny", "x", {}, "percentile")
+    cache_store.open_for_writing(tmp_path / "c", provenance)
+    writer = cache_store.ShardWriter(tmp_path / "c", generation=1, rank=0, sequence=0, provenance=provenance)
+    entry = cache_store.ImageEntry("a.png", "a.png", "", 0, 0, (10, 10), (1024, 1024), "train", 1, [], "")
+    big = np.zeros((256, 64, 64), np.float32)
+    big[0, 0, 0] = 70000.0
+    with pytest.raises(CacheError, match="float16's range"):
+        writer.add(entry, big)
+    writer.abandon()
+    assert not list((tmp_path / "c" / "shards").iterdir())
+
+
+def test_not_a_cache_and_wrong_schema(tmp_path):
+    with pytest.raises(CacheError, match="not a samcache cache"):
+        EmbeddingCache(tmp_path)
+    (tmp_path / "cache.json").write_text(json.dumps({"schema_version": 99, "provenance": {}}))
+    with pytest.raises(CacheError, match="schema version 99, this samcache reads 1"):
+        EmbeddingCache(tmp_path)
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "not a samcache cache" in result.output
