@@ -41,6 +41,7 @@ HEADER_NAME = "cache.json"
 SHARD_DIR = "shards"
 EMBEDDING_SHAPE = (256, 64, 64)
 FP16_MAX = float(np.finfo(np.float16).max)
+PREVIEW_SIZE = 640
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -99,6 +100,8 @@ class ImageEntry:
       split, image_id: from the dataset.
       objects: the image's objects.
       annotations_sha256: a hash of the objects, to notice edited annotations.
+      preview_jpeg: a small JPEG of the image (longest side PREVIEW_SIZE) for reports, so
+        evaluation never needs the original files.
     """
 
     name: str
@@ -112,6 +115,7 @@ class ImageEntry:
     image_id: int
     objects: list[CachedObject]
     annotations_sha256: str
+    preview_jpeg: bytes = b""
 
 
 @dataclass
@@ -270,6 +274,9 @@ class ShardWriter:
         images.create_dataset("file_size", data=np.array([e.file_size for e in entries], np.int64))
         images.create_dataset("file_mtime_ns", data=np.array([e.file_mtime_ns for e in entries], np.int64))
         images.create_dataset("image_id", data=np.array([e.image_id for e in entries], np.int64))
+        previews = images.create_dataset("preview_jpeg", shape=(len(entries),), dtype=h5py.vlen_dtype(np.uint8))
+        for row, e in enumerate(entries):
+            previews[row] = np.frombuffer(e.preview_jpeg, np.uint8)
         images.create_dataset("original_size", data=np.array([e.original_size for e in entries], np.int32).reshape(-1, 2))
         images.create_dataset("input_size", data=np.array([e.input_size for e in entries], np.int32).reshape(-1, 2))
         counts = np.array([len(e.objects) for e in entries], np.int64)
@@ -394,6 +401,20 @@ class EmbeddingCache:
         """The (256, 64, 64) float16 embedding of image `index`, read from disk."""
         shard_index, row = self._location[index]
         return self._handle(int(shard_index))["embeddings"][int(row)]
+
+    def preview_bytes(self, index: int) -> bytes:
+        shard_index, row = self._location[index]
+        return np.asarray(self._handle(int(shard_index))["images/preview_jpeg"][int(row)], np.uint8).tobytes()
+
+    def preview(self, index: int) -> np.ndarray:
+        """The image's preview as RGB uint8 (longest side PREVIEW_SIZE), decoded from the cache."""
+        import cv2
+
+        data = np.frombuffer(self.preview_bytes(index), np.uint8)
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        if bgr is None:
+            raise CacheError(f"{self.images[index].name}: the cache holds no preview image")
+        return bgr[..., ::-1].copy()
 
     def embeddings(self, indices: Iterable[int]) -> np.ndarray:
         return np.stack([self.embedding(i) for i in indices]) if indices else np.zeros((0, *EMBEDDING_SHAPE), np.float16)

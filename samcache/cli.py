@@ -45,6 +45,9 @@ def main() -> None:
       samcache data check data/stamps
       samcache embed data/stamps --out cache/stamps --model tiny
       samcache info cache/stamps
+      samcache train cache/stamps --out runs/stamps
+      samcache eval cache/stamps --run runs/stamps --out reports/stamps
+      samcache export --run runs/stamps --out sam_stamps.pth
     """
 
 
@@ -198,6 +201,175 @@ def info_cmd(cache_dir: Path, as_json: bool) -> None:
     click.echo(f"  {len(info['failed'])} failed image(s)")
     for failure in info["failed"]:
         click.echo(f"  - {failure['name']}: {failure['error']}")
+
+
+# -------------------------------------------------------------------------------------- train
+@main.command("train")
+@click.argument("cache_dir", metavar="CACHE", type=click.Path(path_type=Path))
+@click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run folder.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML file of options (keys as below, with _ for -); the command line overrides it.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Passes over the training split. [10]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per step. [4]")
+@click.option("--objects-per-image", type=click.IntRange(min=1), help="Objects (prompts) per image and step. [8]")
+@click.option("--lr", type=float, help="Peak learning rate (AdamW). [1e-4]")
+@click.option("--weight-decay", type=float, help="AdamW weight decay. [0.01]")
+@click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warmup, then cosine decay. [20]")
+@click.option("--prompt", type=click.Choice(["box", "point", "mixed"]), help="Training prompts. [box]")
+@click.option("--box-jitter", type=float, help="Box side jitter, fraction of the side. [0.1]")
+@click.option("--box-jitter-max", type=float, help="Box side jitter cap in pixels. [20]")
+@click.option("--loss", type=click.Choice(["sam", "dice-bce", "mse-threshold"]), help="Loss. [sam]")
+@click.option("--train", "trainable", help="Comma-separated: mask_decoder[,prompt_encoder]. [mask_decoder]")
+@click.option("--val-split", help="Split validated each epoch. [val]")
+@click.option("--seed", type=int, help="Seed of shuffling and prompt sampling. [0]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[auto]")
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers. [2]")
+@click.option("--cache-in-memory", type=click.Choice(["auto", "yes", "no"]),
+              help="Hold all embeddings in RAM/GPU memory when they fit. [auto]")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Base weights file, if not the default.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, trainable, **options) -> None:
+    """Fine-tune the mask decoder from CACHE (the image encoder never runs).
+
+    Writes RUN/config.yaml, metrics.jsonl, curves.png, best.pt and last.pt. Options come
+    from the defaults, then --config FILE.yaml, then the command line.
+
+    \b
+    Example:
+      samcache train cache/stamps --out runs/stamps --epochs 10
+      samcache train cache/stamps --out runs/stamps --resume
+    """
+    from samcache.train import TrainConfig, train
+
+    config = _train_config(config_file, trainable, options)
+    if resume and config_file is None and (run_dir / "config.yaml").is_file():
+        config = _train_config(run_dir / "config.yaml", trainable, options)  # resume with the run's own config
+    result = train(cache_dir, run_dir, config, resume=resume)
+    history = " -> ".join(f"{v:.3f}" for v in result.history)
+    click.echo(f"validation mIoU {result.val_miou_start:.4f} before, {result.val_miou_last:.4f} after "
+               f"(best {result.val_miou_best:.4f} at epoch {result.best_epoch}); per epoch: {history}")
+    click.echo(f"trained {result.epochs_run} epochs in {result.seconds:.1f} s ({result.samples_per_second:.1f} "
+               f"samples/s); run: {run_dir}")
+
+
+def _train_config(config_file, trainable, options: dict):
+    import yaml
+
+    from samcache.train import TrainConfig
+
+    values: dict = {}
+    if config_file is not None:
+        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise click.BadParameter(f"{config_file} must hold a mapping of option names to values")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None})
+    if trainable is not None:
+        values["train"] = [t.strip() for t in trainable.split(",") if t.strip()]
+    return TrainConfig.from_dict(values)
+
+
+# ----------------------------------------------------------------------- eval, export, predict
+@main.command("eval")
+@click.argument("cache_dir", metavar="CACHE", type=click.Path(path_type=Path))
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), help="A training run (omit: base model only).")
+@click.option("--out", "report_dir", type=click.Path(path_type=Path), required=True, help="Report folder.")
+@click.option("--split", default="test", show_default=True, help="Cache split to score.")
+@click.option("--prompt", type=click.Choice(["box", "point"]), default="box", show_default=True,
+              help="box: each object's exact box; point: its most interior point.")
+@click.option("--box-jitter", type=float, default=0.0, show_default=True,
+              help="Move box sides by up to this fraction (at most 20 px), seeded.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the box jitter and random overlays.")
+@click.option("--weights", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Base weights file, if not the default.")
+def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, split: str, prompt: str, box_jitter: float, seed: int,
+             weights: str, device: str, checkpoint) -> None:
+    """Score zero-shot SAM and the fine-tuned decoder on the same prompts, at original resolution.
+
+    Reads only the cache and the run (no image file, no encoder). Writes summary.json,
+    objects.csv, report.md, before/after overlays, an IoU histogram and a scatter plot.
+
+    \b
+    Example:
+      samcache eval cache/stamps --run runs/stamps --out reports/stamps --split test
+    """
+    from samcache.evaluate import EvalConfig, evaluate, format_table
+
+    config = EvalConfig(split=split, prompt=prompt, box_jitter=box_jitter, seed=seed, weights=weights,
+                        device=device, checkpoint=str(checkpoint) if checkpoint else None)
+    summary = evaluate(cache_dir, report_dir, config, run_dir=run_dir)
+    click.echo(format_table(summary))
+    click.echo(f"report: {report_dir / 'report.md'}")
+
+
+@main.command("export")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True, help="A training run.")
+@click.option("--out", "out_file", type=click.Path(path_type=Path), required=True, help="Weights file to write.")
+@click.option("--format", "fmt", type=click.Choice(["pth", "safetensors"]), default="pth", show_default=True)
+@click.option("--weights", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Base weights file, if not the run's.")
+def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint) -> None:
+    """Write a full SAM state dict with the fine-tuned decoder, plus FILE.json metadata.
+
+    For vit_b/l/h the file loads with segment_anything.sam_model_registry[TYPE](checkpoint=FILE)
+    and works with SamPredictor as it is.
+
+    \b
+    Example:
+      samcache export --run runs/stamps --out sam_stamps.pth
+    """
+    from samcache.export import export_run
+
+    metadata = export_run(run_dir, out_file, fmt=fmt, weights=weights, checkpoint=checkpoint)
+    click.echo(f"wrote {out_file} ({metadata['model_type']}, SHA-256 {metadata['sha256']}) and "
+               f"{out_file.with_suffix('.json')}; load with {metadata['load_with']}")
+
+
+@main.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), help="A training run.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="A full SAM state dict (e.g. an export).")
+@click.option("--model", "model_type", type=click.Choice(["tiny", "vit_b", "vit_l", "vit_h"]),
+              help="Model type of --checkpoint (default: from its .json metadata).")
+@click.option("--box", help="x0,y0,x1,y1 in pixels, for every image.")
+@click.option("--boxes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="COCO JSON whose bbox annotations are the prompts (matched by file name).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
+              help="Take embeddings from this cache when an image is in it (default: the run's cache).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def predict_cmd(images, run_dir, checkpoint, model_type, box, boxes, cache_dir, out_dir: Path, device: str) -> None:
+    """Predict masks for IMAGES from box prompts: PNG masks, overlays and COCO RLE JSON.
+
+    \b
+    Example:
+      samcache predict page.jpg --run runs/stamps --box 100,200,400,500 --out predictions/
+      samcache predict scans/*.jpg --checkpoint sam_stamps.pth --boxes boxes.json --out predictions/
+    """
+    from samcache import predict as predict_module
+
+    if (run_dir is None) == (checkpoint is None):
+        raise click.UsageError("give either --run or --checkpoint")
+    if (box is None) == (boxes is None):
+        raise click.UsageError("give either --box or --boxes")
+    if run_dir is not None:
+        predictor = predict_module.predictor_from_run(run_dir)
+        if cache_dir is None:
+            cache_dir = json.loads((Path(run_dir) / "run.json").read_text()).get("cache")
+    else:
+        predictor = predict_module.predictor_from_checkpoint(checkpoint, model_type)
+    result = predict_module.predict_images(
+        predictor, list(images), out_dir,
+        box=predict_module.parse_box(box) if box else None,
+        boxes_by_name=predict_module.boxes_from_coco(boxes) if boxes else None,
+        cache_dir=cache_dir, device=device,
+    )
+    sources = {}
+    for p in result["predictions"]:
+        sources[p["embedding_from"]] = sources.get(p["embedding_from"], 0) + 1
+    click.echo(f"{len(result['predictions'])} masks for {result['images']} images in {out_dir} "
+               f"(embeddings: {', '.join(f'{v} from {k}' for k, v in sources.items()) or 'none'})")
 
 
 # ------------------------------------------------------------------------------------- models

@@ -154,9 +154,22 @@ class _DecodeImages(TorchDataset):
                     f"dataset's {record.height}x{record.width}"
                 )
             item["image"] = torch.from_numpy(resize_image(image, self.image_size))
+            item["preview"] = make_preview(image)
         except (SamcacheError, OSError) as exc:
             item["error"] = str(exc)
         return item
+
+
+def make_preview(image: np.ndarray, size: int = cache_store.PREVIEW_SIZE, quality: int = 85) -> bytes:
+    """A small JPEG of an RGB image (longest side `size`) that reports draw on."""
+    import cv2
+
+    scale = size / max(image.shape[:2])
+    if scale < 1:
+        image = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+                           interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return data.tobytes() if ok else b""
 
 
 def _collate(items: list[dict]) -> list[dict]:
@@ -244,7 +257,7 @@ def embed_dataset(
         rotation.current().add_failure(failure)
     for record, index in refresh:
         info = existing.images[index]
-        entry = _entry(record, info.sha256, info.file_size, info.file_mtime_ns)
+        entry = _entry(record, info.sha256, info.file_size, info.file_mtime_ns, existing.preview_bytes(index))
         rotation.current().add(entry, existing.embedding(index))
         rotation.maybe_commit()
 
@@ -268,7 +281,8 @@ def embed_dataset(
                 for item, feature in zip(good, features):
                     record = pending[item["i"]]
                     rotation.current().add(
-                        _entry(record, item["sha256"], item["file_size"], item["file_mtime_ns"]), feature)
+                        _entry(record, item["sha256"], item["file_size"], item["file_mtime_ns"], item["preview"]),
+                        feature)
                 embedded += len(good)
             for item in batch:
                 if item["error"] is not None:
@@ -347,12 +361,13 @@ def _same_file(path: Path, size: int, mtime_ns: int, sha256: str) -> bool:
     return stat.st_mtime_ns == mtime_ns or (bool(sha256) and sha256_file(path) == sha256)
 
 
-def _entry(record: ImageRecord, sha256: str, file_size: int, file_mtime_ns: int) -> cache_store.ImageEntry:
+def _entry(record: ImageRecord, sha256: str, file_size: int, file_mtime_ns: int,
+           preview_jpeg: bytes) -> cache_store.ImageEntry:
     return cache_store.ImageEntry(
         name=record.name, path=str(record.path), sha256=sha256, file_size=file_size, file_mtime_ns=file_mtime_ns,
         original_size=(record.height, record.width), input_size=input_size((record.height, record.width)),
         split=record.split, image_id=int(record.image_id), objects=cached_objects(record),
-        annotations_sha256=annotations_sha256(record),
+        annotations_sha256=annotations_sha256(record), preview_jpeg=preview_jpeg,
     )
 
 

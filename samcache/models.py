@@ -364,3 +364,19 @@ def _spec(model_type: str) -> EncoderSpec:
         return ENCODER_SPECS[model_type]
     except KeyError:
         raise CheckpointError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}") from None
+
+
+def load_matching(model_type: str, weights_sha256: str, checkpoint: Optional[str | Path] = None) -> LoadedModel:
+    """The model whose weights made a cache (same type, same SHA-256); anything else is refused.
+
+    Training and evaluation start from the prompt encoder and mask decoder of those weights,
+    since the embeddings they read were made by that model's image encoder.
+    """
+    loaded = load_sam(model_type, checkpoint)
+    if loaded.weights_sha256 != weights_sha256:
+        raise CheckpointError(
+            f"the cache was made with {model_type} weights of SHA-256 {weights_sha256}, but "
+            f"{loaded.weights_source} has SHA-256 {loaded.weights_sha256}. The decoder must start from the "
+            "weights whose encoder made the embeddings: pass those with --checkpoint, or re-embed"
+        )
+    return loaded

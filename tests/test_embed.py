@@ -54,6 +54,12 @@ def test_cache_holds_everything_training_needs(stamps, stamps_cache):
         assert [o.category for o in info.objects] == [o.category for o in record.objects]
         for cached, original in zip(info.objects, record.objects):
             np.testing.assert_array_equal(masks.decode(cached.rle), masks.decode(original.rle))
+        preview = cache.preview(info.index)
+        assert max(preview.shape[:2]) == 640 and preview.shape[2] == 3
+        import cv2
+
+        original = cv2.resize(read_image(record.path), preview.shape[1::-1], interpolation=cv2.INTER_AREA)
+        assert np.abs(preview.astype(int) - original).mean() < 4  # the same picture, JPEG-compressed
     emb = cache.embedding(0)
     assert emb.dtype == np.float16 and emb.shape == (256, 64, 64)
     assert cache.provenance.model_type == "tiny" and cache.provenance.embedding_dtype == "float16"

@@ -1,0 +1,215 @@
+"""The prompt encoder + mask decoder over many images and prompts at once, and the losses.
+
+Stock `MaskDecoder.predict_masks` serves one image: it repeats that image's embedding once
+per prompt. Training wants B images with K prompts each in one step, so `decode` runs the
+same modules (same parameters, same state dict) with each prompt paired to its own image
+through an index, `image_index[n]` = the image of prompt n. One embedding read then serves
+all the prompts of its image.
+
+Box prompts use the single-mask output (SamPredictor's `multimask_output=False`); point
+prompts use the three multimask outputs, as SAM was trained: the loss takes the best of the
+three, and inference the one with the highest predicted IoU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, PromptEncoder
+from torchvision.ops import sigmoid_focal_loss
+
+LOSSES = ("sam", "dice-bce", "mse-threshold")
+
+
+@dataclass
+class PromptBatch:
+    """Prompts of a batch, all in the encoder's input frame.
+
+    Arguments:
+      image_index: (N,) long, the batch image each prompt belongs to.
+      boxes: (N, 4) XYXY; points: (N, P, 2); labels: (N, P) with -1 for padding.
+      is_box: (N,) bool: a box prompt (else a point prompt).
+    """
+
+    image_index: torch.Tensor
+    boxes: torch.Tensor
+    points: torch.Tensor
+    labels: torch.Tensor
+    is_box: torch.Tensor
+
+    def to(self, device) -> "PromptBatch":
+        return PromptBatch(*(t.to(device, non_blocking=True) for t in
+                             (self.image_index, self.boxes, self.points, self.labels, self.is_box)))
+
+
+@dataclass
+class DecoderOutput:
+    """Low-res logits (N, 4, 256, 256) and predicted IoUs (N, 4) of all four mask tokens."""
+
+    logits: torch.Tensor
+    iou_pred: torch.Tensor
+
+
+def predict_masks_batched(
+    mask_decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    image_index: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> DecoderOutput:
+    """`MaskDecoder.predict_masks` with prompt n attending to image `image_index[n]`.
+
+    Arguments:
+      image_embeddings: (B, 256, 64, 64) from the image encoder (or the cache).
+      image_index: (N,) the image of each prompt.
+      image_pe: (1, 256, 64, 64) the prompt encoder's dense positional encoding.
+      sparse, dense: the prompt encoder's outputs for the N prompts.
+    """
+    d = mask_decoder
+    n = sparse.shape[0]
+    output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
+    src = image_embeddings.index_select(0, image_index) + dense
+    pos_src = image_pe.expand(n, -1, -1, -1)
+    _, c, h, w = src.shape
+
+    hs, src = d.transformer(src, pos_src, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : 1 + d.num_mask_tokens, :]
+
+    upscaled = d.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1
+    )
+    _, c_up, h_up, w_up = upscaled.shape
+    logits = (hyper_in @ upscaled.reshape(n, c_up, h_up * w_up)).reshape(n, -1, h_up, w_up)
+    return DecoderOutput(logits, d.iou_prediction_head(iou_token_out))
+
+
+def decode(
+    prompt_encoder: PromptEncoder,
+    mask_decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    prompts: PromptBatch,
+) -> DecoderOutput:
+    """Encodes the prompts and decodes all four masks for each of them.
+
+    Box and point prompts have different numbers of sparse tokens, so each kind is decoded in
+    its own batched call; the results come back in the prompts' order.
+    """
+    n = prompts.image_index.shape[0]
+    logits = image_embeddings.new_empty((n, 4, 256, 256))
+    iou_pred = image_embeddings.new_empty((n, 4))
+    image_pe = prompt_encoder.get_dense_pe()
+    for is_box in (True, False):
+        select = (prompts.is_box == is_box).nonzero().squeeze(1)
+        if select.numel() == 0:
+            continue
+        if is_box:
+            sparse, dense = prompt_encoder(points=None, boxes=prompts.boxes[select], masks=None)
+        else:
+            sparse, dense = prompt_encoder(
+                points=(prompts.points[select], prompts.labels[select]), boxes=None, masks=None
+            )
+        out = predict_masks_batched(
+            mask_decoder, image_embeddings, prompts.image_index[select], image_pe, sparse, dense
+        )
+        logits = logits.index_copy(0, select, out.logits.to(logits.dtype))
+        iou_pred = iou_pred.index_copy(0, select, out.iou_pred.to(iou_pred.dtype))
+    return DecoderOutput(logits, iou_pred)
+
+
+def best_for_inference(output: DecoderOutput, is_box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, 256, 256), iou (N,)): mask 0 for boxes, the highest predicted IoU of masks 1-3 for points."""
+    multi_best = 1 + output.iou_pred[:, 1:].argmax(dim=1)
+    choice = torch.where(is_box, torch.zeros_like(multi_best), multi_best)
+    rows = torch.arange(choice.shape[0], device=choice.device)
+    return output.logits[rows, choice], output.iou_pred[rows, choice]
+
+
+# ------------------------------------------------------------------------------------- losses
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-mask soft Dice loss over the last two dims: (..., H, W) -> (...)."""
+    p = logits.sigmoid().flatten(-2)
+    t = target.flatten(-2)
+    return 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-mask sigmoid focal loss (alpha 0.25, gamma 2), averaged over pixels."""
+    return sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0, reduction="none").flatten(-2).mean(-1)
+
+
+def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of the thresholded prediction (logit > 0) against the target (> 0.5), per mask."""
+    pred = (logits > 0).flatten(-2)
+    truth = (target > 0.5).flatten(-2)
+    intersection = (pred & truth).sum(-1).float()
+    union = (pred | truth).sum(-1).float()
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    mask: torch.Tensor
+    iou: torch.Tensor
+    train_iou: torch.Tensor
+
+
+def compute_loss(output: DecoderOutput, targets: torch.Tensor, is_box: torch.Tensor, kind: str = "sam") -> LossParts:
+    """The training loss for N prompts with (N, 256, 256) low-res targets in [0, 1].
+
+    `sam`: 20 x focal + 1 x dice on the mask logits, plus the MSE between the IoU head and
+    the real IoU of the chosen mask (SAM's recipe, for decoders that start pretrained).
+    `dice-bce`: dice + class-balanced binary cross-entropy, plus the same IoU term; it learns
+    from a randomly initialised decoder, where SAM's focal-heavy recipe settles on predicting
+    background everywhere. `mse-threshold`: the well-known tutorial's loss (MSE between the
+    thresholded, normalized mask and the target), kept for comparison only: its gradient is
+    almost everywhere zero.
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    logits = output.logits.float()
+    if bool(is_box.all()):  # the common case: only the single-mask output can be chosen
+        logits = logits[:, :1]
+    expanded = targets.unsqueeze(1).expand_as(logits)
+    if kind == "sam":
+        per_mask = 20 * focal_loss(logits, expanded) + dice_loss(logits, expanded)
+    elif kind == "dice-bce":
+        # Class-balanced: foreground pixels weigh background/foreground as much, so a decoder that
+        # starts from random weights is not drawn into predicting background everywhere.
+        foreground = expanded.flatten(-2).mean(-1).clamp(1e-4, 1 - 1e-4)
+        pos_weight = ((1 - foreground) / foreground)[..., None, None]
+        bce = F.binary_cross_entropy_with_logits(logits, expanded, pos_weight=pos_weight, reduction="none")
+        per_mask = dice_loss(logits, expanded) + bce.flatten(-2).mean(-1)
+    else:
+        # The tutorial normalizes its (1, 1, H, W) mask over the channel axis: each mask on its own.
+        thresholded = F.normalize(F.threshold(logits, 0.0, 0.0).unsqueeze(2), dim=2).squeeze(2)
+        per_mask = ((thresholded - (expanded > 0.5).float()) ** 2).flatten(-2).mean(-1)
+    # Boxes train the single-mask output; points train the best of the three multimask outputs.
+    if logits.shape[1] == 1:
+        choice = torch.zeros_like(is_box, dtype=torch.long)
+    else:
+        multi_best = 1 + per_mask[:, 1:].argmin(dim=1).detach()
+        choice = torch.where(is_box, torch.zeros_like(multi_best), multi_best)
+    rows = torch.arange(choice.shape[0], device=choice.device)
+    chosen_logits = logits[rows, choice]
+    mask_term = per_mask[rows, choice].mean()
+    real_iou = mask_iou(chosen_logits.detach(), targets)
+    iou_term = F.mse_loss(output.iou_pred.float()[rows, choice], real_iou)
+    total = mask_term + (iou_term if kind != "mse-threshold" else 0 * iou_term)
+    return LossParts(total, mask_term.detach(), iou_term.detach(), real_iou.mean().detach())
+
+
+def upscale_logits(
+    logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], image_size: int = 1024
+) -> torch.Tensor:
+    """Low-res logits (N, 256, 256) -> (N, H, W) at the original resolution, as `Sam.postprocess_masks`:
+    bilinear to the padded input frame, crop the padding, bilinear to the original size."""
+    x = F.interpolate(logits.unsqueeze(1), (image_size, image_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    return F.interpolate(x, original_size, mode="bilinear", align_corners=False).squeeze(1)

@@ -1,0 +1,179 @@
+"""Predict: masks for new images and boxes, with a run's decoder or an exported checkpoint.
+
+An image already in a cache made by the same encoder weights (same file SHA-256) takes its
+embedding from the cache; any other image goes through the image encoder, preprocessed
+exactly as `SamPredictor.set_image` does. Outputs, per image: one PNG mask per box
+(0/255), an overlay PNG, and for all of them `predictions.json` with COCO RLE masks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+import torch
+
+from samcache import masks
+from samcache.cache import EmbeddingCache
+from samcache.decoder import PromptBatch, best_for_inference, decode, upscale_logits
+from samcache.embed import resolve_device
+from samcache.errors import SamcacheError
+from samcache.fileio import atomic_write_json, sha256_file
+from samcache.images import read_image
+from samcache.models import load_matching, load_sam
+from samcache.preprocess import batch_to_model_input, input_size, resize_image, transform_boxes
+
+
+@dataclass
+class Predictor:
+    """A SAM with the weights to predict with, and the identity of its image encoder's weights."""
+
+    sam: torch.nn.Module
+    model_type: str
+    encoder_weights_sha256: str
+    source: str
+
+
+def predictor_from_run(run_dir: str | Path, *, weights: str = "best", checkpoint=None) -> Predictor:
+    """The base SAM of a run with the run's fine-tuned decoder."""
+    from samcache.train import read_run_checkpoint
+
+    payload = read_run_checkpoint(Path(run_dir) / f"{weights}.pt")
+    base = load_matching(payload["model_type"], payload["base_weights_sha256"],
+                         checkpoint or payload["config"].get("checkpoint"))
+    for part in ("prompt_encoder", "mask_decoder"):
+        prefix = f"{part}."
+        getattr(base.sam, part).load_state_dict(
+            {k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}, strict=True)
+    return Predictor(base.sam.eval(), payload["model_type"], payload["base_weights_sha256"], f"{run_dir} ({weights})")
+
+
+def predictor_from_checkpoint(checkpoint: str | Path, model_type: Optional[str] = None) -> Predictor:
+    """A full SAM state dict (e.g. from `samcache export`); the type comes from `model_type` or the
+    export's metadata JSON. The encoder is the base one, so the export's base SHA-256 names it."""
+    checkpoint = Path(checkpoint)
+    metadata_path = checkpoint.with_suffix(".json")
+    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+    model_type = model_type or metadata.get("model_type")
+    if model_type is None:
+        raise SamcacheError(f"which model is {checkpoint}? pass --model (no {metadata_path.name} beside it)")
+    loaded = load_sam(model_type, checkpoint)
+    return Predictor(loaded.sam.eval(), model_type, metadata.get("base_weights_sha256", loaded.weights_sha256),
+                     str(checkpoint))
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SamcacheError(f"--box takes x0,y0,x1,y1 in pixels, got {text!r}") from None
+    if x1 <= x0 or y1 <= y0:
+        raise SamcacheError(f"--box {text}: x1 must exceed x0 and y1 must exceed y0")
+    return (x0, y0, x1, y1)
+
+
+def boxes_from_coco(path: str | Path) -> dict[str, list[tuple[float, float, float, float]]]:
+    """{image file name (basename): [XYXY boxes]} from a COCO JSON's bbox fields."""
+    try:
+        data = json.loads(Path(path).read_text())
+        names = {im["id"]: Path(im["file_name"]).name for im in data["images"]}
+        out: dict[str, list] = {}
+        for ann in data.get("annotations", []):
+            x, y, w, h = ann["bbox"]
+            out.setdefault(names[ann["image_id"]], []).append((x, y, x + w, y + h))
+        return out
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise SamcacheError(f"{path}: not a COCO file with images and bbox annotations ({exc})") from exc
+
+
+@torch.no_grad()
+def predict_images(
+    predictor: Predictor,
+    images: list[str | Path],
+    out_dir: str | Path,
+    *,
+    box: Optional[tuple[float, float, float, float]] = None,
+    boxes_by_name: Optional[dict[str, list]] = None,
+    cache_dir: Optional[str | Path] = None,
+    device: str = "auto",
+) -> dict:
+    """Writes masks, overlays and predictions.json for each image; returns the predictions.
+
+    Arguments:
+      predictor: predictor_from_run or predictor_from_checkpoint.
+      images: image files.
+      out_dir: the output folder.
+      box: one XYXY box (original pixels) for every image; or
+      boxes_by_name: boxes per image file name (boxes_from_coco).
+      cache_dir: a cache to take embeddings from when an image is in it.
+      device: "auto", "cpu" or "cuda".
+    """
+    if (box is None) == (boxes_by_name is None):
+        raise SamcacheError("give either --box or --boxes")
+    torch_device = resolve_device(device)
+    sam = predictor.sam.to(torch_device)
+    cache = _usable_cache(cache_dir, predictor)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in map(Path, images):
+        image_boxes = [box] if box is not None else boxes_by_name.get(path.name, [])
+        if not image_boxes:
+            continue
+        image = read_image(path)
+        original = image.shape[:2]
+        embedding, source = _embedding(sam, cache, path, image, torch_device)
+        boxes = torch.as_tensor(transform_boxes(np.array(image_boxes, dtype=np.float64), original),
+                                dtype=torch.float32, device=torch_device)
+        n = len(image_boxes)
+        prompts = PromptBatch(torch.zeros(n, dtype=torch.long, device=torch_device), boxes,
+                              torch.zeros((n, 1, 2), device=torch_device),
+                              torch.full((n, 1), -1, dtype=torch.long, device=torch_device),
+                              torch.ones(n, dtype=torch.bool, device=torch_device))
+        logits, scores = best_for_inference(decode(sam.prompt_encoder, sam.mask_decoder, embedding, prompts),
+                                            prompts.is_box)
+        predicted = (upscale_logits(logits.float(), input_size(original), original) > 0).cpu().numpy()
+        for k, (mask, xyxy, score) in enumerate(zip(predicted, image_boxes, scores.tolist())):
+            mask_file = out_dir / f"{path.stem}_mask{k}.png"
+            cv2.imwrite(str(mask_file), mask.astype(np.uint8) * 255)
+            results.append({"image": str(path), "box": list(map(float, xyxy)), "score": float(score),
+                            "area": int(mask.sum()), "segmentation": masks.encode(mask), "mask_png": mask_file.name,
+                            "embedding_from": source})
+        _write_overlay(out_dir / f"{path.stem}_overlay.png", image, predicted, image_boxes)
+    atomic_write_json(out_dir / "predictions.json", {"model": predictor.source, "predictions": results})
+    return {"predictions": results, "images": len({r["image"] for r in results})}
+
+
+def _usable_cache(cache_dir, predictor: Predictor) -> Optional[EmbeddingCache]:
+    if cache_dir is None or not Path(cache_dir).exists():
+        return None
+    cache = EmbeddingCache(cache_dir)
+    same = (cache.provenance.model_type == predictor.model_type
+            and cache.provenance.weights_sha256 == predictor.encoder_weights_sha256)
+    return cache if same else None
+
+
+def _embedding(sam, cache: Optional[EmbeddingCache], path: Path, image: np.ndarray, device):
+    if cache is not None:
+        digest = sha256_file(path)
+        for info in cache.images:
+            if info.sha256 == digest and info.original_size == image.shape[:2]:
+                return torch.from_numpy(cache.embedding(info.index)).float()[None].to(device), "cache"
+    model_input = batch_to_model_input([torch.from_numpy(resize_image(image))], device=device)
+    return sam.image_encoder(model_input), "encoder"
+
+
+def _write_overlay(path: Path, image: np.ndarray, predicted: np.ndarray, boxes) -> None:
+    overlay = image.astype(np.float32)
+    palette = np.array([[30, 144, 255], [255, 99, 71], [50, 205, 50], [238, 130, 238], [255, 215, 0]], np.float32)
+    for k, mask in enumerate(predicted):
+        overlay[mask] = 0.5 * overlay[mask] + 0.5 * palette[k % len(palette)]
+    overlay = overlay.astype(np.uint8)[..., ::-1].copy()
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        color = tuple(int(c) for c in palette[k % len(palette)][::-1])
+        cv2.rectangle(overlay, (int(x0), int(y0)), (int(x1), int(y1)), color, 2)
+    cv2.imwrite(str(path), overlay)

@@ -1,0 +1,169 @@
+"""Prompts from ground truth, and the targets they should produce.
+
+Training samples prompts the way SAM was trained: a box around the object with each side
+moved at random (by up to `box_jitter` of the box's side, at most `box_jitter_max` pixels),
+or points drawn from the mask (positives inside, negatives in the box outside the mask).
+Evaluation uses fixed prompts: the exact box, or the mask's most interior point, so runs
+compare.
+
+Randomness never comes from global state: each draw takes a generator seeded from
+(seed, epoch, object id), so a resumed run, or a run with another number of DataLoader
+workers, draws the very same prompts.
+
+Coordinates: prompts are made in original image pixels and moved to the encoder's 1024 px
+input frame with the predictor's own transform. Targets are built in the mask decoder's
+256x256 low-resolution frame (the padded 1024 frame / 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from samcache import masks
+from samcache.preprocess import transform_boxes, transform_coords
+
+PROMPT_MODES = ("box", "point", "mixed")
+LOW_RES = 256
+# Points beyond this many per prompt are ignored; fixed so batches stack.
+MAX_POINTS = 8
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How training prompts are drawn.
+
+    Arguments:
+      mode: "box", "point", or "mixed" (a point prompt with probability `point_ratio`).
+      box_jitter: each box side moves by up to this fraction of the box's width or height.
+      box_jitter_max: ... and by at most this many pixels (original image pixels).
+      positive_points, negative_points: points per point prompt, inside the mask and in the
+        box outside it.
+      point_ratio: in "mixed" mode, the probability that a prompt is points rather than a box.
+    """
+
+    mode: str = "box"
+    box_jitter: float = 0.1
+    box_jitter_max: float = 20.0
+    positive_points: int = 1
+    negative_points: int = 0
+    point_ratio: float = 0.5
+
+    def __post_init__(self):
+        if self.mode not in PROMPT_MODES:
+            raise ValueError(f"unknown prompt mode {self.mode!r}; choose one of {', '.join(PROMPT_MODES)}")
+        if self.positive_points + self.negative_points > MAX_POINTS or self.positive_points < 1:
+            raise ValueError(f"point prompts need 1..{MAX_POINTS} points with at least one positive")
+
+
+@dataclass
+class Prompt:
+    """One prompt in the encoder's input frame.
+
+    Arguments:
+      box: XYXY (4,) float32, meaningful when `is_box`.
+      points: (MAX_POINTS, 2) float32; labels: (MAX_POINTS,) with 1 positive, 0 negative,
+        -1 padding (SAM's convention for "not a point").
+      is_box: a box prompt (single-mask output) or a point prompt (multimask, best of three).
+    """
+
+    box: np.ndarray
+    points: np.ndarray
+    labels: np.ndarray
+    is_box: bool
+
+
+def rng_for(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *[int(k) & 0xFFFFFFFF for k in keys]])
+
+
+def jitter_box(box, image_size: tuple[int, int], rng: np.random.Generator, *, fraction: float, max_pixels: float):
+    """Moves each side of an XYXY box by up to min(fraction x side, max_pixels), inside the image."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    dx, dy = min(fraction * w, max_pixels), min(fraction * h, max_pixels)
+    noise = rng.uniform(-1.0, 1.0, size=4) * np.array([dx, dy, dx, dy])
+    height, width = image_size
+    nx0, ny0, nx1, ny1 = np.array([x0, y0, x1, y1], dtype=np.float64) + noise
+    nx0, nx1 = np.clip([nx0, nx1], 0, width)
+    ny0, ny1 = np.clip([ny0, ny1], 0, height)
+    if nx1 - nx0 < 1 or ny1 - ny0 < 1:  # jitter collapsed a tiny box: keep the original
+        return np.array(box, dtype=np.float64)
+    return np.array([nx0, ny0, nx1, ny1])
+
+
+def sample_points(mask: np.ndarray, box, rng: np.random.Generator, *, positive: int, negative: int):
+    """(points (n, 2) XY in pixel centres, labels (n,)): positives in the mask, negatives in the box
+    outside it (fewer when the box has no background)."""
+    ys, xs = np.nonzero(mask)
+    chosen = rng.integers(0, len(xs), size=positive)
+    points = [np.stack([xs[chosen], ys[chosen]], 1) + 0.5]
+    labels = [np.ones(positive, np.int64)]
+    if negative:
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        background = ~mask[y0:y1, x0:x1]
+        by, bx = np.nonzero(background)
+        if len(bx):
+            chosen = rng.integers(0, len(bx), size=negative)
+            points.append(np.stack([bx[chosen] + x0, by[chosen] + y0], 1) + 0.5)
+            labels.append(np.zeros(negative, np.int64))
+    return np.concatenate(points).astype(np.float64), np.concatenate(labels)
+
+
+def interior_point(mask: np.ndarray) -> np.ndarray:
+    """The mask pixel farthest from its boundary (a deterministic, unambiguous click)."""
+    distance = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return np.array([[x + 0.5, y + 0.5]])
+
+
+def make_prompt(box, points, labels, *, is_box: bool, original_size: tuple[int, int]) -> Prompt:
+    """Packs a prompt given in original pixels into the encoder's input frame."""
+    out_points = np.zeros((MAX_POINTS, 2), np.float32)
+    out_labels = np.full(MAX_POINTS, -1, np.int64)
+    if points is not None and len(points):
+        n = min(len(points), MAX_POINTS)
+        out_points[:n] = transform_coords(points[:n], original_size)
+        out_labels[:n] = labels[:n]
+    box_input = transform_boxes(np.asarray(box, dtype=np.float64)[None], original_size)[0].astype(np.float32)
+    return Prompt(box_input, out_points, out_labels, is_box)
+
+
+def training_prompt(rle: dict, box, original_size, settings: PromptSettings, rng: np.random.Generator) -> Prompt:
+    """A random prompt for one object (see PromptSettings)."""
+    use_points = settings.mode == "point" or (settings.mode == "mixed" and rng.random() < settings.point_ratio)
+    jittered = jitter_box(box, original_size, rng, fraction=settings.box_jitter, max_pixels=settings.box_jitter_max)
+    if not use_points:
+        return make_prompt(jittered, None, None, is_box=True, original_size=original_size)
+    mask = masks.decode(rle)
+    points, labels = sample_points(mask, box, rng, positive=settings.positive_points,
+                                   negative=settings.negative_points)
+    return make_prompt(jittered, points, labels, is_box=False, original_size=original_size)
+
+
+def evaluation_prompt(rle: dict, box, original_size, mode: str) -> Prompt:
+    """The fixed prompt of an object: its exact box, or its most interior point."""
+    if mode == "box":
+        return make_prompt(box, None, None, is_box=True, original_size=original_size)
+    if mode == "point":
+        point = interior_point(masks.decode(rle))
+        return make_prompt(box, point, np.ones(1, np.int64), is_box=False, original_size=original_size)
+    raise ValueError(f"evaluation prompts are 'box' or 'point', not {mode!r}")
+
+
+def low_res_target(rle: dict, input_size: tuple[int, int], image_size: int = 1024) -> np.ndarray:
+    """The object's mask in the decoder's 256x256 frame, as a float32 coverage map in [0, 1].
+
+    The mask is resized like the image (to `input_size`), padded bottom-right to the square
+    input, then area-averaged down by 4, matching where the decoder's low-res logits sit.
+    """
+    mask = masks.decode(rle).astype(np.float32)
+    h, w = input_size
+    scale = LOW_RES / image_size
+    low_h, low_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    resized = cv2.resize(mask, (low_w, low_h), interpolation=cv2.INTER_AREA)
+    target = np.zeros((LOW_RES, LOW_RES), np.float32)
+    target[:low_h, :low_w] = resized
+    return target

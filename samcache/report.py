@@ -1,0 +1,192 @@
+"""Pictures and reports: training curves (train), before/after overlays and plots (eval)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # servers have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> None:
+    """Loss per step (raw and smoothed) and validation mIoU per epoch, from metrics.jsonl."""
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    steps = [r for r in records if r["type"] == "step"]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    plt = _pyplot()
+    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        x = np.array([r["global_step"] for r in steps])
+        y = np.array([r["loss"] for r in steps])
+        ax_loss.plot(x, y, color="tab:blue", alpha=0.3, label="loss")
+        window = max(1, len(y) // 20)
+        if window > 1:
+            smooth = np.convolve(y, np.ones(window) / window, mode="valid")
+            ax_loss.plot(x[window - 1 :], smooth, color="tab:blue", label=f"mean of {window}")
+        ax_loss.plot(x, [r["train_iou"] for r in steps], color="tab:green", alpha=0.5, label="train IoU (low-res)")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_title("training")
+    ax_loss.legend()
+    ax_iou.plot([r["epoch"] for r in epochs], [r["val_miou"] for r in epochs], marker="o", color="tab:orange")
+    ax_iou.set_xlabel("epoch (0 = before training)")
+    ax_iou.set_ylabel("validation mIoU")
+    ax_iou.set_title("validation")
+    ax_iou.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+COLORS = {"truth": (0.1, 0.8, 0.2), "zero_shot": (0.95, 0.35, 0.1), "fine_tuned": (0.15, 0.45, 0.95)}
+TITLES = {"truth": "ground truth", "zero_shot": "zero-shot SAM", "fine_tuned": "fine-tuned"}
+
+
+def _panel(ax, preview: np.ndarray, mask: np.ndarray, box, color, title: str, outline: np.ndarray) -> None:
+    """One overlay panel: the preview crop around `box`, `mask` filled, the truth outlined, the box drawn."""
+    import cv2
+
+    scale = preview.shape[1] / mask.shape[1]
+    small = cv2.resize(mask.astype(np.uint8), preview.shape[1::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+    truth = cv2.resize(outline.astype(np.uint8), preview.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    x0, y0, x1, y1 = (v * scale for v in box)
+    margin = 0.25 * max(x1 - x0, y1 - y0) + 4
+    cx0, cy0 = int(max(0, x0 - margin)), int(max(0, y0 - margin))
+    cx1, cy1 = int(min(preview.shape[1], x1 + margin)), int(min(preview.shape[0], y1 + margin))
+    image = preview.astype(np.float32) / 255
+    image[small] = 0.55 * image[small] + 0.45 * np.array(color)
+    contours, _ = cv2.findContours(truth, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    ax.imshow(image[cy0:cy1, cx0:cx1], extent=(cx0, cx1, cy1, cy0))
+    for contour in contours:
+        c = contour[:, 0, :]
+        ax.plot(np.append(c[:, 0], c[0, 0]) + 0.5, np.append(c[:, 1], c[0, 1]) + 0.5, color=COLORS["truth"], lw=1)
+    ax.add_patch(__import__("matplotlib.patches", fromlist=["Rectangle"]).Rectangle(
+        (x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1, ls="--"))
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def plot_overlays(path: Path, cache, rows: dict[str, list[dict]], picks: list[int], heading: str) -> None:
+    """A grid: one row per picked object; columns ground truth, zero-shot, fine-tuned (when present)."""
+    from samcache import masks
+
+    plt = _pyplot()
+    models = [m for m in ("zero_shot", "fine_tuned") if m in rows]
+    fig, axes = plt.subplots(len(picks), 1 + len(models), figsize=(3.2 * (1 + len(models)), 3.0 * len(picks)),
+                             squeeze=False)
+    for r, k in enumerate(picks):
+        base = rows["zero_shot"][k]
+        index = cache.index_of(base["image"])
+        info = cache.images[index]
+        obj = next(o for o in info.objects if o.object_id == base["object_id"])
+        preview, truth = cache.preview(index), masks.decode(obj.rle)
+        _panel(axes[r][0], preview, truth, obj.box, COLORS["truth"],
+               f"{base['image']} #{obj.object_id}\n{obj.category} (truth)", truth)
+        for c, model in enumerate(models, start=1):
+            row = rows[model][k]
+            _panel(axes[r][c], preview, masks.decode(row["rle"]), obj.box, COLORS[model],
+                   f"{TITLES[model]}\nIoU {row['iou']:.3f}  boundary F {row['boundary_f']:.3f}", truth)
+    fig.suptitle(heading, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_iou_histogram(path: Path, rows: dict[str, list[dict]]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(0, 1, 21)
+    for model, model_rows in rows.items():
+        ax.hist([r["iou"] for r in model_rows], bins=bins, alpha=0.55, color=COLORS[model],
+                label=f"{TITLES[model]} (mIoU {np.mean([r['iou'] for r in model_rows]):.3f})")
+    ax.set_xlabel("IoU per object")
+    ax.set_ylabel("objects")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_iou_scatter(path: Path, rows: dict[str, list[dict]]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    before = [r["iou"] for r in rows["zero_shot"]]
+    after = [r["iou"] for r in rows["fine_tuned"]]
+    ax.scatter(before, after, s=14, alpha=0.7, color=COLORS["fine_tuned"])
+    ax.plot([0, 1], [0, 1], color="gray", lw=1, ls="--")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("zero-shot IoU")
+    ax.set_ylabel("fine-tuned IoU")
+    better = sum(a > b for a, b in zip(after, before))
+    ax.set_title(f"{better} of {len(after)} objects improved", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summary: dict, *, overlays: int,
+                      seed: int) -> None:
+    """report.md plus overlays (worst, best, random objects), an IoU histogram and a before/after scatter."""
+    from samcache.evaluate import format_table
+
+    report_dir = Path(report_dir)
+    ranked_by = "fine_tuned" if "fine_tuned" in rows else "zero_shot"
+    order = list(np.argsort([r["iou"] for r in rows[ranked_by]], kind="stable"))
+    n = min(overlays, len(order))
+    picks = {
+        "worst": order[:n],
+        "best": order[::-1][:n],
+        "random": sorted(np.random.default_rng(seed).choice(len(order), n, replace=False).tolist()),
+    }
+    pictures = []
+    for name, chosen in picks.items():
+        if n:
+            plot_overlays(report_dir / f"overlays_{name}.png", cache, rows, [int(k) for k in chosen],
+                          f"{name} {n} objects by {TITLES[ranked_by]} IoU")
+            pictures.append((f"overlays_{name}.png", f"The {name} {n} objects by {TITLES[ranked_by]} IoU: ground "
+                             "truth (green outline), zero-shot and fine-tuned masks, prompt box (yellow, dashed)."))
+    plot_iou_histogram(report_dir / "iou_histogram.png", rows)
+    pictures.append(("iou_histogram.png", "IoU per object, each model."))
+    if "fine_tuned" in rows:
+        plot_iou_scatter(report_dir / "iou_scatter.png", rows)
+        pictures.append(("iou_scatter.png", "Each object's zero-shot IoU (x) against its fine-tuned IoU (y); "
+                         "points above the diagonal improved."))
+
+    config = summary["config"]
+    lines = [
+        f"# samcache evaluation: split `{summary['split']}`",
+        "",
+        f"- cache: `{summary['cache']}` (model `{summary['model_type']}`)",
+        f"- run: `{summary['run']}` ({config['weights']} weights)" if summary["run"] else "- run: none (base model only)",
+        f"- prompts: {config['prompt']}" + (f", box jitter {config['box_jitter']} (seed {config['seed']})"
+                                             if config["box_jitter"] else " (exact boxes)" if config["prompt"] == "box"
+                                             else " (each mask's most interior point)"),
+        "- metrics per object at the original resolution; mIoU/mDice/boundary F are means over objects",
+        "",
+        "```",
+        format_table(summary),
+        "```",
+        "",
+        "## Per category",
+        "",
+        "| category | objects | " + " | ".join(f"{TITLES[m]} mIoU" for m in rows) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in rows) + " |",
+    ]
+    for category, stats in summary["zero_shot"]["per_category"].items():
+        cells = [f"{summary[m]['per_category'][category]['miou']:.4f}" for m in rows]
+        lines.append(f"| {category} | {stats['objects']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Pictures", ""]
+    for file, caption in pictures:
+        lines += [f"![{file}]({file})", "", caption, ""]
+    lines += ["## Files", "", "- `summary.json`: the figures above", "- `objects.csv`: one row per object, each model's "
+              "IoU, Dice, boundary F and predicted IoU", *[f"- `{f}`" for f, _ in pictures], ""]
+    (report_dir / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,135 @@
+"""Metrics against independent computations, and `samcache eval` end to end (cache and run only)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from pycocotools import mask as mask_utils
+
+from samcache import masks
+from samcache.cache import EmbeddingCache
+from samcache.cli import main
+from samcache.datasets import load_dataset
+from samcache.datasets.stamps import generate_stamps
+from samcache.embed import EmbedConfig, embed_dataset
+from samcache.evaluate import EvalConfig, evaluate
+from samcache.metrics import boundary, boundary_f, dice, iou
+from samcache.models import build_tiny
+from samcache.preprocess import transform_boxes
+from samcache.train import TrainConfig, train
+from tests.conftest import rect_mask
+
+
+# -------------------------------------------------------------------------------------- metrics
+def test_iou_and_dice_on_hand_built_squares():
+    a = rect_mask(50, 50, 0, 0, 10, 10)  # 100 px
+    b = rect_mask(50, 50, 5, 0, 15, 10)  # 100 px, 50 shared
+    assert iou(a, b) == pytest.approx(50 / 150) and dice(a, b) == pytest.approx(100 / 200)
+    assert iou(a, a) == 1.0 and dice(a, np.zeros_like(a)) == 0.0
+    empty = np.zeros_like(a)
+    assert iou(empty, empty) == 1.0 and dice(empty, empty) == 1.0
+
+
+def test_iou_agrees_with_pycocotools_on_rle_masks():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.random((40, 60)) > 0.6
+        b = rng.random((40, 60)) > 0.5
+        expected = mask_utils.iou([mask_utils.encode(np.asfortranarray(a.astype(np.uint8)))],
+                                  [mask_utils.encode(np.asfortranarray(b.astype(np.uint8)))], [0])[0][0]
+        assert iou(a, b) == pytest.approx(expected)
+
+
+def test_boundary_of_a_square():
+    square = rect_mask(30, 30, 5, 5, 25, 25)
+    assert boundary(square).sum() == 4 * 20 - 4
+
+
+def test_boundary_f_with_derivable_answers():
+    truth = rect_mask(200, 200, 20, 20, 40, 40)  # boundary: 76 px
+    assert boundary_f(truth, truth) == 1.0
+    assert boundary_f(np.zeros_like(truth), truth) == 0.0
+    # A far-away extra blob: recall 1, precision 76 / (76 + 16).
+    pred = truth | rect_mask(200, 200, 150, 150, 155, 155)
+    precision, recall = 76 / 92, 1.0
+    assert boundary_f(pred, truth, tolerance=2) == pytest.approx(2 * precision * recall / (precision + recall))
+    # A one-pixel shift is within a 1.5 px tolerance everywhere; a 10-pixel shift is not.
+    shifted = rect_mask(200, 200, 21, 20, 41, 40)
+    assert boundary_f(shifted, truth, tolerance=1.5) == 1.0
+    assert boundary_f(rect_mask(200, 200, 30, 20, 50, 40), truth, tolerance=1.5) < 0.6
+
+
+# -------------------------------------------------------------------------------------- eval
+@pytest.fixture(scope="module")
+def cache_and_run(tmp_path_factory):
+    data = tmp_path_factory.mktemp("ds")
+    generate_stamps(data, 7, seed=31, progress=False)
+    root = tmp_path_factory.mktemp("work")
+    embed_dataset(load_dataset(data), root / "cache", EmbedConfig(workers=0, progress=False))
+    train(root / "cache", root / "run", TrainConfig(epochs=1, batch_size=2, objects_per_image=2, workers=0,
+                                                    save_every=0), progress=False)
+    shutil.rmtree(data)  # eval must not need the images
+    return root / "cache", root / "run"
+
+
+def test_eval_writes_the_report_from_cache_and_run_only(cache_and_run, tmp_path):
+    cache_dir, run_dir = cache_and_run
+    summary = evaluate(cache_dir, tmp_path / "report", EvalConfig(split="test"), run_dir=run_dir)
+    report = tmp_path / "report"
+    for name in ("summary.json", "objects.csv", "report.md", "overlays_worst.png", "overlays_best.png",
+                 "overlays_random.png", "iou_histogram.png", "iou_scatter.png"):
+        assert (report / name).is_file(), name
+    written = json.loads((report / "summary.json").read_text())
+    cache = EmbeddingCache(cache_dir)
+    n_objects = sum(len(cache.images[i].objects) for i in cache.split_indices("test"))
+    for model in ("zero_shot", "fine_tuned"):
+        assert {"miou", "mdice", "boundary_f", "objects", "per_category"} <= set(written[model])
+        assert written[model]["objects"] == n_objects
+    rows = list(csv.DictReader((report / "objects.csv").open()))
+    assert len(rows) == n_objects
+    assert np.mean([float(r["fine_tuned_iou"]) for r in rows]) == pytest.approx(summary["fine_tuned"]["miou"], abs=1e-5)
+    assert "![overlays_worst.png](overlays_worst.png)" in (report / "report.md").read_text()
+    assert (run_dir / "eval-test.json").is_file()
+
+
+def test_zero_shot_scores_equal_an_independent_stock_computation(cache_and_run, tmp_path):
+    cache_dir, _ = cache_and_run
+    evaluate(cache_dir, tmp_path / "r", EvalConfig(split="test"))
+    rows = list(csv.DictReader((tmp_path / "r" / "objects.csv").open()))
+    assert "fine_tuned_iou" not in rows[0]
+    cache = EmbeddingCache(cache_dir)
+    sam = build_tiny(0)
+    row = rows[0]
+    info = cache.images[cache.index_of(row["image"])]
+    obj = next(o for o in info.objects if o.object_id == int(row["object_id"]))
+    embedding = torch.from_numpy(cache.embedding(info.index)).float()[None]
+    box = torch.as_tensor(transform_boxes(np.array([obj.box]), info.original_size), dtype=torch.float32)
+    with torch.no_grad():
+        sparse, dense = sam.prompt_encoder(points=None, boxes=box, masks=None)
+        low_res, _ = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                      multimask_output=False)
+        pred = (sam.postprocess_masks(low_res, info.input_size, info.original_size) > 0)[0, 0].numpy()
+    expected = mask_utils.iou([mask_utils.encode(np.asfortranarray(pred.astype(np.uint8)))],
+                              [{"size": obj.rle["size"], "counts": obj.rle["counts"].encode()}], [0])[0][0]
+    assert float(row["zero_shot_iou"]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_eval_cli_prints_the_table_and_refuses_bad_input(cache_and_run, tmp_path):
+    cache_dir, run_dir = cache_and_run
+    runner = CliRunner()
+    result = runner.invoke(main, ["eval", str(cache_dir), "--run", str(run_dir), "--out", str(tmp_path / "r"),
+                                  "--prompt", "point"])
+    assert result.exit_code == 0, result.output
+    assert "zero_shot" in result.output and "fine_tuned" in result.output and "report.md" in result.output
+    empty = runner.invoke(main, ["eval", str(cache_dir), "--out", str(tmp_path / "s"), "--split", "nope"])
+    assert empty.exit_code == 1 and "no objects in split 'nope'" in empty.output
+    missing = runner.invoke(main, ["eval", str(cache_dir), "--run", str(tmp_path), "--out", str(tmp_path / "t")])
+    assert missing.exit_code == 1 and "best.pt does not exist" in missing.output

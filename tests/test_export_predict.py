@@ -1,0 +1,118 @@
+"""Export loads in SAM's own code; predict agrees with SamPredictor; both from the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from segment_anything import SamPredictor, sam_model_registry
+
+from samcache.cli import main
+from samcache.datasets import load_dataset
+from samcache.datasets.stamps import generate_stamps
+from samcache.embed import EmbedConfig, embed_dataset
+from samcache.images import read_image
+from samcache.models import load_sam
+from samcache.train import TrainConfig, read_run_checkpoint, train
+
+ONE_EPOCH = dict(epochs=1, batch_size=2, objects_per_image=2, workers=0, save_every=0, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    data = tmp_path_factory.mktemp("ds")
+    generate_stamps(data, 5, seed=41, progress=False)
+    root = tmp_path_factory.mktemp("work")
+    embed_dataset(load_dataset(data), root / "cache", EmbedConfig(workers=0, progress=False))
+    train(root / "cache", root / "run", TrainConfig(**ONE_EPOCH), progress=False)
+    return data, root / "cache", root / "run"
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_export_holds_the_run_decoder_and_metadata(tiny_run, tmp_path, fmt):
+    _, _, run = tiny_run
+    out = tmp_path / f"tiny_stamps.{fmt}"
+    result = CliRunner().invoke(main, ["export", "--run", str(run), "--out", str(out), "--format", fmt])
+    assert result.exit_code == 0, result.output
+    metadata = json.loads(out.with_suffix(".json").read_text())
+    assert metadata["model_type"] == "tiny" and metadata["fine_tuned"] == ["mask_decoder"]
+    assert metadata["training_config"]["epochs"] == 1 and len(metadata["sha256"]) == 64
+    exported = load_sam("tiny", out)  # strict keys, weights_only / safetensors
+    trained = read_run_checkpoint(run / "best.pt")["state_dict"]
+    for key, value in exported.sam.state_dict().items():
+        if key.startswith("mask_decoder."):
+            assert torch.equal(value, trained[key])
+        elif key.startswith("image_encoder."):
+            assert torch.equal(value, load_sam("tiny").sam.state_dict()[key])
+
+
+def test_predict_with_run_uses_the_cache_and_writes_outputs(tiny_run, tmp_path):
+    data, cache, run = tiny_run
+    image = sorted((data / "images").glob("*.jpg"))[0]
+    result = CliRunner().invoke(main, ["predict", str(image), "--run", str(run), "--box", "50,60,300,320",
+                                       "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "1 from cache" in result.output
+    predictions = json.loads((tmp_path / "p" / "predictions.json").read_text())["predictions"]
+    assert len(predictions) == 1 and predictions[0]["box"] == [50, 60, 300, 320]
+    assert (tmp_path / "p" / f"{image.stem}_mask0.png").is_file()
+    assert (tmp_path / "p" / f"{image.stem}_overlay.png").is_file()
+    # Boxes from a COCO file, matched by file name; --cache given explicitly as a missing folder: encoder path.
+    coco = json.loads((data / "train.json").read_text())
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(coco))
+    images = [data / "images" / im["file_name"] for im in coco["images"]]
+    result = CliRunner().invoke(main, ["predict", *map(str, images), "--run", str(run), "--boxes", str(boxes),
+                                       "--cache", str(tmp_path / "no-cache"), "--out", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    predictions = json.loads((tmp_path / "q" / "predictions.json").read_text())["predictions"]
+    assert len(predictions) == len(coco["annotations"]) and {p["embedding_from"] for p in predictions} == {"encoder"}
+
+
+def test_predict_rejects_bad_arguments(tiny_run, tmp_path):
+    data, _, run = tiny_run
+    image = str(sorted((data / "images").glob("*.jpg"))[0])
+    runner = CliRunner()
+    assert runner.invoke(main, ["predict", image, "--run", str(run), "--out", str(tmp_path)]).exit_code == 2
+    bad = runner.invoke(main, ["predict", image, "--run", str(run), "--box", "5,5,1,1", "--out", str(tmp_path)])
+    assert bad.exit_code == 1 and "x1 must exceed x0" in bad.output
+
+
+@pytest.mark.slow
+def test_vit_b_export_loads_in_sam_and_matches_samcache_predict(vit_b_checkpoint, tmp_path):
+    """Real-checkpoint compatibility with random vit_b weights in Meta's layout (quality is not the point)."""
+    data = tmp_path / "ds"
+    generate_stamps(data, 3, seed=2, progress=False, fractions=(0.34, 0.33, 0.33))
+    config = EmbedConfig(model_type="vit_b", checkpoint=vit_b_checkpoint, workers=0, progress=False, batch_size=1)
+    embed_dataset(load_dataset(data), tmp_path / "cache", config)
+    train(tmp_path / "cache", tmp_path / "run", TrainConfig(**ONE_EPOCH, checkpoint=str(vit_b_checkpoint)),
+          progress=False)
+    exported = tmp_path / "sam_vit_b_stamps.pth"
+    result = CliRunner().invoke(main, ["export", "--run", str(tmp_path / "run"), "--out", str(exported)])
+    assert result.exit_code == 0, result.output
+
+    sam = sam_model_registry["vit_b"](checkpoint=str(exported))  # Meta's own loader
+    image_path = sorted((data / "images").glob("*.jpg"))[0]
+    box = np.array([40.0, 50.0, 420.0, 380.0])
+    predictor = SamPredictor(sam)
+    predictor.set_image(read_image(image_path))
+    expected, _, _ = predictor.predict(box=box, multimask_output=False)
+
+    runner = CliRunner()
+    for cache_args, source in (([], "encoder"), (["--cache", str(tmp_path / "cache")], "cache")):
+        out = tmp_path / f"pred_{source}"
+        result = runner.invoke(main, ["predict", str(image_path), "--checkpoint", str(exported),
+                                      "--box", ",".join(map(str, box)), "--out", str(out), *cache_args])
+        assert result.exit_code == 0, result.output
+        prediction = json.loads((out / "predictions.json").read_text())["predictions"][0]
+        assert prediction["embedding_from"] == source
+        from samcache import masks
+
+        got = masks.decode(prediction["segmentation"])
+        agreement = (got == expected[0]).mean()
+        # The encoder path is SamPredictor's computation; the cache path differs by fp16 rounding only.
+        assert agreement == 1.0 if source == "encoder" else agreement > 0.995, (source, agreement)
