@@ -76,10 +76,11 @@ REFERENCE = "loop fp32"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=8, help="pages each method embeds (default 8)")
-    p.add_argument("--batch-size", type=int, default=4, help="samcache's encoder batch size (default 4)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samcache's encoder batch size (default: EmbedConfig's default for the CPU)")
     p.add_argument("--workers", type=int, default=2, help="samcache's DataLoader workers (default 2)")
     p.add_argument("--chunk", type=int, default=None,
-                   help="images per interleaved round (default: the batch size, at least 2)")
+                   help="images per interleaved round (default: the batch size, at least 2; 4 without --batch-size)")
     p.add_argument("--model", choices=("vit_b", "tiny"), default="vit_b",
                    help="vit_b with random weights saved as a checkpoint (default), or samcache's tiny model")
     p.add_argument("--precisions", default="fp32,bf16", help="samcache precisions to run (default fp32,bf16)")
@@ -228,7 +229,8 @@ def benchmark(args, precisions: list[str], workdir: Path) -> dict:
         generate_stamps(data_dir, args.images, seed=args.seed, progress=False)  # page k depends on (seed, k) only
         dataset = load_dataset(data_dir)
     records = sorted(dataset.images, key=lambda r: r.name)[: args.images]
-    chunk = args.chunk or max(args.batch_size, 2)
+    chunk = args.chunk or max(args.batch_size or 4, 2)
+    batch_label = args.batch_size if args.batch_size else f"samcache default ({EmbedConfig().batch_size})"
     rounds = [records[i:i + chunk] for i in range(0, len(records), chunk)]
     subset = lambda recs: dataclasses.replace(dataset, images=list(recs), problems=[])  # noqa: E731
     sizes = sorted({(r.height, r.width) for r in records})
@@ -255,11 +257,12 @@ def benchmark(args, precisions: list[str], workdir: Path) -> dict:
     predictor = SamPredictor(sam)
 
     def config(precision: str) -> EmbedConfig:
-        return EmbedConfig(model_type=args.model, checkpoint=checkpoint, precision=precision,
-                           batch_size=args.batch_size, workers=args.workers, device="cpu", progress=False)
+        batch = {"batch_size": args.batch_size} if args.batch_size else {}
+        return EmbedConfig(model_type=args.model, checkpoint=checkpoint, precision=precision, workers=args.workers,
+                           device="cpu", progress=False, **batch)
 
     methods = [REFERENCE] + [f"embed {p}" for p in precisions] + (["loop bf16"] if args.loop_bf16 else [])
-    log(f"{args.model}, {len(records)} images {sizes}, {len(rounds)} rounds of {chunk}, batch {args.batch_size}, "
+    log(f"{args.model}, {len(records)} images {sizes}, {len(rounds)} rounds of {chunk}, batch {batch_label}, "
         f"workers {args.workers}, torch threads {torch.get_num_threads()}, model load {model_load_s:.1f} s")
 
     def run(method: str, recs, cache_dir: Path):
@@ -271,7 +274,9 @@ def benchmark(args, precisions: list[str], workdir: Path) -> dict:
     # ---- warm-up (untimed): one image through each method ----
     for method in methods:
         t0 = time.perf_counter()
-        run(method, records[:1], workdir / f"warm_{method.replace(' ', '_')}")
+        warm_dir = workdir / f"warm_{method.replace(' ', '_')}"
+        shutil.rmtree(warm_dir, ignore_errors=True)
+        run(method, records[:1], warm_dir)
         log(f"warm-up {method}: {time.perf_counter() - t0:.1f} s")
 
     # ---- timed rounds, ABBA ----
@@ -342,7 +347,7 @@ def benchmark(args, precisions: list[str], workdir: Path) -> dict:
     return {
         "machine": machine(),
         "config": {"model": args.model, "images": len(records), "image_sizes": sizes, "rounds": len(rounds),
-                   "chunk": chunk, "batch_size": args.batch_size, "workers": args.workers,
+                   "chunk": chunk, "batch_size": batch_label, "workers": args.workers,
                    "precisions": precisions, "seed": args.seed, "argv": sys.argv[1:]},
         "model_load_s": model_load_s,
         "decode_s_per_image": decode_cost(records),

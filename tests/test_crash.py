@@ -35,7 +35,7 @@ def _embed(dataset: Path, cache: Path, crash_at: str | None = None) -> subproces
         env["SAMCACHE_CRASH_AT"] = crash_at
     command = [sys.executable, "-m", "samcache", "embed", str(dataset), "--out", str(cache),
                "--batch-size", "1", "--shard-images", "2", "--workers", "1"]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
 def _snapshot(cache_dir: Path) -> dict:

@@ -24,7 +24,7 @@ from samcache.images import read_image
 from samcache.models import build_tiny
 from tests.conftest import make_coco, write_image
 
-FAST = dict(workers=0, progress=False, batch_size=2)
+FAST = dict(workers=0, progress=False, batch_size=2, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,8 @@ def test_full_disk_loses_nothing_committed(stamps, tmp_path, monkeypatch):
 
 
 def test_workers_give_the_same_cache(stamps, stamps_cache, tmp_path):
-    embed_dataset(load_dataset(stamps), tmp_path / "c", EmbedConfig(workers=2, batch_size=2, progress=False))
+    embed_dataset(load_dataset(stamps), tmp_path / "c",
+                  EmbedConfig(workers=2, batch_size=2, progress=False, precision="fp32"))
     a, b = EmbeddingCache(stamps_cache), EmbeddingCache(tmp_path / "c")
     assert [i.name for i in a.images] == [i.name for i in b.images]
     for i in range(len(a)):

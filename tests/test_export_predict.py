@@ -87,7 +87,8 @@ def test_vit_b_export_loads_in_sam_and_matches_samcache_predict(vit_b_checkpoint
     """Real-checkpoint compatibility with random vit_b weights in Meta's layout (quality is not the point)."""
     data = tmp_path / "ds"
     generate_stamps(data, 3, seed=2, progress=False, fractions=(0.34, 0.33, 0.33))
-    config = EmbedConfig(model_type="vit_b", checkpoint=vit_b_checkpoint, workers=0, progress=False, batch_size=1)
+    config = EmbedConfig(model_type="vit_b", checkpoint=vit_b_checkpoint, workers=0, progress=False, batch_size=1,
+                         precision="fp32")
     embed_dataset(load_dataset(data), tmp_path / "cache", config)
     train(tmp_path / "cache", tmp_path / "run", TrainConfig(**ONE_EPOCH, checkpoint=str(vit_b_checkpoint)),
           progress=False)
