@@ -316,21 +316,11 @@ def _shard_paths(cache_dir: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------------- reading
 @dataclass
-class ImageInfo:
-    """What the cache knows of one image (without its embedding)."""
+class ImageInfo(ImageEntry):
+    """What the cache knows of one image, as written, plus its index in the cache (sorted by name).
+    The embedding and the preview are read on demand (`embedding`, `preview`)."""
 
-    index: int
-    name: str
-    path: str
-    sha256: str
-    file_size: int
-    file_mtime_ns: int
-    original_size: tuple[int, int]
-    input_size: tuple[int, int]
-    split: str
-    image_id: int
-    annotations_sha256: str
-    objects: list[CachedObject] = field(default_factory=list)
+    index: int = -1
 
 
 class EmbeddingCache:
@@ -482,8 +472,9 @@ def _read_tables(f: h5py.File) -> tuple[list[ImageInfo], list[FailedEntry]]:
             for j in range(int(starts[row]), int(starts[row] + counts[row]))
         ]
         images.append(ImageInfo(
-            -1, name, paths[row], shas[row], int(sizes[row]), int(mtimes[row]), (h, w),
-            (int(inputs[row, 0]), int(inputs[row, 1])), splits[row], int(ids[row]), ann_shas[row], objects,
+            name=name, path=paths[row], sha256=shas[row], file_size=int(sizes[row]), file_mtime_ns=int(mtimes[row]),
+            original_size=(h, w), input_size=(int(inputs[row, 0]), int(inputs[row, 1])), split=splits[row],
+            image_id=int(ids[row]), objects=objects, annotations_sha256=ann_shas[row],
         ))
     fa = f["failed"]
     failures = [
