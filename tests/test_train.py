@@ -319,7 +319,8 @@ def test_it_learns_on_a_small_stamps_cache(tmp_path):
     weights, settles on predicting background everywhere."""
     data = tmp_path / "ds"
     generate_stamps(data, 16, seed=3, progress=False, fractions=(0.75, 0.25, 0.0))
-    embed_dataset(load_dataset(data), tmp_path / "cache", EmbedConfig(workers=0, progress=False))
+    # fp32 embeddings: the same trajectory on CPUs with and without native bf16.
+    embed_dataset(load_dataset(data), tmp_path / "cache", EmbedConfig(workers=0, progress=False, precision="fp32"))
     config = TrainConfig(epochs=12, batch_size=2, objects_per_image=4, lr=1e-3, loss="dice-bce", workers=0,
                          warmup_steps=5, save_every=0)
     result = train(tmp_path / "cache", tmp_path / "run", config, progress=False)
