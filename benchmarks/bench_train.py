@@ -215,7 +215,7 @@ def bench_epoch(args, workdir: Path) -> dict:
                          loss=LOSS, box_jitter=0.0, workers=0, cache_in_memory="yes", save_every=0,
                          checkpoint=checkpoint, val_split="val", seed=args.seed)
     start = time.perf_counter()
-    result = train(cache_dir, workdir / "run_a", config, progress=False)
+    train(cache_dir, workdir / "run_a", config, progress=False)
     train_wall = time.perf_counter() - start
     epochs = epoch_seconds(workdir / "run_a")
     cached_epoch = statistics.median(s for _, s in epochs)
@@ -335,7 +335,7 @@ def table(results: dict) -> str:
     yes_no = lambda met: "MET" if met else "NOT MET"  # noqa: E731
     if "a" in results:
         a = results["a"]
-        row(f"(a) model / train images / objects", f"{a['model']} / {a['train_images']} / {a['objects']}")
+        row("(a) model / train images / objects", f"{a['model']} / {a['train_images']} / {a['objects']}")
         row("(a) embedding one-off (all pages incl. val), s", f"{a['embed_seconds_all_pages']:.1f}")
         row("(a) tutorial epoch, s", f"{a['tutorial_epoch_seconds']:.2f}")
         row("(a)   of which image encoder, s", f"{a['tutorial_encoder_seconds']:.2f}")

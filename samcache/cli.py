@@ -244,7 +244,7 @@ def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, trainab
       samcache train cache/stamps --out runs/stamps --epochs 10
       samcache train cache/stamps --out runs/stamps --resume
     """
-    from samcache.train import TrainConfig, train
+    from samcache.train import train
 
     config = _train_config(config_file, trainable, options)
     if resume and config_file is None and (run_dir / "config.yaml").is_file():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import torch
 from click.testing import CliRunner
 from pycocotools import mask as mask_utils
 
-from samcache import masks
 from samcache.cache import EmbeddingCache
 from samcache.cli import main
 from samcache.datasets import load_dataset

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import yaml
 from click.testing import CliRunner
 
 from samcache import masks
-from samcache.cache import EmbeddingCache
 from samcache.cli import main
 from samcache.datasets import load_dataset
 from samcache.datasets.stamps import generate_stamps
