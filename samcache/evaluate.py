@@ -122,7 +122,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def load_decoders(cache: EmbeddingCache, run_dir: Optional[Path], config: EvalConfig, device: torch.device):
     """{"zero_shot": (prompt_encoder, mask_decoder), "fine_tuned": ...} on `device`."""
-    from samcache.train import TrainingError, read_run_checkpoint
+    from samcache.train import TrainingError, apply_run_weights, read_run_checkpoint
 
     base_weights = config.checkpoint
     payload = None
@@ -142,10 +142,7 @@ def load_decoders(cache: EmbeddingCache, run_dir: Optional[Path], config: EvalCo
     decoders = {"zero_shot": (base.prompt_encoder.to(device).eval(), base.mask_decoder.to(device).eval())}
     if payload is not None:
         tuned = copy.deepcopy(base)
-        for part in ("prompt_encoder", "mask_decoder"):
-            prefix = f"{part}."
-            getattr(tuned, part).load_state_dict(
-                {k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}, strict=True)
+        apply_run_weights(tuned, payload)
         decoders["fine_tuned"] = (tuned.prompt_encoder.to(device).eval(), tuned.mask_decoder.to(device).eval())
     return decoders
 

@@ -40,15 +40,12 @@ class Predictor:
 
 def predictor_from_run(run_dir: str | Path, *, weights: str = "best", checkpoint=None) -> Predictor:
     """The base SAM of a run with the run's fine-tuned decoder."""
-    from samcache.train import read_run_checkpoint
+    from samcache.train import apply_run_weights, read_run_checkpoint
 
     payload = read_run_checkpoint(Path(run_dir) / f"{weights}.pt")
     base = load_matching(payload["model_type"], payload["base_weights_sha256"],
                          checkpoint or payload["config"].get("checkpoint"))
-    for part in ("prompt_encoder", "mask_decoder"):
-        prefix = f"{part}."
-        getattr(base.sam, part).load_state_dict(
-            {k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}, strict=True)
+    apply_run_weights(base.sam, payload)
     return Predictor(base.sam.eval(), payload["model_type"], payload["base_weights_sha256"], f"{run_dir} ({weights})")
 
 

@@ -345,12 +345,17 @@ def _load_checkpoint(path: Path, sam, optimizer, config: TrainConfig, cache: Emb
     payload = read_run_checkpoint(path)
     if payload["base_weights_sha256"] != cache.provenance.weights_sha256:
         raise TrainingError(f"{path} was trained from other base weights than the cache's; cannot resume")
+    apply_run_weights(sam, payload)
+    optimizer.load_state_dict(payload["optimizer"])
+    return dict(payload["state"])
+
+
+def apply_run_weights(sam, payload: dict) -> None:
+    """Loads a run checkpoint's prompt encoder and mask decoder into `sam` (strict keys)."""
     for part in TRAINABLE:
         prefix = f"{part}."
         getattr(sam, part).load_state_dict(
             {k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}, strict=True)
-    optimizer.load_state_dict(payload["optimizer"])
-    return dict(payload["state"])
 
 
 def read_run_checkpoint(path: str | Path) -> dict:
