@@ -375,8 +375,13 @@ class EmbeddingCache:
     def index_of(self, name: str) -> Optional[int]:
         return self._index_by_name.get(name)
 
-    def split_indices(self, split: str) -> list[int]:
-        return [info.index for info in self.images if info.split == split]
+    def annotated_indices(self, split: str) -> list[int]:
+        """The images of `split` that have at least one object (what training and evaluation use)."""
+        return [info.index for info in self.images if info.split == split and info.objects]
+
+    def describe_splits(self) -> str:
+        """'train (91 objects), val (18 objects)': for messages that name the splits there are."""
+        return ", ".join(f"{k} ({v['objects']} objects)" for k, v in self.splits.items()) or "none"
 
     @property
     def splits(self) -> dict[str, dict[str, int]]:

@@ -121,6 +121,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def cuda_autocast(device: torch.device):
+    """bf16 autocast on CUDA (training and evaluation); on the CPU, plain fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 instructions (AVX512-BF16, AMX), where bf16 autocast runs the encoder
     about twice as fast as fp32 with embeddings at cosine similarity >= 0.9999 (BENCHMARKS.md)."""

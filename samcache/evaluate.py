@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import csv
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader
 from samcache import __version__, masks
 from samcache.cache import EmbeddingCache, ImageInfo
 from samcache.decoder import best_for_inference, decode, upscale_logits
-from samcache.embed import resolve_device
+from samcache.embed import cuda_autocast, resolve_device
 from samcache.errors import SamcacheError
 from samcache.fileio import atomic_write_bytes, atomic_write_json
 from samcache.metrics import boundary_f, dice, iou
@@ -72,7 +71,7 @@ def predict_objects(prompt_encoder, mask_decoder, cache: EmbeddingCache, indices
                     settings: SampleSettings, *, device: torch.device, batch_size: int = 4,
                     store=None) -> Iterator[ObjectPrediction]:
     """Fixed-prompt predictions for every object of the images `indices`, at original resolution."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = cuda_autocast(device)
     samples = CacheSamples(cache, settings, read_embeddings=store is None)
     loader = DataLoader(samples, batch_sampler=EpochBatches(indices, batch_size, 0, shuffle=False),
                         num_workers=0, collate_fn=collate)
@@ -162,10 +161,10 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
     if config.weights not in ("best", "last"):
         raise SamcacheError(f"--weights is best or last, not {config.weights!r}")
     cache = EmbeddingCache(cache_dir)
-    indices = [i for i in cache.split_indices(config.split) if cache.images[i].objects]
+    indices = cache.annotated_indices(config.split)
     if not indices:
-        available = ", ".join(f"{k} ({v['objects']} objects)" for k, v in cache.splits.items()) or "none"
-        raise SamcacheError(f"the cache has no objects in split {config.split!r}; its splits: {available}")
+        raise SamcacheError(f"the cache has no objects in split {config.split!r}; "
+                            f"its splits: {cache.describe_splits()}")
     device = resolve_device(config.device)
     decoders = load_decoders(cache, Path(run_dir) if run_dir else None, config, device)
     settings = SampleSettings(0, None, config.prompt, config.seed, config.box_jitter)

@@ -114,6 +114,7 @@ def predict_images(
     torch_device = resolve_device(device)
     sam = predictor.sam.to(torch_device)
     cache = _usable_cache(cache_dir, predictor)
+    cached_by_sha = {info.sha256: info for info in cache.images} if cache is not None else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -123,7 +124,7 @@ def predict_images(
             continue
         image = read_image(path)
         original = image.shape[:2]
-        embedding, source = _embedding(sam, cache, path, image, torch_device)
+        embedding, source = _embedding(sam, cache, cached_by_sha, path, image, torch_device)
         boxes = torch.as_tensor(transform_boxes(np.array(image_boxes, dtype=np.float64), original),
                                 dtype=torch.float32, device=torch_device)
         n = len(image_boxes)
@@ -154,12 +155,12 @@ def _usable_cache(cache_dir, predictor: Predictor) -> Optional[EmbeddingCache]:
     return cache if same else None
 
 
-def _embedding(sam, cache: Optional[EmbeddingCache], path: Path, image: np.ndarray, device):
+def _embedding(sam, cache: Optional[EmbeddingCache], cached_by_sha: dict, path: Path, image: np.ndarray, device):
+    """The cached embedding when the file (by SHA-256) is in the cache, else the encoder's."""
     if cache is not None:
-        digest = sha256_file(path)
-        for info in cache.images:
-            if info.sha256 == digest and info.original_size == image.shape[:2]:
-                return torch.from_numpy(cache.embedding(info.index)).float()[None].to(device), "cache"
+        info = cached_by_sha.get(sha256_file(path))
+        if info is not None and info.original_size == image.shape[:2]:
+            return torch.from_numpy(cache.embedding(info.index)).float()[None].to(device), "cache"
     model_input = batch_to_model_input([torch.from_numpy(resize_image(image))], device=device)
     return sam.image_encoder(model_input), "encoder"
 

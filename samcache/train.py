@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader
 from samcache import __version__, masks
 from samcache.cache import EmbeddingCache, crash_point
 from samcache.decoder import LOSSES, compute_loss, decode
-from samcache.embed import resolve_device
+from samcache.embed import cuda_autocast, resolve_device
 from samcache.errors import SamcacheError
 from samcache.fileio import atomic_write_bytes, atomic_write_json
 from samcache.metrics import iou
@@ -172,9 +171,9 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
     config.validate()
     run_dir = Path(run_dir)
     cache = EmbeddingCache(cache_dir)
-    train_indices = [i for i in cache.split_indices(config.train_split) if cache.images[i].objects]
-    val_indices = [i for i in cache.split_indices(config.val_split) if cache.images[i].objects]
-    available = ", ".join(f"{k} ({v['objects']} objects)" for k, v in cache.splits.items()) or "none"
+    train_indices = cache.annotated_indices(config.train_split)
+    val_indices = cache.annotated_indices(config.val_split)
+    available = cache.describe_splits()
     if not train_indices:
         raise TrainingError(f"the cache has no objects in split {config.train_split!r}; its splits: {available}")
     if not val_indices:
@@ -191,7 +190,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
         getattr(sam, part).requires_grad_(part in config.train)
     module = _distributed_wrapper(sam, config, device, world_size)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = cuda_autocast(device)
 
     held = should_hold_in_memory(config.cache_in_memory, len(train_indices) + len(val_indices), device,
                                  config.memory_budget_mb * 2**20 if config.memory_budget_mb else None)

@@ -86,7 +86,7 @@ def test_eval_writes_the_report_from_cache_and_run_only(cache_and_run, tmp_path)
         assert (report / name).is_file(), name
     written = json.loads((report / "summary.json").read_text())
     cache = EmbeddingCache(cache_dir)
-    n_objects = sum(len(cache.images[i].objects) for i in cache.split_indices("test"))
+    n_objects = sum(len(cache.images[i].objects) for i in cache.annotated_indices("test"))
     for model in ("zero_shot", "fine_tuned"):
         assert {"miou", "mdice", "boundary_f", "objects", "per_category"} <= set(written[model])
         assert written[model]["objects"] == n_objects
