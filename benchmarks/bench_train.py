@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=None, help="train images of (a) (default 4; 2 with --quick)")
     p.add_argument("--cached-epochs", type=int, default=None, help="epochs of the cached run in (a) (default 3)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="embedding precision of (a)'s cache")
+    p.add_argument("--objects-per-image", type=int, default=None,
+                   help="prompts per image and epoch in (a), both sides (default: all objects of every page)")
     p.add_argument("--io-images", type=int, default=None, help="train images of (b) (default 16; 8 with --quick)")
     p.add_argument("--io-rounds", type=int, default=None, help="ABBA rounds of (b) (default 2: no,yes,yes,no)")
     p.add_argument("--rss-images", type=int, default=None, help="train images of (c)'s small cache (default 20; 4 quick)")
@@ -181,20 +183,22 @@ def tutorial_epoch(sam, prepared: list[dict], lr: float) -> dict:
     return {"seconds": seconds, "encoder_seconds": encoder_s, "boxes": boxes}
 
 
-def prepare_tutorial(records) -> list[dict]:
-    """The tutorial's precomputed inputs: preprocessed images, transformed boxes, GT masks."""
+def prepare_tutorial(records, objects_per_image: int) -> list[dict]:
+    """The tutorial's precomputed inputs: preprocessed images, transformed boxes, GT masks
+    (the first `objects_per_image` objects of each page)."""
     prepared = []
     for record in records:
+        objects = record.objects[:objects_per_image]
         image = read_image(record.path)
         original_size = image.shape[:2]
         resized = resize_image(image)
-        boxes = transform_boxes(np.array([o.box for o in record.objects]), original_size)
+        boxes = transform_boxes(np.array([o.box for o in objects]), original_size)
         prepared.append({
             "input": batch_to_model_input([torch.from_numpy(resized)]),
             "input_size": tuple(resized.shape[:2]),
             "original_size": tuple(original_size),
             "boxes": torch.as_tensor(boxes, dtype=torch.float32),
-            "gt": [torch.from_numpy(masks.decode(o.rle).astype(np.float32)) for o in record.objects],
+            "gt": [torch.from_numpy(masks.decode(o.rle).astype(np.float32)) for o in objects],
         })
     return prepared
 
@@ -205,13 +209,14 @@ def bench_epoch(args, workdir: Path) -> dict:
     model_type, checkpoint = model_files(args.model, workdir, args.seed)
     records = dataset.split("train")
     max_objects = max(len(r.objects) for r in records)
+    per_image = args.objects_per_image or max_objects
 
     log(f"(a) embedding {len(dataset.images)} pages with {model_type} ({args.precision}), one-off")
     cache_dir = workdir / "cache_a"
     embed_s = embed(dataset, cache_dir, model_type, checkpoint, args.precision)
 
     log(f"(a) cached: train() {args.cached_epochs} epochs, cache in memory, all objects per image")
-    config = TrainConfig(epochs=args.cached_epochs, batch_size=4, objects_per_image=max_objects, lr=1e-4,
+    config = TrainConfig(epochs=args.cached_epochs, batch_size=4, objects_per_image=per_image, lr=1e-4,
                          loss=LOSS, box_jitter=0.0, workers=0, cache_in_memory="yes", save_every=0,
                          checkpoint=checkpoint, val_split="val", seed=args.seed)
     start = time.perf_counter()
@@ -222,13 +227,14 @@ def bench_epoch(args, workdir: Path) -> dict:
 
     log("(a) tutorial loop: loading the same weights, preprocessing (untimed), one epoch (timed)")
     sam = load_sam(model_type, checkpoint).sam
-    prepared = prepare_tutorial(records)
+    prepared = prepare_tutorial(records, per_image)
     tutorial = tutorial_epoch(sam, prepared, lr=1e-4)
     del sam, prepared
 
     return {
         "model": model_type, "train_images": len(records), "objects": sum(len(r.objects) for r in records),
-        "objects_per_image_max": max_objects, "embed_seconds_all_pages": embed_s,
+        "objects_per_image_max": max_objects, "objects_per_image": per_image,
+        "prompts_per_epoch": sum(min(len(r.objects), per_image) for r in records), "embed_seconds_all_pages": embed_s,
         "embed_pages": len(dataset.images), "embed_precision": args.precision,
         "tutorial_epoch_seconds": tutorial["seconds"], "tutorial_encoder_seconds": tutorial["encoder_seconds"],
         "tutorial_boxes": tutorial["boxes"],
@@ -336,6 +342,8 @@ def table(results: dict) -> str:
     if "a" in results:
         a = results["a"]
         row("(a) model / train images / objects", f"{a['model']} / {a['train_images']} / {a['objects']}")
+        row("(a) prompts per epoch (objects per image)",
+            f"{a.get('prompts_per_epoch', a['objects'])} ({a.get('objects_per_image', 'all')})")
         row("(a) embedding one-off (all pages incl. val), s", f"{a['embed_seconds_all_pages']:.1f}")
         row("(a) tutorial epoch, s", f"{a['tutorial_epoch_seconds']:.2f}")
         row("(a)   of which image encoder, s", f"{a['tutorial_encoder_seconds']:.2f}")

@@ -134,10 +134,14 @@ def crash_point(name: str) -> None:
     """Test hook: `SAMCACHE_CRASH_AT=name:n` SIGKILLs this process the n-th time it passes `name`.
 
     The crash-safety test uses it to die at exact moments (mid-write, just before a rename...);
-    it is inert unless the variable is set.
+    it is inert unless the variable is set. Under torchrun, `SAMCACHE_CRASH_RANK=r` limits it
+    to the process of rank r.
     """
     spec = os.environ.get("SAMCACHE_CRASH_AT")
     if not spec:
+        return
+    only_rank = os.environ.get("SAMCACHE_CRASH_RANK")
+    if only_rank is not None and only_rank != os.environ.get("RANK", "0"):
         return
     point, _, count = spec.partition(":")
     if point != name:
@@ -193,10 +197,10 @@ def next_generation(cache_dir: Path) -> int:
     return max(gens, default=0) + 1
 
 
-def remove_stale_temporaries(cache_dir: Path, rank: int) -> int:
-    """Deletes the `.tmp` shards a killed run of this rank left behind; other ranks' are theirs."""
+def remove_stale_temporaries(cache_dir: Path) -> int:
+    """Deletes the `.tmp` shards killed runs left behind (of any rank: call it before any rank writes)."""
     removed = 0
-    for tmp in (Path(cache_dir) / SHARD_DIR).glob(f"*-r{rank:04d}-*.h5.tmp"):
+    for tmp in (Path(cache_dir) / SHARD_DIR).glob("*.h5.tmp"):
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed

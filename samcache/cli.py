@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 # Large CPU tensors (vit_b's attention maps) on transparent huge pages: without it, every
@@ -27,6 +28,18 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SamcacheError as exc:
             raise click.ClickException(str(exc)) from exc
+
+
+@contextmanager
+def _process_group():
+    """torchrun's process group for the length of a command (a group of one without torchrun)."""
+    from samcache import distributed
+
+    dist = distributed.from_environment()
+    try:
+        yield dist
+    finally:
+        distributed.shutdown()
 
 
 def _fractions(value: str) -> tuple[float, float, float]:
@@ -169,14 +182,17 @@ def embed_cmd(dataset: Path, cache_dir: Path, model_type: str, checkpoint, batch
     """
     from samcache.embed import EmbedConfig, embed_dataset
 
-    ds = _load_dataset(dataset, image_root, split_fractions, mask_mode, strict=strict)
-    for problem in ds.problems:
-        click.echo(f"warning: {problem}", err=True)
-    config = EmbedConfig(model_type=model_type, checkpoint=checkpoint, batch_size=batch_size, device=device,
-                         precision=precision, workers=workers, strict=strict, intensity=intensity,
-                         shard_images=shard_images)
-    summary = embed_dataset(ds, cache_dir, config)
-    click.echo(summary.line())
+    with _process_group() as dist:
+        ds = _load_dataset(dataset, image_root, split_fractions, mask_mode, strict=strict)
+        if dist.is_main:
+            for problem in ds.problems:
+                click.echo(f"warning: {problem}", err=True)
+        config = EmbedConfig(model_type=model_type, checkpoint=checkpoint, batch_size=batch_size, device=device,
+                             precision=precision, workers=workers, strict=strict, intensity=intensity,
+                             shard_images=shard_images)
+        summary = embed_dataset(ds, cache_dir, config, dist=dist)
+        if dist.is_main:
+            click.echo(summary.line() + (f" ({dist.world_size} processes)" if dist.enabled else ""))
 
 
 @main.command("info")
@@ -249,12 +265,16 @@ def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, trainab
     config = _train_config(config_file, trainable, options)
     if resume and config_file is None and (run_dir / "config.yaml").is_file():
         config = _train_config(run_dir / "config.yaml", trainable, options)  # resume with the run's own config
-    result = train(cache_dir, run_dir, config, resume=resume)
+    with _process_group() as dist:
+        result = train(cache_dir, run_dir, config, resume=resume, dist=dist)
+    if not dist.is_main:
+        return
     history = " -> ".join(f"{v:.3f}" for v in result.history)
     click.echo(f"validation mIoU {result.val_miou_start:.4f} before, {result.val_miou_last:.4f} after "
                f"(best {result.val_miou_best:.4f} at epoch {result.best_epoch}); per epoch: {history}")
+    processes = f" over {dist.world_size} processes" if dist.enabled else ""
     click.echo(f"trained {result.epochs_run} epochs in {result.seconds:.1f} s ({result.samples_per_second:.1f} "
-               f"samples/s); run: {run_dir}")
+               f"samples/s{processes}); run: {run_dir}")
 
 
 def _train_config(config_file, trainable, options: dict):

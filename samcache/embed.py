@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from samcache import cache as cache_store
 from samcache.datasets import Dataset, ImageRecord
+from samcache.distributed import SINGLE, Distributed
 from samcache.errors import CacheError, SamcacheError
 from samcache.fileio import sha256_file
 from samcache.images import read_image
@@ -236,7 +237,7 @@ class _ShardRotation:
 
 
 def embed_dataset(
-    dataset: Dataset, cache_dir: str | Path, config: EmbedConfig, *, rank: int = 0, world_size: int = 1
+    dataset: Dataset, cache_dir: str | Path, config: EmbedConfig, *, dist: Distributed = SINGLE
 ) -> EmbedSummary:
     """Embeds every image of `dataset` not yet in the cache at `cache_dir` (this rank's share of them).
 
@@ -244,11 +245,13 @@ def embed_dataset(
       dataset: the records to embed (datasets.load_dataset).
       cache_dir: the cache folder; created if missing.
       config: the options.
-      rank, world_size: this process's share under torchrun: images pending[rank::world_size].
+      dist: this process's place under torchrun. Every rank plans from the same committed
+        shards, then embeds pending[rank::world_size] into shards named after its rank; the
+        summary counts all ranks.
     """
     start = time.time()
     cache_dir = Path(cache_dir)
-    device = resolve_device(config.device)
+    device = dist.device(resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
     loaded = load_sam(config.model_type, config.checkpoint)
     preprocessing = Preprocessing(image_size=loaded.sam.image_encoder.img_size)
@@ -260,16 +263,22 @@ def embed_dataset(
         compute_precision=precision,
         weights_source=loaded.weights_source,
     )
-    cache_store.open_for_writing(cache_dir, provenance)
-    cache_store.remove_stale_temporaries(cache_dir, rank)
+    # Rank 0 makes the header and clears what killed runs left; then every rank plans from the
+    # same committed shards, and none commits before all have planned, so the slices agree.
+    if dist.is_main:
+        cache_store.open_for_writing(cache_dir, provenance)
+        cache_store.remove_stale_temporaries(cache_dir)
+    dist.barrier()
+    if not dist.is_main:
+        cache_store.open_for_writing(cache_dir, provenance)
     existing = cache_store.EmbeddingCache(cache_dir)
-
     pending, refresh, skipped, previously_failed = _plan(dataset.images, existing)
-    pending, refresh = pending[rank::world_size], refresh[rank::world_size]
-
-    rotation = _ShardRotation(cache_dir, provenance, rank=rank, max_images=config.shard_images,
+    pending, refresh = pending[dist.rank :: dist.world_size], refresh[dist.rank :: dist.world_size]
+    rotation = _ShardRotation(cache_dir, provenance, rank=dist.rank, max_images=config.shard_images,
                               max_seconds=config.shard_seconds)
-    unreadable = _new_unreadable(dataset, existing) if rank == 0 else []
+    dist.barrier()
+
+    unreadable = _new_unreadable(dataset, existing) if dist.is_main else []
     for failure in unreadable:
         rotation.current().add_failure(failure)
     for record, index in refresh:
@@ -287,7 +296,7 @@ def embed_dataset(
         pin_memory=device.type == "cuda",
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    progress = _progress_bar(len(pending), config.progress)
+    progress = _progress_bar(len(pending), config.progress and dist.is_main, dist.label())
     try:
         for batch in loader:
             good = [item for item in batch if item["error"] is None]
@@ -329,10 +338,13 @@ def embed_dataset(
         progress.close()
         existing.close()
 
+    embedded, refreshed, failed = (int(v) for v in dist.sum([embedded, len(refresh), failed + len(unreadable)]))
+    seconds = dist.max(time.time() - start)
+    dist.barrier()  # every rank's shards are committed
     final = cache_store.EmbeddingCache(cache_dir)
     return EmbedSummary(
-        embedded=embedded, refreshed=len(refresh), skipped=len(skipped), failed=failed + len(unreadable),
-        previously_failed=len(previously_failed), seconds=time.time() - start,
+        embedded=embedded, refreshed=refreshed, skipped=len(skipped), failed=failed,
+        previously_failed=len(previously_failed), seconds=seconds,
         bytes_on_disk=final.bytes_on_disk(), images_in_cache=len(final), cache_dir=str(cache_dir),
     )
 
@@ -390,7 +402,8 @@ def _entry(record: ImageRecord, sha256: str, file_size: int, file_mtime_ns: int,
     )
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, label: str = ""):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="embed", disable=not enabled or total == 0, dynamic_ncols=True)
+    return tqdm(total=total, unit="img", desc=f"embed {label}".strip(), disable=not enabled or total == 0,
+                dynamic_ncols=True)

@@ -76,8 +76,9 @@ class EpochBatches(Sampler):
       batch_size: images per batch (the last batch of an epoch may be smaller).
       seed: the run's seed; epoch e's order is a function of (seed, e) only.
       shuffle: False keeps the given order (validation).
-      rank, world_size: under DistributedDataParallel, each rank takes a contiguous slice of
-        every global batch, so the ranks together see exactly the single-process batches.
+      rank, world_size: under DistributedDataParallel, each rank takes every world_size-th image
+        of every global batch (from position rank), so the ranks together see exactly the
+        single-process batches; a rank's share of a short last batch may be empty.
     """
 
     def __init__(self, indices: list[int], batch_size: int, seed: int, *, shuffle: bool = True,
@@ -185,7 +186,10 @@ class Batch:
         return int(self.targets.shape[0])
 
 
-def collate(items: list[dict]) -> Batch:
+def collate(items: list[dict]) -> Optional[Batch]:
+    """Samples -> one Batch; None for no samples (a rank's empty share of a short last batch)."""
+    if not items:
+        return None
     prompts = [p for item in items for p in item["prompts"]]
     image_index = torch.tensor([b for b, item in enumerate(items) for _ in item["prompts"]], dtype=torch.long)
     return Batch(

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 
 from samcache import __version__, masks
 from samcache.cache import EmbeddingCache, crash_point
-from samcache.decoder import LOSSES, compute_loss, decode
+from samcache.decoder import LOSSES, PromptBatch, compute_loss, decode
+from samcache.distributed import SINGLE, Distributed
 from samcache.embed import cuda_autocast, resolve_device
 from samcache.errors import SamcacheError
 from samcache.fileio import atomic_write_bytes, atomic_write_json
@@ -55,7 +56,9 @@ class TrainConfig:
     epochs: int = 10
     """Passes over the training split."""
     batch_size: int = 4
-    """Images per step; each contributes up to `objects_per_image` prompts."""
+    """Images per optimizer step, over all processes under torchrun (the global batch: each rank
+    takes its share, so a run's results do not depend on the number of processes); each image
+    contributes up to `objects_per_image` prompts."""
     objects_per_image: int = 8
     """K: objects sampled per image and step (all of them when the image has fewer)."""
     lr: float = 1e-4
@@ -132,6 +135,9 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise TrainingError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = dict(values)
+        if isinstance(values.get("cache_in_memory"), bool):  # YAML reads a bare yes/no as a boolean
+            values["cache_in_memory"] = "yes" if values["cache_in_memory"] else "no"
         return cls(**values)
 
 
@@ -157,7 +163,7 @@ def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
 
 
 def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
-          progress: bool = True, rank: int = 0, world_size: int = 1) -> TrainResult:
+          progress: bool = True, dist: Distributed = SINGLE) -> TrainResult:
     """Trains the decoder on the cache's train split and validates on its val split each epoch.
 
     Arguments:
@@ -166,7 +172,10 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
       config: the options.
       resume: continue the run in `run_dir` from its last.pt.
       progress: show progress bars.
-      rank, world_size: DistributedDataParallel position (see samcache.distributed); rank 0 writes.
+      dist: this process's place under torchrun. The decoder is wrapped in
+        DistributedDataParallel; every global batch of `batch_size` images is split between the
+        ranks, and the loss is scaled so the averaged gradient equals the single-process one.
+        Only rank 0 writes to `run_dir`.
     """
     config.validate()
     run_dir = Path(run_dir)
@@ -179,8 +188,12 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
     if not val_indices:
         raise TrainingError(f"the cache has no objects in validation split {config.val_split!r}; "
                             f"its splits: {available}; choose one with --val-split")
+    if config.batch_size < dist.world_size:
+        raise TrainingError(f"--batch-size {config.batch_size} is the global batch, smaller than the "
+                            f"{dist.world_size} processes: some would never get an image; use at least {dist.world_size}")
     _prepare_run_dir(run_dir, resume)
-    device = resolve_device(config.device)
+    dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+    device = dist.device(resolve_device(config.device))
     base = load_matching(cache.provenance.model_type, cache.provenance.weights_sha256, config.checkpoint)
     sam = base.sam
     sam.image_encoder = None  # never used in training; frees its memory
@@ -188,7 +201,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
     trainable = [p for part in config.train for p in getattr(sam, part).parameters()]
     for part in TRAINABLE:
         getattr(sam, part).requires_grad_(part in config.train)
-    module = _distributed_wrapper(sam, config, device, world_size)
+    module = _distributed_wrapper(sam, config, device, dist)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     autocast = cuda_autocast(device)
 
@@ -197,21 +210,21 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
     store = EmbeddingStore(cache, train_indices + val_indices, device) if held else None
     train_samples = CacheSamples(cache, SampleSettings(config.objects_per_image, config.prompt_settings(),
                                                        seed=config.seed), read_embeddings=store is None)
-    sampler = EpochBatches(train_indices, config.batch_size, config.seed, rank=rank, world_size=world_size)
+    sampler = EpochBatches(train_indices, config.batch_size, config.seed, rank=dist.rank, world_size=dist.world_size)
     steps_per_epoch = len(sampler.global_batches())
     total_steps = steps_per_epoch * config.epochs
 
     state = {"epoch": 0, "batch": 0, "global_step": 0, "best_miou": -1.0, "best_epoch": -1, "history": []}
-    writer = _RunWriter(run_dir, enabled=rank == 0)
+    writer = _RunWriter(run_dir, enabled=dist.is_main)
     if resume:
         state = _load_checkpoint(run_dir / "last.pt", sam, optimizer, config, cache)
         writer.truncate_metrics(state["global_step"], state["epoch"])
     else:
-        start_miou = validate(sam, cache, val_indices, store, device, config)
+        start_miou = validate(sam, cache, val_indices, store, device, config, dist)
         state["history"] = [start_miou]
         writer.start(config, base, cache, train_indices, val_indices, held)
         writer.log({"type": "epoch", "epoch": 0, "global_step": 0, "val_miou": start_miou})
-        if progress and rank == 0:
+        if progress and dist.is_main:
             print(f"validation mIoU before training: {start_miou:.4f} ({len(val_indices)} images, "
                   f"split {config.val_split!r}, {config.val_prompt} prompts)")
 
@@ -221,43 +234,51 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
         loader = DataLoader(train_samples, batch_sampler=sampler, num_workers=config.workers, collate_fn=collate,
                             pin_memory=device.type == "cuda")
         module.train()
-        bar = _progress(len(sampler), f"epoch {epoch + 1}/{config.epochs}", progress and rank == 0)
+        bar = _progress(len(sampler), f"epoch {epoch + 1}/{config.epochs}", progress and dist.is_main)
         epoch_start, epoch_samples = time.time(), 0
         for batch_number, batch in enumerate(loader, start=sampler.start_batch):
             lr = learning_rate(state["global_step"], total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            embeddings = store.gather(batch.indices) if store is not None else batch.embeddings.to(device)
-            prompts, targets = batch.prompts.to(device), batch.targets.to(device)
+            if batch is None:  # this rank's share of a short last batch is empty
+                embeddings, prompts, targets, n_local = _idle_step_inputs(device)
+            else:
+                embeddings = store.gather(batch.indices) if store is not None else batch.embeddings.to(device)
+                prompts, targets, n_local = batch.prompts.to(device), batch.targets.to(device), batch.n_prompts
             with autocast:
                 output = module(embeddings.float(), prompts)
             loss = compute_loss(output, targets, prompts.is_box, config.loss)
-            if not torch.isfinite(loss.total):
+            # The ranks' prompt counts differ: weigh each rank's mean by its share of the global
+            # batch (DDP then averages over ranks), so the gradient is the global batch's mean.
+            n_global, *global_sums = dist.sum([n_local] + [n_local * part.item() for part in
+                                                           (loss.total, loss.mask, loss.iou, loss.train_iou)])
+            global_loss, global_mask, global_iou, global_train_iou = (v / n_global for v in global_sums)
+            if not math.isfinite(global_loss):
                 raise TrainingError(
-                    f"the loss became {loss.total.item()} at epoch {epoch + 1}, step {batch_number + 1}: stopped. "
+                    f"the loss became {global_loss} at epoch {epoch + 1}, step {batch_number + 1}: stopped. "
                     f"The last good checkpoint {run_dir / 'last.pt'} is kept; try a lower --lr"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.total.backward()
+            (loss.total * (n_local * dist.world_size / n_global)).backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
             state["global_step"] += 1
             state["batch"] = batch_number + 1
-            samples_done += batch.n_prompts
-            epoch_samples += batch.n_prompts
+            samples_done += int(n_global)
+            epoch_samples += int(n_global)
             rate = epoch_samples / max(time.time() - epoch_start, 1e-9)
             writer.log({"type": "step", "epoch": epoch + 1, "step": batch_number + 1,
-                        "global_step": state["global_step"], "loss": loss.total.item(), "mask_loss": loss.mask.item(),
-                        "iou_loss": loss.iou.item(), "train_iou": loss.train_iou.item(), "lr": lr,
-                        "prompts": batch.n_prompts, "samples_per_s": rate})
+                        "global_step": state["global_step"], "loss": global_loss, "mask_loss": global_mask,
+                        "iou_loss": global_iou, "train_iou": global_train_iou, "lr": lr,
+                        "prompts": int(n_global), "samples_per_s": rate})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.total.item():.4f}", samples_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{global_loss:.4f}", samples_s=f"{rate:.1f}")
             if config.save_every and state["global_step"] % config.save_every == 0 and state["batch"] < steps_per_epoch:
                 writer.save_checkpoint("last.pt", sam, optimizer, config, cache, {**state, "epoch": epoch})
             crash_point("train-step")
         bar.close()
-        miou = validate(sam, cache, val_indices, store, device, config)
+        miou = validate(sam, cache, val_indices, store, device, config, dist)
         state["history"].append(miou)
         state.update(epoch=epoch + 1, batch=0)
         improved = miou > state["best_miou"]
@@ -269,7 +290,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
             writer.save_checkpoint("best.pt", sam, optimizer, config, cache, state)
         writer.save_checkpoint("last.pt", sam, optimizer, config, cache, state)
         writer.plot()
-        if progress and rank == 0:
+        if progress and dist.is_main:
             print(f"epoch {epoch + 1}/{config.epochs}: validation mIoU {miou:.4f}"
                   f"{' (best)' if improved else ''}, {epoch_samples / max(time.time() - epoch_start, 1e-9):.1f} samples/s")
 
@@ -280,7 +301,17 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
         history=state["history"], seconds=seconds, samples_per_second=samples_done / max(seconds, 1e-9),
     )
     writer.finish(result)
+    dist.barrier()  # the run folder is complete when any rank returns
     return result
+
+
+def _idle_step_inputs(device: torch.device):
+    """One placeholder prompt on a blank embedding, weighted 0: a rank without images in a step
+    must still run forward and backward, since DistributedDataParallel averages gradients from all."""
+    prompts = PromptBatch(image_index=torch.zeros(1, dtype=torch.long), boxes=torch.tensor([[0.0, 0.0, 64.0, 64.0]]),
+                          points=torch.zeros((1, 1, 2)), labels=-torch.ones((1, 1), dtype=torch.long),
+                          is_box=torch.ones(1, dtype=torch.bool))
+    return torch.zeros((1, 256, 64, 64), device=device), prompts.to(device), torch.zeros((1, 256, 256), device=device), 0
 
 
 class _DecoderModule(torch.nn.Module):
@@ -294,9 +325,9 @@ class _DecoderModule(torch.nn.Module):
         return decode(self.prompt_encoder, self.mask_decoder, embeddings, prompts)
 
 
-def _distributed_wrapper(sam, config: TrainConfig, device: torch.device, world_size: int) -> torch.nn.Module:
+def _distributed_wrapper(sam, config: TrainConfig, device: torch.device, dist: Distributed) -> torch.nn.Module:
     module = _DecoderModule(sam)
-    if world_size > 1:
+    if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -304,19 +335,24 @@ def _distributed_wrapper(sam, config: TrainConfig, device: torch.device, world_s
     return module
 
 
-def validate(sam, cache: EmbeddingCache, indices: list[int], store, device, config: TrainConfig) -> float:
-    """Mean IoU over the objects of `indices`: fixed prompts, masks compared at original resolution."""
+def validate(sam, cache: EmbeddingCache, indices: list[int], store, device, config: TrainConfig,
+             dist: Distributed = SINGLE) -> float:
+    """Mean IoU over the objects of `indices`: fixed prompts, masks compared at original resolution.
+
+    Under torchrun each rank scores its own slice of the images and the sums are combined.
+    """
     from samcache.evaluate import predict_objects
 
     sam.eval()
     settings = SampleSettings(0, None, config.val_prompt, config.seed)
     scores = [
         iou(p.mask, masks.decode(p.info.objects[p.object_index].rle))
-        for p in predict_objects(sam.prompt_encoder, sam.mask_decoder, cache, indices, settings, device=device,
-                                 batch_size=config.batch_size, store=store)
+        for p in predict_objects(sam.prompt_encoder, sam.mask_decoder, cache, indices[dist.rank :: dist.world_size],
+                                 settings, device=device, batch_size=config.batch_size, store=store)
     ]
     sam.train()
-    return float(np.mean(scores)) if scores else float("nan")
+    total, count = dist.sum([float(np.sum(scores)) if scores else 0.0, len(scores)])
+    return total / count if count else float("nan")
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool) -> None:

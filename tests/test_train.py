@@ -275,6 +275,12 @@ def test_cli_config_file_and_overrides(small_cache, tmp_path):
     bad_yaml.write_text("epochs: 1\nlearning_rate: 1\n")
     out = CliRunner().invoke(main, ["train", str(small_cache), "--out", str(tmp_path / "t"), "--config", str(bad_yaml)])
     assert out.exit_code == 1 and "unknown config key(s): learning_rate" in out.output
+    # YAML 1.1 reads a bare `no` as False: the config must still mean --cache-in-memory no.
+    yes_no = tmp_path / "yes_no.yaml"
+    yes_no.write_text("epochs: 1\nworkers: 0\nsave_every: 0\ncache_in_memory: no\n")
+    run = CliRunner().invoke(main, ["train", str(small_cache), "--out", str(tmp_path / "u"), "--config", str(yes_no)])
+    assert run.exit_code == 0, run.output
+    assert yaml.safe_load((tmp_path / "u" / "config.yaml").read_text())["cache_in_memory"] == "no"
 
 
 # ------------------------------------------------------------------------------------- resume

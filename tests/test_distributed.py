@@ -1,0 +1,194 @@
+"""torchrun on CPU (gloo, 2 processes): `samcache embed` and `samcache train` as several ranks.
+
+Every rank runs with OMP_NUM_THREADS=1, and so does the single-process reference, so the two
+compute each image's embedding with the same kernels and the comparisons can be exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samcache.cache import EmbeddingCache
+from samcache.datasets.stamps import generate_stamps
+from samcache.models import load_sam
+from samcache.train import read_run_checkpoint
+
+pytestmark = pytest.mark.slow
+
+EMBED_OPTIONS = ["--model", "tiny", "--batch-size", "1", "--workers", "0", "--shard-images", "1"]
+TRAIN_CONFIG = {
+    "epochs": 2, "batch_size": 3, "objects_per_image": 2, "lr": 1e-3, "loss": "dice-bce", "warmup_steps": 2,
+    "workers": 0, "seed": 0, "cache_in_memory": "no", "save_every": 2,
+}
+
+
+def _run(args: list[str], *, processes: int, crash_at: str | None = None, crash_rank: int | None = None,
+         entry_point: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for key in ("SAMCACHE_CRASH_AT", "SAMCACHE_CRASH_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    if crash_at:
+        env["SAMCACHE_CRASH_AT"] = crash_at
+    if crash_rank is not None:
+        env["SAMCACHE_CRASH_RANK"] = str(crash_rank)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    if entry_point:  # the installed `samcache` script: torchrun --no-python samcache ...
+        command = launcher + ["--no-python", str(Path(sys.executable).parent / "samcache"), *args]
+    else:
+        command = (launcher if processes > 1 else [sys.executable]) + ["-m", "samcache", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _embeddings(cache_dir: Path) -> dict[str, np.ndarray]:
+    cache = EmbeddingCache(cache_dir)
+    return {info.name: cache.embedding(info.index) for info in cache.images}
+
+
+def _file_digests(cache_dir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((cache_dir / "shards").glob("*.h5"))}
+
+
+@pytest.fixture(scope="module")
+def stamps(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dist")
+    generate_stamps(root / "stamps", 10, seed=3, progress=False)  # train 7, val 2, test 1
+    return root / "stamps"
+
+
+@pytest.fixture(scope="module")
+def single_cache(stamps) -> Path:
+    cache_dir = stamps.parent / "cache_single"
+    _ok(_run(["embed", str(stamps), "--out", str(cache_dir), *EMBED_OPTIONS], processes=1))
+    return cache_dir
+
+
+def test_torchrun_embed_equals_single_process(stamps, single_cache):
+    cache_dir = stamps.parent / "cache_two"
+    out = _ok(_run(["embed", str(stamps), "--out", str(cache_dir), *EMBED_OPTIONS], processes=2))
+    assert "embedded 10 images" in out and "(2 processes)" in out
+    assert out.count("embedded 10 images") == 1  # only rank 0 prints the summary
+
+    shards = sorted(p.name for p in (cache_dir / "shards").glob("*.h5"))
+    assert {name.split("-")[1] for name in shards} == {"r0000", "r0001"}  # each rank committed its own
+    assert len(shards) == 10 and not list((cache_dir / "shards").glob("*.tmp"))
+    expected, got = _embeddings(single_cache), _embeddings(cache_dir)
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert np.array_equal(got[name], expected[name]), name
+
+    single, two = EmbeddingCache(single_cache), EmbeddingCache(cache_dir)
+    assert two.info()["objects"] == single.info()["objects"]
+    assert two.describe_splits() == single.describe_splits()
+    assert [(i.name, i.split, i.sha256, [o.rle["counts"] for o in i.objects]) for i in two.images] == \
+        [(i.name, i.split, i.sha256, [o.rle["counts"] for o in i.objects]) for i in single.images]
+    assert two.superseded == 0
+
+    rerun = _ok(_run(["embed", str(stamps), "--out", str(cache_dir), *EMBED_OPTIONS], processes=2))
+    assert "nothing to embed: all 10 images are already in" in rerun
+    assert sorted(p.name for p in (cache_dir / "shards").glob("*.h5")) == shards
+
+
+def test_torchrun_embed_one_rank_killed_then_rerun_completes(stamps, single_cache):
+    cache_dir = stamps.parent / "cache_killed"
+    killed = _run(["embed", str(stamps), "--out", str(cache_dir), *EMBED_OPTIONS], processes=2,
+                  crash_at="shard-committed:2", crash_rank=1)
+    assert killed.returncode != 0  # torchrun reports the failed rank and stops the other
+    committed = _file_digests(cache_dir)
+    n_committed = len(EmbeddingCache(cache_dir))
+    assert 2 <= n_committed < 10, (n_committed, killed.stderr[-2000:])
+
+    out = _ok(_run(["embed", str(stamps), "--out", str(cache_dir), *EMBED_OPTIONS], processes=2, entry_point=True))
+    assert f"embedded {10 - n_committed} images" in out, out  # nothing committed is embedded again
+    after = _file_digests(cache_dir)
+    assert {name: after[name] for name in committed} == committed  # committed shards untouched
+    cache = EmbeddingCache(cache_dir)
+    assert len(cache) == 10 and cache.superseded == 0
+    assert not list((cache_dir / "shards").glob("*.tmp"))
+    expected, got = _embeddings(single_cache), _embeddings(cache_dir)
+    for name in expected:
+        assert np.array_equal(got[name], expected[name]), name
+
+
+def _train(cache_dir: Path, run_dir: Path, *, processes: int, resume: bool = False, **crash) -> str:
+    config = run_dir.parent / f"{run_dir.name}.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in TRAIN_CONFIG.items()))
+    args = ["train", str(cache_dir), "--out", str(run_dir), "--config", str(config)] + (["--resume"] if resume else [])
+    result = _run(args, processes=processes, **crash)
+    if crash:
+        assert result.returncode != 0
+        return result.stdout
+    return _ok(result)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return read_run_checkpoint(run_dir / "last.pt")["state_dict"]
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["type"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(single_cache) -> Path:
+    run_dir = single_cache.parent / "run_two"
+    out = _train(single_cache, run_dir, processes=2)
+    # Only rank 0 prints.
+    assert out.count("validation mIoU before training") == 1 and out.count("trained 2 epochs") == 1
+    assert "over 2 processes" in out
+    return run_dir
+
+
+def test_torchrun_train_equals_single_process_with_the_same_global_batch(single_cache, two_process_run):
+    single_run = single_cache.parent / "run_single"
+    _train(single_cache, single_run, processes=1)
+
+    single_steps, two_steps = _steps(single_run), _steps(two_process_run)
+    # 7 train images in global batches of 3: 3 steps an epoch, the last with one image, so
+    # rank 1 sits out one step per epoch with a zero-weight placeholder.
+    assert [(s["epoch"], s["step"], s["prompts"]) for s in two_steps] == \
+        [(s["epoch"], s["step"], s["prompts"]) for s in single_steps]
+    assert len(two_steps) == 6
+    np.testing.assert_allclose([s["loss"] for s in two_steps], [s["loss"] for s in single_steps], rtol=1e-4)
+
+    single_weights, two_weights = _weights(single_run), _weights(two_process_run)
+    assert single_weights.keys() == two_weights.keys()
+    base = load_sam("tiny").sam.mask_decoder.state_dict()
+    moved = [k for k in base if not torch.allclose(single_weights[f"mask_decoder.{k}"], base[k], atol=1e-4)]
+    assert len(moved) > len(base) // 2  # training moved the weights: equality below is not trivial
+    # Summation order differs (an all-reduce of two partial gradients), and Adam divides by the
+    # gradient's own scale, so near-zero gradients (keys' biases, which softmax ignores) turn
+    # rounding noise into updates of up to ~1e-5: still 1% of the lr x steps (6e-3) moved here.
+    for key in single_weights:
+        torch.testing.assert_close(two_weights[key], single_weights[key], rtol=1e-4, atol=5e-5, msg=key)
+    history_single = read_run_checkpoint(single_run / "last.pt")["state"]["history"]
+    history_two = read_run_checkpoint(two_process_run / "last.pt")["state"]["history"]
+    np.testing.assert_allclose(history_two, history_single, atol=1e-4)
+
+
+def test_torchrun_train_killed_mid_epoch_resumes_to_the_uninterrupted_weights(single_cache, two_process_run):
+    run_dir = single_cache.parent / "run_killed"
+    _train(single_cache, run_dir, processes=2, crash_at="train-step:3", crash_rank=0)
+    saved = read_run_checkpoint(run_dir / "last.pt")["state"]
+    assert (saved["epoch"], saved["batch"]) == (0, 2)  # the mid-epoch save at step 2, then killed at step 3
+
+    _train(single_cache, run_dir, processes=2, resume=True)
+    expected, got = _weights(two_process_run), _weights(run_dir)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
+    steps = _steps(run_dir)
+    assert [(s["epoch"], s["step"]) for s in steps] == [(s["epoch"], s["step"]) for s in _steps(two_process_run)]
