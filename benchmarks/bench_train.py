@@ -12,7 +12,8 @@ Three measurements, all in ONE run so that the ratios are taken under the same m
       encoder forwards and the per-box steps. The preprocessed input tensors, transformed boxes
       and ground-truth masks are built before the epoch (as the tutorial does) and not timed.
     cached: `samcache.train.train` on a cache of the same images (all their objects per step:
-      objects_per_image >= the most objects on a page; exact boxes: box_jitter 0). Its epoch
+      objects_per_image >= the most objects on a page, or `--objects-per-image K` on both sides,
+      the tutorial taking each page's first K; exact boxes: box_jitter 0). Its epoch
       time comes from metrics.jsonl: prompts of the epoch / the last step's cumulative
       samples_per_s = DataLoader start + all steps; it excludes model loading and the
       validation passes. `train()`'s whole wall time (model load, validation on a 1-image val
@@ -215,7 +216,7 @@ def bench_epoch(args, workdir: Path) -> dict:
     cache_dir = workdir / "cache_a"
     embed_s = embed(dataset, cache_dir, model_type, checkpoint, args.precision)
 
-    log(f"(a) cached: train() {args.cached_epochs} epochs, cache in memory, all objects per image")
+    log(f"(a) cached: train() {args.cached_epochs} epochs, cache in memory, {per_image} objects per image")
     config = TrainConfig(epochs=args.cached_epochs, batch_size=4, objects_per_image=per_image, lr=1e-4,
                          loss=LOSS, box_jitter=0.0, workers=0, cache_in_memory="yes", save_every=0,
                          checkpoint=checkpoint, val_split="val", seed=args.seed)

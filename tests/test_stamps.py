@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from samcache.datasets.stamps import CATEGORIES, SPLITS, _split_counts, generate_stamps, render_page
+from samcache.datasets.stamps import CATEGORIES, generate_stamps, render_page
+from samcache.datasets.synthetic import SPLITS, split_plan
 from samcache.errors import DatasetError
 
 N = 6
@@ -190,7 +191,8 @@ def test_progress_bar_goes_to_stderr_only_when_asked(tmp_path, capsys):
     ],
 )
 def test_split_counts(n, fractions, expected):
-    assert _split_counts(n, fractions) == expected
+    plan = split_plan(n, 0, fractions)
+    assert [plan.count(s) for s in SPLITS] == expected and plan == sorted(plan, key=SPLITS.index)
 
 
 def test_empty_dataset_writes_empty_files(tmp_path):

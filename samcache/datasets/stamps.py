@@ -16,7 +16,6 @@ never changes earlier ones, and the same (n, seed) gives byte-identical files.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -27,10 +26,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from samcache.errors import DatasetError
-from samcache.masks import area, bbox_xyxy, encode
+from samcache.datasets.synthetic import CocoSplits, split_plan
 
-SPLITS = ("train", "val", "test")
 CATEGORIES = (
     {"id": 1, "name": "round_stamp", "supercategory": "stamp"},
     {"id": 2, "name": "oval_stamp", "supercategory": "stamp"},
@@ -113,26 +110,17 @@ def generate_stamps(
 
     Returns {"images", "objects", "splits": {split: {"images", "objects"}}, "out"}.
     """
-    n, seed, counts = _check_args(n, seed, fractions)
+    split_of = split_plan(n, seed, fractions)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    split_of = [s for s, c in zip(SPLITS, counts) for _ in range(c)]
-    docs = {s: _empty_coco(s, seed) for s in SPLITS}
-    next_ann = 1
-    pages = tqdm(range(n), desc="stamps", unit="page", file=sys.stderr, disable=not progress)
-    for index in pages:
+    coco = CocoSplits(description="samcache synthetic stamps", seed=int(seed), categories=CATEGORIES)
+    for index in tqdm(range(len(split_of)), desc="stamps", unit="page", file=sys.stderr, disable=not progress):
         page = render_page(seed, index)
         name = f"page_{index:05d}.jpg"
         (out_dir / "images" / name).write_bytes(page.jpeg)
-        doc = docs[split_of[index]]
-        doc["images"].append({"id": index + 1, "file_name": name, "width": page.width, "height": page.height})
-        for mask, category_id in zip(page.masks, page.category_ids):
-            doc["annotations"].append(_annotation(next_ann, index + 1, category_id, mask))
-            next_ann += 1
-    for split, doc in docs.items():
-        (out_dir / f"{split}.json").write_text(json.dumps(doc), encoding="utf-8")
-    splits = {s: {"images": len(d["images"]), "objects": len(d["annotations"])} for s, d in docs.items()}
-    return {"images": n, "objects": next_ann - 1, "splits": splits, "out": str(out_dir)}
+        coco.add_image(split_of[index], image_id=index + 1, file_name=name, width=page.width, height=page.height,
+                       masks=page.masks, category_ids=page.category_ids)
+    return coco.write(out_dir)
 
 
 def render_page(seed: int, index: int) -> StampPage:
@@ -152,53 +140,6 @@ def render_page(seed: int, index: int) -> StampPage:
 
 
 # --------------------------------------------------------------------------- dataset files
-
-
-def _check_args(n: int, seed: int, fractions: Sequence[float]) -> tuple[int, int, list[int]]:
-    if int(n) != n or n < 0:
-        raise DatasetError(f"n must be a non-negative integer, got {n!r}")
-    if int(seed) != seed or seed < 0:
-        raise DatasetError(f"seed must be a non-negative integer, got {seed!r}")
-    fr = [float(f) for f in fractions]
-    if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-        raise DatasetError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
-    return int(n), int(seed), _split_counts(int(n), fr)
-
-
-def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
-    train = min(n, round(n * fractions[0]))
-    val = min(n - train, round(n * fractions[1]))
-    counts = [train, val, n - train - val]
-    if n >= 3:
-        # Tiny datasets still need something to validate and test on.
-        for k in range(3):
-            if fractions[k] > 0 and counts[k] == 0:
-                counts[int(np.argmax(counts))] -= 1
-                counts[k] += 1
-    return counts
-
-
-def _empty_coco(split: str, seed: int) -> dict:
-    return {
-        "info": {"description": f"samcache synthetic stamps ({split})", "seed": seed},
-        "images": [],
-        "annotations": [],
-        "categories": [dict(c) for c in CATEGORIES],
-    }
-
-
-def _annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray) -> dict:
-    rle = encode(mask)
-    x0, y0, x1, y1 = bbox_xyxy(rle)
-    return {
-        "id": ann_id,
-        "image_id": image_id,
-        "category_id": category_id,
-        "bbox": [x0, y0, x1 - x0, y1 - y0],
-        "area": area(rle),
-        "iscrowd": 0,
-        "segmentation": rle,
-    }
 
 
 # --------------------------------------------------------------------------- small helpers
