@@ -154,7 +154,9 @@ def data_check(dataset: Path, image_root, split_fractions: str, mask_mode: str, 
 @click.option("--out", "cache_dir", type=click.Path(path_type=Path), required=True, help="Cache folder.")
 @click.option("--model", "model_type", type=click.Choice(["tiny", "vit_b", "vit_l", "vit_h"]), default="tiny",
               show_default=True, help="SAM image encoder to run.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights file (default: official weights).")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="Weights file (default: Meta's official weights; for tiny, samcache's pretrained ones).")
+@click.option("--random-init", is_flag=True, help="tiny only: random weights instead of the pretrained ones.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward. [8 on CUDA, 1 on CPU]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -167,7 +169,7 @@ def data_check(dataset: Path, image_root, split_fractions: str, mask_mode: str, 
               help="Commit a shard after this many images (what a crash can lose at most).")
 @dataset_options
 @click.option("--strict", is_flag=True, help="Any dataset problem or unreadable image is an error.")
-def embed_cmd(dataset: Path, cache_dir: Path, model_type: str, checkpoint, batch_size, device: str,
+def embed_cmd(dataset: Path, cache_dir: Path, model_type: str, checkpoint, random_init: bool, batch_size, device: str,
               precision: str, workers: int, intensity: str, shard_images: int, image_root, split_fractions: str,
               mask_mode: str, strict: bool) -> None:
     """Run the image encoder once per image and store embeddings, geometry and objects in CACHE.
@@ -187,7 +189,8 @@ def embed_cmd(dataset: Path, cache_dir: Path, model_type: str, checkpoint, batch
         if dist.is_main:
             for problem in ds.problems:
                 click.echo(f"warning: {problem}", err=True)
-        config = EmbedConfig(model_type=model_type, checkpoint=checkpoint, batch_size=batch_size, device=device,
+        config = EmbedConfig(model_type=model_type, checkpoint=checkpoint, random_init=random_init,
+                             batch_size=batch_size, device=device,
                              precision=precision, workers=workers, strict=strict, intensity=intensity,
                              shard_images=shard_images)
         summary = embed_dataset(ds, cache_dir, config, dist=dist)
@@ -413,7 +416,9 @@ def models_cmd() -> None:
     for model_type in models.MODEL_TYPES:
         official = models.OFFICIAL_WEIGHTS.get(model_type)
         if official is None:
-            click.echo(f"  {model_type:<6} samcache's small SAM-shaped model, random weights (offline, for tests/demo)")
+            weights = (f"pretrained on synthetic shapes, {models.TINY_PRETRAINED.name}"
+                       if models.tiny_pretrained_available() else "random weights (pretrained file not installed)")
+            click.echo(f"  {model_type:<6} samcache's small SAM-shaped model, {weights}; --random-init for random")
             continue
         state = "present" if (home / official.filename).is_file() else "not downloaded"
         click.echo(f"  {model_type:<6} {official.filename} ({official.size_bytes / 1e9:.2f} GB, {state})")

@@ -47,7 +47,9 @@ class EmbedConfig:
 
     Arguments:
       model_type: "tiny", "vit_b", "vit_l" or "vit_h".
-      checkpoint: weights file; None finds the official one (models.load_sam).
+      checkpoint: weights file; None finds the official one, or for tiny its shipped pretrained
+        weights (models.load_sam).
+      random_init: tiny only: its random weights instead of the pretrained ones (for tests).
       batch_size: images per encoder forward; None: 8 on CUDA, 1 on CPU (where batching vit_b
         only adds memory traffic: see BENCHMARKS.md).
       device: "auto" (CUDA when available), "cpu" or "cuda".
@@ -61,6 +63,7 @@ class EmbedConfig:
 
     model_type: str = "tiny"
     checkpoint: Optional[Path] = None
+    random_init: bool = False
     batch_size: Optional[int] = None
     device: str = "auto"
     precision: str = "auto"
@@ -253,7 +256,7 @@ def embed_dataset(
     cache_dir = Path(cache_dir)
     device = dist.device(resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
-    loaded = load_sam(config.model_type, config.checkpoint)
+    loaded = load_sam(config.model_type, config.checkpoint, random_init=config.random_init)
     preprocessing = Preprocessing(image_size=loaded.sam.image_encoder.img_size)
     provenance = cache_store.Provenance(
         model_type=loaded.model_type,

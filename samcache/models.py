@@ -8,8 +8,14 @@ a verified download of Meta's official file), loads them without executing pickl
 
 `tiny` is samcache's own SAM-shaped model: SAM's geometry (1024 px input, 256x64x64
 embeddings) and SAM's exact prompt encoder and mask decoder, with a small ViT image encoder,
-so every stage runs at real sizes in seconds on a CPU. Its weights are random, deterministic
-from a seed: nothing about it is pretrained.
+so every stage runs at real sizes in seconds on a CPU. Two sets of weights exist for it:
+
+- samcache's own pretrained weights, `samcache/weights/tiny_shapes.safetensors`, trained end to
+  end on synthetic shapes by `scripts/pretrain_tiny.py` (provenance in `tiny_shapes.json`; NOT
+  Meta's SAM). `load_sam("tiny")` uses them when the file is installed and its SHA-256 is
+  `TINY_PRETRAINED_SHA256`; like any weights file they are identified by the file's SHA-256.
+- random weights, deterministic from a seed (`build_tiny(seed)`, `load_sam("tiny",
+  random_init=True)`), identified by the SHA-256 of the state dict's tensors.
 """
 
 from __future__ import annotations
@@ -55,6 +61,14 @@ ENCODER_SPECS: dict[str, EncoderSpec] = {
     "tiny": EncoderSpec(128, 4, 4, ()),
 }
 MODEL_TYPES = tuple(ENCODER_SPECS)
+
+# samcache's own tiny weights, pretrained on synthetic shapes (scripts/pretrain_tiny.py), shipped
+# in the package. The SHA-256 pins the exact file; a file that differs is refused, never used.
+TINY_PRETRAINED = Path(__file__).resolve().parent / "weights" / "tiny_shapes.safetensors"
+# Empty: no pretrained file is pinned, so load_sam("tiny") stays random. The first 27-minute run of
+# scripts/pretrain_tiny.py reached only 0.06 held-out box mIoU (a box-filling baseline gets 0.66):
+# not worth shipping as the default yet.
+TINY_PRETRAINED_SHA256 = "935408e1e63f26a525d9e9548c788abd7ee28ba055467b29bd27368cb109f0bd"
 
 
 @dataclass(frozen=True)
@@ -158,26 +172,57 @@ def build_tiny(seed: int = 0) -> Sam:
         return build_sam("tiny")
 
 
+def tiny_pretrained_available() -> bool:
+    """True when the shipped pretrained tiny weights are installed (file present, SHA-256 pinned).
+
+    A present file whose SHA-256 differs from `TINY_PRETRAINED_SHA256` raises CheckpointError:
+    silently falling back to random weights would change every result without a word.
+    """
+    if not TINY_PRETRAINED_SHA256 or not TINY_PRETRAINED.is_file():
+        return False
+    digest = sha256_file(TINY_PRETRAINED)  # small: hashed each time, no sidecar inside the package
+    if digest != TINY_PRETRAINED_SHA256:
+        raise CheckpointError(
+            f"{TINY_PRETRAINED} has SHA-256 {digest}, but this samcache expects "
+            f"{TINY_PRETRAINED_SHA256}: the installed file is damaged or from another version. Reinstall "
+            "samcache, pass --checkpoint, or use random_init=True"
+        )
+    return True
+
+
 def load_sam(
     model_type: str,
     checkpoint: Optional[str | Path] = None,
     *,
     seed: int = 0,
     download: bool = True,
+    random_init: bool = False,
 ) -> LoadedModel:
     """Builds `model_type` and loads its weights.
 
     Arguments:
       model_type: "vit_b", "vit_l", "vit_h" or "tiny".
       checkpoint: a state dict file (.pth/.pt weights-only, or .safetensors). Without it, real
-        models use `$SAMCACHE_HOME/<official file>` or download it; tiny uses random weights.
-      seed: the seed of tiny's random weights.
+        models use `$SAMCACHE_HOME/<official file>` or download it; tiny uses its shipped
+        pretrained weights (`TINY_PRETRAINED`) when installed, else random weights.
+      seed: the seed of tiny's random weights (with `random_init`, or when no pretrained tiny
+        weights are installed; another seed than 0 with the pretrained ones is an error).
       download: allow downloading the official weights when they are not in `$SAMCACHE_HOME`.
+      random_init: tiny only: the random weights of `build_tiny(seed)`, even when the pretrained
+        ones are installed.
     """
     _spec(model_type)
+    if random_init and (model_type != "tiny" or checkpoint is not None):
+        raise CheckpointError("random_init applies to the tiny model without a checkpoint only")
     if model_type == "tiny" and checkpoint is None:
-        sam = build_tiny(seed)
-        return LoadedModel(sam, "tiny", state_dict_sha256(sam.state_dict()), f"tiny random init (seed {seed})")
+        if random_init or not tiny_pretrained_available():
+            sam = build_tiny(seed)
+            return LoadedModel(sam, "tiny", state_dict_sha256(sam.state_dict()), f"tiny random init (seed {seed})")
+        if seed != 0:  # a seed only picks random weights: say so rather than ignore it
+            raise CheckpointError(f"seed={seed} selects tiny's random weights; pass random_init=True for them")
+        sam = build_sam("tiny")
+        load_weights_into(sam, read_state_dict(TINY_PRETRAINED), model_type="tiny", source=TINY_PRETRAINED)
+        return LoadedModel(sam, "tiny", TINY_PRETRAINED_SHA256, str(TINY_PRETRAINED))
     path = resolve_checkpoint(model_type, checkpoint, download=download)
     sam = build_sam(model_type)
     load_weights_into(sam, read_state_dict(path), model_type=model_type, source=path)
@@ -370,9 +415,13 @@ def load_matching(model_type: str, weights_sha256: str, checkpoint: Optional[str
     """The model whose weights made a cache (same type, same SHA-256); anything else is refused.
 
     Training and evaluation start from the prompt encoder and mask decoder of those weights,
-    since the embeddings they read were made by that model's image encoder.
+    since the embeddings they read were made by that model's image encoder. For tiny without a
+    checkpoint, both of samcache's own weight sets are candidates: the shipped pretrained file
+    (file SHA-256) and the random init of seed 0 (state dict SHA-256), so caches made before and
+    after the pretrained weights were installed both keep working.
     """
-    loaded = load_sam(model_type, checkpoint)
+    random_tiny = model_type == "tiny" and checkpoint is None and weights_sha256 != TINY_PRETRAINED_SHA256
+    loaded = load_sam(model_type, checkpoint, random_init=random_tiny)
     if loaded.weights_sha256 != weights_sha256:
         raise CheckpointError(
             f"the cache was made with {model_type} weights of SHA-256 {weights_sha256}, but "

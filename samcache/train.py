@@ -250,8 +250,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
             loss = compute_loss(output, targets, prompts.is_box, config.loss)
             # The ranks' prompt counts differ: weigh each rank's mean by its share of the global
             # batch (DDP then averages over ranks), so the gradient is the global batch's mean.
-            n_global, *global_sums = dist.sum([n_local] + [n_local * part.item() for part in
-                                                           (loss.total, loss.mask, loss.iou, loss.train_iou)])
+            parts = (loss.total, loss.mask, loss.iou, loss.train_iou)
+            n_global, *global_sums = dist.sum([n_local] + [n_local * p.item() if n_local else 0.0 for p in parts])
             global_loss, global_mask, global_iou, global_train_iou = (v / n_global for v in global_sums)
             if not math.isfinite(global_loss):
                 raise TrainingError(

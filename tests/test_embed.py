@@ -21,7 +21,7 @@ from samcache.datasets.stamps import generate_stamps
 from samcache.embed import EmbedConfig, embed_dataset
 from samcache.errors import CacheError
 from samcache.images import read_image
-from samcache.models import build_tiny
+from samcache.models import build_tiny, load_sam
 from tests.conftest import make_coco, write_image
 
 FAST = dict(workers=0, progress=False, batch_size=2, precision="fp32")
@@ -79,7 +79,7 @@ def test_chunks_are_one_image_and_uncompressed(stamps_cache):
 def test_parity_with_sampredictor(stamps, stamps_cache):
     ds = load_dataset(stamps)
     cache = EmbeddingCache(stamps_cache)
-    sam = build_tiny(0)
+    sam = load_sam("tiny").sam  # the weights `embed --model tiny` used
     record = ds.images[0]
     image = read_image(record.path)
     reference = SamPredictor(sam)

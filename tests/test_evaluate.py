@@ -19,7 +19,7 @@ from samcache.datasets.stamps import generate_stamps
 from samcache.embed import EmbedConfig, embed_dataset
 from samcache.evaluate import EvalConfig, evaluate
 from samcache.metrics import boundary, boundary_f, dice, iou
-from samcache.models import build_tiny
+from samcache.models import load_sam
 from samcache.preprocess import transform_boxes
 from samcache.train import TrainConfig, train
 from tests.conftest import rect_mask
@@ -103,7 +103,7 @@ def test_zero_shot_scores_equal_an_independent_stock_computation(cache_and_run, 
     rows = list(csv.DictReader((tmp_path / "r" / "objects.csv").open()))
     assert "fine_tuned_iou" not in rows[0]
     cache = EmbeddingCache(cache_dir)
-    sam = build_tiny(0)
+    sam = load_sam("tiny").sam  # the cache's weights
     row = rows[0]
     info = cache.images[cache.index_of(row["image"])]
     obj = next(o for o in info.objects if o.object_id == int(row["object_id"]))

@@ -21,7 +21,7 @@ from samcache.datasets import load_dataset
 from samcache.datasets.stamps import generate_stamps
 from samcache.decoder import PromptBatch, compute_loss, decode, mask_iou, upscale_logits
 from samcache.embed import EmbedConfig, embed_dataset
-from samcache.models import build_tiny
+from samcache.models import build_tiny, load_sam
 from samcache.prompts import (
     PromptSettings, evaluation_prompt, interior_point, jitter_box, low_res_target, rng_for, sample_points,
     training_prompt,
@@ -183,7 +183,7 @@ def test_run_writes_checkpoints_logs_and_curves(small_cache, tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
     assert json.loads((run / "run.json").read_text())["result"]["val_miou_last"] == pytest.approx(result.val_miou_last)
     # Only the decoder trained: the prompt encoder is the base one.
-    base = build_tiny(0)
+    base = load_sam("tiny").sam  # the cache's weights
     for k, v in base.prompt_encoder.state_dict().items():
         assert torch.equal(last["state_dict"][f"prompt_encoder.{k}"], v)
     assert not torch.equal(last["state_dict"]["mask_decoder.iou_token.weight"], base.mask_decoder.iou_token.weight)
@@ -205,7 +205,7 @@ def test_prompt_encoder_can_be_trained_too(small_cache, tmp_path):
     train(small_cache, tmp_path / "r", TrainConfig(**{**QUICK, "train": ["mask_decoder", "prompt_encoder"],
                                                       "prompt": "mixed"}), progress=False)
     weights = read_run_checkpoint(tmp_path / "r" / "last.pt")["state_dict"]
-    base = build_tiny(0).prompt_encoder.state_dict()
+    base = load_sam("tiny").sam.prompt_encoder.state_dict()
     assert not torch.equal(weights["prompt_encoder.point_embeddings.2.weight"], base["point_embeddings.2.weight"])
 
 
@@ -318,13 +318,14 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(small_cache, tmp_pat
 
 @pytest.mark.slow
 def test_it_learns_on_a_small_stamps_cache(tmp_path):
-    """The tiny model's decoder starts from random weights (nothing here is pretrained), so this uses the
-    class-balanced dice-bce loss: SAM's focal-heavy recipe assumes a pretrained decoder and, from random
-    weights, settles on predicting background everywhere."""
+    """The mechanics, from a decoder that knows nothing: the tiny model's random weights (--random-init),
+    so this uses the class-balanced dice-bce loss: SAM's focal-heavy recipe assumes a pretrained decoder and,
+    from random weights, settles on predicting background everywhere."""
     data = tmp_path / "ds"
     generate_stamps(data, 16, seed=3, progress=False, fractions=(0.75, 0.25, 0.0))
     # fp32 embeddings: the same trajectory on CPUs with and without native bf16.
-    embed_dataset(load_dataset(data), tmp_path / "cache", EmbedConfig(workers=0, progress=False, precision="fp32"))
+    embed_dataset(load_dataset(data), tmp_path / "cache",
+                  EmbedConfig(workers=0, progress=False, precision="fp32", random_init=True))
     config = TrainConfig(epochs=12, batch_size=2, objects_per_image=4, lr=1e-3, loss="dice-bce", workers=0,
                          warmup_steps=5, save_every=0)
     result = train(tmp_path / "cache", tmp_path / "run", config, progress=False)
