@@ -168,13 +168,20 @@ def test_torchrun_train_equals_single_process_with_the_same_global_batch(single_
     single_weights, two_weights = _weights(single_run), _weights(two_process_run)
     assert single_weights.keys() == two_weights.keys()
     base = load_sam("tiny").sam.mask_decoder.state_dict()
-    moved = [k for k in base if not torch.allclose(single_weights[f"mask_decoder.{k}"], base[k], atol=1e-4)]
-    assert len(moved) > len(base) // 2  # training moved the weights: equality below is not trivial
-    # Summation order differs (an all-reduce of two partial gradients), and Adam divides by the
-    # gradient's own scale, so near-zero gradients (keys' biases, which softmax ignores) turn
-    # rounding noise into updates of up to ~1e-5: still 1% of the lr x steps (6e-3) moved here.
-    for key in single_weights:
-        torch.testing.assert_close(two_weights[key], single_weights[key], rtol=1e-4, atol=5e-5, msg=key)
+    # Summation order differs (an all-reduce of two partial gradients), and Adam divides by each
+    # gradient's own scale, so what training moved is compared, tensor by tensor: the two runs'
+    # updates agree to 1% (seen: 0.1% at worst). Attention keys' biases are left out: softmax
+    # ignores them, their exact gradient is zero, and Adam turns the rounding noise in its place
+    # into full-size steps that differ between any two summation orders.
+    compared = 0
+    for key, start in base.items():
+        if key.endswith("k_proj.bias"):
+            continue
+        moved_single = single_weights[f"mask_decoder.{key}"] - start
+        moved_two = two_weights[f"mask_decoder.{key}"] - start
+        assert (moved_two - moved_single).norm() <= 0.01 * moved_single.norm() + 1e-7, key
+        compared += bool(moved_single.norm() > 1e-4)
+    assert compared > len(base) // 2  # training moved most tensors: the agreement is not trivial
     history_single = read_run_checkpoint(single_run / "last.pt")["state"]["history"]
     history_two = read_run_checkpoint(two_process_run / "last.pt")["state"]["history"]
     np.testing.assert_allclose(history_two, history_single, atol=1e-4)
