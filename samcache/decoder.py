@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder
@@ -38,6 +39,22 @@ class PromptBatch:
     points: torch.Tensor
     labels: torch.Tensor
     is_box: torch.Tensor
+
+    @classmethod
+    def from_prompts(cls, prompts: list, image_index: torch.Tensor) -> "PromptBatch":
+        """Stacks `prompts.Prompt`s (box, points, labels, is_box), prompt n of image `image_index[n]`."""
+        if not prompts:
+            from samcache.prompts import MAX_POINTS
+
+            return cls(image_index, torch.zeros((0, 4)), torch.zeros((0, MAX_POINTS, 2)),
+                       torch.zeros((0, MAX_POINTS)).long(), torch.zeros(0, dtype=torch.bool))
+        return cls(
+            image_index=image_index,
+            boxes=torch.from_numpy(np.stack([p.box for p in prompts])),
+            points=torch.from_numpy(np.stack([p.points for p in prompts])),
+            labels=torch.from_numpy(np.stack([p.labels for p in prompts])),
+            is_box=torch.tensor([p.is_box for p in prompts], dtype=torch.bool),
+        )
 
     def to(self, device) -> "PromptBatch":
         return PromptBatch(*(t.to(device, non_blocking=True) for t in

@@ -27,7 +27,6 @@ Why these choices (measured on a 2-core CPU; see scripts/pretrain_tiny.py):
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
@@ -48,6 +47,7 @@ from samcache.metrics import iou
 from samcache.models import build_tiny, load_weights_into, build_sam, read_state_dict
 from samcache.preprocess import batch_to_model_input, input_size, resize_image
 from samcache.prompts import PromptSettings, evaluation_prompt, low_res_target, rng_for, training_prompt
+from samcache.train import warmup_cosine
 
 PRECISIONS = ("fp32", "bf16")
 PROVENANCE_STATEMENT = (
@@ -189,14 +189,8 @@ class ShapesPrompts(Dataset):
 
 
 def _collate(items: list[_Item]) -> tuple[list[torch.Tensor], PromptBatch, torch.Tensor]:
-    prompts = [p for item in items for p in item.prompts]
-    batch = PromptBatch(
-        image_index=torch.tensor([b for b, item in enumerate(items) for _ in item.prompts]),
-        boxes=torch.from_numpy(np.stack([p.box for p in prompts])),
-        points=torch.from_numpy(np.stack([p.points for p in prompts])),
-        labels=torch.from_numpy(np.stack([p.labels for p in prompts])),
-        is_box=torch.tensor([p.is_box for p in prompts]),
-    )
+    batch = PromptBatch.from_prompts([p for item in items for p in item.prompts],
+                                     torch.tensor([b for b, item in enumerate(items) for _ in item.prompts]))
     return [item.image for item in items], batch, torch.from_numpy(np.concatenate([i.targets for i in items]))
 
 
@@ -205,13 +199,9 @@ def _autocast(precision: str):
 
 
 def learning_rate(step: int, config: PretrainConfig) -> float:
-    """Warmup then cosine; `step` counts from 0."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps - 1)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    floor = config.lr * config.min_lr_ratio
-    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    """Warmup, then cosine down to `min_lr_ratio` x `lr` at the last step; `step` counts from 0."""
+    return warmup_cosine(step, peak=config.lr, warmup_steps=config.warmup_steps, end_step=config.steps - 1,
+                         floor=config.lr * config.min_lr_ratio)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -239,13 +229,7 @@ def evaluate_shapes(sam, *, seed: int, images: int, shapes: ShapesSettings = Sha
         rles = [masks.encode(m) for m in drawn.masks]
         for mode in ("box", "point"):
             prompts = [evaluation_prompt(r, masks.bbox_xyxy(r), original, mode) for r in rles]
-            batch = PromptBatch(
-                image_index=torch.zeros(len(prompts), dtype=torch.long),
-                boxes=torch.from_numpy(np.stack([p.box for p in prompts])),
-                points=torch.from_numpy(np.stack([p.points for p in prompts])),
-                labels=torch.from_numpy(np.stack([p.labels for p in prompts])),
-                is_box=torch.tensor([p.is_box for p in prompts]),
-            )
+            batch = PromptBatch.from_prompts(prompts, torch.zeros(len(prompts), dtype=torch.long))
             with _autocast(precision):
                 output = decode(sam.prompt_encoder, sam.mask_decoder, embedding, batch)
             logits, _ = best_for_inference(output, batch.is_box)

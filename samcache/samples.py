@@ -195,13 +195,7 @@ def collate(items: list[dict]) -> Optional[Batch]:
     return Batch(
         indices=[item["index"] for item in items],
         embeddings=torch.stack([item["embedding"] for item in items]) if "embedding" in items[0] else None,
-        prompts=PromptBatch(
-            image_index=image_index,
-            boxes=torch.from_numpy(np.stack([p.box for p in prompts])) if prompts else torch.zeros((0, 4)),
-            points=torch.from_numpy(np.stack([p.points for p in prompts])) if prompts else torch.zeros((0, 8, 2)),
-            labels=torch.from_numpy(np.stack([p.labels for p in prompts])) if prompts else torch.zeros((0, 8)).long(),
-            is_box=torch.tensor([p.is_box for p in prompts], dtype=torch.bool),
-        ),
+        prompts=PromptBatch.from_prompts(prompts, image_index),
         targets=torch.from_numpy(np.concatenate([item["targets"] for item in items])),
         object_ids=[i for item in items for i in item["object_ids"]],
     )

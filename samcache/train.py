@@ -154,12 +154,17 @@ class TrainResult:
     samples_per_second: float
 
 
+def warmup_cosine(step: int, *, peak: float, warmup_steps: int, end_step: int, floor: float = 0.0) -> float:
+    """Linear warmup to `peak` over `warmup_steps`, then cosine decay to `floor` at `end_step`."""
+    if warmup_steps and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, end_step - warmup_steps))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
     """Linear warmup to `lr`, then cosine decay to zero at `total_steps`."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return warmup_cosine(step, peak=config.lr, warmup_steps=config.warmup_steps, end_step=total_steps)
 
 
 def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
