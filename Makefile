@@ -33,6 +33,7 @@ demo: install
 	$(SAMCACHE) eval $(CACHE) --run $(RUN) --out $(REPORT) --split test
 
 test: install
+	$(VENV)/bin/ruff check samcache
 	$(PY) -m pytest -q
 
 clean:

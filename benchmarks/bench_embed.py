@@ -60,9 +60,10 @@ import torch
 
 import samcache.embed as embed_module
 from samcache.cache import EmbeddingCache
+from samcache.config import EmbedConfig
 from samcache.datasets import load_dataset
 from samcache.datasets.stamps import generate_stamps
-from samcache.embed import EmbedConfig, embed_dataset
+from samcache.embed import embed_dataset
 from samcache.fileio import sha256_file
 from samcache.images import read_image
 from samcache.models import build_sam, load_sam

@@ -62,14 +62,15 @@ import numpy as np
 import torch
 
 from samcache import masks
+from samcache.config import EmbedConfig, PromptSettings, TrainConfig
 from samcache.datasets import load_dataset
 from samcache.datasets.stamps import generate_stamps
 from samcache.decoder import DecoderOutput, compute_loss
-from samcache.embed import EmbedConfig, embed_dataset
+from samcache.embed import embed_dataset
 from samcache.images import read_image
 from samcache.models import build_sam, load_sam
 from samcache.preprocess import batch_to_model_input, resize_image, transform_boxes
-from samcache.train import TrainConfig, train
+from samcache.train import train
 
 GOAL_EPOCH_SPEEDUP = 50.0
 GOAL_HDF5_RATIO = 0.9
@@ -218,7 +219,7 @@ def bench_epoch(args, workdir: Path) -> dict:
 
     log(f"(a) cached: train() {args.cached_epochs} epochs, cache in memory, {per_image} objects per image")
     config = TrainConfig(epochs=args.cached_epochs, batch_size=4, objects_per_image=per_image, lr=1e-4,
-                         loss=LOSS, box_jitter=0.0, workers=0, cache_in_memory="yes", save_every=0,
+                         loss=LOSS, prompts=PromptSettings(box_jitter=0.0), workers=0, cache_in_memory="yes", save_every=None,
                          checkpoint=checkpoint, val_split="val", seed=args.seed)
     start = time.perf_counter()
     train(cache_dir, workdir / "run_a", config, progress=False)
@@ -259,7 +260,7 @@ def bench_io(args, cache_dir: Path, workdir: Path) -> dict:
     for i, mode in enumerate(order):
         run_dir = workdir / f"run_b{i}_{mode}"
         config = TrainConfig(epochs=2, batch_size=4, objects_per_image=2, lr=1e-3, loss=LOSS, workers=args.workers,
-                             cache_in_memory=mode, save_every=0, val_split="val", seed=args.seed)
+                             cache_in_memory=mode, save_every=None, val_split="val", seed=args.seed)
         train(cache_dir, run_dir, config, progress=False)
         held = json.loads((run_dir / "run.json").read_text())["embeddings_in_memory"]
         assert held == (mode == "yes"), (mode, held)

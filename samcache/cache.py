@@ -27,19 +27,20 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import h5py
 import numpy as np
 
 from samcache import __version__
+from samcache.datasets.records import ObjectRecord
 from samcache.errors import CacheError
-from samcache.fileio import atomic_write_json
+from samcache.fileio import FileIdentity, atomic_write_json
+from samcache.specs import EMBEDDING_SHAPE
 
 SCHEMA_VERSION = 1
 HEADER_NAME = "cache.json"
 SHARD_DIR = "shards"
-EMBEDDING_SHAPE = (256, 64, 64)
 FP16_MAX = float(np.finfo(np.float16).max)
 PREVIEW_SIZE = 640
 _STR = h5py.string_dtype("utf-8")
@@ -80,40 +81,30 @@ class Provenance:
 
 
 @dataclass
-class CachedObject:
-    """One object as stored: box XYXY in original pixels, category, compressed COCO RLE."""
-
-    object_id: int
-    box: tuple[float, float, float, float]
-    category: str
-    rle: dict
-
-
-@dataclass
 class ImageEntry:
-    """One image ready to be written to a shard.
+    """One image as a shard holds it: the dataset's `ImageRecord` fields, in its order, then what
+    the cache adds. Objects are the dataset's own `ObjectRecord`s.
 
     Arguments:
+      image_id: the dataset's id of the image.
       name: the dataset's key for the image (its path relative to the image root).
-      path: the source file; sha256, file_size and file_mtime_ns identify its content.
-      original_size: (H, W) of the decoded image; input_size: (h, w) after the resize.
-      split, image_id: from the dataset.
+      file: the source file and its content identity (SHA-256, size, mtime).
+      original_size: (H, W) of the decoded image.
+      split: from the dataset.
       objects: the image's objects.
+      input_size: (h, w) after the encoder's resize, before padding.
       annotations_sha256: a hash of the objects, to notice edited annotations.
       preview_jpeg: a small JPEG of the image (longest side PREVIEW_SIZE) for reports, so
         evaluation never needs the original files.
     """
 
-    name: str
-    path: str
-    sha256: str
-    file_size: int
-    file_mtime_ns: int
-    original_size: tuple[int, int]
-    input_size: tuple[int, int]
-    split: str
     image_id: int
-    objects: list[CachedObject]
+    name: str
+    file: FileIdentity
+    original_size: tuple[int, int]
+    split: str
+    objects: list[ObjectRecord]
+    input_size: tuple[int, int]
     annotations_sha256: str
     preview_jpeg: bytes = b""
 
@@ -123,10 +114,7 @@ class FailedEntry:
     """An image that could not be embedded, with the reason."""
 
     name: str
-    path: str
-    sha256: str
-    file_size: int
-    file_mtime_ns: int
+    file: FileIdentity
     error: str
 
 
@@ -271,17 +259,18 @@ class ShardWriter:
         images = self.file.create_group("images")
         entries = self.images
         _strings(images, "name", [e.name for e in entries])
-        _strings(images, "path", [e.path for e in entries])
-        _strings(images, "sha256", [e.sha256 for e in entries])
+        _strings(images, "path", [e.file.path for e in entries])
+        _strings(images, "sha256", [e.file.sha256 for e in entries])
         _strings(images, "split", [e.split for e in entries])
         _strings(images, "annotations_sha256", [e.annotations_sha256 for e in entries])
-        images.create_dataset("file_size", data=np.array([e.file_size for e in entries], np.int64))
-        images.create_dataset("file_mtime_ns", data=np.array([e.file_mtime_ns for e in entries], np.int64))
+        images.create_dataset("file_size", data=np.array([e.file.size for e in entries], np.int64))
+        images.create_dataset("file_mtime_ns", data=np.array([e.file.mtime_ns for e in entries], np.int64))
         images.create_dataset("image_id", data=np.array([e.image_id for e in entries], np.int64))
         previews = images.create_dataset("preview_jpeg", shape=(len(entries),), dtype=h5py.vlen_dtype(np.uint8))
         for row, e in enumerate(entries):
             previews[row] = np.frombuffer(e.preview_jpeg, np.uint8)
-        images.create_dataset("original_size", data=np.array([e.original_size for e in entries], np.int32).reshape(-1, 2))
+        images.create_dataset("original_size",
+                              data=np.array([e.original_size for e in entries], np.int32).reshape(-1, 2))
         images.create_dataset("input_size", data=np.array([e.input_size for e in entries], np.int32).reshape(-1, 2))
         counts = np.array([len(e.objects) for e in entries], np.int64)
         images.create_dataset("object_count", data=counts)
@@ -296,10 +285,12 @@ class ShardWriter:
         _strings(objects, "rle_counts", [o.rle["counts"] for _, o in flat])
 
         failed = self.file.create_group("failed")
-        for key in ("name", "path", "sha256", "error"):
-            _strings(failed, key, [getattr(f, key) for f in self.failed])
-        failed.create_dataset("file_size", data=np.array([f.file_size for f in self.failed], np.int64))
-        failed.create_dataset("file_mtime_ns", data=np.array([f.file_mtime_ns for f in self.failed], np.int64))
+        _strings(failed, "name", [f.name for f in self.failed])
+        _strings(failed, "path", [f.file.path for f in self.failed])
+        _strings(failed, "sha256", [f.file.sha256 for f in self.failed])
+        _strings(failed, "error", [f.error for f in self.failed])
+        failed.create_dataset("file_size", data=np.array([f.file.size for f in self.failed], np.int64))
+        failed.create_dataset("file_mtime_ns", data=np.array([f.file.mtime_ns for f in self.failed], np.int64))
 
 
 def _strings(group: h5py.Group, name: str, values: list[str]) -> None:
@@ -415,9 +406,6 @@ class EmbeddingCache:
             raise CacheError(f"{self.images[index].name}: the cache holds no preview image")
         return bgr[..., ::-1].copy()
 
-    def embeddings(self, indices: Iterable[int]) -> np.ndarray:
-        return np.stack([self.embedding(i) for i in indices]) if indices else np.zeros((0, *EMBEDDING_SHAPE), np.float16)
-
     def info(self) -> dict:
         """The summary `samcache info` prints, as plain JSON types."""
         size = self.bytes_on_disk()
@@ -440,7 +428,7 @@ class EmbeddingCache:
             "superseded_records": self.superseded,
             "bytes_on_disk": size,
             "bytes_per_image": size / len(self.images) if self.images else 0.0,
-            "failed": [{"name": f.name, "path": f.path, "error": f.error} for f in self.failed],
+            "failed": [{"name": f.name, "path": f.file.path, "error": f.error} for f in self.failed],
         }
 
     def bytes_on_disk(self) -> int:
@@ -476,18 +464,19 @@ def _read_tables(f: h5py.File) -> tuple[list[ImageInfo], list[FailedEntry]]:
     for row, name in enumerate(names):
         h, w = int(original[row, 0]), int(original[row, 1])
         objects = [
-            CachedObject(int(object_ids[j]), tuple(float(v) for v in boxes[j]), categories[j],
-                         {"size": [h, w], "counts": rles[j]})
+            ObjectRecord(object_id=int(object_ids[j]), box=tuple(float(v) for v in boxes[j]),
+                         rle={"size": [h, w], "counts": rles[j]}, category=categories[j])
             for j in range(int(starts[row]), int(starts[row] + counts[row]))
         ]
         images.append(ImageInfo(
-            name=name, path=paths[row], sha256=shas[row], file_size=int(sizes[row]), file_mtime_ns=int(mtimes[row]),
-            original_size=(h, w), input_size=(int(inputs[row, 0]), int(inputs[row, 1])), split=splits[row],
-            image_id=int(ids[row]), objects=objects, annotations_sha256=ann_shas[row],
+            image_id=int(ids[row]), name=name,
+            file=FileIdentity(paths[row], shas[row], int(sizes[row]), int(mtimes[row])),
+            original_size=(h, w), split=splits[row], objects=objects,
+            input_size=(int(inputs[row, 0]), int(inputs[row, 1])), annotations_sha256=ann_shas[row],
         ))
     fa = f["failed"]
     failures = [
-        FailedEntry(n, p, s, int(size), int(mtime), e)
+        FailedEntry(n, FileIdentity(p, s, int(size), int(mtime)), e)
         for n, p, s, e, size, mtime in zip(
             _read_strings(fa["name"]), _read_strings(fa["path"]), _read_strings(fa["sha256"]),
             _read_strings(fa["error"]), fa["file_size"][()], fa["file_mtime_ns"][()],

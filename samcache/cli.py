@@ -12,10 +12,28 @@ from pathlib import Path
 # encoder block maps and unmaps ~0.8 GB, and page faults take half of the fp32 time.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
 import click
+from pydantic import BaseModel
 
 from samcache import __version__
+from samcache.config import (
+    DEVICES,
+    EXPORT_FORMATS,
+    RUN_WEIGHTS,
+    EmbedConfig,
+    EvalConfig,
+    TrainConfig,
+    field_annotation,
+    field_default,
+    field_description,
+    from_sources,
+)
+from samcache.datasets import MASK_MODES
 from samcache.errors import SamcacheError
+from samcache.specs import MODEL_TYPES, OFFICIAL_MODEL_TYPES
 
 SPLIT_FRACTIONS_HELP = "train,val,test fractions for datasets without explicit splits."
 
@@ -52,6 +70,65 @@ def _fractions(value: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+def config_option(flag: str, model: type[BaseModel], path: str, *, default_in_help: bool = False, **kwargs):
+    """A click option for config field `path` of `model`: its type, choices, help and default all
+    come from the field, so the command line never restates them.
+
+    With `default_in_help`, click gets no default (None means "not given": a YAML file or the
+    config's default decides) and the help shows the config's default; otherwise the default
+    is the field's.
+    """
+    annotation = field_annotation(model, path)
+    default = field_default(model, path)
+    description = field_description(model, path)
+    help_text = description.split("\n\n")[0].replace("\n", " ")
+    options: dict[str, Any] = {"help": help_text}
+    base = _unwrap(annotation)
+    if base is bool:
+        options.update(is_flag=True, default=default)
+    else:
+        options["type"] = _click_type(base)
+        if default_in_help:
+            options["help"] = f"{help_text} [default: {_shown(default)}]"
+        elif default is not None:
+            options.update(default=default, show_default=True)
+    options.update(kwargs)
+    return click.option(flag, path.replace(".", "__"), **options)
+
+
+def _unwrap(annotation):
+    """Optional[X] -> X, Annotated[X, ...] -> X (repeatedly)."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin is Union:
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        else:
+            return annotation
+
+
+def _click_type(annotation):
+    if get_origin(annotation) is Literal:
+        return click.Choice(get_args(annotation))
+    if annotation is Path:
+        return click.Path(path_type=Path)
+    if get_origin(annotation) is list:  # a comma-separated list, split by the config
+        return str
+    return annotation if annotation in (int, float, str) else str
+
+
+def _shown(default) -> str:
+    if isinstance(default, list):
+        return ",".join(map(str, default))
+    return "none" if default is None else str(default)
+
+
+def _config_values(options: dict) -> dict:
+    """Click's keyword arguments of config options ("prompts__mode") -> dotted paths."""
+    return {k.replace("__", "."): v for k, v in options.items()}
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="samcache")
 def main() -> None:
@@ -71,7 +148,7 @@ def main() -> None:
 
 def dataset_options(command):
     """The options every command that reads a dataset takes."""
-    command = click.option("--mask-mode", type=click.Choice(["auto", "labels", "components", "single"]),
+    command = click.option("--mask-mode", type=click.Choice(MASK_MODES),
                            default="auto", show_default=True, help="How mask folders become objects.")(command)
     command = click.option("--split-fractions", default="0.8,0.1,0.1", show_default=True,
                            help=SPLIT_FRACTIONS_HELP)(command)
@@ -149,29 +226,27 @@ def data_check(dataset: Path, image_root, split_fractions: str, mask_mode: str, 
 
 
 # -------------------------------------------------------------------------------------- embed
+EMBED_FLAGS = {
+    "model_type": "--model", "checkpoint": "--checkpoint", "random_init": "--random-init", "batch_size": "--batch-size",
+    "device": "--device", "precision": "--precision", "workers": "--workers", "intensity": "--intensity",
+    "shard_images": "--shard-images",
+}
+
+
+def embed_options(command):
+    for path, flag in reversed(EMBED_FLAGS.items()):
+        command = config_option(flag, EmbedConfig, path)(command)
+    return command
+
+
 @main.command("embed")
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.option("--out", "cache_dir", type=click.Path(path_type=Path), required=True, help="Cache folder.")
-@click.option("--model", "model_type", type=click.Choice(["tiny", "vit_b", "vit_l", "vit_h"]), default="tiny",
-              show_default=True, help="SAM image encoder to run.")
-@click.option("--checkpoint", type=click.Path(path_type=Path),
-              help="Weights file (default: Meta's official weights; for tiny, samcache's pretrained ones).")
-@click.option("--random-init", is_flag=True, help="tiny only: random weights instead of the pretrained ones.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward. [8 on CUDA, 1 on CPU]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32.")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Processes decoding images while the encoder runs.")
-@click.option("--intensity", type=click.Choice(["percentile", "minmax", "dtype"]), default="percentile",
-              show_default=True, help="How images with more than 8 bits become 8-bit.")
-@click.option("--shard-images", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Commit a shard after this many images (what a crash can lose at most).")
+@embed_options
 @dataset_options
 @click.option("--strict", is_flag=True, help="Any dataset problem or unreadable image is an error.")
-def embed_cmd(dataset: Path, cache_dir: Path, model_type: str, checkpoint, random_init: bool, batch_size, device: str,
-              precision: str, workers: int, intensity: str, shard_images: int, image_root, split_fractions: str,
-              mask_mode: str, strict: bool) -> None:
+def embed_cmd(dataset: Path, cache_dir: Path, image_root, split_fractions: str, mask_mode: str, strict: bool,
+              **options) -> None:
     """Run the image encoder once per image and store embeddings, geometry and objects in CACHE.
 
     Crash-safe and resumable: re-run the same command after an interruption and it embeds only
@@ -182,17 +257,14 @@ def embed_cmd(dataset: Path, cache_dir: Path, model_type: str, checkpoint, rando
       samcache embed data/stamps --out cache/stamps --model tiny
       samcache embed my_coco/ --out cache/mine --model vit_b --checkpoint sam_vit_b_01ec64.pth
     """
-    from samcache.embed import EmbedConfig, embed_dataset
+    from samcache.embed import embed_dataset
 
+    config = from_sources(EmbedConfig, overrides={**_config_values(options), "strict": strict}, flags=EMBED_FLAGS)
     with _process_group() as dist:
         ds = _load_dataset(dataset, image_root, split_fractions, mask_mode, strict=strict)
         if dist.is_main:
             for problem in ds.problems:
                 click.echo(f"warning: {problem}", err=True)
-        config = EmbedConfig(model_type=model_type, checkpoint=checkpoint, random_init=random_init,
-                             batch_size=batch_size, device=device,
-                             precision=precision, workers=workers, strict=strict, intensity=intensity,
-                             shard_images=shard_images)
         summary = embed_dataset(ds, cache_dir, config, dist=dist)
         if dist.is_main:
             click.echo(summary.line() + (f" ({dist.world_size} processes)" if dist.enabled else ""))
@@ -214,13 +286,15 @@ def info_cmd(cache_dir: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{info['cache']}: {info['images']} images, {info['objects']} objects (schema v{info['schema_version']})")
+    click.echo(f"{info['cache']}: {info['images']} images, {info['objects']} objects "
+               f"(schema v{info['schema_version']})")
     for split, counts in info["splits"].items():
         click.echo(f"  split {split:<6} {counts['images']:>6} images {counts['objects']:>7} objects")
     click.echo(f"  model {info['model_type']}, weights SHA-256 {info['weights_sha256']}")
     click.echo(f"  embeddings {info['embedding_dtype']} {'x'.join(map(str, info['embedding_shape']))}, "
                f"computed in {info['compute_precision']}, intensity {info['intensity']}")
-    click.echo(f"  {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, {info['bytes_per_image'] / 2**20:.2f} MiB per image, "
+    click.echo(f"  {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, "
+               f"{info['bytes_per_image'] / 2**20:.2f} MiB per image, "
                f"{info['shards']} shard(s), {info['superseded_records']} superseded record(s)")
     click.echo(f"  {len(info['failed'])} failed image(s)")
     for failure in info["failed"]:
@@ -228,46 +302,50 @@ def info_cmd(cache_dir: Path, as_json: bool) -> None:
 
 
 # -------------------------------------------------------------------------------------- train
+# Flat flags of `samcache train` and the config fields they set (nested settings by path).
+TRAIN_FLAGS = {
+    "epochs": "--epochs", "batch_size": "--batch-size", "objects_per_image": "--objects-per-image", "lr": "--lr",
+    "weight_decay": "--weight-decay", "warmup_steps": "--warmup-steps", "grad_clip": "--grad-clip",
+    "prompts.mode": "--prompt", "prompts.box_jitter": "--box-jitter", "prompts.box_jitter_max": "--box-jitter-max",
+    "prompts.point_ratio": "--point-ratio", "loss": "--loss", "train": "--train", "val_split": "--val-split",
+    "val_prompt": "--val-prompt", "seed": "--seed", "device": "--device", "workers": "--workers",
+    "cache_in_memory": "--cache-in-memory", "save_every": "--save-every", "checkpoint": "--checkpoint",
+}
+
+
+def train_options(command):
+    for path, flag in reversed(TRAIN_FLAGS.items()):
+        command = config_option(flag, TrainConfig, path, default_in_help=True)(command)
+    return command
+
+
 @main.command("train")
 @click.argument("cache_dir", metavar="CACHE", type=click.Path(path_type=Path))
 @click.option("--out", "run_dir", type=click.Path(path_type=Path), required=True, help="Run folder.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML file of options (keys as below, with _ for -); the command line overrides it.")
-@click.option("--epochs", type=click.IntRange(min=1), help="Passes over the training split. [10]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per step. [4]")
-@click.option("--objects-per-image", type=click.IntRange(min=1), help="Objects (prompts) per image and step. [8]")
-@click.option("--lr", type=float, help="Peak learning rate (AdamW). [1e-4]")
-@click.option("--weight-decay", type=float, help="AdamW weight decay. [0.01]")
-@click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warmup, then cosine decay. [20]")
-@click.option("--prompt", type=click.Choice(["box", "point", "mixed"]), help="Training prompts. [box]")
-@click.option("--box-jitter", type=float, help="Box side jitter, fraction of the side. [0.1]")
-@click.option("--box-jitter-max", type=float, help="Box side jitter cap in pixels. [20]")
-@click.option("--loss", type=click.Choice(["sam", "dice-bce", "mse-threshold"]), help="Loss. [sam]")
-@click.option("--train", "trainable", help="Comma-separated: mask_decoder[,prompt_encoder]. [mask_decoder]")
-@click.option("--val-split", help="Split validated each epoch. [val]")
-@click.option("--seed", type=int, help="Seed of shuffling and prompt sampling. [0]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[auto]")
-@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers. [2]")
-@click.option("--cache-in-memory", type=click.Choice(["auto", "yes", "no"]),
-              help="Hold all embeddings in RAM/GPU memory when they fit. [auto]")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="Base weights file, if not the default.")
+              help="YAML file of options (the fields of TrainConfig, prompt settings under prompts:); "
+                   "the command line overrides it.")
+@train_options
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, trainable, **options) -> None:
+def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, **options) -> None:
     """Fine-tune the mask decoder from CACHE (the image encoder never runs).
 
     Writes RUN/config.yaml, metrics.jsonl, curves.png, best.pt and last.pt. Options come
-    from the defaults, then --config FILE.yaml, then the command line.
+    from the defaults, then --config FILE.yaml, then the command line; --resume without
+    --config continues with the run's own config.yaml.
 
     \b
     Example:
       samcache train cache/stamps --out runs/stamps --epochs 10
+      samcache train cache/stamps --out runs/stamps --config train.yaml --lr 2e-4
       samcache train cache/stamps --out runs/stamps --resume
     """
+    from samcache.runs import RunFolder
     from samcache.train import train
 
-    config = _train_config(config_file, trainable, options)
-    if resume and config_file is None and (run_dir / "config.yaml").is_file():
-        config = _train_config(run_dir / "config.yaml", trainable, options)  # resume with the run's own config
+    saved = RunFolder(run_dir).saved_config() if resume and config_file is None else None
+    config = from_sources(TrainConfig, file=config_file, base=saved, overrides=_config_values(options),
+                          flags=TRAIN_FLAGS)
     with _process_group() as dist:
         result = train(cache_dir, run_dir, config, resume=resume, dist=dist)
     if not dist.is_main:
@@ -280,39 +358,25 @@ def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, trainab
                f"samples/s{processes}); run: {run_dir}")
 
 
-def _train_config(config_file, trainable, options: dict):
-    import yaml
-
-    from samcache.train import TrainConfig
-
-    values: dict = {}
-    if config_file is not None:
-        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise click.BadParameter(f"{config_file} must hold a mapping of option names to values")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None})
-    if trainable is not None:
-        values["train"] = [t.strip() for t in trainable.split(",") if t.strip()]
-    return TrainConfig.from_dict(values)
-
-
 # ----------------------------------------------------------------------- eval, export, predict
+EVAL_FLAGS = {
+    "split": "--split", "prompt": "--prompt", "box_jitter": "--box-jitter", "seed": "--seed", "weights": "--weights",
+    "device": "--device", "checkpoint": "--checkpoint",
+}
+
+
+def eval_options(command):
+    for path, flag in reversed(EVAL_FLAGS.items()):
+        command = config_option(flag, EvalConfig, path)(command)
+    return command
+
+
 @main.command("eval")
 @click.argument("cache_dir", metavar="CACHE", type=click.Path(path_type=Path))
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), help="A training run (omit: base model only).")
 @click.option("--out", "report_dir", type=click.Path(path_type=Path), required=True, help="Report folder.")
-@click.option("--split", default="test", show_default=True, help="Cache split to score.")
-@click.option("--prompt", type=click.Choice(["box", "point"]), default="box", show_default=True,
-              help="box: each object's exact box; point: its most interior point.")
-@click.option("--box-jitter", type=float, default=0.0, show_default=True,
-              help="Move box sides by up to this fraction (at most 20 px), seeded.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the box jitter and random overlays.")
-@click.option("--weights", type=click.Choice(["best", "last"]), default="best", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="Base weights file, if not the default.")
-def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, split: str, prompt: str, box_jitter: float, seed: int,
-             weights: str, device: str, checkpoint) -> None:
+@eval_options
+def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, **options) -> None:
     """Score zero-shot SAM and the fine-tuned decoder on the same prompts, at original resolution.
 
     Reads only the cache and the run (no image file, no encoder). Writes summary.json,
@@ -322,10 +386,10 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, split: str, prompt: str
     Example:
       samcache eval cache/stamps --run runs/stamps --out reports/stamps --split test
     """
-    from samcache.evaluate import EvalConfig, evaluate, format_table
+    from samcache.evaluate import evaluate
+    from samcache.report import format_table
 
-    config = EvalConfig(split=split, prompt=prompt, box_jitter=box_jitter, seed=seed, weights=weights,
-                        device=device, checkpoint=str(checkpoint) if checkpoint else None)
+    config = from_sources(EvalConfig, overrides=_config_values(options), flags=EVAL_FLAGS)
     summary = evaluate(cache_dir, report_dir, config, run_dir=run_dir)
     click.echo(format_table(summary))
     click.echo(f"report: {report_dir / 'report.md'}")
@@ -334,8 +398,8 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, split: str, prompt: str
 @main.command("export")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True, help="A training run.")
 @click.option("--out", "out_file", type=click.Path(path_type=Path), required=True, help="Weights file to write.")
-@click.option("--format", "fmt", type=click.Choice(["pth", "safetensors"]), default="pth", show_default=True)
-@click.option("--weights", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0], show_default=True)
+@click.option("--weights", type=click.Choice(RUN_WEIGHTS), default=RUN_WEIGHTS[0], show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Base weights file, if not the run's.")
 def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint) -> None:
     """Write a full SAM state dict with the fine-tuned decoder, plus FILE.json metadata.
@@ -358,7 +422,7 @@ def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), help="A training run.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="A full SAM state dict (e.g. an export).")
-@click.option("--model", "model_type", type=click.Choice(["tiny", "vit_b", "vit_l", "vit_h"]),
+@click.option("--model", "model_type", type=click.Choice(MODEL_TYPES),
               help="Model type of --checkpoint (default: from its .json metadata).")
 @click.option("--box", help="x0,y0,x1,y1 in pixels, for every image.")
 @click.option("--boxes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -366,7 +430,7 @@ def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
               help="Take embeddings from this cache when an image is in it (default: the run's cache).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=DEVICES[0], show_default=True)
 def predict_cmd(images, run_dir, checkpoint, model_type, box, boxes, cache_dir, out_dir: Path, device: str) -> None:
     """Predict masks for IMAGES from box prompts: PNG masks, overlays and COCO RLE JSON.
 
@@ -382,9 +446,11 @@ def predict_cmd(images, run_dir, checkpoint, model_type, box, boxes, cache_dir, 
     if (box is None) == (boxes is None):
         raise click.UsageError("give either --box or --boxes")
     if run_dir is not None:
+        from samcache.runs import RunFolder
+
         predictor = predict_module.predictor_from_run(run_dir)
         if cache_dir is None:
-            cache_dir = json.loads((Path(run_dir) / "run.json").read_text()).get("cache")
+            cache_dir = RunFolder(run_dir).cache_dir()
     else:
         predictor = predict_module.predictor_from_checkpoint(checkpoint, model_type)
     result = predict_module.predict_images(
@@ -413,7 +479,7 @@ def models_cmd() -> None:
 
     home = models.samcache_home()
     click.echo(f"weights folder (SAMCACHE_HOME): {home}")
-    for model_type in models.MODEL_TYPES:
+    for model_type in MODEL_TYPES:
         official = models.OFFICIAL_WEIGHTS.get(model_type)
         if official is None:
             weights = (f"pretrained on synthetic shapes, {models.TINY_PRETRAINED.name}"
@@ -425,7 +491,7 @@ def models_cmd() -> None:
 
 
 @main.command("fetch")
-@click.argument("model_type", type=click.Choice(["vit_b", "vit_l", "vit_h"]))
+@click.argument("model_type", type=click.Choice(OFFICIAL_MODEL_TYPES))
 def fetch_cmd(model_type: str) -> None:
     """Download Meta's official weights into SAMCACHE_HOME and verify their SHA-256.
 

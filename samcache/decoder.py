@@ -3,62 +3,26 @@
 Stock `MaskDecoder.predict_masks` serves one image: it repeats that image's embedding once
 per prompt. Training wants B images with K prompts each in one step, so `decode` runs the
 same modules (same parameters, same state dict) with each prompt paired to its own image
-through an index, `image_index[n]` = the image of prompt n. One embedding read then serves
+through an index, `batch_row[n]` = the image of prompt n. One embedding read then serves
 all the prompts of its image.
 
 Box prompts use the single-mask output (SamPredictor's `multimask_output=False`); point
 prompts use the three multimask outputs, as SAM was trained: the loss takes the best of the
-three, and inference the one with the highest predicted IoU.
+three, and inference (inference.py) the one with the highest predicted IoU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torchvision.ops import sigmoid_focal_loss
 
-LOSSES = ("sam", "dice-bce", "mse-threshold")
-
-
-@dataclass
-class PromptBatch:
-    """Prompts of a batch, all in the encoder's input frame.
-
-    Arguments:
-      image_index: (N,) long, the batch image each prompt belongs to.
-      boxes: (N, 4) XYXY; points: (N, P, 2); labels: (N, P) with -1 for padding.
-      is_box: (N,) bool: a box prompt (else a point prompt).
-    """
-
-    image_index: torch.Tensor
-    boxes: torch.Tensor
-    points: torch.Tensor
-    labels: torch.Tensor
-    is_box: torch.Tensor
-
-    @classmethod
-    def from_prompts(cls, prompts: list, image_index: torch.Tensor) -> "PromptBatch":
-        """Stacks `prompts.Prompt`s (box, points, labels, is_box), prompt n of image `image_index[n]`."""
-        if not prompts:
-            from samcache.prompts import MAX_POINTS
-
-            return cls(image_index, torch.zeros((0, 4)), torch.zeros((0, MAX_POINTS, 2)),
-                       torch.zeros((0, MAX_POINTS)).long(), torch.zeros(0, dtype=torch.bool))
-        return cls(
-            image_index=image_index,
-            boxes=torch.from_numpy(np.stack([p.box for p in prompts])),
-            points=torch.from_numpy(np.stack([p.points for p in prompts])),
-            labels=torch.from_numpy(np.stack([p.labels for p in prompts])),
-            is_box=torch.tensor([p.is_box for p in prompts], dtype=torch.bool),
-        )
-
-    def to(self, device) -> "PromptBatch":
-        return PromptBatch(*(t.to(device, non_blocking=True) for t in
-                             (self.image_index, self.boxes, self.points, self.labels, self.is_box)))
+from samcache.config import LOSSES
+from samcache.prompts import PromptBatch
+from samcache.specs import LOW_RES_SIZE, MASK_OUTPUTS
 
 
 @dataclass
@@ -72,16 +36,16 @@ class DecoderOutput:
 def predict_masks_batched(
     mask_decoder: MaskDecoder,
     image_embeddings: torch.Tensor,
-    image_index: torch.Tensor,
+    batch_row: torch.Tensor,
     image_pe: torch.Tensor,
     sparse: torch.Tensor,
     dense: torch.Tensor,
 ) -> DecoderOutput:
-    """`MaskDecoder.predict_masks` with prompt n attending to image `image_index[n]`.
+    """`MaskDecoder.predict_masks` with prompt n attending to image `batch_row[n]`.
 
     Arguments:
       image_embeddings: (B, 256, 64, 64) from the image encoder (or the cache).
-      image_index: (N,) the image of each prompt.
+      batch_row: (N,) the row of `image_embeddings` (the image) of each prompt.
       image_pe: (1, 256, 64, 64) the prompt encoder's dense positional encoding.
       sparse, dense: the prompt encoder's outputs for the N prompts.
     """
@@ -89,7 +53,7 @@ def predict_masks_batched(
     n = sparse.shape[0]
     output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
-    src = image_embeddings.index_select(0, image_index) + dense
+    src = image_embeddings.index_select(0, batch_row) + dense
     pos_src = image_pe.expand(n, -1, -1, -1)
     _, c, h, w = src.shape
 
@@ -117,9 +81,9 @@ def decode(
     Box and point prompts have different numbers of sparse tokens, so each kind is decoded in
     its own batched call; the results come back in the prompts' order.
     """
-    n = prompts.image_index.shape[0]
-    logits = image_embeddings.new_empty((n, 4, 256, 256))
-    iou_pred = image_embeddings.new_empty((n, 4))
+    n = len(prompts)
+    logits = image_embeddings.new_empty((n, MASK_OUTPUTS, LOW_RES_SIZE, LOW_RES_SIZE))
+    iou_pred = image_embeddings.new_empty((n, MASK_OUTPUTS))
     image_pe = prompt_encoder.get_dense_pe()
     for is_box in (True, False):
         select = (prompts.is_box == is_box).nonzero().squeeze(1)
@@ -132,19 +96,11 @@ def decode(
                 points=(prompts.points[select], prompts.labels[select]), boxes=None, masks=None
             )
         out = predict_masks_batched(
-            mask_decoder, image_embeddings, prompts.image_index[select], image_pe, sparse, dense
+            mask_decoder, image_embeddings, prompts.batch_row[select], image_pe, sparse, dense
         )
         logits = logits.index_copy(0, select, out.logits.to(logits.dtype))
         iou_pred = iou_pred.index_copy(0, select, out.iou_pred.to(iou_pred.dtype))
     return DecoderOutput(logits, iou_pred)
-
-
-def best_for_inference(output: DecoderOutput, is_box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, 256, 256), iou (N,)): mask 0 for boxes, the highest predicted IoU of masks 1-3 for points."""
-    multi_best = 1 + output.iou_pred[:, 1:].argmax(dim=1)
-    choice = torch.where(is_box, torch.zeros_like(multi_best), multi_best)
-    rows = torch.arange(choice.shape[0], device=choice.device)
-    return output.logits[rows, choice], output.iou_pred[rows, choice]
 
 
 # ------------------------------------------------------------------------------------- losses
@@ -220,13 +176,3 @@ def compute_loss(output: DecoderOutput, targets: torch.Tensor, is_box: torch.Ten
     iou_term = F.mse_loss(output.iou_pred.float()[rows, choice], real_iou)
     total = mask_term + (iou_term if kind != "mse-threshold" else 0 * iou_term)
     return LossParts(total, mask_term.detach(), iou_term.detach(), real_iou.mean().detach())
-
-
-def upscale_logits(
-    logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], image_size: int = 1024
-) -> torch.Tensor:
-    """Low-res logits (N, 256, 256) -> (N, H, W) at the original resolution, as `Sam.postprocess_masks`:
-    bilinear to the padded input frame, crop the padding, bilinear to the original size."""
-    x = F.interpolate(logits.unsqueeze(1), (image_size, image_size), mode="bilinear", align_corners=False)
-    x = x[..., : input_size[0], : input_size[1]]
-    return F.interpolate(x, original_size, mode="bilinear", align_corners=False).squeeze(1)

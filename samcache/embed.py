@@ -17,62 +17,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from samcache import cache as cache_store
+from samcache.config import EmbedConfig
 from samcache.datasets import Dataset, ImageRecord
+from samcache.devices import autocast, resolve_device, resolve_precision
 from samcache.distributed import SINGLE, Distributed
 from samcache.errors import CacheError, SamcacheError
-from samcache.fileio import sha256_file
+from samcache.fileio import FileIdentity
 from samcache.images import read_image
-from samcache.models import load_sam
+from samcache.models import LoadedModel, load_sam
 from samcache.preprocess import Preprocessing, batch_to_model_input, input_size, resize_image
-
-PRECISIONS = ("auto", "fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass
-class EmbedConfig:
-    """Options of `samcache embed`.
-
-    Arguments:
-      model_type: "tiny", "vit_b", "vit_l" or "vit_h".
-      checkpoint: weights file; None finds the official one, or for tiny its shipped pretrained
-        weights (models.load_sam).
-      random_init: tiny only: its random weights instead of the pretrained ones (for tests).
-      batch_size: images per encoder forward; None: 8 on CUDA, 1 on CPU (where batching vit_b
-        only adds memory traffic: see BENCHMARKS.md).
-      device: "auto" (CUDA when available), "cpu" or "cuda".
-      precision: "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32), "fp32" or "bf16" autocast.
-      workers: DataLoader worker processes decoding images (0: in the main process).
-      strict: stop at the first image that fails to decode (after committing what is done).
-      intensity: how >8-bit images become uint8 (images.read_image).
-      shard_images, shard_seconds: commit a shard after this many images or seconds.
-      progress: show a progress bar.
-    """
-
-    model_type: str = "tiny"
-    checkpoint: Optional[Path] = None
-    random_init: bool = False
-    batch_size: Optional[int] = None
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int = 2
-    strict: bool = False
-    intensity: str = "percentile"
-    shard_images: int = 64
-    shard_seconds: float = 60.0
-    progress: bool = True
 
 
 @dataclass
@@ -104,39 +68,8 @@ class EmbedSummary:
         if self.previously_failed:
             head += f", {self.previously_failed} unchanged images that failed before"
         per_image = self.bytes_on_disk / max(self.images_in_cache, 1)
-        return f"{head}; cache: {self.images_in_cache} images, {self.bytes_on_disk / 2**20:.1f} MiB ({per_image / 2**20:.2f} MiB/image)"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device not in DEVICES:
-        raise SamcacheError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SamcacheError("--device cuda was asked for, but PyTorch sees no CUDA device")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise SamcacheError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
-    return precision
-
-
-def cuda_autocast(device: torch.device):
-    """bf16 autocast on CUDA (training and evaluation); on the CPU, plain fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16, AMX), where bf16 autocast runs the encoder
-    about twice as fast as fp32 with embeddings at cosine similarity >= 0.9999 (BENCHMARKS.md)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        return (f"{head}; cache: {self.images_in_cache} images, {self.bytes_on_disk / 2**20:.1f} MiB "
+                f"({per_image / 2**20:.2f} MiB/image)")
 
 
 def annotations_sha256(record: ImageRecord) -> str:
@@ -145,10 +78,6 @@ def annotations_sha256(record: ImageRecord) -> str:
         [o.object_id, list(o.box), o.category, o.rle["counts"]] for o in record.objects
     ]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def cached_objects(record: ImageRecord) -> list[cache_store.CachedObject]:
-    return [cache_store.CachedObject(o.object_id, o.box, o.category, o.rle) for o in record.objects]
 
 
 class _DecodeImages(TorchDataset):
@@ -162,10 +91,9 @@ class _DecodeImages(TorchDataset):
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        item: dict = {"i": i, "error": None, "sha256": "", "file_size": 0, "file_mtime_ns": 0}
+        item: dict = {"i": i, "error": None, "file": FileIdentity(str(record.path), "", 0, 0)}
         try:
-            stat = os.stat(record.path)
-            item.update(file_size=stat.st_size, file_mtime_ns=stat.st_mtime_ns, sha256=sha256_file(record.path))
+            item["file"] = FileIdentity.of(record.path)
             image = read_image(record.path, intensity=self.intensity)
             if image.shape[:2] != (record.height, record.width):
                 raise SamcacheError(
@@ -258,78 +186,23 @@ def embed_dataset(
     precision = resolve_precision(config.precision, device)
     loaded = load_sam(config.model_type, config.checkpoint, random_init=config.random_init)
     preprocessing = Preprocessing(image_size=loaded.sam.image_encoder.img_size)
-    provenance = cache_store.Provenance(
-        model_type=loaded.model_type,
-        weights_sha256=loaded.weights_sha256,
-        preprocessing=preprocessing.as_dict(),
-        intensity=config.intensity,
-        compute_precision=precision,
-        weights_source=loaded.weights_source,
-    )
-    # Rank 0 makes the header and clears what killed runs left; then every rank plans from the
-    # same committed shards, and none commits before all have planned, so the slices agree.
-    if dist.is_main:
-        cache_store.open_for_writing(cache_dir, provenance)
-        cache_store.remove_stale_temporaries(cache_dir)
-    dist.barrier()
-    if not dist.is_main:
-        cache_store.open_for_writing(cache_dir, provenance)
-    existing = cache_store.EmbeddingCache(cache_dir)
+    provenance = _provenance(loaded, preprocessing, config, precision)
+    existing = _open_cache(cache_dir, provenance, dist)
     pending, refresh, skipped, previously_failed = _plan(dataset.images, existing)
     pending, refresh = pending[dist.rank :: dist.world_size], refresh[dist.rank :: dist.world_size]
     rotation = _ShardRotation(cache_dir, provenance, rank=dist.rank, max_images=config.shard_images,
                               max_seconds=config.shard_seconds)
-    dist.barrier()
+    dist.barrier()  # none commits before all have planned, so the slices agree
 
     unreadable = _new_unreadable(dataset, existing) if dist.is_main else []
-    for failure in unreadable:
-        rotation.current().add_failure(failure)
-    for record, index in refresh:
-        info = existing.images[index]
-        entry = _entry(record, info.sha256, info.file_size, info.file_mtime_ns, existing.preview_bytes(index))
-        rotation.current().add(entry, existing.embedding(index))
-        rotation.maybe_commit()
-
-    encoder = loaded.sam.image_encoder.to(device).eval()
-    embedded, failed = 0, 0
-    loader = DataLoader(
-        _DecodeImages(pending, config.intensity, preprocessing.image_size),
-        batch_size=config.batch_size or (8 if device.type == "cuda" else 1), num_workers=config.workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-    )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    progress = _progress_bar(len(pending), config.progress and dist.is_main, dist.label())
     try:
-        for batch in loader:
-            good = [item for item in batch if item["error"] is None]
-            if good:
-                with torch.inference_mode(), autocast:
-                    features = encoder(batch_to_model_input([item["image"] for item in good], device=device,
-                                                            preprocessing=preprocessing))
-                features = features.float().cpu().numpy()
-                for item, feature in zip(good, features):
-                    record = pending[item["i"]]
-                    rotation.current().add(
-                        _entry(record, item["sha256"], item["file_size"], item["file_mtime_ns"],
-                               item["preview"].numpy().tobytes()),
-                        feature)
-                embedded += len(good)
-            for item in batch:
-                if item["error"] is not None:
-                    record = pending[item["i"]]
-                    rotation.current().add_failure(cache_store.FailedEntry(
-                        record.name, str(record.path), item["sha256"], item["file_size"], item["file_mtime_ns"],
-                        item["error"]))
-                    failed += 1
-                    progress.write(f"failed: {record.name}: {item['error']}")
-                    if config.strict:
-                        rotation.commit()
-                        raise CacheError(f"--strict: {record.path} could not be embedded: {item['error']}")
-            progress.update(len(batch))
-            progress.set_postfix(failed=failed)
+        for failure in unreadable:
+            rotation.current().add_failure(failure)
+        for record, index in refresh:  # annotations edited, pixels unchanged: no encoder run
+            info = existing.images[index]
+            rotation.current().add(_entry(record, info.file, existing.preview_bytes(index)), existing.embedding(index))
             rotation.maybe_commit()
-            cache_store.crash_point("batch-done")
+        embedded, failed = _run_encoder(loaded, pending, rotation, config, device, precision, preprocessing, dist)
         rotation.commit()
     except OSError as exc:
         rotation.abandon()
@@ -338,7 +211,6 @@ def embed_dataset(
             "free space (or fix the folder) and run the same command again to finish"
         ) from exc
     finally:
-        progress.close()
         existing.close()
 
     embedded, refreshed, failed = (int(v) for v in dist.sum([embedded, len(refresh), failed + len(unreadable)]))
@@ -352,6 +224,73 @@ def embed_dataset(
     )
 
 
+def _open_cache(cache_dir: Path, provenance: cache_store.Provenance, dist: Distributed) -> cache_store.EmbeddingCache:
+    """Rank 0 makes (or checks) the header and clears what killed runs left; then every rank
+    opens the same committed shards."""
+    if dist.is_main:
+        cache_store.open_for_writing(cache_dir, provenance)
+        cache_store.remove_stale_temporaries(cache_dir)
+    dist.barrier()
+    if not dist.is_main:
+        cache_store.open_for_writing(cache_dir, provenance)
+    return cache_store.EmbeddingCache(cache_dir)
+
+
+def _provenance(loaded: LoadedModel, preprocessing: Preprocessing, config: EmbedConfig,
+                precision: str) -> cache_store.Provenance:
+    return cache_store.Provenance(
+        model_type=loaded.model_type,
+        weights_sha256=loaded.weights_sha256,
+        preprocessing=preprocessing.as_dict(),
+        intensity=config.intensity,
+        compute_precision=precision,
+        weights_source=loaded.weights_source,
+    )
+
+
+def _run_encoder(loaded: LoadedModel, pending: list[ImageRecord], rotation: "_ShardRotation", config: EmbedConfig,
+                 device: torch.device, precision: str, preprocessing: Preprocessing,
+                 dist: Distributed) -> tuple[int, int]:
+    """Decodes `pending` in DataLoader workers and encodes them in batches into the rotation's
+    shards; returns (embedded, failed)."""
+    encoder = loaded.sam.image_encoder.to(device).eval()
+    embedded, failed = 0, 0
+    loader = DataLoader(
+        _DecodeImages(pending, config.intensity, preprocessing.image_size),
+        batch_size=config.batch_size or (8 if device.type == "cuda" else 1), num_workers=config.workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    progress = _progress_bar(len(pending), config.progress and dist.is_main, dist.label())
+    try:
+        for batch in loader:
+            good = [item for item in batch if item["error"] is None]
+            if good:
+                with torch.inference_mode(), autocast(device, precision):
+                    features = encoder(batch_to_model_input([item["image"] for item in good], device=device,
+                                                            preprocessing=preprocessing))
+                for item, feature in zip(good, features.float().cpu().numpy()):
+                    entry = _entry(pending[item["i"]], item["file"], item["preview"].numpy().tobytes())
+                    rotation.current().add(entry, feature)
+                embedded += len(good)
+            for item in batch:
+                if item["error"] is not None:
+                    record = pending[item["i"]]
+                    rotation.current().add_failure(cache_store.FailedEntry(record.name, item["file"], item["error"]))
+                    failed += 1
+                    progress.write(f"failed: {record.name}: {item['error']}")
+                    if config.strict:
+                        rotation.commit()
+                        raise CacheError(f"--strict: {record.path} could not be embedded: {item['error']}")
+            progress.update(len(batch))
+            progress.set_postfix(failed=failed)
+            rotation.maybe_commit()
+            cache_store.crash_point("batch-done")
+    finally:
+        progress.close()
+    return embedded, failed
+
+
 def _plan(records: list[ImageRecord], existing: cache_store.EmbeddingCache):
     """Splits the dataset into (to embed, to refresh from the cache, up to date, failed before)."""
     failed_before = {f.name: f for f in existing.failed}
@@ -360,14 +299,14 @@ def _plan(records: list[ImageRecord], existing: cache_store.EmbeddingCache):
         index = existing.index_of(record.name)
         if index is not None:
             info = existing.images[index]
-            if _same_file(record.path, info.file_size, info.file_mtime_ns, info.sha256):
+            if info.file.unchanged(record.path):
                 if info.annotations_sha256 == annotations_sha256(record):
                     skipped.append(record)
                 else:
                     refresh.append((record, index))
                 continue
         failure = failed_before.get(record.name)
-        if failure is not None and _same_file(record.path, failure.file_size, failure.file_mtime_ns, failure.sha256):
+        if failure is not None and failure.file.unchanged(record.path):
             previously_failed.append(record)
             continue
         pending.append(record)
@@ -378,30 +317,20 @@ def _new_unreadable(dataset: Dataset, existing: cache_store.EmbeddingCache) -> l
     """Images the dataset reader could not open, unless the cache already lists the same failure."""
     known = {(f.name, f.error) for f in existing.failed}
     return [
-        cache_store.FailedEntry(p.unreadable_image, p.file, "", -1, -1, p.message)
+        cache_store.FailedEntry(p.unreadable_image, FileIdentity(p.file, "", -1, -1), p.message)
         for p in dataset.problems
         if p.unreadable_image and (p.unreadable_image, p.message) not in known
     ]
 
 
-def _same_file(path: Path, size: int, mtime_ns: int, sha256: str) -> bool:
-    """Unchanged when size and mtime agree; when only the mtime moved, the content hash decides."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return False
-    if stat.st_size != size:
-        return False
-    return stat.st_mtime_ns == mtime_ns or (bool(sha256) and sha256_file(path) == sha256)
-
-
-def _entry(record: ImageRecord, sha256: str, file_size: int, file_mtime_ns: int,
-           preview_jpeg: bytes) -> cache_store.ImageEntry:
+def _entry(record: ImageRecord, file: FileIdentity, preview_jpeg: bytes) -> cache_store.ImageEntry:
+    original_size = (record.height, record.width)
     return cache_store.ImageEntry(
-        name=record.name, path=str(record.path), sha256=sha256, file_size=file_size, file_mtime_ns=file_mtime_ns,
-        original_size=(record.height, record.width), input_size=input_size((record.height, record.width)),
-        split=record.split, image_id=int(record.image_id), objects=cached_objects(record),
-        annotations_sha256=annotations_sha256(record), preview_jpeg=preview_jpeg,
+        image_id=int(record.image_id), name=record.name, file=FileIdentity(str(record.path), file.sha256, file.size,
+                                                                           file.mtime_ns),
+        original_size=original_size, split=record.split, objects=list(record.objects),
+        input_size=input_size(original_size), annotations_sha256=annotations_sha256(record),
+        preview_jpeg=preview_jpeg,
     )
 
 

@@ -23,3 +23,11 @@ class CheckpointError(SamcacheError):
 
 class CacheError(SamcacheError):
     """An embedding cache is unreadable or incompatible with the request."""
+
+
+class TrainingError(SamcacheError):
+    """Training cannot start or had to stop (empty split, non-finite loss, too small a batch)."""
+
+
+class RunError(SamcacheError):
+    """A run folder cannot be written, read or resumed, or does not belong with a cache."""

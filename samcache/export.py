@@ -9,18 +9,16 @@ samcache version, training config, validation history and the eval summary when 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from samcache import __version__
+from samcache.config import EXPORT_FORMATS
 from samcache.errors import SamcacheError
 from samcache.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from samcache.models import load_matching
-
-FORMATS = ("pth", "safetensors")
+from samcache.runs import RunCheckpoint, RunFolder
 
 
 def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", weights: str = "best",
@@ -36,24 +34,11 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
         (default: the one the run was trained with).
     Returns the metadata written to the JSON file.
     """
-    from samcache.train import read_run_checkpoint
-
-    if fmt not in FORMATS:
+    if fmt not in EXPORT_FORMATS:
         raise SamcacheError(f"--format is pth or safetensors, not {fmt!r}")
-    run_dir, out_file = Path(run_dir), Path(out_file)
-    source = run_dir / f"{weights}.pt"
-    if not source.is_file():
-        raise SamcacheError(f"{source} does not exist: is {run_dir} a samcache run?")
-    payload = read_run_checkpoint(source)
-    base = load_matching(payload["model_type"], payload["base_weights_sha256"],
-                         checkpoint or payload["config"].get("checkpoint"))
-    state_dict = base.sam.state_dict()
-    unknown = sorted(set(payload["state_dict"]) - set(state_dict))
-    if unknown:
-        raise SamcacheError(f"{source} holds keys the {payload['model_type']} model does not have, e.g. {unknown[0]}")
-    state_dict.update(payload["state_dict"])
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-
+    run, out_file = RunFolder(run_dir), Path(out_file)
+    model, run_checkpoint = run.load_model(weights, checkpoint)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.sam.state_dict().items()}
     if fmt == "pth":
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
@@ -61,34 +46,31 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
     else:
         from safetensors.torch import save
 
-        atomic_write_bytes(out_file, save(state_dict, metadata={"model_type": payload["model_type"]}))
-
-    run_info = _read_json(run_dir / "run.json")
-    metadata = {
-        "format": fmt,
-        "file": out_file.name,
-        "sha256": sha256_file(out_file),
-        "model_type": payload["model_type"],
-        "base_weights_sha256": payload["base_weights_sha256"],
-        "base_weights_source": base.weights_source,
-        "fine_tuned": payload["trained"],
-        "run": str(run_dir.resolve()),
-        "run_weights": weights,
-        "epoch": payload["state"]["epoch"],
-        "validation_miou_per_epoch": payload["state"]["history"],
-        "training_config": payload["config"],
-        "cache": run_info.get("cache"),
-        "samcache_version": __version__,
-        "eval": {p.stem.removeprefix("eval-"): _read_json(p) for p in sorted(run_dir.glob("eval-*.json"))},
-        "load_with": (f"segment_anything.sam_model_registry[{payload['model_type']!r}](checkpoint=FILE)"
-                      if payload["model_type"] != "tiny" else "samcache.models.load_sam('tiny', checkpoint=FILE)"),
-    }
+        atomic_write_bytes(out_file, save(state_dict, metadata={"model_type": run_checkpoint.model_type}))
+    metadata = _metadata(run, run_checkpoint, weights, out_file, fmt, model.weights_source)
     atomic_write_json(out_file.with_suffix(".json"), metadata)
     return metadata
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+def _metadata(run: RunFolder, run_checkpoint: RunCheckpoint, weights: str, out_file: Path, fmt: str,
+              base_source: str) -> dict:
+    model_type = run_checkpoint.model_type
+    return {
+        "format": fmt,
+        "file": out_file.name,
+        "sha256": sha256_file(out_file),
+        "model_type": model_type,
+        "base_weights_sha256": run_checkpoint.base_weights_sha256,
+        "base_weights_source": base_source,
+        "fine_tuned": run_checkpoint.trained,
+        "run": str(run.path.resolve()),
+        "run_weights": weights,
+        "epoch": run_checkpoint.state.epoch,
+        "validation_miou_per_epoch": run_checkpoint.state.history,
+        "training_config": run_checkpoint.config,
+        "cache": run.cache_dir(),
+        "samcache_version": __version__,
+        "eval": run.eval_summaries(),
+        "load_with": (f"segment_anything.sam_model_registry[{model_type!r}](checkpoint=FILE)"
+                      if model_type != "tiny" else "samcache.models.load_sam('tiny', checkpoint=FILE)"),
+    }

@@ -1,4 +1,4 @@
-"""Small file helpers: content hashes and atomic writes."""
+"""Small file helpers: a file's identity (content hash, size, mtime) and atomic writes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -15,6 +16,39 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file, with which content: what the cache records of every image it saw.
+
+    Arguments:
+      path: the file's path as the dataset gave it.
+      sha256: SHA-256 of its bytes ("" when it could not be read).
+      size: its size in bytes; mtime_ns: its modification time (-1 both, when unknown).
+    """
+
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | Path) -> "FileIdentity":
+        """Stats and hashes `path` (OSError when it cannot be read)."""
+        stat = os.stat(path)
+        return cls(str(path), sha256_file(path), stat.st_size, stat.st_mtime_ns)
+
+    def unchanged(self, path: str | Path) -> bool:
+        """True when `path` still has this content: size and mtime agree, or, when only the mtime
+        moved (a copy, a touch), the SHA-256 does."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return False
+        if stat.st_size != self.size:
+            return False
+        return stat.st_mtime_ns == self.mtime_ns or (bool(self.sha256) and sha256_file(path) == self.sha256)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -35,73 +35,25 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from samcache.errors import CheckpointError
 from samcache.fileio import sha256_file
-
-IMAGE_SIZE = 1024
-PATCH_SIZE = 16
-PROMPT_EMBED_DIM = 256
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """The image encoder's shape for one model type (the rest of SAM is the same for all)."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    global_attn_indexes: tuple[int, ...]
-
-
-ENCODER_SPECS: dict[str, EncoderSpec] = {
-    "vit_b": EncoderSpec(768, 12, 12, (2, 5, 8, 11)),
-    "vit_l": EncoderSpec(1024, 24, 16, (5, 11, 17, 23)),
-    "vit_h": EncoderSpec(1280, 32, 16, (7, 15, 23, 31)),
-    # Windowed attention only: a global block over 4096 tokens would cost 4x the rest on a CPU.
-    "tiny": EncoderSpec(128, 4, 4, ()),
-}
-MODEL_TYPES = tuple(ENCODER_SPECS)
+from samcache.specs import (
+    EMBEDDING_SIZE,
+    ENCODER_SPECS,
+    IMAGE_SIZE,
+    MODEL_TYPES,
+    OFFICIAL_WEIGHTS,
+    PATCH_SIZE,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    PROMPT_EMBED_DIM,
+    EncoderSpec,
+    OfficialWeights,
+)
 
 # samcache's own tiny weights, pretrained on synthetic shapes (scripts/pretrain_tiny.py), shipped
 # in the package. The SHA-256 pins the exact file; a file that differs is refused, never used.
 TINY_PRETRAINED = Path(__file__).resolve().parent / "weights" / "tiny_shapes.safetensors"
-# Empty: no pretrained file is pinned, so load_sam("tiny") stays random. The first 27-minute run of
-# scripts/pretrain_tiny.py reached only 0.06 held-out box mIoU (a box-filling baseline gets 0.66):
-# not worth shipping as the default yet.
+# The shipped file's SHA-256 (scripts/pretrain_tiny.py prints it); caches made with it record it.
 TINY_PRETRAINED_SHA256 = "935408e1e63f26a525d9e9548c788abd7ee28ba055467b29bd27368cb109f0bd"
-
-
-@dataclass(frozen=True)
-class OfficialWeights:
-    """Meta's released checkpoint for a model type."""
-
-    url: str
-    sha256: str
-    size_bytes: int
-
-    @property
-    def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
-
-
-_SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-OFFICIAL_WEIGHTS: dict[str, OfficialWeights] = {
-    "vit_b": OfficialWeights(
-        _SAM_BASE_URL + "sam_vit_b_01ec64.pth",
-        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-        375_042_383,
-    ),
-    "vit_l": OfficialWeights(
-        _SAM_BASE_URL + "sam_vit_l_0b3195.pth",
-        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-        1_249_524_607,
-    ),
-    "vit_h": OfficialWeights(
-        _SAM_BASE_URL + "sam_vit_h_4b8939.pth",
-        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-        2_564_550_879,
-    ),
-}
 
 
 @dataclass
@@ -110,7 +62,7 @@ class LoadedModel:
 
     Arguments:
       sam: the model, in eval mode, on the CPU.
-      model_type: one of MODEL_TYPES.
+      model_type: one of specs.MODEL_TYPES.
       weights_sha256: SHA-256 of the checkpoint file, or for generated weights (tiny) of the
         state dict's tensors; caches and runs record it and refuse a mismatch.
       weights_source: a human-readable origin: a path, or "tiny random init (seed 0)".
@@ -130,7 +82,6 @@ def samcache_home() -> Path:
 def build_sam(model_type: str) -> Sam:
     """Builds an untrained SAM of `model_type` with segment_anything's modules (eval mode, CPU)."""
     spec = _spec(model_type)
-    embedding_size = IMAGE_SIZE // PATCH_SIZE
     sam = Sam(
         image_encoder=ImageEncoderViT(
             depth=spec.depth,
@@ -148,7 +99,7 @@ def build_sam(model_type: str) -> Sam:
         ),
         prompt_encoder=PromptEncoder(
             embed_dim=PROMPT_EMBED_DIM,
-            image_embedding_size=(embedding_size, embedding_size),
+            image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
             input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
             mask_in_chans=16,
         ),

@@ -19,13 +19,15 @@ import torch
 
 from samcache import masks
 from samcache.cache import EmbeddingCache
-from samcache.decoder import PromptBatch, best_for_inference, decode, upscale_logits
-from samcache.embed import resolve_device
+from samcache.devices import resolve_device
 from samcache.errors import SamcacheError
 from samcache.fileio import atomic_write_json, sha256_file
 from samcache.images import read_image
-from samcache.models import load_matching, load_sam
+from samcache.inference import predict_masks
+from samcache.models import load_sam
 from samcache.preprocess import batch_to_model_input, input_size, resize_image, transform_boxes
+from samcache.prompts import PromptBatch
+from samcache.runs import RunFolder
 
 
 @dataclass
@@ -40,13 +42,8 @@ class Predictor:
 
 def predictor_from_run(run_dir: str | Path, *, weights: str = "best", checkpoint=None) -> Predictor:
     """The base SAM of a run with the run's fine-tuned decoder."""
-    from samcache.train import apply_run_weights, read_run_checkpoint
-
-    payload = read_run_checkpoint(Path(run_dir) / f"{weights}.pt")
-    base = load_matching(payload["model_type"], payload["base_weights_sha256"],
-                         checkpoint or payload["config"].get("checkpoint"))
-    apply_run_weights(base.sam, payload)
-    return Predictor(base.sam.eval(), payload["model_type"], payload["base_weights_sha256"], f"{run_dir} ({weights})")
+    model, run_checkpoint = RunFolder(run_dir).load_model(weights, checkpoint)
+    return Predictor(model.sam.eval(), model.model_type, run_checkpoint.base_weights_sha256, f"{run_dir} ({weights})")
 
 
 def predictor_from_checkpoint(checkpoint: str | Path, model_type: Optional[str] = None) -> Predictor:
@@ -114,7 +111,7 @@ def predict_images(
     torch_device = resolve_device(device)
     sam = predictor.sam.to(torch_device)
     cache = _usable_cache(cache_dir, predictor)
-    cached_by_sha = {info.sha256: info for info in cache.images} if cache is not None else {}
+    cached_by_sha = {info.file.sha256: info for info in cache.images} if cache is not None else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -127,15 +124,12 @@ def predict_images(
         embedding, source = _embedding(sam, cache, cached_by_sha, path, image, torch_device)
         boxes = torch.as_tensor(transform_boxes(np.array(image_boxes, dtype=np.float64), original),
                                 dtype=torch.float32, device=torch_device)
-        n = len(image_boxes)
-        prompts = PromptBatch(torch.zeros(n, dtype=torch.long, device=torch_device), boxes,
-                              torch.zeros((n, 1, 2), device=torch_device),
-                              torch.full((n, 1), -1, dtype=torch.long, device=torch_device),
-                              torch.ones(n, dtype=torch.bool, device=torch_device))
-        logits, scores = best_for_inference(decode(sam.prompt_encoder, sam.mask_decoder, embedding, prompts),
-                                            prompts.is_box)
-        predicted = (upscale_logits(logits.float(), input_size(original), original) > 0).cpu().numpy()
-        for k, (mask, xyxy, score) in enumerate(zip(predicted, image_boxes, scores.tolist())):
+        # fp32, as SamPredictor: these masks are meant to equal the predictor's
+        predictions = predict_masks(sam.prompt_encoder, sam.mask_decoder, embedding,
+                                    PromptBatch.boxes_of_one_image(boxes), [(input_size(original), original)])
+        predicted = np.stack([p.mask for p in predictions])
+        scores = [p.score for p in predictions]
+        for k, (mask, xyxy, score) in enumerate(zip(predicted, image_boxes, scores)):
             mask_file = out_dir / f"{path.stem}_mask{k}.png"
             cv2.imwrite(str(mask_file), mask.astype(np.uint8) * 255)
             results.append({"image": str(path), "box": list(map(float, xyxy)), "score": float(score),

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from samcache.models import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
+from samcache.specs import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
 
 
 @dataclass(frozen=True)

@@ -21,41 +21,12 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 
 from samcache import masks
+from samcache.config import MAX_POINTS, PromptSettings
 from samcache.preprocess import transform_boxes, transform_coords
-
-PROMPT_MODES = ("box", "point", "mixed")
-LOW_RES = 256
-# Points beyond this many per prompt are ignored; fixed so batches stack.
-MAX_POINTS = 8
-
-
-@dataclass(frozen=True)
-class PromptSettings:
-    """How training prompts are drawn.
-
-    Arguments:
-      mode: "box", "point", or "mixed" (a point prompt with probability `point_ratio`).
-      box_jitter: each box side moves by up to this fraction of the box's width or height.
-      box_jitter_max: ... and by at most this many pixels (original image pixels).
-      positive_points, negative_points: points per point prompt, inside the mask and in the
-        box outside it.
-      point_ratio: in "mixed" mode, the probability that a prompt is points rather than a box.
-    """
-
-    mode: str = "box"
-    box_jitter: float = 0.1
-    box_jitter_max: float = 20.0
-    positive_points: int = 1
-    negative_points: int = 0
-    point_ratio: float = 0.5
-
-    def __post_init__(self):
-        if self.mode not in PROMPT_MODES:
-            raise ValueError(f"unknown prompt mode {self.mode!r}; choose one of {', '.join(PROMPT_MODES)}")
-        if self.positive_points + self.negative_points > MAX_POINTS or self.positive_points < 1:
-            raise ValueError(f"point prompts need 1..{MAX_POINTS} points with at least one positive")
+from samcache.specs import IMAGE_SIZE, LOW_RES_SIZE
 
 
 @dataclass
@@ -73,6 +44,53 @@ class Prompt:
     points: np.ndarray
     labels: np.ndarray
     is_box: bool
+
+
+@dataclass
+class PromptBatch:
+    """The prompts of a batch as tensors, all in the encoder's input frame.
+
+    Arguments:
+      batch_row: (N,) long, the row of the batch's embeddings (the image) each prompt is for.
+      boxes: (N, 4) XYXY; points: (N, P, 2); labels: (N, P) with -1 for padding.
+      is_box: (N,) bool: a box prompt (else a point prompt).
+    """
+
+    batch_row: torch.Tensor
+    boxes: torch.Tensor
+    points: torch.Tensor
+    labels: torch.Tensor
+    is_box: torch.Tensor
+
+    @classmethod
+    def from_prompts(cls, prompts: list[Prompt], batch_row: torch.Tensor) -> "PromptBatch":
+        """Stacks `Prompt`s; prompt n is for the image in row `batch_row[n]` of the batch."""
+        if not prompts:
+            return cls(batch_row, torch.zeros((0, 4)), torch.zeros((0, MAX_POINTS, 2)),
+                       torch.zeros((0, MAX_POINTS)).long(), torch.zeros(0, dtype=torch.bool))
+        return cls(
+            batch_row=batch_row,
+            boxes=torch.from_numpy(np.stack([p.box for p in prompts])),
+            points=torch.from_numpy(np.stack([p.points for p in prompts])),
+            labels=torch.from_numpy(np.stack([p.labels for p in prompts])),
+            is_box=torch.tensor([p.is_box for p in prompts], dtype=torch.bool),
+        )
+
+    @classmethod
+    def boxes_of_one_image(cls, boxes: torch.Tensor) -> "PromptBatch":
+        """Box prompts (N, 4), already in the input frame, all for the batch's one image."""
+        n, device = boxes.shape[0], boxes.device
+        return cls(batch_row=torch.zeros(n, dtype=torch.long, device=device), boxes=boxes,
+                   points=torch.zeros((n, 1, 2), device=device),
+                   labels=torch.full((n, 1), -1, dtype=torch.long, device=device),
+                   is_box=torch.ones(n, dtype=torch.bool, device=device))
+
+    def __len__(self) -> int:
+        return int(self.batch_row.shape[0])
+
+    def to(self, device) -> "PromptBatch":
+        return PromptBatch(*(t.to(device, non_blocking=True) for t in
+                             (self.batch_row, self.boxes, self.points, self.labels, self.is_box)))
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:
@@ -153,7 +171,7 @@ def evaluation_prompt(rle: dict, box, original_size, mode: str) -> Prompt:
     raise ValueError(f"evaluation prompts are 'box' or 'point', not {mode!r}")
 
 
-def low_res_target(rle: dict, input_size: tuple[int, int], image_size: int = 1024) -> np.ndarray:
+def low_res_target(rle: dict, input_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> np.ndarray:
     """The object's mask in the decoder's 256x256 frame, as a float32 coverage map in [0, 1].
 
     The mask is resized like the image (to `input_size`), padded bottom-right to the square
@@ -161,9 +179,9 @@ def low_res_target(rle: dict, input_size: tuple[int, int], image_size: int = 102
     """
     mask = masks.decode(rle).astype(np.float32)
     h, w = input_size
-    scale = LOW_RES / image_size
+    scale = LOW_RES_SIZE / image_size
     low_h, low_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
     resized = cv2.resize(mask, (low_w, low_h), interpolation=cv2.INTER_AREA)
-    target = np.zeros((LOW_RES, LOW_RES), np.float32)
+    target = np.zeros((LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
     target[:low_h, :low_w] = resized
     return target

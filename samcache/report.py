@@ -1,4 +1,4 @@
-"""Pictures and reports: training curves (train), before/after overlays and plots (eval)."""
+"""Pictures and reports: training curves (train), the eval table, before/after overlays and plots."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from samcache import masks
+
+MODELS = ("zero_shot", "fine_tuned")
 
 
 def _pyplot():
@@ -53,6 +57,7 @@ TITLES = {"truth": "ground truth", "zero_shot": "zero-shot SAM", "fine_tuned": "
 def _panel(ax, preview: np.ndarray, mask: np.ndarray, box, color, title: str, outline: np.ndarray) -> None:
     """One overlay panel: the preview crop around `box`, `mask` filled, the truth outlined, the box drawn."""
     import cv2
+    from matplotlib.patches import Rectangle  # matplotlib loads only when a picture is drawn
 
     scale = preview.shape[1] / mask.shape[1]
     small = cv2.resize(mask.astype(np.uint8), preview.shape[1::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
@@ -68,18 +73,15 @@ def _panel(ax, preview: np.ndarray, mask: np.ndarray, box, color, title: str, ou
     for contour in contours:
         c = contour[:, 0, :]
         ax.plot(np.append(c[:, 0], c[0, 0]) + 0.5, np.append(c[:, 1], c[0, 1]) + 0.5, color=COLORS["truth"], lw=1)
-    ax.add_patch(__import__("matplotlib.patches", fromlist=["Rectangle"]).Rectangle(
-        (x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1, ls="--"))
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1, ls="--"))
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
 
 def plot_overlays(path: Path, cache, rows: dict[str, list[dict]], picks: list[int], heading: str) -> None:
     """A grid: one row per picked object; columns ground truth, zero-shot, fine-tuned (when present)."""
-    from samcache import masks
-
     plt = _pyplot()
-    models = [m for m in ("zero_shot", "fine_tuned") if m in rows]
+    models = [m for m in MODELS if m in rows]
     fig, axes = plt.subplots(len(picks), 1 + len(models), figsize=(3.2 * (1 + len(models)), 3.0 * len(picks)),
                              squeeze=False)
     for r, k in enumerate(picks):
@@ -136,8 +138,6 @@ def plot_iou_scatter(path: Path, rows: dict[str, list[dict]]) -> None:
 def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summary: dict, *, overlays: int,
                       seed: int) -> None:
     """report.md plus overlays (worst, best, random objects), an IoU histogram and a before/after scatter."""
-    from samcache.evaluate import format_table
-
     report_dir = Path(report_dir)
     ranked_by = "fine_tuned" if "fine_tuned" in rows else "zero_shot"
     order = list(np.argsort([r["iou"] for r in rows[ranked_by]], kind="stable"))
@@ -166,7 +166,8 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
         f"# samcache evaluation: split `{summary['split']}`",
         "",
         f"- cache: `{summary['cache']}` (model `{summary['model_type']}`)",
-        f"- run: `{summary['run']}` ({config['weights']} weights)" if summary["run"] else "- run: none (base model only)",
+        (f"- run: `{summary['run']}` ({config['weights']} weights)" if summary["run"]
+         else "- run: none (base model only)"),
         f"- prompts: {config['prompt']}" + (f", box jitter {config['box_jitter']} (seed {config['seed']})"
                                              if config["box_jitter"] else " (exact boxes)" if config["prompt"] == "box"
                                              else " (each mask's most interior point)"),
@@ -187,6 +188,17 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
     lines += ["", "## Pictures", ""]
     for file, caption in pictures:
         lines += [f"![{file}]({file})", "", caption, ""]
-    lines += ["## Files", "", "- `summary.json`: the figures above", "- `objects.csv`: one row per object, each model's "
+    lines += ["## Files", "", "- `summary.json`: the figures above",
+              "- `objects.csv`: one row per object, each model's "
               "IoU, Dice, boundary F and predicted IoU", *[f"- `{f}`" for f, _ in pictures], ""]
     (report_dir / "report.md").write_text("\n".join(lines))
+
+
+def format_table(summary: dict) -> str:
+    """The zero-shot vs fine-tuned table the CLI and the demo print."""
+    lines = [f"{'model':<12} {'objects':>7} {'mIoU':>7} {'mDice':>7} {'bound.F':>7}"]
+    for name in MODELS:
+        if name in summary:
+            s = summary[name]
+            lines.append(f"{name:<12} {s['objects']:>7} {s['miou']:>7.4f} {s['mdice']:>7.4f} {s['boundary_f']:>7.4f}")
+    return "\n".join(lines)

@@ -11,7 +11,7 @@ seen, whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
-import os
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -21,10 +21,12 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
 from samcache.cache import EmbeddingCache
-from samcache.decoder import PromptBatch
-from samcache.prompts import (
-    PromptSettings, evaluation_prompt, jitter_box, low_res_target, rng_for, training_prompt,
-)
+from samcache.config import PromptSettings
+from samcache.devices import available_memory_bytes
+from samcache.prompts import PromptBatch, evaluation_prompt, jitter_box, low_res_target, rng_for, training_prompt
+from samcache.specs import EMBEDDING_SHAPE, LOW_RES_SIZE
+
+EMBEDDING_BYTES = 2 * math.prod(EMBEDDING_SHAPE)  # float16
 
 
 class EmbeddingStore:
@@ -38,7 +40,7 @@ class EmbeddingStore:
 
     def __init__(self, cache: EmbeddingCache, indices: list[int], device: torch.device | str = "cpu"):
         self.row_of = {index: row for row, index in enumerate(indices)}
-        self.embeddings = torch.empty((len(indices), 256, 64, 64), dtype=torch.float16, device=device)
+        self.embeddings = torch.empty((len(indices), *EMBEDDING_SHAPE), dtype=torch.float16, device=device)
         for row, index in enumerate(indices):
             self.embeddings[row] = torch.from_numpy(cache.embedding(index)).to(device)
 
@@ -47,23 +49,13 @@ class EmbeddingStore:
         return self.embeddings.index_select(0, rows)
 
 
-def available_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 0
-
-
 def should_hold_in_memory(policy: str, n_images: int, device: torch.device, budget_bytes: Optional[int]) -> bool:
     """`yes`/`no`, or for `auto`: when the embeddings fit in the budget (default: half the free memory)."""
     if policy in ("yes", "no"):
         return policy == "yes"
     if policy != "auto":
         raise ValueError(f"cache-in-memory must be auto, yes or no, not {policy!r}")
-    need = n_images * 256 * 64 * 64 * 2
+    need = n_images * EMBEDDING_BYTES
     budget = budget_bytes if budget_bytes is not None else available_memory_bytes(device) // 2
     return need <= budget
 
@@ -163,8 +155,7 @@ class CacheSamples(TorchDataset):
             "index": index,
             "prompts": prompts,
             "targets": np.stack([low_res_target(o.rle, info.input_size) for o in objects]) if objects else
-            np.zeros((0, 256, 256), np.float32),
-            "object_ids": [o.object_id for o in objects],
+            np.zeros((0, LOW_RES_SIZE, LOW_RES_SIZE), np.float32),
         }
         if self.read_embeddings:
             item["embedding"] = torch.from_numpy(self.cache.embedding(index))
@@ -173,13 +164,13 @@ class CacheSamples(TorchDataset):
 
 @dataclass
 class Batch:
-    """A collated batch: B images, N prompts."""
+    """A collated batch: B images (cache indices; their embeddings, unless held in memory) and
+    N prompts with their (N, 256, 256) low-res targets."""
 
     indices: list[int]
     embeddings: Optional[torch.Tensor]
     prompts: PromptBatch
     targets: torch.Tensor
-    object_ids: list[int]
 
     @property
     def n_prompts(self) -> int:
@@ -191,11 +182,10 @@ def collate(items: list[dict]) -> Optional[Batch]:
     if not items:
         return None
     prompts = [p for item in items for p in item["prompts"]]
-    image_index = torch.tensor([b for b, item in enumerate(items) for _ in item["prompts"]], dtype=torch.long)
+    batch_row = torch.tensor([b for b, item in enumerate(items) for _ in item["prompts"]], dtype=torch.long)
     return Batch(
         indices=[item["index"] for item in items],
         embeddings=torch.stack([item["embedding"] for item in items]) if "embedding" in items[0] else None,
-        prompts=PromptBatch.from_prompts(prompts, image_index),
+        prompts=PromptBatch.from_prompts(prompts, batch_row),
         targets=torch.from_numpy(np.concatenate([item["targets"] for item in items])),
-        object_ids=[i for item in items for i in item["object_ids"]],
     )

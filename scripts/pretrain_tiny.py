@@ -1,6 +1,7 @@
 """Pretrains samcache's `tiny` model on synthetic shapes: the recipe of the shipped weights.
 
-Two stages, both on generic shapes images (samcache.datasets.shapes; never stamps):
+The recipe lives in samcache/tiny/recipe.py; this is its command line. Two stages, both on
+generic shapes images (samcache.tiny.shapes; never stamps):
 
 1. Decoder warm-up with samcache's own pipeline: draw a shapes data set, `embed` it with the
    randomly initialised tiny encoder, `train` the prompt encoder and mask decoder from that
@@ -8,7 +9,7 @@ Two stages, both on generic shapes images (samcache.datasets.shapes; never stamp
    far faster on a frozen encoder and box prompts than end to end with mixed prompts
    (measured: end to end alone reached 0.06 held-out box mIoU in 27 minutes; decoder-only with
    half point prompts 0.07 after 3 epochs here).
-2. End to end (samcache.pretrain.pretrain_tiny): every part of the model trains, on freshly
+2. End to end (samcache.tiny.pretrain.pretrain_tiny): every part of the model trains, on freshly
    drawn images, starting from stage 1's weights, the encoder at a tenth of the learning rate.
 
 The shipped samcache/weights/tiny_shapes.safetensors (+ tiny_shapes.json, its provenance)
@@ -36,7 +37,6 @@ shapes, NOT Meta's Segment Anything.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -46,55 +46,30 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from samcache.datasets import load_dataset  # noqa: E402
-from samcache.datasets.shapes import generate_shapes  # noqa: E402
-from samcache.embed import EmbedConfig, embed_dataset  # noqa: E402
-from samcache.export import export_run  # noqa: E402
-from samcache.pretrain import PretrainConfig, pretrain_tiny  # noqa: E402
-from samcache.train import TrainConfig, train  # noqa: E402
+from samcache.tiny.recipe import Recipe, make_tiny_weights  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    defaults = Recipe()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="weights file to write (.safetensors; a .json goes beside it)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/samcache_pretrain_tiny"),
                         help="stage 1's data set, cache and run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup-images", type=int, default=360, help="stage 1: shapes images (90%% train)")
-    parser.add_argument("--warmup-epochs", type=int, default=8, help="stage 1: decoder epochs")
-    parser.add_argument("--steps", type=int, default=300, help="stage 2: end-to-end steps (one image each)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="stage 2: peak learning rate")
-    parser.add_argument("--encoder-lr-scale", type=float, default=0.1, help="stage 2: encoder lr / lr")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--warmup-images", type=int, default=defaults.warmup_images,
+                        help="stage 1: shapes images (90%% train)")
+    parser.add_argument("--warmup-epochs", type=int, default=defaults.warmup_epochs, help="stage 1: decoder epochs")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="stage 2: end-to-end steps (one image each)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="stage 2: peak learning rate")
+    parser.add_argument("--encoder-lr-scale", type=float, default=defaults.encoder_lr_scale,
+                        help="stage 2: encoder lr / lr")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     command = " ".join(shlex.quote(a) for a in ["scripts/pretrain_tiny.py", *(sys.argv[1:] if argv is None else argv)])
-    work, progress = args.workdir, not args.quiet
+    recipe = Recipe(seed=args.seed, warmup_images=args.warmup_images, warmup_epochs=args.warmup_epochs,
+                    steps=args.steps, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale)
     started = time.time()
-
-    # Stage 1: the decoder learns on the frozen, randomly initialised encoder's embeddings.
-    if not (work / "shapes" / "train.json").is_file():
-        generate_shapes(work / "shapes", args.warmup_images, seed=args.seed, fractions=(0.9, 0.1, 0.0),
-                        progress=progress)
-    embed_dataset(load_dataset(work / "shapes"), work / "cache",
-                  EmbedConfig(model_type="tiny", random_init=True, precision="bf16", workers=1, progress=progress))
-    warmup = TrainConfig(epochs=args.warmup_epochs, batch_size=4, objects_per_image=4, lr=1e-3, loss="dice-bce",
-                         prompt="box", train=["mask_decoder", "prompt_encoder"], warmup_steps=20, workers=1,
-                         cache_in_memory="yes", seed=args.seed)
-    run_info = work / "run" / "run.json"
-    if not (run_info.is_file() and "result" in json.loads(run_info.read_text())):  # else: stage 1 is done
-        train(work / "cache", work / "run", warmup, resume=(work / "run" / "last.pt").is_file(), progress=progress)
-    export_run(work / "run", work / "stage1.safetensors", fmt="safetensors", weights="best")
-    stage1 = json.loads((work / "run" / "run.json").read_text())["result"]
-
-    # Stage 2: end to end, from stage 1's weights.
-    config = PretrainConfig(steps=args.steps, seed=args.seed, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale,
-                            init_weights=str(work / "stage1.safetensors"), warmup_steps=20, prompts_per_image=4,
-                            eval_at_start=True)
-    result = pretrain_tiny(config, args.out, progress=progress, command=command,
-                           stages={"decoder_warmup": {"config": warmup.__dict__, "train_seconds": stage1["seconds"],
-                                                      "val_miou_start": stage1["val_miou_start"],
-                                                      "val_miou_best": stage1["val_miou_best"],
-                                                      "history": stage1["history"]}})
+    result = make_tiny_weights(args.out, args.workdir, recipe, command=command, progress=not args.quiet)
     print(f"{result.weights}  sha256 {result.sha256}  held-out box mIoU {result.box_miou:.4f}  "
           f"point mIoU {result.point_miou:.4f}  ({(time.time() - started) / 60:.1f} min in all)")
     return 0

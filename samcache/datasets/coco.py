@@ -166,7 +166,8 @@ class _CocoReader:
             return
         record = f"annotation id {ann['id']}"
         if ann["id"] in self.seen_annotation_ids:
-            self.problem(file, record, f"duplicate annotation id (first in {self.seen_annotation_ids[ann['id']]})", "object")
+            first = self.seen_annotation_ids[ann["id"]]
+            self.problem(file, record, f"duplicate annotation id (first in {first})", "object")
             return
         self.seen_annotation_ids[ann["id"]] = str(file)
         image = images.get(ann.get("image_id"))

@@ -57,7 +57,8 @@ def read_maskdir(
         record = f"image {name}"
         mask_path = _find_mask(mask_dir, image_path)
         if mask_path is None:
-            dataset.problems.append(Problem(str(image_path), record, f"no mask named {image_path.stem}.* in {mask_dir}", "image"))
+            dataset.problems.append(Problem(str(image_path), record,
+                                            f"no mask named {image_path.stem}.* in {mask_dir}", "image"))
             continue
         try:
             height, width = read_image_size(image_path)

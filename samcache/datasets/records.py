@@ -12,10 +12,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from samcache.config import SPLITS, TEST_SPLIT, TRAIN_SPLIT, VAL_SPLIT
 from samcache.errors import DatasetError
 from samcache.masks import Rle
 
-SPLITS = ("train", "val", "test")
+__all__ = ["SPLITS", "Dataset", "ImageRecord", "ObjectRecord", "Problem", "hash_split"]
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,6 @@ class Dataset:
     problems: list[Problem] = field(default_factory=list)
     ignored_crowd: int = 0
 
-    @property
-    def categories(self) -> list[str]:
-        return sorted({o.category for im in self.images for o in im.objects})
-
     def split(self, name: str) -> list[ImageRecord]:
         return [im for im in self.images if im.split == name]
 
@@ -133,7 +130,7 @@ def hash_split(name: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1
         raise DatasetError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
     u = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
     if u < fractions[0]:
-        return "train"
+        return TRAIN_SPLIT
     if u < fractions[0] + fractions[1]:
-        return "val"
-    return "test"
+        return VAL_SPLIT
+    return TEST_SPLIT

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from samcache.config import SPLITS
 from samcache.errors import DatasetError
 from samcache.masks import area, bbox_xyxy, encode
-
-SPLITS = ("train", "val", "test")
 
 
 def split_plan(n: int, seed: int, fractions: Sequence[float]) -> list[str]:

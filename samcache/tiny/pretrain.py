@@ -3,10 +3,11 @@
 SAM's real weights cannot be shipped or downloaded everywhere, so the offline demo needs a
 model of SAM's architecture that has learnt *something* about objects. `pretrain_tiny`
 trains all of `tiny` (image encoder, prompt encoder, mask decoder) from its random
-initialisation on images drawn on the fly by `samcache.datasets.shapes` (never the stamps
+initialisation on images drawn on the fly by `samcache.tiny.shapes` (never the stamps
 domain), with box prompts jittered as SAM's training does and single-point prompts, using the
-same preprocessing as `samcache embed` and the same batched decoder and loss as `samcache
-train`. It ends with a fixed, seeded held-out evaluation and writes:
+same preprocessing as `samcache embed`, the same batched decoder and training step
+(`train.optimize_step`) as `samcache train`, and the same inference path (inference.py) as
+`samcache eval`. It ends with a fixed, seeded held-out evaluation and writes:
 
     OUT.safetensors   the full state dict (Meta's key layout), stored as float16
     OUT.json          provenance: config, seed, steps, wall time, CPU, torch, figures, SHA-256
@@ -40,14 +41,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from samcache import __version__, masks
-from samcache.datasets.shapes import ShapesSettings, render_shapes
-from samcache.decoder import LOSSES, PromptBatch, best_for_inference, compute_loss, decode, upscale_logits
+from samcache.config import LOSSES, PromptSettings
+from samcache.decoder import decode
+from samcache.devices import autocast
 from samcache.fileio import sha256_file
+from samcache.inference import predict_masks
 from samcache.metrics import iou
-from samcache.models import build_tiny, load_weights_into, build_sam, read_state_dict
+from samcache.models import build_sam, build_tiny, load_weights_into, read_state_dict
 from samcache.preprocess import batch_to_model_input, input_size, resize_image
-from samcache.prompts import PromptSettings, evaluation_prompt, low_res_target, rng_for, training_prompt
-from samcache.train import warmup_cosine
+from samcache.prompts import PromptBatch, evaluation_prompt, low_res_target, rng_for, training_prompt
+from samcache.tiny.shapes import ShapesSettings, render_shapes
+from samcache.train import optimize_step, set_learning_rate, warmup_cosine
+
+CPU = torch.device("cpu")
 
 PRECISIONS = ("fp32", "bf16")
 PROVENANCE_STATEMENT = (
@@ -102,7 +108,7 @@ class PretrainConfig:
     threads: Optional[int] = None
     """torch intra-op threads (None: torch's default)."""
     shapes: ShapesSettings = field(default_factory=ShapesSettings)
-    """How shapes images are drawn (datasets.shapes.ShapesSettings)."""
+    """How shapes images are drawn (tiny.shapes.ShapesSettings)."""
 
     def __post_init__(self):
         if isinstance(self.shapes, dict):
@@ -194,10 +200,6 @@ def _collate(items: list[_Item]) -> tuple[list[torch.Tensor], PromptBatch, torch
     return [item.image for item in items], batch, torch.from_numpy(np.concatenate([i.targets for i in items]))
 
 
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def learning_rate(step: int, config: PretrainConfig) -> float:
     """Warmup, then cosine down to `min_lr_ratio` x `lr` at the last step; `step` counts from 0."""
     return warmup_cosine(step, peak=config.lr, warmup_steps=config.warmup_steps, end_step=config.steps - 1,
@@ -222,19 +224,16 @@ def evaluate_shapes(sam, *, seed: int, images: int, shapes: ShapesSettings = Sha
         if not drawn.masks:
             continue
         original = drawn.image.shape[:2]
-        resized = input_size(original)
         x = batch_to_model_input([torch.from_numpy(resize_image(drawn.image))])
-        with _autocast(precision):
+        with autocast(CPU, precision):
             embedding = sam.image_encoder(x).float()
         rles = [masks.encode(m) for m in drawn.masks]
         for mode in ("box", "point"):
             prompts = [evaluation_prompt(r, masks.bbox_xyxy(r), original, mode) for r in rles]
             batch = PromptBatch.from_prompts(prompts, torch.zeros(len(prompts), dtype=torch.long))
-            with _autocast(precision):
-                output = decode(sam.prompt_encoder, sam.mask_decoder, embedding, batch)
-            logits, _ = best_for_inference(output, batch.is_box)
-            predicted = upscale_logits(logits.float(), resized, original) > 0
-            scores[mode] += [iou(p.numpy(), m) for p, m in zip(predicted, drawn.masks)]
+            predictions = predict_masks(sam.prompt_encoder, sam.mask_decoder, embedding, batch,
+                                        [(input_size(original), original)], precision=precision)
+            scores[mode] += [iou(p.mask, m) for p, m in zip(predictions, drawn.masks)]
     return {
         "box_miou": float(np.mean(scores["box"])) if scores["box"] else float("nan"),
         "point_miou": float(np.mean(scores["point"])) if scores["point"] else float("nan"),
@@ -258,9 +257,6 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: boo
       stages: what came before this run (e.g. the decoder warm-up that made `init_weights`),
         recorded in the provenance as it is.
     """
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
     started = time.time()
     load_start = _load_average()
     out_path = Path(out_path)
@@ -277,45 +273,73 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: boo
     if config.eval_at_start:
         initial = evaluate_shapes(sam, seed=config.eval_seed, images=config.eval_images, shapes=config.shapes,
                                   precision=config.precision)
-    sam.train()
+    train_started = time.time()
+    history = _train(sam, config, progress=progress)
+    train_s = time.time() - train_started
+
+    # Write float16, then evaluate the file as written: the figures are the shipped model's.
+    digest = _write_weights(sam, out_path)
+    shipped = build_sam("tiny")
+    load_weights_into(shipped, read_state_dict(out_path), model_type="tiny", source=out_path)
+    final = evaluate_shapes(shipped, seed=config.eval_seed, images=config.eval_images, shapes=config.shapes,
+                            precision=config.precision)
+    wall = time.time() - started
+    images_seen = config.steps * config.batch_size
+    provenance = _provenance(config, out_path, digest, command=command, stages=stages, history=history,
+                             initial=initial, final=final, train_s=train_s, wall_s=wall, load_start=load_start)
+    provenance_path = out_path.with_suffix(".json")
+    provenance_path.write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    if progress:
+        print(f"pretrained tiny: {config.steps} steps, {images_seen} images in {train_s / 60:.1f} min "
+              f"({images_seen / train_s:.2f} img/s); held-out mIoU box {final['box_miou']:.4f}, "
+              f"point {final['point_miou']:.4f} ({final['objects']} objects); {out_path} sha256 {digest[:12]}",
+              file=sys.stderr)
+    return PretrainResult(out_path, provenance_path, digest, final["box_miou"], final["point_miou"],
+                          config.steps, images_seen, wall)
+
+
+def _optimizer(sam, config: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW with no decay on biases, norms and position embeddings, and the encoder's lr scaled."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in sam.named_parameters():
         decays = p.ndim > 1 and "pos_embed" not in name and "rel_pos" not in name
         groups.setdefault((name.startswith("image_encoder."), decays), []).append(p)
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": params, "weight_decay": config.weight_decay if decays else 0.0,
           "lr_scale": config.encoder_lr_scale if encoder else 1.0}
          for (encoder, decays), params in groups.items()],
         lr=config.lr, betas=(0.9, 0.999),
     )
-    prompt_settings = PromptSettings(mode="mixed", point_ratio=config.point_ratio)
+
+
+def _train(sam, config: PretrainConfig, *, progress: bool) -> list[dict]:
+    """The end-to-end loop: encoder + decoder forward, then `samcache train`'s own step. Returns
+    the loss history (every 25 steps)."""
+    from tqdm import tqdm
+
+    sam.train()
+    optimizer = _optimizer(sam, config)
+    parameters = list(sam.parameters())
     data = ShapesPrompts(seed=config.seed, length=config.steps * config.batch_size,
-                         prompts_per_image=config.prompts_per_image, prompt_settings=prompt_settings,
+                         prompts_per_image=config.prompts_per_image,
+                         prompt_settings=PromptSettings(mode="mixed", point_ratio=config.point_ratio),
                          shapes=config.shapes)
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=False, num_workers=config.workers,
                         collate_fn=_collate, persistent_workers=False,
                         prefetch_factor=4 if config.workers else None)
     bar = tqdm(total=config.steps, desc="pretrain tiny", unit="step", file=sys.stderr, disable=not progress)
-    train_started = time.time()
-    recent_loss, recent_iou = [], []
-    history = []
+    started = time.time()
+    recent_loss, recent_iou, history = [], [], []
     for step, (images, prompts, targets) in enumerate(loader):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config) * group["lr_scale"]
-        x = batch_to_model_input(images)
-        with _autocast(config.precision):
-            embeddings = sam.image_encoder(x)
+        set_learning_rate(optimizer, learning_rate(step, config))
+        with autocast(CPU, config.precision):
+            embeddings = sam.image_encoder(batch_to_model_input(images))
             output = decode(sam.prompt_encoder, sam.mask_decoder, embeddings, prompts)
-        parts = compute_loss(output, targets, prompts.is_box, config.loss)
-        if not torch.isfinite(parts.total):
-            raise FloatingPointError(f"non-finite loss at step {step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
-        torch.nn.utils.clip_grad_norm_(sam.parameters(), config.grad_clip)
-        optimizer.step()
-        recent_loss = (recent_loss + [float(parts.total.detach())])[-20:]
-        recent_iou = (recent_iou + [float(parts.train_iou)])[-20:]
-        elapsed = time.time() - train_started
+        stats = optimize_step(output, targets, prompts.is_box, loss_kind=config.loss, optimizer=optimizer,
+                              parameters=parameters, grad_clip=config.grad_clip)
+        recent_loss = (recent_loss + [stats.loss])[-20:]
+        recent_iou = (recent_iou + [stats.train_iou])[-20:]
+        elapsed = time.time() - started
         if (step + 1) % 25 == 0 or step + 1 == config.steps:
             history.append({"step": step + 1, "loss": float(np.mean(recent_loss)),
                             "train_iou": float(np.mean(recent_iou)), "elapsed_s": round(elapsed, 1),
@@ -324,20 +348,25 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: boo
                         img_s=f"{(step + 1) * config.batch_size / elapsed:.2f}")
         bar.update(1)
     bar.close()
-    train_s = time.time() - train_started
+    return history
 
-    # Write float16, then evaluate the file as written: the figures are the shipped model's.
+
+def _write_weights(sam, out_path: Path) -> str:
+    """The state dict as float16 safetensors with the provenance statement; returns the file's SHA-256."""
+    from safetensors.torch import save_file
+
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in sam.state_dict().items()}
     save_file(state, str(out_path), metadata={"format": "pt", "model_type": "tiny",
                                                "samcache_version": __version__, "statement": PROVENANCE_STATEMENT})
-    digest = sha256_file(out_path)
-    shipped = build_sam("tiny")
-    load_weights_into(shipped, read_state_dict(out_path), model_type="tiny", source=out_path)
-    final = evaluate_shapes(shipped, seed=config.eval_seed, images=config.eval_images, shapes=config.shapes,
-                            precision=config.precision)
-    wall = time.time() - started
+    return sha256_file(out_path)
+
+
+def _provenance(config: PretrainConfig, out_path: Path, digest: str, *, command: Optional[str],
+                stages: Optional[dict], history: list[dict], initial: Optional[dict], final: dict, train_s: float,
+                wall_s: float, load_start: Optional[float]) -> dict:
+    """What the weights' JSON says of them: recipe, seed, time, machine, held-out figures."""
     images_seen = config.steps * config.batch_size
-    provenance = {
+    return {
         "statement": PROVENANCE_STATEMENT,
         "model_type": "tiny",
         "weights_file": out_path.name,
@@ -349,7 +378,7 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: boo
         "steps": config.steps,
         "images_seen": images_seen,
         "train_s": round(train_s, 1),
-        "wall_s": round(wall, 1),
+        "wall_s": round(wall_s, 1),
         "images_per_s": round(images_seen / train_s, 3),
         "held_out": final,
         "held_out_initial": initial,
@@ -357,21 +386,16 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: boo
         "history": history,
         "load_average_1min": {"start": load_start, "end": _load_average(),
                               "mean_during_training": _mean([h["load_1min"] for h in history])},
-        "machine": {"cpu": _cpu_name(), "cores": _cores(), "threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "python": platform.python_version()},
+        "machine": _machine(),
         "torch": torch.__version__,
         "samcache": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    provenance_path = out_path.with_suffix(".json")
-    provenance_path.write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-    if progress:
-        print(f"pretrained tiny: {config.steps} steps, {images_seen} images in {train_s / 60:.1f} min "
-              f"({images_seen / train_s:.2f} img/s); held-out mIoU box {final['box_miou']:.4f}, "
-              f"point {final['point_miou']:.4f} ({final['objects']} objects); {out_path} sha256 {digest[:12]}",
-              file=sys.stderr)
-    return PretrainResult(out_path, provenance_path, digest, final["box_miou"], final["point_miou"],
-                          config.steps, images_seen, wall)
+
+
+def _machine() -> dict:
+    return {"cpu": _cpu_name(), "cores": _cores(), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version()}
 
 
 def _mean(values) -> Optional[float]:

@@ -1,0 +1,348 @@
+"""Every option samcache takes: its name, type, range, default and meaning, checked in one place.
+
+Each command's options are one pydantic model (`EmbedConfig`, `TrainConfig`, `EvalConfig`),
+keyword-only, documented field by field (the docstring under a field is its description, and
+the command line's help text). Nested settings are nested models: the training prompts are a
+`PromptSettings` inside `TrainConfig`, and a YAML `--config` file mirrors that:
+
+    epochs: 8
+    lr: 1e-3
+    prompts:
+      mode: mixed
+      point_ratio: 0.3
+
+Values are checked for type and range when a config is made, before any work starts;
+`parse` turns pydantic's report into one line that names the option and the value. What is
+accepted, on purpose: numbers written as strings (YAML 1.1 reads `1e-4` as a string), and
+`train: mask_decoder` as a one-item list. What is refused: true/false where a number is
+asked for, fractions where a whole number is, NaN and infinity, values out of range.
+
+This module imports no PyTorch, so the command line can build its options from it quickly.
+The option vocabularies (model types, losses, prompt kinds, devices, ...) live here too, and
+the modules that implement them import them from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, TypeVar
+
+import yaml
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from samcache.errors import SamcacheError
+from samcache.images import INTENSITY_MODES
+from samcache.specs import MODEL_TYPES
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+PROMPT_MODES = ("box", "point", "mixed")
+EVAL_PROMPTS = ("box", "point")
+LOSSES = ("sam", "dice-bce", "mse-threshold")
+TRAINABLE = ("mask_decoder", "prompt_encoder")
+RUN_WEIGHTS = ("best", "last")
+EXPORT_FORMATS = ("pth", "safetensors")
+MEMORY_POLICIES = ("auto", "yes", "no")
+SPLITS = ("train", "val", "test")
+TRAIN_SPLIT, VAL_SPLIT, TEST_SPLIT = SPLITS
+MAX_POINTS = 8
+"""Points per prompt beyond this are ignored; fixed so that prompts stack into batches."""
+
+
+class ConfigError(SamcacheError):
+    """An option has the wrong type or is out of range."""
+
+
+def _no_bool(value: Any) -> Any:
+    # pydantic's lax mode reads True as 1; `epochs: true` is a mistake, not one epoch.
+    if isinstance(value, bool):
+        raise ValueError("a number is needed, not true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool), AllowInfNan(False)]
+
+
+class _Options(BaseModel):
+    """Base of every config: unknown keys are errors, assignments are checked too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------- embed
+class EmbedConfig(_Options):
+    """Options of `samcache embed`."""
+
+    model_type: Literal[MODEL_TYPES] = "tiny"
+    """SAM image encoder to run."""
+    checkpoint: Optional[Path] = None
+    """Weights file (default: Meta's official weights; for tiny, samcache's pretrained ones)."""
+    random_init: bool = False
+    """tiny only: random weights instead of the pretrained ones."""
+    batch_size: Optional[Annotated[Int, Field(ge=1)]] = None
+    """Images per encoder forward (default: 8 on CUDA, 1 on the CPU, where batching vit_b only adds
+    memory traffic: see BENCHMARKS.md)."""
+    device: Literal[DEVICES] = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    precision: Literal[PRECISIONS] = "auto"
+    """auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32."""
+    workers: Annotated[Int, Field(ge=0)] = 2
+    """Processes decoding images while the encoder runs (0: in the main process)."""
+    strict: bool = False
+    """Stop at the first image that fails to decode (after committing what is done)."""
+    intensity: Literal[INTENSITY_MODES] = "percentile"
+    """How images with more than 8 bits become 8-bit (images.read_image)."""
+    shard_images: Annotated[Int, Field(ge=1)] = 64
+    """Commit a shard after this many images (what a crash can lose at most)."""
+    shard_seconds: Annotated[Float, Field(gt=0)] = 60.0
+    """... or after this many seconds, whichever comes first."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+# ----------------------------------------------------------------------------------- train
+class PromptSettings(_Options):
+    """How training prompts are drawn from the ground truth."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mode: Literal[PROMPT_MODES] = "box"
+    """Training prompts: box, point, or mixed (a point prompt with probability point_ratio)."""
+    box_jitter: Annotated[Float, Field(ge=0, le=1)] = 0.1
+    """Each box side moves by up to this fraction of the box's width or height..."""
+    box_jitter_max: Annotated[Float, Field(ge=0)] = 20.0
+    """... and by at most this many original pixels (SAM's default: 10%, 20 px)."""
+    positive_points: Annotated[Int, Field(ge=1)] = 1
+    """Points inside the mask per point prompt."""
+    negative_points: Annotated[Int, Field(ge=0)] = 0
+    """Points in the box outside the mask per point prompt."""
+    point_ratio: Annotated[Float, Field(ge=0, le=1)] = 0.5
+    """With mode mixed, the probability that a prompt is points rather than a box."""
+
+    @model_validator(mode="after")
+    def _points_fit(self) -> "PromptSettings":
+        if self.positive_points + self.negative_points > MAX_POINTS:
+            raise ValueError(f"positive_points + negative_points is at most {MAX_POINTS}, got "
+                             f"{self.positive_points} + {self.negative_points}")
+        return self
+
+
+def _trainable_list(value: Any) -> Any:
+    # `train: mask_decoder` (YAML) and `--train mask_decoder,prompt_encoder` (CLI) are lists too.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _memory_policy(value: Any) -> Any:
+    # YAML 1.1 reads a bare yes/no as a boolean.
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return value
+
+
+class TrainConfig(_Options):
+    """Options of `samcache train` (also the keys of its YAML config file)."""
+
+    epochs: Annotated[Int, Field(ge=1)] = 10
+    """Passes over the training split."""
+    batch_size: Annotated[Int, Field(ge=1)] = 4
+    """Images per optimizer step, over all processes under torchrun (the global batch: each rank
+    takes its share, so a run's results do not depend on the number of processes); each image
+    contributes up to objects_per_image prompts."""
+    objects_per_image: Annotated[Int, Field(ge=1)] = 8
+    """K: objects (prompts) sampled per image and step (all of them when the image has fewer)."""
+    lr: Annotated[Float, Field(gt=0)] = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.01
+    """AdamW weight decay."""
+    warmup_steps: Annotated[Int, Field(ge=0)] = 20
+    """Linear warmup steps, then cosine decay to zero at the last step."""
+    grad_clip: Annotated[Float, Field(ge=0)] = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    prompts: PromptSettings = PromptSettings()
+    """How training prompts are drawn (mode, box jitter, points)."""
+    loss: Literal[LOSSES] = "sam"
+    """sam (20 focal + dice + IoU MSE), dice-bce, or mse-threshold (the tutorial's, for comparison)."""
+    train: Annotated[list[Literal[TRAINABLE]], BeforeValidator(_trainable_list), Field(min_length=1)] = [
+        "mask_decoder"]
+    """What is trainable: mask_decoder and/or prompt_encoder."""
+    train_split: str = TRAIN_SPLIT
+    """The cache split to train on."""
+    val_split: str = VAL_SPLIT
+    """The cache split validated after each epoch (fixed prompts, mIoU at original resolution)."""
+    val_prompt: Literal[EVAL_PROMPTS] = "box"
+    """Validation prompts: box (the exact box) or point (the mask's most interior point)."""
+    seed: Int = 0
+    """Seeds shuffling, object choice and prompt sampling."""
+    device: Literal[DEVICES] = "auto"
+    """auto (CUDA when available), cpu or cuda. On CUDA, bf16 autocast."""
+    workers: Annotated[Int, Field(ge=0)] = 2
+    """DataLoader worker processes reading the cache and building targets."""
+    cache_in_memory: Annotated[Literal[MEMORY_POLICIES], BeforeValidator(_memory_policy)] = "auto"
+    """auto, yes or no: hold all embeddings in RAM (or GPU memory) so epochs do no I/O."""
+    memory_budget_mb: Optional[Annotated[Int, Field(ge=1)]] = None
+    """With cache_in_memory auto, the most memory the embeddings may take (default: half the free memory)."""
+    save_every: Optional[Annotated[Int, Field(ge=1)]] = 50
+    """Also save last.pt every this many steps inside an epoch (null: only at epoch ends)."""
+    checkpoint: Optional[Path] = None
+    """The base weights file, when the cache was not made with samcache's tiny or official weights."""
+
+    @model_validator(mode="after")
+    def _unique_parts(self) -> "TrainConfig":
+        if len(set(self.train)) != len(self.train):
+            raise ValueError(f"train names a part twice: {','.join(self.train)}")
+        return self
+
+
+# ------------------------------------------------------------------------------------ eval
+class EvalConfig(_Options):
+    """Options of `samcache eval`."""
+
+    split: str = TEST_SPLIT
+    """Cache split to score."""
+    prompt: Literal[EVAL_PROMPTS] = "box"
+    """box: each object's exact box; point: its most interior point."""
+    box_jitter: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    """Move box sides by up to this fraction (at most 20 px), seeded; 0 keeps exact boxes."""
+    seed: Int = 0
+    """Seeds the box jitter and the random overlay picks."""
+    weights: Literal[RUN_WEIGHTS] = "best"
+    """Which checkpoint of the run: best or last."""
+    batch_size: Annotated[Int, Field(ge=1)] = 4
+    """Images per decoder batch."""
+    device: Literal[DEVICES] = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    checkpoint: Optional[Path] = None
+    """Base weights file, when not samcache's tiny or the official weights."""
+    overlays: Annotated[Int, Field(ge=0)] = 6
+    """Objects per overlay figure (worst, best, random)."""
+
+
+# --------------------------------------------------------------------------------- parsing
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def parse(cls: type[ConfigT], values: dict, *, source: str = "", flags: Optional[dict[str, str]] = None) -> ConfigT:
+    """`cls(**values)`, with bad values reported as one line that names each option and value.
+
+    Arguments:
+      cls: the config model.
+      values: option values; nested settings as nested dicts.
+      source: where the values came from (a YAML file), for the message.
+      flags: the options given on the command line, by path, with their flag
+        ("prompts.mode" -> "--prompt"): the message names the flag for those.
+    """
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(cls, exc, values, source=source, flags=flags or {})) from None
+
+
+def from_sources(cls: type[ConfigT], *, file: Optional[Path] = None, base: Optional[dict] = None,
+                 overrides: Optional[dict[str, Any]] = None, flags: Optional[dict[str, str]] = None) -> ConfigT:
+    """A config from defaults, then a YAML file (or `base` values), then command-line overrides.
+
+    Arguments:
+      file: a YAML mapping of options (nested settings nested; `-` in keys read as `_`).
+      base: values to start from instead of a file (a run's saved config, on --resume).
+      overrides: {"epochs": 3, "prompts.mode": "point"}: dotted paths; None values are skipped.
+      flags: {path: flag} of the overrides, for messages.
+    """
+    values: dict = dict(base or {})
+    source = ""
+    if file is not None:
+        source = str(file)
+        try:
+            loaded = yaml.safe_load(Path(file).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{file} is not a readable YAML file: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{file} must hold a mapping of option names to values")
+        values = _underscored(loaded or {})
+    given = {}
+    for path, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = values
+        *parents, name = path.split(".")
+        for parent in parents:
+            node[parent] = dict(node.get(parent) or {})
+            node = node[parent]
+        node[name] = value
+        given[path] = (flags or {}).get(path, path)
+    return parse(cls, values, source=source, flags=given)
+
+
+def _underscored(values: dict) -> dict:
+    return {str(k).replace("-", "_"): _underscored(v) if isinstance(v, dict) else v for k, v in values.items()}
+
+
+def describe_errors(cls: type[BaseModel], exc: ValidationError, values: dict, *, source: str = "",
+                    flags: dict[str, str]) -> str:
+    """One line for all of pydantic's errors: each names the option, the value given and the rule."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        location = [str(part) for part in error["loc"] if not isinstance(part, int)]
+        # Literal and list errors add the type to the location; the option is the known prefix.
+        option = _option_prefix(location, values)
+        name = ".".join(option or location) or "config"
+        message = error["msg"][0].lower() + error["msg"][1:]
+        message = message.removeprefix("value error, ")
+        if error["type"] == "extra_forbidden":
+            moved = _nested_home(cls, name)
+            where = f" in {source}" if source else ""
+            problems.append(f"unknown option {name}{where}" + (f" (did you mean {moved}?)" if moved else ""))
+        elif name in flags:
+            problems.append(f"{flags[name]} {error['input']!r}: {message}")
+        elif option:
+            where = f" (in {source})" if source else ""
+            problems.append(f"{name} = {error['input']!r}{where}: {message}")
+        else:
+            problems.append(f"{name}: {message}")
+    return f"invalid option{'s' if len(problems) > 1 else ''}: " + "; ".join(problems)
+
+
+def _nested_home(cls: type[BaseModel], name: str) -> Optional[str]:
+    """Where a top-level key that is unknown lives in a nested settings model (older configs were flat)."""
+    for parent, field in cls.model_fields.items():
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel):
+            key = {"prompt": "mode"}.get(name, name)  # `prompt: box` was the flat spelling of prompts.mode
+            if key in nested.model_fields:
+                return f"{parent}.{key}"
+    return None
+
+
+def _option_prefix(location: list[str], values: dict) -> list[str]:
+    """The longest prefix of `location` that names an option given in `values`."""
+    prefix: list[str] = []
+    node: Any = values
+    for part in location:
+        if not isinstance(node, dict) or part not in node:
+            break
+        prefix.append(part)
+        node = node[part]
+    return prefix
+
+
+def field_description(cls: type[BaseModel], path: str) -> str:
+    """The docstring of option `path` ("prompts.mode" for nested settings)."""
+    return _field(cls, path).description or ""
+
+
+def field_default(cls: type[BaseModel], path: str) -> Any:
+    return _field(cls, path).get_default(call_default_factory=True)
+
+
+def field_annotation(cls: type[BaseModel], path: str) -> Any:
+    return _field(cls, path).annotation
+
+
+def _field(cls: type[BaseModel], path: str):
+    *parents, name = path.split(".")
+    for parent in parents:
+        cls = cls.model_fields[parent].annotation
+    return cls.model_fields[name]

@@ -1,0 +1,69 @@
+"""Where tensors run and in which precision: the device, autocast and memory helpers of every stage.
+
+Stage one (embed) runs the encoder in bf16 autocast on CUDA and on CPUs with native bf16;
+stage two (train, eval) runs the decoder in bf16 autocast on CUDA and in fp32 on the CPU
+(the default BENCHMARKS.md's training figures were taken with); predict stays fp32 so that its
+masks are SamPredictor's.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+from samcache.config import DEVICES, PRECISIONS
+from samcache.errors import SamcacheError
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" (CUDA when available), "cpu" or "cuda" -> a torch.device; CUDA without a GPU is an error."""
+    if device not in DEVICES:
+        raise SamcacheError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SamcacheError("--device cuda was asked for, but PyTorch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The encoder's precision: "auto" is bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    if precision not in PRECISIONS:
+        raise SamcacheError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
+    return precision
+
+
+def decoder_precision(device: torch.device) -> str:
+    """The decoder's precision in training and evaluation: bf16 on CUDA, fp32 on the CPU."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on `device` when `precision` is "bf16"; otherwise a context that does nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16, AMX), where bf16 autocast runs the encoder
+    about twice as fast as fp32 with embeddings at cosine similarity >= 0.9999 (BENCHMARKS.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on `device`: the GPU's, or the machine's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0

@@ -1,0 +1,320 @@
+"""The run folder: what `samcache train` writes and `eval`, `export` and `predict` read.
+
+This module is the only one that knows the folder's layout:
+
+    RUN/config.yaml       the resolved TrainConfig, nested as a YAML --config file takes it
+    RUN/run.json          model type, base weights, the cache it was trained from, versions;
+                          the result once training ends
+    RUN/metrics.jsonl     one JSON line per step and per epoch
+    RUN/curves.png        loss and validation mIoU
+    RUN/last.pt           the checkpoint after the last epoch (and every save_every steps):
+                          what --resume continues from
+    RUN/best.pt           the checkpoint of the epoch with the best validation mIoU
+    RUN/eval-SPLIT.json   summaries of `samcache eval --run RUN --split SPLIT`
+
+A checkpoint holds tensors and plain types only, so it is read with
+`torch.load(weights_only=True)` and no code in it can run: `format`, `version`,
+`samcache_version`, `model_type` and `base_weights_sha256` (the weights whose encoder made the
+cache), `trained` (the parts that were trainable), `state_dict` (the prompt encoder's and mask
+decoder's tensors, keys as in SAM's state dict), `optimizer`, `config` (the TrainConfig as a
+dict) and `state` (a TrainState as a dict). A run belongs to every cache made with those base
+weights; `RunCheckpoint.check_cache` refuses any other.
+
+Under torchrun only rank 0 writes (`RunWriter(enabled=...)`).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from samcache import __version__
+from samcache.cache import Provenance
+from samcache.config import RUN_WEIGHTS, TRAINABLE, TrainConfig
+from samcache.errors import RunError
+from samcache.fileio import atomic_write_bytes, atomic_write_json
+from samcache.models import LoadedModel, load_matching
+from samcache.report import plot_training_curves
+
+CHECKPOINT_FORMAT = "samcache-run-checkpoint"
+CHECKPOINT_VERSION = 1
+_CONFIG = "config.yaml"
+_INFO = "run.json"
+_METRICS = "metrics.jsonl"
+_CURVES = "curves.png"
+_EVAL_PREFIX = "eval-"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what --resume restores besides the weights and the optimizer.
+
+    Arguments:
+      epoch: epochs completed.
+      batch: batches done in the epoch after `epoch` (0 at an epoch boundary).
+      global_step: optimizer steps so far (the learning rate is a function of it).
+      best_miou, best_epoch: the best validation mIoU so far and its epoch (-1 before any).
+      history: validation mIoU before training (first) and after each epoch.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    best_miou: float = -1.0
+    best_epoch: int = -1
+    history: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RunCheckpoint:
+    """A checkpoint of a run (see the module docstring for its fields); `source` is the file read."""
+
+    model_type: str
+    base_weights_sha256: str
+    trained: list[str]
+    state_dict: dict[str, torch.Tensor]
+    optimizer: dict
+    config: dict
+    state: TrainState
+    samcache_version: str = __version__
+    source: str = ""
+
+    @classmethod
+    def capture(cls, sam, optimizer: torch.optim.Optimizer, config: TrainConfig, provenance: Provenance,
+                state: TrainState) -> "RunCheckpoint":
+        """The checkpoint of `sam`'s prompt encoder and mask decoder as they are now."""
+        weights = {f"{part}.{k}": v.detach().cpu().clone() for part in TRAINABLE
+                   for k, v in getattr(sam, part).state_dict().items()}
+        return cls(model_type=provenance.model_type, base_weights_sha256=provenance.weights_sha256,
+                   trained=list(config.train), state_dict=weights, optimizer=optimizer.state_dict(),
+                   config=config.model_dump(mode="json"), state=copy.deepcopy(state))
+
+    def to_bytes(self) -> bytes:
+        payload = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "samcache_version": self.samcache_version,
+            "model_type": self.model_type, "base_weights_sha256": self.base_weights_sha256,
+            "trained": self.trained, "state_dict": self.state_dict, "optimizer": self.optimizer,
+            "config": self.config, "state": asdict(self.state),
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunCheckpoint":
+        """Reads a checkpoint with weights_only=True (tensors and plain types; no code runs)."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for corrupt or unsafe files
+            raise RunError(f"{path} is not a readable samcache checkpoint: {exc}") from exc
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise RunError(f"{path} is not a samcache run checkpoint")
+        try:
+            return cls(model_type=payload["model_type"], base_weights_sha256=payload["base_weights_sha256"],
+                       trained=list(payload["trained"]), state_dict=payload["state_dict"],
+                       optimizer=payload["optimizer"], config=payload["config"],
+                       state=TrainState(**payload["state"]), samcache_version=payload.get("samcache_version", ""),
+                       source=str(path))
+        except (KeyError, TypeError) as exc:
+            raise RunError(f"{path} is a samcache checkpoint with a field missing or malformed ({exc})") from exc
+
+    @property
+    def base_checkpoint(self) -> Optional[str]:
+        """The base weights file the run was trained from, when it was given explicitly."""
+        return self.config.get("checkpoint")
+
+    def check_cache(self, provenance: Provenance) -> None:
+        """Refuses a cache whose embeddings were made by other weights than this run's base."""
+        if self.base_weights_sha256 != provenance.weights_sha256:
+            raise RunError(
+                f"the run {Path(self.source).parent} was trained from weights {self.base_weights_sha256[:12]}..., "
+                f"but the cache holds embeddings of weights {provenance.weights_sha256[:12]}...: they do not "
+                "belong together"
+            )
+
+
+def apply_weights(sam, checkpoint: RunCheckpoint) -> None:
+    """Loads a run's prompt encoder and mask decoder into `sam` (strict keys): the one way a run's
+    weights reach a model, for resume, eval, predict and export."""
+    for part in TRAINABLE:
+        prefix = f"{part}."
+        weights = {k[len(prefix):]: v for k, v in checkpoint.state_dict.items() if k.startswith(prefix)}
+        try:
+            getattr(sam, part).load_state_dict(weights, strict=True)
+        except RuntimeError as exc:  # torch lists every key; one line is enough to say what is wrong
+            raise RunError(f"{checkpoint.source}: its {part} does not fit the {checkpoint.model_type} model "
+                           f"({' '.join(str(exc).split())[:300]})") from exc
+
+
+class RunFolder:
+    """A run folder (see the module docstring), read side.
+
+    Arguments:
+      path: the folder.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def checkpoint_path(self, which: str) -> Path:
+        if which not in RUN_WEIGHTS:
+            raise RunError(f"a run's weights are {' or '.join(RUN_WEIGHTS)}, not {which!r}")
+        return self.path / f"{which}.pt"
+
+    def has_checkpoint(self, which: str = "last") -> bool:
+        return self.checkpoint_path(which).is_file()
+
+    def read_checkpoint(self, which: str = "best") -> RunCheckpoint:
+        path = self.checkpoint_path(which)
+        if not path.is_file():
+            raise RunError(f"{path} does not exist: is {self.path} a samcache run (weights {which})?")
+        return RunCheckpoint.read(path)
+
+    def load_model(self, which: str = "best",
+                   checkpoint: Optional[str | Path] = None) -> tuple[LoadedModel, RunCheckpoint]:
+        """The run's base SAM (the very weights that made its cache) with the run's decoder applied.
+
+        Arguments:
+          which: "best" or "last".
+          checkpoint: the base weights file, when not samcache's tiny or the official weights
+            (default: the one the run was trained with).
+        """
+        run_checkpoint = self.read_checkpoint(which)
+        base = load_matching(run_checkpoint.model_type, run_checkpoint.base_weights_sha256,
+                             checkpoint or run_checkpoint.base_checkpoint)
+        apply_weights(base.sam, run_checkpoint)
+        return base, run_checkpoint
+
+    def prepare(self, resume: bool) -> None:
+        """Checks the folder can take a new run (or holds one to resume) and creates it."""
+        if resume:
+            if not self.has_checkpoint("last"):
+                raise RunError(f"--resume: {self.path} has no {self.checkpoint_path('last').name} to resume from")
+            return
+        if self.has_checkpoint("last") or (self.path / _METRICS).exists():
+            raise RunError(f"{self.path} already holds a run: pass --resume to continue it, or choose another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def saved_config(self) -> Optional[dict]:
+        """The options the run was started with (config.yaml), or None when it has none yet."""
+        path = self.path / _CONFIG
+        if not path.is_file():
+            return None
+        try:
+            values = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise RunError(f"{path} is unreadable: {exc}") from exc
+        return _nest_flat_prompt_keys(values) if isinstance(values, dict) else {}
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / _CONFIG
+
+    def info(self) -> dict:
+        """run.json: model, base weights, cache, versions and (once finished) the result; {} if absent."""
+        return _read_json(self.path / _INFO)
+
+    def cache_dir(self) -> Optional[str]:
+        """The cache the run was trained from, as recorded when it started."""
+        return self.info().get("cache")
+
+    def result(self) -> Optional[dict]:
+        """The training result, once the run has finished."""
+        return self.info().get("result")
+
+    def write_eval_summary(self, split: str, summary: dict) -> Path:
+        path = self.path / f"{_EVAL_PREFIX}{split}.json"
+        atomic_write_json(path, summary)
+        return path
+
+    def eval_summaries(self) -> dict[str, dict]:
+        """{split: summary} of every `samcache eval --run` of this run."""
+        return {p.stem.removeprefix(_EVAL_PREFIX): _read_json(p)
+                for p in sorted(self.path.glob(f"{_EVAL_PREFIX}*.json"))}
+
+
+class RunWriter:
+    """Everything training writes into a run folder; a no-op unless `enabled` (rank 0)."""
+
+    def __init__(self, run: RunFolder, *, enabled: bool):
+        self.run, self.enabled = run, enabled
+        self.metrics = run.path / _METRICS
+
+    def start(self, config: TrainConfig, base: LoadedModel, cache_dir: Path, *, train_images: int,
+              val_images: int, embeddings_in_memory: bool) -> None:
+        if not self.enabled:
+            return
+        atomic_write_bytes(self.run.path / _CONFIG,
+                           yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+        atomic_write_json(self.run.path / _INFO, {
+            "samcache_version": __version__, "torch_version": torch.__version__,
+            "model_type": base.model_type, "base_weights_sha256": base.weights_sha256,
+            "base_weights_source": base.weights_source, "cache": str(Path(cache_dir).resolve()),
+            "train_images": train_images, "val_images": val_images, "embeddings_in_memory": embeddings_in_memory,
+        })
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, state: TrainState) -> None:
+        """Drops log lines written after the checkpoint a resumed run starts from."""
+        if not self.enabled or not self.metrics.exists():
+            return
+        kept = []
+        for line in self.metrics.read_text().splitlines():
+            record = json.loads(line)
+            if record["global_step"] < state.global_step or (record["global_step"] == state.global_step and (
+                    record["type"] == "step" or record["epoch"] <= state.epoch)):
+                kept.append(line)
+        atomic_write_bytes(self.metrics, ("\n".join(kept) + "\n").encode() if kept else b"")
+
+    def save_checkpoint(self, which: str, checkpoint: RunCheckpoint) -> None:
+        if self.enabled:
+            atomic_write_bytes(self.run.checkpoint_path(which), checkpoint.to_bytes())
+
+    def plot(self) -> None:
+        if self.enabled:
+            plot_training_curves(self.metrics, self.run.path / _CURVES)
+
+    def finish(self, result: dict) -> None:
+        if not self.enabled:
+            return
+        info = self.run.info()
+        info["result"] = result
+        atomic_write_json(self.run.path / _INFO, info)
+
+
+# Runs started before the prompt settings became a nested group saved them flat; read those
+# the new way, so that such a run still resumes.
+_FLAT_PROMPT_KEYS = {"prompt": "mode", "box_jitter": "box_jitter", "box_jitter_max": "box_jitter_max",
+                     "positive_points": "positive_points", "negative_points": "negative_points",
+                     "point_ratio": "point_ratio"}
+
+
+def _nest_flat_prompt_keys(values: dict) -> dict:
+    if "prompts" in values or not set(values) & set(_FLAT_PROMPT_KEYS):
+        return values
+    values = dict(values)
+    values["prompts"] = {new: values.pop(old) for old, new in _FLAT_PROMPT_KEYS.items() if old in values}
+    if values.get("save_every") == 0:  # 0 meant "only at epoch ends", now spelt null
+        values["save_every"] = None
+    return values
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

@@ -1,0 +1,148 @@
+"""The package's shape: no import cycles (function-level imports included), one owner of the run folder."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "samcache"
+
+
+def _module_name(path: Path, package: Path) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """{module: samcache modules it imports}, from every import statement, at any depth in the file."""
+    modules = {_module_name(p, package): p for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                base = node.module
+                if node.level:  # relative: resolve against this module's package
+                    package_name = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                    for _ in range(node.level - 1):
+                        package_name = package_name.rpartition(".")[0]
+                    base = f"{package_name}.{node.module}"
+                for alias in node.names:
+                    # `from samcache import masks` imports the module samcache.masks
+                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as [a, b, ..., a], or [] when there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return []
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph()
+    assert "samcache.datasets" in graph["samcache.cli"]  # the graph is read at all
+    cycle = find_cycle(graph)
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_cycles_hidden_in_functions(tmp_path):
+    package = tmp_path / "samcache"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from samcache import b\n")
+    (package / "b.py").write_text("def late():\n    from samcache.c import thing\n")
+    (package / "c.py").write_text("import samcache.a\nthing = 1\n")
+    graph = import_graph(package)
+    assert graph["samcache.b"] == {"samcache.c"}
+    assert find_cycle(graph) == ["samcache.a", "samcache.b", "samcache.c", "samcache.a"]
+    (package / "c.py").write_text("thing = 1\n")
+    assert find_cycle(import_graph(package)) == []
+
+
+def test_stage_two_never_imports_stage_one():
+    graph = import_graph()
+    for module in ("samcache.train", "samcache.evaluate", "samcache.predict", "samcache.export", "samcache.inference",
+                   "samcache.runs", "samcache.samples"):
+        assert "samcache.embed" not in _reachable(graph, module), module
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+RUN_FILES = {"last.pt", "best.pt", "run.json", "metrics.jsonl", "config.yaml", "curves.png"}
+
+
+def test_only_runs_py_knows_the_run_folder_file_names():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "runs.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if node.value in RUN_FILES:
+                    offenders.append(f"{path.name}:{node.lineno} {node.value!r}")
+            if isinstance(node, ast.JoinedStr):  # f"{weights}.pt", f"eval-{split}.json"
+                pieces = [v.value for v in node.values if isinstance(v, ast.Constant)]
+                if pieces and (pieces[-1] == ".pt" or pieces[0] == "eval-"):
+                    offenders.append(f"{path.name}:{node.lineno} f-string {''.join(pieces)!r}")
+    assert not offenders, "run folder file names outside runs.py: " + ", ".join(offenders)
+
+
+def test_readme_lists_every_module_in_dependency_order():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## Development"):]
+    listed = [line.split("|")[1].strip().strip("`") for line in section.splitlines()
+              if line.strip().startswith("| `")]
+    graph = import_graph()
+
+    def entry(module: str) -> str:
+        parts = module.split(".")[1:]
+        if len(parts) > 1 or module in ("samcache.datasets", "samcache.tiny"):
+            return parts[0] + "/"
+        return parts[0] + ".py" if parts else "__init__.py"
+
+    modules = {m for m in graph if entry(m) not in ("__init__.py", "__main__.py")}
+    assert {entry(m) for m in modules} == set(listed), "README's module table differs from the package"
+    position = {name: i for i, name in enumerate(listed)}
+    for module in modules:
+        for target in graph[module]:
+            if entry(target) in position and entry(target) != entry(module):
+                assert position[entry(target)] < position[entry(module)], (
+                    f"README lists {entry(module)} before {entry(target)}, which it imports")
