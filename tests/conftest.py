@@ -1,16 +1,32 @@
-"""Shared fixtures: tiny models, random-weight vit_b checkpoints, small datasets written to disk."""
+"""Shared fixtures: a random-weight vit_b checkpoint, a small COCO data set, and the shared
+synthetic stamps data set, its cache and a run trained on it.
+
+The session-scoped stamps fixtures are built once and are read-only: a test that edits a data
+set or a cache, adds or deletes files, or kills a writer takes a copy (stamps_copy,
+stamps_cache_copy, stamps_run_copy), and each shared folder is checked unchanged at the end.
+Plain helper functions live in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
 
 from samcache import masks
+from tests.helpers import (
+    RUN_TRAIN, SHARED_EMBED, STAMPS_PAGES, STAMPS_SEED, copy_tree, embed, left_unchanged, make_coco, rect_mask,
+    train_run, write_image,
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home_for_session(tmp_path_factory):
+    """Session fixtures (built before any test's own home is set) do not touch the real weights folder either."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAMCACHE_HOME", str(tmp_path_factory.mktemp("samcache_home_session")))
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -27,28 +43,6 @@ def vit_b_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "sam_vit_b_random.pth"
     torch.save(build_sam("vit_b").state_dict(), path)
-    return path
-
-
-def write_image(path: Path, height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A random RGB PNG (lossless, so tests can compare pixels) and the array written."""
-    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), rgb[..., ::-1])
-    return rgb
-
-
-def rect_mask(height: int, width: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    mask = np.zeros((height, width), bool)
-    mask[y0:y1, x0:x1] = True
-    return mask
-
-
-def make_coco(root: Path, images: list[dict], annotations: list[dict], name: str = "train.json",
-              categories=({"id": 1, "name": "stamp"}, {"id": 2, "name": "seal"})) -> Path:
-    """Writes a COCO JSON under `root` (images are expected in root/images)."""
-    path = root / name
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": list(categories)}))
     return path
 
 
@@ -75,3 +69,53 @@ def coco_dir(tmp_path) -> Path:
     make_coco(tmp_path, [{"id": 3, "file_name": "im3.png", "width": w, "height": h}],
               [{"id": 6, "image_id": 3, "category_id": 1, "bbox": [10, 10, 20, 30], "segmentation": rle}], "test.json")
     return tmp_path
+
+
+# ----------------------------------------------------------------- the shared stamps data (read-only)
+@pytest.fixture(scope="session")
+def stamps(tmp_path_factory) -> Path:
+    """The synthetic stamps data set: STAMPS_PAGES pages (seed STAMPS_SEED), COCO train/val/test."""
+    from samcache.datasets.stamps import generate_stamps
+
+    out = tmp_path_factory.mktemp("shared") / "stamps"
+    summary = generate_stamps(out, STAMPS_PAGES, seed=STAMPS_SEED, progress=False)
+    assert all(split["objects"] > 0 for split in summary["splits"].values()), summary["splits"]
+    with left_unchanged(out, "stamps data set"):
+        yield out
+
+
+@pytest.fixture(scope="session")
+def stamps_cache(stamps, tmp_path_factory) -> Path:
+    """`stamps` embedded by the tiny model: fp32, shards of 2 images (helpers.SHARED_EMBED)."""
+    out = tmp_path_factory.mktemp("shared") / "cache"
+    embed(stamps, out, **SHARED_EMBED)
+    with left_unchanged(out, "stamps cache"):
+        yield out
+
+
+@pytest.fixture(scope="session")
+def stamps_run(stamps_cache, tmp_path_factory) -> Path:
+    """A run trained one epoch on `stamps_cache` (helpers.RUN_TRAIN): best.pt, last.pt, run.json..."""
+    out = tmp_path_factory.mktemp("shared") / "run"
+    train_run(stamps_cache, out, **RUN_TRAIN)
+    with left_unchanged(out, "stamps run"):
+        yield out
+
+
+# ------------------------------------------------------------- private copies, for tests that write
+@pytest.fixture
+def stamps_copy(stamps, tmp_path) -> Path:
+    """This test's own copy of the stamps data set (file times kept)."""
+    return copy_tree(stamps, tmp_path / "stamps_copy")
+
+
+@pytest.fixture
+def stamps_cache_copy(stamps_cache, tmp_path) -> Path:
+    """This test's own copy of the stamps cache."""
+    return copy_tree(stamps_cache, tmp_path / "cache_copy")
+
+
+@pytest.fixture
+def stamps_run_copy(stamps_run, tmp_path) -> Path:
+    """This test's own copy of the trained run."""
+    return copy_tree(stamps_run, tmp_path / "run_copy")

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from samcache import __version__
 from samcache.cli import main
-from tests.conftest import make_coco, write_image
+from tests.helpers import make_coco, write_image
 
 
 def _commands(group, prefix=()):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from samcache.cache import EmbeddingCache
-from samcache.datasets.stamps import generate_stamps
+from tests.helpers import STAMPS_PAGES
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +47,12 @@ def _snapshot(cache_dir: Path) -> dict:
     }
 
 
-def test_sigkill_at_many_moments_then_rerun_equals_uninterrupted(tmp_path):
-    dataset = tmp_path / "stamps"
-    generate_stamps(dataset, 6, seed=5, progress=False)
+def test_sigkill_at_many_moments_then_rerun_equals_uninterrupted(stamps, tmp_path):
+    dataset = stamps  # the shared data set, only read: the killed runs write their own caches under tmp_path
     reference = _embed(dataset, tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr
     expected = _snapshot(tmp_path / "reference")
-    assert len(expected) == 6
+    assert len(expected) == STAMPS_PAGES
 
     cache = tmp_path / "killed"
     committed_before = 0
@@ -93,4 +92,4 @@ def test_sigkill_at_many_moments_then_rerun_equals_uninterrupted(tmp_path):
     # Nothing committed was embedded twice: every image is in exactly one shard.
     assert EmbeddingCache(cache).superseded == 0
     again = _embed(dataset, cache)
-    assert "nothing to embed: all 6 images are already in" in again.stdout
+    assert f"nothing to embed: all {STAMPS_PAGES} images are already in" in again.stdout

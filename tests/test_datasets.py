@@ -12,7 +12,7 @@ import pytest
 from samcache import masks
 from samcache.datasets import hash_split, load_dataset
 from samcache.errors import DatasetError
-from tests.conftest import make_coco, rect_mask, write_image
+from tests.helpers import make_coco, rect_mask, write_image
 
 
 # ------------------------------------------------------------------------------------ COCO

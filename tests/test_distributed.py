@@ -18,15 +18,16 @@ import pytest
 import torch
 
 from samcache.cache import EmbeddingCache
-from samcache.datasets.stamps import generate_stamps
 from samcache.models import load_sam
 from samcache.train import read_run_checkpoint
+from tests.helpers import STAMPS_PAGES
 
 pytestmark = pytest.mark.slow
 
 EMBED_OPTIONS = ["--model", "tiny", "--batch-size", "1", "--workers", "0", "--shard-images", "1"]
+# batch_size: global batches over the shared set's train images must leave the last with one image (_steps_per_epoch).
 TRAIN_CONFIG = {
-    "epochs": 2, "batch_size": 3, "objects_per_image": 2, "lr": 1e-3, "loss": "dice-bce", "warmup_steps": 2,
+    "epochs": 2, "batch_size": 2, "objects_per_image": 2, "lr": 1e-3, "loss": "dice-bce", "warmup_steps": 2,
     "workers": 0, "seed": 0, "cache_in_memory": "no", "save_every": 2,
 }
 
@@ -62,29 +63,30 @@ def _file_digests(cache_dir: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((cache_dir / "shards").glob("*.h5"))}
 
 
+# The data set is conftest's shared `stamps`: embedding only reads it, every cache and run is written under `work`.
 @pytest.fixture(scope="module")
-def stamps(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dist")
-    generate_stamps(root / "stamps", 10, seed=3, progress=False)  # train 7, val 2, test 1
-    return root / "stamps"
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dist")
 
 
 @pytest.fixture(scope="module")
-def single_cache(stamps) -> Path:
-    cache_dir = stamps.parent / "cache_single"
+def single_cache(stamps, work) -> Path:
+    """Its own reference cache, not the shared one: one process, OMP_NUM_THREADS=1 like the ranks, 1 image a shard."""
+    cache_dir = work / "cache_single"
     _ok(_run(["embed", str(stamps), "--out", str(cache_dir), *EMBED_OPTIONS], processes=1))
     return cache_dir
 
 
-def test_torchrun_embed_equals_single_process(stamps, single_cache):
-    cache_dir = stamps.parent / "cache_two"
+def test_torchrun_embed_equals_single_process(stamps, single_cache, work):
+    n = STAMPS_PAGES
+    cache_dir = work / "cache_two"
     out = _ok(_run(["embed", str(stamps), "--out", str(cache_dir), *EMBED_OPTIONS], processes=2))
-    assert "embedded 10 images" in out and "(2 processes)" in out
-    assert out.count("embedded 10 images") == 1  # only rank 0 prints the summary
+    assert f"embedded {n} images" in out and "(2 processes)" in out
+    assert out.count(f"embedded {n} images") == 1  # only rank 0 prints the summary
 
     shards = sorted(p.name for p in (cache_dir / "shards").glob("*.h5"))
     assert {name.split("-")[1] for name in shards} == {"r0000", "r0001"}  # each rank committed its own
-    assert len(shards) == 10 and not list((cache_dir / "shards").glob("*.tmp"))
+    assert len(shards) == n and not list((cache_dir / "shards").glob("*.tmp"))
     expected, got = _embeddings(single_cache), _embeddings(cache_dir)
     assert sorted(got) == sorted(expected)
     for name in expected:
@@ -98,25 +100,26 @@ def test_torchrun_embed_equals_single_process(stamps, single_cache):
     assert two.superseded == 0
 
     rerun = _ok(_run(["embed", str(stamps), "--out", str(cache_dir), *EMBED_OPTIONS], processes=2))
-    assert "nothing to embed: all 10 images are already in" in rerun
+    assert f"nothing to embed: all {n} images are already in" in rerun
     assert sorted(p.name for p in (cache_dir / "shards").glob("*.h5")) == shards
 
 
-def test_torchrun_embed_one_rank_killed_then_rerun_completes(stamps, single_cache):
-    cache_dir = stamps.parent / "cache_killed"
+def test_torchrun_embed_one_rank_killed_then_rerun_completes(stamps, single_cache, work):
+    n = STAMPS_PAGES
+    cache_dir = work / "cache_killed"
     killed = _run(["embed", str(stamps), "--out", str(cache_dir), *EMBED_OPTIONS], processes=2,
                   crash_at="shard-committed:2", crash_rank=1)
     assert killed.returncode != 0  # torchrun reports the failed rank and stops the other
     committed = _file_digests(cache_dir)
     n_committed = len(EmbeddingCache(cache_dir))
-    assert 2 <= n_committed < 10, (n_committed, killed.stderr[-2000:])
+    assert 2 <= n_committed < n, (n_committed, killed.stderr[-2000:])
 
     out = _ok(_run(["embed", str(stamps), "--out", str(cache_dir), *EMBED_OPTIONS], processes=2, entry_point=True))
-    assert f"embedded {10 - n_committed} images" in out, out  # nothing committed is embedded again
+    assert f"embedded {n - n_committed} images" in out, out  # nothing committed is embedded again
     after = _file_digests(cache_dir)
     assert {name: after[name] for name in committed} == committed  # committed shards untouched
     cache = EmbeddingCache(cache_dir)
-    assert len(cache) == 10 and cache.superseded == 0
+    assert len(cache) == n and cache.superseded == 0
     assert not list((cache_dir / "shards").glob("*.tmp"))
     expected, got = _embeddings(single_cache), _embeddings(cache_dir)
     for name in expected:
@@ -136,6 +139,14 @@ def _train(cache_dir: Path, run_dir: Path, *, processes: int, resume: bool = Fal
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return read_run_checkpoint(run_dir / "last.pt")["state_dict"]
+
+
+def _steps_per_epoch(cache_dir: Path) -> int:
+    """Global batches of TRAIN_CONFIG's batch_size over the train images, the last with just one image,
+    so that rank 1 sits out one step an epoch with a zero-weight placeholder (what the tests rely on)."""
+    n_train, batch = len(EmbeddingCache(cache_dir).annotated_indices("train")), TRAIN_CONFIG["batch_size"]
+    assert n_train % batch == 1, (n_train, batch)
+    return -(-n_train // batch)
 
 
 def _steps(run_dir: Path) -> list[dict]:
@@ -158,11 +169,11 @@ def test_torchrun_train_equals_single_process_with_the_same_global_batch(single_
     _train(single_cache, single_run, processes=1)
 
     single_steps, two_steps = _steps(single_run), _steps(two_process_run)
-    # 7 train images in global batches of 3: 3 steps an epoch, the last with one image, so
-    # rank 1 sits out one step per epoch with a zero-weight placeholder.
+    # The train images in global batches: the last with one image, so rank 1 sits out one step
+    # per epoch with a zero-weight placeholder.
     assert [(s["epoch"], s["step"], s["prompts"]) for s in two_steps] == \
         [(s["epoch"], s["step"], s["prompts"]) for s in single_steps]
-    assert len(two_steps) == 6
+    assert len(two_steps) == TRAIN_CONFIG["epochs"] * _steps_per_epoch(single_cache)
     np.testing.assert_allclose([s["loss"] for s in two_steps], [s["loss"] for s in single_steps], rtol=1e-4)
 
     single_weights, two_weights = _weights(single_run), _weights(two_process_run)
@@ -189,6 +200,7 @@ def test_torchrun_train_equals_single_process_with_the_same_global_batch(single_
 
 def test_torchrun_train_killed_mid_epoch_resumes_to_the_uninterrupted_weights(single_cache, two_process_run):
     run_dir = single_cache.parent / "run_killed"
+    assert _steps_per_epoch(single_cache) >= 3  # so the kill at step 3 is inside epoch 1, after the step-2 save
     _train(single_cache, run_dir, processes=2, crash_at="train-step:3", crash_rank=0)
     saved = read_run_checkpoint(run_dir / "last.pt")["state"]
     assert (saved["epoch"], saved["batch"]) == (0, 2)  # the mid-epoch save at step 2, then killed at step 3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,34 +16,20 @@ from samcache import masks
 from samcache.cache import EmbeddingCache
 from samcache.cli import main
 from samcache.datasets import load_dataset
-from samcache.datasets.stamps import generate_stamps
 from samcache.embed import EmbedConfig, embed_dataset
 from samcache.errors import CacheError
 from samcache.images import read_image
 from samcache.models import build_tiny, load_sam
-from tests.conftest import make_coco, write_image
+from tests.helpers import FAST_EMBED as FAST
+from tests.helpers import STAMPS_PAGES, make_coco, write_image
 
-FAST = dict(workers=0, progress=False, batch_size=2, precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def stamps(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stamps")
-    generate_stamps(out, 5, seed=7, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def stamps_cache(stamps, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cache") / "c"
-    embed_dataset(load_dataset(stamps), out, EmbedConfig(**FAST))
-    return out
+# `stamps` and `stamps_cache` (fp32, shards of 2) are the shared session fixtures of conftest.py.
 
 
 def test_cache_holds_everything_training_needs(stamps, stamps_cache):
     ds = load_dataset(stamps)
     cache = EmbeddingCache(stamps_cache)
-    assert len(cache) == len(ds.images) == 5
+    assert len(cache) == len(ds.images) == STAMPS_PAGES
     for record in ds.images:
         info = cache.images[cache.index_of(record.name)]
         assert info.original_size == (record.height, record.width)
@@ -64,7 +49,7 @@ def test_cache_holds_everything_training_needs(stamps, stamps_cache):
     assert emb.dtype == np.float16 and emb.shape == (256, 64, 64)
     assert cache.provenance.model_type == "tiny" and cache.provenance.embedding_dtype == "float16"
     info = cache.info()
-    assert info["images"] == 5 and info["objects"] == sum(len(r.objects) for r in ds.images)
+    assert info["images"] == STAMPS_PAGES and info["objects"] == sum(len(r.objects) for r in ds.images)
     assert 2 * 2**20 <= info["bytes_per_image"] < 2.2 * 2**20  # fp16 256x64x64 = 2 MiB, plus small tables
 
 
@@ -100,41 +85,38 @@ def test_parity_with_sampredictor(stamps, stamps_cache):
         assert agreement > 0.999, agreement
 
 
-def test_rerun_is_a_noop_and_says_so(stamps, stamps_cache, tmp_path):
-    cache_copy = tmp_path / "copy"
-    shutil.copytree(stamps_cache, cache_copy)
+def test_rerun_is_a_noop_and_says_so(stamps, stamps_cache_copy):
+    cache_copy = stamps_cache_copy
     before = sorted(p.name for p in (cache_copy / "shards").iterdir())
     result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(cache_copy), "--workers", "0"])
     assert result.exit_code == 0, result.output
-    assert "nothing to embed: all 5 images are already in" in result.output
+    assert f"nothing to embed: all {STAMPS_PAGES} images are already in" in result.output
     assert sorted(p.name for p in (cache_copy / "shards").iterdir()) == before
 
 
-def test_images_added_later_are_embedded_and_only_they(stamps, tmp_path):
-    dataset_dir = tmp_path / "ds"
-    shutil.copytree(stamps, dataset_dir)
+def test_images_added_later_are_embedded_and_only_they(stamps_copy, tmp_path):
+    dataset_dir = stamps_copy
     train = json.loads((dataset_dir / "train.json").read_text())
     later = train["images"][-1]
     train["images"] = train["images"][:-1]
     (dataset_dir / "train.json").write_text(json.dumps(train))
     first = embed_dataset(load_dataset(dataset_dir), tmp_path / "c", EmbedConfig(**FAST))
-    assert first.embedded == 4
+    assert first.embedded == STAMPS_PAGES - 1
     first_shards = {p: p.read_bytes() for p in (tmp_path / "c" / "shards").glob("*.h5")}
 
     train["images"].append(later)
     (dataset_dir / "train.json").write_text(json.dumps(train))
     second = embed_dataset(load_dataset(dataset_dir), tmp_path / "c", EmbedConfig(**FAST))
-    assert (second.embedded, second.skipped) == (1, 4)
+    assert (second.embedded, second.skipped) == (1, STAMPS_PAGES - 1)
     assert all(p.read_bytes() == data for p, data in first_shards.items())  # old shards untouched
     cache = EmbeddingCache(tmp_path / "c")
-    assert len(cache) == 5 and cache.index_of(later["file_name"]) is not None
+    assert len(cache) == STAMPS_PAGES and cache.index_of(later["file_name"]) is not None
 
 
-def test_edited_annotations_are_refreshed_without_the_encoder(stamps, stamps_cache, tmp_path, monkeypatch):
-    dataset_dir, cache_dir = tmp_path / "ds", tmp_path / "c"
-    shutil.copytree(stamps, dataset_dir)
-    shutil.copytree(stamps_cache, cache_dir)
+def test_edited_annotations_are_refreshed_without_the_encoder(stamps_copy, stamps_cache_copy, monkeypatch):
+    dataset_dir, cache_dir = stamps_copy, stamps_cache_copy
     test = json.loads((dataset_dir / "test.json").read_text())
+    assert len(test["annotations"]) >= 2  # so keeping only the first is an edit
     test["annotations"] = test["annotations"][:1]
     (dataset_dir / "test.json").write_text(json.dumps(test))
     name = next(im["file_name"] for im in test["images"] if im["id"] == test["annotations"][0]["image_id"])
@@ -155,11 +137,10 @@ def test_edited_annotations_are_refreshed_without_the_encoder(stamps, stamps_cac
     assert after.info()["superseded_records"] == summary.refreshed
 
 
-def test_other_weights_are_refused(stamps, stamps_cache, tmp_path):
+def test_other_weights_are_refused(stamps, stamps_cache_copy, tmp_path):
     other = tmp_path / "tiny_seed1.pth"
     torch.save(build_tiny(1).state_dict(), other)
-    cache_copy = tmp_path / "copy"
-    shutil.copytree(stamps_cache, cache_copy)
+    cache_copy = stamps_cache_copy
     with pytest.raises(CacheError, match="weights_sha256 is .* in the cache, .* now.*cannot be mixed"):
         embed_dataset(load_dataset(stamps), cache_copy, EmbedConfig(checkpoint=other, **FAST))
     result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(cache_copy), "--intensity", "dtype"])
@@ -226,7 +207,7 @@ def test_full_disk_loses_nothing_committed(stamps, tmp_path, monkeypatch):
     assert len(EmbeddingCache(tmp_path / "c")) == 2  # the first shard survived
     monkeypatch.setattr(cache_store.ShardWriter, "add", real_add)
     summary = embed_dataset(load_dataset(stamps), tmp_path / "c", EmbedConfig(shard_images=2, **FAST))
-    assert (summary.embedded, summary.skipped) == (3, 2)
+    assert (summary.embedded, summary.skipped) == (STAMPS_PAGES - 2, 2)
 
 
 def test_workers_give_the_same_cache(stamps, stamps_cache, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +15,11 @@ from pycocotools import mask as mask_utils
 
 from samcache.cache import EmbeddingCache
 from samcache.cli import main
-from samcache.datasets import load_dataset
-from samcache.datasets.stamps import generate_stamps
-from samcache.embed import EmbedConfig, embed_dataset
 from samcache.evaluate import EvalConfig, evaluate
 from samcache.metrics import boundary, boundary_f, dice, iou
 from samcache.models import load_sam
 from samcache.preprocess import transform_boxes
-from samcache.train import TrainConfig, train
-from tests.conftest import rect_mask
+from tests.helpers import SHARED_EMBED, copy_tree, embed, rect_mask
 
 
 # -------------------------------------------------------------------------------------- metrics
@@ -66,19 +63,25 @@ def test_boundary_f_with_derivable_answers():
 
 # -------------------------------------------------------------------------------------- eval
 @pytest.fixture(scope="module")
-def cache_and_run(tmp_path_factory):
-    data = tmp_path_factory.mktemp("ds")
-    generate_stamps(data, 7, seed=31, progress=False)
-    root = tmp_path_factory.mktemp("work")
-    embed_dataset(load_dataset(data), root / "cache", EmbedConfig(workers=0, progress=False))
-    train(root / "cache", root / "run", TrainConfig(epochs=1, batch_size=2, objects_per_image=2, workers=0,
-                                                    save_every=0), progress=False)
+def imageless_cache(stamps, tmp_path_factory) -> Path:
+    """Its own cache (the shared one points at images that exist): of a copy of the stamps pages, then deleted."""
+    root = tmp_path_factory.mktemp("eval")
+    data = copy_tree(stamps, root / "stamps")
+    embed(data, root / "cache", **SHARED_EMBED)
     shutil.rmtree(data)  # eval must not need the images
-    return root / "cache", root / "run"
+    assert not any(Path(info.path).exists() for info in EmbeddingCache(root / "cache").images)
+    return root / "cache"
+
+
+@pytest.fixture
+def cache_and_run(imageless_cache, stamps_run_copy):
+    """The imageless cache and a private copy of the shared run (eval writes eval-SPLIT.json into the run)."""
+    return imageless_cache, stamps_run_copy
 
 
 def test_eval_writes_the_report_from_cache_and_run_only(cache_and_run, tmp_path):
     cache_dir, run_dir = cache_and_run
+    assert not (run_dir / "eval-test.json").exists()
     summary = evaluate(cache_dir, tmp_path / "report", EvalConfig(split="test"), run_dir=run_dir)
     report = tmp_path / "report"
     for name in ("summary.json", "objects.csv", "report.md", "overlays_worst.png", "overlays_best.png",
@@ -97,8 +100,8 @@ def test_eval_writes_the_report_from_cache_and_run_only(cache_and_run, tmp_path)
     assert (run_dir / "eval-test.json").is_file()
 
 
-def test_zero_shot_scores_equal_an_independent_stock_computation(cache_and_run, tmp_path):
-    cache_dir, _ = cache_and_run
+def test_zero_shot_scores_equal_an_independent_stock_computation(imageless_cache, tmp_path):
+    cache_dir = imageless_cache
     evaluate(cache_dir, tmp_path / "r", EvalConfig(split="test"))
     rows = list(csv.DictReader((tmp_path / "r" / "objects.csv").open()))
     assert "fine_tuned_iou" not in rows[0]

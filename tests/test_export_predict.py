@@ -17,29 +17,21 @@ from samcache.embed import EmbedConfig, embed_dataset
 from samcache.images import read_image
 from samcache.models import load_sam
 from samcache.train import TrainConfig, read_run_checkpoint, train
+from tests.helpers import RUN_TRAIN
 
-ONE_EPOCH = dict(epochs=1, batch_size=2, objects_per_image=2, workers=0, save_every=0, lr=1e-3)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    data = tmp_path_factory.mktemp("ds")
-    generate_stamps(data, 5, seed=41, progress=False)
-    root = tmp_path_factory.mktemp("work")
-    embed_dataset(load_dataset(data), root / "cache", EmbedConfig(workers=0, progress=False))
-    train(root / "cache", root / "run", TrainConfig(**ONE_EPOCH), progress=False)
-    return data, root / "cache", root / "run"
+ONE_EPOCH = RUN_TRAIN  # what the shared run (conftest.stamps_run) was trained with
+# `stamps` and `stamps_run` (trained on `stamps_cache`) are conftest.py's shared fixtures: only read here.
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
-def test_export_holds_the_run_decoder_and_metadata(tiny_run, tmp_path, fmt):
-    _, _, run = tiny_run
+def test_export_holds_the_run_decoder_and_metadata(stamps_run, tmp_path, fmt):
+    run = stamps_run
     out = tmp_path / f"tiny_stamps.{fmt}"
     result = CliRunner().invoke(main, ["export", "--run", str(run), "--out", str(out), "--format", fmt])
     assert result.exit_code == 0, result.output
     metadata = json.loads(out.with_suffix(".json").read_text())
     assert metadata["model_type"] == "tiny" and metadata["fine_tuned"] == ["mask_decoder"]
-    assert metadata["training_config"]["epochs"] == 1 and len(metadata["sha256"]) == 64
+    assert metadata["training_config"]["epochs"] == ONE_EPOCH["epochs"] and len(metadata["sha256"]) == 64
     exported = load_sam("tiny", out)  # strict keys, weights_only / safetensors
     trained = read_run_checkpoint(run / "best.pt")["state_dict"]
     for key, value in exported.sam.state_dict().items():
@@ -49,8 +41,8 @@ def test_export_holds_the_run_decoder_and_metadata(tiny_run, tmp_path, fmt):
             assert torch.equal(value, load_sam("tiny").sam.state_dict()[key])
 
 
-def test_predict_with_run_uses_the_cache_and_writes_outputs(tiny_run, tmp_path):
-    data, cache, run = tiny_run
+def test_predict_with_run_uses_the_cache_and_writes_outputs(stamps, stamps_run, tmp_path):
+    data, run = stamps, stamps_run  # the run names its cache, stamps_cache: predict finds the image there
     image = sorted((data / "images").glob("*.jpg"))[0]
     result = CliRunner().invoke(main, ["predict", str(image), "--run", str(run), "--box", "50,60,300,320",
                                        "--out", str(tmp_path / "p")])
@@ -72,8 +64,8 @@ def test_predict_with_run_uses_the_cache_and_writes_outputs(tiny_run, tmp_path):
     assert len(predictions) == len(coco["annotations"]) and {p["embedding_from"] for p in predictions} == {"encoder"}
 
 
-def test_predict_rejects_bad_arguments(tiny_run, tmp_path):
-    data, _, run = tiny_run
+def test_predict_rejects_bad_arguments(stamps, stamps_run, tmp_path):
+    data, run = stamps, stamps_run
     image = str(sorted((data / "images").glob("*.jpg"))[0])
     runner = CliRunner()
     assert runner.invoke(main, ["predict", image, "--run", str(run), "--out", str(tmp_path)]).exit_code == 2
@@ -85,6 +77,7 @@ def test_predict_rejects_bad_arguments(tiny_run, tmp_path):
 def test_vit_b_export_loads_in_sam_and_matches_samcache_predict(vit_b_checkpoint, tmp_path):
     """Real-checkpoint compatibility with random vit_b weights in Meta's layout (quality is not the point)."""
     data = tmp_path / "ds"
+    # Its own 3 pages, one a split: vit_b embeds cost seconds a page on CPU (the shared set has 7).
     generate_stamps(data, 3, seed=2, progress=False, fractions=(0.34, 0.33, 0.33))
     config = EmbedConfig(model_type="vit_b", checkpoint=vit_b_checkpoint, workers=0, progress=False, batch_size=1,
                          precision="fp32")

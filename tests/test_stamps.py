@@ -18,6 +18,7 @@ from samcache.errors import DatasetError
 N = 6
 
 
+# Its own pages, not conftest's shared `stamps`: here the generator itself is under test (N, seed, summary).
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("stamps") / "ds"

@@ -16,6 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from samcache import masks
+from samcache.cache import EmbeddingCache
 from samcache.cli import main
 from samcache.datasets import load_dataset
 from samcache.datasets.stamps import generate_stamps
@@ -27,18 +28,10 @@ from samcache.prompts import (
     training_prompt,
 )
 from samcache.train import TrainConfig, TrainingError, learning_rate, read_run_checkpoint, train
-from tests.conftest import rect_mask
+from tests.helpers import QUICK_TRAIN, make_coco, rect_mask, write_image
 
-QUICK = dict(epochs=1, batch_size=2, objects_per_image=2, workers=0, warmup_steps=1, save_every=0)
-
-
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("ds")
-    generate_stamps(data, 6, seed=21, progress=False)
-    cache = tmp_path_factory.mktemp("cache") / "c"
-    embed_dataset(load_dataset(data), cache, EmbedConfig(workers=0, progress=False))
-    return cache
+QUICK = dict(QUICK_TRAIN, warmup_steps=1)
+# `stamps_cache` is the shared session cache of conftest.py: training only reads it.
 
 
 # ------------------------------------------------------------------------------ batched decoder
@@ -168,8 +161,8 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 
 
 # ----------------------------------------------------------------------------- runs and outputs
-def test_run_writes_checkpoints_logs_and_curves(small_cache, tmp_path):
-    result = train(small_cache, tmp_path / "run", TrainConfig(**{**QUICK, "epochs": 2}), progress=False)
+def test_run_writes_checkpoints_logs_and_curves(stamps_cache, tmp_path):
+    result = train(stamps_cache, tmp_path / "run", TrainConfig(**{**QUICK, "epochs": 2}), progress=False)
     run = tmp_path / "run"
     for name in ("config.yaml", "run.json", "metrics.jsonl", "curves.png", "best.pt", "last.pt"):
         assert (run / name).is_file(), name
@@ -188,12 +181,12 @@ def test_run_writes_checkpoints_logs_and_curves(small_cache, tmp_path):
         assert torch.equal(last["state_dict"][f"prompt_encoder.{k}"], v)
     assert not torch.equal(last["state_dict"]["mask_decoder.iou_token.weight"], base.mask_decoder.iou_token.weight)
     with pytest.raises(TrainingError, match="already holds a run"):
-        train(small_cache, run, TrainConfig(**QUICK), progress=False)
+        train(stamps_cache, run, TrainConfig(**QUICK), progress=False)
 
 
-def test_in_memory_and_hdf5_and_workers_train_identically(small_cache, tmp_path):
-    a = train(small_cache, tmp_path / "a", TrainConfig(**{**QUICK, "cache_in_memory": "yes"}), progress=False)
-    b = train(small_cache, tmp_path / "b", TrainConfig(**{**QUICK, "cache_in_memory": "no", "workers": 2}),
+def test_in_memory_and_hdf5_and_workers_train_identically(stamps_cache, tmp_path):
+    a = train(stamps_cache, tmp_path / "a", TrainConfig(**{**QUICK, "cache_in_memory": "yes"}), progress=False)
+    b = train(stamps_cache, tmp_path / "b", TrainConfig(**{**QUICK, "cache_in_memory": "no", "workers": 2}),
               progress=False)
     wa = read_run_checkpoint(tmp_path / "a" / "last.pt")["state_dict"]
     wb = read_run_checkpoint(tmp_path / "b" / "last.pt")["state_dict"]
@@ -201,18 +194,18 @@ def test_in_memory_and_hdf5_and_workers_train_identically(small_cache, tmp_path)
     assert json.loads((tmp_path / "a" / "run.json").read_text())["embeddings_in_memory"] is True
 
 
-def test_prompt_encoder_can_be_trained_too(small_cache, tmp_path):
-    train(small_cache, tmp_path / "r", TrainConfig(**{**QUICK, "train": ["mask_decoder", "prompt_encoder"],
-                                                      "prompt": "mixed"}), progress=False)
+def test_prompt_encoder_can_be_trained_too(stamps_cache, tmp_path):
+    train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "train": ["mask_decoder", "prompt_encoder"],
+                                                       "prompt": "mixed"}), progress=False)
     weights = read_run_checkpoint(tmp_path / "r" / "last.pt")["state_dict"]
     base = load_sam("tiny").sam.prompt_encoder.state_dict()
     assert not torch.equal(weights["prompt_encoder.point_embeddings.2.weight"], base["point_embeddings.2.weight"])
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_cache, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(stamps_cache, tmp_path, monkeypatch):
     import samcache.train as train_module
 
-    train(small_cache, tmp_path / "r", TrainConfig(**QUICK), progress=False)
+    train(stamps_cache, tmp_path / "r", TrainConfig(**QUICK), progress=False)
     good = (tmp_path / "r" / "last.pt").read_bytes()
     real = train_module.compute_loss
 
@@ -223,26 +216,24 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_cache, tmp_p
 
     monkeypatch.setattr(train_module, "compute_loss", exploding)
     with pytest.raises(TrainingError, match="loss became nan at epoch 2, step 1.*last good checkpoint"):
-        train(small_cache, tmp_path / "r", TrainConfig(**{**QUICK, "epochs": 2}), resume=True, progress=False)
+        train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "epochs": 2}), resume=True, progress=False)
     assert (tmp_path / "r" / "last.pt").read_bytes() == good
 
 
-def test_clear_errors_for_bad_options_and_empty_splits(small_cache, tmp_path):
+def test_clear_errors_for_bad_options_and_empty_splits(stamps_cache, tmp_path):
     with pytest.raises(TrainingError, match="no objects in validation split 'nope'.*--val-split"):
-        train(small_cache, tmp_path / "r", TrainConfig(**{**QUICK, "val_split": "nope"}), progress=False)
+        train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "val_split": "nope"}), progress=False)
     with pytest.raises(TrainingError, match="unknown --prompt"):
-        train(small_cache, tmp_path / "r", TrainConfig(**{**QUICK, "prompt": "scribble"}), progress=False)
+        train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "prompt": "scribble"}), progress=False)
     with pytest.raises(TrainingError, match="--train takes"):
-        train(small_cache, tmp_path / "r", TrainConfig(**{**QUICK, "train": ["image_encoder"]}), progress=False)
+        train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "train": ["image_encoder"]}), progress=False)
     with pytest.raises(TrainingError, match="unknown config key"):
         TrainConfig.from_dict({"epochz": 3})
     with pytest.raises(TrainingError, match="--resume: .* has no last.pt"):
-        train(small_cache, tmp_path / "fresh", TrainConfig(**QUICK), resume=True, progress=False)
+        train(stamps_cache, tmp_path / "fresh", TrainConfig(**QUICK), resume=True, progress=False)
 
 
 def test_cache_without_objects_is_refused(tmp_path):
-    from tests.conftest import make_coco, write_image
-
     write_image(tmp_path / "images" / "a.png", 50, 50)
     make_coco(tmp_path, [{"id": 1, "file_name": "a.png", "width": 50, "height": 50}], [], "train.json")
     embed_dataset(load_dataset(tmp_path), tmp_path / "c", EmbedConfig(workers=0, progress=False))
@@ -250,42 +241,43 @@ def test_cache_without_objects_is_refused(tmp_path):
         train(tmp_path / "c", tmp_path / "r", TrainConfig(**QUICK), progress=False)
 
 
-def test_other_base_weights_are_refused(small_cache, tmp_path):
+def test_other_base_weights_are_refused(stamps_cache, tmp_path):
     other = tmp_path / "other.pth"
     torch.save(build_tiny(5).state_dict(), other)
     from samcache.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="cache was made with tiny weights"):
-        train(small_cache, tmp_path / "r", TrainConfig(**{**QUICK, "checkpoint": str(other)}), progress=False)
+        train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "checkpoint": str(other)}), progress=False)
 
 
-def test_cli_config_file_and_overrides(small_cache, tmp_path):
+def test_cli_config_file_and_overrides(stamps_cache, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"epochs": 1, "batch_size": 3, "objects_per_image": 2, "workers": 0,
                                       "save_every": 0, "lr": 5e-5}))
-    result = CliRunner().invoke(main, ["train", str(small_cache), "--out", str(tmp_path / "r"),
+    result = CliRunner().invoke(main, ["train", str(stamps_cache), "--out", str(tmp_path / "r"),
                                        "--config", str(config), "--lr", "2e-4"])
     assert result.exit_code == 0, result.output
     assert "validation mIoU" in result.output and "samples/s" in result.output
     resolved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert resolved["batch_size"] == 3 and resolved["lr"] == 2e-4
-    bad = CliRunner().invoke(main, ["train", str(small_cache), "--out", str(tmp_path / "s"), "--loss", "l1"])
+    bad = CliRunner().invoke(main, ["train", str(stamps_cache), "--out", str(tmp_path / "s"), "--loss", "l1"])
     assert bad.exit_code == 2
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("epochs: 1\nlearning_rate: 1\n")
-    out = CliRunner().invoke(main, ["train", str(small_cache), "--out", str(tmp_path / "t"), "--config", str(bad_yaml)])
+    out = CliRunner().invoke(main, ["train", str(stamps_cache), "--out", str(tmp_path / "t"),
+                                    "--config", str(bad_yaml)])
     assert out.exit_code == 1 and "unknown config key(s): learning_rate" in out.output
     # YAML 1.1 reads a bare `no` as False: the config must still mean --cache-in-memory no.
     yes_no = tmp_path / "yes_no.yaml"
     yes_no.write_text("epochs: 1\nworkers: 0\nsave_every: 0\ncache_in_memory: no\n")
-    run = CliRunner().invoke(main, ["train", str(small_cache), "--out", str(tmp_path / "u"), "--config", str(yes_no)])
+    run = CliRunner().invoke(main, ["train", str(stamps_cache), "--out", str(tmp_path / "u"), "--config", str(yes_no)])
     assert run.exit_code == 0, run.output
     assert yaml.safe_load((tmp_path / "u" / "config.yaml").read_text())["cache_in_memory"] == "no"
 
 
 # ------------------------------------------------------------------------------------- resume
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(small_cache, tmp_path):
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(stamps_cache, tmp_path):
     args = ["--epochs", "2", "--batch-size", "1", "--objects-per-image", "2", "--workers", "1", "--warmup-steps", "2"]
 
     def run(out: Path, *extra: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
@@ -293,12 +285,14 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(small_cache, tmp_pat
         env.pop("SAMCACHE_CRASH_AT", None)
         if crash_at:
             env["SAMCACHE_CRASH_AT"] = crash_at
-        return subprocess.run([sys.executable, "-m", "samcache", "train", str(small_cache), "--out", str(out),
+        return subprocess.run([sys.executable, "-m", "samcache", "train", str(stamps_cache), "--out", str(out),
                                *args, *extra], env=env, capture_output=True, text=True, timeout=600)
 
+    # Steps per epoch: the 'train' images. Save every 2 steps; die at step 3 of epoch 1, mid-epoch.
+    steps_per_epoch = len(EmbeddingCache(stamps_cache).annotated_indices("train"))
+    assert steps_per_epoch >= 4, steps_per_epoch  # step 3 is inside epoch 1, after the step-2 save
     reference = run(tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    # Steps per epoch: the 'train' images. Save every 2 steps; die at step 3 of epoch 1, mid-epoch.
     yaml_config = tmp_path / "save.yaml"
     yaml_config.write_text("save_every: 2\n")
     killed = run(tmp_path / "killed", "--config", str(yaml_config), crash_at="train-step:3")
@@ -312,6 +306,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(small_cache, tmp_pat
     for key, tensor in expected["state_dict"].items():
         assert torch.equal(got["state_dict"][key], tensor), key
     assert got["state"]["history"] == expected["state"]["history"]
+    assert got["state"]["global_step"] == 2 * steps_per_epoch
     steps = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in steps if r["type"] == "step"] == list(range(1, got["state"]["global_step"] + 1))
 
@@ -322,6 +317,7 @@ def test_it_learns_on_a_small_stamps_cache(tmp_path):
     so this uses the class-balanced dice-bce loss: SAM's focal-heavy recipe assumes a pretrained decoder and,
     from random weights, settles on predicting background everywhere."""
     data = tmp_path / "ds"
+    # Its own 16 pages, no test split, random-init fp32 cache: the bounds below were seen on this data.
     generate_stamps(data, 16, seed=3, progress=False, fractions=(0.75, 0.25, 0.0))
     # fp32 embeddings: the same trajectory on CPUs with and without native bf16.
     embed_dataset(load_dataset(data), tmp_path / "cache",

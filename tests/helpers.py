@@ -1,0 +1,98 @@
+"""Plain helpers the tests share (fixtures live in conftest.py): small files on disk, the quick
+embed and train settings, copies of shared data, and counts to compute expected values from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+# The shared synthetic stamps data set (conftest.stamps): 7 pages, seed 31 -> train 5 pages
+# (14 objects), val 1 page (1 object), test 1 page (3 objects); every split has objects.
+STAMPS_PAGES = 7
+STAMPS_SEED = 31
+
+# Embedding settings of the shared cache: fp32 (parity with SamPredictor, the same numbers on CPUs
+# with and without native bf16), no worker processes, and shards of 2 images so every reader
+# meets a cache of several shards.
+FAST_EMBED = dict(workers=0, progress=False, batch_size=2, precision="fp32")
+SHARED_EMBED = dict(FAST_EMBED, shard_images=2)
+
+# One quick epoch of training on the tiny model.
+QUICK_TRAIN = dict(epochs=1, batch_size=2, objects_per_image=2, workers=0, save_every=0)
+# The shared trained run (conftest.stamps_run).
+RUN_TRAIN = dict(QUICK_TRAIN, lr=1e-3)
+
+
+def write_image(path: Path, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A random RGB PNG (lossless, so tests can compare pixels) and the array written."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), rgb[..., ::-1])
+    return rgb
+
+
+def rect_mask(height: int, width: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    mask = np.zeros((height, width), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def make_coco(root: Path, images: list[dict], annotations: list[dict], name: str = "train.json",
+              categories=({"id": 1, "name": "stamp"}, {"id": 2, "name": "seal"})) -> Path:
+    """Writes a COCO JSON under `root` (images are expected in root/images)."""
+    path = root / name
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": list(categories)}))
+    return path
+
+
+def embed(dataset_dir: Path, cache_dir: Path, **overrides):
+    """`embed_dataset` of the COCO data set in `dataset_dir` with FAST_EMBED (plus `overrides`)."""
+    from samcache.datasets import load_dataset
+    from samcache.embed import EmbedConfig, embed_dataset
+
+    return embed_dataset(load_dataset(dataset_dir), cache_dir, EmbedConfig(**{**FAST_EMBED, **overrides}))
+
+
+def train_run(cache_dir: Path, run_dir: Path, **overrides):
+    """`train` of `cache_dir` into `run_dir` with QUICK_TRAIN (plus `overrides`), quietly."""
+    from samcache.train import TrainConfig, train
+
+    return train(cache_dir, run_dir, TrainConfig(**{**QUICK_TRAIN, **overrides}), progress=False)
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    """A full copy of `src` at `dst` (file times kept, so a cache still sees copied images as unchanged)."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def split_counts(dataset_dir: Path) -> dict[str, dict[str, int]]:
+    """{split: {"images", "objects"}} read from the COCO SPLIT.json files of a data set."""
+    counts = {}
+    for path in sorted(Path(dataset_dir).glob("*.json")):
+        doc = json.loads(path.read_text())
+        counts[path.stem] = {"images": len(doc["images"]), "objects": len(doc["annotations"])}
+    return counts
+
+
+def tree_fingerprint(root: Path) -> dict[str, str]:
+    """Every file under `root` (relative path) and the SHA-256 of its bytes."""
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@contextmanager
+def left_unchanged(root: Path, what: str):
+    """Fails when the files under `root` differ on exit: shared fixtures are read-only."""
+    before = tree_fingerprint(root)
+    yield
+    after = tree_fingerprint(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test modified the shared {what} at {root} (copy it first): {changed[:10]}"
