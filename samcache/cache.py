@@ -80,7 +80,7 @@ class Provenance:
         return None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ImageEntry:
     """One image as a shard holds it: the dataset's `ImageRecord` fields, in its order, then what
     the cache adds. Objects are the dataset's own `ObjectRecord`s.
@@ -310,7 +310,7 @@ def _shard_paths(cache_dir: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------- reading
-@dataclass
+@dataclass(kw_only=True)
 class ImageInfo(ImageEntry):
     """What the cache knows of one image, as written, plus its index in the cache (sorted by name).
     The embedding and the preview are read on demand (`embedding`, `preview`)."""

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal, Optional, TypeVar
 import yaml
 from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from samcache.errors import SamcacheError
+from samcache.errors import ConfigError
 from samcache.images import INTENSITY_MODES
 from samcache.specs import MODEL_TYPES
 
@@ -47,10 +47,6 @@ SPLITS = ("train", "val", "test")
 TRAIN_SPLIT, VAL_SPLIT, TEST_SPLIT = SPLITS
 MAX_POINTS = 8
 """Points per prompt beyond this are ignored; fixed so that prompts stack into batches."""
-
-
-class ConfigError(SamcacheError):
-    """An option has the wrong type or is out of range."""
 
 
 def _no_bool(value: Any) -> Any:

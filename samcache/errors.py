@@ -25,6 +25,10 @@ class CacheError(SamcacheError):
     """An embedding cache is unreadable or incompatible with the request."""
 
 
+class ConfigError(SamcacheError):
+    """An option has the wrong type or is out of range."""
+
+
 class TrainingError(SamcacheError):
     """Training cannot start or had to stop (empty split, non-finite loss, too small a batch)."""
 

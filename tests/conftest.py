@@ -16,8 +16,17 @@ import torch
 
 from samcache import masks
 from tests.helpers import (
-    RUN_TRAIN, SHARED_EMBED, STAMPS_PAGES, STAMPS_SEED, copy_tree, embed, left_unchanged, make_coco, rect_mask,
-    train_run, write_image,
+    RUN_TRAIN,
+    SHARED_EMBED,
+    STAMPS_PAGES,
+    STAMPS_SEED,
+    copy_tree,
+    embed,
+    left_unchanged,
+    make_coco,
+    rect_mask,
+    train_run,
+    write_image,
 )
 
 

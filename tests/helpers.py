@@ -24,7 +24,7 @@ FAST_EMBED = dict(workers=0, progress=False, batch_size=2, precision="fp32")
 SHARED_EMBED = dict(FAST_EMBED, shard_images=2)
 
 # One quick epoch of training on the tiny model.
-QUICK_TRAIN = dict(epochs=1, batch_size=2, objects_per_image=2, workers=0, save_every=0)
+QUICK_TRAIN = dict(epochs=1, batch_size=2, objects_per_image=2, workers=0, save_every=None)
 # The shared trained run (conftest.stamps_run).
 RUN_TRAIN = dict(QUICK_TRAIN, lr=1e-3)
 
@@ -53,15 +53,17 @@ def make_coco(root: Path, images: list[dict], annotations: list[dict], name: str
 
 def embed(dataset_dir: Path, cache_dir: Path, **overrides):
     """`embed_dataset` of the COCO data set in `dataset_dir` with FAST_EMBED (plus `overrides`)."""
+    from samcache.config import EmbedConfig
     from samcache.datasets import load_dataset
-    from samcache.embed import EmbedConfig, embed_dataset
+    from samcache.embed import embed_dataset
 
     return embed_dataset(load_dataset(dataset_dir), cache_dir, EmbedConfig(**{**FAST_EMBED, **overrides}))
 
 
 def train_run(cache_dir: Path, run_dir: Path, **overrides):
     """`train` of `cache_dir` into `run_dir` with QUICK_TRAIN (plus `overrides`), quietly."""
-    from samcache.train import TrainConfig, train
+    from samcache.config import TrainConfig
+    from samcache.train import train
 
     return train(cache_dir, run_dir, TrainConfig(**{**QUICK_TRAIN, **overrides}), progress=False)
 

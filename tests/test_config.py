@@ -7,9 +7,8 @@ import yaml
 from click.testing import CliRunner
 
 from samcache.cli import main
-from samcache.config import (
-    DEVICES, LOSSES, PROMPT_MODES, ConfigError, EvalConfig, PromptSettings, TrainConfig, from_sources, parse,
-)
+from samcache.config import DEVICES, LOSSES, PROMPT_MODES, EvalConfig, PromptSettings, TrainConfig, from_sources, parse
+from samcache.errors import ConfigError
 from samcache.runs import RunFolder
 from samcache.specs import MODEL_TYPES
 
@@ -140,3 +139,12 @@ def test_yaml_run_resolves_strings_and_single_parts(stamps_cache, tmp_path):
     assert saved["prompts"]["mode"] == "point" and saved["prompts"]["box_jitter"] == 0.05
     checkpoint = RunFolder(run).read_checkpoint("last")
     assert checkpoint.trained == ["mask_decoder"] and checkpoint.config == saved
+
+
+def test_the_readme_example_config_is_valid():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("**Options and `--config`.**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = parse(TrainConfig, yaml.safe_load(block), source="README.md")
+    assert config.lr == 1e-3 and config.train == ["mask_decoder"] and config.prompts.mode == "mixed"

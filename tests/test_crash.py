@@ -41,7 +41,7 @@ def _embed(dataset: Path, cache: Path, crash_at: str | None = None) -> subproces
 def _snapshot(cache_dir: Path) -> dict:
     cache = EmbeddingCache(cache_dir)
     return {
-        info.name: (cache.embedding(info.index), info.original_size, info.input_size, info.split, info.sha256,
+        info.name: (cache.embedding(info.index), info.original_size, info.input_size, info.split, info.file.sha256,
                     [(o.object_id, o.box, o.category, o.rle["counts"]) for o in info.objects])
         for info in cache.images
     }

@@ -19,7 +19,7 @@ import torch
 
 from samcache.cache import EmbeddingCache
 from samcache.models import load_sam
-from samcache.train import read_run_checkpoint
+from samcache.runs import RunCheckpoint
 from tests.helpers import STAMPS_PAGES
 
 pytestmark = pytest.mark.slow
@@ -95,8 +95,8 @@ def test_torchrun_embed_equals_single_process(stamps, single_cache, work):
     single, two = EmbeddingCache(single_cache), EmbeddingCache(cache_dir)
     assert two.info()["objects"] == single.info()["objects"]
     assert two.describe_splits() == single.describe_splits()
-    assert [(i.name, i.split, i.sha256, [o.rle["counts"] for o in i.objects]) for i in two.images] == \
-        [(i.name, i.split, i.sha256, [o.rle["counts"] for o in i.objects]) for i in single.images]
+    assert [(i.name, i.split, i.file.sha256, [o.rle["counts"] for o in i.objects]) for i in two.images] == \
+        [(i.name, i.split, i.file.sha256, [o.rle["counts"] for o in i.objects]) for i in single.images]
     assert two.superseded == 0
 
     rerun = _ok(_run(["embed", str(stamps), "--out", str(cache_dir), *EMBED_OPTIONS], processes=2))
@@ -138,7 +138,7 @@ def _train(cache_dir: Path, run_dir: Path, *, processes: int, resume: bool = Fal
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return read_run_checkpoint(run_dir / "last.pt")["state_dict"]
+    return RunCheckpoint.read(run_dir / "last.pt").state_dict
 
 
 def _steps_per_epoch(cache_dir: Path) -> int:
@@ -193,8 +193,8 @@ def test_torchrun_train_equals_single_process_with_the_same_global_batch(single_
         assert (moved_two - moved_single).norm() <= 0.01 * moved_single.norm() + 1e-7, key
         compared += bool(moved_single.norm() > 1e-4)
     assert compared > len(base) // 2  # training moved most tensors: the agreement is not trivial
-    history_single = read_run_checkpoint(single_run / "last.pt")["state"]["history"]
-    history_two = read_run_checkpoint(two_process_run / "last.pt")["state"]["history"]
+    history_single = RunCheckpoint.read(single_run / "last.pt").state.history
+    history_two = RunCheckpoint.read(two_process_run / "last.pt").state.history
     np.testing.assert_allclose(history_two, history_single, atol=1e-4)
 
 
@@ -202,8 +202,8 @@ def test_torchrun_train_killed_mid_epoch_resumes_to_the_uninterrupted_weights(si
     run_dir = single_cache.parent / "run_killed"
     assert _steps_per_epoch(single_cache) >= 3  # so the kill at step 3 is inside epoch 1, after the step-2 save
     _train(single_cache, run_dir, processes=2, crash_at="train-step:3", crash_rank=0)
-    saved = read_run_checkpoint(run_dir / "last.pt")["state"]
-    assert (saved["epoch"], saved["batch"]) == (0, 2)  # the mid-epoch save at step 2, then killed at step 3
+    saved = RunCheckpoint.read(run_dir / "last.pt").state
+    assert (saved.epoch, saved.batch) == (0, 2)  # the mid-epoch save at step 2, then killed at step 3
 
     _train(single_cache, run_dir, processes=2, resume=True)
     expected, got = _weights(two_process_run), _weights(run_dir)

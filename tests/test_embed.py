@@ -15,9 +15,11 @@ from samcache import cache as cache_store
 from samcache import masks
 from samcache.cache import EmbeddingCache
 from samcache.cli import main
+from samcache.config import EmbedConfig
 from samcache.datasets import load_dataset
-from samcache.embed import EmbedConfig, embed_dataset
+from samcache.embed import embed_dataset
 from samcache.errors import CacheError
+from samcache.fileio import FileIdentity
 from samcache.images import read_image
 from samcache.models import build_tiny, load_sam
 from tests.helpers import FAST_EMBED as FAST
@@ -34,7 +36,7 @@ def test_cache_holds_everything_training_needs(stamps, stamps_cache):
         info = cache.images[cache.index_of(record.name)]
         assert info.original_size == (record.height, record.width)
         assert max(info.input_size) == 1024 and info.split == record.split
-        assert len(info.sha256) == 64 and Path(info.path) == record.path
+        assert len(info.file.sha256) == 64 and Path(info.file.path) == record.path
         assert [o.box for o in info.objects] == [o.box for o in record.objects]
         assert [o.category for o in info.objects] == [o.category for o in record.objects]
         for cached, original in zip(info.objects, record.objects):
@@ -223,7 +225,8 @@ def test_fp16_overflow_is_an_error(tmp_path):
     provenance = cache_store.Provenance("tiny", "x", {}, "percentile")
     cache_store.open_for_writing(tmp_path / "c", provenance)
     writer = cache_store.ShardWriter(tmp_path / "c", generation=1, rank=0, sequence=0, provenance=provenance)
-    entry = cache_store.ImageEntry("a.png", "a.png", "", 0, 0, (10, 10), (1024, 1024), "train", 1, [], "")
+    entry = cache_store.ImageEntry(image_id=1, name="a.png", file=FileIdentity("a.png", "", 0, 0), original_size=(10, 10),
+                                   split="train", objects=[], input_size=(1024, 1024), annotations_sha256="")
     big = np.zeros((256, 64, 64), np.float32)
     big[0, 0, 0] = 70000.0
     with pytest.raises(CacheError, match="float16's range"):

@@ -15,10 +15,13 @@ from pycocotools import mask as mask_utils
 
 from samcache.cache import EmbeddingCache
 from samcache.cli import main
-from samcache.evaluate import EvalConfig, evaluate
+from samcache.config import EvalConfig
+from samcache.errors import RunError
+from samcache.evaluate import evaluate
 from samcache.metrics import boundary, boundary_f, dice, iou
 from samcache.models import load_sam
 from samcache.preprocess import transform_boxes
+from samcache.runs import RunCheckpoint
 from tests.helpers import SHARED_EMBED, copy_tree, embed, rect_mask
 
 
@@ -69,7 +72,7 @@ def imageless_cache(stamps, tmp_path_factory) -> Path:
     data = copy_tree(stamps, root / "stamps")
     embed(data, root / "cache", **SHARED_EMBED)
     shutil.rmtree(data)  # eval must not need the images
-    assert not any(Path(info.path).exists() for info in EmbeddingCache(root / "cache").images)
+    assert not any(Path(info.file.path).exists() for info in EmbeddingCache(root / "cache").images)
     return root / "cache"
 
 
@@ -134,3 +137,23 @@ def test_eval_cli_prints_the_table_and_refuses_bad_input(cache_and_run, tmp_path
     assert empty.exit_code == 1 and "no objects in split 'nope'" in empty.output
     missing = runner.invoke(main, ["eval", str(cache_dir), "--run", str(tmp_path), "--out", str(tmp_path / "t")])
     assert missing.exit_code == 1 and "best.pt does not exist" in missing.output
+
+
+def test_training_validation_and_eval_make_the_same_masks(stamps_cache, stamps_run, tmp_path):
+    """One inference path: the run's validation mIoU before and after training is what eval scores
+    on the same split with the zero-shot and the fine-tuned decoder."""
+    state = RunCheckpoint.read(stamps_run / "last.pt").state
+    summary = evaluate(stamps_cache, tmp_path / "r", EvalConfig(split="val", weights="last", overlays=0),
+                       run_dir=copy_tree(stamps_run, tmp_path / "run"))
+    assert summary["zero_shot"]["miou"] == pytest.approx(state.history[0], abs=1e-9)
+    assert summary["fine_tuned"]["miou"] == pytest.approx(state.history[-1], abs=1e-9)
+    assert summary["zero_shot"]["miou"] != summary["fine_tuned"]["miou"]
+
+
+def test_a_run_refuses_a_cache_of_other_weights(stamps, stamps_cache, stamps_run_copy, tmp_path):
+    other = tmp_path / "other"
+    embed(stamps, other, random_init=True)  # the same images, another encoder's weights
+    assert EmbeddingCache(other).provenance.weights_sha256 != EmbeddingCache(stamps_cache).provenance.weights_sha256
+    with pytest.raises(RunError, match="do not belong together"):
+        evaluate(other, tmp_path / "r", EvalConfig(split="val"), run_dir=stamps_run_copy)
+    assert not (tmp_path / "r").exists()

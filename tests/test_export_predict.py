@@ -11,12 +11,14 @@ from click.testing import CliRunner
 from segment_anything import SamPredictor, sam_model_registry
 
 from samcache.cli import main
+from samcache.config import EmbedConfig, TrainConfig
 from samcache.datasets import load_dataset
 from samcache.datasets.stamps import generate_stamps
-from samcache.embed import EmbedConfig, embed_dataset
+from samcache.embed import embed_dataset
 from samcache.images import read_image
 from samcache.models import load_sam
-from samcache.train import TrainConfig, read_run_checkpoint, train
+from samcache.runs import RunCheckpoint
+from samcache.train import train
 from tests.helpers import RUN_TRAIN
 
 ONE_EPOCH = RUN_TRAIN  # what the shared run (conftest.stamps_run) was trained with
@@ -33,7 +35,7 @@ def test_export_holds_the_run_decoder_and_metadata(stamps_run, tmp_path, fmt):
     assert metadata["model_type"] == "tiny" and metadata["fine_tuned"] == ["mask_decoder"]
     assert metadata["training_config"]["epochs"] == ONE_EPOCH["epochs"] and len(metadata["sha256"]) == 64
     exported = load_sam("tiny", out)  # strict keys, weights_only / safetensors
-    trained = read_run_checkpoint(run / "best.pt")["state_dict"]
+    trained = RunCheckpoint.read(run / "best.pt").state_dict
     for key, value in exported.sam.state_dict().items():
         if key.startswith("mask_decoder."):
             assert torch.equal(value, trained[key])

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from samcache import masks, models
+from samcache.config import PromptSettings
 from samcache.datasets import load_dataset
-from samcache.datasets.shapes import CATEGORIES, ShapesSettings, generate_shapes, render_shapes
 from samcache.errors import CheckpointError
 from samcache.fileio import sha256_file
-from samcache.pretrain import PretrainConfig, ShapesPrompts, learning_rate, pretrain_tiny
-from samcache.prompts import PromptSettings
+from samcache.tiny.pretrain import PretrainConfig, ShapesPrompts, learning_rate, pretrain_tiny
+from samcache.tiny.shapes import CATEGORIES, ShapesSettings, generate_shapes, render_shapes
 
 SMALL = ShapesSettings(min_side=96, max_side=160)
 

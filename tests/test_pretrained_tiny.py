@@ -13,11 +13,12 @@ import json
 import pytest
 
 from samcache import models
+from samcache.config import EmbedConfig, EvalConfig, TrainConfig
 from samcache.datasets import load_dataset
 from samcache.datasets.stamps import generate_stamps
-from samcache.embed import EmbedConfig, embed_dataset
-from samcache.evaluate import EvalConfig, evaluate
-from samcache.train import TrainConfig, train
+from samcache.embed import embed_dataset
+from samcache.evaluate import evaluate
+from samcache.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ def test_fine_tuning_the_pretrained_tiny_decoder_beats_its_zero_shot_on_stamps(t
     cache_provenance = json.loads((tmp_path / "cache" / "cache.json").read_text())["provenance"]
     assert cache_provenance["weights_sha256"] == models.TINY_PRETRAINED_SHA256  # the default is the pretrained model
 
-    config = TrainConfig(batch_size=4, objects_per_image=4, workers=0, save_every=0, **FINE_TUNE)
+    config = TrainConfig(batch_size=4, objects_per_image=4, workers=0, save_every=None, **FINE_TUNE)
     train(tmp_path / "cache", tmp_path / "run", config, progress=False)
     summary = evaluate(tmp_path / "cache", tmp_path / "report", EvalConfig(split="test"), run_dir=tmp_path / "run")
     zero_shot, fine_tuned = summary["zero_shot"]["miou"], summary["fine_tuned"]["miou"]

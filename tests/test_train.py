@@ -18,16 +18,26 @@ from click.testing import CliRunner
 from samcache import masks
 from samcache.cache import EmbeddingCache
 from samcache.cli import main
+from samcache.config import EmbedConfig, PromptSettings, TrainConfig, parse
 from samcache.datasets import load_dataset
 from samcache.datasets.stamps import generate_stamps
-from samcache.decoder import PromptBatch, compute_loss, decode, mask_iou, upscale_logits
-from samcache.embed import EmbedConfig, embed_dataset
+from samcache.decoder import compute_loss, decode, mask_iou
+from samcache.embed import embed_dataset
+from samcache.errors import ConfigError, RunError, TrainingError
+from samcache.inference import upscale_logits
 from samcache.models import build_tiny, load_sam
 from samcache.prompts import (
-    PromptSettings, evaluation_prompt, interior_point, jitter_box, low_res_target, rng_for, sample_points,
+    PromptBatch,
+    evaluation_prompt,
+    interior_point,
+    jitter_box,
+    low_res_target,
+    rng_for,
+    sample_points,
     training_prompt,
 )
-from samcache.train import TrainConfig, TrainingError, learning_rate, read_run_checkpoint, train
+from samcache.runs import RunCheckpoint
+from samcache.train import learning_rate, train
 from tests.helpers import QUICK_TRAIN, make_coco, rect_mask, write_image
 
 QUICK = dict(QUICK_TRAIN, warmup_steps=1)
@@ -41,7 +51,7 @@ def test_batched_decoder_equals_stock_decoder_per_prompt():
     embeddings = torch.randn(3, 256, 64, 64)
     n = 7
     prompts = PromptBatch(
-        image_index=torch.tensor([0, 0, 1, 2, 2, 1, 0]),
+        batch_row=torch.tensor([0, 0, 1, 2, 2, 1, 0]),
         boxes=torch.rand(n, 4).sort(dim=1).values[:, [0, 1, 2, 3]] * torch.tensor([500, 500, 1000, 1000]),
         points=torch.rand(n, 8, 2) * 1000,
         labels=torch.tensor([[1, 0, 1, -1, -1, -1, -1, -1]] * n),
@@ -55,7 +65,7 @@ def test_batched_decoder_equals_stock_decoder_per_prompt():
             else:
                 sparse, dense = sam.prompt_encoder(points=(prompts.points[i : i + 1], prompts.labels[i : i + 1]),
                                                    boxes=None, masks=None)
-            j = int(prompts.image_index[i])
+            j = int(prompts.batch_row[i])
             stock_masks, stock_iou = sam.mask_decoder.predict_masks(
                 embeddings[j : j + 1], sam.prompt_encoder.get_dense_pe(), sparse, dense)
             torch.testing.assert_close(batched.logits[i], stock_masks[0], rtol=1e-4, atol=1e-4)
@@ -170,17 +180,17 @@ def test_run_writes_checkpoints_logs_and_curves(stamps_cache, tmp_path):
     epochs = [r for r in records if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2] and len(result.history) == 3
     assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in records if r["type"] == "step")
-    last = read_run_checkpoint(run / "last.pt")  # weights_only=True
-    assert last["state"]["epoch"] == 2 and last["model_type"] == "tiny"
-    assert set(k.split(".")[0] for k in last["state_dict"]) == {"mask_decoder", "prompt_encoder"}
+    last = RunCheckpoint.read(run / "last.pt")  # weights_only=True
+    assert last.state.epoch == 2 and last.model_type == "tiny"
+    assert set(k.split(".")[0] for k in last.state_dict) == {"mask_decoder", "prompt_encoder"}
     assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
     assert json.loads((run / "run.json").read_text())["result"]["val_miou_last"] == pytest.approx(result.val_miou_last)
     # Only the decoder trained: the prompt encoder is the base one.
     base = load_sam("tiny").sam  # the cache's weights
     for k, v in base.prompt_encoder.state_dict().items():
-        assert torch.equal(last["state_dict"][f"prompt_encoder.{k}"], v)
-    assert not torch.equal(last["state_dict"]["mask_decoder.iou_token.weight"], base.mask_decoder.iou_token.weight)
-    with pytest.raises(TrainingError, match="already holds a run"):
+        assert torch.equal(last.state_dict[f"prompt_encoder.{k}"], v)
+    assert not torch.equal(last.state_dict["mask_decoder.iou_token.weight"], base.mask_decoder.iou_token.weight)
+    with pytest.raises(RunError, match="already holds a run"):
         train(stamps_cache, run, TrainConfig(**QUICK), progress=False)
 
 
@@ -188,16 +198,16 @@ def test_in_memory_and_hdf5_and_workers_train_identically(stamps_cache, tmp_path
     a = train(stamps_cache, tmp_path / "a", TrainConfig(**{**QUICK, "cache_in_memory": "yes"}), progress=False)
     b = train(stamps_cache, tmp_path / "b", TrainConfig(**{**QUICK, "cache_in_memory": "no", "workers": 2}),
               progress=False)
-    wa = read_run_checkpoint(tmp_path / "a" / "last.pt")["state_dict"]
-    wb = read_run_checkpoint(tmp_path / "b" / "last.pt")["state_dict"]
+    wa = RunCheckpoint.read(tmp_path / "a" / "last.pt").state_dict
+    wb = RunCheckpoint.read(tmp_path / "b" / "last.pt").state_dict
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and a.history == b.history
     assert json.loads((tmp_path / "a" / "run.json").read_text())["embeddings_in_memory"] is True
 
 
 def test_prompt_encoder_can_be_trained_too(stamps_cache, tmp_path):
     train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "train": ["mask_decoder", "prompt_encoder"],
-                                                       "prompt": "mixed"}), progress=False)
-    weights = read_run_checkpoint(tmp_path / "r" / "last.pt")["state_dict"]
+                                                       "prompts": PromptSettings(mode="mixed")}), progress=False)
+    weights = RunCheckpoint.read(tmp_path / "r" / "last.pt").state_dict
     base = load_sam("tiny").sam.prompt_encoder.state_dict()
     assert not torch.equal(weights["prompt_encoder.point_embeddings.2.weight"], base["point_embeddings.2.weight"])
 
@@ -223,13 +233,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(stamps_cache, tmp_
 def test_clear_errors_for_bad_options_and_empty_splits(stamps_cache, tmp_path):
     with pytest.raises(TrainingError, match="no objects in validation split 'nope'.*--val-split"):
         train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "val_split": "nope"}), progress=False)
-    with pytest.raises(TrainingError, match="unknown --prompt"):
-        train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "prompt": "scribble"}), progress=False)
-    with pytest.raises(TrainingError, match="--train takes"):
-        train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "train": ["image_encoder"]}), progress=False)
-    with pytest.raises(TrainingError, match="unknown config key"):
-        TrainConfig.from_dict({"epochz": 3})
-    with pytest.raises(TrainingError, match="--resume: .* has no last.pt"):
+    with pytest.raises(ConfigError, match="prompts.mode = 'scribble'"):
+        parse(TrainConfig, {**QUICK, "prompts": {"mode": "scribble"}})
+    with pytest.raises(ConfigError, match="train = 'image_encoder'"):
+        parse(TrainConfig, {**QUICK, "train": ["image_encoder"]})
+    with pytest.raises(ConfigError, match="unknown option epochz"):
+        parse(TrainConfig, {"epochz": 3})
+    with pytest.raises(TrainingError, match="global batch, smaller than the 4 processes"):
+        from samcache.distributed import Distributed
+
+        train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "batch_size": 2}), progress=False,
+              dist=Distributed(rank=0, world_size=4))
+    with pytest.raises(RunError, match="--resume: .* has no last.pt"):
         train(stamps_cache, tmp_path / "fresh", TrainConfig(**QUICK), resume=True, progress=False)
 
 
@@ -253,7 +268,7 @@ def test_other_base_weights_are_refused(stamps_cache, tmp_path):
 def test_cli_config_file_and_overrides(stamps_cache, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"epochs": 1, "batch_size": 3, "objects_per_image": 2, "workers": 0,
-                                      "save_every": 0, "lr": 5e-5}))
+                                      "save_every": None, "lr": 5e-5}))
     result = CliRunner().invoke(main, ["train", str(stamps_cache), "--out", str(tmp_path / "r"),
                                        "--config", str(config), "--lr", "2e-4"])
     assert result.exit_code == 0, result.output
@@ -266,10 +281,10 @@ def test_cli_config_file_and_overrides(stamps_cache, tmp_path):
     bad_yaml.write_text("epochs: 1\nlearning_rate: 1\n")
     out = CliRunner().invoke(main, ["train", str(stamps_cache), "--out", str(tmp_path / "t"),
                                     "--config", str(bad_yaml)])
-    assert out.exit_code == 1 and "unknown config key(s): learning_rate" in out.output
+    assert out.exit_code == 1 and "unknown option learning_rate in" in out.output
     # YAML 1.1 reads a bare `no` as False: the config must still mean --cache-in-memory no.
     yes_no = tmp_path / "yes_no.yaml"
-    yes_no.write_text("epochs: 1\nworkers: 0\nsave_every: 0\ncache_in_memory: no\n")
+    yes_no.write_text("epochs: 1\nworkers: 0\nsave_every: null\ncache_in_memory: no\n")
     run = CliRunner().invoke(main, ["train", str(stamps_cache), "--out", str(tmp_path / "u"), "--config", str(yes_no)])
     assert run.exit_code == 0, run.output
     assert yaml.safe_load((tmp_path / "u" / "config.yaml").read_text())["cache_in_memory"] == "no"
@@ -297,18 +312,18 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(stamps_cache, tmp_pa
     yaml_config.write_text("save_every: 2\n")
     killed = run(tmp_path / "killed", "--config", str(yaml_config), crash_at="train-step:3")
     assert killed.returncode == -signal.SIGKILL
-    mid = read_run_checkpoint(tmp_path / "killed" / "last.pt")["state"]
-    assert (mid["epoch"], mid["batch"]) == (0, 2)  # the step-2 save, inside epoch 1
+    mid = RunCheckpoint.read(tmp_path / "killed" / "last.pt").state
+    assert (mid.epoch, mid.batch) == (0, 2)  # the step-2 save, inside epoch 1
     resumed = run(tmp_path / "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = read_run_checkpoint(tmp_path / "reference" / "last.pt")
-    got = read_run_checkpoint(tmp_path / "killed" / "last.pt")
-    for key, tensor in expected["state_dict"].items():
-        assert torch.equal(got["state_dict"][key], tensor), key
-    assert got["state"]["history"] == expected["state"]["history"]
-    assert got["state"]["global_step"] == 2 * steps_per_epoch
+    expected = RunCheckpoint.read(tmp_path / "reference" / "last.pt")
+    got = RunCheckpoint.read(tmp_path / "killed" / "last.pt")
+    for key, tensor in expected.state_dict.items():
+        assert torch.equal(got.state_dict[key], tensor), key
+    assert got.state.history == expected.state.history
+    assert got.state.global_step == 2 * steps_per_epoch
     steps = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["global_step"] for r in steps if r["type"] == "step"] == list(range(1, got["state"]["global_step"] + 1))
+    assert [r["global_step"] for r in steps if r["type"] == "step"] == list(range(1, got.state.global_step + 1))
 
 
 @pytest.mark.slow
@@ -323,7 +338,7 @@ def test_it_learns_on_a_small_stamps_cache(tmp_path):
     embed_dataset(load_dataset(data), tmp_path / "cache",
                   EmbedConfig(workers=0, progress=False, precision="fp32", random_init=True))
     config = TrainConfig(epochs=12, batch_size=2, objects_per_image=4, lr=1e-3, loss="dice-bce", workers=0,
-                         warmup_steps=5, save_every=0)
+                         warmup_steps=5, save_every=None)
     result = train(tmp_path / "cache", tmp_path / "run", config, progress=False)
     assert result.val_miou_start < 0.1
     # Seen here: 0.045 before, about 0.2 at best within 12 epochs (and 0.44 after 8 epochs on the 60-page demo set).
