@@ -70,6 +70,7 @@ from samcache.embed import embed_dataset
 from samcache.images import read_image
 from samcache.models import build_sam, load_sam
 from samcache.preprocess import batch_to_model_input, resize_image, transform_boxes
+from samcache.runs import RunFolder
 from samcache.train import train
 
 GOAL_EPOCH_SPEEDUP = 50.0
@@ -126,8 +127,7 @@ def epoch_seconds(run_dir: Path) -> list[tuple[int, float]]:
     """(prompts, seconds) per epoch from metrics.jsonl step records (DataLoader start + steps, no validation)."""
     last: dict[int, dict] = {}
     prompts: dict[int, int] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in RunFolder(run_dir).metrics():
         if record["type"] == "step":
             last[record["epoch"]] = record
             prompts[record["epoch"]] = prompts.get(record["epoch"], 0) + record["prompts"]
@@ -262,7 +262,7 @@ def bench_io(args, cache_dir: Path, workdir: Path) -> dict:
         config = TrainConfig(epochs=2, batch_size=4, objects_per_image=2, lr=1e-3, loss=LOSS, workers=args.workers,
                              cache_in_memory=mode, save_every=None, val_split="val", seed=args.seed)
         train(cache_dir, run_dir, config, progress=False)
-        held = json.loads((run_dir / "run.json").read_text())["embeddings_in_memory"]
+        held = RunFolder(run_dir).info()["embeddings_in_memory"]
         assert held == (mode == "yes"), (mode, held)
         epochs = epoch_seconds(run_dir)
         prompts, seconds = sum(n for n, _ in epochs), sum(s for _, s in epochs)
@@ -281,7 +281,7 @@ def bench_io(args, cache_dir: Path, workdir: Path) -> dict:
 # ---------------------------------------------------------------------------- (c) peak RSS
 def train_subprocess(cache_dir: Path, run_dir: Path, mode: str, budget_mb: int, workdir: Path) -> dict:
     config_file = workdir / f"{run_dir.name}.yaml"
-    config_file.write_text(f"memory_budget_mb: {budget_mb}\nsave_every: 0\nloss: {LOSS}\n")
+    config_file.write_text(f"memory_budget_mb: {budget_mb}\nsave_every: null\nloss: {LOSS}\n")
     command = [sys.executable, "-m", "samcache", "train", str(cache_dir), "--out", str(run_dir),
                "--config", str(config_file), "--epochs", "1", "--batch-size", "1", "--objects-per-image", "1",
                "--workers", "0", "--cache-in-memory", mode]
@@ -305,7 +305,7 @@ def train_subprocess(cache_dir: Path, run_dir: Path, mode: str, budget_mb: int, 
     output = "".join(output)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{output[-3000:]}")
-    held = json.loads((run_dir / "run.json").read_text())["embeddings_in_memory"]
+    held = RunFolder(run_dir).info()["embeddings_in_memory"]
     return {"cache_in_memory": mode, "held_in_memory": held, "peak_rss_mib": peak_kib / 1024,
             "seconds": time.perf_counter() - start}
 

@@ -17,9 +17,11 @@ accepted, on purpose: numbers written as strings (YAML 1.1 reads `1e-4` as a str
 `train: mask_decoder` as a one-item list. What is refused: true/false where a number is
 asked for, fractions where a whole number is, NaN and infinity, values out of range.
 
-This module imports no PyTorch, so the command line can build its options from it quickly.
-The option vocabularies (model types, losses, prompt kinds, devices, ...) live here too, and
-the modules that implement them import them from here.
+This module imports no PyTorch, so the command line can build its options from it without
+the seconds torch takes to import. The vocabularies of the options (losses, prompt kinds,
+devices, precisions, trainable parts, split names, ...) live here too, and the modules that
+implement them import them from here; the model types come from specs.py and the intensity
+modes from images.py, their owners.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ class TrainConfig(_Options):
     """The cache split validated after each epoch (fixed prompts, mIoU at original resolution)."""
     val_prompt: Literal[EVAL_PROMPTS] = "box"
     """Validation prompts: box (the exact box) or point (the mask's most interior point)."""
-    seed: Int = 0
+    seed: Annotated[Int, Field(ge=0)] = 0
     """Seeds shuffling, object choice and prompt sampling."""
     device: Literal[DEVICES] = "auto"
     """auto (CUDA when available), cpu or cuda. On CUDA, bf16 autocast."""
@@ -203,7 +205,7 @@ class EvalConfig(_Options):
     """box: each object's exact box; point: its most interior point."""
     box_jitter: Annotated[Float, Field(ge=0, le=1)] = 0.0
     """Move box sides by up to this fraction (at most 20 px), seeded; 0 keeps exact boxes."""
-    seed: Int = 0
+    seed: Annotated[Int, Field(ge=0)] = 0
     """Seeds the box jitter and the random overlay picks."""
     weights: Literal[RUN_WEIGHTS] = "best"
     """Which checkpoint of the run: best or last."""
@@ -265,6 +267,9 @@ def from_sources(cls: type[ConfigT], *, file: Optional[Path] = None, base: Optio
         node = values
         *parents, name = path.split(".")
         for parent in parents:
+            if node.get(parent) is not None and not isinstance(node[parent], dict):
+                raise ConfigError(f"invalid option: {parent} = {node[parent]!r}{f' (in {source})' if source else ''}: "
+                                  f"a group of settings is needed ({parent}.{name}: ...)")
             node[parent] = dict(node.get(parent) or {})
             node = node[parent]
         node[name] = value

@@ -25,7 +25,7 @@ class FileIdentity:
     Arguments:
       path: the file's path as the dataset gave it.
       sha256: SHA-256 of its bytes ("" when it could not be read).
-      size: its size in bytes; mtime_ns: its modification time (-1 both, when unknown).
+      size: its size in bytes; mtime_ns: its modification time (0 or -1 when it could not be read).
     """
 
     path: str

@@ -17,7 +17,8 @@ A checkpoint holds tensors and plain types only, so it is read with
 `samcache_version`, `model_type` and `base_weights_sha256` (the weights whose encoder made the
 cache), `trained` (the parts that were trainable), `state_dict` (the prompt encoder's and mask
 decoder's tensors, keys as in SAM's state dict), `optimizer`, `config` (the TrainConfig as a
-dict) and `state` (a TrainState as a dict). A run belongs to every cache made with those base
+dict; flat in checkpoints of version 1, nested since version 2) and `state` (a TrainState as a
+dict). A run belongs to every cache made with those base
 weights; `RunCheckpoint.check_cache` refuses any other.
 
 Under torchrun only rank 0 writes (`RunWriter(enabled=...)`).
@@ -44,7 +45,7 @@ from samcache.models import LoadedModel, load_matching
 from samcache.report import plot_training_curves
 
 CHECKPOINT_FORMAT = "samcache-run-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: `config` nested as TrainConfig is (prompt settings under "prompts"); 1: flat
 _CONFIG = "config.yaml"
 _INFO = "run.json"
 _METRICS = "metrics.jsonl"
@@ -228,6 +229,11 @@ class RunFolder:
         """The cache the run was trained from, as recorded when it started."""
         return self.info().get("cache")
 
+    def metrics(self) -> list[dict]:
+        """metrics.jsonl's records: {"type": "step" | "epoch", "epoch", "global_step", ...}."""
+        path = self.path / _METRICS
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
     def result(self) -> Optional[dict]:
         """The training result, once the run has finished."""
         return self.info().get("result")
@@ -310,6 +316,8 @@ def _nest_flat_prompt_keys(values: dict) -> dict:
     values["prompts"] = {new: values.pop(old) for old, new in _FLAT_PROMPT_KEYS.items() if old in values}
     if values.get("save_every") == 0:  # 0 meant "only at epoch ends", now spelt null
         values["save_every"] = None
+    if values.get("memory_budget_mb") == 0:  # 0 meant "the default budget", now spelt null
+        values["memory_budget_mb"] = None
     return values
 
 

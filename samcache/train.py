@@ -274,8 +274,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
         epoch_started = time.time()
         epoch_prompts = train_epoch(t, state, writer, epoch, progress=progress)
         prompts_seen += epoch_prompts
-        end_epoch(t, state, writer, epoch, epoch_prompts / max(time.time() - epoch_started, 1e-9),
-                  progress=progress)
+        end_epoch(t, state, writer, epoch, epoch_prompts, epoch_started, progress=progress)
     seconds = time.time() - started
     result = TrainResult(
         run_dir=str(run_dir), epochs_run=config.epochs, val_miou_start=state.history[0],
@@ -340,15 +339,18 @@ def train_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, *
                     "train_iou": stats.train_iou, "lr": lr, "prompts": stats.prompts, "samples_per_s": rate})
         bar.update(1)
         bar.set_postfix(loss=f"{stats.loss:.4f}", samples_s=f"{rate:.1f}")
-        if config.save_every and state.global_step % config.save_every == 0 and state.batch < t.steps_per_epoch:
+        if (writer.enabled and config.save_every and state.global_step % config.save_every == 0
+                and state.batch < t.steps_per_epoch):
             writer.save_checkpoint("last", t.checkpoint(state))
         crash_point("train-step")
     bar.close()
     return prompts
 
 
-def end_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, rate: float, *, progress: bool) -> None:
-    """Validates, records the epoch, saves best.pt (when it improved) and last.pt, redraws the curves."""
+def end_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, prompts: int, started: float, *,
+              progress: bool) -> None:
+    """Validates, records the epoch, saves best.pt (when it improved) and last.pt, redraws the curves.
+    Its throughput counts the whole epoch, validation included."""
     miou = validate(t)
     state.history.append(miou)
     state.epoch, state.batch = epoch + 1, 0
@@ -356,15 +358,16 @@ def end_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, rat
     if improved:
         state.best_miou, state.best_epoch = miou, epoch + 1
     writer.log({"type": "epoch", "epoch": epoch + 1, "global_step": state.global_step, "val_miou": miou,
-                "samples_per_s": rate})
-    checkpoint = t.checkpoint(state)
-    if improved:
-        writer.save_checkpoint("best", checkpoint)
-    writer.save_checkpoint("last", checkpoint)
+                "samples_per_s": prompts / max(time.time() - started, 1e-9)})
+    if writer.enabled:  # only the writing rank builds checkpoints
+        checkpoint = t.checkpoint(state)
+        if improved:
+            writer.save_checkpoint("best", checkpoint)
+        writer.save_checkpoint("last", checkpoint)
     writer.plot()
     if progress and t.dist.is_main:
         print(f"epoch {epoch + 1}/{t.config.epochs}: validation mIoU {miou:.4f}"
-              f"{' (best)' if improved else ''}, {rate:.1f} samples/s")
+              f"{' (best)' if improved else ''}, {prompts / max(time.time() - started, 1e-9):.1f} samples/s")
 
 
 def validate(t: Training) -> float:

@@ -148,3 +148,14 @@ def test_the_readme_example_config_is_valid():
     block = readme.split("**Options and `--config`.**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     config = parse(TrainConfig, yaml.safe_load(block), source="README.md")
     assert config.lr == 1e-3 and config.train == ["mask_decoder"] and config.prompts.mode == "mixed"
+
+
+def test_a_nested_flag_over_a_non_group_is_one_line(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("prompts: box\n")
+    with pytest.raises(ConfigError, match=r"prompts = 'box' \(in .*train.yaml\): a group of settings is needed"):
+        from_sources(TrainConfig, file=path, overrides={"prompts.box_jitter": 0.05})
+    with pytest.raises(ConfigError, match=r"prompts = 'box'"):
+        from_sources(TrainConfig, file=path)
+    with pytest.raises(ConfigError, match=r"seed = -1"):
+        parse(TrainConfig, {"seed": -1})  # the prompt generators take non-negative seeds only

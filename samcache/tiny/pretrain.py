@@ -44,6 +44,7 @@ from samcache import __version__, masks
 from samcache.config import LOSSES, PromptSettings
 from samcache.decoder import decode
 from samcache.devices import autocast
+from samcache.errors import TrainingError
 from samcache.fileio import sha256_file
 from samcache.inference import predict_masks
 from samcache.metrics import iou
@@ -51,7 +52,7 @@ from samcache.models import build_sam, build_tiny, load_weights_into, read_state
 from samcache.preprocess import batch_to_model_input, input_size, resize_image
 from samcache.prompts import PromptBatch, evaluation_prompt, low_res_target, rng_for, training_prompt
 from samcache.tiny.shapes import ShapesSettings, render_shapes
-from samcache.train import optimize_step, set_learning_rate, warmup_cosine
+from samcache.train import NonFiniteLoss, optimize_step, set_learning_rate, warmup_cosine
 
 CPU = torch.device("cpu")
 
@@ -335,8 +336,11 @@ def _train(sam, config: PretrainConfig, *, progress: bool) -> list[dict]:
         with autocast(CPU, config.precision):
             embeddings = sam.image_encoder(batch_to_model_input(images))
             output = decode(sam.prompt_encoder, sam.mask_decoder, embeddings, prompts)
-        stats = optimize_step(output, targets, prompts.is_box, loss_kind=config.loss, optimizer=optimizer,
-                              parameters=parameters, grad_clip=config.grad_clip)
+        try:
+            stats = optimize_step(output, targets, prompts.is_box, loss_kind=config.loss, optimizer=optimizer,
+                                  parameters=parameters, grad_clip=config.grad_clip)
+        except NonFiniteLoss as exc:
+            raise TrainingError(f"{exc} at step {step}; lower the learning rate") from None
         recent_loss = (recent_loss + [stats.loss])[-20:]
         recent_iou = (recent_iou + [stats.train_iou])[-20:]
         elapsed = time.time() - started
