@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import signal
 import time
 from collections import Counter
@@ -36,6 +38,7 @@ from samcache import __version__
 from samcache.datasets.records import ObjectRecord
 from samcache.errors import CacheError
 from samcache.fileio import FileIdentity, atomic_write_json
+from samcache.locks import holder_of
 from samcache.specs import EMBEDDING_SHAPE
 
 SCHEMA_VERSION = 1
@@ -123,8 +126,12 @@ def crash_point(name: str) -> None:
 
     The crash-safety test uses it to die at exact moments (mid-write, just before a rename...);
     it is inert unless the variable is set. Under torchrun, `SAMCACHE_CRASH_RANK=r` limits it
-    to the process of rank r.
+    to the process of rank r. `SAMCACHE_SLEEP_AT=name:seconds` instead sleeps there each time,
+    so that the tests of one-writer-at-a-time can start a second writer while the first works.
     """
+    sleep = os.environ.get("SAMCACHE_SLEEP_AT")
+    if sleep and sleep.partition(":")[0] == name:
+        time.sleep(float(sleep.partition(":")[2] or 1))
     spec = os.environ.get("SAMCACHE_CRASH_AT")
     if not spec:
         return
@@ -158,10 +165,15 @@ def open_for_writing(cache_dir: Path, provenance: Provenance) -> None:
                 "Embeddings from different models or weights cannot be mixed; use another --out"
             )
         return
-    if cache_dir.exists() and any(cache_dir.iterdir()):
+    if cache_dir.exists() and any(not p.name.startswith(".samcache") for p in cache_dir.iterdir()):
         raise CacheError(f"{cache_dir} is a non-empty folder without {HEADER_NAME}: not a samcache cache")
     (cache_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_json(header_path, {"schema_version": SCHEMA_VERSION, "provenance": asdict(provenance)})
+
+
+def is_cache(cache_dir: str | Path) -> bool:
+    """True when `cache_dir` has a cache header (it may still be empty or being written)."""
+    return (Path(cache_dir) / HEADER_NAME).is_file()
 
 
 def read_header(cache_dir: Path) -> Provenance:
@@ -202,7 +214,10 @@ class ShardWriter:
     """
 
     def __init__(self, cache_dir: Path, *, generation: int, rank: int, sequence: int, provenance: Provenance):
-        self.final_path = Path(cache_dir) / SHARD_DIR / f"g{generation:05d}-r{rank:04d}-s{sequence:06d}.h5"
+        # The random part makes two writers' names differ even if they ever ran at once (the
+        # cache's lock prevents that; a name collision would silently replace a shard).
+        self.final_path = (Path(cache_dir) / SHARD_DIR
+                           / f"g{generation:05d}-r{rank:04d}-s{sequence:06d}-{secrets.token_hex(4)}.h5")
         self.tmp_path = self.final_path.with_name(self.final_path.name + ".tmp")
         self.file = h5py.File(self.tmp_path, "w")
         self.file.attrs["schema_version"] = SCHEMA_VERSION
@@ -305,8 +320,12 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# Shards written before names had a random part match too; `x (copy).h5` and the like do not.
+SHARD_NAME = re.compile(r"g\d{5}-r\d{4}-s\d{6}(-[0-9a-f]{8})?\.h5")
+
+
 def _shard_paths(cache_dir: Path) -> list[Path]:
-    return sorted((Path(cache_dir) / SHARD_DIR).glob("g*-r*-s*.h5"))
+    return sorted(p for p in (Path(cache_dir) / SHARD_DIR).glob("g*.h5") if SHARD_NAME.fullmatch(p.name))
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -430,6 +449,11 @@ class EmbeddingCache:
             "bytes_per_image": size / len(self.images) if self.images else 0.0,
             "failed": [{"name": f.name, "path": f.file.path, "error": f.error} for f in self.failed],
         }
+
+    def writer(self) -> Optional[dict]:
+        """Who is adding to this cache right now (see locks.holder_of), or None: a reader then
+        sees the shards committed so far."""
+        return holder_of(self.cache_dir)
 
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.shards) + (self.cache_dir / HEADER_NAME).stat().st_size

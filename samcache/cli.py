@@ -60,6 +60,20 @@ def _process_group():
         distributed.shutdown()
 
 
+def _warn_if_being_written(cache_dir: Path) -> None:
+    """A reader of a cache that `samcache embed` is still adding to says so, and what it reads."""
+    from samcache.cache import EmbeddingCache, is_cache
+    from samcache.locks import describe
+
+    if not is_cache(cache_dir):
+        return  # the command itself says what is wrong
+    cache = EmbeddingCache(cache_dir)
+    holder = cache.writer()
+    if holder is not None:
+        click.echo(f"warning: {cache_dir} is being written ({describe(holder)}); reading the {len(cache)} "
+                   "images committed so far", err=True)
+
+
 def _fractions(value: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(v) for v in value.split(","))
@@ -282,6 +296,7 @@ def info_cmd(cache_dir: Path, as_json: bool) -> None:
     """
     from samcache.cache import EmbeddingCache
 
+    _warn_if_being_written(cache_dir)
     info = EmbeddingCache(cache_dir).info()
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -346,6 +361,7 @@ def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, **optio
     saved = RunFolder(run_dir).saved_config() if resume and config_file is None else None
     config = from_sources(TrainConfig, file=config_file, base=saved, overrides=_config_values(options),
                           flags=TRAIN_FLAGS)
+    _warn_if_being_written(cache_dir)
     with _process_group() as dist:
         result = train(cache_dir, run_dir, config, resume=resume, dist=dist)
     if not dist.is_main:
@@ -390,6 +406,7 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, **options) -> None:
     from samcache.report import format_table
 
     config = from_sources(EvalConfig, overrides=_config_values(options), flags=EVAL_FLAGS)
+    _warn_if_being_written(cache_dir)
     summary = evaluate(cache_dir, report_dir, config, run_dir=run_dir)
     click.echo(format_table(summary))
     click.echo(f"report: {report_dir / 'report.md'}")

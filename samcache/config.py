@@ -195,6 +195,30 @@ class TrainConfig(_Options):
         return self
 
 
+RESUME_MAY_CHANGE = ("epochs", "workers", "device", "cache_in_memory", "memory_budget_mb", "save_every",
+                     "checkpoint")
+"""What --resume may change: how long and where a run goes on, never what it computes."""
+
+
+def resume_changes(saved: dict, now: TrainConfig) -> list[str]:
+    """The options of `now` that differ from the run's `saved` config and may not change on resume,
+    as "name (saved -> now)", nested settings by dotted path."""
+    before = _flatten(parse(TrainConfig, saved, source="the run's checkpoint").model_dump(mode="json"))
+    after = _flatten(now.model_dump(mode="json"))
+    return [f"{key} ({before.get(key)!r} -> {after.get(key)!r})" for key in sorted(before.keys() | after.keys())
+            if key.split(".")[0] not in RESUME_MAY_CHANGE and before.get(key) != after.get(key)]
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 # ------------------------------------------------------------------------------------ eval
 class EvalConfig(_Options):
     """Options of `samcache eval`."""

@@ -35,6 +35,7 @@ from samcache.distributed import SINGLE, Distributed
 from samcache.errors import CacheError, SamcacheError
 from samcache.fileio import FileIdentity
 from samcache.images import read_image
+from samcache.locks import WriterLock
 from samcache.models import LoadedModel, load_sam
 from samcache.preprocess import Preprocessing, batch_to_model_input, input_size, resize_image
 
@@ -180,8 +181,13 @@ def embed_dataset(
         shards, then embeds pending[rank::world_size] into shards named after its rank; the
         summary counts all ranks.
     """
-    start = time.time()
     cache_dir = Path(cache_dir)
+    with WriterLock(cache_dir, what="cache", enabled=dist.is_main):  # under torchrun rank 0 holds it for all
+        return _embed(dataset, cache_dir, config, dist)
+
+
+def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distributed) -> EmbedSummary:
+    start = time.time()
     device = dist.device(resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
     loaded = load_sam(config.model_type, config.checkpoint, random_init=config.random_init)

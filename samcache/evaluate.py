@@ -66,7 +66,8 @@ def load_decoders(cache: EmbeddingCache, run: Optional[RunFolder], config: EvalC
         checkpoint = run.read_checkpoint(config.weights)
         checkpoint.check_cache(cache.provenance)
         base_weights = base_weights or checkpoint.base_checkpoint
-    base = load_matching(cache.provenance.model_type, cache.provenance.weights_sha256, base_weights).sam
+    base = load_matching(cache.provenance.model_type, cache.provenance.weights_sha256, base_weights,
+                         recorded_source=cache.provenance.weights_source).sam
     base.image_encoder = None
     decoders = {"zero_shot": (base.prompt_encoder.to(device).eval(), base.mask_decoder.to(device).eval())}
     if checkpoint is not None:

@@ -177,7 +177,8 @@ def load_sam(
     path = resolve_checkpoint(model_type, checkpoint, download=download)
     sam = build_sam(model_type)
     load_weights_into(sam, read_state_dict(path), model_type=model_type, source=path)
-    return LoadedModel(sam, model_type, file_sha256_cached(path), str(path))
+    # The absolute path: caches record it, and later commands find the file again from anywhere.
+    return LoadedModel(sam, model_type, file_sha256_cached(path), str(path.resolve()))
 
 
 def resolve_checkpoint(model_type: str, checkpoint: Optional[str | Path], *, download: bool = True) -> Path:
@@ -362,21 +363,54 @@ def _spec(model_type: str) -> EncoderSpec:
         raise CheckpointError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}") from None
 
 
-def load_matching(model_type: str, weights_sha256: str, checkpoint: Optional[str | Path] = None) -> LoadedModel:
+def load_matching(model_type: str, weights_sha256: str, checkpoint: Optional[str | Path] = None, *,
+                  recorded_source: str = "") -> LoadedModel:
     """The model whose weights made a cache (same type, same SHA-256); anything else is refused.
 
     Training and evaluation start from the prompt encoder and mask decoder of those weights,
-    since the embeddings they read were made by that model's image encoder. For tiny without a
-    checkpoint, both of samcache's own weight sets are candidates: the shipped pretrained file
-    (file SHA-256) and the random init of seed 0 (state dict SHA-256), so caches made before and
-    after the pretrained weights were installed both keep working.
+    since the embeddings they read were made by that model's image encoder. Without `checkpoint`,
+    the weights are found again: the file the cache recorded (`recorded_source`, when it is
+    still there with that SHA-256), Meta's official file when the SHA-256 is Meta's, and for
+    tiny both of samcache's own weight sets (the shipped pretrained file, and the random init of
+    seed 0, identified by its state dict's SHA-256). Weights that are none of these are never
+    downloaded in their place: the error names the file and SHA-256 to pass with --checkpoint.
     """
+    if checkpoint is None and recorded_source:
+        checkpoint = _recorded_file(recorded_source, weights_sha256)
+    official = OFFICIAL_WEIGHTS.get(model_type)
+    if checkpoint is None and official is not None and official.sha256 != weights_sha256:
+        raise CheckpointError(_missing_weights_message(model_type, weights_sha256, recorded_source))
     random_tiny = model_type == "tiny" and checkpoint is None and weights_sha256 != TINY_PRETRAINED_SHA256
     loaded = load_sam(model_type, checkpoint, random_init=random_tiny)
     if loaded.weights_sha256 != weights_sha256:
+        if checkpoint is None:
+            raise CheckpointError(_missing_weights_message(model_type, weights_sha256, recorded_source))
         raise CheckpointError(
             f"the cache was made with {model_type} weights of SHA-256 {weights_sha256}, but "
             f"{loaded.weights_source} has SHA-256 {loaded.weights_sha256}. The decoder must start from the "
             "weights whose encoder made the embeddings: pass those with --checkpoint, or re-embed"
         )
     return loaded
+
+
+def _recorded_file(source: str, weights_sha256: str) -> Optional[Path]:
+    """The weights file a cache recorded, if it is still there with the same content."""
+    path = Path(source)
+    if path == TINY_PRETRAINED:  # the shipped file: load_sam finds it itself (and keeps no sidecar beside it)
+        return None
+    try:
+        if path.is_file() and file_sha256_cached(path) == weights_sha256:
+            return path
+    except OSError:
+        pass
+    return None
+
+
+def _missing_weights_message(model_type: str, weights_sha256: str, recorded_source: str) -> str:
+    where = ""
+    if recorded_source and Path(recorded_source).is_file():
+        where = f" from {recorded_source}, which has changed since (its SHA-256 differs now)"
+    elif recorded_source and Path(recorded_source).is_absolute():
+        where = f" from {recorded_source}, which is not there any more"
+    return (f"the cache was made with {model_type} weights of SHA-256 {weights_sha256}{where}. The decoder must "
+            "start from those very weights: pass the file with that SHA-256 with --checkpoint")

@@ -192,7 +192,8 @@ class RunFolder:
         """
         run_checkpoint = self.read_checkpoint(which)
         base = load_matching(run_checkpoint.model_type, run_checkpoint.base_weights_sha256,
-                             checkpoint or run_checkpoint.base_checkpoint)
+                             checkpoint or run_checkpoint.base_checkpoint,
+                             recorded_source=self.info().get("base_weights_source", ""))
         apply_weights(base.sam, run_checkpoint)
         return base, run_checkpoint
 
@@ -202,9 +203,23 @@ class RunFolder:
             if not self.has_checkpoint("last"):
                 raise RunError(f"--resume: {self.path} has no {self.checkpoint_path('last').name} to resume from")
             return
-        if self.has_checkpoint("last") or (self.path / _METRICS).exists():
+        if self.has_checkpoint("last"):
             raise RunError(f"{self.path} already holds a run: pass --resume to continue it, or choose another --out")
+        # A run that stopped before its first checkpoint left logs only: nothing to resume, so start over.
+        for path in (self.path / _METRICS, self.path / _INFO, self.path / _CONFIG, self.path / _CURVES,
+                     self.checkpoint_path("best")):
+            path.unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def after_failure(self) -> str:
+        """What the folder holds after a run stopped on an error, and what the user can do."""
+        if self.has_checkpoint("last"):
+            state = RunCheckpoint.read(self.checkpoint_path("last")).state
+            return (f"The last good checkpoint {self.checkpoint_path('last')} (epoch {state.epoch}, step "
+                    f"{state.global_step}) is kept; resuming would repeat the same steps, so start a new run "
+                    "(another --out) with a lower --lr")
+        return (f"No checkpoint was saved yet, so {self.path} holds logs only: run the same command again "
+                "with a lower --lr (it starts over in the same folder)")
 
     def saved_config(self) -> Optional[dict]:
         """The options the run was started with (config.yaml), or None when it has none yet."""
@@ -215,7 +230,7 @@ class RunFolder:
             values = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise RunError(f"{path} is unreadable: {exc}") from exc
-        return _nest_flat_prompt_keys(values) if isinstance(values, dict) else {}
+        return nest_flat_prompt_keys(values) if isinstance(values, dict) else {}
 
     @property
     def config_path(self) -> Path:
@@ -260,14 +275,19 @@ class RunWriter:
               val_images: int, embeddings_in_memory: bool) -> None:
         if not self.enabled:
             return
-        atomic_write_bytes(self.run.path / _CONFIG,
-                           yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+        self.update_config(config)
         atomic_write_json(self.run.path / _INFO, {
             "samcache_version": __version__, "torch_version": torch.__version__,
             "model_type": base.model_type, "base_weights_sha256": base.weights_sha256,
             "base_weights_source": base.weights_source, "cache": str(Path(cache_dir).resolve()),
             "train_images": train_images, "val_images": val_images, "embeddings_in_memory": embeddings_in_memory,
         })
+
+    def update_config(self, config: TrainConfig) -> None:
+        """Writes config.yaml: at the start, and after --resume changed what may change (more epochs)."""
+        if self.enabled:
+            atomic_write_bytes(self.run.path / _CONFIG,
+                               yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
 
     def log(self, record: dict) -> None:
         if self.enabled:
@@ -309,7 +329,8 @@ _FLAT_PROMPT_KEYS = {"prompt": "mode", "box_jitter": "box_jitter", "box_jitter_m
                      "point_ratio": "point_ratio"}
 
 
-def _nest_flat_prompt_keys(values: dict) -> dict:
+def nest_flat_prompt_keys(values: dict) -> dict:
+    """A config saved flat (checkpoints of version 1) in today's nested layout; nested ones as they are."""
     if "prompts" in values or not set(values) & set(_FLAT_PROMPT_KEYS):
         return values
     values = dict(values)

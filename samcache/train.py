@@ -26,16 +26,17 @@ from torch.utils.data import DataLoader
 
 from samcache import masks
 from samcache.cache import EmbeddingCache, crash_point
-from samcache.config import TRAINABLE, TrainConfig
+from samcache.config import RESUME_MAY_CHANGE, TRAINABLE, TrainConfig, resume_changes
 from samcache.decoder import DecoderOutput, compute_loss, decode
 from samcache.devices import autocast, decoder_precision, resolve_device
 from samcache.distributed import SINGLE, Distributed
-from samcache.errors import TrainingError
+from samcache.errors import RunError, TrainingError
 from samcache.inference import predict_cached_objects
+from samcache.locks import WriterLock
 from samcache.metrics import iou
 from samcache.models import LoadedModel, load_matching
 from samcache.prompts import PromptBatch
-from samcache.runs import RunCheckpoint, RunFolder, RunWriter, TrainState, apply_weights
+from samcache.runs import RunCheckpoint, RunFolder, RunWriter, TrainState, apply_weights, nest_flat_prompt_keys
 from samcache.samples import (
     Batch,
     CacheSamples,
@@ -173,14 +174,15 @@ class Training:
     steps_per_epoch: int
 
     @classmethod
-    def setup(cls, cache_dir: str | Path, run: RunFolder, config: TrainConfig, *, resume: bool,
+    def setup(cls, cache: EmbeddingCache, run: RunFolder, config: TrainConfig, *, resume: bool,
               dist: Distributed) -> "Training":
-        cache = EmbeddingCache(cache_dir)
+        """Everything but the run folder's lock, which `train` holds (see locks.py)."""
         train_indices, val_indices = _splits(cache, config, dist)
         run.prepare(resume)
         dist.barrier()  # every rank has checked the folder before rank 0 writes into it
         device = dist.device(resolve_device(config.device))
-        base = load_matching(cache.provenance.model_type, cache.provenance.weights_sha256, config.checkpoint)
+        base = load_matching(cache.provenance.model_type, cache.provenance.weights_sha256, config.checkpoint,
+                             recorded_source=cache.provenance.weights_source)
         base.sam.image_encoder = None  # never used in training; frees its memory
         base.sam.to(device)
         for part in TRAINABLE:
@@ -266,23 +268,26 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
         ranks, and the loss is weighed so the averaged gradient equals the single-process one.
         Only rank 0 writes to `run_dir`.
     """
-    t = Training.setup(cache_dir, RunFolder(run_dir), config, resume=resume, dist=dist)
-    writer = RunWriter(t.run, enabled=dist.is_main)
-    state = resume_state(t, writer) if resume else start_state(t, writer, progress=progress)
-    started, prompts_seen = time.time(), 0
-    for epoch in range(state.epoch, config.epochs):
-        epoch_started = time.time()
-        epoch_prompts = train_epoch(t, state, writer, epoch, progress=progress)
-        prompts_seen += epoch_prompts
-        end_epoch(t, state, writer, epoch, epoch_prompts, epoch_started, progress=progress)
-    seconds = time.time() - started
-    result = TrainResult(
-        run_dir=str(run_dir), epochs_run=config.epochs, val_miou_start=state.history[0],
-        val_miou_best=state.best_miou, val_miou_last=state.history[-1], best_epoch=state.best_epoch,
-        history=state.history, seconds=seconds, samples_per_second=prompts_seen / max(seconds, 1e-9),
-    )
-    writer.finish(asdict(result))
-    dist.barrier()  # the run folder is complete when any rank returns
+    cache, run = EmbeddingCache(cache_dir), RunFolder(run_dir)
+    _splits(cache, config, dist)  # refused before anything is written
+    with WriterLock(run.path, what="run folder", enabled=dist.is_main):  # one writer per run folder
+        t = Training.setup(cache, run, config, resume=resume, dist=dist)
+        writer = RunWriter(t.run, enabled=dist.is_main)
+        state = resume_state(t, writer) if resume else start_state(t, writer, progress=progress)
+        started, prompts_seen = time.time(), 0
+        for epoch in range(state.epoch, config.epochs):
+            epoch_started = time.time()
+            epoch_prompts = train_epoch(t, state, writer, epoch, progress=progress)
+            prompts_seen += epoch_prompts
+            end_epoch(t, state, writer, epoch, epoch_prompts, epoch_started, progress=progress)
+        seconds = time.time() - started
+        result = TrainResult(
+            run_dir=str(run_dir), epochs_run=config.epochs, val_miou_start=state.history[0],
+            val_miou_best=state.best_miou, val_miou_last=state.history[-1], best_epoch=state.best_epoch,
+            history=state.history, seconds=seconds, samples_per_second=prompts_seen / max(seconds, 1e-9),
+        )
+        writer.finish(asdict(result))
+        dist.barrier()  # the run folder is complete when any rank returns
     return result
 
 
@@ -299,9 +304,20 @@ def start_state(t: Training, writer: RunWriter, *, progress: bool) -> TrainState
 
 
 def resume_state(t: Training, writer: RunWriter) -> TrainState:
-    """A resumed run: weights, optimizer and position from last.pt; later log lines dropped."""
+    """A resumed run: weights, optimizer and position from last.pt; later log lines dropped.
+    Only what does not change the computation may differ from the run's own options."""
     checkpoint = t.run.read_checkpoint("last")
     checkpoint.check_cache(t.cache.provenance)
+    changed = resume_changes(nest_flat_prompt_keys(checkpoint.config), t.config)
+    if changed:
+        raise RunError(
+            f"--resume continues {t.run} exactly as it was started, but these options differ: {', '.join(changed)}. "
+            f"Only {', '.join(RESUME_MAY_CHANGE)} may change on resume; for other options start a new run "
+            "(another --out)")
+    if t.config.epochs < checkpoint.state.epoch:
+        raise RunError(f"--resume: {t.run} has already trained {checkpoint.state.epoch} epochs; --epochs "
+                       f"{t.config.epochs} would end before that")
+    writer.update_config(t.config)
     apply_weights(t.sam, checkpoint)
     t.optimizer.load_state_dict(checkpoint.optimizer)
     writer.truncate_metrics(checkpoint.state)
@@ -328,8 +344,8 @@ def train_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, *
             stats = optimize_step(output, targets, prompt_batch.is_box, loss_kind=config.loss, optimizer=t.optimizer,
                                   parameters=t.parameters, grad_clip=config.grad_clip, n_local=n_local, dist=t.dist)
         except NonFiniteLoss as exc:
-            raise TrainingError(f"{exc} at epoch {epoch + 1}, step {batch_number + 1}: stopped. The last good "
-                                f"checkpoint {t.run.checkpoint_path('last')} is kept; try a lower --lr") from None
+            raise TrainingError(f"{exc} at epoch {epoch + 1}, step {batch_number + 1}: stopped. "
+                                f"{t.run.after_failure()}") from None
         state.global_step += 1
         state.batch = batch_number + 1
         prompts += stats.prompts

@@ -174,3 +174,15 @@ def test_file_hash_sidecar_tracks_changes(tmp_path):
     assert models.file_sha256_cached(path) == hashlib.sha256(b"one").hexdigest()
     path.write_bytes(b"two!")
     assert models.file_sha256_cached(path) == hashlib.sha256(b"two!").hexdigest()
+
+
+def test_weights_that_are_not_meta_s_are_never_downloaded_in_their_place(monkeypatch, vit_b_checkpoint, tmp_path):
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(models.urllib.request, "urlopen", no_download)
+    digest = hashlib.sha256(vit_b_checkpoint.read_bytes()).hexdigest()
+    found = models.load_matching("vit_b", digest, recorded_source=str(vit_b_checkpoint))
+    assert found.weights_sha256 == digest
+    with pytest.raises(CheckpointError, match=rf"SHA-256 {digest} from {tmp_path / 'gone.pth'}, which is not there"):
+        models.load_matching("vit_b", digest, recorded_source=str(tmp_path / "gone.pth"))
