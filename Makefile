@@ -29,8 +29,8 @@ demo: install
 	$(SAMCACHE) embed $(STAMPS) --out $(CACHE) --model tiny
 	$(SAMCACHE) info $(CACHE)
 	@test -f $(RUN)/last.pt || $(SAMCACHE) train $(CACHE) --out $(RUN) $(DEMO_TRAIN)
-	$(SAMCACHE) export --run $(RUN) --out $(RUN)/sam_tiny_stamps.pth
-	$(SAMCACHE) eval $(CACHE) --run $(RUN) --out $(REPORT) --split test
+	$(SAMCACHE) export --run $(RUN) --out $(RUN)/sam_tiny_stamps.pth --overwrite
+	$(SAMCACHE) eval $(CACHE) --run $(RUN) --out $(REPORT) --split test --overwrite
 
 test: install
 	$(VENV)/bin/ruff check samcache

@@ -188,7 +188,8 @@ def data() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write (COCO layout).")
 @click.option("--n", "n_images", type=click.IntRange(min=1), default=60, show_default=True, help="Pages.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same pages, byte for byte.")
-def data_stamps(out: Path, n_images: int, seed: int) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace what --out holds.")
+def data_stamps(out: Path, n_images: int, seed: int, overwrite: bool) -> None:
     """Generate a synthetic "stamps on scanned documents" set.
 
     Writes OUT/images/*.jpg and OUT/train.json, OUT/val.json, OUT/test.json with exact masks.
@@ -199,7 +200,7 @@ def data_stamps(out: Path, n_images: int, seed: int) -> None:
     """
     from samcache.datasets.stamps import generate_stamps
 
-    summary = generate_stamps(out, n_images, seed)
+    summary = generate_stamps(out, n_images, seed, overwrite=overwrite)
     splits = ", ".join(f"{k} {v['images']} images/{v['objects']} objects" for k, v in summary["splits"].items())
     click.echo(f"wrote {summary['images']} pages with {summary['objects']} stamps to {out} ({splits})")
 
@@ -392,7 +393,8 @@ def eval_options(command):
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), help="A training run (omit: base model only).")
 @click.option("--out", "report_dir", type=click.Path(path_type=Path), required=True, help="Report folder.")
 @eval_options
-def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, **options) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the report in --out when there is one.")
+def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, overwrite: bool, **options) -> None:
     """Score zero-shot SAM and the fine-tuned decoder on the same prompts, at original resolution.
 
     Reads only the cache and the run (no image file, no encoder). Writes summary.json,
@@ -407,7 +409,7 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, **options) -> None:
 
     config = from_sources(EvalConfig, overrides=_config_values(options), flags=EVAL_FLAGS)
     _warn_if_being_written(cache_dir)
-    summary = evaluate(cache_dir, report_dir, config, run_dir=run_dir)
+    summary = evaluate(cache_dir, report_dir, config, run_dir=run_dir, overwrite=overwrite)
     click.echo(format_table(summary))
     click.echo(f"report: {report_dir / 'report.md'}")
 
@@ -418,7 +420,8 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, **options) -> None:
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0], show_default=True)
 @click.option("--weights", type=click.Choice(RUN_WEIGHTS), default=RUN_WEIGHTS[0], show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Base weights file, if not the run's.")
-def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace FILE (and its metadata) when they exist.")
+def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint, overwrite: bool) -> None:
     """Write a full SAM state dict with the fine-tuned decoder, plus FILE.json metadata.
 
     For vit_b/l/h the file loads with segment_anything.sam_model_registry[TYPE](checkpoint=FILE)
@@ -428,11 +431,11 @@ def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint
     Example:
       samcache export --run runs/stamps --out sam_stamps.pth
     """
-    from samcache.export import export_run
+    from samcache.export import export_run, metadata_path
 
-    metadata = export_run(run_dir, out_file, fmt=fmt, weights=weights, checkpoint=checkpoint)
+    metadata = export_run(run_dir, out_file, fmt=fmt, weights=weights, checkpoint=checkpoint, overwrite=overwrite)
     click.echo(f"wrote {out_file} ({metadata['model_type']}, SHA-256 {metadata['sha256']}) and "
-               f"{out_file.with_suffix('.json')}; load with {metadata['load_with']}")
+               f"{metadata_path(out_file)}; load with {metadata['load_with']}")
 
 
 @main.command("predict")
@@ -448,7 +451,9 @@ def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint
               help="Take embeddings from this cache when an image is in it (default: the run's cache).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--device", type=click.Choice(DEVICES), default=DEVICES[0], show_default=True)
-def predict_cmd(images, run_dir, checkpoint, model_type, box, boxes, cache_dir, out_dir: Path, device: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Write into --out even when it holds earlier predictions.")
+def predict_cmd(images, run_dir, checkpoint, model_type, box, boxes, cache_dir, out_dir: Path, device: str,
+                overwrite: bool) -> None:
     """Predict masks for IMAGES from box prompts: PNG masks, overlays and COCO RLE JSON.
 
     \b
@@ -474,7 +479,7 @@ def predict_cmd(images, run_dir, checkpoint, model_type, box, boxes, cache_dir, 
         predictor, list(images), out_dir,
         box=predict_module.parse_box(box) if box else None,
         boxes_by_name=predict_module.boxes_from_coco(boxes) if boxes else None,
-        cache_dir=cache_dir, device=device,
+        cache_dir=cache_dir, device=device, overwrite=overwrite,
     )
     sources = {}
     for p in result["predictions"]:

@@ -38,6 +38,7 @@ from samcache.images import read_image
 from samcache.locks import WriterLock
 from samcache.models import LoadedModel, load_sam
 from samcache.preprocess import Preprocessing, batch_to_model_input, input_size, resize_image
+from samcache.progress import progress_bar
 
 
 @dataclass
@@ -341,7 +342,4 @@ def _entry(record: ImageRecord, file: FileIdentity, preview_jpeg: bytes) -> cach
 
 
 def _progress_bar(total: int, enabled: bool, label: str = ""):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", desc=f"embed {label}".strip(), disable=not enabled or total == 0,
-                dynamic_ncols=True)
+    return progress_bar(total, desc=f"embed {label}".strip(), unit="img", enabled=enabled and total > 0)

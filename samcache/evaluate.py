@@ -21,7 +21,7 @@ from samcache.cache import EmbeddingCache
 from samcache.config import EvalConfig
 from samcache.devices import decoder_precision, resolve_device
 from samcache.errors import SamcacheError
-from samcache.fileio import atomic_write_bytes, atomic_write_json
+from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace
 from samcache.inference import ObjectPrediction, predict_cached_objects
 from samcache.metrics import boundary_f, dice, iou
 from samcache.models import load_matching
@@ -78,7 +78,7 @@ def load_decoders(cache: EmbeddingCache, run: Optional[RunFolder], config: EvalC
 
 
 def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
-             run_dir: Optional[str | Path] = None) -> dict:
+             run_dir: Optional[str | Path] = None, *, overwrite: bool = False) -> dict:
     """Scores the base decoder (and the run's, when given) on a split; writes the report.
 
     Arguments:
@@ -86,7 +86,9 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
       report_dir: where summary.json, objects.csv, report.md and the pictures go.
       config: the options.
       run_dir: a training run; None scores the base model alone.
+      overwrite: replace the report when `report_dir` holds one.
     """
+    refuse_to_replace(Path(report_dir) / "summary.json", overwrite=overwrite)
     cache = EmbeddingCache(cache_dir)
     indices = cache.annotated_indices(config.split)
     if not indices:

@@ -9,6 +9,7 @@ samcache version, training config, validation history and the eval summary when 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -17,12 +18,24 @@ import torch
 from samcache import __version__
 from samcache.config import EXPORT_FORMATS
 from samcache.errors import SamcacheError
-from samcache.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace, sha256_file
 from samcache.runs import RunCheckpoint, RunFolder
 
 
+def metadata_path(weights_file: str | Path) -> Path:
+    """Where an export's metadata goes: `model.pth` -> `model.json`."""
+    return Path(weights_file).with_suffix(".json")
+
+
+def read_metadata(weights_file: str | Path) -> dict:
+    """The metadata beside an exported weights file; {} when there is none (or the JSON file of
+    that name is something else, a dataset's train.json beside train.pth, say)."""
+    metadata = _read_json(metadata_path(weights_file))
+    return metadata if "load_with" in metadata else {}
+
+
 def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", weights: str = "best",
-               checkpoint: Optional[str | Path] = None) -> dict:
+               checkpoint: Optional[str | Path] = None, overwrite: bool = False) -> dict:
     """Writes the full SAM state dict with the run's decoder to `out_file`, and its metadata beside it.
 
     Arguments:
@@ -32,11 +45,14 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
       weights: the run's "best" or "last" checkpoint.
       checkpoint: the base weights file, when not samcache's tiny or the official weights
         (default: the one the run was trained with).
+      overwrite: replace `out_file` (and its metadata) when they exist; a JSON file of another
+        kind under the metadata's name (a dataset's train.json, say) is never replaced.
     Returns the metadata written to the JSON file.
     """
     if fmt not in EXPORT_FORMATS:
         raise SamcacheError(f"--format is pth or safetensors, not {fmt!r}")
     run, out_file = RunFolder(run_dir), Path(out_file)
+    _check_outputs(out_file, overwrite=overwrite)
     model, run_checkpoint = run.load_model(weights, checkpoint)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.sam.state_dict().items()}
     if fmt == "pth":
@@ -48,8 +64,28 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
 
         atomic_write_bytes(out_file, save(state_dict, metadata={"model_type": run_checkpoint.model_type}))
     metadata = _metadata(run, run_checkpoint, weights, out_file, fmt, model.weights_source)
-    atomic_write_json(out_file.with_suffix(".json"), metadata)
+    atomic_write_json(metadata_path(out_file), metadata)
     return metadata
+
+
+def _check_outputs(out_file: Path, *, overwrite: bool) -> None:
+    sidecar = metadata_path(out_file)
+    if sidecar == out_file:
+        raise SamcacheError(f"--out {out_file}: the metadata goes to {sidecar.name}, the very file asked for; "
+                            "name the weights file model.pth or model.safetensors")
+    refuse_to_replace(out_file, overwrite=overwrite)
+    if sidecar.exists() and not read_metadata(out_file):
+        raise SamcacheError(f"--out {out_file} would write its metadata over {sidecar}, which is not a samcache "
+                            "export's metadata: choose another --out")
+    refuse_to_replace(sidecar, overwrite=overwrite)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _metadata(run: RunFolder, run_checkpoint: RunCheckpoint, weights: str, out_file: Path, fmt: str,

@@ -9,6 +9,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from samcache.errors import SamcacheError
+
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
@@ -49,6 +51,18 @@ class FileIdentity:
         if stat.st_size != self.size:
             return False
         return stat.st_mtime_ns == self.mtime_ns or (bool(self.sha256) and sha256_file(path) == self.sha256)
+
+
+def refuse_to_replace(path: str | Path, *, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Raises when `path` is an existing file, or a folder with anything in it, unless `overwrite`:
+    outputs never replace what the user did not ask to replace."""
+    path = Path(path)
+    if overwrite or not path.exists():
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    kind = "folder with files in it" if path.is_dir() else "file"
+    raise SamcacheError(f"{path} already exists (a {kind}); pass {flag} to replace it, or choose another --out")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

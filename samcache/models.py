@@ -35,6 +35,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from samcache.errors import CheckpointError
 from samcache.fileio import sha256_file
+from samcache.progress import progress_bar
 from samcache.specs import (
     EMBEDDING_SIZE,
     ENCODER_SPECS,
@@ -211,8 +212,6 @@ def download_official(model_type: str) -> Path:
     The file is written as `<name>.part` and renamed only once verified, so an interrupted or
     corrupted download never leaves a file that looks complete.
     """
-    from tqdm import tqdm
-
     official = OFFICIAL_WEIGHTS[model_type]
     home = samcache_home()
     home.mkdir(parents=True, exist_ok=True)
@@ -222,7 +221,7 @@ def download_official(model_type: str) -> Path:
     try:
         with urllib.request.urlopen(official.url, timeout=60) as response, open(partial_path, "wb") as out:
             total = int(response.headers.get("Content-Length") or official.size_bytes)
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {official.filename}") as bar:
+            with progress_bar(total, desc=f"downloading {official.filename}", unit="B", unit_scale=True) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     digest.update(chunk)

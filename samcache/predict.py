@@ -21,7 +21,8 @@ from samcache import masks
 from samcache.cache import EmbeddingCache
 from samcache.devices import resolve_device
 from samcache.errors import SamcacheError
-from samcache.fileio import atomic_write_json, sha256_file
+from samcache.export import metadata_path, read_metadata
+from samcache.fileio import atomic_write_json, refuse_to_replace, sha256_file
 from samcache.images import read_image
 from samcache.inference import predict_masks
 from samcache.models import load_sam
@@ -50,11 +51,11 @@ def predictor_from_checkpoint(checkpoint: str | Path, model_type: Optional[str] 
     """A full SAM state dict (e.g. from `samcache export`); the type comes from `model_type` or the
     export's metadata JSON. The encoder is the base one, so the export's base SHA-256 names it."""
     checkpoint = Path(checkpoint)
-    metadata_path = checkpoint.with_suffix(".json")
-    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
+    metadata = read_metadata(checkpoint)
     model_type = model_type or metadata.get("model_type")
     if model_type is None:
-        raise SamcacheError(f"which model is {checkpoint}? pass --model (no {metadata_path.name} beside it)")
+        raise SamcacheError(f"which model is {checkpoint}? pass --model (no export metadata "
+                            f"{metadata_path(checkpoint).name} beside it)")
     loaded = load_sam(model_type, checkpoint)
     return Predictor(loaded.sam.eval(), model_type, metadata.get("base_weights_sha256", loaded.weights_sha256),
                      str(checkpoint))
@@ -94,6 +95,7 @@ def predict_images(
     boxes_by_name: Optional[dict[str, list]] = None,
     cache_dir: Optional[str | Path] = None,
     device: str = "auto",
+    overwrite: bool = False,
 ) -> dict:
     """Writes masks, overlays and predictions.json for each image; returns the predictions.
 
@@ -105,6 +107,7 @@ def predict_images(
       boxes_by_name: boxes per image file name (boxes_from_coco).
       cache_dir: a cache to take embeddings from when an image is in it.
       device: "auto", "cpu" or "cuda".
+      overwrite: write into `out_dir` even when it holds an earlier predictions.json.
     """
     if (box is None) == (boxes_by_name is None):
         raise SamcacheError("give either --box or --boxes")
@@ -113,7 +116,9 @@ def predict_images(
     cache = _usable_cache(cache_dir, predictor)
     cached_by_sha = {info.file.sha256: info for info in cache.images} if cache is not None else {}
     out_dir = Path(out_dir)
+    refuse_to_replace(out_dir / "predictions.json", overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stems = output_stems([Path(p) for p in images])
     results = []
     for path in map(Path, images):
         image_boxes = [box] if box is not None else boxes_by_name.get(path.name, [])
@@ -130,14 +135,32 @@ def predict_images(
         predicted = np.stack([p.mask for p in predictions])
         scores = [p.score for p in predictions]
         for k, (mask, xyxy, score) in enumerate(zip(predicted, image_boxes, scores)):
-            mask_file = out_dir / f"{path.stem}_mask{k}.png"
+            mask_file = out_dir / f"{stems[path]}_mask{k}.png"
             cv2.imwrite(str(mask_file), mask.astype(np.uint8) * 255)
             results.append({"image": str(path), "box": list(map(float, xyxy)), "score": float(score),
                             "area": int(mask.sum()), "segmentation": masks.encode(mask), "mask_png": mask_file.name,
                             "embedding_from": source})
-        _write_overlay(out_dir / f"{path.stem}_overlay.png", image, predicted, image_boxes)
+        _write_overlay(out_dir / f"{stems[path]}_overlay.png", image, predicted, image_boxes)
     atomic_write_json(out_dir / "predictions.json", {"model": predictor.source, "predictions": results})
     return {"predictions": results, "images": len({r["image"] for r in results})}
+
+
+def output_stems(images: list[Path]) -> dict[Path, str]:
+    """A distinct output name per input: its stem, numbered when two inputs share one (a/x.jpg, b/x.jpg)."""
+    counts: dict[str, int] = {}
+    for path in images:
+        counts[path.stem] = counts.get(path.stem, 0) + 1
+    taken = {stem for stem, n in counts.items() if n == 1}
+    names: dict[Path, str] = {}
+    for path in images:
+        if path in names:
+            continue
+        name, k = path.stem, 1
+        while counts[path.stem] > 1 and (name == path.stem or name in taken):
+            name, k = f"{path.stem}-{k}", k + 1
+        taken.add(name)
+        names[path] = name
+    return names
 
 
 def _usable_cache(cache_dir, predictor: Predictor) -> Optional[EmbeddingCache]:

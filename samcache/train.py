@@ -35,6 +35,7 @@ from samcache.inference import predict_cached_objects
 from samcache.locks import WriterLock
 from samcache.metrics import iou
 from samcache.models import LoadedModel, load_matching
+from samcache.progress import progress_bar
 from samcache.prompts import PromptBatch
 from samcache.runs import RunCheckpoint, RunFolder, RunWriter, TrainState, apply_weights, nest_flat_prompt_keys
 from samcache.samples import (
@@ -406,6 +407,4 @@ def validate(t: Training) -> float:
 
 
 def _progress(total: int, description: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, unit="step", disable=not enabled, dynamic_ncols=True, leave=False)
+    return progress_bar(total, desc=description, unit="step", enabled=enabled, leave=False)

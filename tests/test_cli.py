@@ -93,3 +93,29 @@ def test_data_stamps_then_check(tmp_path):
 @pytest.mark.parametrize("argv", [["fetch", "vit_x"], ["data", "check"]])
 def test_usage_errors_exit_2(argv):
     assert CliRunner().invoke(main, argv).exit_code == 2
+
+
+def test_progress_in_a_log_is_a_few_plain_lines(tmp_path):
+    """Output that is not a terminal (CI logs, nohup, pipes) gets lines, not carriage-return frames."""
+    result = subprocess.run([sys.executable, "-m", "samcache", "data", "stamps", "--out", str(tmp_path / "s"),
+                             "--n", "30"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("stamps:")]
+    assert "\r" not in result.stderr
+    assert 2 <= len(lines) <= 11 and lines[-1].startswith("stamps: 30/30 page (100%)")
+
+
+def test_line_progress_prints_every_tenth_and_at_the_end():
+    import io
+
+    from samcache.progress import LineProgress
+
+    stream = io.StringIO()
+    bar = LineProgress(100, desc="embed", unit="img", stream=stream, every_seconds=1e9)
+    for _ in range(95):
+        bar.update(1)
+    bar.set_postfix(failed=0)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == [f"{n}/100" for n in range(10, 100, 10)] + ["95/100"]
+    assert lines[-1].endswith("failed=0") and "(95%)" in lines[-1]

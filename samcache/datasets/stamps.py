@@ -17,16 +17,16 @@ never changes earlier ones, and the same (n, seed) gives byte-identical files.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from samcache.datasets.synthetic import CocoSplits, split_plan
+from samcache.fileio import refuse_to_replace
+from samcache.progress import progress_bar
 
 CATEGORIES = (
     {"id": 1, "name": "round_stamp", "supercategory": "stamp"},
@@ -100,6 +100,7 @@ def generate_stamps(
     *,
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Writes `n` synthetic stamped pages and their COCO train/val/test JSONs under `out_dir`.
 
@@ -108,18 +109,23 @@ def generate_stamps(
     positive fraction gets at least one page. Image ids are page index + 1; annotation ids
     count from 1 across all three files.
 
-    Returns {"images", "objects", "splits": {split: {"images", "objects"}}, "out"}.
+    Returns {"images", "objects", "splits": {split: {"images", "objects"}}, "out"}. A folder that
+    holds files already is refused unless `overwrite`.
     """
     split_of = split_plan(n, seed, fractions)
     out_dir = Path(out_dir)
+    refuse_to_replace(out_dir, overwrite=overwrite)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     coco = CocoSplits(description="samcache synthetic stamps", seed=int(seed), categories=CATEGORIES)
-    for index in tqdm(range(len(split_of)), desc="stamps", unit="page", file=sys.stderr, disable=not progress):
+    bar = progress_bar(len(split_of), desc="stamps", unit="page", enabled=progress)
+    for index in range(len(split_of)):
         page = render_page(seed, index)
         name = f"page_{index:05d}.jpg"
         (out_dir / "images" / name).write_bytes(page.jpeg)
         coco.add_image(split_of[index], image_id=index + 1, file_name=name, width=page.width, height=page.height,
                        masks=page.masks, category_ids=page.category_ids)
+        bar.update(1)
+    bar.close()
     return coco.write(out_dir)
 
 

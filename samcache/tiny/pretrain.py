@@ -50,6 +50,7 @@ from samcache.inference import predict_masks
 from samcache.metrics import iou
 from samcache.models import build_sam, build_tiny, load_weights_into, read_state_dict
 from samcache.preprocess import batch_to_model_input, input_size, resize_image
+from samcache.progress import progress_bar
 from samcache.prompts import PromptBatch, evaluation_prompt, low_res_target, rng_for, training_prompt
 from samcache.tiny.shapes import ShapesSettings, render_shapes
 from samcache.train import NonFiniteLoss, optimize_step, set_learning_rate, warmup_cosine
@@ -316,8 +317,6 @@ def _optimizer(sam, config: PretrainConfig) -> torch.optim.AdamW:
 def _train(sam, config: PretrainConfig, *, progress: bool) -> list[dict]:
     """The end-to-end loop: encoder + decoder forward, then `samcache train`'s own step. Returns
     the loss history (every 25 steps)."""
-    from tqdm import tqdm
-
     sam.train()
     optimizer = _optimizer(sam, config)
     parameters = list(sam.parameters())
@@ -328,7 +327,7 @@ def _train(sam, config: PretrainConfig, *, progress: bool) -> list[dict]:
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=False, num_workers=config.workers,
                         collate_fn=_collate, persistent_workers=False,
                         prefetch_factor=4 if config.workers else None)
-    bar = tqdm(total=config.steps, desc="pretrain tiny", unit="step", file=sys.stderr, disable=not progress)
+    bar = progress_bar(config.steps, desc="pretrain tiny", unit="step", enabled=progress)
     started = time.time()
     recent_loss, recent_iou, history = [], [], []
     for step, (images, prompts, targets) in enumerate(loader):

@@ -21,16 +21,15 @@ Image `index` of `seed` depends only on that pair: the same pair gives identical
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from samcache.datasets.synthetic import CocoSplits, split_plan
+from samcache.progress import progress_bar
 
 CATEGORIES = (
     {"id": 1, "name": "polygon", "supercategory": "shape"},
@@ -123,7 +122,8 @@ def generate_shapes(
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     coco = CocoSplits(description="samcache synthetic shapes", seed=int(seed), categories=CATEGORIES)
-    for index in tqdm(range(len(split_of)), desc="shapes", unit="image", file=sys.stderr, disable=not progress):
+    bar = progress_bar(len(split_of), desc="shapes", unit="image", enabled=progress)
+    for index in range(len(split_of)):
         item = render_shapes(seed, index, settings)
         name = f"shapes_{index:05d}.png"
         if not cv2.imwrite(str(out_dir / "images" / name), item.image[..., ::-1]):
@@ -131,6 +131,8 @@ def generate_shapes(
         height, width = item.image.shape[:2]
         coco.add_image(split_of[index], image_id=index + 1, file_name=name, width=width, height=height,
                        masks=item.masks, category_ids=item.category_ids)
+        bar.update(1)
+    bar.close()
     return coco.write(out_dir)
 
 
