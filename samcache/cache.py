@@ -27,7 +27,7 @@ import secrets
 import signal
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +38,8 @@ from samcache import __version__
 from samcache.datasets.records import ObjectRecord
 from samcache.errors import CacheError
 from samcache.fileio import FileIdentity, atomic_write_json
-from samcache.locks import holder_of
+from samcache.locks import WriterLock, holder_of
+from samcache.progress import progress_bar
 from samcache.specs import EMBEDDING_SHAPE
 
 SCHEMA_VERSION = 1
@@ -121,6 +122,18 @@ class FailedEntry:
     error: str
 
 
+class DamagedImageError(CacheError):
+    """An embedding fails its checksum or holds non-finite values."""
+
+    def __init__(self, cache: "EmbeddingCache", index: int, problem: str):
+        shard = cache.shards[int(cache._location[index][0])]
+        super().__init__(
+            f"{cache.cache_dir}: the embedding of {cache.images[index].name} in shard {shard.name} is damaged "
+            f"({problem}). Run `samcache verify {cache.cache_dir}` to find every damaged image and take them out "
+            "of the cache, then `samcache embed` again to embed them anew")
+        self.image, self.shard, self.problem = cache.images[index].name, shard, problem
+
+
 def crash_point(name: str) -> None:
     """Test hook: `SAMCACHE_CRASH_AT=name:n` SIGKILLs this process the n-th time it passes `name`.
 
@@ -184,11 +197,25 @@ def read_header(cache_dir: Path) -> Provenance:
         raise CacheError(f"{cache_dir} is not a samcache cache (no {HEADER_NAME})") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise CacheError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("provenance"), dict):
+        raise CacheError(f"{path} is not a samcache cache header (no provenance mapping)")
     if header.get("schema_version") != SCHEMA_VERSION:
         raise CacheError(
             f"{cache_dir} has cache schema version {header.get('schema_version')}, this samcache reads {SCHEMA_VERSION}"
         )
-    return Provenance(**header["provenance"])
+    return provenance_from_dict(header["provenance"], source=path)
+
+
+def provenance_from_dict(values: dict, *, source: Path) -> Provenance:
+    """A Provenance from its JSON form; a missing or unknown key is a message naming `source`."""
+    known = {f.name for f in fields(Provenance)}
+    required = {f.name for f in fields(Provenance) if f.default is MISSING}
+    missing, unknown = sorted(required - set(values)), sorted(set(values) - known)
+    if missing or unknown:
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(unknown)}"] if unknown else [])
+        raise CacheError(f"{source}: the provenance has {'; '.join(problems)}: not a header this samcache wrote")
+    return Provenance(**values)
 
 
 def next_generation(cache_dir: Path) -> int:
@@ -224,14 +251,15 @@ class ShardWriter:
         self.file.attrs["provenance"] = json.dumps(asdict(provenance), sort_keys=True)
         self.embeddings = self.file.create_dataset(
             "embeddings", shape=(0, *EMBEDDING_SHAPE), maxshape=(None, *EMBEDDING_SHAPE),
-            dtype=np.float16, chunks=(1, *EMBEDDING_SHAPE),
+            dtype=np.float16, chunks=(1, *EMBEDDING_SHAPE), fletcher32=True,  # a checksum per image
         )
         self.images: list[ImageEntry] = []
         self.failed: list[FailedEntry] = []
+        self.removed: list[tuple[str, str]] = []
         self.created = time.time()
 
     def __len__(self) -> int:
-        return len(self.images) + len(self.failed)
+        return len(self.images) + len(self.failed) + len(self.removed)
 
     def add(self, entry: ImageEntry, embedding: np.ndarray) -> None:
         """Appends one image. `embedding` is (256, 64, 64) float32/float16; values beyond fp16's range
@@ -251,6 +279,10 @@ class ShardWriter:
 
     def add_failure(self, entry: FailedEntry) -> None:
         self.failed.append(entry)
+
+    def add_removal(self, name: str, reason: str) -> None:
+        """Takes image `name` out of the cache's view (shards stay append-only: this is a record)."""
+        self.removed.append((name, reason))
 
     def commit(self) -> Path:
         self._write_tables()
@@ -298,6 +330,10 @@ class ShardWriter:
         objects.create_dataset("box", data=np.array([o.box for _, o in flat], np.float32).reshape(-1, 4))
         _strings(objects, "category", [o.category for _, o in flat])
         _strings(objects, "rle_counts", [o.rle["counts"] for _, o in flat])
+
+        removed = self.file.create_group("removed")
+        _strings(removed, "name", [name for name, _ in self.removed])
+        _strings(removed, "reason", [reason for _, reason in self.removed])
 
         failed = self.file.create_group("failed")
         _strings(failed, "name", [f.name for f in self.failed])
@@ -351,20 +387,29 @@ class EmbeddingCache:
         latest_image: dict[str, tuple[int, int, ImageInfo]] = {}
         latest_failure: dict[str, tuple[int, FailedEntry]] = {}
         self.superseded = 0
+        self.removed: dict[str, str] = {}  # name -> why it left the cache (the latest record)
         for shard_index, path in enumerate(self.shards):
             try:
                 with h5py.File(path, "r") as f:
-                    images, failures = _read_tables(f)
-            except (OSError, KeyError) as exc:
+                    self._check_shard_provenance(f, path)
+                    images, failures, removals = _read_tables(f)
+            except (OSError, KeyError, ValueError, IndexError, TypeError) as exc:
                 raise CacheError(f"shard {path} is unreadable: {exc}") from exc
+            # A shard's removals are older than its rows: a run drops an image, then may embed it again.
+            for name, reason in removals:
+                if latest_image.pop(name, None) is not None or latest_failure.pop(name, None) is not None:
+                    self.superseded += 1
+                self.removed[name] = reason
             for row, info in enumerate(images):
                 self.superseded += info.name in latest_image or info.name in latest_failure
                 latest_image[info.name] = (shard_index, row, info)
                 latest_failure.pop(info.name, None)
+                self.removed.pop(info.name, None)
             for failure in failures:
                 self.superseded += failure.name in latest_image or failure.name in latest_failure
                 latest_failure[failure.name] = (shard_index, failure)
                 latest_image.pop(failure.name, None)
+                self.removed.pop(failure.name, None)
         names = sorted(latest_image)
         self.images: list[ImageInfo] = []
         self._location = np.zeros((len(names), 2), np.int64)
@@ -380,6 +425,18 @@ class EmbeddingCache:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def _check_shard_provenance(self, f: h5py.File, path: Path) -> None:
+        """Refuses a shard that another recipe made (copied in from another cache, say)."""
+        try:
+            shard = provenance_from_dict(json.loads(f.attrs["provenance"]), source=path)
+        except (KeyError, ValueError) as exc:
+            raise CacheError(f"shard {path} carries no readable provenance ({exc}): not a shard of this cache") from exc
+        differ = [f"{key} is {getattr(self.provenance, key)!r} in the cache, {getattr(shard, key)!r} in the shard"
+                  for key in Provenance.COMPARED if getattr(self.provenance, key) != getattr(shard, key)]
+        if differ:
+            raise CacheError(f"shard {path} was made with other settings than this cache ({'; '.join(differ)}): "
+                             "it does not belong here; move it out of the shards folder")
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -407,9 +464,16 @@ class EmbeddingCache:
         return dict(sorted(out.items()))
 
     def embedding(self, index: int) -> np.ndarray:
-        """The (256, 64, 64) float16 embedding of image `index`, read from disk."""
+        """The (256, 64, 64) float16 embedding of image `index`, read from disk and checked: its
+        Fletcher32 checksum (HDF5 verifies it on read) and finite values; DamagedImageError else."""
         shard_index, row = self._location[index]
-        return self._handle(int(shard_index))["embeddings"][int(row)]
+        try:
+            embedding = self._handle(int(shard_index))["embeddings"][int(row)]
+        except OSError as exc:  # h5py reports a checksum mismatch as a failed read
+            raise DamagedImageError(self, index, f"checksum mismatch ({str(exc).splitlines()[0]})") from exc
+        if not np.isfinite(embedding).all():
+            raise DamagedImageError(self, index, "non-finite values")
+        return embedding
 
     def preview_bytes(self, index: int) -> bytes:
         shard_index, row = self._location[index]
@@ -445,6 +509,7 @@ class EmbeddingCache:
             "samcache_version": self.provenance.samcache_version,
             "shards": len(self.shards),
             "superseded_records": self.superseded,
+            "removed": len(self.removed),
             "bytes_on_disk": size,
             "bytes_per_image": size / len(self.images) if self.images else 0.0,
             "failed": [{"name": f.name, "path": f.file.path, "error": f.error} for f in self.failed],
@@ -498,6 +563,9 @@ def _read_tables(f: h5py.File) -> tuple[list[ImageInfo], list[FailedEntry]]:
             original_size=(h, w), split=splits[row], objects=objects,
             input_size=(int(inputs[row, 0]), int(inputs[row, 1])), annotations_sha256=ann_shas[row],
         ))
+    removals = []
+    if "removed" in f:  # shards written before removals were recorded have none
+        removals = list(zip(_read_strings(f["removed/name"]), _read_strings(f["removed/reason"])))
     fa = f["failed"]
     failures = [
         FailedEntry(n, FileIdentity(p, s, int(size), int(mtime)), e)
@@ -506,8 +574,50 @@ def _read_tables(f: h5py.File) -> tuple[list[ImageInfo], list[FailedEntry]]:
             _read_strings(fa["error"]), fa["file_size"][()], fa["file_mtime_ns"][()],
         )
     ]
-    return images, failures
+    return images, failures, removals
 
 
 def _read_strings(dataset: h5py.Dataset) -> list[str]:
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in dataset[()]]
+
+
+# ----------------------------------------------------------------------------------- verifying
+@dataclass
+class VerifyReport:
+    """What `verify` found: every image read, the damaged ones (name, shard, problem)."""
+
+    images: int
+    shards: int
+    damaged: list[tuple[str, str, str]]
+    taken_out: bool
+
+
+def verify(cache_dir: str | Path, *, take_out: bool = True, progress: bool = True) -> VerifyReport:
+    """Reads every embedding of the cache and checks it (checksum, finite values).
+
+    With `take_out`, damaged images leave the cache's view through a removal record in a new
+    shard (the shards stay append-only), so the next `samcache embed` embeds them again. It
+    holds the cache's writer lock while it works.
+    """
+    cache_dir = Path(cache_dir)
+    if not is_cache(cache_dir):
+        read_header(cache_dir)  # the message that says what is wrong
+    with WriterLock(cache_dir, what="cache"):
+        cache = EmbeddingCache(cache_dir)
+        damaged = []
+        bar = progress_bar(len(cache), desc="verify", unit="img", enabled=progress and len(cache) > 0)
+        for info in cache.images:
+            try:
+                cache.embedding(info.index)
+            except DamagedImageError as exc:
+                damaged.append((info.name, exc.shard.name, exc.problem))
+            bar.update(1)
+        bar.close()
+        cache.close()
+        if damaged and take_out:
+            writer = ShardWriter(cache_dir, generation=next_generation(cache_dir), rank=0, sequence=0,
+                                 provenance=cache.provenance)
+            for name, shard, problem in damaged:
+                writer.add_removal(name, f"damaged in {shard}: {problem}")
+            writer.commit()
+    return VerifyReport(images=len(cache), shards=len(cache.shards), damaged=damaged, taken_out=take_out)

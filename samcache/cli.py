@@ -312,9 +312,36 @@ def info_cmd(cache_dir: Path, as_json: bool) -> None:
     click.echo(f"  {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, "
                f"{info['bytes_per_image'] / 2**20:.2f} MiB per image, "
                f"{info['shards']} shard(s), {info['superseded_records']} superseded record(s)")
+    if info["removed"]:
+        click.echo(f"  {info['removed']} image(s) taken out (no longer in the dataset, or damaged)")
     click.echo(f"  {len(info['failed'])} failed image(s)")
     for failure in info["failed"]:
         click.echo(f"  - {failure['name']}: {failure['error']}")
+
+
+@main.command("verify")
+@click.argument("cache_dir", metavar="CACHE", type=click.Path(path_type=Path))
+@click.option("--check-only", is_flag=True, help="Report damaged images, but leave them in the cache.")
+def verify_cmd(cache_dir: Path, check_only: bool) -> None:
+    """Read and check every embedding of CACHE (checksums, finite values).
+
+    Damaged images are taken out of the cache (a record in a new shard; nothing is deleted),
+    so that the next `samcache embed` embeds them again. Exit code 1 when any was damaged.
+
+    \b
+    Example:
+      samcache verify cache/stamps
+    """
+    from samcache.cache import verify
+
+    report = verify(cache_dir, take_out=not check_only)
+    click.echo(f"verified {report.images} images in {report.shards} shard(s): {len(report.damaged)} damaged")
+    for name, shard, problem in report.damaged:
+        click.echo(f"  - {name} in {shard}: {problem}")
+    if report.damaged:
+        action = ("they are out of the cache now: run `samcache embed` on the dataset again to embed them anew"
+                  if report.taken_out else "nothing was changed (--check-only)")
+        raise click.ClickException(f"{len(report.damaged)} damaged image(s) in {cache_dir}; {action}")
 
 
 # -------------------------------------------------------------------------------------- train

@@ -50,6 +50,7 @@ class EmbedSummary:
     skipped: int
     failed: int
     previously_failed: int
+    dropped: int
     seconds: float
     bytes_on_disk: int
     images_in_cache: int
@@ -60,13 +61,15 @@ class EmbedSummary:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        if self.embedded == self.refreshed == self.failed == 0:
+        if self.embedded == self.refreshed == self.failed == self.dropped == 0:
             head = f"nothing to embed: all {self.skipped} images are already in {self.cache_dir}"
         else:
             head = (f"embedded {self.embedded} images in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s), "
                     f"skipped {self.skipped} already cached, failed {self.failed}")
             if self.refreshed:
                 head += f", refreshed annotations of {self.refreshed}"
+            if self.dropped:
+                head += f", dropped {self.dropped} no longer in the dataset"
         if self.previously_failed:
             head += f", {self.previously_failed} unchanged images that failed before"
         per_image = self.bytes_on_disk / max(self.images_in_cache, 1)
@@ -202,7 +205,10 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
     dist.barrier()  # none commits before all have planned, so the slices agree
 
     unreadable = _new_unreadable(dataset, existing) if dist.is_main else []
+    gone = _no_longer_in(dataset, existing) if dist.is_main else []
     try:
+        for name in gone:  # the shards stay as they are; a record takes the image out of the cache's view
+            rotation.current().add_removal(name, "not in the dataset any more")
         for failure in unreadable:
             rotation.current().add_failure(failure)
         for record, index in refresh:  # annotations edited, pixels unchanged: no encoder run
@@ -221,12 +227,13 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
         existing.close()
 
     embedded, refreshed, failed = (int(v) for v in dist.sum([embedded, len(refresh), failed + len(unreadable)]))
+    dropped = int(dist.sum([len(gone)])[0])
     seconds = dist.max(time.time() - start)
     dist.barrier()  # every rank's shards are committed
     final = cache_store.EmbeddingCache(cache_dir)
     return EmbedSummary(
         embedded=embedded, refreshed=refreshed, skipped=len(skipped), failed=failed,
-        previously_failed=len(previously_failed), seconds=seconds,
+        previously_failed=len(previously_failed), dropped=dropped, seconds=seconds,
         bytes_on_disk=final.bytes_on_disk(), images_in_cache=len(final), cache_dir=str(cache_dir),
     )
 
@@ -328,6 +335,12 @@ def _new_unreadable(dataset: Dataset, existing: cache_store.EmbeddingCache) -> l
         for p in dataset.problems
         if p.unreadable_image and (p.unreadable_image, p.message) not in known
     ]
+
+
+def _no_longer_in(dataset: Dataset, existing: cache_store.EmbeddingCache) -> list[str]:
+    """Cached images (and failures) whose names the dataset no longer has, unreadable ones included."""
+    present = {record.name for record in dataset.images} | {p.unreadable_image for p in dataset.problems}
+    return sorted(({info.name for info in existing.images} | {f.name for f in existing.failed}) - present)
 
 
 def _entry(record: ImageRecord, file: FileIdentity, preview_jpeg: bytes) -> cache_store.ImageEntry:

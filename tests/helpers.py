@@ -22,6 +22,8 @@ STAMPS_SEED = 31
 # meets a cache of several shards.
 FAST_EMBED = dict(workers=0, progress=False, batch_size=2, precision="fp32")
 SHARED_EMBED = dict(FAST_EMBED, shard_images=2)
+# The same settings as `samcache embed` flags, for tests through the command line.
+EMBED_FLAGS = ["--workers", "0", "--batch-size", "2", "--precision", "fp32", "--shard-images", "2"]
 
 # One quick epoch of training on the tiny model.
 QUICK_TRAIN = dict(epochs=1, batch_size=2, objects_per_image=2, workers=0, save_every=None)

@@ -27,8 +27,13 @@ def cache_with_history(stamps, stamps_cache, tmp_path_factory) -> tuple[Path, Pa
     first_run_shards = len(list((cache / "shards").glob("*.h5")))
     train = json.loads((data / "train.json").read_text())
     train["annotations"] = train["annotations"][:-1]
+    # ... and one image left the data set: a removal record takes it out of the view.
+    gone = next(im for im in train["images"] if all(a["image_id"] != im["id"] for a in train["annotations"][-1:]))
+    train["images"].remove(gone)
+    train["annotations"] = [a for a in train["annotations"] if a["image_id"] != gone["id"]]
     (data / "train.json").write_text(json.dumps(train))
-    assert embed(data, cache, **SHARED_EMBED).refreshed == 1
+    summary = embed(data, cache, **SHARED_EMBED)
+    assert summary.refreshed == 1 and summary.dropped == 1
     return data, cache, first_run_shards
 
 
@@ -58,10 +63,12 @@ def test_plain_h5py_reader_agrees_with_samcache(cache_with_history):
         with h5py.File(shard, "r") as f:
             assert f.attrs["schema_version"] == 1
             assert json.loads(f.attrs["provenance"])["model_type"] == "tiny"
+            for name in (f["removed/name"].asstr()[()] if "removed" in f else []):
+                latest.pop(name)
             for row, name in enumerate(f["images/name"].asstr()[()]):
                 latest[name] = (shard, row)
     reference = EmbeddingCache(cache)
-    assert sorted(latest) == [info.name for info in reference.images]
+    assert sorted(latest) == [info.name for info in reference.images] and len(reference.removed) == 1
     for name, (shard, row) in latest.items():
         info = reference.images[reference.index_of(name)]
         with h5py.File(shard, "r") as f:

@@ -117,3 +117,37 @@ def test_a_fresh_cache_folder_with_only_a_lock_is_still_a_new_cache(tmp_path):
     cache_store.open_for_writing(folder, cache_store.Provenance("tiny", "x", {}, "percentile"))
     assert cache_store.is_cache(folder)
     assert tree_fingerprint(folder)  # header written
+
+
+def test_a_shard_from_a_cache_of_other_weights_is_refused_by_name(stamps, stamps_cache_copy, tmp_path):
+    from click.testing import CliRunner
+
+    from samcache.cli import main
+    from tests.helpers import embed
+
+    embed(stamps, tmp_path / "other", random_init=True)
+    stray = sorted((tmp_path / "other" / "shards").glob("*.h5"))[0]
+    (stamps_cache_copy / "shards" / stray.name).write_bytes(stray.read_bytes())
+    result = CliRunner().invoke(main, ["info", str(stamps_cache_copy)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert stray.name in result.output and "weights_sha256 is" in result.output and "in the shard" in result.output
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: {**p, "colour": "red"}, "unknown colour"),
+    (lambda p: {k: v for k, v in p.items() if k != "intensity"}, "missing intensity"),
+])
+def test_a_header_with_missing_or_extra_keys_is_a_message(stamps_cache_copy, change, message):
+    import json
+
+    from click.testing import CliRunner
+
+    from samcache.cli import main
+
+    header_path = stamps_cache_copy / "cache.json"
+    header = json.loads(header_path.read_text())
+    header["provenance"] = change(header["provenance"])
+    header_path.write_text(json.dumps(header))
+    result = CliRunner().invoke(main, ["info", str(stamps_cache_copy)])
+    assert result.exit_code == 1 and message in result.output and "cache.json" in result.output
+    assert "Traceback" not in result.output
