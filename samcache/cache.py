@@ -538,7 +538,7 @@ class EmbeddingCache:
         return handle
 
 
-def _read_tables(f: h5py.File) -> tuple[list[ImageInfo], list[FailedEntry]]:
+def _read_tables(f: h5py.File) -> tuple[list[ImageInfo], list[FailedEntry], list[tuple[str, str]]]:
     im = f["images"]
     names = _read_strings(im["name"])
     paths, shas, splits = _read_strings(im["path"]), _read_strings(im["sha256"]), _read_strings(im["split"])
