@@ -139,12 +139,14 @@ def crash_point(name: str) -> None:
 
     The crash-safety test uses it to die at exact moments (mid-write, just before a rename...);
     it is inert unless the variable is set. Under torchrun, `SAMCACHE_CRASH_RANK=r` limits it
-    to the process of rank r. `SAMCACHE_SLEEP_AT=name:seconds` instead sleeps there each time,
-    so that the tests of one-writer-at-a-time can start a second writer while the first works.
+    to the process of rank r. `SAMCACHE_HOLD_AT=name:FILE` instead waits there for as long as
+    FILE exists, so that the tests of one-writer-at-a-time can start a second writer while the
+    first is still at work.
     """
-    sleep = os.environ.get("SAMCACHE_SLEEP_AT")
-    if sleep and sleep.partition(":")[0] == name:
-        time.sleep(float(sleep.partition(":")[2] or 1))
+    hold = os.environ.get("SAMCACHE_HOLD_AT")
+    if hold and hold.partition(":")[0] == name:
+        while os.path.exists(hold.partition(":")[2]):
+            time.sleep(0.05)
     spec = os.environ.get("SAMCACHE_CRASH_AT")
     if not spec:
         return

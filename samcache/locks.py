@@ -55,7 +55,7 @@ class WriterLock:
         if not self.enabled:
             return self
         if self.folder.exists() and not self.folder.is_dir():
-            raise SamcacheError(f"{self.folder} is a file, not a {self.what} folder")
+            raise SamcacheError(f"{self.folder} is a file; the {self.what} must be a folder: choose another --out")
         try:
             self._created = not self.folder.exists()
             self.folder.mkdir(parents=True, exist_ok=True)

@@ -21,10 +21,10 @@ EMBED = ["--workers", "0", "--batch-size", "1", "--shard-images", "1", "--precis
 TRAIN = ["--epochs", "1", "--batch-size", "1", "--objects-per-image", "1", "--workers", "0"]
 
 
-def _samcache(*args: str, sleep_at: str | None = None, wait: bool = True):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAMCACHE_CRASH")}
-    if sleep_at:
-        env["SAMCACHE_SLEEP_AT"] = sleep_at
+def _samcache(*args: str, hold_at: str | None = None, wait: bool = True):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAMCACHE_CRASH", "SAMCACHE_HOLD"))}
+    if hold_at:
+        env["SAMCACHE_HOLD_AT"] = hold_at  # "point:FILE": waits at the point while FILE exists
     command = [sys.executable, "-m", "samcache", *args]
     if wait:
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -59,14 +59,16 @@ def test_the_lock_names_its_holder_and_goes_with_it(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_embed_into_the_same_cache_is_refused_and_readers_are_told(stamps, tmp_path):
-    cache = tmp_path / "cache"
-    first = _samcache("embed", str(stamps), "--out", str(cache), *EMBED, sleep_at="batch-done:4", wait=False)  # 4 s an image
+    cache, hold = tmp_path / "cache", tmp_path / "hold"
+    hold.touch()  # the first writer stops after its first image until this file goes
+    first = _samcache("embed", str(stamps), "--out", str(cache), *EMBED, hold_at=f"batch-done:{hold}", wait=False)
     _wait_for(cache / HOLDER_NAME, first)
     second = _samcache("embed", str(stamps), "--out", str(cache), *EMBED)
     assert second.returncode == 1
     assert f"pid {first.pid}" in second.stderr and "one writer at a time per cache" in second.stderr
     info = _samcache("info", str(cache))
     assert info.returncode == 0 and "is being written" in info.stderr and f"pid {first.pid}" in info.stderr
+    hold.unlink()
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     done = EmbeddingCache(cache)
@@ -78,12 +80,14 @@ def test_a_second_embed_into_the_same_cache_is_refused_and_readers_are_told(stam
 
 @pytest.mark.slow
 def test_a_second_train_into_the_same_run_folder_is_refused(stamps_cache, tmp_path):
-    run = tmp_path / "run"
-    first = _samcache("train", str(stamps_cache), "--out", str(run), *TRAIN, sleep_at="train-step:5", wait=False)  # 5 s a step
+    run, hold = tmp_path / "run", tmp_path / "hold"
+    hold.touch()
+    first = _samcache("train", str(stamps_cache), "--out", str(run), *TRAIN, hold_at=f"train-step:{hold}", wait=False)
     _wait_for(run / HOLDER_NAME, first)
     second = _samcache("train", str(stamps_cache), "--out", str(run), *TRAIN, "--lr", "5e-3")
     assert second.returncode == 1 and f"pid {first.pid}" in second.stderr
     assert "one writer at a time per run folder" in second.stderr
+    hold.unlink()
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     config = RunFolder(run).saved_config()
@@ -151,3 +155,17 @@ def test_a_header_with_missing_or_extra_keys_is_a_message(stamps_cache_copy, cha
     result = CliRunner().invoke(main, ["info", str(stamps_cache_copy)])
     assert result.exit_code == 1 and message in result.output and "cache.json" in result.output
     assert "Traceback" not in result.output
+
+
+def test_out_pointing_at_a_file_is_a_message(stamps, stamps_cache, tmp_path):
+    from click.testing import CliRunner
+
+    from samcache.cli import main
+
+    target = tmp_path / "a_file"
+    target.write_text("mine")
+    for argv in (["embed", str(stamps), "--out", str(target)],
+                 ["train", str(stamps_cache), "--out", str(target), "--epochs", "1"]):
+        result = CliRunner().invoke(main, argv)
+        assert result.exit_code == 1 and "is a file" in result.output and "must be a folder" in result.output
+        assert target.read_text() == "mine"
