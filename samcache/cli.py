@@ -437,6 +437,8 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, overwrite: bool, **opti
     config = from_sources(EvalConfig, overrides=_config_values(options), flags=EVAL_FLAGS)
     _warn_if_being_written(cache_dir)
     summary = evaluate(cache_dir, report_dir, config, run_dir=run_dir, overwrite=overwrite)
+    for warning in summary.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(format_table(summary))
     click.echo(f"report: {report_dir / 'report.md'}")
 
@@ -508,6 +510,8 @@ def predict_cmd(images, run_dir, checkpoint, model_type, box, boxes, cache_dir, 
         boxes_by_name=predict_module.boxes_from_coco(boxes) if boxes else None,
         cache_dir=cache_dir, device=device, overwrite=overwrite,
     )
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     sources = {}
     for p in result["predictions"]:
         sources[p["embedding_from"]] = sources.get(p["embedding_from"], 0) + 1

@@ -114,7 +114,11 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
     atomic_write_json(report_dir / "summary.json", summary)
     write_eval_report(report_dir, cache, rows, summary, overlays=config.overlays, seed=config.seed)
     if run is not None:
-        run.write_eval_summary(config.split, summary)
+        try:
+            run.write_eval_summary(config.split, summary)
+        except OSError as exc:  # a read-only run folder: the report itself is complete
+            summary["warnings"] = [f"could not record this evaluation in the run folder {run} ({exc}); "
+                                   f"the report in {report_dir} is complete"]
     return summary
 
 

@@ -52,7 +52,8 @@ def from_coco_segmentation(segmentation, height: int, width: int) -> Rle:
             isinstance(p, Sequence) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation
         ):
             raise ValueError("polygon list must hold polygons of at least 3 (x, y) points")
-        rles = mask_utils.frPyObjects([list(map(float, p)) for p in segmentation], height, width)
+        polygons = [_polygon_coordinates(p, height, width) for p in segmentation]
+        rles = mask_utils.frPyObjects(polygons, height, width)
         merged = mask_utils.merge(rles)
         return {"size": [height, width], "counts": merged["counts"].decode("ascii")}
     if not isinstance(segmentation, dict) or "counts" not in segmentation or "size" not in segmentation:
@@ -75,6 +76,21 @@ def from_coco_segmentation(segmentation, height: int, width: int) -> Rle:
     rle = {"size": [height, width], "counts": counts if isinstance(counts, str) else counts.decode("ascii")}
     _validate_compressed(rle)
     return rle
+
+
+def _polygon_coordinates(polygon: Sequence, height: int, width: int) -> list[float]:
+    """The polygon's coordinates as floats, checked first: pycocotools crashes the process on NaN
+    and runs out of memory on huge values (it rasterises every edge)."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon):
+        raise ValueError("polygon coordinates must be numbers")
+    values = np.asarray(polygon, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("polygon coordinates must be finite (found NaN or infinity)")
+    side = max(height, width)
+    if np.abs(values).max() > 4 * side:  # a point can lie outside the image; this far out is a mistake
+        raise ValueError(f"polygon coordinate {values[np.abs(values).argmax()]:g} lies far outside the "
+                         f"{width}x{height} image")
+    return values.tolist()
 
 
 def _validate_compressed(rle: Rle) -> None:

@@ -270,7 +270,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"refused to load {path}: it holds objects other than tensors and plain types, and loading "
             f"them would run code from the file ({str(exc).splitlines()[0]})"
         ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
+    except Exception as exc:  # torch.load fails in many ways on a file that is no checkpoint (KeyError, IndexError...)
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):

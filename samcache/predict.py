@@ -66,8 +66,16 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
         x0, y0, x1, y1 = (float(v) for v in text.split(","))
     except ValueError:
         raise SamcacheError(f"--box takes x0,y0,x1,y1 in pixels, got {text!r}") from None
+    return check_box((x0, y0, x1, y1), f"--box {text}")
+
+
+def check_box(box, where: str) -> tuple[float, float, float, float]:
+    """A box XYXY of finite numbers with x1 > x0 and y1 > y0 (before anything is written)."""
+    if not all(np.isfinite(v) for v in box):
+        raise SamcacheError(f"{where}: box coordinates must be finite numbers, got {list(box)}")
+    x0, y0, x1, y1 = (float(v) for v in box)
     if x1 <= x0 or y1 <= y0:
-        raise SamcacheError(f"--box {text}: x1 must exceed x0 and y1 must exceed y0")
+        raise SamcacheError(f"{where}: x1 must exceed x0 and y1 must exceed y0")
     return (x0, y0, x1, y1)
 
 
@@ -78,8 +86,9 @@ def boxes_from_coco(path: str | Path) -> dict[str, list[tuple[float, float, floa
         names = {im["id"]: Path(im["file_name"]).name for im in data["images"]}
         out: dict[str, list] = {}
         for ann in data.get("annotations", []):
-            x, y, w, h = ann["bbox"]
-            out.setdefault(names[ann["image_id"]], []).append((x, y, x + w, y + h))
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            box = check_box((x, y, x + w, y + h), f"{path}: annotation {ann.get('id')!r}")
+            out.setdefault(names[ann["image_id"]], []).append(box)
         return out
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise SamcacheError(f"{path}: not a COCO file with images and bbox annotations ({exc})") from exc
@@ -119,13 +128,16 @@ def predict_images(
     refuse_to_replace(out_dir / "predictions.json", overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = output_stems([Path(p) for p in images])
-    results = []
+    results, warnings = [], []
     for path in map(Path, images):
         image_boxes = [box] if box is not None else boxes_by_name.get(path.name, [])
         if not image_boxes:
             continue
         image = read_image(path)
         original = image.shape[:2]
+        for x0, y0, x1, y1 in image_boxes:
+            if x1 <= 0 or y1 <= 0 or x0 >= original[1] or y0 >= original[0]:
+                warnings.append(f"{path}: box {[x0, y0, x1, y1]} lies outside the {original[1]}x{original[0]} image")
         embedding, source = _embedding(sam, cache, cached_by_sha, path, image, torch_device)
         boxes = torch.as_tensor(transform_boxes(np.array(image_boxes, dtype=np.float64), original),
                                 dtype=torch.float32, device=torch_device)
@@ -142,7 +154,7 @@ def predict_images(
                             "embedding_from": source})
         _write_overlay(out_dir / f"{stems[path]}_overlay.png", image, predicted, image_boxes)
     atomic_write_json(out_dir / "predictions.json", {"model": predictor.source, "predictions": results})
-    return {"predictions": results, "images": len({r["image"] for r in results})}
+    return {"predictions": results, "images": len({r["image"] for r in results}), "warnings": warnings}
 
 
 def output_stems(images: list[Path]) -> dict[Path, str]:

@@ -198,3 +198,65 @@ def test_maskdir_problems(tmp_path):
 
 def test_summary_is_json_serialisable(coco_dir):
     json.dumps(load_dataset(coco_dir).summary())
+
+
+@pytest.mark.parametrize("polygon, message", [
+    ([5, 5, float("nan"), 5, 15, 15], "must be finite"),
+    ([5, 5, float("inf"), 5, 15, 15], "must be finite"),
+    ([5, 5, 1e30, 5, 15, 15], "far outside the 50x40 image"),
+    ([5, 5, "15", 5, 15, 15], "must be numbers"),
+])
+def test_bad_polygon_coordinates_are_problems_not_crashes(tmp_path, polygon, message):
+    path = _one_image_coco(tmp_path, {"segmentation": [polygon]})  # json writes NaN/Infinity tokens
+    ds = load_dataset(path)
+    assert len(ds.problems) == 1 and message in ds.problems[0].message and ds.summary()["objects"] == 0
+
+
+@pytest.mark.parametrize("bad_id", ["7", 7.5, [7], True])
+def test_ids_that_are_not_integers_are_reported(tmp_path, bad_id):
+    ann_path = _one_image_coco(tmp_path / "ann", {"id": bad_id})
+    ds = load_dataset(ann_path)
+    assert [p.dropped for p in ds.problems] == ["object"] and "annotation id must be an integer" in ds.problems[0].message
+    image_path = _one_image_coco(tmp_path / "img", {"image_id": bad_id}, {"id": bad_id})
+    ds = load_dataset(image_path)
+    assert ds.images == [] and any("image id must be an integer" in p.message for p in ds.problems)
+    assert not any("Traceback" in p.message for p in ds.problems)
+
+
+def test_one_file_under_two_names_in_two_splits_is_reported(tmp_path):
+    write_image(tmp_path / "images" / "page.png", 40, 50)
+    rle = masks.encode(rect_mask(40, 50, 5, 5, 15, 15))
+    for split, name, ann_id in (("train", "page.png", 1), ("test", "./page.png", 2)):
+        make_coco(tmp_path, [{"id": ann_id, "file_name": name, "width": 50, "height": 40}],
+                  [{"id": ann_id, "image_id": ann_id, "category_id": 1, "segmentation": rle}], f"{split}.json")
+    ds = load_dataset(tmp_path)
+    assert [im.split for im in ds.images] == ["train"]
+    assert len(ds.problems) == 1 and "the same image file as 'page.png'" in ds.problems[0].message
+    assert ds.problems[0].file.endswith("test.json")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_anti_aliased_or_jpeg_binary_masks_are_thresholded_with_a_warning(tmp_path, suffix):
+    write_image(tmp_path / "images" / "s.png", 60, 80)
+    binary = np.zeros((60, 80), np.uint8)
+    binary[5:25, 5:30] = 255
+    binary[35:55, 40:75] = 255
+    soft = cv2.GaussianBlur(binary, (5, 5), 1.5)  # grey fringes, as anti-aliasing draws them
+    _write_mask(tmp_path / "masks" / f"s{suffix}", soft)
+    ds = load_dataset(tmp_path)
+    assert len(np.unique(soft)) > 10  # in `labels` mode each grey level would be an "object"
+    assert len(ds.images[0].objects) == 2
+    boxes = sorted(o.box for o in ds.images[0].objects)
+    assert all(abs(a - b) <= 2 for box, want in zip(boxes, [(5, 5, 30, 25), (40, 35, 75, 55)])
+               for a, b in zip(box, want))
+    assert [p.dropped for p in ds.problems] == ["nothing"] and "thresholded at 128" in ds.problems[0].message
+
+
+def test_a_label_image_with_many_bright_labels_is_still_labels(tmp_path):
+    write_image(tmp_path / "images" / "l.png", 60, 80)
+    labels = np.zeros((60, 80), np.uint8)
+    for k in range(12):  # values 20, 40, ..., 240: most pixels above half the range, none dominant
+        labels[(k // 4) * 20 : (k // 4) * 20 + 15, (k % 4) * 20 : (k % 4) * 20 + 15] = 20 * (k + 1)
+    _write_mask(tmp_path / "masks" / "l.png", labels)
+    ds = load_dataset(tmp_path)
+    assert not ds.problems and len(ds.images[0].objects) == 12

@@ -75,3 +75,28 @@ def test_predict_names_each_input_apart_and_keeps_earlier_predictions(stamps, st
     refused = _run(*args)
     assert refused.exit_code == 1 and "predictions.json already exists" in refused.output
     assert _run(*args, "--overwrite").exit_code == 0
+
+
+def test_predict_refuses_bad_boxes_before_writing_and_warns_about_boxes_off_the_image(stamps, stamps_run, tmp_path):
+    page = sorted((stamps / "images").iterdir())[0]
+    out = tmp_path / "pred"
+    for box in ("nan,0,10,10", "0,0,inf,10"):
+        refused = _run("predict", page, "--run", stamps_run, "--box", box, "--out", out)
+        assert refused.exit_code == 1 and "must be finite" in refused.output and not out.exists()
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"images": [{"id": 1, "file_name": page.name}],
+                                 "annotations": [{"id": 1, "image_id": 1, "bbox": [float("nan"), 0, 5, 5]}]}))
+    refused = _run("predict", page, "--run", stamps_run, "--boxes", boxes, "--out", out)
+    assert refused.exit_code == 1 and "annotation 1" in refused.output and not out.exists()
+    off = _run("predict", page, "--run", stamps_run, "--box", "100000,100000,100010,100010", "--out", out)
+    assert off.exit_code == 0 and "lies outside the" in off.output
+
+
+def test_a_text_file_as_checkpoint_is_a_message(stamps, tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("these are my notes, not weights\n")
+    page = sorted((stamps / "images").iterdir())[0]
+    result = _run("predict", page, "--checkpoint", text, "--model", "tiny", "--box", "0,0,10,10",
+                  "--out", tmp_path / "pred")
+    assert result.exit_code == 1 and "is not a readable PyTorch checkpoint" in result.output
+    assert "Traceback" not in result.output

@@ -80,6 +80,7 @@ class _CocoReader:
         self.dataset = dataset
         self.fractions = fractions
         self.seen_names: dict[str, str] = {}
+        self.seen_files: dict[Path, tuple[str, str]] = {}  # resolved path -> (file_name, COCO file)
         self.seen_annotation_ids: dict[Any, str] = {}
 
     def problem(self, file: Path, record: str, message: str, dropped: str, unreadable_image: str = "") -> None:
@@ -103,7 +104,7 @@ class _CocoReader:
             image = self.read_image_entry(file, entry, split)
             if image is None:
                 if isinstance(entry, dict) and "id" in entry:
-                    dropped_ids.add(entry["id"])
+                    dropped_ids.add(repr(entry["id"]))  # repr: an id may be unhashable, a list say
                 continue
             if image.image_id in images:
                 self.problem(file, f"image id {image.image_id} ({image.name})", "duplicate image id", "image")
@@ -112,7 +113,9 @@ class _CocoReader:
 
         for ann in annotations:
             # An image already reported and dropped takes its annotations with it, silently.
-            if not (isinstance(ann, dict) and ann.get("image_id") in dropped_ids and ann.get("image_id") not in images):
+            image_id = ann.get("image_id") if isinstance(ann, dict) else None
+            dropped = isinstance(ann, dict) and repr(image_id) in dropped_ids
+            if not (dropped and not (_is_integer_id(image_id) and image_id in images)):
                 self.read_annotation(file, ann, images, categories)
         self.dataset.images.extend(images.values())
 
@@ -127,7 +130,10 @@ class _CocoReader:
         if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("file_name"), str):
             self.problem(file, f"image entry {str(entry)[:60]}", "needs 'id' and 'file_name'", "image")
             return None
-        record = f"image id {entry['id']} ({entry['file_name']})"
+        record = f"image id {entry['id']!r} ({entry['file_name']})"
+        if not _is_integer_id(entry["id"]):
+            self.problem(file, record, f"image id must be an integer, got {entry['id']!r}", "image")
+            return None
         name = entry["file_name"]
         relative = Path(name)
         if relative.is_absolute() or ".." in relative.parts:
@@ -143,6 +149,11 @@ class _CocoReader:
         if name in self.seen_names:
             self.problem(file, record, f"file_name already used in {self.seen_names[name]}", "image")
             return None
+        same = self.seen_files.get(image_path.resolve())
+        if same is not None:  # `./page.jpg` and `page.jpg`: one file twice, in two splits a train/test leak
+            self.problem(file, record, f"the same image file as {same[0]!r} in {same[1]} (two names for one file)",
+                         "image")
+            return None
         try:
             height, width = read_image_size(image_path)
         except ImageReadError as exc:
@@ -155,6 +166,7 @@ class _CocoReader:
             )
             return None
         self.seen_names[name] = str(file)
+        self.seen_files[image_path.resolve()] = (name, str(file))
         image_split = split or str(entry.get("split") or hash_split(name, self.fractions))
         return ImageRecord(entry["id"], name, image_path, height, width, image_split)
 
@@ -165,12 +177,16 @@ class _CocoReader:
             self.problem(file, f"annotation {str(ann)[:60]}", "annotation without an 'id'", "object")
             return
         record = f"annotation id {ann['id']}"
+        if not _is_integer_id(ann["id"]):
+            self.problem(file, f"annotation id {ann['id']!r}", f"annotation id must be an integer, got {ann['id']!r}",
+                         "object")
+            return
         if ann["id"] in self.seen_annotation_ids:
             first = self.seen_annotation_ids[ann["id"]]
             self.problem(file, record, f"duplicate annotation id (first in {first})", "object")
             return
         self.seen_annotation_ids[ann["id"]] = str(file)
-        image = images.get(ann.get("image_id"))
+        image = images.get(ann.get("image_id")) if _is_integer_id(ann.get("image_id")) else None
         if image is None:
             self.problem(file, record, f"image_id {ann.get('image_id')!r} is not a valid image of this file", "object")
             return
@@ -199,6 +215,11 @@ class _CocoReader:
             self.problem(file, record, "empty mask", "object")
             return
         image.objects.append(ObjectRecord(ann["id"], masks.bbox_xyxy(rle), rle, category))
+
+
+def _is_integer_id(value: Any) -> bool:
+    # COCO ids are integers; "7", 7.5, [7] or true would reach the cache's int64 columns (or crash) later.
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _bbox_problem(bbox: Any, height: int, width: int) -> Optional[str]:

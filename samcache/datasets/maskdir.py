@@ -10,6 +10,9 @@ A mask is read by `mask_mode`:
 - `components`: a binary mask: each 8-connected component of non-zero pixels is one object;
 - `single`: a binary mask kept as one object per image, however many parts it has;
 - `auto` (default): `labels` when the mask holds more than one non-zero value, else `components`.
+  A binary mask saved anti-aliased or as JPEG (many grey levels, most non-zero pixels at or
+  above half the range and near its top value) would explode into ring-shaped "objects":
+  it is thresholded at half the range, read as `components`, and a warning says so.
 All objects get the category "object"; the folders carry no class names.
 """
 
@@ -77,6 +80,13 @@ def read_maskdir(
                 "image",
             ))
             continue
+        if mask_mode == "auto" and _looks_like_a_blurred_binary_mask(label_image):
+            levels = len(np.unique(label_image))
+            half = _half_range(label_image)
+            label_image = (label_image >= half).astype(np.uint8)
+            dataset.problems.append(Problem(
+                str(mask_path), record, f"binary mask with {levels} grey levels (anti-aliased or JPEG): "
+                f"thresholded at {half} and split into connected components", "nothing"))
         objects = []
         for binary in split_objects(label_image, mask_mode):
             if int(binary.sum()) < min_object_pixels:
@@ -108,6 +118,23 @@ def split_objects(label_image: np.ndarray, mask_mode: str) -> Iterator[np.ndarra
         count, components = cv2.connectedComponents((label_image != 0).astype(np.uint8), connectivity=8)
         for label in range(1, count):
             yield components == label
+
+
+def _half_range(mask: np.ndarray) -> int:
+    return 1 << (8 * mask.dtype.itemsize - 1) if mask.dtype.kind == "u" else int(mask.max()) // 2 + 1
+
+
+def _looks_like_a_blurred_binary_mask(mask: np.ndarray) -> bool:
+    """Many grey levels, most non-zero pixels at or above half the range and a third of them
+    near the top: a binary mask with soft edges (anti-aliased, or JPEG). Instance label images
+    give each object its own value instead, none of them holding a third of the pixels when
+    there are this many."""
+    nonzero = mask[mask != 0]
+    if nonzero.size == 0 or len(np.unique(nonzero)) <= 8:
+        return False
+    top = int(nonzero.max())
+    near_top = np.count_nonzero(nonzero >= top - max(1, top // 32))
+    return np.count_nonzero(nonzero >= _half_range(mask)) >= 0.5 * nonzero.size and near_top >= nonzero.size / 3
 
 
 def _image_files(path: Path, fractions) -> Iterator[tuple[str, Path, Path, str]]:
