@@ -38,7 +38,7 @@ from samcache import __version__
 from samcache.datasets.records import ObjectRecord
 from samcache.errors import CacheError
 from samcache.fileio import FileIdentity, atomic_write_json
-from samcache.locks import WriterLock, holder_of
+from samcache.locks import WriterLock
 from samcache.progress import progress_bar
 from samcache.specs import EMBEDDING_SHAPE
 
@@ -516,11 +516,6 @@ class EmbeddingCache:
             "bytes_per_image": size / len(self.images) if self.images else 0.0,
             "failed": [{"name": f.name, "path": f.file.path, "error": f.error} for f in self.failed],
         }
-
-    def writer(self) -> Optional[dict]:
-        """Who is adding to this cache right now (see locks.holder_of), or None: a reader then
-        sees the shards committed so far."""
-        return holder_of(self.cache_dir)
 
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.shards) + (self.cache_dir / HEADER_NAME).stat().st_size

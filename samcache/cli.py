@@ -63,15 +63,14 @@ def _process_group():
 def _warn_if_being_written(cache_dir: Path) -> None:
     """A reader of a cache that `samcache embed` is still adding to says so, and what it reads."""
     from samcache.cache import EmbeddingCache, is_cache
-    from samcache.locks import describe
+    from samcache.locks import describe, holder_of
 
     if not is_cache(cache_dir):
         return  # the command itself says what is wrong
-    cache = EmbeddingCache(cache_dir)
-    holder = cache.writer()
+    holder = holder_of(cache_dir)  # an instant's lock probe: the cache is opened only when it is busy
     if holder is not None:
-        click.echo(f"warning: {cache_dir} is being written ({describe(holder)}); reading the {len(cache)} "
-                   "images committed so far", err=True)
+        click.echo(f"warning: {cache_dir} is being written ({describe(holder)}); reading the "
+                   f"{len(EmbeddingCache(cache_dir))} images committed so far", err=True)
 
 
 def _fractions(value: str) -> tuple[float, float, float]:

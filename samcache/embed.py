@@ -15,6 +15,7 @@ Which images need work is decided from what the cache holds, by name:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -226,8 +227,8 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
     finally:
         existing.close()
 
-    embedded, refreshed, failed = (int(v) for v in dist.sum([embedded, len(refresh), failed + len(unreadable)]))
-    dropped = int(dist.sum([len(gone)])[0])
+    embedded, refreshed, failed, dropped = (
+        int(v) for v in dist.sum([embedded, len(refresh), failed + len(unreadable), len(gone)]))
     seconds = dist.max(time.time() - start)
     dist.barrier()  # every rank's shards are committed
     final = cache_store.EmbeddingCache(cache_dir)
@@ -346,8 +347,7 @@ def _no_longer_in(dataset: Dataset, existing: cache_store.EmbeddingCache) -> lis
 def _entry(record: ImageRecord, file: FileIdentity, preview_jpeg: bytes) -> cache_store.ImageEntry:
     original_size = (record.height, record.width)
     return cache_store.ImageEntry(
-        image_id=int(record.image_id), name=record.name, file=FileIdentity(str(record.path), file.sha256, file.size,
-                                                                           file.mtime_ns),
+        image_id=int(record.image_id), name=record.name, file=dataclasses.replace(file, path=str(record.path)),
         original_size=original_size, split=record.split, objects=list(record.objects),
         input_size=input_size(original_size), annotations_sha256=annotations_sha256(record),
         preview_jpeg=preview_jpeg,

@@ -9,7 +9,6 @@ samcache version, training config, validation history and the eval summary when 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,7 @@ import torch
 from samcache import __version__
 from samcache.config import EXPORT_FORMATS
 from samcache.errors import SamcacheError
-from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace, sha256_file
+from samcache.fileio import atomic_write_bytes, atomic_write_json, read_json_mapping, refuse_to_replace, sha256_file
 from samcache.runs import RunCheckpoint, RunFolder
 
 
@@ -30,7 +29,7 @@ def metadata_path(weights_file: str | Path) -> Path:
 def read_metadata(weights_file: str | Path) -> dict:
     """The metadata beside an exported weights file; {} when there is none (or the JSON file of
     that name is something else, a dataset's train.json beside train.pth, say)."""
-    metadata = _read_json(metadata_path(weights_file))
+    metadata = read_json_mapping(metadata_path(weights_file))
     return metadata if "load_with" in metadata else {}
 
 
@@ -78,14 +77,6 @@ def _check_outputs(out_file: Path, *, overwrite: bool) -> None:
         raise SamcacheError(f"--out {out_file} would write its metadata over {sidecar}, which is not a samcache "
                             "export's metadata: choose another --out")
     refuse_to_replace(sidecar, overwrite=overwrite)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _metadata(run: RunFolder, run_checkpoint: RunCheckpoint, weights: str, out_file: Path, fmt: str,

@@ -86,6 +86,15 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
+def read_json_mapping(path: str | Path) -> dict:
+    """A JSON object read from `path`; {} when the file is missing, unreadable or holds no object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -15,7 +15,6 @@ Readers probe the lock by trying to take it for an instant; writers therefore wa
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -26,7 +25,7 @@ from typing import Optional
 from filelock import FileLock, Timeout
 
 from samcache.errors import SamcacheError
-from samcache.fileio import atomic_write_json
+from samcache.fileio import atomic_write_json, read_json_mapping
 
 LOCK_NAME = ".samcache.lock"
 HOLDER_NAME = ".samcache-writer.json"
@@ -108,10 +107,7 @@ def holder_of(folder: str | Path, *, probe: bool = True) -> Optional[dict]:
         else:
             lock.release()
             return None
-    try:
-        return json.loads((folder / HOLDER_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json_mapping(folder / HOLDER_NAME)
 
 
 def describe(holder: Optional[dict]) -> str:

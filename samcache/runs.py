@@ -40,7 +40,7 @@ from samcache import __version__
 from samcache.cache import Provenance
 from samcache.config import RUN_WEIGHTS, TRAINABLE, TrainConfig
 from samcache.errors import RunError
-from samcache.fileio import atomic_write_bytes, atomic_write_json
+from samcache.fileio import atomic_write_bytes, atomic_write_json, read_json_mapping
 from samcache.models import LoadedModel, load_matching
 from samcache.report import plot_training_curves
 
@@ -238,7 +238,7 @@ class RunFolder:
 
     def info(self) -> dict:
         """run.json: model, base weights, cache, versions and (once finished) the result; {} if absent."""
-        return _read_json(self.path / _INFO)
+        return read_json_mapping(self.path / _INFO)
 
     def cache_dir(self) -> Optional[str]:
         """The cache the run was trained from, as recorded when it started."""
@@ -260,7 +260,7 @@ class RunFolder:
 
     def eval_summaries(self) -> dict[str, dict]:
         """{split: summary} of every `samcache eval --run` of this run."""
-        return {p.stem.removeprefix(_EVAL_PREFIX): _read_json(p)
+        return {p.stem.removeprefix(_EVAL_PREFIX): read_json_mapping(p)
                 for p in sorted(self.path.glob(f"{_EVAL_PREFIX}*.json"))}
 
 
@@ -340,10 +340,3 @@ def nest_flat_prompt_keys(values: dict) -> dict:
     if values.get("memory_budget_mb") == 0:  # 0 meant "the default budget", now spelt null
         values["memory_budget_mb"] = None
     return values
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}

@@ -175,10 +175,11 @@ class Training:
     steps_per_epoch: int
 
     @classmethod
-    def setup(cls, cache: EmbeddingCache, run: RunFolder, config: TrainConfig, *, resume: bool,
-              dist: Distributed) -> "Training":
-        """Everything but the run folder's lock, which `train` holds (see locks.py)."""
-        train_indices, val_indices = _splits(cache, config, dist)
+    def setup(cls, cache: EmbeddingCache, run: RunFolder, config: TrainConfig, splits: tuple[list[int], list[int]],
+              *, resume: bool, dist: Distributed) -> "Training":
+        """Everything but the run folder's lock, which `train` holds (see locks.py); `splits` are
+        the train and val images (`_splits`)."""
+        train_indices, val_indices = splits
         run.prepare(resume)
         dist.barrier()  # every rank has checked the folder before rank 0 writes into it
         device = dist.device(resolve_device(config.device))
@@ -270,9 +271,9 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
         Only rank 0 writes to `run_dir`.
     """
     cache, run = EmbeddingCache(cache_dir), RunFolder(run_dir)
-    _splits(cache, config, dist)  # refused before anything is written
+    splits = _splits(cache, config, dist)  # refused before anything is written
     with WriterLock(run.path, what="run folder", enabled=dist.is_main):  # one writer per run folder
-        t = Training.setup(cache, run, config, resume=resume, dist=dist)
+        t = Training.setup(cache, run, config, splits, resume=resume, dist=dist)
         writer = RunWriter(t.run, enabled=dist.is_main)
         state = resume_state(t, writer) if resume else start_state(t, writer, progress=progress)
         started, prompts_seen = time.time(), 0
