@@ -6,8 +6,8 @@ A cache is a folder (format in docs/cache-format.md):
     CACHE/shards/g00001-r0000-s000000.h5   committed shards: embeddings, images, objects, failures
     CACHE/shards/*.h5.tmp            a shard being written (ignored by readers, removed on restart)
 
-Crash safety comes from the shard protocol: a shard is written as `*.h5.tmp`, flushed,
-closed, fsynced, then renamed to `*.h5`. A rename is atomic, so the committed shards are
+Crash safety comes from the shard protocol: a shard is built in memory, written as
+`*.h5.tmp`, fsynced, then renamed to `*.h5`. A rename is atomic, so the committed shards are
 always complete HDF5 files, and the folder listing is the manifest: a killed writer loses at
 most the shard it was writing. Shard names sort by (generation, rank, sequence); a
 generation is one run, so when an image appears in several shards (its file or its
@@ -20,6 +20,7 @@ so a reader can be handed to DataLoader workers (h5py handles do not survive a f
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -35,12 +36,13 @@ import h5py
 import numpy as np
 
 from samcache import __version__
+from samcache.config import SPLITS
 from samcache.datasets.records import ObjectRecord
 from samcache.errors import CacheError
 from samcache.fileio import FileIdentity, atomic_write_json
 from samcache.locks import WriterLock
 from samcache.progress import progress_bar
-from samcache.specs import EMBEDDING_SHAPE
+from samcache.specs import EMBEDDING_SHAPE, IMAGE_SIZE
 
 SCHEMA_VERSION = 1
 HEADER_NAME = "cache.json"
@@ -236,10 +238,13 @@ def remove_stale_temporaries(cache_dir: Path) -> int:
 
 
 class ShardWriter:
-    """Writes one shard: rows go into `NAME.h5.tmp`; `commit()` closes, fsyncs and renames it.
+    """Writes one shard: `commit()` writes it to `NAME.h5.tmp`, fsyncs and renames it.
 
-    Embeddings are written as they come (one chunk per image, uncompressed); the small tables
-    are written at commit. Until `commit()` returns, nothing about this shard is visible.
+    The shard is built in memory (at most `shard_images` embeddings, 2 MiB each) and written
+    to disk by Python at commit. HDF5 never writes to the disk itself because it cannot recover
+    from a failed write: after a full disk its handles fail to close and the process crashes at
+    exit. This way a full disk is an ordinary OSError, and the `.tmp` file is simply deleted.
+    Until `commit()` returns, nothing about this shard is visible.
     """
 
     def __init__(self, cache_dir: Path, *, generation: int, rank: int, sequence: int, provenance: Provenance):
@@ -248,7 +253,8 @@ class ShardWriter:
         self.final_path = (Path(cache_dir) / SHARD_DIR
                            / f"g{generation:05d}-r{rank:04d}-s{sequence:06d}-{secrets.token_hex(4)}.h5")
         self.tmp_path = self.final_path.with_name(self.final_path.name + ".tmp")
-        self.file = h5py.File(self.tmp_path, "w")
+        self.buffer = io.BytesIO()
+        self.file = h5py.File(self.buffer, "w")
         self.file.attrs["schema_version"] = SCHEMA_VERSION
         self.file.attrs["provenance"] = json.dumps(asdict(provenance), sort_keys=True)
         self.embeddings = self.file.create_dataset(
@@ -288,10 +294,13 @@ class ShardWriter:
 
     def commit(self) -> Path:
         self._write_tables()
-        self.file.flush()
-        crash_point("shard-before-close")
         self.file.close()
-        _fsync_path(self.tmp_path)
+        with open(self.tmp_path, "wb") as out:  # OSError on a full disk: the caller abandons
+            out.write(self.buffer.getbuffer())
+            crash_point("shard-before-close")
+            out.flush()
+            os.fsync(out.fileno())
+        self.buffer = io.BytesIO()
         crash_point("shard-before-rename")
         os.replace(self.tmp_path, self.final_path)
         _fsync_path(self.final_path.parent)
@@ -299,10 +308,11 @@ class ShardWriter:
         return self.final_path
 
     def abandon(self) -> None:
-        try:
+        """Drops the shard: nothing of it becomes visible."""
+        if self.file.id.valid:
             self.file.close()
-        finally:
-            self.tmp_path.unlink(missing_ok=True)
+        self.buffer = io.BytesIO()
+        self.tmp_path.unlink(missing_ok=True)
 
     def _write_tables(self) -> None:
         images = self.file.create_group("images")
@@ -323,7 +333,7 @@ class ShardWriter:
         images.create_dataset("input_size", data=np.array([e.input_size for e in entries], np.int32).reshape(-1, 2))
         counts = np.array([len(e.objects) for e in entries], np.int64)
         images.create_dataset("object_count", data=counts)
-        images.create_dataset("object_start", data=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
+        images.create_dataset("object_start", data=(np.cumsum(counts) - counts).astype(np.int64))
 
         objects = self.file.create_group("objects")
         flat = [(row, o) for row, e in enumerate(entries) for o in e.objects]
@@ -395,6 +405,9 @@ class EmbeddingCache:
                 with h5py.File(path, "r") as f:
                     self._check_shard_provenance(f, path)
                     images, failures, removals = _read_tables(f)
+            except _BadTable as exc:
+                raise CacheError(f"shard {path} holds bad values: {exc}; take it out of shards/ (its images "
+                                 "will be embedded again by `samcache embed`)") from exc
             except (OSError, KeyError, ValueError, IndexError, TypeError) as exc:
                 raise CacheError(f"shard {path} is unreadable: {exc}") from exc
             # A shard's removals are older than its rows: a run drops an image, then may embed it again.
@@ -543,9 +556,13 @@ def _read_tables(f: h5py.File) -> tuple[list[ImageInfo], list[FailedEntry], list
     sizes, mtimes, ids = im["file_size"][()], im["file_mtime_ns"][()], im["image_id"][()]
     original, inputs = im["original_size"][()], im["input_size"][()]
     starts, counts = im["object_start"][()], im["object_count"][()]
+    starts = starts[: len(names)]  # shards without images used to hold one start (0)
     ob = f["objects"]
     object_ids, boxes = ob["object_id"][()], ob["box"][()]
     categories, rles = _read_strings(ob["category"]), _read_strings(ob["rle_counts"])
+    _check_tables(f, names, splits, original, inputs, starts, counts, boxes, rles,
+                  image_columns=[paths, shas, splits, ann_shas, sizes, mtimes, ids, original, inputs, starts, counts],
+                  object_columns=[object_ids, categories, rles])
     images = []
     for row, name in enumerate(names):
         h, w = int(original[row, 0]), int(original[row, 1])
@@ -574,6 +591,43 @@ def _read_tables(f: h5py.File) -> tuple[list[ImageInfo], list[FailedEntry], list
     return images, failures, removals
 
 
+class _BadTable(ValueError):
+    pass
+
+
+def _check_tables(f: h5py.File, names, splits, original, inputs, starts, counts, boxes, rles, *,
+                  image_columns: list, object_columns: list) -> None:
+    """Refuses tables that would make later code crash or train on nonsense (an edited or
+    damaged shard): the message names the column and the first image it concerns."""
+
+    def bad(column: str, rows, why: str) -> None:
+        rows = np.flatnonzero(rows)
+        if rows.size:
+            row = int(rows[0])
+            who = f"image {names[row]!r}" if column.startswith("images/") and row < len(names) else f"row {row}"
+            raise _BadTable(f"{column} of {who}: {why} ({rows.size} row(s) in all)")
+
+    n, m = len(names), len(rles)
+    for column in image_columns:
+        if len(column) != n:
+            raise _BadTable(f"the images table has columns of different lengths ({len(column)} and {n} rows)")
+    for column in object_columns:
+        if len(column) != m:
+            raise _BadTable(f"the objects table has columns of different lengths ({len(column)} and {m} rows)")
+    if f["embeddings"].shape != (n, *EMBEDDING_SHAPE):
+        raise _BadTable(f"embeddings has shape {f['embeddings'].shape} for {n} images")
+    if original.shape != (n, 2) or inputs.shape != (n, 2) or boxes.shape != (m, 4):
+        raise _BadTable("original_size, input_size or box has the wrong shape")
+    bad("images/split", np.array([s not in SPLITS for s in splits], bool), f"not one of {', '.join(SPLITS)}")
+    bad("images/original_size", (original < 1).any(axis=1), "a side below 1 pixel")
+    bad("images/input_size", ((inputs < 1) | (inputs > IMAGE_SIZE)).any(axis=1), f"outside 1..{IMAGE_SIZE}")
+    bad("images/object_count", counts < 0, "negative")
+    bad("images/object_start", (starts < 0) | (starts + counts > m), f"outside the {m} objects")
+    bad("objects/box", ~np.isfinite(boxes).all(axis=1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]),
+        "not a finite box with x1 >= x0 and y1 >= y0")
+    bad("objects/rle_counts", np.array([not r for r in rles], bool), "an empty mask encoding")
+
+
 def _read_strings(dataset: h5py.Dataset) -> list[str]:
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in dataset[()]]
 
@@ -599,7 +653,9 @@ def verify(cache_dir: str | Path, *, take_out: bool = True, progress: bool = Tru
     cache_dir = Path(cache_dir)
     if not is_cache(cache_dir):
         read_header(cache_dir)  # the message that says what is wrong
-    with WriterLock(cache_dir, what="cache"):
+    # Only taking images out writes; a check alone works on a read-only copy too.
+    with WriterLock(cache_dir, what="cache", enabled=take_out,
+                    hint="`samcache verify --check-only` only reads"):
         cache = EmbeddingCache(cache_dir)
         damaged = []
         bar = progress_bar(len(cache), desc="verify", unit="img", enabled=progress and len(cache) > 0)
@@ -616,5 +672,10 @@ def verify(cache_dir: str | Path, *, take_out: bool = True, progress: bool = Tru
                                  provenance=cache.provenance)
             for name, shard, problem in damaged:
                 writer.add_removal(name, f"damaged in {shard}: {problem}")
-            writer.commit()
+            try:
+                writer.commit()
+            except OSError as exc:
+                writer.abandon()
+                raise CacheError(f"could not write to {cache_dir}: {exc.strerror or exc}; the damaged images "
+                                 "are still in the cache's view (run verify again once there is space)") from exc
     return VerifyReport(images=len(cache), shards=len(cache.shards), damaged=damaged, taken_out=take_out)

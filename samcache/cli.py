@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -38,6 +39,13 @@ from samcache.specs import MODEL_TYPES, OFFICIAL_MODEL_TYPES
 SPLIT_FRACTIONS_HELP = "train,val,test fractions for datasets without explicit splits."
 
 
+# What the machine did, never a bug: a full disk, a read-only folder, missing permissions, a
+# file where a folder belongs. The writes samcache knows of raise OutputError with more to say;
+# this catches the rest.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                       errno.ENOTDIR, errno.EISDIR}
+
+
 class _Group(click.Group):
     """Turns samcache's own errors into a one-line message and exit code 1 (bugs keep tracebacks)."""
 
@@ -46,6 +54,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SamcacheError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            if exc.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
 
 
 @contextmanager

@@ -166,10 +166,7 @@ class _ShardRotation:
     def abandon(self) -> None:
         """Drops the open shard after a write error; committed shards are untouched."""
         if self.writer is not None:
-            try:
-                self.writer.abandon()
-            except OSError:
-                pass
+            self.writer.abandon()
             self.writer = None
 
 
@@ -221,7 +218,7 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
     except OSError as exc:
         rotation.abandon()
         raise CacheError(
-            f"could not write to {cache_dir}: {exc}. Every shard committed before this is intact; "
+            f"could not write to {cache_dir}: {exc.strerror or exc}. Every shard committed before this is intact; "
             "free space (or fix the folder) and run the same command again to finish"
         ) from exc
     finally:

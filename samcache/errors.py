@@ -33,5 +33,10 @@ class TrainingError(SamcacheError):
     """Training cannot start or had to stop (empty split, non-finite loss, too small a batch)."""
 
 
+class OutputError(SamcacheError):
+    """A file cannot be written (disk full, read-only folder, no permission); whatever the file held
+    before is kept, since every output is written to a temporary name and renamed."""
+
+
 class RunError(SamcacheError):
     """A run folder cannot be written, read or resumed, or does not belong with a cache."""

@@ -20,7 +20,7 @@ from samcache import __version__, masks
 from samcache.cache import EmbeddingCache
 from samcache.config import EvalConfig
 from samcache.devices import decoder_precision, resolve_device
-from samcache.errors import SamcacheError
+from samcache.errors import OutputError, SamcacheError
 from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace
 from samcache.inference import ObjectPrediction, predict_cached_objects
 from samcache.metrics import boundary_f, dice, iou
@@ -109,14 +109,13 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
         **{name: summarize(r) for name, r in rows.items()},
     }
     report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
     _write_objects_csv(report_dir / "objects.csv", rows)
     atomic_write_json(report_dir / "summary.json", summary)
     write_eval_report(report_dir, cache, rows, summary, overlays=config.overlays, seed=config.seed)
     if run is not None:
         try:
             run.write_eval_summary(config.split, summary)
-        except OSError as exc:  # a read-only run folder: the report itself is complete
+        except OutputError as exc:  # a read-only run folder: the report itself is complete
             summary["warnings"] = [f"could not record this evaluation in the run folder {run} ({exc}); "
                                    f"the report in {report_dir} is complete"]
     return summary

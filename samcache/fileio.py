@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from samcache.errors import SamcacheError
+from samcache.errors import OutputError, SamcacheError
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -66,20 +66,39 @@ def refuse_to_replace(path: str | Path, *, overwrite: bool, flag: str = "--overw
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Writes `data` to `path` so that readers (and a crash) see either the old file or the new one."""
+    """Writes `data` to `path` so that readers (and a crash) see either the old file or the new one.
+    A failed write (disk full, read-only folder) raises OutputError and leaves the old file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would surprise users sharing a cache
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failure(path, exc) from exc
         raise
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Appends `text` to a log file; a failed write raises OutputError."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise write_failure(path, exc) from exc
+
+
+def write_failure(path: str | Path, exc: OSError) -> OutputError:
+    """The one-line error for an output that could not be written."""
+    return OutputError(f"could not write {path}: {exc.strerror or exc}")
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

@@ -43,10 +43,11 @@ class WriterLock:
       folder: the cache or run folder (created when missing).
       what: what the folder is, for messages ("cache", "run folder").
       enabled: False makes it a no-op (ranks other than 0 under torchrun).
+      hint: what the user can do instead when the folder cannot be written, for the message.
     """
 
-    def __init__(self, folder: str | Path, *, what: str, enabled: bool = True):
-        self.folder, self.what, self.enabled = Path(folder), what, enabled
+    def __init__(self, folder: str | Path, *, what: str, enabled: bool = True, hint: str = ""):
+        self.folder, self.what, self.enabled, self.hint = Path(folder), what, enabled, hint
         self._lock: Optional[FileLock] = None
         self._created = False
 
@@ -67,7 +68,8 @@ class WriterLock:
                 f"time per {self.what}. Wait for it to finish, or stop it, and run this again"
             ) from None
         except OSError as exc:
-            raise SamcacheError(f"cannot write to the {self.what} {self.folder}: {exc}") from exc
+            hint = f"; {self.hint}" if self.hint else ""
+            raise SamcacheError(f"cannot write to the {self.what} {self.folder} ({exc.strerror or exc}){hint}") from exc
         self._lock = lock
         atomic_write_json(self.folder / HOLDER_NAME, {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python",

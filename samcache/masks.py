@@ -28,7 +28,9 @@ def _native(rle: Rle) -> dict:
 
 
 def decode(rle: Rle) -> np.ndarray:
-    """Decodes a compressed COCO RLE to a (H, W) bool array."""
+    """Decodes a compressed COCO RLE to a (H, W) bool array (ValueError when it is malformed)."""
+    if not rle["counts"]:  # pycocotools would return uninitialised memory as the mask
+        raise ValueError("invalid RLE mask: empty counts")
     return mask_utils.decode(_native(rle)).astype(bool)
 
 

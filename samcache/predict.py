@@ -20,9 +20,9 @@ import torch
 from samcache import masks
 from samcache.cache import EmbeddingCache
 from samcache.devices import resolve_device
-from samcache.errors import SamcacheError
+from samcache.errors import OutputError, SamcacheError
 from samcache.export import metadata_path, read_metadata
-from samcache.fileio import atomic_write_json, refuse_to_replace, sha256_file
+from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace, sha256_file
 from samcache.images import read_image
 from samcache.inference import predict_masks
 from samcache.models import load_sam
@@ -148,7 +148,7 @@ def predict_images(
         scores = [p.score for p in predictions]
         for k, (mask, xyxy, score) in enumerate(zip(predicted, image_boxes, scores)):
             mask_file = out_dir / f"{stems[path]}_mask{k}.png"
-            cv2.imwrite(str(mask_file), mask.astype(np.uint8) * 255)
+            _write_png(mask_file, mask.astype(np.uint8) * 255)
             results.append({"image": str(path), "box": list(map(float, xyxy)), "score": float(score),
                             "area": int(mask.sum()), "segmentation": masks.encode(mask), "mask_png": mask_file.name,
                             "embedding_from": source})
@@ -203,4 +203,12 @@ def _write_overlay(path: Path, image: np.ndarray, predicted: np.ndarray, boxes) 
     for k, (x0, y0, x1, y1) in enumerate(boxes):
         color = tuple(int(c) for c in palette[k % len(palette)][::-1])
         cv2.rectangle(overlay, (int(x0), int(y0)), (int(x1), int(y1)), color, 2)
-    cv2.imwrite(str(path), overlay)
+    _write_png(path, overlay)
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    # cv2.imwrite reports a failed write only by returning False; this way it is an OutputError.
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise OutputError(f"could not encode {path} as PNG")
+    atomic_write_bytes(path, data.tobytes())

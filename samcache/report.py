@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 from samcache import masks
+from samcache.fileio import atomic_write_bytes
 
 MODELS = ("zero_shot", "fine_tuned")
 
@@ -19,6 +21,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: str | Path, dpi: int) -> None:
+    # Through atomic_write_bytes: a full disk is an OutputError and never leaves half a picture.
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> None:
@@ -46,8 +56,7 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> None
     ax_iou.set_title("validation")
     ax_iou.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    _save(fig, out_path, dpi=100)
 
 
 COLORS = {"truth": (0.1, 0.8, 0.2), "zero_shot": (0.95, 0.35, 0.1), "fine_tuned": (0.15, 0.45, 0.95)}
@@ -98,8 +107,7 @@ def plot_overlays(path: Path, cache, rows: dict[str, list[dict]], picks: list[in
                    f"{TITLES[model]}\nIoU {row['iou']:.3f}  boundary F {row['boundary_f']:.3f}", truth)
     fig.suptitle(heading, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, dpi=90)
 
 
 def plot_iou_histogram(path: Path, rows: dict[str, list[dict]]) -> None:
@@ -113,8 +121,7 @@ def plot_iou_histogram(path: Path, rows: dict[str, list[dict]]) -> None:
     ax.set_ylabel("objects")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def plot_iou_scatter(path: Path, rows: dict[str, list[dict]]) -> None:
@@ -131,8 +138,7 @@ def plot_iou_scatter(path: Path, rows: dict[str, list[dict]]) -> None:
     better = sum(a > b for a, b in zip(after, before))
     ax.set_title(f"{better} of {len(after)} objects improved", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summary: dict, *, overlays: int,
@@ -191,7 +197,7 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
     lines += ["## Files", "", "- `summary.json`: the figures above",
               "- `objects.csv`: one row per object, each model's "
               "IoU, Dice, boundary F and predicted IoU", *[f"- `{f}`" for f, _ in pictures], ""]
-    (report_dir / "report.md").write_text("\n".join(lines))
+    atomic_write_bytes(report_dir / "report.md", "\n".join(lines).encode("utf-8"))
 
 
 def format_table(summary: dict) -> str:

@@ -40,7 +40,7 @@ from samcache import __version__
 from samcache.cache import Provenance
 from samcache.config import RUN_WEIGHTS, TRAINABLE, TrainConfig
 from samcache.errors import RunError
-from samcache.fileio import atomic_write_bytes, atomic_write_json, read_json_mapping
+from samcache.fileio import append_text, atomic_write_bytes, atomic_write_json, read_json_mapping
 from samcache.models import LoadedModel, load_matching
 from samcache.report import plot_training_curves
 
@@ -221,6 +221,16 @@ class RunFolder:
         return (f"No checkpoint was saved yet, so {self.path} holds logs only: run the same command again "
                 "with a lower --lr (it starts over in the same folder)")
 
+    def after_write_failure(self) -> str:
+        """What the folder holds after a write failed (disk full), and how to go on: nothing the
+        run saved is damaged, since checkpoints are replaced atomically."""
+        if self.has_checkpoint("last"):
+            state = RunCheckpoint.read(self.checkpoint_path("last")).state
+            return (f"{self.checkpoint_path('last')} (epoch {state.epoch}, step {state.global_step}) is intact: "
+                    "free space, then run the same command with --resume to continue from it")
+        return (f"No checkpoint was saved yet: free space, then run the same command again "
+                f"(it starts over in {self.path})")
+
     def saved_config(self) -> Optional[dict]:
         """The options the run was started with (config.yaml), or None when it has none yet."""
         path = self.path / _CONFIG
@@ -291,8 +301,7 @@ class RunWriter:
 
     def log(self, record: dict) -> None:
         if self.enabled:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(self.metrics, json.dumps(record) + "\n")
 
     def truncate_metrics(self, state: TrainState) -> None:
         """Drops log lines written after the checkpoint a resumed run starts from."""

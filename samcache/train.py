@@ -30,7 +30,7 @@ from samcache.config import RESUME_MAY_CHANGE, TRAINABLE, TrainConfig, resume_ch
 from samcache.decoder import DecoderOutput, compute_loss, decode
 from samcache.devices import autocast, decoder_precision, resolve_device
 from samcache.distributed import SINGLE, Distributed
-from samcache.errors import RunError, TrainingError
+from samcache.errors import OutputError, RunError, TrainingError
 from samcache.inference import predict_cached_objects
 from samcache.locks import WriterLock
 from samcache.metrics import iou
@@ -275,20 +275,23 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
     with WriterLock(run.path, what="run folder", enabled=dist.is_main):  # one writer per run folder
         t = Training.setup(cache, run, config, splits, resume=resume, dist=dist)
         writer = RunWriter(t.run, enabled=dist.is_main)
-        state = resume_state(t, writer) if resume else start_state(t, writer, progress=progress)
-        started, prompts_seen = time.time(), 0
-        for epoch in range(state.epoch, config.epochs):
-            epoch_started = time.time()
-            epoch_prompts = train_epoch(t, state, writer, epoch, progress=progress)
-            prompts_seen += epoch_prompts
-            end_epoch(t, state, writer, epoch, epoch_prompts, epoch_started, progress=progress)
-        seconds = time.time() - started
-        result = TrainResult(
-            run_dir=str(run_dir), epochs_run=config.epochs, val_miou_start=state.history[0],
-            val_miou_best=state.best_miou, val_miou_last=state.history[-1], best_epoch=state.best_epoch,
-            history=state.history, seconds=seconds, samples_per_second=prompts_seen / max(seconds, 1e-9),
-        )
-        writer.finish(asdict(result))
+        try:
+            state = resume_state(t, writer) if resume else start_state(t, writer, progress=progress)
+            started, prompts_seen = time.time(), 0
+            for epoch in range(state.epoch, config.epochs):
+                epoch_started = time.time()
+                epoch_prompts = train_epoch(t, state, writer, epoch, progress=progress)
+                prompts_seen += epoch_prompts
+                end_epoch(t, state, writer, epoch, epoch_prompts, epoch_started, progress=progress)
+            seconds = time.time() - started
+            result = TrainResult(
+                run_dir=str(run_dir), epochs_run=config.epochs, val_miou_start=state.history[0],
+                val_miou_best=state.best_miou, val_miou_last=state.history[-1], best_epoch=state.best_epoch,
+                history=state.history, seconds=seconds, samples_per_second=prompts_seen / max(seconds, 1e-9),
+            )
+            writer.finish(asdict(result))
+        except OutputError as exc:
+            raise TrainingError(f"{exc}. Training stopped; {t.run.after_write_failure()}") from None
         dist.barrier()  # the run folder is complete when any rank returns
     return result
 

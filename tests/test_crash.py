@@ -19,10 +19,10 @@ pytestmark = pytest.mark.slow
 
 # Each moment is a crash point inside samcache (cache.crash_point) and the pass at which it fires.
 KILL_MOMENTS = [
-    "shard-row-written:1",  # the very first embedding is being written into a .tmp shard
+    "shard-row-written:1",  # the very first embedding is in the shard being built
     "shard-row-written:2",  # mid-shard: a shard holds one row of two
-    "shard-before-close:1",  # tables written, HDF5 file not yet closed
-    "shard-before-rename:1",  # closed and fsynced, not yet renamed: still invisible
+    "shard-before-close:1",  # the shard's bytes are in NAME.h5.tmp, not yet flushed or fsynced
+    "shard-before-rename:1",  # written and fsynced, not yet renamed: still invisible
     "shard-committed:1",  # just after the rename, before the run goes on
     "batch-done:2",  # between two batches
 ]
