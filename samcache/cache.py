@@ -3,6 +3,7 @@
 A cache is a folder (format in docs/cache-format.md):
 
     CACHE/cache.json                 header: schema version and provenance, written once
+    CACHE/index.npz                  the shards' tables as columns (cache_index.py; derived, optional)
     CACHE/shards/g00001-r0000-s000000.h5   committed shards: embeddings, images, objects, failures
     CACHE/shards/*.h5.tmp            a shard being written (ignored by readers, removed on restart)
 
@@ -14,8 +15,9 @@ generation is one run, so when an image appears in several shards (its file or i
 annotations changed) the latest record wins.
 
 Readers (`EmbeddingCache`) load the small per-image and per-object tables into memory at
-open, and read embeddings lazily through h5py handles opened in the process that uses them,
-so a reader can be handed to DataLoader workers (h5py handles do not survive a fork).
+open as numpy columns (from index.npz, plus the tables of shards it does not cover), and read
+embeddings, previews and mask encodings lazily through h5py handles opened in the process that
+uses them, so a reader can be handed to DataLoader workers (h5py handles do not survive a fork).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import re
 import secrets
 import signal
 import time
-from collections import Counter
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -35,11 +37,11 @@ from typing import Optional
 import h5py
 import numpy as np
 
-from samcache import __version__
+from samcache import __version__, cache_index, masks
 from samcache.config import SPLITS
 from samcache.datasets.records import ObjectRecord
 from samcache.errors import CacheError
-from samcache.fileio import FileIdentity, atomic_write_json
+from samcache.fileio import FileIdentity, atomic_write_bytes, atomic_write_json
 from samcache.locks import WriterLock
 from samcache.progress import progress_bar
 from samcache.specs import EMBEDDING_SHAPE, IMAGE_SIZE
@@ -128,12 +130,12 @@ class DamagedImageError(CacheError):
     """An embedding fails its checksum or holds non-finite values."""
 
     def __init__(self, cache: "EmbeddingCache", index: int, problem: str):
-        shard = cache.shards[int(cache._location[index][0])]
+        shard, _ = cache.location(index)
         super().__init__(
-            f"{cache.cache_dir}: the embedding of {cache.images[index].name} in shard {shard.name} is damaged "
+            f"{cache.cache_dir}: the embedding of {cache.name_of(index)} in shard {shard.name} is damaged "
             f"({problem}). Run `samcache verify {cache.cache_dir}` to find every damaged image and take them out "
             "of the cache, then `samcache embed` again to embed them anew")
-        self.image, self.shard, self.problem = cache.images[index].name, shard, problem
+        self.image, self.shard, self.problem = cache.name_of(index), shard, problem
 
 
 def crash_point(name: str) -> None:
@@ -385,8 +387,20 @@ class ImageInfo(ImageEntry):
     index: int = -1
 
 
+# Rewrite index.npz when this many shards are not in it (and at the end of every embed run):
+# readers read those shards' tables themselves, so this only bounds how slow opening gets.
+INDEX_REFRESH_SHARDS = 64
+
+
 class EmbeddingCache:
     """A read-only view of a cache: all committed shards as one dataset, images sorted by name.
+
+    Opening reads the columnar index (`cache_index`, index.npz) plus the tables of shards it does
+    not cover: O(shards) file operations and vectorised passes, no Python object per image.
+    `images[i]` builds an `ImageInfo` on demand (its mask encodings read from the shard);
+    whole-cache questions (`annotated_indices`, `splits`, `info`) are answered from the columns.
+    Forked DataLoader workers share the columns without copying them (numpy arrays, no
+    reference counts on every row).
 
     Arguments:
       cache_dir: the cache folder.
@@ -396,50 +410,71 @@ class EmbeddingCache:
         self.cache_dir = Path(cache_dir)
         self.provenance = read_header(self.cache_dir)
         self.shards = _shard_paths(self.cache_dir)
-        latest_image: dict[str, tuple[int, int, ImageInfo]] = {}
-        latest_failure: dict[str, tuple[int, FailedEntry]] = {}
-        self.superseded = 0
-        self.removed: dict[str, str] = {}  # name -> why it left the cache (the latest record)
-        for shard_index, path in enumerate(self.shards):
+        self._shard_stat = np.array([(st.st_size, st.st_mtime_ns) for st in (p.stat() for p in self.shards)],
+                                    np.int64).reshape(-1, 2)
+        self.tables, self.shards_outside_index = self._load_tables()
+        view = cache_index.resolve(self.tables)
+        t, rows = self.tables, view.image
+        self.superseded = view.superseded
+        # The columns of the view's images, in name order (what readers index by).
+        self.names = t.name[rows]
+        self.split_column = t.split[rows]
+        self.object_count = view.object_count
+        self.object_start = view.object_start
+        self._rows, self._objects = rows, view.object
+        self._location = np.stack([t.image_shard[rows], t.image_row[rows]], axis=1).astype(np.int64)
+        self.failed: list[FailedEntry] = [
+            FailedEntry(_text(t.failed_name[r]),
+                        FileIdentity(_text(t.failed_path[r]), _text(t.failed_sha256[r]), int(t.failed_file_size[r]),
+                                     int(t.failed_file_mtime_ns[r])),
+                        _text(t.failed_error[r]))
+            for r in view.failed
+        ]
+        # name -> why it left the cache (the latest record)
+        self.removed: dict[str, str] = {_text(t.removed_name[r]): _text(t.removed_reason[r]) for r in view.removed}
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def images(self) -> "_Images":
+        """The images as `ImageInfo`s, built when indexed (a property: no reference cycle keeps
+        a closed-over cache, and its open shard handles, alive)."""
+        return _Images(self)
+
+    def _load_tables(self) -> tuple["cache_index.Tables", int]:
+        """The stored index's tables for the shards it still matches, plus every other shard's own."""
+        position = {p.name: i for i, p in enumerate(self.shards)}
+        parts, covered = [], np.zeros(len(self.shards), bool)
+        stored = cache_index.load(self.cache_dir)
+        if stored is not None:
+            keep = np.zeros(len(stored.shards), bool)
+            new_position = np.zeros(len(stored.shards), np.int64)
+            for k, name in enumerate(stored.shards):
+                i = position.get(name)
+                if i is not None and (stored.stat[k] == self._shard_stat[i]).all():
+                    keep[k], new_position[k], covered[i] = True, i, True
+            parts.append(stored.tables.select_shards(keep, new_position))
+        for i in np.flatnonzero(~covered):
+            path = self.shards[i]
             try:
                 with h5py.File(path, "r") as f:
                     self._check_shard_provenance(f, path)
-                    images, failures, removals = _read_tables(f)
+                    parts.append(_read_tables(f, int(i)))
             except _BadTable as exc:
                 raise CacheError(f"shard {path} holds bad values: {exc}; take it out of shards/ (its images "
                                  "will be embedded again by `samcache embed`)") from exc
             except (OSError, KeyError, ValueError, IndexError, TypeError) as exc:
                 raise CacheError(f"shard {path} is unreadable: {exc}") from exc
-            # A shard's removals are older than its rows: a run drops an image, then may embed it again.
-            for name, reason in removals:
-                if latest_image.pop(name, None) is not None or latest_failure.pop(name, None) is not None:
-                    self.superseded += 1
-                self.removed[name] = reason
-            for row, info in enumerate(images):
-                self.superseded += info.name in latest_image or info.name in latest_failure
-                latest_image[info.name] = (shard_index, row, info)
-                latest_failure.pop(info.name, None)
-                self.removed.pop(info.name, None)
-            for failure in failures:
-                self.superseded += failure.name in latest_image or failure.name in latest_failure
-                latest_failure[failure.name] = (shard_index, failure)
-                latest_image.pop(failure.name, None)
-                self.removed.pop(failure.name, None)
-        names = sorted(latest_image)
-        self.images: list[ImageInfo] = []
-        self._location = np.zeros((len(names), 2), np.int64)
-        for index, name in enumerate(names):
-            shard_index, row, info = latest_image[name]
-            info.index = index
-            self.images.append(info)
-            self._location[index] = (shard_index, row)
-        self.failed: list[FailedEntry] = [latest_failure[n][1] for n in sorted(latest_failure)]
-        self._index_by_name = {info.name: i for i, info in enumerate(self.images)}
-        self._handles: dict[int, h5py.File] = {}
-        self._pid = os.getpid()
+        return cache_index.Tables.concatenate(parts), int(np.count_nonzero(~covered))
 
-    def __len__(self) -> int:
-        return len(self.images)
+    def save_index(self) -> None:
+        """Writes index.npz for the shards this view read (writers call it, holding the lock)."""
+        atomic_write_bytes(self.cache_dir / cache_index.INDEX_NAME,
+                           cache_index.to_bytes([p.name for p in self.shards], self._shard_stat, self.tables))
+        self.shards_outside_index = 0
 
     def _check_shard_provenance(self, f: h5py.File, path: Path) -> None:
         """Refuses a shard that another recipe made (copied in from another cache, say)."""
@@ -459,11 +494,33 @@ class EmbeddingCache:
         return state
 
     def index_of(self, name: str) -> Optional[int]:
-        return self._index_by_name.get(name)
+        key = name.encode("utf-8")
+        i = int(np.searchsorted(self.names, key))
+        return i if i < len(self.names) and self.names[i] == key else None
+
+    def name_of(self, index: int) -> str:
+        return _text(self.names[index])
+
+    def location(self, index: int) -> tuple[Path, int]:
+        """The shard that holds image `index`, and its row there."""
+        shard_index, row = self._location[index]
+        return self.shards[int(shard_index)], int(row)
+
+    def file_of(self, index: int) -> FileIdentity:
+        """Which file image `index` was embedded from, with which content."""
+        t, r = self.tables, self._rows[index]
+        return FileIdentity(_text(t.path[r]), _text(t.sha256[r]), int(t.file_size[r]), int(t.file_mtime_ns[r]))
+
+    def annotations_sha256_of(self, index: int) -> str:
+        return _text(self.tables.annotations_sha256[self._rows[index]])
+
+    def index_by_sha256(self) -> dict[str, int]:
+        """{SHA-256 of the image file: index} (predict finds cached embeddings of its inputs by content)."""
+        return {_text(sha): i for i, sha in enumerate(self.tables.sha256[self._rows]) if sha}
 
     def annotated_indices(self, split: str) -> list[int]:
         """The images of `split` that have at least one object (what training and evaluation use)."""
-        return [info.index for info in self.images if info.split == split and info.objects]
+        return np.flatnonzero((self.split_column == split.encode()) & (self.object_count > 0)).tolist()
 
     def describe_splits(self) -> str:
         """'train (91 objects), val (18 objects)': for messages that name the splits there are."""
@@ -471,12 +528,10 @@ class EmbeddingCache:
 
     @property
     def splits(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for info in self.images:
-            counts = out.setdefault(info.split, {"images": 0, "objects": 0})
-            counts["images"] += 1
-            counts["objects"] += len(info.objects)
-        return dict(sorted(out.items()))
+        names, codes = np.unique(self.split_column, return_inverse=True)
+        images = np.bincount(codes, minlength=len(names))
+        objects = np.bincount(codes, weights=self.object_count, minlength=len(names))
+        return {_text(n): {"images": int(i), "objects": int(o)} for n, i, o in zip(names, images, objects)}
 
     def embedding(self, index: int) -> np.ndarray:
         """The (256, 64, 64) float16 embedding of image `index`, read from disk and checked: its
@@ -501,19 +556,44 @@ class EmbeddingCache:
         data = np.frombuffer(self.preview_bytes(index), np.uint8)
         bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
         if bgr is None:
-            raise CacheError(f"{self.images[index].name}: the cache holds no preview image")
+            raise CacheError(f"{self.name_of(index)}: the cache holds no preview image")
         return bgr[..., ::-1].copy()
+
+    def image_info(self, index: int) -> ImageInfo:
+        """Everything about image `index`; its objects' mask encodings are read from its shard."""
+        t, r = self.tables, int(self._rows[index])
+        start, count = int(self.object_start[index]), int(self.object_count[index])
+        objects_rows = self._objects[start : start + count]
+        h, w = (int(v) for v in t.original_size[r])
+        rles = self._rle_counts(int(self._location[index][0]), t.object_row[objects_rows]) if count else []
+        objects = [ObjectRecord(object_id=int(t.object_id[j]), box=tuple(float(v) for v in t.box[j]),
+                                rle={"size": [h, w], "counts": rle}, category=_text(t.category[j]))
+                   for j, rle in zip(objects_rows, rles)]
+        return ImageInfo(
+            image_id=int(t.image_id[r]), name=_text(t.name[r]), file=self.file_of(index), original_size=(h, w),
+            split=_text(t.split[r]), objects=objects, input_size=(int(t.input_size[r, 0]), int(t.input_size[r, 1])),
+            annotations_sha256=_text(t.annotations_sha256[r]), index=index,
+        )
+
+    def _rle_counts(self, shard_index: int, rows: np.ndarray) -> list[str]:
+        first, last = int(rows[0]), int(rows[-1]) + 1  # an image's objects are contiguous in its shard
+        values = self._handle(shard_index)["objects/rle_counts"][first:last]
+        counts = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+        if any(not c for c in counts):
+            raise CacheError(f"shard {self.shards[shard_index]}: an empty mask encoding in objects/rle_counts")
+        return [counts[int(r) - first] for r in rows]
 
     def info(self) -> dict:
         """The summary `samcache info` prints, as plain JSON types."""
         size = self.bytes_on_disk()
+        categories, counts = np.unique(self.tables.category[self._objects], return_counts=True)
         return {
             "cache": str(self.cache_dir),
             "schema_version": SCHEMA_VERSION,
-            "images": len(self.images),
-            "objects": sum(len(info.objects) for info in self.images),
+            "images": len(self),
+            "objects": int(self.object_count.sum()),
             "splits": self.splits,
-            "categories": dict(sorted(Counter(o.category for i in self.images for o in i.objects).items())),
+            "categories": {_text(c): int(n) for c, n in zip(categories, counts)},
             "model_type": self.provenance.model_type,
             "weights_sha256": self.provenance.weights_sha256,
             "weights_source": self.provenance.weights_source,
@@ -526,12 +606,12 @@ class EmbeddingCache:
             "superseded_records": self.superseded,
             "removed": len(self.removed),
             "bytes_on_disk": size,
-            "bytes_per_image": size / len(self.images) if self.images else 0.0,
+            "bytes_per_image": size / len(self) if len(self) else 0.0,
             "failed": [{"name": f.name, "path": f.file.path, "error": f.error} for f in self.failed],
         }
 
     def bytes_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.shards) + (self.cache_dir / HEADER_NAME).stat().st_size
+        return int(self._shard_stat[:, 0].sum()) + (self.cache_dir / HEADER_NAME).stat().st_size
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -548,55 +628,72 @@ class EmbeddingCache:
         return handle
 
 
-def _read_tables(f: h5py.File) -> tuple[list[ImageInfo], list[FailedEntry], list[tuple[str, str]]]:
-    im = f["images"]
-    names = _read_strings(im["name"])
-    paths, shas, splits = _read_strings(im["path"]), _read_strings(im["sha256"]), _read_strings(im["split"])
-    ann_shas = _read_strings(im["annotations_sha256"])
-    sizes, mtimes, ids = im["file_size"][()], im["file_mtime_ns"][()], im["image_id"][()]
-    original, inputs = im["original_size"][()], im["input_size"][()]
+class _Images(Sequence):
+    """`cache.images`: the images as `ImageInfo`s, built when asked for (never all at open)."""
+
+    def __init__(self, cache: EmbeddingCache):
+        self._cache = cache
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._cache.image_info(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._cache.image_info(index)
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8")
+
+
+def refresh_index(cache_dir: Path, *, at_least: int = 1) -> None:
+    """Rewrites index.npz when `at_least` shards are outside it (writers, holding the lock)."""
+    cache = EmbeddingCache(cache_dir)
+    if cache.shards_outside_index >= at_least:
+        cache.save_index()
+
+
+def _read_tables(f: h5py.File, shard: int) -> "cache_index.Tables":
+    """One shard's tables as columns, checked."""
+    im, ob, fa = f["images"], f["objects"], f["failed"]
+    names = _read_bytes(im["name"])
+    n = len(names)
     starts, counts = im["object_start"][()], im["object_count"][()]
-    starts = starts[: len(names)]  # shards without images used to hold one start (0)
-    ob = f["objects"]
-    object_ids, boxes = ob["object_id"][()], ob["box"][()]
-    categories, rles = _read_strings(ob["category"]), _read_strings(ob["rle_counts"])
-    _check_tables(f, names, splits, original, inputs, starts, counts, boxes, rles,
-                  image_columns=[paths, shas, splits, ann_shas, sizes, mtimes, ids, original, inputs, starts, counts],
-                  object_columns=[object_ids, categories, rles])
-    images = []
-    for row, name in enumerate(names):
-        h, w = int(original[row, 0]), int(original[row, 1])
-        objects = [
-            ObjectRecord(object_id=int(object_ids[j]), box=tuple(float(v) for v in boxes[j]),
-                         rle={"size": [h, w], "counts": rles[j]}, category=categories[j])
-            for j in range(int(starts[row]), int(starts[row] + counts[row]))
-        ]
-        images.append(ImageInfo(
-            image_id=int(ids[row]), name=name,
-            file=FileIdentity(paths[row], shas[row], int(sizes[row]), int(mtimes[row])),
-            original_size=(h, w), split=splits[row], objects=objects,
-            input_size=(int(inputs[row, 0]), int(inputs[row, 1])), annotations_sha256=ann_shas[row],
-        ))
-    removals = []
-    if "removed" in f:  # shards written before removals were recorded have none
-        removals = list(zip(_read_strings(f["removed/name"]), _read_strings(f["removed/reason"])))
-    fa = f["failed"]
-    failures = [
-        FailedEntry(n, FileIdentity(p, s, int(size), int(mtime)), e)
-        for n, p, s, e, size, mtime in zip(
-            _read_strings(fa["name"]), _read_strings(fa["path"]), _read_strings(fa["sha256"]),
-            _read_strings(fa["error"]), fa["file_size"][()], fa["file_mtime_ns"][()],
-        )
-    ]
-    return images, failures, removals
+    starts = starts[:n]  # shards without images used to hold one start (0)
+    rles = ob["rle_counts"][()]
+    tables = cache_index.Tables(
+        name=names, path=_read_bytes(im["path"]), sha256=_read_bytes(im["sha256"]), split=_read_bytes(im["split"]),
+        annotations_sha256=_read_bytes(im["annotations_sha256"]), file_size=im["file_size"][()].astype(np.int64),
+        file_mtime_ns=im["file_mtime_ns"][()].astype(np.int64), image_id=im["image_id"][()].astype(np.int64),
+        original_size=im["original_size"][()].astype(np.int32), input_size=im["input_size"][()].astype(np.int32),
+        object_start=starts.astype(np.int64), object_count=counts.astype(np.int64),
+        image_shard=np.full(n, shard, np.int32), image_row=np.arange(n, dtype=np.int64),
+        object_id=ob["object_id"][()].astype(np.int64), box=ob["box"][()].astype(np.float32),
+        category=_read_bytes(ob["category"]), object_row=np.arange(len(rles), dtype=np.int64),
+        failed_name=_read_bytes(fa["name"]), failed_path=_read_bytes(fa["path"]),
+        failed_sha256=_read_bytes(fa["sha256"]), failed_error=_read_bytes(fa["error"]),
+        failed_file_size=fa["file_size"][()].astype(np.int64),
+        failed_file_mtime_ns=fa["file_mtime_ns"][()].astype(np.int64),
+        failed_shard=np.full(len(fa["name"]), shard, np.int32),
+        # shards written before removals were recorded have none
+        removed_name=_read_bytes(f["removed/name"]) if "removed" in f else np.zeros(0, "S1"),
+        removed_reason=_read_bytes(f["removed/reason"]) if "removed" in f else np.zeros(0, "S1"),
+        removed_shard=np.full(len(f["removed/name"]) if "removed" in f else 0, shard, np.int32),
+    )
+    _check_tables(f, tables, rles)
+    return tables
 
 
 class _BadTable(ValueError):
     pass
 
 
-def _check_tables(f: h5py.File, names, splits, original, inputs, starts, counts, boxes, rles, *,
-                  image_columns: list, object_columns: list) -> None:
+def _check_tables(f: h5py.File, t: "cache_index.Tables", rles: np.ndarray) -> None:
     """Refuses tables that would make later code crash or train on nonsense (an edited or
     damaged shard): the message names the column and the first image it concerns."""
 
@@ -604,32 +701,41 @@ def _check_tables(f: h5py.File, names, splits, original, inputs, starts, counts,
         rows = np.flatnonzero(rows)
         if rows.size:
             row = int(rows[0])
-            who = f"image {names[row]!r}" if column.startswith("images/") and row < len(names) else f"row {row}"
+            who = f"image {_text(t.name[row])!r}" if column.startswith("images/") else f"row {row}"
             raise _BadTable(f"{column} of {who}: {why} ({rows.size} row(s) in all)")
 
-    n, m = len(names), len(rles)
+    n, m = t.images, len(rles)
+    image_columns = [t.path, t.sha256, t.split, t.annotations_sha256, t.file_size, t.file_mtime_ns, t.image_id,
+                     t.original_size, t.input_size, t.object_start, t.object_count]
     for column in image_columns:
         if len(column) != n:
             raise _BadTable(f"the images table has columns of different lengths ({len(column)} and {n} rows)")
-    for column in object_columns:
+    for column in (t.object_id, t.box, t.category):
         if len(column) != m:
             raise _BadTable(f"the objects table has columns of different lengths ({len(column)} and {m} rows)")
+    for column in (t.failed_path, t.failed_sha256, t.failed_error, t.failed_file_size, t.failed_file_mtime_ns):
+        if len(column) != len(t.failed_name):
+            raise _BadTable("the failed table has columns of different lengths")
     if f["embeddings"].shape != (n, *EMBEDDING_SHAPE):
         raise _BadTable(f"embeddings has shape {f['embeddings'].shape} for {n} images")
-    if original.shape != (n, 2) or inputs.shape != (n, 2) or boxes.shape != (m, 4):
+    if t.original_size.shape != (n, 2) or t.input_size.shape != (n, 2) or t.box.shape != (m, 4):
         raise _BadTable("original_size, input_size or box has the wrong shape")
-    bad("images/split", np.array([s not in SPLITS for s in splits], bool), f"not one of {', '.join(SPLITS)}")
-    bad("images/original_size", (original < 1).any(axis=1), "a side below 1 pixel")
-    bad("images/input_size", ((inputs < 1) | (inputs > IMAGE_SIZE)).any(axis=1), f"outside 1..{IMAGE_SIZE}")
-    bad("images/object_count", counts < 0, "negative")
-    bad("images/object_start", (starts < 0) | (starts + counts > m), f"outside the {m} objects")
-    bad("objects/box", ~np.isfinite(boxes).all(axis=1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]),
+    bad("images/split", ~np.isin(t.split, [s.encode() for s in SPLITS]), f"not one of {', '.join(SPLITS)}")
+    bad("images/original_size", (t.original_size < 1).any(axis=1), "a side below 1 pixel")
+    bad("images/input_size", ((t.input_size < 1) | (t.input_size > IMAGE_SIZE)).any(axis=1),
+        f"outside 1..{IMAGE_SIZE}")
+    bad("images/object_count", t.object_count < 0, "negative")
+    bad("images/object_start", (t.object_start < 0) | (t.object_start + t.object_count > m),
+        f"outside the {m} objects")
+    box = t.box
+    bad("objects/box", ~np.isfinite(box).all(axis=1) | (box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1]),
         "not a finite box with x1 >= x0 and y1 >= y0")
     bad("objects/rle_counts", np.array([not r for r in rles], bool), "an empty mask encoding")
 
 
-def _read_strings(dataset: h5py.Dataset) -> list[str]:
-    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in dataset[()]]
+def _read_bytes(dataset: h5py.Dataset) -> np.ndarray:
+    """A string column as fixed-width UTF-8 bytes."""
+    return cache_index.as_bytes(dataset[()].tolist())
 
 
 # ----------------------------------------------------------------------------------- verifying
@@ -659,11 +765,16 @@ def verify(cache_dir: str | Path, *, take_out: bool = True, progress: bool = Tru
         cache = EmbeddingCache(cache_dir)
         damaged = []
         bar = progress_bar(len(cache), desc="verify", unit="img", enabled=progress and len(cache) > 0)
-        for info in cache.images:
+        for index in range(len(cache)):
             try:
-                cache.embedding(info.index)
+                cache.embedding(index)
+                for obj in cache.image_info(index).objects:
+                    masks.decode(obj.rle)
             except DamagedImageError as exc:
-                damaged.append((info.name, exc.shard.name, exc.problem))
+                damaged.append((exc.image, exc.shard.name, exc.problem))
+            except (ValueError, CacheError) as exc:  # a mask encoding that does not decode
+                damaged.append((cache.name_of(index), cache.location(index)[0].name,
+                                f"a mask encoding does not decode ({exc})"))
             bar.update(1)
         bar.close()
         cache.close()
@@ -678,4 +789,6 @@ def verify(cache_dir: str | Path, *, take_out: bool = True, progress: bool = Tru
                 writer.abandon()
                 raise CacheError(f"could not write to {cache_dir}: {exc.strerror or exc}; the damaged images "
                                  "are still in the cache's view (run verify again once there is space)") from exc
+        if take_out:
+            refresh_index(cache_dir)
     return VerifyReport(images=len(cache), shards=len(cache.shards), damaged=damaged, taken_out=take_out)

@@ -363,7 +363,8 @@ TRAIN_FLAGS = {
     "weight_decay": "--weight-decay", "warmup_steps": "--warmup-steps", "grad_clip": "--grad-clip",
     "prompts.mode": "--prompt", "prompts.box_jitter": "--box-jitter", "prompts.box_jitter_max": "--box-jitter-max",
     "prompts.point_ratio": "--point-ratio", "loss": "--loss", "train": "--train", "val_split": "--val-split",
-    "val_prompt": "--val-prompt", "seed": "--seed", "device": "--device", "workers": "--workers",
+    "val_prompt": "--val-prompt", "val_max_images": "--val-max-images", "seed": "--seed", "device": "--device",
+    "workers": "--workers",
     "cache_in_memory": "--cache-in-memory", "save_every": "--save-every", "checkpoint": "--checkpoint",
 }
 

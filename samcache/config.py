@@ -173,6 +173,11 @@ class TrainConfig(_Options):
     """The cache split validated after each epoch (fixed prompts, mIoU at original resolution)."""
     val_prompt: Literal[EVAL_PROMPTS] = "box"
     """Validation prompts: box (the exact box) or point (the mask's most interior point)."""
+    val_max_images: Optional[Annotated[Int, Field(ge=1)]] = 200
+    """Validate on at most this many images of the split, a subset fixed by the seed (null: all).
+
+    Bounded so that a large cache starts training at once and epochs are not mostly validation;
+    `samcache eval` always scores every image."""
     seed: Annotated[Int, Field(ge=0)] = 0
     """Seeds shuffling, object choice and prompt sampling."""
     device: Literal[DEVICES] = "auto"

@@ -33,7 +33,7 @@ from samcache.config import EmbedConfig
 from samcache.datasets import Dataset, ImageRecord
 from samcache.devices import autocast, resolve_device, resolve_precision
 from samcache.distributed import SINGLE, Distributed
-from samcache.errors import CacheError, SamcacheError
+from samcache.errors import CacheError, OutputError, SamcacheError
 from samcache.fileio import FileIdentity
 from samcache.images import read_image
 from samcache.locks import WriterLock
@@ -134,12 +134,14 @@ def _collate(items: list[dict]) -> list[dict]:
 class _ShardRotation:
     """Keeps one open shard and commits it when it is full or old enough."""
 
-    def __init__(self, cache_dir: Path, provenance, *, rank: int, max_images: int, max_seconds: float):
+    def __init__(self, cache_dir: Path, provenance, *, rank: int, max_images: int, max_seconds: float, indexed: int):
         self.cache_dir, self.provenance, self.rank = cache_dir, provenance, rank
         self.max_images, self.max_seconds = max_images, max_seconds
         self.generation = cache_store.next_generation(cache_dir)
         self.sequence = 0
         self.writer: Optional[cache_store.ShardWriter] = None
+        self.indexed = indexed
+        self.since_index = 0
 
     def current(self) -> cache_store.ShardWriter:
         if self.writer is None:
@@ -159,9 +161,15 @@ class _ShardRotation:
         if self.writer is not None:
             if len(self.writer):
                 self.writer.commit()
+                self.since_index += 1
             else:
                 self.writer.abandon()
             self.writer = None
+        # A long run refreshes index.npz now and then (geometrically, so the rewrites cost O(n) in
+        # all), so that a reader, or the run after a crash, never reads thousands of shards' tables.
+        if self.rank == 0 and self.since_index >= max(cache_store.INDEX_REFRESH_SHARDS, self.indexed // 4):
+            cache_store.refresh_index(self.cache_dir)
+            self.indexed, self.since_index = self.indexed + self.since_index, 0
 
     def abandon(self) -> None:
         """Drops the open shard after a write error; committed shards are untouched."""
@@ -199,7 +207,7 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
     pending, refresh, skipped, previously_failed = _plan(dataset.images, existing)
     pending, refresh = pending[dist.rank :: dist.world_size], refresh[dist.rank :: dist.world_size]
     rotation = _ShardRotation(cache_dir, provenance, rank=dist.rank, max_images=config.shard_images,
-                              max_seconds=config.shard_seconds)
+                              max_seconds=config.shard_seconds, indexed=len(existing.shards))
     dist.barrier()  # none commits before all have planned, so the slices agree
 
     unreadable = _new_unreadable(dataset, existing) if dist.is_main else []
@@ -210,8 +218,8 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
         for failure in unreadable:
             rotation.current().add_failure(failure)
         for record, index in refresh:  # annotations edited, pixels unchanged: no encoder run
-            info = existing.images[index]
-            rotation.current().add(_entry(record, info.file, existing.preview_bytes(index)), existing.embedding(index))
+            rotation.current().add(_entry(record, existing.file_of(index), existing.preview_bytes(index)),
+                                   existing.embedding(index))
             rotation.maybe_commit()
         embedded, failed = _run_encoder(loaded, pending, rotation, config, device, precision, preprocessing, dist)
         rotation.commit()
@@ -229,6 +237,11 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
     seconds = dist.max(time.time() - start)
     dist.barrier()  # every rank's shards are committed
     final = cache_store.EmbeddingCache(cache_dir)
+    if dist.is_main and final.shards_outside_index:
+        try:
+            final.save_index()
+        except OutputError:
+            pass  # index.npz only makes opening faster; readers read the shards' own tables without it
     return EmbedSummary(
         embedded=embedded, refreshed=refreshed, skipped=len(skipped), failed=failed,
         previously_failed=len(previously_failed), dropped=dropped, seconds=seconds,
@@ -310,9 +323,8 @@ def _plan(records: list[ImageRecord], existing: cache_store.EmbeddingCache):
     for record in sorted(records, key=lambda r: r.name):
         index = existing.index_of(record.name)
         if index is not None:
-            info = existing.images[index]
-            if info.file.unchanged(record.path):
-                if info.annotations_sha256 == annotations_sha256(record):
+            if existing.file_of(index).unchanged(record.path):
+                if existing.annotations_sha256_of(index) == annotations_sha256(record):
                     skipped.append(record)
                 else:
                     refresh.append((record, index))
@@ -338,7 +350,8 @@ def _new_unreadable(dataset: Dataset, existing: cache_store.EmbeddingCache) -> l
 def _no_longer_in(dataset: Dataset, existing: cache_store.EmbeddingCache) -> list[str]:
     """Cached images (and failures) whose names the dataset no longer has, unreadable ones included."""
     present = {record.name for record in dataset.images} | {p.unreadable_image for p in dataset.problems}
-    return sorted(({info.name for info in existing.images} | {f.name for f in existing.failed}) - present)
+    cached = {existing.name_of(i) for i in range(len(existing))}
+    return sorted((cached | {f.name for f in existing.failed}) - present)
 
 
 def _entry(record: ImageRecord, file: FileIdentity, preview_jpeg: bytes) -> cache_store.ImageEntry:

@@ -123,7 +123,7 @@ def predict_images(
     torch_device = resolve_device(device)
     sam = predictor.sam.to(torch_device)
     cache = _usable_cache(cache_dir, predictor)
-    cached_by_sha = {info.file.sha256: info for info in cache.images} if cache is not None else {}
+    cached_by_sha = cache.index_by_sha256() if cache is not None else {}
     out_dir = Path(out_dir)
     refuse_to_replace(out_dir / "predictions.json", overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,9 +187,9 @@ def _usable_cache(cache_dir, predictor: Predictor) -> Optional[EmbeddingCache]:
 def _embedding(sam, cache: Optional[EmbeddingCache], cached_by_sha: dict, path: Path, image: np.ndarray, device):
     """The cached embedding when the file (by SHA-256) is in the cache, else the encoder's."""
     if cache is not None:
-        info = cached_by_sha.get(sha256_file(path))
-        if info is not None and info.original_size == image.shape[:2]:
-            return torch.from_numpy(cache.embedding(info.index)).float()[None].to(device), "cache"
+        index = cached_by_sha.get(sha256_file(path))
+        if index is not None and cache.images[index].original_size == image.shape[:2]:
+            return torch.from_numpy(cache.embedding(index)).float()[None].to(device), "cache"
     model_input = batch_to_model_input([torch.from_numpy(resize_image(image))], device=device)
     return sam.image_encoder(model_input), "encoder"
 

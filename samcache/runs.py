@@ -240,7 +240,7 @@ class RunFolder:
             values = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise RunError(f"{path} is unreadable: {exc}") from exc
-        return nest_flat_prompt_keys(values) if isinstance(values, dict) else {}
+        return upgrade_saved_config(values) if isinstance(values, dict) else {}
 
     @property
     def config_path(self) -> Path:
@@ -338,8 +338,11 @@ _FLAT_PROMPT_KEYS = {"prompt": "mode", "box_jitter": "box_jitter", "box_jitter_m
                      "point_ratio": "point_ratio"}
 
 
-def nest_flat_prompt_keys(values: dict) -> dict:
-    """A config saved flat (checkpoints of version 1) in today's nested layout; nested ones as they are."""
+def upgrade_saved_config(values: dict) -> dict:
+    """A config saved by an older samcache in today's layout, meaning what it meant then: flat
+    prompt keys (checkpoints of version 1) nested, options added since set to what those runs did."""
+    if "val_max_images" not in values:  # runs before the option validated on every image
+        values = {**values, "val_max_images": None}
     if "prompts" in values or not set(values) & set(_FLAT_PROMPT_KEYS):
         return values
     values = dict(values)

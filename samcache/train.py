@@ -36,8 +36,8 @@ from samcache.locks import WriterLock
 from samcache.metrics import iou
 from samcache.models import LoadedModel, load_matching
 from samcache.progress import progress_bar
-from samcache.prompts import PromptBatch
-from samcache.runs import RunCheckpoint, RunFolder, RunWriter, TrainState, apply_weights, nest_flat_prompt_keys
+from samcache.prompts import PromptBatch, rng_for
+from samcache.runs import RunCheckpoint, RunFolder, RunWriter, TrainState, apply_weights, upgrade_saved_config
 from samcache.samples import (
     Batch,
     CacheSamples,
@@ -229,6 +229,10 @@ def _splits(cache: EmbeddingCache, config: TrainConfig, dist: Distributed) -> tu
     if not val_indices:
         raise TrainingError(f"the cache has no objects in validation split {config.val_split!r}; "
                             f"its splits: {available}; choose one with --val-split")
+    if config.val_max_images is not None and len(val_indices) > config.val_max_images:
+        # A key no epoch number takes: the subset is a function of the seed alone, the same on resume.
+        chosen = rng_for(config.seed, 2**32 - 1).choice(len(val_indices), config.val_max_images, replace=False)
+        val_indices = [val_indices[i] for i in sorted(chosen)]
     if config.batch_size < dist.world_size:
         raise TrainingError(f"--batch-size {config.batch_size} is the global batch, smaller than the "
                             f"{dist.world_size} processes: some would never get an image; "
@@ -313,7 +317,7 @@ def resume_state(t: Training, writer: RunWriter) -> TrainState:
     Only what does not change the computation may differ from the run's own options."""
     checkpoint = t.run.read_checkpoint("last")
     checkpoint.check_cache(t.cache.provenance)
-    changed = resume_changes(nest_flat_prompt_keys(checkpoint.config), t.config)
+    changed = resume_changes(upgrade_saved_config(checkpoint.config), t.config)
     if changed:
         raise RunError(
             f"--resume continues {t.run} exactly as it was started, but these options differ: {', '.join(changed)}. "

@@ -58,7 +58,7 @@ def _small_tmpfs(size: str):
     try:
         yield folder
     finally:
-        subprocess.run(["umount", str(folder)], check=True)
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a handle may still be closing
         folder.rmdir()
 
 

@@ -23,8 +23,7 @@ def _damage(cache_dir, name: str) -> str:
     """Random bytes over the stored chunk of `name`'s embedding (below HDF5, as a bad disk would)."""
     cache = EmbeddingCache(cache_dir)
     index = cache.index_of(name)
-    shard_index, row = (int(v) for v in cache._location[index])
-    shard = cache.shards[shard_index]
+    shard, row = cache.location(index)
     with h5py.File(shard, "r") as f:
         info = f["embeddings"].id.get_chunk_info(row)
     with open(shard, "r+b") as f:

@@ -344,3 +344,18 @@ def test_it_learns_on_a_small_stamps_cache(tmp_path):
     # Seen here: 0.045 before, about 0.2 at best within 12 epochs (and 0.44 after 8 epochs on the 60-page demo set).
     assert result.val_miou_best > result.val_miou_start + 0.1, result.history
     assert result.val_miou_best > 3 * result.val_miou_start, result.history
+
+
+def test_validation_is_bounded_by_a_seeded_subset(stamps_cache, tmp_path):
+    from samcache.runs import RunFolder
+    from tests.helpers import train_run
+
+    # The train split (5 images) validated, so that there is something to take a subset of.
+    runs = {name: train_run(stamps_cache, tmp_path / name, val_split="train", **overrides)
+            for name, overrides in {"two": dict(val_max_images=2), "again": dict(val_max_images=2),
+                                    "all": dict(val_max_images=None)}
+            .items()}
+    assert RunFolder(tmp_path / "two").info()["val_images"] == 2
+    assert RunFolder(tmp_path / "all").info()["val_images"] == 5
+    assert runs["two"].history == runs["again"].history  # the same subset, a function of the seed
+    assert runs["two"].val_miou_start != runs["all"].val_miou_start
