@@ -65,6 +65,8 @@ class Provenance:
       intensity: how images with more than 8 bits were mapped to uint8 (images.read_image).
       embedding_dtype: the stored dtype, "float16".
       compute_precision: "fp32" or "bf16" (autocast) for the encoder.
+      encoder_backend: "torch" or "openvino": who ran the encoder (informative; not compared:
+        the backends agree within float tolerance, tested).
       weights_source: where the weights came from (informative; not compared).
       samcache_version: the version that created the cache (informative; not compared).
     """
@@ -75,6 +77,7 @@ class Provenance:
     intensity: str
     embedding_dtype: str = "float16"
     compute_precision: str = "fp32"
+    encoder_backend: str = "torch"
     weights_source: str = ""
     samcache_version: str = __version__
 
@@ -600,6 +603,7 @@ class EmbeddingCache:
             "embedding_dtype": self.provenance.embedding_dtype,
             "embedding_shape": list(EMBEDDING_SHAPE),
             "compute_precision": self.provenance.compute_precision,
+            "encoder_backend": self.provenance.encoder_backend,
             "intensity": self.provenance.intensity,
             "samcache_version": self.provenance.samcache_version,
             "shards": len(self.shards),

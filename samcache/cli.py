@@ -255,8 +255,8 @@ def data_check(dataset: Path, image_root, split_fractions: str, mask_mode: str, 
 # -------------------------------------------------------------------------------------- embed
 EMBED_FLAGS = {
     "model_type": "--model", "checkpoint": "--checkpoint", "random_init": "--random-init", "batch_size": "--batch-size",
-    "device": "--device", "precision": "--precision", "workers": "--workers", "intensity": "--intensity",
-    "shard_images": "--shard-images",
+    "device": "--device", "precision": "--precision", "backend": "--backend", "workers": "--workers",
+    "intensity": "--intensity", "shard_images": "--shard-images",
 }
 
 
@@ -320,7 +320,7 @@ def info_cmd(cache_dir: Path, as_json: bool) -> None:
         click.echo(f"  split {split:<6} {counts['images']:>6} images {counts['objects']:>7} objects")
     click.echo(f"  model {info['model_type']}, weights SHA-256 {info['weights_sha256']}")
     click.echo(f"  embeddings {info['embedding_dtype']} {'x'.join(map(str, info['embedding_shape']))}, "
-               f"computed in {info['compute_precision']}, intensity {info['intensity']}")
+               f"computed in {info['compute_precision']} by {info['encoder_backend']}, intensity {info['intensity']}")
     click.echo(f"  {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, "
                f"{info['bytes_per_image'] / 2**20:.2f} MiB per image, "
                f"{info['shards']} shard(s), {info['superseded_records']} superseded record(s)")

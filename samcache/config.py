@@ -38,6 +38,7 @@ from samcache.specs import MODEL_TYPES
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+ENCODER_BACKENDS = ("auto", "torch", "openvino")
 PROMPT_MODES = ("box", "point", "mixed")
 EVAL_PROMPTS = ("box", "point")
 LOSSES = ("sam", "dice-bce", "mse-threshold")
@@ -86,6 +87,9 @@ class EmbedConfig(_Options):
     """auto (CUDA when available), cpu or cuda."""
     precision: Literal[PRECISIONS] = "auto"
     """auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32."""
+    backend: Literal[ENCODER_BACKENDS] = "auto"
+    """Who runs the encoder: auto (OpenVINO on the CPU, converted once per weights into
+    $SAMCACHE_HOME; torch on CUDA), torch or openvino."""
     workers: Annotated[Int, Field(ge=0)] = 2
     """Processes decoding images while the encoder runs (0: in the main process)."""
     strict: bool = False

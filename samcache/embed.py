@@ -1,7 +1,7 @@
 """Stage one: run the image encoder once per image and commit the embeddings to the cache.
 
 DataLoader workers decode and resize images (and hash their files) while the main process
-runs the encoder on batches, in inference mode, with bf16 autocast on CUDA by default.
+runs the encoder (encoders.py): OpenVINO on the CPU, torch with bf16 autocast on CUDA, by default.
 Results go into shards of the cache (see cache.py), committed every `shard_images` images or
 `shard_seconds` seconds, whichever comes first: that is all a crash can lose.
 
@@ -31,8 +31,9 @@ from torch.utils.data import Dataset as TorchDataset
 from samcache import cache as cache_store
 from samcache.config import EmbedConfig
 from samcache.datasets import Dataset, ImageRecord
-from samcache.devices import autocast, resolve_device, resolve_precision
+from samcache.devices import resolve_device, resolve_precision
 from samcache.distributed import SINGLE, Distributed
+from samcache.encoders import OpenVINOEncoder, TorchEncoder, resolve_backend
 from samcache.errors import CacheError, OutputError, SamcacheError
 from samcache.fileio import FileIdentity
 from samcache.images import read_image
@@ -202,7 +203,8 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
     precision = resolve_precision(config.precision, device)
     loaded = load_sam(config.model_type, config.checkpoint, random_init=config.random_init)
     preprocessing = Preprocessing(image_size=loaded.sam.image_encoder.img_size)
-    provenance = _provenance(loaded, preprocessing, config, precision)
+    backend = resolve_backend(config.backend, device)
+    provenance = _provenance(loaded, preprocessing, config, precision, backend)
     existing = _open_cache(cache_dir, provenance, dist)
     pending, refresh, skipped, previously_failed = _plan(dataset.images, existing)
     pending, refresh = pending[dist.rank :: dist.world_size], refresh[dist.rank :: dist.world_size]
@@ -221,7 +223,8 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
             rotation.current().add(_entry(record, existing.file_of(index), existing.preview_bytes(index)),
                                    existing.embedding(index))
             rotation.maybe_commit()
-        embedded, failed = _run_encoder(loaded, pending, rotation, config, device, precision, preprocessing, dist)
+        embedded, failed = _run_encoder(loaded, backend, pending, rotation, config, device, precision, preprocessing,
+                                        dist)
         rotation.commit()
     except OSError as exc:
         rotation.abandon()
@@ -262,23 +265,28 @@ def _open_cache(cache_dir: Path, provenance: cache_store.Provenance, dist: Distr
 
 
 def _provenance(loaded: LoadedModel, preprocessing: Preprocessing, config: EmbedConfig,
-                precision: str) -> cache_store.Provenance:
+                precision: str, backend: str) -> cache_store.Provenance:
     return cache_store.Provenance(
         model_type=loaded.model_type,
         weights_sha256=loaded.weights_sha256,
         preprocessing=preprocessing.as_dict(),
         intensity=config.intensity,
         compute_precision=precision,
+        encoder_backend=backend,
         weights_source=loaded.weights_source,
     )
 
 
-def _run_encoder(loaded: LoadedModel, pending: list[ImageRecord], rotation: "_ShardRotation", config: EmbedConfig,
-                 device: torch.device, precision: str, preprocessing: Preprocessing,
+def _run_encoder(loaded: LoadedModel, backend: str, pending: list[ImageRecord], rotation: "_ShardRotation",
+                 config: EmbedConfig, device: torch.device, precision: str, preprocessing: Preprocessing,
                  dist: Distributed) -> tuple[int, int]:
     """Decodes `pending` in DataLoader workers and encodes them in batches into the rotation's
     shards; returns (embedded, failed)."""
-    encoder = loaded.sam.image_encoder.to(device).eval()
+    if not pending:
+        return 0, 0
+    say = print if config.progress and dist.is_main else (lambda line: None)
+    encoder = (OpenVINOEncoder(loaded, precision, say=say) if backend == "openvino"
+               else TorchEncoder(loaded, device, precision))
     embedded, failed = 0, 0
     loader = DataLoader(
         _DecodeImages(pending, config.intensity, preprocessing.image_size),
@@ -291,10 +299,9 @@ def _run_encoder(loaded: LoadedModel, pending: list[ImageRecord], rotation: "_Sh
         for batch in loader:
             good = [item for item in batch if item["error"] is None]
             if good:
-                with torch.inference_mode(), autocast(device, precision):
-                    features = encoder(batch_to_model_input([item["image"] for item in good], device=device,
-                                                            preprocessing=preprocessing))
-                for item, feature in zip(good, features.float().cpu().numpy()):
+                features = encoder(batch_to_model_input([item["image"] for item in good], device=device,
+                                                        preprocessing=preprocessing))
+                for item, feature in zip(good, features):
                     entry = _entry(pending[item["i"]], item["file"], item["preview"].numpy().tobytes())
                     rotation.current().add(entry, feature)
                 embedded += len(good)

@@ -30,18 +30,28 @@ from tests.helpers import (
 )
 
 
+@pytest.fixture(scope="session")
+def _session_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("samcache_home_session")
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_home_for_session(tmp_path_factory):
+def _isolated_home_for_session(_session_home):
     """Session fixtures (built before any test's own home is set) do not touch the real weights folder either."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAMCACHE_HOME", str(tmp_path_factory.mktemp("samcache_home_session")))
+        mp.setenv("SAMCACHE_HOME", str(_session_home))
         yield
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
-    """No test reads or writes the user's real weights folder."""
-    monkeypatch.setenv("SAMCACHE_HOME", str(tmp_path_factory.mktemp("samcache_home")))
+def _isolated_home(tmp_path_factory, monkeypatch, _session_home):
+    """No test reads or writes the user's real weights folder. The encoders converted to OpenVINO
+    are shared by all tests (one conversion of tiny per session, not one per test); a test that
+    converts afresh sets its own SAMCACHE_HOME."""
+    home = tmp_path_factory.mktemp("samcache_home")
+    (_session_home / "openvino").mkdir(exist_ok=True)
+    (home / "openvino").symlink_to(_session_home / "openvino", target_is_directory=True)
+    monkeypatch.setenv("SAMCACHE_HOME", str(home))
 
 
 @pytest.fixture(scope="session")

@@ -81,8 +81,9 @@ def test_vit_b_export_loads_in_sam_and_matches_samcache_predict(vit_b_checkpoint
     data = tmp_path / "ds"
     # Its own 3 pages, one a split: vit_b embeds cost seconds a page on CPU (the shared set has 7).
     generate_stamps(data, 3, seed=2, progress=False, fractions=(0.34, 0.33, 0.33))
+    # torch: converting vit_b to OpenVINO takes minutes (the backends' equality is tested on tiny)
     config = EmbedConfig(model_type="vit_b", checkpoint=vit_b_checkpoint, workers=0, progress=False, batch_size=1,
-                         precision="fp32")
+                         precision="fp32", backend="torch")
     embed_dataset(load_dataset(data), tmp_path / "cache", config)
     train(tmp_path / "cache", tmp_path / "run", TrainConfig(**ONE_EPOCH, checkpoint=str(vit_b_checkpoint)),
           progress=False)

@@ -73,6 +73,26 @@ def test_batched_decoder_equals_stock_decoder_per_prompt():
     assert set(sam.state_dict()) == set(build_tiny(0).state_dict())  # no new parameters
 
 
+def test_sharing_the_first_blocks_image_work_changes_neither_outputs_nor_gradients():
+    from samcache.decoder import predict_masks_batched
+
+    sam = build_tiny(0)
+    torch.manual_seed(1)
+    embeddings, batch_row = torch.randn(2, 256, 64, 64), torch.tensor([0, 1, 1, 0, 1])
+    sparse, dense = sam.prompt_encoder(points=None, boxes=torch.rand(5, 4) * 500 + torch.tensor([0, 0, 500, 500]),
+                                       masks=None)
+    results = []
+    for shared in (False, True):
+        sam.zero_grad()
+        out = predict_masks_batched(sam.mask_decoder, embeddings, batch_row, sam.prompt_encoder.get_dense_pe(),
+                                    sparse.detach(), dense.detach(), shared_dense=shared)
+        (out.logits.square().mean() + out.iou_pred.sum()).backward()
+        results.append((out.logits.detach(), [p.grad.clone() for p in sam.mask_decoder.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
 def test_upscale_matches_sam_postprocess():
     sam = build_tiny(0)
     logits = torch.randn(2, 256, 256)

@@ -1,0 +1,189 @@
+"""Benchmark: `samcache embed` as a whole command against what a skilled user would write on a CPU.
+
+Same weights on every side (vit_b with random weights, seed 0, saved in Meta's layout), same
+synthetic stamp pages, in one run, methods interleaved per round in ABBA order after one
+untimed warm-up image each:
+
+  loop fp32      per image: cv2.imread + cvtColor + SamPredictor.set_image (torch, fp32)
+  loop bf16      the same under torch.autocast("cpu", bfloat16) (on CPUs with bf16 instructions)
+  openvino loop  the user converts the encoder once (ov.convert_model, not timed), compiles it
+                 for the CPU (bf16 inference precision where the CPU has bf16, else f32) and
+                 runs: imread + cvtColor + SamPredictor's own preprocessing + infer
+  samcache embed `python -m samcache embed ROUND --out CACHE --model vit_b --checkpoint W`,
+                 defaults otherwise (OpenVINO backend on the CPU), a fresh process per round:
+                 start-up, model load, hashing, decoding, encoder, shard writes, all of it.
+                 Its conversion to OpenVINO happens once, before the rounds (reported).
+  samcache embed, workers 0   the same with --workers 0 (is the decoding process worth it?)
+
+The loops keep features in memory and exclude model loading; samcache's figure includes its
+start-up, so it is the conservative side. Agreement: each method's embeddings against the fp32
+loop's, cosine of the flattened 256x64x64 embedding (minimum over images).
+
+    python benchmarks/bench_embed_cpu.py --images 8 --rounds 2 --work /tmp/bench_embed_cpu
+    python benchmarks/bench_embed_cpu.py --model tiny --images 2 --rounds 2   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from samcache.cache import EmbeddingCache  # noqa: E402
+from samcache.devices import cpu_has_native_bf16  # noqa: E402
+from samcache.models import build_sam  # noqa: E402
+
+
+def cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            flags = Path("/proc/cpuinfo").read_text()
+            extra = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in flags]
+            return f"{line.split(':', 1)[1].strip()} ({', '.join(extra)}), {os.cpu_count()} cores"
+    return "unknown"
+
+
+def samcache(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "samcache", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env=env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vit_b", choices=["vit_b", "tiny"])
+    parser.add_argument("--images", type=int, default=8, help="images per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_embed_cpu"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, SAMCACHE_HOME=str(work / "home"))
+    print(f"CPU: {cpu()}; torch {torch.__version__}; native bf16: {cpu_has_native_bf16()}", flush=True)
+
+    torch.manual_seed(0)
+    sam = build_sam(args.model).eval()
+    weights = work / f"{args.model}_random.pth"
+    if not weights.exists():
+        torch.save(sam.state_dict(), weights)
+    sam.load_state_dict(torch.load(weights, weights_only=True))
+
+    # One data set per round (+ a warm-up page), so that each samcache run embeds new images.
+    rounds = []
+    for r in range(args.rounds + 1):
+        folder = work / f"round{r}"
+        if not (folder / "train.json").exists():
+            n = 1 if r == 0 else args.images
+            samcache("data", "stamps", "--out", folder, "--n", n, "--seed", 100 + r, "--overwrite").check_returncode()
+        rounds.append(sorted((folder / "images").iterdir()))
+
+    from segment_anything import SamPredictor
+    predictor = SamPredictor(sam)
+
+    import openvino as ov
+    core = ov.Core()
+    started = time.time()
+    ov_model = ov.convert_model(sam.image_encoder, example_input=torch.zeros(1, 3, 1024, 1024))
+    user_conversion = time.time() - started
+    bf16 = cpu_has_native_bf16()
+    compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"})
+    request = compiled.create_infer_request()
+
+    started = time.time()  # samcache's own one-off conversion, into its SAMCACHE_HOME
+    warm = samcache("embed", work / "round0", "--out", work / "warm-cache", "--model", args.model,
+                    "--checkpoint", weights, env=env)
+    warm.check_returncode()
+    samcache_first_run = time.time() - started
+
+    def loop(paths, autocast: bool):
+        out = {}
+        for p in paths:
+            image = cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                predictor.set_image(image)
+            out[p.name] = predictor.features[0].float().numpy()
+        return out
+
+    def openvino_loop(paths):
+        out = {}
+        for p in paths:
+            image = cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+            resized = predictor.transform.apply_image(image)
+            tensor = torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None]
+            x = sam.preprocess(tensor.float()).numpy()
+            out[p.name] = request.infer([x])[0][0].copy()
+        return out
+
+    def samcache_embed(paths, extra):
+        folder = paths[0].parents[1]
+        cache = work / f"cache-{folder.name}-{'-'.join(extra) or 'defaults'}"
+        shutil.rmtree(cache, ignore_errors=True)
+        result = samcache("embed", folder, "--out", cache, "--model", args.model, "--checkpoint", weights, *extra,
+                          env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        c = EmbeddingCache(cache)
+        return {c.name_of(i).split("/")[-1]: c.embedding(i).astype(np.float32) for i in range(len(c))}
+
+    methods = {
+        "loop fp32": lambda paths: loop(paths, False),
+        # Without bf16 instructions autocast emulates bf16 and only slows the loop down: not a rival there.
+        **({"loop bf16 autocast": lambda paths: loop(paths, True)} if bf16 else {}),
+        f"openvino loop ({'bf16' if bf16 else 'f32'})": openvino_loop,
+        "samcache embed (defaults)": lambda paths: samcache_embed(paths, []),
+        "samcache embed --workers 0": lambda paths: samcache_embed(paths, ["--workers", "0"]),
+    }
+    for fn in list(methods.values())[:3]:
+        fn(rounds[0])  # warm-up
+    seconds = {name: [] for name in methods}
+    outputs = {name: {} for name in methods}
+    for r in range(1, args.rounds + 1):
+        order = list(methods) if r % 2 else list(reversed(methods))
+        for name in order:
+            started = time.perf_counter()
+            outputs[name].update(methods[name](rounds[r]))
+            seconds[name].append(time.perf_counter() - started)
+            print(f"round {r}: {name}: {args.images / seconds[name][-1]:.4f} images/s", flush=True)
+
+    reference = outputs["loop fp32"]
+
+    def agreement(name):
+        cos = [float(np.dot(reference[k].ravel(), v.ravel()) / np.linalg.norm(reference[k]) / np.linalg.norm(v))
+               for k, v in outputs[name].items()]
+        return min(cos)
+
+    total = args.images * args.rounds
+    base = total / sum(seconds["loop fp32"])
+    rows = []
+    for name in methods:
+        rate = total / sum(seconds[name])
+        rows.append({"method": name, "images_per_s": rate, "vs_loop_fp32": rate / base,
+                     "per_round": [args.images / s for s in seconds[name]], "min_cosine_vs_fp32": agreement(name)})
+    ov_rate = next(r["images_per_s"] for r in rows if r["method"].startswith("openvino"))
+    print(f"\nCPU: {cpu()}; {args.model}, {args.rounds} rounds of {args.images} images")
+    print(f"one-off conversions: the user's ov.convert_model {user_conversion:.0f} s; samcache's first run "
+          f"(conversion + 1 image) {samcache_first_run:.0f} s")
+    print("| method | images/s | vs loop fp32 | vs OpenVINO loop | per round | min cosine vs fp32 loop |")
+    print("| --- | ---: | ---: | ---: | --- | ---: |")
+    for r in rows:
+        print(f"| {r['method']} | {r['images_per_s']:.4f} | {r['vs_loop_fp32']:.2f}x | "
+              f"{r['images_per_s'] / ov_rate:.2f}x | {', '.join(f'{v:.4f}' for v in r['per_round'])} | "
+              f"{r['min_cosine_vs_fp32']:.6f} |")
+    if args.out:
+        args.out.write_text(json.dumps({"cpu": cpu(), "rows": rows, "user_conversion_s": user_conversion,
+                                        "samcache_first_run_s": samcache_first_run}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

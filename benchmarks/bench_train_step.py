@@ -1,0 +1,155 @@
+"""Benchmark: decoder training prompts/s, samcache against the stock step a skilled user writes.
+
+One cache (tiny model: its prompt encoder and mask decoder have SAM's shapes, so a decoder step
+costs what vit_b's does; the embeddings are 256x64x64 as for every SAM), one process, methods
+interleaved in ABBA order over `--rounds` rounds, each round one pass over the train images:
+
+  stock, one box    per box: PromptEncoder(boxes=box) (no grad), MaskDecoder(multimask=False),
+                    20 x focal + dice on the 256x256 low-res mask, Adam step
+  stock, all boxes  per image: the same with all its boxes in one call (the stock decoder
+                    repeats the image for each prompt), one Adam step per image
+  (each also under bf16 autocast where the CPU has bf16 instructions)
+  samcache          `Training` with `samcache train`'s default options (batch 4 images x up to 8
+                    objects, jittered boxes, the SAM loss incl. the IoU head, AdamW, grad clip),
+                    one epoch without validation, through its DataLoader and HDF5 reads
+
+Targets for the stock loops are prepared once (not timed); samcache's time includes reading
+embeddings and building prompts and targets every step. prompts/s = prompts / seconds.
+
+    python benchmarks/bench_train_step.py --pages 8 --rounds 2 --work /tmp/bench_train_step
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from torchvision.ops import sigmoid_focal_loss  # noqa: E402
+
+from samcache.cache import EmbeddingCache  # noqa: E402
+from samcache.config import TrainConfig  # noqa: E402
+from samcache.decoder import dice_loss  # noqa: E402
+from samcache.devices import cpu_has_native_bf16  # noqa: E402
+from samcache.distributed import SINGLE  # noqa: E402
+from samcache.models import load_sam  # noqa: E402
+from samcache.preprocess import transform_boxes  # noqa: E402
+from samcache.prompts import low_res_target  # noqa: E402
+from samcache.runs import RunFolder, RunWriter, TrainState  # noqa: E402
+from samcache.train import Training, _splits, train_epoch  # noqa: E402
+
+
+def cpu() -> str:
+    text = Path("/proc/cpuinfo").read_text()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in text]
+    return f"{name} ({', '.join(flags)}), {os.cpu_count()} cores"
+
+
+def stock_data(cache: EmbeddingCache, indices: list[int]):
+    items = []
+    for i in indices:
+        info = cache.images[i]
+        boxes = transform_boxes(np.array([o.box for o in info.objects]), info.original_size)
+        targets = np.stack([low_res_target(o.rle, info.input_size) for o in info.objects])
+        items.append((torch.from_numpy(cache.embedding(i).astype(np.float32))[None], torch.as_tensor(boxes).float(),
+                      torch.from_numpy(targets)[:, None]))
+    return items
+
+
+def stock_epoch(sam, optimizer, items, *, all_boxes: bool, bf16: bool) -> int:
+    prompts = 0
+    pe = sam.prompt_encoder.get_dense_pe()
+    for embedding, boxes, targets in items:
+        groups = [slice(0, len(boxes))] if all_boxes else [slice(k, k + 1) for k in range(len(boxes))]
+        for g in groups:
+            with torch.no_grad():
+                sparse, dense = sam.prompt_encoder(points=None, boxes=boxes[g], masks=None)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                low_res, _ = sam.mask_decoder(image_embeddings=embedding, image_pe=pe, sparse_prompt_embeddings=sparse,
+                                              dense_prompt_embeddings=dense, multimask_output=False)
+            low_res = low_res.float()
+            loss = (20 * sigmoid_focal_loss(low_res, targets[g], reduction="mean")
+                    + dice_loss(low_res, targets[g]).mean())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            prompts += len(boxes[g])
+    return prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pages", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_train_step"))
+    args = parser.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    data, cache_dir = work / "data", work / "cache"
+    if not (cache_dir / "cache.json").exists():
+        subprocess.run([sys.executable, "-m", "samcache", "data", "stamps", "--out", data, "--n", str(args.pages),
+                        "--seed", "7", "--overwrite"], cwd=REPO, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "samcache", "embed", data, "--out", cache_dir, "--model", "tiny"],
+                       cwd=REPO, check=True, capture_output=True)
+    cache = EmbeddingCache(cache_dir)
+    train_indices = cache.annotated_indices("train")
+    items = stock_data(cache, train_indices)
+    print(f"CPU: {cpu()}; torch {torch.__version__}; {len(train_indices)} pages, "
+          f"{sum(len(b) for _, b, _ in items)} boxes", flush=True)
+
+    bf16 = cpu_has_native_bf16()
+    sam = load_sam("tiny").sam
+    sam.image_encoder = None
+    optimizer = torch.optim.Adam(sam.mask_decoder.parameters(), lr=1e-5)
+
+    config = TrainConfig(val_split="train", workers=0, epochs=args.rounds * 2 + 1, save_every=None)
+    run = RunFolder(work / "run")
+    training = Training.setup(cache, run, config, _splits(cache, config, SINGLE), resume=False, dist=SINGLE)
+    writer = RunWriter(run, enabled=False)
+    state = TrainState(history=[0.0])
+    epoch = [0]
+
+    def samcache_epoch() -> int:
+        prompts = train_epoch(training, state, writer, epoch[0], progress=False)
+        epoch[0] += 1
+        return prompts
+
+    methods = {
+        "stock, one box, fp32": lambda: stock_epoch(sam, optimizer, items, all_boxes=False, bf16=False),
+        "stock, all boxes of an image, fp32": lambda: stock_epoch(sam, optimizer, items, all_boxes=True, bf16=False),
+        **({"stock, one box, bf16": lambda: stock_epoch(sam, optimizer, items, all_boxes=False, bf16=True),
+            "stock, all boxes, bf16": lambda: stock_epoch(sam, optimizer, items, all_boxes=True, bf16=True)}
+           if bf16 else {}),
+        "samcache train (defaults)": samcache_epoch,
+    }
+    for fn in methods.values():
+        fn()  # warm-up
+    rates = {name: [] for name in methods}
+    for r in range(args.rounds):
+        for name in (methods if r % 2 == 0 else reversed(list(methods))):
+            started = time.perf_counter()
+            prompts = methods[name]()
+            rates[name].append(prompts / (time.perf_counter() - started))
+            print(f"round {r + 1}: {name}: {rates[name][-1]:.2f} prompts/s", flush=True)
+    best_stock = max(statistics.mean(v) for k, v in rates.items() if k.startswith("stock"))
+    print(f"\nCPU: {cpu()}")
+    print("| method | prompts/s | per round | vs best stock |")
+    print("| --- | ---: | --- | ---: |")
+    for name, values in rates.items():
+        mean = statistics.mean(values)
+        print(f"| {name} | {mean:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {mean / best_stock:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
