@@ -42,17 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from samcache.cache import EmbeddingCache  # noqa: E402
-from samcache.devices import cpu_has_native_bf16  # noqa: E402
+from samcache.devices import cpu_description, cpu_has_native_bf16  # noqa: E402
 from samcache.models import build_sam  # noqa: E402
-
-
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            flags = Path("/proc/cpuinfo").read_text()
-            extra = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in flags]
-            return f"{line.split(':', 1)[1].strip()} ({', '.join(extra)}), {os.cpu_count()} cores"
-    return "unknown"
 
 
 def samcache(*args, env=None) -> subprocess.CompletedProcess:
@@ -71,7 +62,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, SAMCACHE_HOME=str(work / "home"))
-    print(f"CPU: {cpu()}; torch {torch.__version__}; native bf16: {cpu_has_native_bf16()}", flush=True)
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}; native bf16: {cpu_has_native_bf16()}", flush=True)
 
     torch.manual_seed(0)
     sam = build_sam(args.model).eval()
@@ -171,7 +162,7 @@ def main() -> None:
         rows.append({"method": name, "images_per_s": rate, "vs_loop_fp32": rate / base,
                      "per_round": [args.images / s for s in seconds[name]], "min_cosine_vs_fp32": agreement(name)})
     ov_rate = next(r["images_per_s"] for r in rows if r["method"].startswith("openvino"))
-    print(f"\nCPU: {cpu()}; {args.model}, {args.rounds} rounds of {args.images} images")
+    print(f"\nCPU: {cpu_description()}; {args.model}, {args.rounds} rounds of {args.images} images")
     print(f"one-off conversions: the user's ov.convert_model {user_conversion:.0f} s; samcache's first run "
           f"(conversion + 1 image) {samcache_first_run:.0f} s")
     print("| method | images/s | vs loop fp32 | vs OpenVINO loop | per round | min cosine vs fp32 loop |")
@@ -181,7 +172,7 @@ def main() -> None:
               f"{r['images_per_s'] / ov_rate:.2f}x | {', '.join(f'{v:.4f}' for v in r['per_round'])} | "
               f"{r['min_cosine_vs_fp32']:.6f} |")
     if args.out:
-        args.out.write_text(json.dumps({"cpu": cpu(), "rows": rows, "user_conversion_s": user_conversion,
+        args.out.write_text(json.dumps({"cpu": cpu_description(), "rows": rows, "user_conversion_s": user_conversion,
                                         "samcache_first_run_s": samcache_first_run}, indent=2))
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,17 +36,11 @@ import h5py
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from samcache.devices import cpu_description  # noqa: E402
+
 SHARD_IMAGES = 64
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _samcache(*args, **kwargs):
@@ -187,9 +179,8 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     cache = args.work / f"cache-{args.images}"
-    print(f"CPU: {_cpu()}, {os.cpu_count()} cores; {args.images} images")
+    print(f"CPU: {cpu_description()}; {args.images} images")
     generate(make_seed_cache(args.work), cache, args.images, args.small_previews)
-    sys.path.insert(0, str(REPO))
     from samcache.cache import refresh_index
     from samcache.cache_index import INDEX_NAME
 

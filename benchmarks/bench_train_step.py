@@ -22,7 +22,6 @@ embeddings and building prompts and targets every step. prompts/s = prompts / se
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -40,20 +39,13 @@ from torchvision.ops import sigmoid_focal_loss  # noqa: E402
 from samcache.cache import EmbeddingCache  # noqa: E402
 from samcache.config import TrainConfig  # noqa: E402
 from samcache.decoder import dice_loss  # noqa: E402
-from samcache.devices import cpu_has_native_bf16  # noqa: E402
+from samcache.devices import cpu_description, cpu_has_native_bf16  # noqa: E402
 from samcache.distributed import SINGLE  # noqa: E402
 from samcache.models import load_sam  # noqa: E402
 from samcache.preprocess import transform_boxes  # noqa: E402
 from samcache.prompts import low_res_target  # noqa: E402
 from samcache.runs import RunFolder, RunWriter, TrainState  # noqa: E402
 from samcache.train import Training, _splits, train_epoch  # noqa: E402
-
-
-def cpu() -> str:
-    text = Path("/proc/cpuinfo").read_text()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in text]
-    return f"{name} ({', '.join(flags)}), {os.cpu_count()} cores"
 
 
 def stock_data(cache: EmbeddingCache, indices: list[int]):
@@ -105,7 +97,7 @@ def main() -> None:
     cache = EmbeddingCache(cache_dir)
     train_indices = cache.annotated_indices("train")
     items = stock_data(cache, train_indices)
-    print(f"CPU: {cpu()}; torch {torch.__version__}; {len(train_indices)} pages, "
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}; {len(train_indices)} pages, "
           f"{sum(len(b) for _, b, _ in items)} boxes", flush=True)
 
     bf16 = cpu_has_native_bf16()
@@ -143,7 +135,7 @@ def main() -> None:
             rates[name].append(prompts / (time.perf_counter() - started))
             print(f"round {r + 1}: {name}: {rates[name][-1]:.2f} prompts/s", flush=True)
     best_stock = max(statistics.mean(v) for k, v in rates.items() if k.startswith("stock"))
-    print(f"\nCPU: {cpu()}")
+    print(f"\nCPU: {cpu_description()}")
     print("| method | prompts/s | per round | vs best stock |")
     print("| --- | ---: | --- | ---: |")
     for name, values in rates.items():

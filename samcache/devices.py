@@ -9,7 +9,9 @@ masks are SamPredictor's.
 from __future__ import annotations
 
 import os
+import platform
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -67,3 +69,24 @@ def available_memory_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return 0
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for figures that must say which CPU they are from."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_description() -> str:
+    """"AMD EPYC (avx2), 2 cores": the name, the matmul-relevant instruction sets, the cores."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    kinds = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    return f"{cpu_name()} ({', '.join(kinds) or 'no AVX2'}), {os.cpu_count()} cores"

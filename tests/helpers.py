@@ -18,12 +18,15 @@ STAMPS_PAGES = 7
 STAMPS_SEED = 31
 
 # Embedding settings of the shared cache: fp32 (parity with SamPredictor, the same numbers on CPUs
-# with and without native bf16), no worker processes, and shards of 2 images so every reader
-# meets a cache of several shards.
-FAST_EMBED = dict(workers=0, progress=False, batch_size=2, precision="fp32")
+# with and without native bf16), torch (SamPredictor's own module; no OpenVINO conversion for
+# each set of weights a test makes: the backends' equality is tests/test_encoders.py's), no
+# worker processes, and shards of 2 images so every reader meets a cache of several shards.
+# Tests through the command line without these flags run the default backend.
+FAST_EMBED = dict(workers=0, progress=False, batch_size=2, precision="fp32", backend="torch")
 SHARED_EMBED = dict(FAST_EMBED, shard_images=2)
 # The same settings as `samcache embed` flags, for tests through the command line.
-EMBED_FLAGS = ["--workers", "0", "--batch-size", "2", "--precision", "fp32", "--shard-images", "2"]
+EMBED_FLAGS = ["--workers", "0", "--batch-size", "2", "--precision", "fp32", "--backend", "torch",
+               "--shard-images", "2"]
 
 # One quick epoch of training on the tiny model.
 QUICK_TRAIN = dict(epochs=1, batch_size=2, objects_per_image=2, workers=0, save_every=None)

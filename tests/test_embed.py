@@ -214,7 +214,7 @@ def test_full_disk_loses_nothing_committed(stamps, tmp_path, monkeypatch):
 
 def test_workers_give_the_same_cache(stamps, stamps_cache, tmp_path):
     embed_dataset(load_dataset(stamps), tmp_path / "c",
-                  EmbedConfig(workers=2, batch_size=2, progress=False, precision="fp32"))
+                  EmbedConfig(workers=2, batch_size=2, progress=False, precision="fp32", backend="torch"))
     a, b = EmbeddingCache(stamps_cache), EmbeddingCache(tmp_path / "c")
     assert [i.name for i in a.images] == [i.name for i in b.images]
     for i in range(len(a)):

@@ -34,7 +34,8 @@ def test_fine_tuning_the_pretrained_tiny_decoder_beats_its_zero_shot_on_stamps(t
     # Its own 24 pages with a larger test split: the margin above was seen on this data (the shared set has 7).
     generate_stamps(data, 24, seed=7, progress=False, fractions=(0.6, 0.15, 0.25))
     # fp32 embeddings: the same numbers on CPUs with and without native bf16.
-    embed_dataset(load_dataset(data), tmp_path / "cache", EmbedConfig(workers=0, progress=False, precision="fp32"))
+    embed_dataset(load_dataset(data), tmp_path / "cache",
+                  EmbedConfig(workers=0, progress=False, precision="fp32", backend="torch"))
     cache_provenance = json.loads((tmp_path / "cache" / "cache.json").read_text())["provenance"]
     assert cache_provenance["weights_sha256"] == models.TINY_PRETRAINED_SHA256  # the default is the pretrained model
 

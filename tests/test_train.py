@@ -356,7 +356,7 @@ def test_it_learns_on_a_small_stamps_cache(tmp_path):
     generate_stamps(data, 16, seed=3, progress=False, fractions=(0.75, 0.25, 0.0))
     # fp32 embeddings: the same trajectory on CPUs with and without native bf16.
     embed_dataset(load_dataset(data), tmp_path / "cache",
-                  EmbedConfig(workers=0, progress=False, precision="fp32", random_init=True))
+                  EmbedConfig(workers=0, progress=False, precision="fp32", random_init=True, backend="torch"))
     config = TrainConfig(epochs=12, batch_size=2, objects_per_image=4, lr=1e-3, loss="dice-bce", workers=0,
                          warmup_steps=5, save_every=None)
     result = train(tmp_path / "cache", tmp_path / "run", config, progress=False)
@@ -367,15 +367,17 @@ def test_it_learns_on_a_small_stamps_cache(tmp_path):
 
 
 def test_validation_is_bounded_by_a_seeded_subset(stamps_cache, tmp_path):
+    from samcache.distributed import SINGLE
     from samcache.runs import RunFolder
+    from samcache.train import _splits
     from tests.helpers import train_run
 
+    cache = EmbeddingCache(stamps_cache)
     # The train split (5 images) validated, so that there is something to take a subset of.
-    runs = {name: train_run(stamps_cache, tmp_path / name, val_split="train", **overrides)
-            for name, overrides in {"two": dict(val_max_images=2), "again": dict(val_max_images=2),
-                                    "all": dict(val_max_images=None)}
-            .items()}
-    assert RunFolder(tmp_path / "two").info()["val_images"] == 2
-    assert RunFolder(tmp_path / "all").info()["val_images"] == 5
-    assert runs["two"].history == runs["again"].history  # the same subset, a function of the seed
-    assert runs["two"].val_miou_start != runs["all"].val_miou_start
+    subsets = {name: _splits(cache, TrainConfig(val_split="train", **overrides), SINGLE)[1]
+               for name, overrides in {"two": dict(val_max_images=2), "again": dict(val_max_images=2),
+                                       "all": dict(val_max_images=None)}.items()}
+    assert len(subsets["two"]) == 2 and subsets["two"] == subsets["again"]  # a function of the seed
+    assert set(subsets["two"]) < set(subsets["all"]) and len(subsets["all"]) == 5
+    run = train_run(stamps_cache, tmp_path / "run", val_split="train", val_max_images=2)
+    assert RunFolder(tmp_path / "run").info()["val_images"] == 2 and len(run.history) == 2

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from samcache import __version__, masks
 from samcache.config import LOSSES, PromptSettings
 from samcache.decoder import decode
-from samcache.devices import autocast
+from samcache.devices import autocast, cpu_name
 from samcache.errors import TrainingError
 from samcache.fileio import sha256_file
 from samcache.inference import predict_masks
@@ -397,7 +397,7 @@ def _provenance(config: PretrainConfig, out_path: Path, digest: str, *, command:
 
 
 def _machine() -> dict:
-    return {"cpu": _cpu_name(), "cores": _cores(), "threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "cores": _cores(), "threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version()}
 
 
@@ -416,16 +416,6 @@ def _load_average() -> Optional[float]:
 
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _cores() -> int:
