@@ -173,8 +173,7 @@ class View:
 def resolve(tables: Tables) -> View:
     """The latest record per name (see the module docstring)."""
     t = tables
-    names = _join_bytes([t.name, t.failed_name, t.removed_name]) if t.images or len(t.failed_name) or len(
-        t.removed_name) else np.zeros(0, "S1")
+    names = _join_bytes([t.name, t.failed_name, t.removed_name])
     kind = np.concatenate([np.full(t.images, _IMAGE), np.full(len(t.failed_name), _FAILURE),
                            np.full(len(t.removed_name), _REMOVAL)]).astype(np.int8)
     shard = np.concatenate([t.image_shard, t.failed_shard, t.removed_shard]).astype(np.int64)

@@ -10,8 +10,9 @@ Work that does not depend on the prompt is done once per image, not once per pro
 a mask prompt the dense prompt embedding is the same for every prompt, so in the transformer's
 first block the image side's projections (the keys and values the tokens attend to, and the
 queries with which the image attends back) are computed on the B images and shared by their
-prompts. That is 3 of the 13 image-sized (4096 x 256 -> 128) matmuls of a prompt's forward
-pass; the rest follows the stock modules exactly (tested against `MaskDecoder.predict_masks`).
+prompts. Those are 3 of the ~13 image-sized matmuls (4096 x 256 x 128 multiply-adds each, the
+upscaling counted in the same units) of a prompt's forward pass; the rest follows the stock
+modules exactly (tested against `MaskDecoder.predict_masks`).
 
 Box prompts use the single-mask output (SamPredictor's `multimask_output=False`); point
 prompts use the three multimask outputs, as SAM was trained: the loss takes the best of the

@@ -1,14 +1,15 @@
 """Image-encoder backends of `samcache embed`: torch (any device) and OpenVINO (the CPU).
 
-On a CPU, OpenVINO runs SAM's ViT encoder about 1.8x faster than torch in fp32 on the same
-weights (and uses bf16 on CPUs with AMX or AVX512-BF16), with embeddings equal to torch's
-within float tolerance (cosine 1.000000, max |diff| ~1e-5 on vit_b: BENCHMARKS.md). So
+On a CPU, OpenVINO runs SAM's ViT encoder about 1.5x faster than torch in fp32 on the same
+weights (measured on vit_b, AVX2-only EPYC; it uses bf16 on CPUs with AMX or AVX512-BF16),
+with embeddings equal to torch's within float tolerance (cosine 1.000000: BENCHMARKS.md). So
 `--backend auto` is OpenVINO on the CPU and torch on CUDA (bf16, batched).
 
 Converting a model takes minutes for vit_b (a trace of the whole encoder), so it happens once
-per model type, weights SHA-256 and precision, into `$SAMCACHE_HOME/openvino/`; later runs
-compile the saved model in about a second. The converted files are written to a temporary
-folder and renamed, so a killed conversion leaves nothing half-written behind.
+per model type and weights SHA-256 (fp32 weights; the inference precision is chosen when
+compiling), into `$SAMCACHE_HOME/openvino/`; later runs compile the saved model in seconds.
+The converted files are written to a temporary folder and renamed, so a killed conversion
+leaves nothing half-written behind.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -54,8 +55,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 class TorchEncoder:
     """SAM's own encoder module, in inference mode, bf16 autocast when `precision` is bf16."""
 
-    name = "torch"
-
     def __init__(self, loaded: LoadedModel, device: torch.device, precision: str):
         self.module = loaded.sam.image_encoder.to(device).eval()
         self.device, self.precision = device, precision
@@ -75,12 +74,9 @@ class OpenVINOEncoder:
       say: where to report a conversion (a line at the start and one at the end).
     """
 
-    name = "openvino"
-
     def __init__(self, loaded: LoadedModel, precision: str, *, say: Callable[[str], None] = print):
         import openvino as ov
 
-        self.precision = precision
         xml = converted_path(loaded)
         if not xml.exists():
             _convert(loaded, xml, say)
@@ -134,9 +130,7 @@ class _Ticker:
 
     def __init__(self, say: Callable[[str], None], started: float, every: float = 30.0):
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = threading.Thread(
-            target=self._run, args=(say, started, every), daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, args=(say, started, every), daemon=True).start()
 
     def _run(self, say, started: float, every: float) -> None:
         while not self._stop.wait(every):
