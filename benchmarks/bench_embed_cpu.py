@@ -14,6 +14,13 @@ untimed warm-up image each:
                  start-up, model load, hashing, decoding, encoder, shard writes, all of it.
                  Its conversion to OpenVINO happens once, before the rounds (reported).
   samcache embed, workers 0   the same with --workers 0 (is the decoding process worth it?)
+  openvino script  benchmarks/openvino_user_script.py as a whole process per round: the
+                 same start-up a samcache command pays (Python, imports, compiling the saved
+                 model), then the loop, writing fp16 .npy files. Whole command against whole
+                 command: the fair comparison for samcache's row.
+
+The CPU's limit: a 4096-square bf16 (f32 without bf16) matmul on all cores, in torch and in
+OpenVINO (the faster counts), over vit_b's encoder cost, 0.972 TFLOP per image (FlopCounterMode).
 
 The loops keep features in memory and exclude model loading; samcache's figure includes its
 start-up, so it is the conservative side. Agreement: each method's embeddings against the fp32
@@ -49,6 +56,30 @@ from samcache.models import build_sam  # noqa: E402
 def samcache(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "samcache", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, env=env)
+
+
+def matmul_peak_tflops(bf16: bool, n: int = 4096, repeats: int = 5) -> dict:
+    """TFLOPS of an n-square matmul on all cores, torch and OpenVINO, bf16 where the CPU has it."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(n, n, dtype=dtype)
+    a @ a
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    result = {"torch": 2 * n**3 * repeats / (time.perf_counter() - started) / 1e12}
+    x, y = ops.parameter([n, n], np.float32), ops.parameter([n, n], np.float32)
+    request = ov.Core().compile_model(ov.Model([ops.matmul(x, y, False, False)], [x, y]), "CPU",
+                                      {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}).create_infer_request()
+    m = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    request.infer([m, m])
+    started = time.perf_counter()
+    for _ in range(repeats):
+        request.infer([m, m])
+    result["openvino"] = 2 * n**3 * repeats / (time.perf_counter() - started) / 1e12
+    return result
 
 
 def main() -> None:
@@ -91,6 +122,12 @@ def main() -> None:
     bf16 = cpu_has_native_bf16()
     compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"})
     request = compiled.create_infer_request()
+    user_xml = work / "user-encoder.xml"
+    if not user_xml.exists():
+        ov.save_model(ov_model, str(user_xml), compress_to_fp16=False)
+    peak = matmul_peak_tflops(bf16)
+    print(f"matmul peak ({'bf16' if bf16 else 'f32'}, 4096 square): torch {peak['torch']:.3f}, "
+          f"openvino {peak['openvino']:.3f} TFLOPS", flush=True)
 
     started = time.time()  # samcache's own one-off conversion, into its SAMCACHE_HOME
     warm = samcache("embed", work / "round0", "--out", work / "warm-cache", "--model", args.model,
@@ -127,6 +164,15 @@ def main() -> None:
         c = EmbeddingCache(cache)
         return {c.name_of(i).split("/")[-1]: c.embedding(i).astype(np.float32) for i in range(len(c))}
 
+    def openvino_script(paths):
+        folder = paths[0].parent
+        out = work / f"user-out-{folder.parent.name}"
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "openvino_user_script.py"), user_xml, folder, out,
+                        "bf16" if bf16 else "f32"], check=True, capture_output=True)
+        names = {p.stem: p.name for p in paths}
+        return {names[p.stem]: np.load(p).astype(np.float32) for p in out.iterdir()}
+
     methods = {
         "loop fp32": lambda paths: loop(paths, False),
         # Without bf16 instructions autocast emulates bf16 and only slows the loop down: not a rival there.
@@ -134,9 +180,11 @@ def main() -> None:
         f"openvino loop ({'bf16' if bf16 else 'f32'})": openvino_loop,
         "samcache embed (defaults)": lambda paths: samcache_embed(paths, []),
         "samcache embed --workers 0": lambda paths: samcache_embed(paths, ["--workers", "0"]),
+        "openvino script, whole process": openvino_script,
     }
-    for fn in list(methods.values())[:3]:
-        fn(rounds[0])  # warm-up
+    for name, fn in methods.items():
+        if not name.startswith("samcache"):  # samcache's warm-up was its conversion run above
+            fn(rounds[0])
     seconds = {name: [] for name in methods}
     outputs = {name: {} for name in methods}
     for r in range(1, args.rounds + 1):
@@ -163,6 +211,8 @@ def main() -> None:
                      "per_round": [args.images / s for s in seconds[name]], "min_cosine_vs_fp32": agreement(name)})
     ov_rate = next(r["images_per_s"] for r in rows if r["method"].startswith("openvino"))
     print(f"\nCPU: {cpu_description()}; {args.model}, {args.rounds} rounds of {args.images} images")
+    limit = max(peak.values()) / 0.972
+    print(f"CPU limit: {limit:.3f} images/s ({max(peak.values()):.3f} TFLOPS / 0.972 TFLOP per image)")
     print(f"one-off conversions: the user's ov.convert_model {user_conversion:.0f} s; samcache's first run "
           f"(conversion + 1 image) {samcache_first_run:.0f} s")
     print("| method | images/s | vs loop fp32 | vs OpenVINO loop | per round | min cosine vs fp32 loop |")
@@ -173,6 +223,7 @@ def main() -> None:
               f"{r['min_cosine_vs_fp32']:.6f} |")
     if args.out:
         args.out.write_text(json.dumps({"cpu": cpu_description(), "rows": rows, "user_conversion_s": user_conversion,
+                                        "matmul_peak_tflops": peak, "limit_images_per_s": limit,
                                         "samcache_first_run_s": samcache_first_run}, indent=2))
 
 

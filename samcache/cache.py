@@ -602,8 +602,9 @@ class EmbeddingCache:
             "weights_source": self.provenance.weights_source,
             "embedding_dtype": self.provenance.embedding_dtype,
             "embedding_shape": list(EMBEDDING_SHAPE),
-            "compute_precision": self.provenance.compute_precision,
-            "encoder_backend": self.provenance.encoder_backend,
+            # per image, from its shard: a cache extended later with another backend says so
+            "computed": {_text(m): int(n) for m, n in zip(*np.unique(self.tables.made_by[self._rows],
+                                                                      return_counts=True))},
             "intensity": self.provenance.intensity,
             "samcache_version": self.provenance.samcache_version,
             "shards": len(self.shards),
@@ -677,6 +678,7 @@ def _read_tables(f: h5py.File, shard: int) -> "cache_index.Tables":
         original_size=im["original_size"][()].astype(np.int32), input_size=im["input_size"][()].astype(np.int32),
         object_start=starts.astype(np.int64), object_count=counts.astype(np.int64),
         image_shard=np.full(n, shard, np.int32), image_row=np.arange(n, dtype=np.int64),
+        made_by=cache_index.as_bytes([_made_by(f)] * n) if n else np.zeros(0, "S1"),
         object_id=ob["object_id"][()].astype(np.int64), box=ob["box"][()].astype(np.float32),
         category=_read_bytes(ob["category"]), object_row=np.arange(len(rles), dtype=np.int64),
         failed_name=_read_bytes(fa["name"]), failed_path=_read_bytes(fa["path"]),
@@ -691,6 +693,12 @@ def _read_tables(f: h5py.File, shard: int) -> "cache_index.Tables":
     )
     _check_tables(f, tables, rles)
     return tables
+
+
+def _made_by(f: h5py.File) -> str:
+    """How a shard's embeddings were computed, from its provenance (checked on opening)."""
+    provenance = json.loads(f.attrs["provenance"])
+    return f"{provenance.get('compute_precision', 'fp32')} by {provenance.get('encoder_backend', 'torch')}"
 
 
 class _BadTable(ValueError):

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 INDEX_NAME = "index.npz"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: made_by
 
 # Record kinds, in the order a shard's records apply.
 _REMOVAL, _IMAGE, _FAILURE = 0, 1, 2
@@ -50,6 +50,7 @@ class Tables:
     object_count: np.ndarray
     image_shard: np.ndarray  # which shard (position in `shards`)
     image_row: np.ndarray  # row in that shard's images table (and embeddings)
+    made_by: np.ndarray  # the shard's "<compute_precision> by <encoder_backend>", e.g. b"bf16 by openvino"
     # objects: one row per object of those images
     object_id: np.ndarray
     box: np.ndarray  # (m, 4) float32
@@ -128,8 +129,8 @@ def empty_tables() -> Tables:
     return Tables(**values)
 
 
-_STRING_COLUMNS = {"name", "path", "sha256", "split", "annotations_sha256", "category", "failed_name", "failed_path",
-                   "failed_sha256", "failed_error", "removed_name", "removed_reason"}
+_STRING_COLUMNS = {"name", "path", "sha256", "split", "annotations_sha256", "made_by", "category", "failed_name",
+                   "failed_path", "failed_sha256", "failed_error", "removed_name", "removed_reason"}
 
 
 def as_bytes(values) -> np.ndarray:

@@ -73,6 +73,13 @@ def _process_group():
         distributed.shutdown()
 
 
+def _computed(counts: dict[str, int]) -> str:
+    """`info`'s "computed" (images per recipe) in words: "bf16 by openvino", or each with its count."""
+    if len(counts) <= 1:
+        return next(iter(counts), "nothing yet")
+    return ", ".join(f"{recipe} ({n} images)" for recipe, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def _warn_if_being_written(cache_dir: Path) -> None:
     """A reader of a cache that `samcache embed` is still adding to says so, and what it reads."""
     from samcache.cache import EmbeddingCache, is_cache
@@ -320,7 +327,7 @@ def info_cmd(cache_dir: Path, as_json: bool) -> None:
         click.echo(f"  split {split:<6} {counts['images']:>6} images {counts['objects']:>7} objects")
     click.echo(f"  model {info['model_type']}, weights SHA-256 {info['weights_sha256']}")
     click.echo(f"  embeddings {info['embedding_dtype']} {'x'.join(map(str, info['embedding_shape']))}, "
-               f"computed in {info['compute_precision']} by {info['encoder_backend']}, intensity {info['intensity']}")
+               f"computed in {_computed(info['computed'])}, intensity {info['intensity']}")
     click.echo(f"  {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, "
                f"{info['bytes_per_image'] / 2**20:.2f} MiB per image, "
                f"{info['shards']} shard(s), {info['superseded_records']} superseded record(s)")

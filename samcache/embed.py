@@ -33,12 +33,12 @@ from samcache.config import EmbedConfig
 from samcache.datasets import Dataset, ImageRecord
 from samcache.devices import resolve_device, resolve_precision
 from samcache.distributed import SINGLE, Distributed
-from samcache.encoders import OpenVINOEncoder, TorchEncoder, resolve_backend
+from samcache.encoders import open_encoder, resolve_backend
 from samcache.errors import CacheError, OutputError, SamcacheError
 from samcache.fileio import FileIdentity
 from samcache.images import read_image
 from samcache.locks import WriterLock
-from samcache.models import LoadedModel, load_sam
+from samcache.models import WeightsIdentity, identify_weights
 from samcache.preprocess import Preprocessing, batch_to_model_input, input_size, resize_image
 from samcache.progress import progress_bar
 
@@ -201,10 +201,12 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
     start = time.time()
     device = dist.device(resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
-    loaded = load_sam(config.model_type, config.checkpoint, random_init=config.random_init)
-    preprocessing = Preprocessing(image_size=loaded.sam.image_encoder.img_size)
+    # Only the weights' identity now: the model is built when there is something to encode, and
+    # not at all when the encoder was converted to OpenVINO before (encoders.py).
+    weights = identify_weights(config.model_type, config.checkpoint, random_init=config.random_init)
+    preprocessing = Preprocessing()
     backend = resolve_backend(config.backend, device)
-    provenance = _provenance(loaded, preprocessing, config, precision, backend)
+    provenance = _provenance(weights, preprocessing, config, precision, backend)
     existing = _open_cache(cache_dir, provenance, dist)
     pending, refresh, skipped, previously_failed = _plan(dataset.images, existing)
     pending, refresh = pending[dist.rank :: dist.world_size], refresh[dist.rank :: dist.world_size]
@@ -223,7 +225,7 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
             rotation.current().add(_entry(record, existing.file_of(index), existing.preview_bytes(index)),
                                    existing.embedding(index))
             rotation.maybe_commit()
-        embedded, failed = _run_encoder(loaded, backend, pending, rotation, config, device, precision, preprocessing,
+        embedded, failed = _run_encoder(weights, backend, pending, rotation, config, device, precision, preprocessing,
                                         dist)
         rotation.commit()
     except OSError as exc:
@@ -264,20 +266,20 @@ def _open_cache(cache_dir: Path, provenance: cache_store.Provenance, dist: Distr
     return cache_store.EmbeddingCache(cache_dir)
 
 
-def _provenance(loaded: LoadedModel, preprocessing: Preprocessing, config: EmbedConfig,
+def _provenance(weights: WeightsIdentity, preprocessing: Preprocessing, config: EmbedConfig,
                 precision: str, backend: str) -> cache_store.Provenance:
     return cache_store.Provenance(
-        model_type=loaded.model_type,
-        weights_sha256=loaded.weights_sha256,
+        model_type=weights.model_type,
+        weights_sha256=weights.weights_sha256,
         preprocessing=preprocessing.as_dict(),
         intensity=config.intensity,
         compute_precision=precision,
         encoder_backend=backend,
-        weights_source=loaded.weights_source,
+        weights_source=weights.weights_source,
     )
 
 
-def _run_encoder(loaded: LoadedModel, backend: str, pending: list[ImageRecord], rotation: "_ShardRotation",
+def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageRecord], rotation: "_ShardRotation",
                  config: EmbedConfig, device: torch.device, precision: str, preprocessing: Preprocessing,
                  dist: Distributed) -> tuple[int, int]:
     """Decodes `pending` in DataLoader workers and encodes them in batches into the rotation's
@@ -285,8 +287,7 @@ def _run_encoder(loaded: LoadedModel, backend: str, pending: list[ImageRecord], 
     if not pending:
         return 0, 0
     say = print if config.progress and dist.is_main else (lambda line: None)
-    encoder = (OpenVINOEncoder(loaded, precision, say=say) if backend == "openvino"
-               else TorchEncoder(loaded, device, precision))
+    encoder = open_encoder(weights, backend, device, precision, say=say)
     embedded, failed = 0, 0
     loader = DataLoader(
         _DecodeImages(pending, config.intensity, preprocessing.image_size),

@@ -28,14 +28,17 @@ import urllib.request
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from samcache.errors import CheckpointError
 from samcache.fileio import sha256_file
 from samcache.progress import progress_bar
+
+if TYPE_CHECKING:  # segment_anything imports torchvision (a second or more): only where a model is built
+    from segment_anything.modeling import Sam
+
 from samcache.specs import (
     EMBEDDING_SIZE,
     ENCODER_SPECS,
@@ -82,6 +85,8 @@ def samcache_home() -> Path:
 
 def build_sam(model_type: str) -> Sam:
     """Builds an untrained SAM of `model_type` with segment_anything's modules (eval mode, CPU)."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
     spec = _spec(model_type)
     sam = Sam(
         image_encoder=ImageEncoderViT(
@@ -142,6 +147,62 @@ def tiny_pretrained_available() -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class WeightsIdentity:
+    """Which weights a command will use, found and hashed without building the model.
+
+    `samcache embed` needs only this when its encoder was converted to OpenVINO before
+    (encoders.py): then SAM is never built, and segment_anything is never imported.
+
+    Arguments:
+      model_type: one of specs.MODEL_TYPES.
+      weights_sha256: as in LoadedModel.
+      weights_source: as in LoadedModel.
+      path: the weights file, or None for tiny's random weights.
+      seed: the seed of tiny's random weights (path None).
+    """
+
+    model_type: str
+    weights_sha256: str
+    weights_source: str
+    path: Optional[Path]
+    seed: int = 0
+
+
+def identify_weights(
+    model_type: str,
+    checkpoint: Optional[str | Path] = None,
+    *,
+    seed: int = 0,
+    download: bool = True,
+    random_init: bool = False,
+) -> WeightsIdentity:
+    """The weights `load_sam` would load with the same arguments (see there), and their SHA-256."""
+    _spec(model_type)
+    if random_init and (model_type != "tiny" or checkpoint is not None):
+        raise CheckpointError("random_init applies to the tiny model without a checkpoint only")
+    if model_type == "tiny" and checkpoint is None:
+        if random_init or not tiny_pretrained_available():
+            digest = state_dict_sha256(build_tiny(seed).state_dict())  # tiny: built in milliseconds
+            return WeightsIdentity("tiny", digest, f"tiny random init (seed {seed})", None, seed)
+        if seed != 0:  # a seed only picks random weights: say so rather than ignore it
+            raise CheckpointError(f"seed={seed} selects tiny's random weights; pass random_init=True for them")
+        return WeightsIdentity("tiny", TINY_PRETRAINED_SHA256, str(TINY_PRETRAINED), TINY_PRETRAINED)
+    path = resolve_checkpoint(model_type, checkpoint, download=download)
+    # The absolute path: caches record it, and later commands find the file again from anywhere.
+    return WeightsIdentity(model_type, file_sha256_cached(path), str(path.resolve()), path)
+
+
+def load_identified(weights: WeightsIdentity) -> LoadedModel:
+    """Builds the model of `weights` and loads them (strict keys, no pickled code)."""
+    if weights.path is None:
+        sam = build_tiny(weights.seed)
+    else:
+        sam = build_sam(weights.model_type)
+        load_weights_into(sam, read_state_dict(weights.path), model_type=weights.model_type, source=weights.path)
+    return LoadedModel(sam, weights.model_type, weights.weights_sha256, weights.weights_source)
+
+
 def load_sam(
     model_type: str,
     checkpoint: Optional[str | Path] = None,
@@ -163,23 +224,8 @@ def load_sam(
       random_init: tiny only: the random weights of `build_tiny(seed)`, even when the pretrained
         ones are installed.
     """
-    _spec(model_type)
-    if random_init and (model_type != "tiny" or checkpoint is not None):
-        raise CheckpointError("random_init applies to the tiny model without a checkpoint only")
-    if model_type == "tiny" and checkpoint is None:
-        if random_init or not tiny_pretrained_available():
-            sam = build_tiny(seed)
-            return LoadedModel(sam, "tiny", state_dict_sha256(sam.state_dict()), f"tiny random init (seed {seed})")
-        if seed != 0:  # a seed only picks random weights: say so rather than ignore it
-            raise CheckpointError(f"seed={seed} selects tiny's random weights; pass random_init=True for them")
-        sam = build_sam("tiny")
-        load_weights_into(sam, read_state_dict(TINY_PRETRAINED), model_type="tiny", source=TINY_PRETRAINED)
-        return LoadedModel(sam, "tiny", TINY_PRETRAINED_SHA256, str(TINY_PRETRAINED))
-    path = resolve_checkpoint(model_type, checkpoint, download=download)
-    sam = build_sam(model_type)
-    load_weights_into(sam, read_state_dict(path), model_type=model_type, source=path)
-    # The absolute path: caches record it, and later commands find the file again from anywhere.
-    return LoadedModel(sam, model_type, file_sha256_cached(path), str(path.resolve()))
+    return load_identified(identify_weights(model_type, checkpoint, seed=seed, download=download,
+                                            random_init=random_init))
 
 
 def resolve_checkpoint(model_type: str, checkpoint: Optional[str | Path], *, download: bool = True) -> Path:

@@ -5,8 +5,10 @@
 mean, divide by the std, and pad bottom-right with zeros to a square. samcache does exactly
 that, in two steps:
 
-- `resize_image` (per image, in a worker process): uint8 in, uint8 out, using
-  segment_anything's own `ResizeLongestSide`, so the pixels are the predictor's by construction.
+- `resize_image` (per image, in a worker process): uint8 in, uint8 out, the same PIL bilinear
+  resize to the same size as `ResizeLongestSide` (tests/test_preprocess.py holds them equal pixel
+  for pixel). It calls PIL itself because importing segment_anything's transforms imports
+  torchvision, which costs `samcache embed` over a second of start-up for one function.
 - `batch_to_model_input` (per batch, on the encoder's device): normalize, then pad. The pad
   happens after normalization, as in `Sam.preprocess`, so padded pixels are 0, not -mean/std.
 
@@ -21,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from segment_anything.utils.transforms import ResizeLongestSide
+from PIL import Image
 
 from samcache.specs import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
 
@@ -47,15 +49,20 @@ class Preprocessing:
 
 
 def input_size(original_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> tuple[int, int]:
-    """(h, w) of the image after resizing its longest side to `image_size`, before padding."""
-    return ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], image_size)
+    """(h, w) of the image after resizing its longest side to `image_size`, before padding.
+
+    Rounded half up, as `ResizeLongestSide.get_preprocess_shape` does.
+    """
+    scale = image_size / max(original_size)
+    return int(original_size[0] * scale + 0.5), int(original_size[1] * scale + 0.5)
 
 
 def resize_image(image: np.ndarray, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """RGB uint8 (H, W, 3) -> RGB uint8 (h, w, 3) with max(h, w) == image_size, as SamPredictor does."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
-    return ResizeLongestSide(image_size).apply_image(image)
+    h, w = input_size(image.shape[:2], image_size)
+    return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))  # writable, for torch.from_numpy
 
 
 def batch_to_model_input(
@@ -81,9 +88,14 @@ def batch_to_model_input(
 
 def transform_coords(coords: np.ndarray, original_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> np.ndarray:
     """Point coordinates (..., 2) as (x, y) in original pixels -> the encoder's input frame."""
-    return ResizeLongestSide(image_size).apply_coords(np.asarray(coords, dtype=np.float64), original_size)
+    coords = np.array(coords, dtype=np.float64)
+    h, w = input_size(original_size, image_size)
+    coords[..., 0] *= w / original_size[1]
+    coords[..., 1] *= h / original_size[0]
+    return coords
 
 
 def transform_boxes(boxes: np.ndarray, original_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> np.ndarray:
     """Boxes (N, 4) XYXY in original pixels -> the encoder's input frame."""
-    return ResizeLongestSide(image_size).apply_boxes(np.asarray(boxes, dtype=np.float64), original_size)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    return transform_coords(boxes.reshape(-1, 2, 2), original_size, image_size).reshape(-1, 4)

@@ -31,6 +31,21 @@ def test_same_encoder_input_and_features_as_sampredictor(tiny, shape):
     assert torch.allclose(features, predictor.features, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(300, 500), (777, 333), (1023, 1), (1, 999), (2048, 1365), (1365, 2048),
+                                   (513, 1025)])
+def test_resize_equals_resize_longest_side_pixel_for_pixel(shape):
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    reference = ResizeLongestSide(1024)
+    assert input_size(shape) == reference.get_preprocess_shape(*shape, 1024)
+    np.testing.assert_array_equal(resize_image(image), reference.apply_image(image))
+    points = np.array([[0.0, 0.0], [shape[1] - 0.5, shape[0] / 3]])
+    np.testing.assert_array_equal(transform_coords(points, shape), reference.apply_coords(points, shape))
+    boxes = np.array([[1.0, 2.0, shape[1], shape[0]]])
+    np.testing.assert_array_equal(transform_boxes(boxes, shape), reference.apply_boxes(boxes, shape))
+
+
 def test_batch_of_mixed_sizes_equals_one_by_one(tiny):
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(200, 300), (400, 100)]]

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Every GPU figure of BENCHMARKS.md in one command (issue 13.4), on the first CUDA device:
+# vit_b bf16 encoder images/s at batch 1..32 (eager and torch.compile) with peak memory,
+# `samcache embed` and `samcache train` on 512 stamp pages. Writes BENCHMARKS.md's GPU table
+# and benchmarks/gpu-results.json. Needs the README's install (`make install`) and a GPU.
+#   bash benchmarks/gpu.sh            # about 10 minutes on one H100/H200
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+"$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this benchmark needs a GPU")'
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+exec "$PY" benchmarks/bench_gpu.py --device cuda --write-benchmarks --json benchmarks/gpu-results.json "$@"
