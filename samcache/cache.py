@@ -84,6 +84,11 @@ class Provenance:
     # These must agree for two sets of embeddings to be one dataset.
     COMPARED = ("model_type", "weights_sha256", "preprocessing", "intensity", "embedding_dtype")
 
+    @property
+    def made_by(self) -> str:
+        """How the embeddings were computed, in words: "bf16 by openvino" (the index's made_by column)."""
+        return f"{self.compute_precision} by {self.encoder_backend}"
+
     def mismatch(self, other: "Provenance") -> Optional[str]:
         for key in self.COMPARED:
             if getattr(self, key) != getattr(other, key):
@@ -464,8 +469,8 @@ class EmbeddingCache:
             path = self.shards[i]
             try:
                 with h5py.File(path, "r") as f:
-                    self._check_shard_provenance(f, path)
-                    parts.append(_read_tables(f, int(i)))
+                    shard = self._check_shard_provenance(f, path)
+                    parts.append(_read_tables(f, int(i), made_by=shard.made_by))
             except _BadTable as exc:
                 raise CacheError(f"shard {path} holds bad values: {exc}; take it out of shards/ (its images "
                                  "will be embedded again by `samcache embed`)") from exc
@@ -479,8 +484,8 @@ class EmbeddingCache:
                            cache_index.to_bytes([p.name for p in self.shards], self._shard_stat, self.tables))
         self.shards_outside_index = 0
 
-    def _check_shard_provenance(self, f: h5py.File, path: Path) -> None:
-        """Refuses a shard that another recipe made (copied in from another cache, say)."""
+    def _check_shard_provenance(self, f: h5py.File, path: Path) -> Provenance:
+        """The shard's provenance; refuses a shard that another recipe made (copied in from another cache, say)."""
         try:
             shard = provenance_from_dict(json.loads(f.attrs["provenance"]), source=path)
         except (KeyError, ValueError) as exc:
@@ -490,6 +495,7 @@ class EmbeddingCache:
         if differ:
             raise CacheError(f"shard {path} was made with other settings than this cache ({'; '.join(differ)}): "
                              "it does not belong here; move it out of the shards folder")
+        return shard
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -663,8 +669,8 @@ def refresh_index(cache_dir: Path, *, at_least: int = 1) -> None:
         cache.save_index()
 
 
-def _read_tables(f: h5py.File, shard: int) -> "cache_index.Tables":
-    """One shard's tables as columns, checked."""
+def _read_tables(f: h5py.File, shard: int, *, made_by: str) -> "cache_index.Tables":
+    """One shard's tables as columns, checked; `made_by` is its provenance's."""
     im, ob, fa = f["images"], f["objects"], f["failed"]
     names = _read_bytes(im["name"])
     n = len(names)
@@ -678,7 +684,7 @@ def _read_tables(f: h5py.File, shard: int) -> "cache_index.Tables":
         original_size=im["original_size"][()].astype(np.int32), input_size=im["input_size"][()].astype(np.int32),
         object_start=starts.astype(np.int64), object_count=counts.astype(np.int64),
         image_shard=np.full(n, shard, np.int32), image_row=np.arange(n, dtype=np.int64),
-        made_by=cache_index.as_bytes([_made_by(f)] * n) if n else np.zeros(0, "S1"),
+        made_by=cache_index.as_bytes([made_by] * n) if n else np.zeros(0, "S1"),
         object_id=ob["object_id"][()].astype(np.int64), box=ob["box"][()].astype(np.float32),
         category=_read_bytes(ob["category"]), object_row=np.arange(len(rles), dtype=np.int64),
         failed_name=_read_bytes(fa["name"]), failed_path=_read_bytes(fa["path"]),
@@ -693,12 +699,6 @@ def _read_tables(f: h5py.File, shard: int) -> "cache_index.Tables":
     )
     _check_tables(f, tables, rles)
     return tables
-
-
-def _made_by(f: h5py.File) -> str:
-    """How a shard's embeddings were computed, from its provenance (checked on opening)."""
-    provenance = json.loads(f.attrs["provenance"])
-    return f"{provenance.get('compute_precision', 'fp32')} by {provenance.get('encoder_backend', 'torch')}"
 
 
 class _BadTable(ValueError):

@@ -50,7 +50,7 @@ class Tables:
     object_count: np.ndarray
     image_shard: np.ndarray  # which shard (position in `shards`)
     image_row: np.ndarray  # row in that shard's images table (and embeddings)
-    made_by: np.ndarray  # the shard's "<compute_precision> by <encoder_backend>", e.g. b"bf16 by openvino"
+    made_by: np.ndarray  # the shard's Provenance.made_by, e.g. b"bf16 by openvino"
     # objects: one row per object of those images
     object_id: np.ndarray
     box: np.ndarray  # (m, 4) float32

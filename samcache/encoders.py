@@ -86,14 +86,12 @@ class OpenVINOEncoder:
       say: where to report a conversion (a line at the start and one at the end).
     """
 
-    def __init__(self, weights: WeightsIdentity | LoadedModel, precision: str, *,
-                 say: Callable[[str], None] = print):
+    def __init__(self, weights: WeightsIdentity, precision: str, *, say: Callable[[str], None] = print):
         import openvino as ov
 
         xml = converted_path(weights)
         if not xml.exists():
-            loaded = weights if isinstance(weights, LoadedModel) else load_identified(weights)
-            _convert(loaded, xml, say)
+            _convert(load_identified(weights), xml, say)
         core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
@@ -107,7 +105,7 @@ class OpenVINOEncoder:
         return np.concatenate([self.request.infer([inputs[i : i + 1]])[0].copy() for i in range(len(inputs))])
 
 
-def converted_path(weights: WeightsIdentity | LoadedModel) -> Path:
+def converted_path(weights: WeightsIdentity) -> Path:
     """Where the OpenVINO model of these weights lives (`.xml`, with its `.bin` beside it)."""
     folder = samcache_home() / "openvino"
     return folder / f"{weights.model_type}-{weights.weights_sha256[:16]}-encoder.xml"

@@ -35,10 +35,6 @@ import torch
 from samcache.errors import CheckpointError
 from samcache.fileio import sha256_file
 from samcache.progress import progress_bar
-
-if TYPE_CHECKING:  # segment_anything imports torchvision (a second or more): only where a model is built
-    from segment_anything.modeling import Sam
-
 from samcache.specs import (
     EMBEDDING_SIZE,
     ENCODER_SPECS,
@@ -52,6 +48,9 @@ from samcache.specs import (
     EncoderSpec,
     OfficialWeights,
 )
+
+if TYPE_CHECKING:  # segment_anything imports torchvision (a second or more): only where a model is built
+    from segment_anything.modeling import Sam
 
 # samcache's own tiny weights, pretrained on synthetic shapes (scripts/pretrain_tiny.py), shipped
 # in the package. The SHA-256 pins the exact file; a file that differs is refused, never used.

@@ -12,7 +12,7 @@ from samcache.cache import EmbeddingCache
 from samcache.cli import main
 from samcache.encoders import OpenVINOEncoder, TorchEncoder, converted_path, resolve_backend
 from samcache.errors import SamcacheError
-from samcache.models import identify_weights, load_identified, load_sam
+from samcache.models import identify_weights, load_identified
 from tests.helpers import EMBED_FLAGS
 
 
@@ -26,8 +26,8 @@ def test_openvino_equals_the_stock_encoder_and_converts_once(tmp_path, monkeypat
     said: list[str] = []
     encoder = OpenVINOEncoder(weights, "fp32", say=said.append)
     loaded = load_identified(weights)
-    assert converted_path(loaded).is_file() and converted_path(loaded).parent == tmp_path / "home" / "openvino"
-    assert loaded.weights_sha256[:16] in converted_path(loaded).name
+    assert converted_path(weights).is_file() and converted_path(weights).parent == tmp_path / "home" / "openvino"
+    assert weights.weights_sha256[:16] in converted_path(weights).name
     assert any("converting the tiny image encoder" in line for line in said) and "converted in" in said[-1]
 
     batch = torch.randn(2, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
@@ -40,8 +40,8 @@ def test_openvino_equals_the_stock_encoder_and_converts_once(tmp_path, monkeypat
     again: list[str] = []
     OpenVINOEncoder(identify_weights("tiny"), "fp32", say=again.append)
     assert again == []  # the saved model is compiled, not converted again
-    other = load_sam("tiny", random_init=True)  # other weights, another file
-    assert converted_path(other) != converted_path(loaded)
+    other = identify_weights("tiny", random_init=True)  # other weights, another file
+    assert converted_path(other) != converted_path(weights)
 
 
 def test_embed_with_a_converted_encoder_never_builds_the_torch_model(stamps, tmp_path):
