@@ -90,8 +90,11 @@ class EmbedConfig(_Options):
     backend: Literal[ENCODER_BACKENDS] = "auto"
     """Who runs the encoder: auto (OpenVINO on the CPU, converted once per weights into
     $SAMCACHE_HOME; torch on CUDA), torch or openvino."""
-    workers: Annotated[Int, Field(ge=0)] = 2
-    """Processes decoding images while the encoder runs (0: in the main process)."""
+    workers: Optional[Annotated[Int, Field(ge=0)]] = None
+    """Processes decoding images while the encoder runs (0: in the main process). Unset: 2 on
+    CUDA, where the CPU is otherwise idle; 0 on the CPU, where the encoder already uses every
+    core and workers only compete with it (2 workers measured 0.83x of none on a 2-core EPYC
+    with bf16, equal on an AVX2 one: BENCHMARKS.md)."""
     strict: bool = False
     """Stop at the first image that fails to decode (after committing what is done)."""
     intensity: Literal[INTENSITY_MODES] = "percentile"

@@ -1,7 +1,8 @@
 """Stage one: run the image encoder once per image and commit the embeddings to the cache.
 
-DataLoader workers decode and resize images (and hash their files) while the main process
-runs the encoder (encoders.py): OpenVINO on the CPU, torch with bf16 autocast on CUDA, by default.
+Images are decoded, resized and hashed (on CUDA in DataLoader workers, while the encoder runs;
+on the CPU in the main process, between images: there the encoder uses every core) and encoded
+by encoders.py: OpenVINO on the CPU, torch with bf16 autocast on CUDA, by default.
 Results go into shards of the cache (see cache.py), committed every `shard_images` images or
 `shard_seconds` seconds, whichever comes first: that is all a crash can lose.
 
@@ -279,6 +280,13 @@ def _provenance(weights: WeightsIdentity, preprocessing: Preprocessing, config: 
     )
 
 
+def decoding_workers(config: EmbedConfig, device: torch.device) -> int:
+    """`config.workers`, or its default for the device (see EmbedConfig.workers)."""
+    if config.workers is not None:
+        return config.workers
+    return 2 if device.type == "cuda" else 0
+
+
 def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageRecord], rotation: "_ShardRotation",
                  config: EmbedConfig, device: torch.device, precision: str, preprocessing: Preprocessing,
                  dist: Distributed) -> tuple[int, int]:
@@ -291,7 +299,8 @@ def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageReco
     embedded, failed = 0, 0
     loader = DataLoader(
         _DecodeImages(pending, config.intensity, preprocessing.image_size),
-        batch_size=config.batch_size or (8 if device.type == "cuda" else 1), num_workers=config.workers,
+        batch_size=config.batch_size or (8 if device.type == "cuda" else 1),
+        num_workers=decoding_workers(config, device),
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )

@@ -17,7 +17,7 @@ from samcache.cache import EmbeddingCache
 from samcache.cli import main
 from samcache.config import EmbedConfig
 from samcache.datasets import load_dataset
-from samcache.embed import embed_dataset
+from samcache.embed import decoding_workers, embed_dataset
 from samcache.errors import CacheError
 from samcache.fileio import FileIdentity
 from samcache.images import read_image
@@ -219,6 +219,14 @@ def test_workers_give_the_same_cache(stamps, stamps_cache, tmp_path):
     assert [i.name for i in a.images] == [i.name for i in b.images]
     for i in range(len(a)):
         np.testing.assert_array_equal(a.embedding(i), b.embedding(i))
+
+
+def test_decoding_workers_default_to_none_on_the_cpu_and_two_on_cuda():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decoding_workers(EmbedConfig(), cpu) == 0  # the encoder already uses every core
+    assert decoding_workers(EmbedConfig(), cuda) == 2  # the CPU is free to decode while the GPU encodes
+    assert decoding_workers(EmbedConfig(workers=3), cpu) == 3
+    assert decoding_workers(EmbedConfig(workers=0), cuda) == 0
 
 
 def test_fp16_overflow_is_an_error(tmp_path):

@@ -357,11 +357,13 @@ def test_it_learns_on_a_small_stamps_cache(tmp_path):
     # fp32 embeddings: the same trajectory on CPUs with and without native bf16.
     embed_dataset(load_dataset(data), tmp_path / "cache",
                   EmbedConfig(workers=0, progress=False, precision="fp32", random_init=True, backend="torch"))
-    config = TrainConfig(epochs=12, batch_size=2, objects_per_image=4, lr=1e-3, loss="dice-bce", workers=0,
+    # 20 epochs: learning from random weights starts slowly, and how the pages are drawn moves it (12 epochs
+    # reached about 0.2 in an earlier environment, 0.096 with constraints.txt's opencv 5.1, same seed).
+    config = TrainConfig(epochs=20, batch_size=2, objects_per_image=4, lr=1e-3, loss="dice-bce", workers=0,
                          warmup_steps=5, save_every=None)
     result = train(tmp_path / "cache", tmp_path / "run", config, progress=False)
     assert result.val_miou_start < 0.1
-    # Seen here: 0.045 before, about 0.2 at best within 12 epochs (and 0.44 after 8 epochs on the 60-page demo set).
+    # Seen here (opencv 5.1): 0.029 before, 0.12 after 10 epochs, 0.29 after 20.
     assert result.val_miou_best > result.val_miou_start + 0.1, result.history
     assert result.val_miou_best > 3 * result.val_miou_start, result.history
 
