@@ -124,7 +124,7 @@ def config_option(flag: str, model: type[BaseModel], path: str, *, default_in_he
         if default_in_help:
             options["help"] = f"{help_text} [default: {_shown(default)}]"
         elif default is not None:
-            options.update(default=default, show_default=True)
+            options.update(default=_shown(default) if isinstance(default, list) else default, show_default=True)
     options.update(kwargs)
     return click.option(flag, path.replace(".", "__"), **options)
 
@@ -424,7 +424,8 @@ def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, **optio
 
 # ----------------------------------------------------------------------- eval, export, predict
 EVAL_FLAGS = {
-    "split": "--split", "prompt": "--prompt", "box_jitter": "--box-jitter", "seed": "--seed", "weights": "--weights",
+    "split": "--split", "prompt": "--prompt", "clicks": "--clicks", "box_jitter": "--box-jitter", "seed": "--seed",
+    "weights": "--weights",
     "device": "--device", "checkpoint": "--checkpoint",
 }
 
@@ -494,6 +495,9 @@ def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint
 @click.option("--model", "model_type", type=click.Choice(MODEL_TYPES),
               help="Model type of --checkpoint (default: from its .json metadata).")
 @click.option("--box", help="x0,y0,x1,y1 in pixels, for every image.")
+@click.option("--point", "points", multiple=True,
+              help="x,y[,label] in pixels (label 1 inside the object, the default; 0 outside), for every image; "
+                   "repeat it for more points; with --box, one prompt of the box and the points.")
 @click.option("--boxes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="COCO JSON whose bbox annotations are the prompts (matched by file name).")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
@@ -501,21 +505,22 @@ def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--device", type=click.Choice(DEVICES), default=DEVICES[0], show_default=True)
 @click.option("--overwrite", is_flag=True, help="Write into --out even when it holds earlier predictions.")
-def predict_cmd(images, run_dir, checkpoint, model_type, box, boxes, cache_dir, out_dir: Path, device: str,
+def predict_cmd(images, run_dir, checkpoint, model_type, box, points, boxes, cache_dir, out_dir: Path, device: str,
                 overwrite: bool) -> None:
-    """Predict masks for IMAGES from box prompts: PNG masks, overlays and COCO RLE JSON.
+    """Predict masks for IMAGES from box and point prompts: PNG masks, overlays and COCO RLE JSON.
 
     \b
     Example:
       samcache predict page.jpg --run runs/stamps --box 100,200,400,500 --out predictions/
+      samcache predict page.jpg --run runs/stamps --box 100,200,400,500 --point 250,350 --point 120,210,0 --out p/
       samcache predict scans/*.jpg --checkpoint sam_stamps.pth --boxes boxes.json --out predictions/
     """
     from samcache import predict as predict_module
 
     if (run_dir is None) == (checkpoint is None):
         raise click.UsageError("give either --run or --checkpoint")
-    if (box is None) == (boxes is None):
-        raise click.UsageError("give either --box or --boxes")
+    if (box is None and not points) == (boxes is None):
+        raise click.UsageError("give either --box and/or --point, or --boxes")
     if run_dir is not None:
         from samcache.runs import RunFolder
 
@@ -527,6 +532,7 @@ def predict_cmd(images, run_dir, checkpoint, model_type, box, boxes, cache_dir, 
     result = predict_module.predict_images(
         predictor, list(images), out_dir,
         box=predict_module.parse_box(box) if box else None,
+        points=[predict_module.parse_point(p) for p in points] or None,
         boxes_by_name=predict_module.boxes_from_coco(boxes) if boxes else None,
         cache_dir=cache_dir, device=device, overwrite=overwrite,
     )

@@ -39,7 +39,7 @@ from samcache.specs import MODEL_TYPES
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENCODER_BACKENDS = ("auto", "torch", "openvino")
-PROMPT_MODES = ("box", "point", "mixed")
+PROMPT_MODES = ("box", "point", "mixed", "box+points")
 EVAL_PROMPTS = ("box", "point")
 LOSSES = ("sam", "dice-bce", "mse-threshold")
 TRAINABLE = ("mask_decoder", "prompt_encoder")
@@ -114,7 +114,8 @@ class PromptSettings(_Options):
     model_config = ConfigDict(frozen=True)
 
     mode: Literal[PROMPT_MODES] = "box"
-    """Training prompts: box, point, or mixed (a point prompt with probability point_ratio)."""
+    """Training prompts: box, point, mixed (a point prompt with probability point_ratio), or
+    box+points (the jittered box and the points in one prompt, as SamPredictor takes both)."""
     box_jitter: Annotated[Float, Field(ge=0, le=1)] = 0.1
     """Each box side moves by up to this fraction of the box's width or height..."""
     box_jitter_max: Annotated[Float, Field(ge=0)] = 20.0
@@ -134,7 +135,7 @@ class PromptSettings(_Options):
         return self
 
 
-def _trainable_list(value: Any) -> Any:
+def _comma_list(value: Any) -> Any:
     # `train: mask_decoder` (YAML) and `--train mask_decoder,prompt_encoder` (CLI) are lists too.
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -171,7 +172,7 @@ class TrainConfig(_Options):
     """How training prompts are drawn (mode, box jitter, points)."""
     loss: Literal[LOSSES] = "sam"
     """sam (20 focal + dice + IoU MSE), dice-bce, or mse-threshold (the tutorial's, for comparison)."""
-    train: Annotated[list[Literal[TRAINABLE]], BeforeValidator(_trainable_list), Field(min_length=1)] = [
+    train: Annotated[list[Literal[TRAINABLE]], BeforeValidator(_comma_list), Field(min_length=1)] = [
         "mask_decoder"]
     """What is trainable: mask_decoder and/or prompt_encoder."""
     train_split: str = TRAIN_SPLIT
@@ -237,12 +238,16 @@ class EvalConfig(_Options):
 
     split: str = TEST_SPLIT
     """Cache split to score."""
-    prompt: Literal[EVAL_PROMPTS] = "box"
-    """box: each object's exact box; point: its most interior point."""
+    prompt: Annotated[list[Literal[EVAL_PROMPTS]], BeforeValidator(_comma_list), Field(min_length=1)] = ["box"]
+    """box: each object's exact box; point: its most interior point; several, comma-separated
+    (box,point), score every model with each kind (the first kind leads the report)."""
     box_jitter: Annotated[Float, Field(ge=0, le=1)] = 0.0
     """Move box sides by up to this fraction (at most 20 px), seeded; 0 keeps exact boxes."""
     seed: Annotated[Int, Field(ge=0)] = 0
     """Seeds the box jitter and the random overlay picks."""
+    clicks: Annotated[Int, Field(ge=0, le=100)] = 0
+    """Also run the click protocol with this many clicks per object (clicks.py): mIoU after each
+    click and the clicks needed for IoU 0.85 / 0.90 (NoC), for each model; 0: not run."""
     weights: Literal[RUN_WEIGHTS] = "best"
     """Which checkpoint of the run: best or last."""
     batch_size: Annotated[Int, Field(ge=1)] = 4
@@ -253,6 +258,12 @@ class EvalConfig(_Options):
     """Base weights file, when not samcache's tiny or the official weights."""
     overlays: Annotated[Int, Field(ge=0)] = 6
     """Objects per overlay figure (worst, best, random)."""
+
+    @model_validator(mode="after")
+    def _unique_prompts(self) -> "EvalConfig":
+        if len(set(self.prompt)) != len(self.prompt):
+            raise ValueError(f"prompt names a kind twice: {','.join(self.prompt)}")
+        return self
 
 
 # --------------------------------------------------------------------------------- parsing

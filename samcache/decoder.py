@@ -14,9 +14,10 @@ prompts. Those are 3 of the ~13 image-sized matmuls (4096 x 256 x 128 multiply-a
 upscaling counted in the same units) of a prompt's forward pass; the rest follows the stock
 modules exactly (tested against `MaskDecoder.predict_masks`).
 
-Box prompts use the single-mask output (SamPredictor's `multimask_output=False`); point
-prompts use the three multimask outputs, as SAM was trained: the loss takes the best of the
-three, and inference (inference.py) the one with the highest predicted IoU.
+A single point alone is ambiguous: it uses the three multimask outputs, as SAM was trained (the
+loss takes the best of the three, inference (inference.py) the one with the highest predicted
+IoU). Every other prompt (a box, a box with points, several points) uses the single-mask output,
+SamPredictor's `multimask_output=False`.
 """
 
 from __future__ import annotations
@@ -93,26 +94,29 @@ def decode(
 ) -> DecoderOutput:
     """Encodes the prompts and decodes all four masks for each of them.
 
-    Box and point prompts have different numbers of sparse tokens, so each kind is decoded in
-    its own batched call; the results come back in the prompts' order.
+    Prompts with different numbers of sparse tokens (with or without a box; how many points)
+    are decoded in separate batched calls, each with exactly its real points, as SamPredictor
+    is called; the results come back in the prompts' order.
     """
     n = len(prompts)
     logits = image_embeddings.new_empty((n, MASK_OUTPUTS, LOW_RES_SIZE, LOW_RES_SIZE))
     iou_pred = image_embeddings.new_empty((n, MASK_OUTPUTS))
     image_pe = prompt_encoder.get_dense_pe()
-    for is_box in (True, False):
-        select = (prompts.is_box == is_box).nonzero().squeeze(1)
-        if select.numel() == 0:
-            continue
-        if is_box:
-            sparse, dense = prompt_encoder(points=None, boxes=prompts.boxes[select], masks=None)
-        else:
-            sparse, dense = prompt_encoder(
-                points=(prompts.points[select], prompts.labels[select]), boxes=None, masks=None
-            )
+    n_points = prompts.n_points
+    shapes = torch.stack([prompts.is_box.long(), n_points], dim=1)
+    if prompts.masks is None and bool((~prompts.is_box & (n_points == 0)).any()):
+        raise ValueError("a prompt needs a box, a point or a mask")
+    for has_box, k in torch.unique(shapes, dim=0).tolist():
+        select = ((prompts.is_box == bool(has_box)) & (n_points == k)).nonzero().squeeze(1)
+        sparse, dense = prompt_encoder(
+            points=(prompts.points[select, :k], prompts.labels[select, :k]) if k else None,
+            boxes=prompts.boxes[select] if has_box else None,
+            masks=None if prompts.masks is None else prompts.masks[select].unsqueeze(1),
+        )
         out = predict_masks_batched(
             mask_decoder, image_embeddings, prompts.batch_row[select], image_pe, sparse, dense,
-            shared_dense=True,  # no mask prompts: the prompt encoder's no-mask embedding for all
+            # without mask prompts every prompt's dense embedding is the prompt encoder's no-mask one
+            shared_dense=prompts.masks is None,
         )
         logits = logits.index_copy(0, select, out.logits.to(logits.dtype))
         iou_pred = iou_pred.index_copy(0, select, out.iou_pred.to(iou_pred.dtype))
@@ -185,8 +189,10 @@ class LossParts:
     train_iou: torch.Tensor
 
 
-def compute_loss(output: DecoderOutput, targets: torch.Tensor, is_box: torch.Tensor, kind: str = "sam") -> LossParts:
-    """The training loss for N prompts with (N, 256, 256) low-res targets in [0, 1].
+def compute_loss(output: DecoderOutput, targets: torch.Tensor, multimask: torch.Tensor,
+                 kind: str = "sam") -> LossParts:
+    """The training loss for N prompts with (N, 256, 256) low-res targets in [0, 1]; `multimask`
+    (PromptBatch.multimask) marks the prompts whose three multimask outputs compete.
 
     `sam`: 20 x focal + 1 x dice on the mask logits, plus the MSE between the IoU head and
     the real IoU of the chosen mask (SAM's recipe, for decoders that start pretrained).
@@ -199,7 +205,7 @@ def compute_loss(output: DecoderOutput, targets: torch.Tensor, is_box: torch.Ten
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
     logits = output.logits.float()
-    if bool(is_box.all()):  # the common case: only the single-mask output can be chosen
+    if not bool(multimask.any()):  # the common case: only the single-mask output can be chosen
         logits = logits[:, :1]
     expanded = targets.unsqueeze(1).expand_as(logits)
     if kind == "sam":
@@ -215,12 +221,12 @@ def compute_loss(output: DecoderOutput, targets: torch.Tensor, is_box: torch.Ten
         # The tutorial normalizes its (1, 1, H, W) mask over the channel axis: each mask on its own.
         thresholded = F.normalize(F.threshold(logits, 0.0, 0.0).unsqueeze(2), dim=2).squeeze(2)
         per_mask = ((thresholded - (expanded > 0.5).float()) ** 2).flatten(-2).mean(-1)
-    # Boxes train the single-mask output; points train the best of the three multimask outputs.
+    # Single-mask prompts train output 0; a single point trains the best of the three multimask outputs.
     if logits.shape[1] == 1:
-        choice = torch.zeros_like(is_box, dtype=torch.long)
+        choice = torch.zeros_like(multimask, dtype=torch.long)
     else:
         multi_best = 1 + per_mask[:, 1:].argmin(dim=1).detach()
-        choice = torch.where(is_box, torch.zeros_like(multi_best), multi_best)
+        choice = torch.where(multimask, multi_best, torch.zeros_like(multi_best))
     rows = torch.arange(choice.shape[0], device=choice.device)
     chosen_logits = logits[rows, choice]
     mask_term = per_mask[rows, choice].mean()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,6 +19,7 @@ import torch
 
 from samcache import __version__, masks
 from samcache.cache import EmbeddingCache
+from samcache.clicks import click_protocol
 from samcache.config import EvalConfig
 from samcache.devices import decoder_precision, resolve_device
 from samcache.errors import OutputError, SamcacheError
@@ -25,6 +27,7 @@ from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_rep
 from samcache.inference import ObjectPrediction, predict_cached_objects
 from samcache.metrics import boundary_f, dice, iou
 from samcache.models import load_matching
+from samcache.prompts import box_fill, evaluation_box
 from samcache.report import write_eval_report
 from samcache.runs import RunFolder, apply_weights
 from samcache.samples import SampleSettings
@@ -42,6 +45,49 @@ def score_objects(predictions: Iterator[ObjectPrediction]) -> list[dict]:
             "boundary_f": boundary_f(p.mask, truth), "score": p.score, "rle": masks.encode(p.mask),
         })
     return rows
+
+
+def box_fill_rows(cache: EmbeddingCache, indices: list[int], config: EvalConfig) -> list[dict]:
+    """The trivial baseline, scored like a model: each object's prompt box, filled. The boxes are
+    the very prompts the models get (evaluation_box), so a model's gain over this row is what it
+    adds to the box it was given."""
+    rows = []
+    for index in indices:
+        info = cache.images[index]
+        for j, obj in enumerate(info.objects):
+            box = evaluation_box(obj.box, info.original_size, jitter=config.box_jitter, seed=config.seed,
+                                 image_index=index, object_number=j + 1)
+            filled, truth = box_fill(box, info.original_size), masks.decode(obj.rle)
+            rows.append({"image": info.name, "object_id": obj.object_id, "category": obj.category,
+                         "area": int(truth.sum()), "iou": iou(filled, truth), "dice": dice(filled, truth),
+                         "boundary_f": boundary_f(filled, truth)})
+    return rows
+
+
+@dataclass
+class PromptKindScores:
+    """Per-object rows of each model and each baseline, for one kind of prompt, objects in the same order."""
+
+    models: dict[str, list[dict]]
+    baselines: dict[str, list[dict]]
+
+    def summary(self) -> dict:
+        out = {name: summarize(rows) for name, rows in self.models.items()}
+        if self.baselines:
+            out["baselines"] = {name: summarize(rows) for name, rows in self.baselines.items()}
+        return out
+
+
+def score_prompt_kind(kind: str, decoders: dict, cache: EmbeddingCache, indices: list[int], config: EvalConfig,
+                      device: torch.device) -> PromptKindScores:
+    """Every model on the fixed prompts of one kind; with boxes, the box-fill baseline too."""
+    settings = SampleSettings(0, None, kind, config.seed, config.box_jitter)
+    models = {name: score_objects(predict_cached_objects(*parts, cache, indices, settings, device=device,
+                                                         precision=decoder_precision(device),
+                                                         batch_size=config.batch_size))
+              for name, parts in decoders.items()}
+    baselines = {"box_fill": box_fill_rows(cache, indices, config)} if kind == "box" else {}
+    return PromptKindScores(models, baselines)
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -97,21 +143,23 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
     device = resolve_device(config.device)
     run = RunFolder(run_dir) if run_dir is not None else None
     decoders = load_decoders(cache, run, config, device)
-    settings = SampleSettings(0, None, config.prompt, config.seed, config.box_jitter)
-    rows = {name: score_objects(predict_cached_objects(*parts, cache, indices, settings, device=device,
-                                                       precision=decoder_precision(device),
-                                                       batch_size=config.batch_size))
-            for name, parts in decoders.items()}
+    scored = {kind: score_prompt_kind(kind, decoders, cache, indices, config, device) for kind in config.prompt}
+    lead = config.prompt[0]  # the report's pictures and the summary's top level are this kind's
     summary = {
         "samcache_version": __version__, "cache": str(Path(cache_dir).resolve()),
         "run": str(Path(run_dir).resolve()) if run_dir else None, "split": config.split,
-        "model_type": cache.provenance.model_type, "config": config.model_dump(mode="json"),
-        **{name: summarize(r) for name, r in rows.items()},
+        "model_type": cache.provenance.model_type, "config": config.model_dump(mode="json"), "prompt": lead,
+        **scored[lead].summary(),
+        "by_prompt": {kind: scores.summary() for kind, scores in scored.items()},
     }
+    if config.clicks:
+        summary["clicks"] = {name: click_protocol(*parts, cache, indices, config.clicks, device=device,
+                                                  precision=decoder_precision(device))
+                             for name, parts in decoders.items()}
     report_dir = Path(report_dir)
-    _write_objects_csv(report_dir / "objects.csv", rows)
+    _write_objects_csv(report_dir / "objects.csv", scored, lead)
     atomic_write_json(report_dir / "summary.json", summary)
-    write_eval_report(report_dir, cache, rows, summary, overlays=config.overlays, seed=config.seed)
+    write_eval_report(report_dir, cache, scored[lead].models, summary, overlays=config.overlays, seed=config.seed)
     if run is not None:
         try:
             run.write_eval_summary(config.split, summary)
@@ -121,17 +169,23 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
     return summary
 
 
-def _write_objects_csv(path: Path, rows: dict[str, list[dict]]) -> None:
+def _write_objects_csv(path: Path, scored: dict[str, PromptKindScores], lead: str) -> None:
+    """One row per object; columns `{model}_{metric}` for the lead prompt kind, `{kind}_{model}_{metric}`
+    for the others. Baselines predict no IoU, so they have no score column."""
     fields = ["image", "object_id", "category", "area"]
-    metrics = ["iou", "dice", "boundary_f", "score"]
-    header = fields + [f"{name}_{m}" for name in rows for m in metrics]
+    columns = []  # (column, rows, metric)
+    for kind, scores in scored.items():
+        prefix = "" if kind == lead else f"{kind}_"
+        for name, rows in scores.models.items():
+            columns += [(f"{prefix}{name}_{m}", rows, m) for m in ("iou", "dice", "boundary_f", "score")]
+        for name, rows in scores.baselines.items():
+            columns += [(f"{prefix}{name}_{m}", rows, m) for m in ("iou", "dice", "boundary_f")]
     lines = []
-    for i, base_row in enumerate(rows["zero_shot"]):
+    for i, base_row in enumerate(scored[lead].models["zero_shot"]):
         line = {k: base_row[k] for k in fields}
-        for name, model_rows in rows.items():
-            for m in metrics:
-                line[f"{name}_{m}"] = f"{model_rows[i][m]:.6f}"
+        line.update({column: f"{rows[i][m]:.6f}" for column, rows, m in columns})
         lines.append(line)
+    header = fields + [column for column, _, _ in columns]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=header)
     writer.writeheader()

@@ -4,7 +4,7 @@ Training validation, `samcache eval`, `samcache predict` and the tiny model's he
 evaluation all make their masks here, so they agree by construction:
 
     embeddings + PromptBatch --decode--> logits of the 4 mask outputs (256 x 256)
-      --choose_mask--> the single-mask output for a box, the best-scored of the 3 for points
+      --choose_mask--> the single-mask output, or the best-scored of the 3 for a single point
       --upscale_logits--> (H, W) as Sam.postprocess_masks --> logit > 0 --> boolean mask
 
 `predict_cached_objects` is the same path over a cache: fixed prompts for every object of
@@ -50,11 +50,11 @@ class ObjectPrediction:
     score: float
 
 
-def choose_mask(output: DecoderOutput, is_box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, 256, 256), predicted IoU (N,)): output 0 for boxes (SamPredictor's
-    multimask_output=False), the highest predicted IoU of outputs 1-3 for points."""
+def choose_mask(output: DecoderOutput, multimask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, 256, 256), predicted IoU (N,)): output 0 (SamPredictor's multimask_output=False)
+    unless `multimask` (PromptBatch.multimask), then the highest predicted IoU of outputs 1-3."""
     multi_best = 1 + output.iou_pred[:, 1:].argmax(dim=1)
-    choice = torch.where(is_box, torch.zeros_like(multi_best), multi_best)
+    choice = torch.where(multimask, multi_best, torch.zeros_like(multi_best))
     rows = torch.arange(choice.shape[0], device=choice.device)
     return output.logits[rows, choice], output.iou_pred[rows, choice]
 
@@ -83,7 +83,7 @@ def predict_masks(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embe
     """
     with autocast(embeddings.device, precision):
         output = decode(prompt_encoder, mask_decoder, embeddings.float(), prompts)
-    logits, scores = choose_mask(output, prompts.is_box)
+    logits, scores = choose_mask(output, prompts.multimask)
     logits, scores = logits.float(), scores.float().tolist()
     predictions = []
     for n, row in enumerate(prompts.batch_row.tolist()):

@@ -3,7 +3,8 @@
 An image already in a cache made by the same encoder weights (same file SHA-256) takes its
 embedding from the cache; any other image goes through the image encoder, preprocessed
 exactly as `SamPredictor.set_image` does. Outputs, per image: one PNG mask per box
-(0/255), an overlay PNG, and for all of them `predictions.json` with COCO RLE masks.
+(0/255), an overlay PNG, and for all of them `predictions.json` with COCO RLE masks. The prompt
+is a box, points, or a box with points, as `SamPredictor.predict` takes them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from samcache import masks
 from samcache.cache import EmbeddingCache
+from samcache.config import MAX_POINTS
 from samcache.devices import resolve_device
 from samcache.errors import OutputError, SamcacheError
 from samcache.export import metadata_path, read_metadata
@@ -27,7 +29,7 @@ from samcache.images import read_image
 from samcache.inference import predict_masks
 from samcache.models import load_sam
 from samcache.preprocess import batch_to_model_input, input_size, resize_image, transform_boxes
-from samcache.prompts import PromptBatch
+from samcache.prompts import PromptBatch, make_prompt
 from samcache.runs import RunFolder
 
 
@@ -69,6 +71,21 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return check_box((x0, y0, x1, y1), f"--box {text}")
 
 
+def parse_point(text: str) -> tuple[float, float, int]:
+    """`x,y` or `x,y,label` (1: inside the object, 0: outside) -> (x, y, label)."""
+    parts = text.split(",")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        x, y = float(parts[0]), float(parts[1])
+        label = int(parts[2]) if len(parts) == 3 else 1
+    except ValueError:
+        raise SamcacheError(f"--point takes x,y or x,y,label in pixels, got {text!r}") from None
+    if not (np.isfinite(x) and np.isfinite(y)) or label not in (0, 1):
+        raise SamcacheError(f"--point {text}: finite x, y and a label of 1 (inside) or 0 (outside)")
+    return x, y, label
+
+
 def check_box(box, where: str) -> tuple[float, float, float, float]:
     """A box XYXY of finite numbers with x1 > x0 and y1 > y0 (before anything is written)."""
     if not all(np.isfinite(v) for v in box):
@@ -101,6 +118,7 @@ def predict_images(
     out_dir: str | Path,
     *,
     box: Optional[tuple[float, float, float, float]] = None,
+    points: Optional[list[tuple[float, float, int]]] = None,
     boxes_by_name: Optional[dict[str, list]] = None,
     cache_dir: Optional[str | Path] = None,
     device: str = "auto",
@@ -112,14 +130,18 @@ def predict_images(
       predictor: predictor_from_run or predictor_from_checkpoint.
       images: image files.
       out_dir: the output folder.
-      box: one XYXY box (original pixels) for every image; or
+      box: one XYXY box (original pixels) for every image, and/or
+      points: (x, y, label) in original pixels for every image (with `box`: one prompt of both, as
+        `SamPredictor.predict(point_coords, point_labels, box)`); or
       boxes_by_name: boxes per image file name (boxes_from_coco).
       cache_dir: a cache to take embeddings from when an image is in it.
       device: "auto", "cpu" or "cuda".
       overwrite: write into `out_dir` even when it holds an earlier predictions.json.
     """
-    if (box is None) == (boxes_by_name is None):
-        raise SamcacheError("give either --box or --boxes")
+    if (box is None and not points) == (boxes_by_name is None):
+        raise SamcacheError("give either --box and/or --point, or --boxes")
+    if points and len(points) > MAX_POINTS:
+        raise SamcacheError(f"at most {MAX_POINTS} points per prompt, got {len(points)}")
     torch_device = resolve_device(device)
     sam = predictor.sam.to(torch_device)
     cache = _usable_cache(cache_dir, predictor)
@@ -130,8 +152,8 @@ def predict_images(
     stems = output_stems([Path(p) for p in images])
     results, warnings = [], []
     for path in map(Path, images):
-        image_boxes = [box] if box is not None else boxes_by_name.get(path.name, [])
-        if not image_boxes:
+        image_boxes = [box] if box is not None else [] if points else boxes_by_name.get(path.name, [])
+        if not image_boxes and not points:
             continue
         image = read_image(path)
         original = image.shape[:2]
@@ -139,20 +161,30 @@ def predict_images(
             if x1 <= 0 or y1 <= 0 or x0 >= original[1] or y0 >= original[0]:
                 warnings.append(f"{path}: box {[x0, y0, x1, y1]} lies outside the {original[1]}x{original[0]} image")
         embedding, source = _embedding(sam, cache, cached_by_sha, path, image, torch_device)
-        boxes = torch.as_tensor(transform_boxes(np.array(image_boxes, dtype=np.float64), original),
-                                dtype=torch.float32, device=torch_device)
+        if points:  # one prompt: the points, with the box when there is one
+            prompt = make_prompt(box if box is not None else np.zeros(4),
+                                 np.array([p[:2] for p in points], np.float64), np.array([p[2] for p in points]),
+                                 is_box=box is not None, original_size=original)
+            prompts = PromptBatch.from_prompts([prompt], torch.zeros(1, dtype=torch.long)).to(torch_device)
+        else:
+            boxes = torch.as_tensor(transform_boxes(np.array(image_boxes, dtype=np.float64), original),
+                                    dtype=torch.float32, device=torch_device)
+            prompts = PromptBatch.boxes_of_one_image(boxes)
         # fp32, as SamPredictor: these masks are meant to equal the predictor's
-        predictions = predict_masks(sam.prompt_encoder, sam.mask_decoder, embedding,
-                                    PromptBatch.boxes_of_one_image(boxes), [(input_size(original), original)])
+        predictions = predict_masks(sam.prompt_encoder, sam.mask_decoder, embedding, prompts,
+                                    [(input_size(original), original)])
         predicted = np.stack([p.mask for p in predictions])
         scores = [p.score for p in predictions]
-        for k, (mask, xyxy, score) in enumerate(zip(predicted, image_boxes, scores)):
+        for k, (mask, score) in enumerate(zip(predicted, scores)):
             mask_file = out_dir / f"{stems[path]}_mask{k}.png"
             _write_png(mask_file, mask.astype(np.uint8) * 255)
-            results.append({"image": str(path), "box": list(map(float, xyxy)), "score": float(score),
+            prompt_fields = {"box": list(map(float, image_boxes[k]))} if image_boxes else {}
+            if points:
+                prompt_fields["points"] = [[float(x), float(y), int(label)] for x, y, label in points]
+            results.append({"image": str(path), **prompt_fields, "score": float(score),
                             "area": int(mask.sum()), "segmentation": masks.encode(mask), "mask_png": mask_file.name,
                             "embedding_from": source})
-        _write_overlay(out_dir / f"{stems[path]}_overlay.png", image, predicted, image_boxes)
+        _write_overlay(out_dir / f"{stems[path]}_overlay.png", image, predicted, image_boxes, points or [])
     atomic_write_json(out_dir / "predictions.json", {"model": predictor.source, "predictions": results})
     return {"predictions": results, "images": len({r["image"] for r in results}), "warnings": warnings}
 
@@ -194,7 +226,7 @@ def _embedding(sam, cache: Optional[EmbeddingCache], cached_by_sha: dict, path: 
     return sam.image_encoder(model_input), "encoder"
 
 
-def _write_overlay(path: Path, image: np.ndarray, predicted: np.ndarray, boxes) -> None:
+def _write_overlay(path: Path, image: np.ndarray, predicted: np.ndarray, boxes, points) -> None:
     overlay = image.astype(np.float32)
     palette = np.array([[30, 144, 255], [255, 99, 71], [50, 205, 50], [238, 130, 238], [255, 215, 0]], np.float32)
     for k, mask in enumerate(predicted):
@@ -203,6 +235,8 @@ def _write_overlay(path: Path, image: np.ndarray, predicted: np.ndarray, boxes) 
     for k, (x0, y0, x1, y1) in enumerate(boxes):
         color = tuple(int(c) for c in palette[k % len(palette)][::-1])
         cv2.rectangle(overlay, (int(x0), int(y0)), (int(x1), int(y1)), color, 2)
+    for x, y, label in points:  # green inside the object, red outside (BGR)
+        cv2.circle(overlay, (int(x), int(y)), 6, (0, 200, 0) if label else (0, 0, 230), -1)
     _write_png(path, overlay)
 
 

@@ -18,6 +18,7 @@ input frame with the predictor's own transform. Targets are built in the mask de
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -52,8 +53,14 @@ class PromptBatch:
 
     Arguments:
       batch_row: (N,) long, the row of the batch's embeddings (the image) each prompt is for.
-      boxes: (N, 4) XYXY; points: (N, P, 2); labels: (N, P) with -1 for padding.
-      is_box: (N,) bool: a box prompt (else a point prompt).
+      boxes: (N, 4) XYXY; points: (N, P, 2); labels: (N, P): 1 positive, 0 negative, -1 after
+        the prompt's last point (padding, so that prompts stack).
+      is_box: (N,) bool: the prompt has a box (with or without points), else points only.
+      masks: (N, 256, 256) low-res logits fed back as the mask prompt (a previous prediction's, as
+        `SamPredictor.predict(mask_input=...)` takes them), or None: no mask prompts in the batch.
+
+    A prompt is decoded with its real points only, as SamPredictor would be given them: padding
+    never reaches the prompt encoder, whose "not a point" tokens would change the masks.
     """
 
     batch_row: torch.Tensor
@@ -61,6 +68,7 @@ class PromptBatch:
     points: torch.Tensor
     labels: torch.Tensor
     is_box: torch.Tensor
+    masks: Optional[torch.Tensor] = None
 
     @classmethod
     def from_prompts(cls, prompts: list[Prompt], batch_row: torch.Tensor) -> "PromptBatch":
@@ -88,9 +96,23 @@ class PromptBatch:
     def __len__(self) -> int:
         return int(self.batch_row.shape[0])
 
+    @property
+    def n_points(self) -> torch.Tensor:
+        """(N,) long: the real points of each prompt (they come first, padding after)."""
+        return (self.labels != -1).sum(1)
+
+    @property
+    def multimask(self) -> torch.Tensor:
+        """(N,) bool: the prompt is a single point alone, which is ambiguous: its three multimask
+        outputs apply, as SAM was trained (the best of the three). Every other prompt (a box,
+        with or without points; several points) uses the single-mask output."""
+        single_point = ~self.is_box & (self.n_points == 1)
+        return single_point & (self.masks is None)  # a mask prompt resolves the ambiguity
+
     def to(self, device) -> "PromptBatch":
         return PromptBatch(*(t.to(device, non_blocking=True) for t in
-                             (self.batch_row, self.boxes, self.points, self.labels, self.is_box)))
+                             (self.batch_row, self.boxes, self.points, self.labels, self.is_box)),
+                           masks=None if self.masks is None else self.masks.to(device, non_blocking=True))
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:
@@ -151,14 +173,35 @@ def make_prompt(box, points, labels, *, is_box: bool, original_size: tuple[int, 
 
 def training_prompt(rle: dict, box, original_size, settings: PromptSettings, rng: np.random.Generator) -> Prompt:
     """A random prompt for one object (see PromptSettings)."""
-    use_points = settings.mode == "point" or (settings.mode == "mixed" and rng.random() < settings.point_ratio)
+    use_points = (settings.mode in ("point", "box+points")
+                  or (settings.mode == "mixed" and rng.random() < settings.point_ratio))
     jittered = jitter_box(box, original_size, rng, fraction=settings.box_jitter, max_pixels=settings.box_jitter_max)
     if not use_points:
         return make_prompt(jittered, None, None, is_box=True, original_size=original_size)
     mask = masks.decode(rle)
     points, labels = sample_points(mask, box, rng, positive=settings.positive_points,
                                    negative=settings.negative_points)
-    return make_prompt(jittered, points, labels, is_box=False, original_size=original_size)
+    return make_prompt(jittered, points, labels, is_box=settings.mode == "box+points", original_size=original_size)
+
+
+def evaluation_box(box, original_size: tuple[int, int], *, jitter: float, seed: int, image_index: int,
+                   object_number: int) -> np.ndarray:
+    """The box an object is evaluated with, in original pixels: exact, or with each side moved by up
+    to `jitter` of the box's side (at most 20 px), seeded by (seed, image, object) so every model
+    and the box-fill baseline see the same one."""
+    if not jitter:
+        return np.asarray(box, dtype=np.float64)
+    return jitter_box(box, original_size, rng_for(seed, image_index, object_number), fraction=jitter,
+                      max_pixels=20.0)
+
+
+def box_fill(box, original_size: tuple[int, int]) -> np.ndarray:
+    """The trivial baseline's mask for a box prompt: every pixel whose centre lies in the box."""
+    height, width = original_size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cols = (np.arange(width) + 0.5 >= x0) & (np.arange(width) + 0.5 <= x1)
+    rows = (np.arange(height) + 0.5 >= y0) & (np.arange(height) + 0.5 <= y1)
+    return rows[:, None] & cols[None, :]
 
 
 def evaluation_prompt(rle: dict, box, original_size, mode: str) -> Prompt:

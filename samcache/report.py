@@ -124,6 +124,23 @@ def plot_iou_histogram(path: Path, rows: dict[str, list[dict]]) -> None:
     _save(fig, path, dpi=100)
 
 
+def plot_iou_vs_clicks(path: Path, clicks: dict[str, dict]) -> None:
+    """mIoU after each click of the click protocol, one line per model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, result in clicks.items():
+        x = np.arange(1, len(result["miou"]) + 1)
+        ax.plot(x, result["miou"], marker="o", color=COLORS[model],
+                label=f"{TITLES[model]} (NoC@85 {result['noc85']:.2f}, NoC@90 {result['noc90']:.2f})")
+    ax.set_xlabel("clicks")
+    ax.set_ylabel("mIoU")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path, dpi=100)
+
+
 def plot_iou_scatter(path: Path, rows: dict[str, list[dict]]) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -167,44 +184,80 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
         pictures.append(("iou_scatter.png", "Each object's zero-shot IoU (x) against its fine-tuned IoU (y); "
                          "points above the diagonal improved."))
 
+    if "clicks" in summary:
+        plot_iou_vs_clicks(report_dir / "iou_vs_clicks.png", summary["clicks"])
+        pictures.append(("iou_vs_clicks.png", "The click protocol: mIoU after each click (first click at the "
+                         "object's most interior point, each next one in the largest error region, the previous "
+                         "mask fed back)."))
+
     config = summary["config"]
+    baselines = summary.get("baselines", {})
+    scored = {**{m: summary[m] for m in rows}, **baselines}
     lines = [
         f"# samcache evaluation: split `{summary['split']}`",
         "",
         f"- cache: `{summary['cache']}` (model `{summary['model_type']}`)",
         (f"- run: `{summary['run']}` ({config['weights']} weights)" if summary["run"]
          else "- run: none (base model only)"),
-        f"- prompts: {config['prompt']}" + (f", box jitter {config['box_jitter']} (seed {config['seed']})"
-                                             if config["box_jitter"] else " (exact boxes)" if config["prompt"] == "box"
-                                             else " (each mask's most interior point)"),
+        f"- prompts: {', '.join(_describe_prompt(kind, config) for kind in config['prompt'])}"
+        + (f"; pictures and per-category figures with {summary['prompt']} prompts" if len(config["prompt"]) > 1
+           else ""),
         "- metrics per object at the original resolution; mIoU/mDice/boundary F are means over objects",
         "",
         "```",
         format_table(summary),
         "```",
         "",
+        *(["`box_fill` is the trivial baseline: each prompt box filled. A model is worth using where it "
+           "beats it.", ""] if any("box_fill" in k.get("baselines", {}) for k in summary["by_prompt"].values())
+          else []),
         "## Per category",
         "",
-        "| category | objects | " + " | ".join(f"{TITLES[m]} mIoU" for m in rows) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in rows) + " |",
+        "| category | objects | " + " | ".join(f"{TITLES.get(m, m)} mIoU" for m in scored) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in scored) + " |",
     ]
     for category, stats in summary["zero_shot"]["per_category"].items():
-        cells = [f"{summary[m]['per_category'][category]['miou']:.4f}" for m in rows]
+        cells = [f"{scored[m]['per_category'][category]['miou']:.4f}" for m in scored]
         lines.append(f"| {category} | {stats['objects']} | " + " | ".join(cells) + " |")
     lines += ["", "## Pictures", ""]
     for file, caption in pictures:
         lines += [f"![{file}]({file})", "", caption, ""]
     lines += ["## Files", "", "- `summary.json`: the figures above",
-              "- `objects.csv`: one row per object, each model's "
-              "IoU, Dice, boundary F and predicted IoU", *[f"- `{f}`" for f, _ in pictures], ""]
+              "- `objects.csv`: one row per object, each model's IoU, Dice, boundary F and predicted IoU "
+              "(the baselines': IoU, Dice, boundary F; columns of further prompt kinds start with the kind)",
+              *[f"- `{f}`" for f, _ in pictures], ""]
     atomic_write_bytes(report_dir / "report.md", "\n".join(lines).encode("utf-8"))
 
 
+def _describe_prompt(kind: str, config: dict) -> str:
+    if kind == "point":
+        return "point (each mask's most interior point)"
+    if config["box_jitter"]:
+        return f"box (box jitter {config['box_jitter']}, seed {config['seed']})"
+    return "box (exact boxes)"
+
+
 def format_table(summary: dict) -> str:
-    """The zero-shot vs fine-tuned table the CLI and the demo print."""
-    lines = [f"{'model':<12} {'objects':>7} {'mIoU':>7} {'mDice':>7} {'bound.F':>7}"]
-    for name in MODELS:
-        if name in summary:
-            s = summary[name]
-            lines.append(f"{name:<12} {s['objects']:>7} {s['miou']:>7.4f} {s['mdice']:>7.4f} {s['boundary_f']:>7.4f}")
-    return "\n".join(lines)
+    """The zero-shot vs fine-tuned table the CLI and the demo print, the baselines below the models;
+    one table per prompt kind when the evaluation used several."""
+    by_prompt = summary.get("by_prompt") or {summary.get("prompt", "box"): summary}
+    tables = []
+    for kind, scores in by_prompt.items():
+        lines = [f"{'model':<12} {'objects':>7} {'mIoU':>7} {'mDice':>7} {'bound.F':>7}"]
+        if len(by_prompt) > 1:
+            lines.insert(0, f"prompt: {kind}")
+        rows = [(name, scores[name]) for name in MODELS if name in scores]
+        rows += list(scores.get("baselines", {}).items())
+        for name, s in rows:
+            lines.append(f"{name:<12} {s['objects']:>7} {s['miou']:>7.4f} {s['mdice']:>7.4f} "
+                         f"{s['boundary_f']:>7.4f}")
+        tables.append("\n".join(lines))
+    if "clicks" in summary:
+        n = len(next(iter(summary["clicks"].values()))["miou"])
+        shown = sorted({1, 2, 3, 5, n} & set(range(1, n + 1)))
+        lines = ["clicks       " + " ".join(f"{f'mIoU@{k}':>8}" for k in shown) + f" {'NoC@85':>7} {'NoC@90':>7}"]
+        for name, result in summary["clicks"].items():
+            lines.append(f"{name:<12} " + " ".join(f"{result['miou'][k - 1]:>8.4f}" for k in shown)
+                         + f" {result['noc85']:>7.2f} {result['noc90']:>7.2f}")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)

@@ -23,7 +23,7 @@ from torch.utils.data import Sampler
 from samcache.cache import EmbeddingCache
 from samcache.config import PromptSettings
 from samcache.devices import available_memory_bytes
-from samcache.prompts import PromptBatch, evaluation_prompt, jitter_box, low_res_target, rng_for, training_prompt
+from samcache.prompts import PromptBatch, evaluation_box, evaluation_prompt, low_res_target, rng_for, training_prompt
 from samcache.specs import EMBEDDING_SHAPE, LOW_RES_SIZE
 
 EMBEDDING_BYTES = 2 * math.prod(EMBEDDING_SHAPE)  # float16
@@ -143,10 +143,8 @@ class CacheSamples(TorchDataset):
         prompts = []
         for j, obj in enumerate(objects):
             if s.prompts is None:
-                box = obj.box
-                if s.eval_box_jitter:
-                    box = jitter_box(box, info.original_size, rng_for(s.seed, index, j + 1),
-                                     fraction=s.eval_box_jitter, max_pixels=20.0)
+                box = evaluation_box(obj.box, info.original_size, jitter=s.eval_box_jitter, seed=s.seed,
+                                     image_index=index, object_number=j + 1)
                 prompts.append(evaluation_prompt(obj.rle, box, info.original_size, s.eval_prompt))
             else:
                 rng = rng_for(s.seed, epoch, index, j + 1)

@@ -113,14 +113,14 @@ def rank_loss_weight(n_local: int, n_global: int, world_size: int) -> float:
     return n_local * world_size / n_global
 
 
-def optimize_step(output: DecoderOutput, targets: torch.Tensor, is_box: torch.Tensor, *, loss_kind: str,
+def optimize_step(output: DecoderOutput, targets: torch.Tensor, multimask: torch.Tensor, *, loss_kind: str,
                   optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], grad_clip: float,
                   n_local: Optional[int] = None, dist: Distributed = SINGLE) -> StepStats:
     """Loss, backward, clip, optimizer step: the step of `samcache train` and of the tiny pretraining.
 
     Arguments:
       output: the decoder's output for the step's prompts (computed under the caller's autocast).
-      targets: (N, 256, 256) low-res targets; is_box: (N,) the prompt kinds.
+      targets: (N, 256, 256) low-res targets; multimask: (N,) which prompts use the three outputs.
       loss_kind: see decoder.compute_loss.
       parameters: what is trained (clipped together to `grad_clip`; 0: no clipping).
       n_local: this rank's real prompts (0 for a placeholder step; default: all N).
@@ -128,7 +128,7 @@ def optimize_step(output: DecoderOutput, targets: torch.Tensor, is_box: torch.Te
     Raises NonFiniteLoss, on every rank alike, before anything is applied.
     """
     n_local = targets.shape[0] if n_local is None else n_local
-    loss = compute_loss(output, targets, is_box, loss_kind)
+    loss = compute_loss(output, targets, multimask, loss_kind)
     parts = (loss.total, loss.mask, loss.iou, loss.train_iou)
     n_global, *sums = dist.sum([n_local] + [n_local * p.item() if n_local else 0.0 for p in parts])
     stats = StepStats(*(v / n_global for v in sums), prompts=int(n_global))
@@ -350,7 +350,7 @@ def train_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, *
         with autocast(t.device, decoder_precision(t.device)):
             output = t.module(embeddings.float(), prompt_batch)
         try:
-            stats = optimize_step(output, targets, prompt_batch.is_box, loss_kind=config.loss, optimizer=t.optimizer,
+            stats = optimize_step(output, targets, prompt_batch.multimask, loss_kind=config.loss, optimizer=t.optimizer,
                                   parameters=t.parameters, grad_clip=config.grad_clip, n_local=n_local, dist=t.dist)
         except NonFiniteLoss as exc:
             raise TrainingError(f"{exc} at epoch {epoch + 1}, step {batch_number + 1}: stopped. "

@@ -51,6 +51,16 @@ def test_train_as_a_string_is_one_part_never_letters():
         parse(TrainConfig, {"train": "mask_decoder,mask_decoder"})
 
 
+def test_eval_prompt_kinds_are_a_comma_list_of_known_kinds_each_once():
+    assert parse(EvalConfig, {}).prompt == ["box"]
+    assert parse(EvalConfig, {"prompt": "box,point"}).prompt == ["box", "point"]
+    assert parse(EvalConfig, {"prompt": "point"}).prompt == ["point"]
+    with pytest.raises(ConfigError, match="prompt names a kind twice"):
+        parse(EvalConfig, {"prompt": "box,box"})
+    with pytest.raises(ConfigError, match="prompt"):
+        parse(EvalConfig, {"prompt": "box,scribble"})
+
+
 def test_prompt_settings_are_nested_and_flat_keys_point_there():
     config = parse(TrainConfig, yaml.safe_load("prompts:\n  mode: mixed\n  point_ratio: 0.3"))
     assert config.prompts == PromptSettings(mode="mixed", point_ratio=0.3)

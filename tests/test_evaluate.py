@@ -21,6 +21,7 @@ from samcache.evaluate import evaluate
 from samcache.metrics import boundary, boundary_f, dice, iou
 from samcache.models import load_sam
 from samcache.preprocess import transform_boxes
+from samcache.prompts import box_fill
 from samcache.runs import RunCheckpoint
 from tests.helpers import SHARED_EMBED, copy_tree, embed, rect_mask
 
@@ -126,6 +127,69 @@ def test_zero_shot_scores_equal_an_independent_stock_computation(imageless_cache
     assert float(row["zero_shot_iou"]) == pytest.approx(expected, abs=1e-5)
 
 
+def test_the_box_fill_baseline_equals_an_independent_computation(imageless_cache, tmp_path):
+    summary = evaluate(imageless_cache, tmp_path / "r", EvalConfig(split="test"))
+    cache = EmbeddingCache(imageless_cache)
+    ious = []
+    for index in cache.annotated_indices("test"):
+        info = cache.images[index]
+        for obj in info.objects:
+            x0, y0, x1, y1 = obj.box
+            filled = mask_utils.frPyObjects(np.array([[x0, y0, x1 - x0, y1 - y0]], np.float64),
+                                            *info.original_size)  # COCO's own box raster
+            truth = {"size": obj.rle["size"], "counts": obj.rle["counts"].encode()}
+            ious.append(mask_utils.iou(filled, [truth], [0])[0][0])
+    baseline = summary["baselines"]["box_fill"]
+    assert baseline["objects"] == len(ious) == summary["zero_shot"]["objects"]
+    assert baseline["miou"] == pytest.approx(float(np.mean(ious)), abs=1e-4)
+    assert 0.05 < baseline["miou"] < 0.95  # stamps are round or ragged: a filled box is a poor mask
+    rows = list(csv.DictReader((tmp_path / "r" / "objects.csv").open()))
+    assert np.mean([float(r["box_fill_iou"]) for r in rows]) == pytest.approx(baseline["miou"], abs=1e-5)
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "box_fill" in report and "trivial baseline" in report
+
+
+def test_box_fill_fills_the_pixels_whose_centres_lie_in_the_box():
+    filled = box_fill([1.0, 2.0, 4.0, 3.6], (5, 6))
+    expected = np.zeros((5, 6), bool)
+    expected[2:4, 1:4] = True  # rows 2, 3 (centres 2.5, 3.5), columns 1-3 (centres 1.5-3.5)
+    np.testing.assert_array_equal(filled, expected)
+    assert not box_fill([2.2, 2.2, 2.4, 2.4], (5, 6)).any()  # no centre inside
+
+
+def test_several_prompt_kinds_in_one_eval_score_as_each_alone(cache_and_run, tmp_path):
+    cache_dir, run_dir = cache_and_run
+    both = evaluate(cache_dir, tmp_path / "both", EvalConfig(prompt="point,box"), run_dir=run_dir)
+    point = evaluate(cache_dir, tmp_path / "point", EvalConfig(prompt=["point"]), run_dir=run_dir)
+    box = evaluate(cache_dir, tmp_path / "box", EvalConfig(), run_dir=run_dir)
+    assert both["prompt"] == "point" and list(both["by_prompt"]) == ["point", "box"]
+    for kind, alone in (("point", point), ("box", box)):
+        for model in ("zero_shot", "fine_tuned"):
+            assert both["by_prompt"][kind][model]["miou"] == pytest.approx(alone[model]["miou"], abs=1e-6)
+    assert both["fine_tuned"]["miou"] == pytest.approx(point["fine_tuned"]["miou"], abs=1e-6)  # the lead kind
+    assert "baselines" not in both  # the lead kind is points: no box to fill
+    assert both["by_prompt"]["box"]["baselines"]["box_fill"]["miou"] == box["baselines"]["box_fill"]["miou"]
+    rows = list(csv.DictReader((tmp_path / "both" / "objects.csv").open()))
+    assert {"fine_tuned_iou", "box_fine_tuned_iou", "box_box_fill_iou"} <= set(rows[0])
+    assert np.mean([float(r["box_fine_tuned_iou"]) for r in rows]) == pytest.approx(box["fine_tuned"]["miou"],
+                                                                                     abs=1e-5)
+    report = (tmp_path / "both" / "report.md").read_text()
+    assert "prompt: point" in report and "prompt: box" in report
+
+
+def test_eval_clicks_reports_both_models_per_click(cache_and_run, tmp_path):
+    cache_dir, run_dir = cache_and_run
+    summary = evaluate(cache_dir, tmp_path / "r", EvalConfig(clicks=3), run_dir=run_dir)
+    for model in ("zero_shot", "fine_tuned"):
+        result = summary["clicks"][model]
+        assert len(result["miou"]) == 3 and result["objects"] == summary[model]["objects"]
+        assert all(0 <= v <= 1 for v in result["miou"]) and 1 <= result["noc85"] <= 3 and 1 <= result["noc90"] <= 3
+    written = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert written["clicks"] == summary["clicks"]
+    assert (tmp_path / "r" / "iou_vs_clicks.png").is_file()
+    assert "iou_vs_clicks.png" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_eval_cli_prints_the_table_and_refuses_bad_input(cache_and_run, tmp_path):
     cache_dir, run_dir = cache_and_run
     runner = CliRunner()
@@ -133,6 +197,12 @@ def test_eval_cli_prints_the_table_and_refuses_bad_input(cache_and_run, tmp_path
                                   "--prompt", "point"])
     assert result.exit_code == 0, result.output
     assert "zero_shot" in result.output and "fine_tuned" in result.output and "report.md" in result.output
+    assert "box_fill" not in result.output  # filling a box is a baseline for box prompts only
+    boxes = runner.invoke(main, ["eval", str(cache_dir), "--run", str(run_dir), "--out", str(tmp_path / "b")])
+    assert boxes.exit_code == 0, boxes.output
+    table = {line.split()[0]: line.split()[1:] for line in boxes.output.splitlines() if line.split()}
+    written = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert float(table["box_fill"][1]) == pytest.approx(written["baselines"]["box_fill"]["miou"], abs=1e-4)
     empty = runner.invoke(main, ["eval", str(cache_dir), "--out", str(tmp_path / "s"), "--split", "nope"])
     assert empty.exit_code == 1 and "no objects in split 'nope'" in empty.output
     missing = runner.invoke(main, ["eval", str(cache_dir), "--run", str(tmp_path), "--out", str(tmp_path / "t")])

@@ -66,6 +66,36 @@ def test_predict_with_run_uses_the_cache_and_writes_outputs(stamps, stamps_run, 
     assert len(predictions) == len(coco["annotations"]) and {p["embedding_from"] for p in predictions} == {"encoder"}
 
 
+@pytest.mark.parametrize("with_box", [True, False])
+def test_predict_with_points_equals_sam_predictor(stamps, tmp_path, with_box):
+    """A box with a positive and a negative point (or the points alone), through the CLI and through
+    SamPredictor on the exported-style checkpoint: the same mask."""
+    image_path = sorted((stamps / "images").glob("*.jpg"))[0]
+    checkpoint = tmp_path / "tiny.pth"
+    sam = load_sam("tiny").sam
+    torch.save(sam.state_dict(), checkpoint)
+    box, points = [50, 60, 300, 320], [(150.0, 170.0, 1), (60.0, 70.0, 0)]
+    args = ["predict", str(image_path), "--checkpoint", str(checkpoint), "--model", "tiny",
+            *(["--box", ",".join(map(str, box))] if with_box else []),
+            *[arg for x, y, label in points for arg in ("--point", f"{x},{y},{label}")], "--out", str(tmp_path / "p")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "p" / "predictions.json").read_text())["predictions"]
+    assert len(written) == 1 and written[0]["points"] == [[x, y, label] for x, y, label in points]
+    assert ("box" in written[0]) == with_box
+    from samcache import masks
+
+    ours = masks.decode(written[0]["segmentation"])
+    predictor = SamPredictor(sam)
+    predictor.set_image(read_image(image_path))
+    with torch.no_grad():
+        theirs, _, _ = predictor.predict(point_coords=np.array([p[:2] for p in points]),
+                                         point_labels=np.array([p[2] for p in points]),
+                                         box=np.array(box) if with_box else None, multimask_output=False)
+    assert ours.shape == theirs[0].shape
+    assert (ours != theirs[0]).mean() < 1e-3  # the encoder ran in both; fp rounding moves at most a few pixels
+
+
 def test_predict_rejects_bad_arguments(stamps, stamps_run, tmp_path):
     data, run = stamps, stamps_run
     image = str(sorted((data / "images").glob("*.jpg"))[0])
@@ -73,6 +103,10 @@ def test_predict_rejects_bad_arguments(stamps, stamps_run, tmp_path):
     assert runner.invoke(main, ["predict", image, "--run", str(run), "--out", str(tmp_path)]).exit_code == 2
     bad = runner.invoke(main, ["predict", image, "--run", str(run), "--box", "5,5,1,1", "--out", str(tmp_path)])
     assert bad.exit_code == 1 and "x1 must exceed x0" in bad.output
+    point = runner.invoke(main, ["predict", image, "--run", str(run), "--point", "5,x", "--out", str(tmp_path)])
+    assert point.exit_code == 1 and "--point takes x,y or x,y,label" in point.output
+    label = runner.invoke(main, ["predict", image, "--run", str(run), "--point", "5,5,2", "--out", str(tmp_path)])
+    assert label.exit_code == 1 and "a label of 1 (inside) or 0 (outside)" in label.output
 
 
 @pytest.mark.slow

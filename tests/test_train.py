@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from segment_anything import SamPredictor
 
 from samcache import masks
 from samcache.cache import EmbeddingCache
@@ -45,31 +46,39 @@ QUICK = dict(QUICK_TRAIN, warmup_steps=1)
 
 
 # ------------------------------------------------------------------------------ batched decoder
-def test_batched_decoder_equals_stock_decoder_per_prompt():
+def test_batched_decoder_equals_sam_predictor_per_prompt():
+    """Boxes, boxes with points, one point, several points, on three images in one call: each prompt's
+    four masks equal SamPredictor's for the same prompt, given only its real points."""
     sam = build_tiny(0)
     torch.manual_seed(0)
     embeddings = torch.randn(3, 256, 64, 64)
-    n = 7
+    n = 8
+    labels = torch.full((n, 8), -1)
+    real_points = [0, 3, 1, 1, 0, 2, 0, 3]  # per prompt; padding after
+    for i, k in enumerate(real_points):
+        labels[i, :k] = torch.tensor([1, 0, 1][:k])
     prompts = PromptBatch(
-        batch_row=torch.tensor([0, 0, 1, 2, 2, 1, 0]),
+        batch_row=torch.tensor([0, 0, 1, 2, 2, 1, 0, 1]),
         boxes=torch.rand(n, 4).sort(dim=1).values[:, [0, 1, 2, 3]] * torch.tensor([500, 500, 1000, 1000]),
         points=torch.rand(n, 8, 2) * 1000,
-        labels=torch.tensor([[1, 0, 1, -1, -1, -1, -1, -1]] * n),
-        is_box=torch.tensor([True, False, True, False, True, True, False]),
+        labels=labels,
+        is_box=torch.tensor([True, False, True, False, True, True, True, False]),
     )
+    predictor = SamPredictor(sam)
     with torch.no_grad():
         batched = decode(sam.prompt_encoder, sam.mask_decoder, embeddings, prompts)
-        for i in range(n):
-            if prompts.is_box[i]:
-                sparse, dense = sam.prompt_encoder(points=None, boxes=prompts.boxes[i : i + 1], masks=None)
-            else:
-                sparse, dense = sam.prompt_encoder(points=(prompts.points[i : i + 1], prompts.labels[i : i + 1]),
-                                                   boxes=None, masks=None)
+        for i, k in enumerate(real_points):
             j = int(prompts.batch_row[i])
-            stock_masks, stock_iou = sam.mask_decoder.predict_masks(
-                embeddings[j : j + 1], sam.prompt_encoder.get_dense_pe(), sparse, dense)
-            torch.testing.assert_close(batched.logits[i], stock_masks[0], rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(batched.iou_pred[i], stock_iou[0], rtol=1e-4, atol=1e-4)
+            predictor.features, predictor.is_image_set = embeddings[j : j + 1], True
+            predictor.original_size = predictor.input_size = (1024, 1024)  # prompts are in the input frame
+            for multimask, outputs in ((False, slice(0, 1)), (True, slice(1, 4))):
+                _, iou, low_res = predictor.predict_torch(
+                    point_coords=prompts.points[i : i + 1, :k] if k else None,
+                    point_labels=prompts.labels[i : i + 1, :k] if k else None,
+                    boxes=prompts.boxes[i : i + 1] if prompts.is_box[i] else None, multimask_output=multimask)
+                torch.testing.assert_close(batched.logits[i, outputs], low_res[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(batched.iou_pred[i, outputs], iou[0], rtol=1e-4, atol=1e-4)
+    assert prompts.multimask.tolist() == [False, False, False, True, False, False, False, False]
     assert set(sam.state_dict()) == set(build_tiny(0).state_dict())  # no new parameters
 
 
@@ -136,6 +145,24 @@ def test_prompts_are_deterministic_per_seed_and_in_the_input_frame():
     np.testing.assert_allclose(interior_point(rect_mask(500, 1000, 100, 100, 300, 300))[0], [200, 200], atol=1.5)
 
 
+def test_box_plus_points_prompts_carry_both_and_train_one_output():
+    mask = rect_mask(500, 1000, 100, 100, 300, 400) & ~rect_mask(500, 1000, 200, 100, 300, 200)  # an L: the box
+    rle = masks.encode(mask)  # keeps background for the negative point
+    settings = PromptSettings(mode="box+points", positive_points=2, negative_points=1)
+    prompt = training_prompt(rle, (100, 100, 300, 400), (500, 1000), settings, rng_for(0, 1, 2))
+    assert prompt.is_box and prompt.labels[:3].tolist() == [1, 1, 0] and (prompt.labels[3:] == -1).all()
+    x, y = prompt.points[0] * (1000 / 1024)  # back to original pixels
+    assert mask[int(y), int(x)]  # a positive point inside the object
+    batch = PromptBatch.from_prompts([prompt], torch.zeros(1, dtype=torch.long))
+    assert not bool(batch.multimask[0])  # a box with points: the single-mask output, as SamPredictor's
+    sam = build_tiny(0)
+    with torch.no_grad():
+        out = decode(sam.prompt_encoder, sam.mask_decoder, torch.randn(1, 256, 64, 64), batch)
+        sparse, _ = sam.prompt_encoder(points=(batch.points[:, :3], batch.labels[:, :3]), boxes=batch.boxes, masks=None)
+    assert sparse.shape[1] == 3 + 2  # the three points and the box's two corners, no padding
+    assert torch.isfinite(out.logits).all()
+
+
 def test_low_res_target_sits_where_the_decoder_predicts():
     rle = masks.encode(rect_mask(512, 1024, 0, 0, 512, 256))  # top-left quarter of a 2:1 image
     target = low_res_target(rle, (512, 1024))
@@ -151,23 +178,23 @@ def test_sam_loss_rewards_the_right_mask_and_iou_head():
     target[0, 50:150, 50:150] = 1
     good = (target * 20 - 10).unsqueeze(1).repeat(1, 4, 1, 1)
     bad = -good
-    is_box = torch.tensor([True])
+    single = torch.tensor([False])  # not multimask: a box prompt's single-mask output
     right_iou = DecoderOutput(good, torch.ones(1, 4))
     wrong_iou = DecoderOutput(good, torch.zeros(1, 4))
-    assert compute_loss(right_iou, target, is_box).total < 0.05
-    assert compute_loss(DecoderOutput(bad, torch.zeros(1, 4)), target, is_box).total > 10
-    assert compute_loss(wrong_iou, target, is_box).iou == pytest.approx(1.0)
+    assert compute_loss(right_iou, target, single).total < 0.05
+    assert compute_loss(DecoderOutput(bad, torch.zeros(1, 4)), target, single).total > 10
+    assert compute_loss(wrong_iou, target, single).iou == pytest.approx(1.0)
     assert mask_iou(good[:, 0], target).item() == 1.0
 
 
-def test_points_train_the_best_multimask_output():
+def test_a_single_point_trains_the_best_multimask_output():
     from samcache.decoder import DecoderOutput
 
     target = torch.zeros(1, 256, 256)
     target[0, :100, :100] = 1
     logits = torch.full((1, 4, 256, 256), -10.0)
     logits[0, 2] = target[0] * 20 - 10  # only mask 2 is right
-    loss = compute_loss(DecoderOutput(logits, torch.ones(1, 4)), target, torch.tensor([False]))
+    loss = compute_loss(DecoderOutput(logits, torch.ones(1, 4)), target, torch.tensor([True]))
     assert loss.train_iou.item() == 1.0 and loss.mask.item() < 0.05
 
 
@@ -176,10 +203,11 @@ def test_tutorial_loss_has_no_useful_gradient():
 
     logits = torch.randn(2, 4, 256, 256, requires_grad=True)
     target = (torch.rand(2, 256, 256) > 0.5).float()
-    compute_loss(DecoderOutput(logits, torch.zeros(2, 4)), target, torch.tensor([True, True]), "mse-threshold").total.backward()
+    compute_loss(DecoderOutput(logits, torch.zeros(2, 4)), target, torch.tensor([False, False]),
+                 "mse-threshold").total.backward()
     assert logits.grad.abs().max() < 1e-3
     sam_logits = logits.detach().clone().requires_grad_(True)
-    compute_loss(DecoderOutput(sam_logits, torch.zeros(2, 4)), target, torch.tensor([True, True]), "sam").total.backward()
+    compute_loss(DecoderOutput(sam_logits, torch.zeros(2, 4)), target, torch.tensor([False, False]), "sam").total.backward()
     assert sam_logits.grad.abs().max() > 1e-6
 
 

@@ -336,7 +336,7 @@ def _train(sam, config: PretrainConfig, *, progress: bool) -> list[dict]:
             embeddings = sam.image_encoder(batch_to_model_input(images))
             output = decode(sam.prompt_encoder, sam.mask_decoder, embeddings, prompts)
         try:
-            stats = optimize_step(output, targets, prompts.is_box, loss_kind=config.loss, optimizer=optimizer,
+            stats = optimize_step(output, targets, prompts.multimask, loss_kind=config.loss, optimizer=optimizer,
                                   parameters=parameters, grad_clip=config.grad_clip)
         except NonFiniteLoss as exc:
             raise TrainingError(f"{exc} at step {step}; lower the learning rate") from None
