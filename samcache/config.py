@@ -135,6 +135,11 @@ class PromptSettings(_Options):
         return self
 
 
+def _each_once(field: str, noun: str, values: list[str]) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{field} names {noun} twice: {','.join(values)}")
+
+
 def _comma_list(value: Any) -> Any:
     # `train: mask_decoder` (YAML) and `--train mask_decoder,prompt_encoder` (CLI) are lists too.
     if isinstance(value, str):
@@ -203,8 +208,7 @@ class TrainConfig(_Options):
 
     @model_validator(mode="after")
     def _unique_parts(self) -> "TrainConfig":
-        if len(set(self.train)) != len(self.train):
-            raise ValueError(f"train names a part twice: {','.join(self.train)}")
+        _each_once("train", "a part", self.train)
         return self
 
 
@@ -261,8 +265,7 @@ class EvalConfig(_Options):
 
     @model_validator(mode="after")
     def _unique_prompts(self) -> "EvalConfig":
-        if len(set(self.prompt)) != len(self.prompt):
-            raise ValueError(f"prompt names a kind twice: {','.join(self.prompt)}")
+        _each_once("prompt", "a kind", self.prompt)
         return self
 
 

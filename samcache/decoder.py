@@ -103,11 +103,12 @@ def decode(
     iou_pred = image_embeddings.new_empty((n, MASK_OUTPUTS))
     image_pe = prompt_encoder.get_dense_pe()
     n_points = prompts.n_points
-    shapes = torch.stack([prompts.is_box.long(), n_points], dim=1)
     if prompts.masks is None and bool((~prompts.is_box & (n_points == 0)).any()):
         raise ValueError("a prompt needs a box, a point or a mask")
-    for has_box, k in torch.unique(shapes, dim=0).tolist():
-        select = ((prompts.is_box == bool(has_box)) & (n_points == k)).nonzero().squeeze(1)
+    shapes, shape_of = torch.unique(torch.stack([prompts.is_box.long(), n_points], dim=1), dim=0,
+                                    return_inverse=True)
+    for group, (has_box, k) in enumerate(shapes.tolist()):
+        select = (shape_of == group).nonzero().squeeze(1)
         sparse, dense = prompt_encoder(
             points=(prompts.points[select, :k], prompts.labels[select, :k]) if k else None,
             boxes=prompts.boxes[select] if has_box else None,

@@ -290,8 +290,8 @@ def decoding_workers(config: EmbedConfig, device: torch.device) -> int:
 def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageRecord], rotation: "_ShardRotation",
                  config: EmbedConfig, device: torch.device, precision: str, preprocessing: Preprocessing,
                  dist: Distributed) -> tuple[int, int]:
-    """Decodes `pending` in DataLoader workers and encodes them in batches into the rotation's
-    shards; returns (embedded, failed)."""
+    """Decodes `pending` (in DataLoader workers, or in this process: decoding_workers) and encodes
+    them in batches into the rotation's shards; returns (embedded, failed)."""
     if not pending:
         return 0, 0
     say = print if config.progress and dist.is_main else (lambda line: None)

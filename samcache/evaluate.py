@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from samcache import __version__, masks
-from samcache.cache import EmbeddingCache
+from samcache.cache import EmbeddingCache, ImageInfo
 from samcache.clicks import click_protocol
 from samcache.config import EvalConfig
+from samcache.datasets.records import ObjectRecord
 from samcache.devices import decoder_precision, resolve_device
 from samcache.errors import OutputError, SamcacheError
 from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace
@@ -33,18 +34,17 @@ from samcache.runs import RunFolder, apply_weights
 from samcache.samples import SampleSettings
 
 
+def score_mask(info: ImageInfo, obj: ObjectRecord, mask: np.ndarray) -> dict:
+    """One object's row: who it is, and the IoU, Dice and boundary F of `mask` against its ground truth."""
+    truth = masks.decode(obj.rle)
+    return {"image": info.name, "object_id": obj.object_id, "category": obj.category, "area": int(truth.sum()),
+            "iou": iou(mask, truth), "dice": dice(mask, truth), "boundary_f": boundary_f(mask, truth)}
+
+
 def score_objects(predictions: Iterator[ObjectPrediction]) -> list[dict]:
-    """IoU, Dice and boundary F of each prediction against its ground truth."""
-    rows = []
-    for p in predictions:
-        obj = p.info.objects[p.object_index]
-        truth = masks.decode(obj.rle)
-        rows.append({
-            "image": p.info.name, "object_id": obj.object_id, "category": obj.category,
-            "area": int(truth.sum()), "iou": iou(p.mask, truth), "dice": dice(p.mask, truth),
-            "boundary_f": boundary_f(p.mask, truth), "score": p.score, "rle": masks.encode(p.mask),
-        })
-    return rows
+    """Each prediction's row (score_mask), with its predicted IoU and its mask."""
+    return [{**score_mask(p.info, p.info.objects[p.object_index], p.mask), "score": p.score,
+             "rle": masks.encode(p.mask)} for p in predictions]
 
 
 def box_fill_rows(cache: EmbeddingCache, indices: list[int], config: EvalConfig) -> list[dict]:
@@ -57,10 +57,7 @@ def box_fill_rows(cache: EmbeddingCache, indices: list[int], config: EvalConfig)
         for j, obj in enumerate(info.objects):
             box = evaluation_box(obj.box, info.original_size, jitter=config.box_jitter, seed=config.seed,
                                  image_index=index, object_number=j + 1)
-            filled, truth = box_fill(box, info.original_size), masks.decode(obj.rle)
-            rows.append({"image": info.name, "object_id": obj.object_id, "category": obj.category,
-                         "area": int(truth.sum()), "iou": iou(filled, truth), "dice": dice(filled, truth),
-                         "boundary_f": boundary_f(filled, truth)})
+            rows.append(score_mask(info, obj, box_fill(box, info.original_size)))
     return rows
 
 
