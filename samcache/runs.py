@@ -7,6 +7,8 @@ This module is the only one that knows the folder's layout:
                           the result once training ends
     RUN/metrics.jsonl     one JSON line per step and per epoch
     RUN/curves.png        loss and validation mIoU
+    RUN/tensorboard/      the same scalars as metrics.jsonl as TensorBoard event files, when the
+                          `tensorboard` package is installed (`tensorboard --logdir runs/`)
     RUN/last.pt           the checkpoint after the last epoch (and every save_every steps):
                           what --resume continues from
     RUN/best.pt           the checkpoint of the epoch with the best validation mIoU
@@ -29,6 +31,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -50,6 +53,7 @@ _CONFIG = "config.yaml"
 _INFO = "run.json"
 _METRICS = "metrics.jsonl"
 _CURVES = "curves.png"
+_TENSORBOARD = "tensorboard"
 _EVAL_PREFIX = "eval-"
 
 
@@ -280,6 +284,8 @@ class RunWriter:
     def __init__(self, run: RunFolder, *, enabled: bool):
         self.run, self.enabled = run, enabled
         self.metrics = run.path / _METRICS
+        self._events = None  # the TensorBoard writer, made at the first record
+        self._purge_step: Optional[int] = None
 
     def start(self, config: TrainConfig, base: LoadedModel, cache_dir: Path, *, train_images: int,
               val_images: int, embeddings_in_memory: bool) -> None:
@@ -300,11 +306,54 @@ class RunWriter:
                                yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
 
     def log(self, record: dict) -> None:
-        if self.enabled:
-            append_text(self.metrics, json.dumps(record) + "\n")
+        """Appends a record to metrics.jsonl and its scalars to the TensorBoard events."""
+        if not self.enabled:
+            return
+        append_text(self.metrics, json.dumps(record) + "\n")
+        events = self._event_writer()
+        if events is None:
+            return
+        try:
+            for tag, value in tensorboard_scalars(record).items():
+                events.add_scalar(tag, value, record["global_step"])
+            if record["type"] == "epoch":  # an epoch's figures are on disk when it ends
+                events.flush()
+        except OSError as exc:  # a copy of metrics.jsonl: losing it must not stop training
+            self._stop_events(exc)
+
+    def _event_writer(self):
+        if self._events is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional: metrics.jsonl and curves.png hold it all
+                self._events = False
+                return None
+            # On resume, purge_step hides the events an interrupted run wrote after its checkpoint.
+            self._events = SummaryWriter(str(self.run.path / _TENSORBOARD), purge_step=self._purge_step)
+        return self._events or None
+
+    def _stop_events(self, exc: OSError) -> None:
+        warnings.warn(f"TensorBoard events in {self.run.path / _TENSORBOARD} stopped ({exc}); "
+                      f"{_METRICS} has every figure", stacklevel=3)
+        try:
+            self._events.close()
+        except OSError:
+            pass
+        self._events = False
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard events (idempotent)."""
+        if self._events:
+            try:
+                self._events.close()
+            except OSError as exc:
+                self._stop_events(exc)
+        self._events = None
 
     def truncate_metrics(self, state: TrainState) -> None:
-        """Drops log lines written after the checkpoint a resumed run starts from."""
+        """Drops log lines written after the checkpoint a resumed run starts from (and, in
+        TensorBoard, the events from that step on)."""
+        self._purge_step = state.global_step + 1
         if not self.enabled or not self.metrics.exists():
             return
         kept = []
@@ -329,6 +378,24 @@ class RunWriter:
         info = self.run.info()
         info["result"] = result
         atomic_write_json(self.run.path / _INFO, info)
+        self.close()
+
+
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record's numbers as TensorBoard tags: "step" records under train/, "epoch"
+    records under val/ without their "val_" prefix (val_miou -> val/miou); a list, such as mIoU per
+    click, one tag per position, from 1."""
+    group = "train" if record["type"] == "step" else "val"
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if key in ("type", "epoch", "step", "global_step"):
+            continue
+        if isinstance(value, (list, tuple)):
+            out.update({f"{group}/{key.removeprefix('val_')}/{i}": float(v) for i, v in enumerate(value, start=1)
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{group}/{key.removeprefix('val_')}"] = float(value)
+    return out
 
 
 # Runs started before the prompt settings became a nested group saved them flat; read those

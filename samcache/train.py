@@ -296,6 +296,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
             writer.finish(asdict(result))
         except OutputError as exc:
             raise TrainingError(f"{exc}. Training stopped; {t.run.after_write_failure()}") from None
+        finally:
+            writer.close()  # the TensorBoard events up to here are on disk, whatever stopped the run
         dist.barrier()  # the run folder is complete when any rank returns
     return result
 
