@@ -284,7 +284,7 @@ class RunWriter:
     def __init__(self, run: RunFolder, *, enabled: bool):
         self.run, self.enabled = run, enabled
         self.metrics = run.path / _METRICS
-        self._events = None  # the TensorBoard writer, made at the first record
+        self._events = None  # the TensorBoard writer, made at the first record; False: none (not installed, failed)
         self._purge_step: Optional[int] = None
 
     def start(self, config: TrainConfig, base: LoadedModel, cache_dir: Path, *, train_images: int,
@@ -378,7 +378,6 @@ class RunWriter:
         info = self.run.info()
         info["result"] = result
         atomic_write_json(self.run.path / _INFO, info)
-        self.close()
 
 
 def tensorboard_scalars(record: dict) -> dict[str, float]:
@@ -390,11 +389,11 @@ def tensorboard_scalars(record: dict) -> dict[str, float]:
     for key, value in record.items():
         if key in ("type", "epoch", "step", "global_step"):
             continue
-        if isinstance(value, (list, tuple)):
-            out.update({f"{group}/{key.removeprefix('val_')}/{i}": float(v) for i, v in enumerate(value, start=1)
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[f"{group}/{key.removeprefix('val_')}"] = float(value)
+        tag = f"{group}/{key.removeprefix('val_')}"
+        entries = enumerate(value, start=1) if isinstance(value, (list, tuple)) else [(None, value)]
+        for position, v in entries:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[tag if position is None else f"{tag}/{position}"] = float(v)
     return out
 
 
