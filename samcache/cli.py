@@ -369,8 +369,11 @@ TRAIN_FLAGS = {
     "epochs": "--epochs", "batch_size": "--batch-size", "objects_per_image": "--objects-per-image", "lr": "--lr",
     "weight_decay": "--weight-decay", "warmup_steps": "--warmup-steps", "grad_clip": "--grad-clip",
     "prompts.mode": "--prompt", "prompts.box_jitter": "--box-jitter", "prompts.box_jitter_max": "--box-jitter-max",
-    "prompts.point_ratio": "--point-ratio", "loss": "--loss", "train": "--train", "val_split": "--val-split",
-    "val_prompt": "--val-prompt", "val_max_images": "--val-max-images", "seed": "--seed", "device": "--device",
+    "prompts.point_ratio": "--point-ratio", "prompts.click_iterations": "--click-iterations",
+    "prompts.mask_prompt_prob": "--mask-prompt-prob", "prompts.mask_prompt_gradient": "--mask-prompt-gradient",
+    "loss": "--loss", "train": "--train", "val_split": "--val-split",
+    "val_prompt": "--val-prompt", "val_clicks": "--val-clicks",
+    "val_max_images": "--val-max-images", "seed": "--seed", "device": "--device",
     "workers": "--workers",
     "cache_in_memory": "--cache-in-memory", "save_every": "--save-every", "checkpoint": "--checkpoint",
 }
@@ -400,6 +403,7 @@ def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, **optio
     \b
     Example:
       samcache train cache/stamps --out runs/stamps --epochs 10
+      samcache train cache/stamps --out runs/clicks --prompt interactive   # SAM's recipe
       samcache train cache/stamps --out runs/stamps --config train.yaml --lr 2e-4
       samcache train cache/stamps --out runs/stamps --resume
     """

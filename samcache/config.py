@@ -39,7 +39,8 @@ from samcache.specs import MODEL_TYPES
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 ENCODER_BACKENDS = ("auto", "torch", "openvino")
-PROMPT_MODES = ("box", "point", "mixed", "box+points")
+PROMPT_MODES = ("box", "point", "mixed", "box+points", "interactive")
+MASK_PROMPT_GRADIENTS = ("detach", "backprop")
 EVAL_PROMPTS = ("box", "point")
 LOSSES = ("sam", "dice-bce", "mse-threshold")
 TRAINABLE = ("mask_decoder", "prompt_encoder")
@@ -50,6 +51,8 @@ SPLITS = ("train", "val", "test")
 TRAIN_SPLIT, VAL_SPLIT, TEST_SPLIT = SPLITS
 MAX_POINTS = 8
 """Points per prompt beyond this are ignored; fixed so that prompts stack into batches."""
+MAX_CLICK_ITERATIONS = 24
+"""The most corrective points `--prompt interactive` adds after the first prompt."""
 
 
 def _no_bool(value: Any) -> Any:
@@ -114,8 +117,10 @@ class PromptSettings(_Options):
     model_config = ConfigDict(frozen=True)
 
     mode: Literal[PROMPT_MODES] = "box"
-    """Training prompts: box, point, mixed (a point prompt with probability point_ratio), or
-    box+points (the jittered box and the points in one prompt, as SamPredictor takes both)."""
+    """Training prompts: box, point, mixed (a point prompt with probability point_ratio),
+    box+points (the jittered box and the points in one prompt, as SamPredictor takes both), or
+    interactive (SAM's own recipe: a box or one point, then corrective points from the error of
+    each prediction, with the previous logits fed back as the mask prompt; interactive.py)."""
     box_jitter: Annotated[Float, Field(ge=0, le=1)] = 0.1
     """Each box side moves by up to this fraction of the box's width or height..."""
     box_jitter_max: Annotated[Float, Field(ge=0)] = 20.0
@@ -126,6 +131,19 @@ class PromptSettings(_Options):
     """Points in the box outside the mask per point prompt."""
     point_ratio: Annotated[Float, Field(ge=0, le=1)] = 0.5
     """With mode mixed, the probability that a prompt is points rather than a box."""
+    click_iterations: Annotated[Int, Field(ge=0, le=MAX_CLICK_ITERATIONS)] = 8
+    """With mode interactive: the corrective points added one per decoder pass after the first
+    prompt, each drawn uniformly from the previous prediction's error (SAM: 8)."""
+    mask_prompt_prob: Annotated[Float, Field(ge=0, le=1)] = 1.0
+    """With mode interactive: the probability that a pass adding a point also gets the previous
+    prediction's low-res logits as the mask prompt (SAM: always; micro-sam: 0.5). The two passes
+    that add no point (one at random among the corrective ones, one last) always get it; 0 turns
+    mask feedback off, and those two passes with it."""
+    mask_prompt_gradient: Literal[MASK_PROMPT_GRADIENTS] = "detach"
+    """With mode interactive: detach (the fed-back logits are a constant of the next pass, as in
+    micro-sam; each pass is backpropagated at once, so memory is one pass's) or backprop (the
+    gradient flows back through them into earlier passes, as in SAM 2; memory grows with the
+    passes)."""
 
     @model_validator(mode="after")
     def _points_fit(self) -> "PromptSettings":
@@ -186,6 +204,9 @@ class TrainConfig(_Options):
     """The cache split validated after each epoch (fixed prompts, mIoU at original resolution)."""
     val_prompt: Literal[EVAL_PROMPTS] = "box"
     """Validation prompts: box (the exact box) or point (the mask's most interior point)."""
+    val_clicks: Optional[Annotated[Int, Field(ge=0, le=20)]] = None
+    """Also validate with the click protocol (clicks.py) after each epoch: mIoU after click 1..N,
+    logged as val_click_miou (not used to pick best.pt). Unset: 3 with --prompt interactive, else 0."""
     val_max_images: Optional[Annotated[Int, Field(ge=1)]] = 200
     """Validate on at most this many images of the split, a subset fixed by the seed (null: all).
 
@@ -210,6 +231,13 @@ class TrainConfig(_Options):
     def _unique_parts(self) -> "TrainConfig":
         _each_once("train", "a part", self.train)
         return self
+
+    @property
+    def validation_clicks(self) -> int:
+        """val_clicks, its default filled in."""
+        if self.val_clicks is not None:
+            return self.val_clicks
+        return 3 if self.prompts.mode == "interactive" else 0
 
 
 RESUME_MAY_CHANGE = ("epochs", "workers", "device", "cache_in_memory", "memory_budget_mb", "save_every",

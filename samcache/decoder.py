@@ -103,7 +103,7 @@ def decode(
     iou_pred = image_embeddings.new_empty((n, MASK_OUTPUTS))
     image_pe = prompt_encoder.get_dense_pe()
     n_points = prompts.n_points
-    if prompts.masks is None and bool((~prompts.is_box & (n_points == 0)).any()):
+    if bool((~prompts.is_box & (n_points == 0) & ~prompts.mask_given).any()):
         raise ValueError("a prompt needs a box, a point or a mask")
     shapes, shape_of = torch.unique(torch.stack([prompts.is_box.long(), n_points], dim=1), dim=0,
                                     return_inverse=True)
@@ -114,6 +114,9 @@ def decode(
             boxes=prompts.boxes[select] if has_box else None,
             masks=None if prompts.masks is None else prompts.masks[select].unsqueeze(1),
         )
+        if prompts.masks is not None and prompts.has_mask is not None:  # some prompts without a mask
+            no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense)
+            dense = torch.where(prompts.has_mask[select].view(-1, 1, 1, 1), dense, no_mask)
         out = predict_masks_batched(
             mask_decoder, image_embeddings, prompts.batch_row[select], image_pe, sparse, dense,
             # without mask prompts every prompt's dense embedding is the prompt encoder's no-mask one

@@ -58,6 +58,8 @@ class PromptBatch:
       is_box: (N,) bool: the prompt has a box (with or without points), else points only.
       masks: (N, 256, 256) low-res logits fed back as the mask prompt (a previous prediction's, as
         `SamPredictor.predict(mask_input=...)` takes them), or None: no mask prompts in the batch.
+      has_mask: (N,) bool, which prompts have their row of `masks` (the others decode as without
+        a mask prompt, like the ONNX interface's has_mask_input = 0); None: all of them.
 
     A prompt is decoded with its real points only, as SamPredictor would be given them: padding
     never reaches the prompt encoder, whose "not a point" tokens would change the masks.
@@ -69,6 +71,7 @@ class PromptBatch:
     labels: torch.Tensor
     is_box: torch.Tensor
     masks: Optional[torch.Tensor] = None
+    has_mask: Optional[torch.Tensor] = None
 
     @classmethod
     def from_prompts(cls, prompts: list[Prompt], batch_row: torch.Tensor) -> "PromptBatch":
@@ -107,12 +110,21 @@ class PromptBatch:
         outputs apply, as SAM was trained (the best of the three). Every other prompt (a box,
         with or without points; several points) uses the single-mask output."""
         single_point = ~self.is_box & (self.n_points == 1)
-        return single_point & (self.masks is None)  # a mask prompt resolves the ambiguity
+        return single_point & ~self.mask_given  # a mask prompt resolves the ambiguity
+
+    @property
+    def mask_given(self) -> torch.Tensor:
+        """(N,) bool: the prompt has a mask prompt."""
+        if self.masks is None:
+            return torch.zeros_like(self.is_box)
+        return torch.ones_like(self.is_box) if self.has_mask is None else self.has_mask
 
     def to(self, device) -> "PromptBatch":
-        return PromptBatch(*(t.to(device, non_blocking=True) for t in
-                             (self.batch_row, self.boxes, self.points, self.labels, self.is_box)),
-                           masks=None if self.masks is None else self.masks.to(device, non_blocking=True))
+        def moved(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return PromptBatch(*(moved(t) for t in (self.batch_row, self.boxes, self.points, self.labels, self.is_box,
+                                                self.masks, self.has_mask)))
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:
@@ -172,16 +184,55 @@ def make_prompt(box, points, labels, *, is_box: bool, original_size: tuple[int, 
 
 
 def training_prompt(rle: dict, box, original_size, settings: PromptSettings, rng: np.random.Generator) -> Prompt:
-    """A random prompt for one object (see PromptSettings)."""
+    """A random prompt for one object (see PromptSettings); with mode interactive, the first
+    prompt of SAM's recipe: the jittered box or one positive point, 1/2 each."""
+    interactive = settings.mode == "interactive"
     use_points = (settings.mode in ("point", "box+points")
-                  or (settings.mode == "mixed" and rng.random() < settings.point_ratio))
+                  or (settings.mode == "mixed" and rng.random() < settings.point_ratio)
+                  or (interactive and rng.random() < 0.5))
     jittered = jitter_box(box, original_size, rng, fraction=settings.box_jitter, max_pixels=settings.box_jitter_max)
     if not use_points:
         return make_prompt(jittered, None, None, is_box=True, original_size=original_size)
     mask = masks.decode(rle)
-    points, labels = sample_points(mask, box, rng, positive=settings.positive_points,
-                                   negative=settings.negative_points)
+    positive, negative = (1, 0) if interactive else (settings.positive_points, settings.negative_points)
+    points, labels = sample_points(mask, box, rng, positive=positive, negative=negative)
     return make_prompt(jittered, points, labels, is_box=settings.mode == "box+points", original_size=original_size)
+
+
+REFINE_PASSES = 2
+"""Passes of the interactive recipe that add no point, only the mask prompt (SAM: 2)."""
+
+
+def click_passes(settings: PromptSettings) -> int:
+    """Decoder passes per step of the interactive recipe: the first prompt, one per corrective
+    point, and the refinement passes when there is mask feedback (SAM: 1 + 8 + 2 = 11)."""
+    return 1 + settings.click_iterations + (REFINE_PASSES if settings.mask_prompt_prob > 0 else 0)
+
+
+def click_schedule(settings: PromptSettings, seed: int, epoch: int, image_index: int,
+                   object_number: int) -> np.ndarray:
+    """One object's draws for the interactive recipe: (3, passes) float32 rows `adds_point`,
+    `uses_mask` (0/1) and `pick` (uniform in [0, 1): which error pixel its new point takes, see
+    interactive.py). Pass 0 is the first prompt (no point added, no mask). Of the later passes
+    the last, and one at random before it, only refine (no new point, the mask prompt always);
+    each of the others adds a point and gets the mask prompt with probability mask_prompt_prob.
+    Pass p's draws come from rng_for(seed, epoch, image, object, p), the refinement position from
+    key 0, so the schedule never depends on anything else."""
+    passes = click_passes(settings)
+    adds_point, uses_mask, pick = np.zeros((3, passes), np.float32)
+    refine = set()
+    if passes > 1 + settings.click_iterations:  # refinement passes: the last and one random earlier one
+        refine = {passes - 1, 1 + int(rng_for(seed, epoch, image_index, object_number, 0).integers(passes - 2))}
+    for p in range(1, passes):
+        rng = rng_for(seed, epoch, image_index, object_number, p)
+        pick[p] = rng.random()
+        mask_draw = rng.random()
+        if p in refine:
+            uses_mask[p] = 1
+        else:
+            adds_point[p] = 1
+            uses_mask[p] = mask_draw < settings.mask_prompt_prob
+    return np.stack([adds_point, uses_mask, pick])
 
 
 def evaluation_box(box, original_size: tuple[int, int], *, jitter: float, seed: int, image_index: int,
@@ -221,10 +272,14 @@ def low_res_target(rle: dict, input_size: tuple[int, int], image_size: int = IMA
     input, then area-averaged down by 4, matching where the decoder's low-res logits sit.
     """
     mask = masks.decode(rle).astype(np.float32)
-    h, w = input_size
-    scale = LOW_RES_SIZE / image_size
-    low_h, low_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    low_h, low_w = low_res_size(input_size, image_size)
     resized = cv2.resize(mask, (low_w, low_h), interpolation=cv2.INTER_AREA)
     target = np.zeros((LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
     target[:low_h, :low_w] = resized
     return target
+
+
+def low_res_size(input_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> tuple[int, int]:
+    """The image's part of the decoder's 256x256 frame (the rest is the input's padding)."""
+    scale = LOW_RES_SIZE / image_size
+    return max(1, int(round(input_size[0] * scale))), max(1, int(round(input_size[1] * scale)))

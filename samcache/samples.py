@@ -23,7 +23,16 @@ from torch.utils.data import Sampler
 from samcache.cache import EmbeddingCache
 from samcache.config import PromptSettings
 from samcache.devices import available_memory_bytes
-from samcache.prompts import PromptBatch, evaluation_box, evaluation_prompt, low_res_target, rng_for, training_prompt
+from samcache.prompts import (
+    PromptBatch,
+    click_schedule,
+    evaluation_box,
+    evaluation_prompt,
+    low_res_size,
+    low_res_target,
+    rng_for,
+    training_prompt,
+)
 from samcache.specs import EMBEDDING_SHAPE, LOW_RES_SIZE
 
 EMBEDDING_BYTES = 2 * math.prod(EMBEDDING_SHAPE)  # float16
@@ -140,7 +149,7 @@ class CacheSamples(TorchDataset):
             objects = [objects[i] for i in sorted(chosen)]
         elif s.prompts is None:
             objects = objects[: s.objects_per_image] if s.objects_per_image else objects
-        prompts = []
+        prompts, schedules = [], []
         for j, obj in enumerate(objects):
             if s.prompts is None:
                 box = evaluation_box(obj.box, info.original_size, jitter=s.eval_box_jitter, seed=s.seed,
@@ -149,26 +158,50 @@ class CacheSamples(TorchDataset):
             else:
                 rng = rng_for(s.seed, epoch, index, j + 1)
                 prompts.append(training_prompt(obj.rle, obj.box, info.original_size, s.prompts, rng))
+                if s.prompts.mode == "interactive":
+                    schedules.append(click_schedule(s.prompts, s.seed, epoch, index, j + 1))
         item = {
             "index": index,
             "prompts": prompts,
             "targets": np.stack([low_res_target(o.rle, info.input_size) for o in objects]) if objects else
             np.zeros((0, LOW_RES_SIZE, LOW_RES_SIZE), np.float32),
         }
+        if schedules:
+            item["schedules"] = np.stack(schedules)
+            item["valid_sizes"] = np.tile(np.array(low_res_size(info.input_size)), (len(objects), 1))
         if self.read_embeddings:
             item["embedding"] = torch.from_numpy(self.cache.embedding(index))
         return item
 
 
 @dataclass
+class ClickSchedules:
+    """The interactive recipe's draws for N prompts (prompts.click_schedule).
+
+    Arguments:
+      draws: (N, 3, passes) float: rows adds_point, uses_mask (0/1), pick (uniform in [0, 1)).
+      valid_sizes: (N, 2) long, (height, width) of each prompt's image in the 256x256 frame:
+        corrective points are never drawn in the padding.
+    """
+
+    draws: torch.Tensor
+    valid_sizes: torch.Tensor
+
+    def to(self, device) -> "ClickSchedules":
+        return ClickSchedules(self.draws.to(device), self.valid_sizes.to(device))
+
+
+@dataclass
 class Batch:
     """A collated batch: B images (cache indices; their embeddings, unless held in memory) and
-    N prompts with their (N, 256, 256) low-res targets."""
+    N prompts with their (N, 256, 256) low-res targets (and, with --prompt interactive, their
+    click schedules)."""
 
     indices: list[int]
     embeddings: Optional[torch.Tensor]
     prompts: PromptBatch
     targets: torch.Tensor
+    schedules: Optional[ClickSchedules] = None
 
     @property
     def n_prompts(self) -> int:
@@ -186,4 +219,13 @@ def collate(items: list[dict]) -> Optional[Batch]:
         embeddings=torch.stack([item["embedding"] for item in items]) if "embedding" in items[0] else None,
         prompts=PromptBatch.from_prompts(prompts, batch_row),
         targets=torch.from_numpy(np.concatenate([item["targets"] for item in items])),
+        schedules=_collate_schedules(items),
     )
+
+
+def _collate_schedules(items: list[dict]) -> Optional[ClickSchedules]:
+    with_objects = [item for item in items if "schedules" in item]
+    if not with_objects:
+        return None
+    return ClickSchedules(torch.from_numpy(np.concatenate([item["schedules"] for item in with_objects])),
+                          torch.from_numpy(np.concatenate([item["valid_sizes"] for item in with_objects])).long())

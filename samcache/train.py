@@ -1,15 +1,18 @@
 """Stage two: train the mask decoder (and optionally the prompt encoder) from the cache.
 
 The image encoder never runs: each step reads B cached embeddings and decodes B x K prompts
-with one batched forward (decoder.decode). What a run writes is described in runs.py.
+with one batched forward (decoder.decode), or with --prompt interactive one such forward per
+pass of SAM's click recipe (interactive.py). What a run writes is described in runs.py.
 
 `train` reads top to bottom: `Training.setup` (cache, splits, model, optimizer, data), a first
 validation (or the state from last.pt on --resume), then per epoch `train_epoch` (each step
-ends in `optimize_step`) and `end_epoch` (validate, checkpoint, plot).
+is `Training.step`: step.py's `optimize_step` or `interactive_step`) and `end_epoch`
+(validate, by clicks too when asked, checkpoint, plot).
 
 Resume restores the weights, optimizer state and position (a `TrainState`) from last.pt; the
-learning rate is a function of the step and all sampling a function of (seed, epoch, image),
-so a resumed run ends with the same weights as an uninterrupted one.
+learning rate is a function of the step and all sampling a function of (seed, epoch, image)
+(the interactive recipe's of (seed, epoch, image, object, pass)), so a resumed run ends with
+the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from torch.utils.data import DataLoader
 
 from samcache import masks
 from samcache.cache import EmbeddingCache, crash_point
+from samcache.clicks import click_protocol
 from samcache.config import RESUME_MAY_CHANGE, TRAINABLE, TrainConfig, resume_changes
-from samcache.decoder import DecoderOutput, compute_loss, decode
+from samcache.decoder import DecoderOutput, decode
 from samcache.devices import autocast, decoder_precision, resolve_device
 from samcache.distributed import SINGLE, Distributed
 from samcache.errors import OutputError, RunError, TrainingError
@@ -36,11 +40,12 @@ from samcache.locks import WriterLock
 from samcache.metrics import iou
 from samcache.models import LoadedModel, load_matching
 from samcache.progress import progress_bar
-from samcache.prompts import PromptBatch, rng_for
+from samcache.prompts import PromptBatch, click_passes, rng_for
 from samcache.runs import RunCheckpoint, RunFolder, RunWriter, TrainState, apply_weights, upgrade_saved_config
 from samcache.samples import (
     Batch,
     CacheSamples,
+    ClickSchedules,
     EmbeddingStore,
     EpochBatches,
     SampleSettings,
@@ -48,6 +53,7 @@ from samcache.samples import (
     should_hold_in_memory,
 )
 from samcache.specs import EMBEDDING_SHAPE, LOW_RES_SIZE
+from samcache.step import NonFiniteLoss, StepStats, interactive_step, optimize_step
 
 
 @dataclass
@@ -83,63 +89,6 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Sets every parameter group's rate to `lr` times the group's "lr_scale" (1 when absent)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-# ------------------------------------------------------------------------------- the step
-@dataclass
-class StepStats:
-    """One step's loss parts, averaged over the global batch, and its number of prompts."""
-
-    loss: float
-    mask_loss: float
-    iou_loss: float
-    train_iou: float
-    prompts: int
-
-
-class NonFiniteLoss(TrainingError):
-    """The loss became NaN or infinite; nothing was applied to the weights."""
-
-    def __init__(self, value: float):
-        super().__init__(f"the loss became {value}")
-        self.value = value
-
-
-def rank_loss_weight(n_local: int, n_global: int, world_size: int) -> float:
-    """The factor on a rank's mean loss that makes DistributedDataParallel's averaged gradient the
-    gradient of the global batch's mean: the ranks' prompt counts differ, so each rank's mean
-    weighs by its share of the global batch (n_local / n_global), times the world size that DDP's
-    average divides by."""
-    return n_local * world_size / n_global
-
-
-def optimize_step(output: DecoderOutput, targets: torch.Tensor, multimask: torch.Tensor, *, loss_kind: str,
-                  optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], grad_clip: float,
-                  n_local: Optional[int] = None, dist: Distributed = SINGLE) -> StepStats:
-    """Loss, backward, clip, optimizer step: the step of `samcache train` and of the tiny pretraining.
-
-    Arguments:
-      output: the decoder's output for the step's prompts (computed under the caller's autocast).
-      targets: (N, 256, 256) low-res targets; multimask: (N,) which prompts use the three outputs.
-      loss_kind: see decoder.compute_loss.
-      parameters: what is trained (clipped together to `grad_clip`; 0: no clipping).
-      n_local: this rank's real prompts (0 for a placeholder step; default: all N).
-      dist: under torchrun, the loss parts are combined over ranks and weighed by `rank_loss_weight`.
-    Raises NonFiniteLoss, on every rank alike, before anything is applied.
-    """
-    n_local = targets.shape[0] if n_local is None else n_local
-    loss = compute_loss(output, targets, multimask, loss_kind)
-    parts = (loss.total, loss.mask, loss.iou, loss.train_iou)
-    n_global, *sums = dist.sum([n_local] + [n_local * p.item() if n_local else 0.0 for p in parts])
-    stats = StepStats(*(v / n_global for v in sums), prompts=int(n_global))
-    if not math.isfinite(stats.loss):
-        raise NonFiniteLoss(stats.loss)
-    optimizer.zero_grad(set_to_none=True)
-    (loss.total * rank_loss_weight(n_local, n_global, dist.world_size)).backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-    optimizer.step()
-    return stats
 
 
 # ------------------------------------------------------------------------------ the setup
@@ -209,15 +158,31 @@ class Training:
     def sam(self):
         return self.base.sam
 
+    def step(self, batch: Batch) -> StepStats:
+        """One optimizer step on a batch from `step_inputs` (a placeholder batch has no indices
+        and weighs nothing)."""
+        config, precision = self.config, decoder_precision(self.device)
+        n_local = batch.n_prompts if batch.indices else 0
+        embeddings = batch.embeddings.float()
+        common = dict(loss_kind=config.loss, optimizer=self.optimizer, parameters=self.parameters,
+                      grad_clip=config.grad_clip, n_local=n_local, dist=self.dist)
+        if batch.schedules is not None:
+            return interactive_step(self.module, embeddings, batch.prompts, batch.targets, batch.schedules,
+                                    settings=config.prompts, precision=precision, **common)
+        with autocast(self.device, precision):
+            output = self.module(embeddings, batch.prompts)
+        return optimize_step(output, batch.targets, batch.prompts.multimask, **common)
+
     def checkpoint(self, state: TrainState) -> RunCheckpoint:
         return RunCheckpoint.capture(self.sam, self.optimizer, self.config, self.cache.provenance, state)
 
-    def step_inputs(self, batch: Optional[Batch]) -> tuple[torch.Tensor, PromptBatch, torch.Tensor, int]:
-        """(embeddings, prompts, targets, real prompts) on the device; a placeholder for an empty share."""
+    def step_inputs(self, batch: Optional[Batch]) -> Batch:
+        """The batch on the device (embeddings filled in); a placeholder for an empty share."""
         if batch is None:
-            return _placeholder_step_inputs(self.device)
+            return _placeholder_step_inputs(self.device, self.config)
         embeddings = self.store.gather(batch.indices) if self.store is not None else batch.embeddings.to(self.device)
-        return embeddings, batch.prompts.to(self.device), batch.targets.to(self.device), batch.n_prompts
+        return Batch(batch.indices, embeddings, batch.prompts.to(self.device), batch.targets.to(self.device),
+                     None if batch.schedules is None else batch.schedules.to(self.device))
 
 
 def _splits(cache: EmbeddingCache, config: TrainConfig, dist: Distributed) -> tuple[list[int], list[int]]:
@@ -250,12 +215,17 @@ def _wrap_for_distributed(module: DecoderModule, config: TrainConfig, device: to
                                    find_unused_parameters="prompt_encoder" in config.train)
 
 
-def _placeholder_step_inputs(device: torch.device):
-    """One prompt on a blank embedding, weighted 0: a rank without images in a step must still run
-    forward and backward, since DistributedDataParallel averages gradients from all ranks."""
+def _placeholder_step_inputs(device: torch.device, config: TrainConfig) -> Batch:
+    """One prompt on a blank embedding, in a batch of no images (so it weighs 0): a rank without
+    images in a step must still run forward and backward as often as the others, since
+    DistributedDataParallel averages gradients from all ranks."""
     prompts = PromptBatch.boxes_of_one_image(torch.tensor([[0.0, 0.0, 64.0, 64.0]]))
-    return (torch.zeros((1, *EMBEDDING_SHAPE), device=device), prompts.to(device),
-            torch.zeros((1, LOW_RES_SIZE, LOW_RES_SIZE), device=device), 0)
+    schedules = None
+    if config.prompts.mode == "interactive":  # as many passes as the other ranks; no points, no masks
+        schedules = ClickSchedules(torch.zeros((1, 3, click_passes(config.prompts))),
+                                   torch.tensor([[LOW_RES_SIZE, LOW_RES_SIZE]])).to(device)
+    return Batch([], torch.zeros((1, *EMBEDDING_SHAPE), device=device), prompts.to(device),
+                 torch.zeros((1, LOW_RES_SIZE, LOW_RES_SIZE), device=device), schedules)
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -304,13 +274,14 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
 
 def start_state(t: Training, writer: RunWriter, *, progress: bool) -> TrainState:
     """A new run: validate the base decoder (epoch 0 of the history) and write the run's header."""
-    start_miou = validate(t)
+    start_miou, click_miou = validate(t), validate_clicks(t)
     writer.start(t.config, t.base, t.cache.cache_dir, train_images=len(t.train_indices),
                  val_images=len(t.val_indices), embeddings_in_memory=t.store is not None)
-    writer.log({"type": "epoch", "epoch": 0, "global_step": 0, "val_miou": start_miou})
+    writer.log({"type": "epoch", "epoch": 0, "global_step": 0, "val_miou": start_miou,
+                **_clicks_field(click_miou)})
     if progress and t.dist.is_main:
         print(f"validation mIoU before training: {start_miou:.4f} ({len(t.val_indices)} images, "
-              f"split {t.config.val_split!r}, {t.config.val_prompt} prompts)")
+              f"split {t.config.val_split!r}, {t.config.val_prompt} prompts){_clicks_text(click_miou)}")
     return TrainState(history=[start_miou])
 
 
@@ -348,12 +319,8 @@ def train_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, *
     for batch_number, batch in enumerate(loader, start=t.sampler.start_batch):
         lr = learning_rate(state.global_step, t.steps_per_epoch * config.epochs, config)
         set_learning_rate(t.optimizer, lr)
-        embeddings, prompt_batch, targets, n_local = t.step_inputs(batch)
-        with autocast(t.device, decoder_precision(t.device)):
-            output = t.module(embeddings.float(), prompt_batch)
         try:
-            stats = optimize_step(output, targets, prompt_batch.multimask, loss_kind=config.loss, optimizer=t.optimizer,
-                                  parameters=t.parameters, grad_clip=config.grad_clip, n_local=n_local, dist=t.dist)
+            stats = t.step(t.step_inputs(batch))
         except NonFiniteLoss as exc:
             raise TrainingError(f"{exc} at epoch {epoch + 1}, step {batch_number + 1}: stopped. "
                                 f"{t.run.after_failure()}") from None
@@ -378,14 +345,14 @@ def end_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, pro
               progress: bool) -> None:
     """Validates, records the epoch, saves best.pt (when it improved) and last.pt, redraws the curves.
     Its throughput counts the whole epoch, validation included."""
-    miou = validate(t)
+    miou, click_miou = validate(t), validate_clicks(t)
     state.history.append(miou)
     state.epoch, state.batch = epoch + 1, 0
     improved = miou > state.best_miou
     if improved:
         state.best_miou, state.best_epoch = miou, epoch + 1
     writer.log({"type": "epoch", "epoch": epoch + 1, "global_step": state.global_step, "val_miou": miou,
-                "samples_per_s": prompts / max(time.time() - started, 1e-9)})
+                **_clicks_field(click_miou), "samples_per_s": prompts / max(time.time() - started, 1e-9)})
     if writer.enabled:  # only the writing rank builds checkpoints
         checkpoint = t.checkpoint(state)
         if improved:
@@ -394,7 +361,8 @@ def end_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, pro
     writer.plot()
     if progress and t.dist.is_main:
         print(f"epoch {epoch + 1}/{t.config.epochs}: validation mIoU {miou:.4f}"
-              f"{' (best)' if improved else ''}, {prompts / max(time.time() - started, 1e-9):.1f} samples/s")
+              f"{' (best)' if improved else ''}{_clicks_text(click_miou)}, "
+              f"{prompts / max(time.time() - started, 1e-9):.1f} samples/s")
 
 
 def validate(t: Training) -> float:
@@ -414,6 +382,31 @@ def validate(t: Training) -> float:
     t.sam.train()
     total, count = t.dist.sum([float(np.sum(scores)) if scores else 0.0, len(scores)])
     return total / count if count else float("nan")
+
+
+def validate_clicks(t: Training) -> Optional[list[float]]:
+    """mIoU after each click of the click protocol (clicks.py) on the validation objects, or None
+    when the run does not validate by clicks (TrainConfig.val_clicks)."""
+    clicks = t.config.validation_clicks
+    if not clicks:
+        return None
+    t.sam.eval()
+    indices = t.val_indices[t.dist.rank :: t.dist.world_size]
+    result = click_protocol(t.sam.prompt_encoder, t.sam.mask_decoder, t.cache, indices, clicks, device=t.device,
+                            precision=decoder_precision(t.device))
+    t.sam.train()
+    count, *totals = t.dist.sum([result["objects"]] + [result["objects"] * m for m in result["miou"]])
+    return [v / count if count else float("nan") for v in totals]
+
+
+def _clicks_field(click_miou: Optional[list[float]]) -> dict:
+    return {} if click_miou is None else {"val_click_miou": click_miou}
+
+
+def _clicks_text(click_miou: Optional[list[float]]) -> str:
+    if click_miou is None:
+        return ""
+    return f"; by clicks 1..{len(click_miou)}: " + " ".join(f"{v:.3f}" for v in click_miou)
 
 
 def _progress(total: int, description: str, enabled: bool):

@@ -6,7 +6,7 @@ trains all of `tiny` (image encoder, prompt encoder, mask decoder) from its rand
 initialisation on images drawn on the fly by `samcache.tiny.shapes` (never the stamps
 domain), with box prompts jittered as SAM's training does and single-point prompts, using the
 same preprocessing as `samcache embed`, the same batched decoder and training step
-(`train.optimize_step`) as `samcache train`, and the same inference path (inference.py) as
+(`step.optimize_step`) as `samcache train`, and the same inference path (inference.py) as
 `samcache eval`. It ends with a fixed, seeded held-out evaluation and writes:
 
     OUT.safetensors   the full state dict (Meta's key layout), stored as float16
@@ -52,8 +52,9 @@ from samcache.models import build_sam, build_tiny, load_weights_into, read_state
 from samcache.preprocess import batch_to_model_input, input_size, resize_image
 from samcache.progress import progress_bar
 from samcache.prompts import PromptBatch, evaluation_prompt, low_res_target, rng_for, training_prompt
+from samcache.step import NonFiniteLoss, optimize_step
 from samcache.tiny.shapes import ShapesSettings, render_shapes
-from samcache.train import NonFiniteLoss, optimize_step, set_learning_rate, warmup_cosine
+from samcache.train import set_learning_rate, warmup_cosine
 
 CPU = torch.device("cpu")
 
