@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,6 +74,18 @@ def train_run(cache_dir: Path, run_dir: Path, **overrides):
     from samcache.train import train
 
     return train(cache_dir, run_dir, TrainConfig(**{**QUICK_TRAIN, **overrides}), progress=False)
+
+
+def train_process(cache_dir: Path, run_dir: Path, args: list[str], *,
+                  crash_at: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m samcache train CACHE --out RUN ARGS` in a subprocess; `crash_at` kills it there
+    (SAMCACHE_CRASH_AT, cache.crash_point)."""
+    env = dict(os.environ)
+    env.pop("SAMCACHE_CRASH_AT", None)
+    if crash_at:
+        env["SAMCACHE_CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, "-m", "samcache", "train", str(cache_dir), "--out", str(run_dir), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

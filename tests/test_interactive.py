@@ -4,9 +4,6 @@ step, mixed mask prompts, the step's gradient, DDP, resume."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from samcache.runs import RunCheckpoint
 from samcache.samples import ClickSchedules
 from samcache.step import interactive_step
 from samcache.train import DecoderModule, train
-from tests.helpers import QUICK_TRAIN
+from tests.helpers import QUICK_TRAIN, train_process
 
 INTERACTIVE = PromptSettings(mode="interactive")
 
@@ -309,20 +306,12 @@ def test_interactive_run_killed_mid_epoch_resumes_to_the_same_weights(stamps_cac
             "--prompt", "interactive", "--click-iterations", "3", "--mask-prompt-prob", "0.5", "--save-every", "2",
             "--val-clicks", "2"]
 
-    def run(out: Path, *extra: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
-        env = dict(os.environ)
-        env.pop("SAMCACHE_CRASH_AT", None)
-        if crash_at:
-            env["SAMCACHE_CRASH_AT"] = crash_at
-        return subprocess.run([sys.executable, "-m", "samcache", "train", str(stamps_cache), "--out", str(out),
-                               *(args if not extra else extra)], env=env, capture_output=True, text=True, timeout=600)
-
-    reference = run(tmp_path / "reference")
+    reference = train_process(stamps_cache, tmp_path / "reference", args)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    killed = run(tmp_path / "killed", crash_at="train-step:3")
+    killed = train_process(stamps_cache, tmp_path / "killed", args, crash_at="train-step:3")
     assert killed.returncode != 0
     assert RunCheckpoint.read(tmp_path / "killed" / "last.pt").state.batch == 2
-    resumed = run(tmp_path / "killed", "--resume")
+    resumed = train_process(stamps_cache, tmp_path / "killed", ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = RunCheckpoint.read(tmp_path / "reference" / "last.pt")
     got = RunCheckpoint.read(tmp_path / "killed" / "last.pt")

@@ -93,11 +93,11 @@ def test_resume_may_train_more_epochs_and_records_them(stamps_cache, stamps_run_
 
 
 def test_a_run_that_failed_before_any_checkpoint_starts_over(stamps_cache, tmp_path, monkeypatch):
-    import samcache.train as train_module
+    import samcache.step as step_module
     from samcache.errors import TrainingError
     from samcache.train import train
 
-    real = train_module.compute_loss
+    real = step_module.compute_loss
 
     def exploding(*args, **kwargs):
         parts = real(*args, **kwargs)
@@ -105,11 +105,11 @@ def test_a_run_that_failed_before_any_checkpoint_starts_over(stamps_cache, tmp_p
         return parts
 
     config = TrainConfig(epochs=1, batch_size=2, objects_per_image=1, workers=0, save_every=None)
-    monkeypatch.setattr(train_module, "compute_loss", exploding)
+    monkeypatch.setattr(step_module, "compute_loss", exploding)
     with pytest.raises(TrainingError, match="No checkpoint was saved yet.*run the same command again"):
         train(stamps_cache, tmp_path / "run", config, progress=False)
     assert not (tmp_path / "run" / "last.pt").exists()
-    monkeypatch.setattr(train_module, "compute_loss", real)
+    monkeypatch.setattr(step_module, "compute_loss", real)
     result = train(stamps_cache, tmp_path / "run", config, progress=False)  # the same command, no --resume
     assert result.epochs_run == 1 and RunFolder(tmp_path / "run").read_checkpoint("last").state.epoch == 1
     steps = math.ceil(len(EmbeddingCache(stamps_cache).annotated_indices("train")) / config.batch_size)

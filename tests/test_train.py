@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +37,7 @@ from samcache.prompts import (
 )
 from samcache.runs import RunCheckpoint
 from samcache.train import learning_rate, train
-from tests.helpers import QUICK_TRAIN, make_coco, rect_mask, write_image
+from tests.helpers import QUICK_TRAIN, make_coco, rect_mask, train_process, write_image
 
 QUICK = dict(QUICK_TRAIN, warmup_steps=1)
 # `stamps_cache` is the shared session cache of conftest.py: training only reads it.
@@ -261,18 +259,18 @@ def test_prompt_encoder_can_be_trained_too(stamps_cache, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(stamps_cache, tmp_path, monkeypatch):
-    import samcache.train as train_module
+    import samcache.step as step_module
 
     train(stamps_cache, tmp_path / "r", TrainConfig(**QUICK), progress=False)
     good = (tmp_path / "r" / "last.pt").read_bytes()
-    real = train_module.compute_loss
+    real = step_module.compute_loss
 
     def exploding(*args, **kwargs):
         parts = real(*args, **kwargs)
         parts.total = parts.total * float("nan")
         return parts
 
-    monkeypatch.setattr(train_module, "compute_loss", exploding)
+    monkeypatch.setattr(step_module, "compute_loss", exploding)
     with pytest.raises(TrainingError, match="loss became nan at epoch 2, step 1.*last good checkpoint"):
         train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "epochs": 2}), resume=True, progress=False)
     assert (tmp_path / "r" / "last.pt").read_bytes() == good
@@ -344,12 +342,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(stamps_cache, tmp_pa
     args = ["--epochs", "2", "--batch-size", "1", "--objects-per-image", "2", "--workers", "1", "--warmup-steps", "2"]
 
     def run(out: Path, *extra: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
-        env = dict(os.environ)
-        env.pop("SAMCACHE_CRASH_AT", None)
-        if crash_at:
-            env["SAMCACHE_CRASH_AT"] = crash_at
-        return subprocess.run([sys.executable, "-m", "samcache", "train", str(stamps_cache), "--out", str(out),
-                               *args, *extra], env=env, capture_output=True, text=True, timeout=600)
+        return train_process(stamps_cache, out, [*args, *extra], crash_at=crash_at)
 
     # Steps per epoch: the 'train' images. Save every 2 steps; die at step 3 of epoch 1, mid-epoch.
     steps_per_epoch = len(EmbeddingCache(stamps_cache).annotated_indices("train"))

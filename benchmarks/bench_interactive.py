@@ -1,0 +1,203 @@
+"""Benchmark: box training vs SAM's interactive recipe (`--prompt interactive`), on the demo's stamps.
+
+Part 1, quality. Each variant is a `samcache train` run on the demo's cache (the pretrained tiny,
+the demo's options: `make demo`'s DEMO_TRAIN), then `samcache eval` on the test split with box
+and point prompts and 5 clicks of the click protocol. Variants (the same epochs, --epochs, and seed):
+
+  box           --prompt box (the demo's run)
+  interactive   --prompt interactive (its defaults: 8 corrective points, mask feedback on every
+                pass, detached)
+  no-feedback   --prompt interactive --mask-prompt-prob 0 (the points alone, 9 passes)
+  half-feedback --prompt interactive --mask-prompt-prob 0.5 (micro-sam's choice)
+  backprop      --prompt interactive --mask-prompt-gradient backprop (SAM 2's choice)
+
+Part 2, cost. One process, the same batches (the train split, batch 4 x 4 objects), steps of each
+kind interleaved round by round: the box step, and the interactive step detached, with backprop
+and without feedback; prompts/s counts each prompt once per step (not per pass). Peak memory:
+each kind alone in a fresh subprocess, its max RSS after one step.
+
+Every finished run and report is kept in --work and skipped on the next call; an interrupted run
+resumes from its last.pt, so the whole benchmark can be stopped and started again.
+
+    python benchmarks/bench_interactive.py --cache cache/stamps --work /tmp/bench_interactive
+    python benchmarks/bench_interactive.py --cache cache/stamps --work /tmp/bench_interactive --only cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEMO_TRAIN = ["--lr", "1e-3", "--loss", "dice-bce", "--batch-size", "4", "--objects-per-image", "4"]
+VARIANTS = {
+    "box": ["--prompt", "box"],
+    "interactive": ["--prompt", "interactive"],
+    "no-feedback": ["--prompt", "interactive", "--mask-prompt-prob", "0"],
+    "half-feedback": ["--prompt", "interactive", "--mask-prompt-prob", "0.5"],
+    "backprop": ["--prompt", "interactive", "--mask-prompt-gradient", "backprop"],
+}
+CLICKS = 5
+
+
+def samcache(*args) -> None:
+    command = [sys.executable, "-m", "samcache", *map(str, args)]
+    print("$ samcache " + " ".join(map(str, args)), flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+
+
+def quality(cache: Path, work: Path, variants: list[str], epochs: int) -> dict:
+    results = {}
+    for name in variants:
+        run, report = work / "runs" / name, work / "reports" / name
+        started = time.time()
+        if not (run / "run.json").exists() or "result" not in json.loads((run / "run.json").read_text()):
+            resume = ["--resume"] if (run / "last.pt").exists() else []
+            samcache("train", cache, "--out", run, "--epochs", epochs, *DEMO_TRAIN, *VARIANTS[name], *resume)
+        if not (report / "summary.json").exists():
+            samcache("eval", cache, "--run", run, "--out", report, "--split", "test", "--prompt", "box,point",
+                     "--clicks", CLICKS, "--overwrite")
+        summary = json.loads((report / "summary.json").read_text())
+        result = json.loads((run / "run.json").read_text())["result"]
+        results[name] = {"summary": summary, "train_seconds": result["seconds"],
+                         "prompts_per_s": result["samples_per_second"], "wall": time.time() - started}
+    return results
+
+
+def quality_table(results: dict) -> str:
+    first = next(iter(results.values()))["summary"]
+    rows = ["| model | box mIoU | point mIoU | " + " | ".join(f"{k} click{'s' if k > 1 else ''}"
+                                                            for k in range(1, CLICKS + 1)) + " | NoC85 | NoC90 |",
+            "| --- | ---: | ---: | " + " | ".join("---:" for _ in range(CLICKS)) + " | ---: | ---: |"]
+
+    def row(label: str, summary: dict, model: str) -> str:
+        clicks = summary["clicks"][model]
+        return (f"| {label} | {summary['by_prompt']['box'][model]['miou']:.3f} | "
+                f"{summary['by_prompt']['point'][model]['miou']:.3f} | "
+                + " | ".join(f"{v:.3f}" for v in clicks["miou"]) + f" | {clicks['noc85']:.2f} | {clicks['noc90']:.2f} |")
+
+    box_fill = first["by_prompt"]["box"]["baselines"]["box_fill"]["miou"]
+    rows.append(f"| box-fill baseline | {box_fill:.3f} | | " + " | ".join("" for _ in range(CLICKS)) + " | | |")
+    rows.append(row("zero-shot (pretrained tiny)", first, "zero_shot"))
+    for name, result in results.items():
+        rows.append(row(f"trained: {name}", result["summary"], "fine_tuned"))
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------- cost
+def cost_setup(cache_dir: Path, work: Path):
+    import torch
+
+    from samcache.cache import EmbeddingCache
+    from samcache.config import PromptSettings, TrainConfig
+    from samcache.distributed import SINGLE
+    from samcache.runs import RunFolder
+    from samcache.samples import CacheSamples, EpochBatches, SampleSettings, collate
+    from samcache.train import Training, _splits
+
+    cache = EmbeddingCache(cache_dir)
+    modes = {
+        "box step": PromptSettings(mode="box"),
+        "interactive, detached": PromptSettings(mode="interactive"),
+        "interactive, backprop": PromptSettings(mode="interactive", mask_prompt_gradient="backprop"),
+        "interactive, no feedback": PromptSettings(mode="interactive", mask_prompt_prob=0.0),
+    }
+    config = TrainConfig(batch_size=4, objects_per_image=4, lr=1e-5, loss="dice-bce", workers=0, save_every=None,
+                         cache_in_memory="yes")
+    training = Training.setup(cache, RunFolder(work / "cost_run"), config, _splits(cache, config, SINGLE),
+                              resume=False, dist=SINGLE)
+    batches = {}
+    for name, settings in modes.items():
+        samples = CacheSamples(cache, SampleSettings(4, settings, seed=0), read_embeddings=False)
+        sampler = EpochBatches(training.train_indices, 4, 0)
+        batches[name] = [training.step_inputs(collate([samples[key] for key in keys])) for keys in sampler]
+    return training, modes, batches, torch
+
+
+def run_steps(training, settings, batches) -> int:
+    training.config = training.config.model_copy(update={"prompts": settings})
+    prompts = 0
+    for batch in batches:
+        prompts += training.step(batch).prompts
+    return prompts
+
+
+def cost(cache_dir: Path, work: Path, rounds: int, steps: int) -> dict:
+    training, modes, batches, torch = cost_setup(cache_dir, work)
+    rates = {name: [] for name in modes}
+    for name in modes:  # warm-up
+        run_steps(training, modes[name], batches[name][:1])
+    for r in range(rounds):
+        for name in (modes if r % 2 == 0 else reversed(list(modes))):
+            started = time.perf_counter()
+            prompts = run_steps(training, modes[name], batches[name][:steps])
+            rates[name].append(prompts / (time.perf_counter() - started))
+            print(f"round {r + 1}: {name}: {rates[name][-1]:.2f} prompts/s", flush=True)
+    peaks = {}
+    for name in modes:
+        out = subprocess.run([sys.executable, __file__, "--cache", str(cache_dir), "--work", str(work),
+                              "--peak-of", name], cwd=REPO, check=True, capture_output=True, text=True)
+        peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return {"rates": rates, "peak_mib": peaks, "threads": torch.get_num_threads()}
+
+
+def peak_of(cache_dir: Path, work: Path, name: str) -> None:
+    training, modes, batches, _ = cost_setup(cache_dir, work / f"peak_{name.replace(' ', '_').replace(',', '')}")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run_steps(training, modes[name], batches[name][:1])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": after / 1024, "growth_mib": (after - before) / 1024}))
+
+
+def cost_table(result: dict) -> str:
+    box = statistics.mean(result["rates"]["box step"])
+    rows = ["| step | prompts/s | per round | time per prompt vs box | peak RSS (MiB) |",
+            "| --- | ---: | --- | ---: | ---: |"]
+    for name, values in result["rates"].items():
+        mean = statistics.mean(values)
+        rows.append(f"| {name} | {mean:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {box / mean:.1f}x | "
+                    f"{result['peak_mib'][name]:.0f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache", type=Path, default=REPO / "cache" / "stamps")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_interactive"))
+    parser.add_argument("--only", choices=("quality", "cost"))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of every training run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1, help="steps per round and kind in the cost part")
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.peak_of:
+        return peak_of(args.cache, args.work, args.peak_of)
+    from samcache.devices import cpu_description
+
+    print(f"CPU: {cpu_description()}", flush=True)
+    if args.only != "cost":
+        results = quality(args.cache, args.work, args.variants.split(","), args.epochs)
+        (args.work / "quality.json").write_text(json.dumps(results, indent=1))
+        print(f"\nCPU: {cpu_description()}; {args.epochs} epochs")
+        print(quality_table(results), flush=True)
+        for name, result in results.items():
+            print(f"{name}: trained in {result['train_seconds']:.0f} s, {result['prompts_per_s']:.2f} prompts/s")
+    if args.only != "quality":
+        result = cost(args.cache, args.work, args.rounds, args.steps)
+        (args.work / "cost.json").write_text(json.dumps(result, indent=1))
+        print(f"\nCPU: {cpu_description()}")
+        print(cost_table(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
