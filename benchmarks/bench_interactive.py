@@ -5,16 +5,17 @@ the demo's options: `make demo`'s DEMO_TRAIN), then `samcache eval` on the test 
 and point prompts and 5 clicks of the click protocol. Variants (the same epochs, --epochs, and seed):
 
   box           --prompt box (the demo's run)
-  interactive   --prompt interactive (its defaults: 8 corrective points, mask feedback on every
-                pass, detached)
+  feedback      --prompt interactive --mask-prompt-prob 1 (SAM's counts: 8 corrective points,
+                mask feedback on every pass, detached)
+  half-feedback --prompt interactive --mask-prompt-prob 0.5 (micro-sam's choice; the default)
   no-feedback   --prompt interactive --mask-prompt-prob 0 (the points alone, 9 passes)
-  half-feedback --prompt interactive --mask-prompt-prob 0.5 (micro-sam's choice)
-  backprop      --prompt interactive --mask-prompt-gradient backprop (SAM 2's choice)
+  backprop      --prompt interactive --mask-prompt-prob 1 --mask-prompt-gradient backprop (SAM 2's)
 
 Part 2, cost. One process, the same batches (the train split, batch 4 x 4 objects), steps of each
-kind interleaved round by round: the box step, and the interactive step detached, with backprop
-and without feedback; prompts/s counts each prompt once per step (not per pass). Peak memory:
-each kind alone in a fresh subprocess, its max RSS after one step.
+kind interleaved round by round: the box step, and the interactive step (mask feedback on every
+pass) detached, with backprop and without feedback; prompts/s counts each prompt once per step
+(not per pass). Peak memory, measured first: each kind alone in a fresh subprocess, its max RSS
+after one step (a backprop step of 16 prompts peaks at 15 GiB).
 
 Every finished run and report is kept in --work and skipped on the next call; an interrupted run
 resumes from its last.pt, so the whole benchmark can be stopped and started again.
@@ -40,12 +41,13 @@ sys.path.insert(0, str(REPO))
 DEMO_TRAIN = ["--lr", "1e-3", "--loss", "dice-bce", "--batch-size", "4", "--objects-per-image", "4"]
 VARIANTS = {
     "box": ["--prompt", "box"],
-    "interactive": ["--prompt", "interactive"],
-    "no-feedback": ["--prompt", "interactive", "--mask-prompt-prob", "0"],
+    "feedback": ["--prompt", "interactive", "--mask-prompt-prob", "1"],
     "half-feedback": ["--prompt", "interactive", "--mask-prompt-prob", "0.5"],
-    "backprop": ["--prompt", "interactive", "--mask-prompt-gradient", "backprop"],
+    "no-feedback": ["--prompt", "interactive", "--mask-prompt-prob", "0"],
+    "backprop": ["--prompt", "interactive", "--mask-prompt-prob", "1", "--mask-prompt-gradient", "backprop"],
 }
 CLICKS = 5
+COST_KINDS = ("box step", "interactive, detached", "interactive, backprop", "interactive, no feedback")
 
 
 def samcache(*args) -> None:
@@ -106,10 +108,12 @@ def cost_setup(cache_dir: Path, work: Path):
     cache = EmbeddingCache(cache_dir)
     modes = {
         "box step": PromptSettings(mode="box"),
-        "interactive, detached": PromptSettings(mode="interactive"),
-        "interactive, backprop": PromptSettings(mode="interactive", mask_prompt_gradient="backprop"),
+        "interactive, detached": PromptSettings(mode="interactive", mask_prompt_prob=1.0),
+        "interactive, backprop": PromptSettings(mode="interactive", mask_prompt_prob=1.0,
+                                                mask_prompt_gradient="backprop"),
         "interactive, no feedback": PromptSettings(mode="interactive", mask_prompt_prob=0.0),
     }
+    assert tuple(modes) == COST_KINDS
     config = TrainConfig(batch_size=4, objects_per_image=4, lr=1e-5, loss="dice-bce", workers=0, save_every=None,
                          cache_in_memory="yes")
     training = Training.setup(cache, RunFolder(work / "cost_run"), config, _splits(cache, config, SINGLE),
@@ -131,6 +135,14 @@ def run_steps(training, settings, batches) -> int:
 
 
 def cost(cache_dir: Path, work: Path, rounds: int, steps: int) -> dict:
+    # Peaks first, one kind per fresh process, while this one holds nothing large: a backprop
+    # step's memory beside a timing process's freed-but-kept blocks can exceed the machine's.
+    peaks = {}
+    for name in COST_KINDS:
+        out = subprocess.run([sys.executable, __file__, "--cache", str(cache_dir), "--work", str(work),
+                              "--peak-of", name], cwd=REPO, check=True, capture_output=True, text=True)
+        peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+        print(f"peak RSS: {name}: {peaks[name]:.0f} MiB", flush=True)
     training, modes, batches, torch = cost_setup(cache_dir, work)
     rates = {name: [] for name in modes}
     for name in modes:  # warm-up
@@ -141,11 +153,6 @@ def cost(cache_dir: Path, work: Path, rounds: int, steps: int) -> dict:
             prompts = run_steps(training, modes[name], batches[name][:steps])
             rates[name].append(prompts / (time.perf_counter() - started))
             print(f"round {r + 1}: {name}: {rates[name][-1]:.2f} prompts/s", flush=True)
-    peaks = {}
-    for name in modes:
-        out = subprocess.run([sys.executable, __file__, "--cache", str(cache_dir), "--work", str(work),
-                              "--peak-of", name], cwd=REPO, check=True, capture_output=True, text=True)
-        peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
     return {"rates": rates, "peak_mib": peaks, "threads": torch.get_num_threads()}
 
 

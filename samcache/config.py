@@ -134,11 +134,13 @@ class PromptSettings(_Options):
     click_iterations: Annotated[Int, Field(ge=0, le=MAX_CLICK_ITERATIONS)] = 8
     """With mode interactive: the corrective points added one per decoder pass after the first
     prompt, each drawn uniformly from the previous prediction's error (SAM: 8)."""
-    mask_prompt_prob: Annotated[Float, Field(ge=0, le=1)] = 1.0
+    mask_prompt_prob: Annotated[Float, Field(ge=0, le=1)] = 0.5
     """With mode interactive: the probability that a pass adding a point also gets the previous
     prediction's low-res logits as the mask prompt (SAM: always; micro-sam: 0.5). The two passes
     that add no point (one at random among the corrective ones, one last) always get it; 0 turns
-    mask feedback off, and those two passes with it."""
+    mask feedback off, and those two passes with it. Default 0.5: on the demo's stamps it cost
+    far less box mIoU than 1 (BENCHMARKS.md, "Interactive training") and, unlike 0, still trains
+    the mask path that SamPredictor's mask_input uses."""
     mask_prompt_gradient: Literal[MASK_PROMPT_GRADIENTS] = "detach"
     """With mode interactive: detach (the fed-back logits are a constant of the next pass, as in
     micro-sam; each pass is backpropagated at once, so memory is one pass's) or backprop (the

@@ -70,8 +70,9 @@ def test_error_points_never_fall_in_the_padding():
 
 # ------------------------------------------------------------------------------ the schedule
 def test_the_schedule_is_sams_eleven_passes_seeded_by_its_keys():
-    schedule = click_schedule(INTERACTIVE, 0, 1, 5, 2)
-    assert schedule.shape == (3, 11) == (3, click_passes(INTERACTIVE))
+    sams = PromptSettings(mode="interactive", mask_prompt_prob=1.0)
+    schedule = click_schedule(sams, 0, 1, 5, 2)
+    assert schedule.shape == (3, 11) == (3, click_passes(sams))
     adds, uses, picks = schedule
     assert adds[0] == 0 and uses[0] == 0  # pass 0 is the first prompt
     assert adds.sum() == 8  # the corrective points
@@ -79,16 +80,17 @@ def test_the_schedule_is_sams_eleven_passes_seeded_by_its_keys():
     assert len(refine) == 2 and refine[-1] == 10  # one random, one last
     assert uses[1:].all()  # mask_prompt_prob 1: every later pass gets the mask
     assert ((picks[1:] >= 0) & (picks[1:] < 1)).all()
-    np.testing.assert_array_equal(schedule, click_schedule(INTERACTIVE, 0, 1, 5, 2))
-    assert not np.array_equal(schedule, click_schedule(INTERACTIVE, 0, 2, 5, 2))  # another epoch
-    assert not np.array_equal(schedule, click_schedule(INTERACTIVE, 0, 1, 5, 3))  # another object
+    np.testing.assert_array_equal(schedule, click_schedule(sams, 0, 1, 5, 2))
+    assert not np.array_equal(schedule, click_schedule(sams, 0, 2, 5, 2))  # another epoch
+    assert not np.array_equal(schedule, click_schedule(sams, 0, 1, 5, 3))  # another object
     # Where the random refinement goes varies between objects, over all 9 places before the last.
-    places = {int(np.flatnonzero(click_schedule(INTERACTIVE, 0, 0, i, 1)[0][1:] == 0)[0]) + 1 for i in range(300)}
+    places = {int(np.flatnonzero(click_schedule(sams, 0, 0, i, 1)[0][1:] == 0)[0]) + 1 for i in range(300)}
     assert places == set(range(1, 10))
 
 
 def test_mask_feedback_probability_and_off():
-    half = PromptSettings(mode="interactive", mask_prompt_prob=0.5)
+    half = INTERACTIVE  # the default: 0.5
+    assert half.mask_prompt_prob == 0.5
     draws = np.stack([click_schedule(half, 0, 0, i, 1) for i in range(200)])
     point_passes = draws[:, ADDS_POINT] == 1
     share = draws[:, USES_MASK][point_passes].mean()
@@ -180,7 +182,7 @@ def test_prompts_with_and_without_a_mask_decode_in_one_batch_as_apart():
 
 
 # ----------------------------------------------------------------------------------- the step
-def _step_case(n: int = 4, seed: int = 0):
+def _step_case(n: int = 2, seed: int = 0):
     sam = build_tiny(seed)
     torch.manual_seed(seed)
     embeddings = torch.randn(2, 256, 64, 64)
@@ -191,7 +193,8 @@ def _step_case(n: int = 4, seed: int = 0):
                         boxes=torch.tensor([[230., 150, 650, 600]] * n),
                         points=torch.tensor([[[400., 400]]] * n), labels=torch.tensor([[1], [-1]] * (n // 2)),
                         is_box=torch.tensor([False, True] * (n // 2)))
-    settings = PromptSettings(mode="interactive", click_iterations=3)
+    # 2 corrective points: a point pass and both refinement passes, 5 passes in all.
+    settings = PromptSettings(mode="interactive", click_iterations=2)
     schedules = ClickSchedules(torch.from_numpy(np.stack([click_schedule(settings, 0, 0, 0, i) for i in range(n)])),
                                torch.full((n, 2), 256))
     return sam, embeddings, first, targets, schedules, settings
@@ -222,7 +225,7 @@ def test_the_interactive_step_applies_the_mean_gradient_of_its_passes(gradient):
     stats = interactive_step(DecoderModule(sam), embeddings, first, targets, schedules, settings=settings,
                              loss_kind="sam", optimizer=optimizer, parameters=parameters, grad_clip=0.0,
                              precision="fp32")
-    assert stats.prompts == 4 and np.isfinite(stats.loss)
+    assert stats.prompts == 2 and np.isfinite(stats.loss)
     for key, p in sam.mask_decoder.named_parameters():
         torch.testing.assert_close(before[key] - p.detach(), expected.get(key, torch.zeros_like(p)),
                                    rtol=1e-4, atol=1e-6, msg=key)
@@ -277,8 +280,8 @@ def test_bf16_autocast_interactive_step_runs_and_learns():
 
 # ----------------------------------------------------------------------------------- training
 def _interactive_config(**overrides) -> TrainConfig:
-    values = dict(QUICK_TRAIN, epochs=2, batch_size=2, objects_per_image=2, lr=1e-3, warmup_steps=1,
-                  prompts={"mode": "interactive", "click_iterations": 3})
+    values = dict(QUICK_TRAIN, epochs=1, batch_size=2, objects_per_image=2, lr=1e-3, warmup_steps=1,
+                  val_max_images=2, prompts={"mode": "interactive", "click_iterations": 3})
     return TrainConfig(**{**values, **overrides})
 
 
@@ -287,7 +290,7 @@ def test_interactive_training_logs_validation_by_clicks(stamps_cache, tmp_path):
     result = train(stamps_cache, run, _interactive_config(), progress=False)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["type"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert [r["epoch"] for r in epochs] == [0, 1]
     for record in epochs:
         clicks = record["val_click_miou"]
         assert len(clicks) == 3 and all(0 <= v <= 1 for v in clicks)
@@ -295,16 +298,17 @@ def test_interactive_training_logs_validation_by_clicks(stamps_cache, tmp_path):
     steps = [r for r in records if r["type"] == "step"]
     assert steps and all(np.isfinite(r["loss"]) for r in steps)
     # A box run validates by clicks only when asked.
-    box = train(stamps_cache, tmp_path / "box", TrainConfig(**dict(QUICK_TRAIN, epochs=1)), progress=False)
+    box = train(stamps_cache, tmp_path / "box", TrainConfig(**dict(QUICK_TRAIN, val_max_images=2)), progress=False)
     box_epochs = [json.loads(line) for line in (Path(box.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert not any("val_click_miou" in r for r in box_epochs)
 
 
 @pytest.mark.slow
 def test_interactive_run_killed_mid_epoch_resumes_to_the_same_weights(stamps_cache, tmp_path):
-    args = ["--epochs", "2", "--batch-size", "1", "--objects-per-image", "2", "--workers", "1", "--warmup-steps", "2",
-            "--prompt", "interactive", "--click-iterations", "3", "--mask-prompt-prob", "0.5", "--save-every", "2",
-            "--val-clicks", "2"]
+    # One epoch of 5 one-image steps, killed in its fourth: the draws of a resumed epoch's later steps.
+    args = ["--epochs", "1", "--batch-size", "1", "--objects-per-image", "2", "--workers", "1", "--warmup-steps", "2",
+            "--prompt", "interactive", "--click-iterations", "2", "--mask-prompt-prob", "0.5", "--save-every", "2",
+            "--val-clicks", "2", "--val-max-images", "2"]
 
     reference = train_process(stamps_cache, tmp_path / "reference", args)
     assert reference.returncode == 0, reference.stderr[-3000:]
