@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 # The shared synthetic stamps data set (conftest.stamps): 7 pages, seed 31 -> train 5 pages
 # (14 objects), val 1 page (1 object), test 1 page (3 objects); every split has objects.
@@ -118,3 +119,15 @@ def left_unchanged(root: Path, what: str):
     after = tree_fingerprint(root)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"a test modified the shared {what} at {root} (copy it first): {changed[:10]}"
+
+
+def assert_same_last_checkpoint(expected_run: Path, got_run: Path):
+    """The two runs' last.pt hold bit-identical weights and the same validation history; returns got's."""
+    from samcache.runs import RunCheckpoint
+
+    expected = RunCheckpoint.read(expected_run / "last.pt")
+    got = RunCheckpoint.read(got_run / "last.pt")
+    for key, tensor in expected.state_dict.items():
+        assert torch.equal(got.state_dict[key], tensor), key
+    assert got.state.history == expected.state.history
+    return got

@@ -19,7 +19,7 @@ from samcache.runs import RunCheckpoint
 from samcache.samples import ClickSchedules
 from samcache.step import interactive_step
 from samcache.train import DecoderModule, train
-from tests.helpers import QUICK_TRAIN, train_process
+from tests.helpers import QUICK_TRAIN, assert_same_last_checkpoint, train_process
 
 INTERACTIVE = PromptSettings(mode="interactive")
 
@@ -317,11 +317,7 @@ def test_interactive_run_killed_mid_epoch_resumes_to_the_same_weights(stamps_cac
     assert RunCheckpoint.read(tmp_path / "killed" / "last.pt").state.batch == 2
     resumed = train_process(stamps_cache, tmp_path / "killed", ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = RunCheckpoint.read(tmp_path / "reference" / "last.pt")
-    got = RunCheckpoint.read(tmp_path / "killed" / "last.pt")
-    for key, tensor in expected.state_dict.items():
-        assert torch.equal(got.state_dict[key], tensor), key
-    assert got.state.history == expected.state.history
+    assert_same_last_checkpoint(tmp_path / "reference", tmp_path / "killed")
 
 
 def test_interactive_options_are_checked_and_resume_may_not_change_them(stamps_cache, tmp_path):

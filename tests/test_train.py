@@ -37,7 +37,7 @@ from samcache.prompts import (
 )
 from samcache.runs import RunCheckpoint
 from samcache.train import learning_rate, train
-from tests.helpers import QUICK_TRAIN, make_coco, rect_mask, train_process, write_image
+from tests.helpers import QUICK_TRAIN, assert_same_last_checkpoint, make_coco, rect_mask, train_process, write_image
 
 QUICK = dict(QUICK_TRAIN, warmup_steps=1)
 # `stamps_cache` is the shared session cache of conftest.py: training only reads it.
@@ -357,11 +357,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(stamps_cache, tmp_pa
     assert (mid.epoch, mid.batch) == (0, 2)  # the step-2 save, inside epoch 1
     resumed = run(tmp_path / "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = RunCheckpoint.read(tmp_path / "reference" / "last.pt")
-    got = RunCheckpoint.read(tmp_path / "killed" / "last.pt")
-    for key, tensor in expected.state_dict.items():
-        assert torch.equal(got.state_dict[key], tensor), key
-    assert got.state.history == expected.state.history
+    got = assert_same_last_checkpoint(tmp_path / "reference", tmp_path / "killed")
     assert got.state.global_step == 2 * steps_per_epoch
     steps = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in steps if r["type"] == "step"] == list(range(1, got.state.global_step + 1))
