@@ -36,29 +36,36 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from samcache import __version__, masks
 from samcache.config import LOSSES, PromptSettings
-from samcache.decoder import decode
+from samcache.decoder import compute_loss, decode, dice_loss
 from samcache.devices import autocast, cpu_name
 from samcache.errors import TrainingError
 from samcache.fileio import sha256_file
 from samcache.inference import predict_masks
+from samcache.interactive import ClickSimulation
 from samcache.metrics import iou
-from samcache.models import build_sam, build_tiny, load_weights_into, read_state_dict
+from samcache.models import build_tiny, load_weights_into, read_state_dict
 from samcache.preprocess import batch_to_model_input, input_size, resize_image
 from samcache.progress import progress_bar
-from samcache.prompts import PromptBatch, evaluation_prompt, low_res_target, rng_for, training_prompt
-from samcache.step import NonFiniteLoss, optimize_step
+from samcache.prompts import PromptBatch, evaluation_prompt, low_res_size, low_res_target, rng_for, training_prompt
+from samcache.samples import ClickSchedules
+from samcache.step import NonFiniteLoss
+from samcache.tiny.encoder import ConvImageEncoder
 from samcache.tiny.shapes import ShapesSettings, render_shapes
 from samcache.train import set_learning_rate, warmup_cosine
 
 CPU = torch.device("cpu")
 
 PRECISIONS = ("fp32", "bf16")
+ENCODERS = ("conv", "vit")
 PROVENANCE_STATEMENT = (
     "This is samcache's own 'tiny' model (SAM's prompt encoder and mask decoder architecture with a "
     "small windowed ViT image encoder), trained from random initialisation by samcache on synthetic "
@@ -86,6 +93,25 @@ class PretrainConfig:
     trained (`init_weights`), so the encoder adapts without pulling the decoder's inputs away."""
     init_weights: Optional[str] = None
     """A full tiny state dict to start from (e.g. the decoder warm-up's export); None: build_tiny(seed)."""
+    init_decoder: Optional[str] = None
+    """A tiny state dict whose prompt encoder and mask decoder start this run (the image encoder
+    keeps its random initialisation): a decoder that already knows prompts gives a new encoder
+    a useful gradient from the first step."""
+    encoder: str = "conv"
+    """The image encoder: "conv" (tiny.encoder.ConvImageEncoder) or "vit" (the first tiny's small ViT)."""
+    feedback_passes: int = 1
+    """Decoder passes after the first, each with the previous pass's logits as the mask prompt
+    (detached, as `samcache train --prompt interactive`), so the mask path learns what SamPredictor's
+    mask_input and the interactive recipe feed it; 0: box and point prompts only."""
+    feedback_point_prob: float = 0.5
+    """Probability that a feedback pass also adds a corrective point from the previous error
+    (else it refines from the mask prompt alone)."""
+    dense_weight: float = 1.0
+    """Weight of the auxiliary dense loss: a linear head on the embedding predicts every object's
+    footprint and outline at 256x256. It trains the encoder at every pixel, not only where the
+    few prompted objects are, and is dropped from the shipped weights; 0: no head."""
+    checkpoint_every: int = 100
+    """Steps between resumable checkpoints (pretrain_tiny's `checkpoint`)."""
     weight_decay: float = 0.05
     """AdamW weight decay."""
     warmup_steps: int = 40
@@ -118,6 +144,10 @@ class PretrainConfig:
             self.shapes = ShapesSettings(**self.shapes)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
+        if self.feedback_passes < 0 or self.checkpoint_every < 1:
+            raise ValueError("feedback_passes must be >= 0 and checkpoint_every >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.steps < 1 or self.batch_size < 1 or self.prompts_per_image < 1:
@@ -157,19 +187,23 @@ class _Item:
     image: torch.Tensor  # resized uint8 (h, w, 3)
     prompts: list
     targets: np.ndarray  # (K, 256, 256) float32
+    draws: np.ndarray  # (K, 3, passes) float32: the feedback passes' draws (interactive.ClickSimulation)
+    valid_size: tuple[int, int]  # the image's part of the 256x256 frame
+    dense: np.ndarray  # (2, 256, 256) float32: every object's footprint, and their outlines
 
 
 class ShapesPrompts(Dataset):
     """Item i: shapes image i of `seed`, resized for the encoder, with up to K prompted objects.
 
-    Objects and prompts are drawn from a generator seeded by (seed, i), so the data of a run is
-    the same for any number of workers.
+    Objects, prompts and feedback draws come from a generator seeded by (seed, i), so the data
+    of a run is the same for any number of workers and a resumed run sees what it would have.
     """
 
     def __init__(self, *, seed: int, length: int, prompts_per_image: int, prompt_settings: PromptSettings,
-                 shapes: ShapesSettings):
+                 shapes: ShapesSettings, feedback_passes: int = 0, feedback_point_prob: float = 0.5):
         self.seed, self.length, self.k = seed, length, prompts_per_image
         self.prompt_settings, self.shapes = prompt_settings, shapes
+        self.passes, self.point_prob = 1 + feedback_passes, feedback_point_prob
 
     def __len__(self) -> int:
         return self.length
@@ -186,21 +220,71 @@ class ShapesPrompts(Dataset):
         # one encoder pass (the expensive part) serves K decoder prompts with fresh jitter/points.
         order = rng.permutation(len(drawn.masks))
         rles = [masks.encode(m) for m in drawn.masks]
-        low_res = {}
+        low_res = {j: low_res_target(rles[j], resized) for j in range(len(rles))}
         prompts, targets = [], []
         for n in range(self.k):
             j = int(order[n % len(order)])
             prompts.append(training_prompt(rles[j], masks.bbox_xyxy(rles[j]), original, self.prompt_settings, rng))
-            if j not in low_res:
-                low_res[j] = low_res_target(rles[j], resized)
             targets.append(low_res[j])
-        return _Item(torch.from_numpy(resize_image(drawn.image)), prompts, np.stack(targets))
+        # Pass 0 is the prompt itself; every later pass takes the mask prompt, and a corrective point
+        # with probability point_prob (ClickSimulation's rows: adds_point, uses_mask, pick).
+        draws = np.zeros((self.k, 3, self.passes), np.float32)
+        if self.passes > 1:
+            draws[:, 0, 1:] = rng.random((self.k, self.passes - 1)) < self.point_prob
+            draws[:, 1, 1:] = 1.0
+            draws[:, 2, 1:] = rng.random((self.k, self.passes - 1))
+        return _Item(torch.from_numpy(resize_image(drawn.image)), prompts, np.stack(targets), draws,
+                     low_res_size(resized), _dense_targets(list(low_res.values())))
 
 
-def _collate(items: list[_Item]) -> tuple[list[torch.Tensor], PromptBatch, torch.Tensor]:
+def _dense_targets(low_res: list[np.ndarray]) -> np.ndarray:
+    """(2, 256, 256): the union of the objects' footprints, and their outlines (one low-res pixel
+    wide on each side of every footprint's edge, so touching objects are told apart)."""
+    footprints = [(m > 0.5).astype(np.uint8) for m in low_res]
+    union = np.maximum.reduce(footprints)
+    kernel = np.ones((3, 3), np.uint8)
+    outlines = np.maximum.reduce([cv2.dilate(f, kernel) - cv2.erode(f, kernel) for f in footprints])
+    return np.stack([union, outlines]).astype(np.float32)
+
+
+@dataclass
+class _Batch:
+    images: list[torch.Tensor]
+    prompts: PromptBatch
+    targets: torch.Tensor
+    schedules: ClickSchedules
+    dense: torch.Tensor
+
+
+def _collate(items: list[_Item]) -> _Batch:
     batch = PromptBatch.from_prompts([p for item in items for p in item.prompts],
                                      torch.tensor([b for b, item in enumerate(items) for _ in item.prompts]))
-    return [item.image for item in items], batch, torch.from_numpy(np.concatenate([i.targets for i in items]))
+    schedules = ClickSchedules(torch.from_numpy(np.concatenate([i.draws for i in items])),
+                               torch.tensor([i.valid_size for i in items for _ in i.prompts], dtype=torch.long))
+    return _Batch([item.image for item in items], batch, torch.from_numpy(np.concatenate([i.targets for i in items])),
+                  schedules, torch.from_numpy(np.stack([i.dense for i in items])))
+
+
+class DenseHead(nn.Module):
+    """Pretraining only: a linear map from each embedding pixel to a 4x4 patch of two logit maps
+    (footprint, outline) at 256x256. Being linear, it can only read what the embedding already
+    holds, so its loss makes the encoder put sub-patch shape detail into the embedding."""
+
+    def __init__(self, *, channels: int = 256, outputs: int = 2, upscale: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(channels, outputs * upscale * upscale, 1)
+        self.shuffle = nn.PixelShuffle(upscale)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.proj(embedding))
+
+
+def dense_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Class-balanced BCE + dice per map, averaged: outlines are a few percent of the pixels."""
+    foreground = target.flatten(-2).mean(-1).clamp(1e-3, 1 - 1e-3)
+    pos_weight = ((1 - foreground) / foreground)[..., None, None]
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
+    return (bce.flatten(-2).mean(-1) * 0.5 / (1 - foreground) + dice_loss(logits, target)).mean()
 
 
 def learning_rate(step: int, config: PretrainConfig) -> float:
@@ -249,7 +333,8 @@ def evaluate_shapes(sam, *, seed: int, images: int, shapes: ShapesSettings = Sha
 
 
 def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: bool = True,
-                  command: Optional[str] = None, stages: Optional[dict] = None) -> PretrainResult:
+                  command: Optional[str] = None, stages: Optional[dict] = None,
+                  checkpoint: Optional[str | Path] = None) -> PretrainResult:
     """Trains `tiny` end to end on shapes and writes OUT.safetensors + OUT.json (see module doc).
 
     Arguments:
@@ -259,6 +344,8 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: boo
       command: the command line to record in the provenance (default: sys.argv).
       stages: what came before this run (e.g. the decoder warm-up that made `init_weights`),
         recorded in the provenance as it is.
+      checkpoint: a file the run saves to every `config.checkpoint_every` steps and resumes from
+        when it exists (same config required); None: no checkpoints.
     """
     started = time.time()
     load_start = _load_average()
@@ -269,20 +356,17 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: boo
     if config.threads:
         torch.set_num_threads(config.threads)
 
-    sam = build_tiny(config.seed)
-    if config.init_weights:
-        load_weights_into(sam, read_state_dict(config.init_weights), model_type="tiny", source=config.init_weights)
+    sam = _initial_model(config)
     initial = None
     if config.eval_at_start:
         initial = evaluate_shapes(sam, seed=config.eval_seed, images=config.eval_images, shapes=config.shapes,
                                   precision=config.precision)
-    train_started = time.time()
-    history = _train(sam, config, progress=progress)
-    train_s = time.time() - train_started
+    history, train_s = _train(sam, config, progress=progress,
+                              checkpoint=None if checkpoint is None else Path(checkpoint))
 
     # Write float16, then evaluate the file as written: the figures are the shipped model's.
     digest = _write_weights(sam, out_path)
-    shipped = build_sam("tiny")
+    shipped = _architecture(config)
     load_weights_into(shipped, read_state_dict(out_path), model_type="tiny", source=out_path)
     final = evaluate_shapes(shipped, seed=config.eval_seed, images=config.eval_images, shapes=config.shapes,
                             precision=config.precision)
@@ -301,10 +385,36 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: boo
                           config.steps, images_seen, wall)
 
 
-def _optimizer(sam, config: PretrainConfig) -> torch.optim.AdamW:
+def _architecture(config: PretrainConfig):
+    """The tiny of `config.encoder`, random weights from `config.seed`."""
+    sam = build_tiny(config.seed)
+    if config.encoder == "conv" and not isinstance(sam.image_encoder, ConvImageEncoder):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            sam.image_encoder = ConvImageEncoder(img_size=sam.image_encoder.img_size).eval()
+    return sam
+
+
+def _initial_model(config: PretrainConfig):
+    """The architecture with `init_weights` (everything) or `init_decoder` (prompt side) loaded."""
+    sam = _architecture(config)
+    if config.init_weights:
+        load_weights_into(sam, read_state_dict(config.init_weights), model_type="tiny", source=config.init_weights)
+    if config.init_decoder:
+        state = {k: v.float() for k, v in read_state_dict(config.init_decoder).items()
+                 if k.startswith(("prompt_encoder.", "mask_decoder."))}
+        missing, unexpected = sam.load_state_dict(state, strict=False)
+        wrong = [k for k in missing if not k.startswith("image_encoder.")] + list(unexpected)
+        if wrong or not state:
+            raise TrainingError(f"{config.init_decoder} is not a tiny prompt encoder and mask decoder "
+                                f"(missing or unexpected keys: {wrong[:5] or 'all'})")
+    return sam
+
+
+def _optimizer(parameters: list[tuple[str, torch.nn.Parameter]], config: PretrainConfig) -> torch.optim.AdamW:
     """AdamW with no decay on biases, norms and position embeddings, and the encoder's lr scaled."""
     groups: dict[tuple[bool, bool], list] = {}
-    for name, p in sam.named_parameters():
+    for name, p in parameters:
         decays = p.ndim > 1 and "pos_embed" not in name and "rel_pos" not in name
         groups.setdefault((name.startswith("image_encoder."), decays), []).append(p)
     return torch.optim.AdamW(
@@ -315,44 +425,136 @@ def _optimizer(sam, config: PretrainConfig) -> torch.optim.AdamW:
     )
 
 
-def _train(sam, config: PretrainConfig, *, progress: bool) -> list[dict]:
-    """The end-to-end loop: encoder + decoder forward, then `samcache train`'s own step. Returns
-    the loss history (every 25 steps)."""
+def _train(sam, config: PretrainConfig, *, progress: bool, checkpoint: Optional[Path]) -> tuple[list[dict], float]:
+    """The end-to-end loop (see `pretrain_step`), resumable from `checkpoint`. Returns the loss
+    history (every 25 steps) and the training seconds, summed over resumed sessions."""
     sam.train()
-    optimizer = _optimizer(sam, config)
-    parameters = list(sam.parameters())
+    head = DenseHead() if config.dense_weight else None
+    named = list(sam.named_parameters()) + ([] if head is None else [("dense_head." + n, p)
+                                                                        for n, p in head.named_parameters()])
+    optimizer = _optimizer(named, config)
+    parameters = [p for _, p in named]
+    first_step, history, done_s = 0, [], 0.0
+    if checkpoint is not None and checkpoint.is_file():
+        first_step, history, done_s = _resume(checkpoint, config, sam, head, optimizer)
+        if progress:
+            print(f"resuming pretraining from {checkpoint} at step {first_step}", file=sys.stderr)
     data = ShapesPrompts(seed=config.seed, length=config.steps * config.batch_size,
                          prompts_per_image=config.prompts_per_image,
                          prompt_settings=PromptSettings(mode="mixed", point_ratio=config.point_ratio),
-                         shapes=config.shapes)
-    loader = DataLoader(data, batch_size=config.batch_size, shuffle=False, num_workers=config.workers,
+                         shapes=config.shapes, feedback_passes=config.feedback_passes,
+                         feedback_point_prob=config.feedback_point_prob)
+    # Items depend on their index alone: the resumed loader starts at the next step's images.
+    remaining = Subset(data, range(first_step * config.batch_size, len(data)))
+    loader = DataLoader(remaining, batch_size=config.batch_size, shuffle=False, num_workers=config.workers,
                         collate_fn=_collate, persistent_workers=False,
                         prefetch_factor=4 if config.workers else None)
-    bar = progress_bar(config.steps, desc="pretrain tiny", unit="step", enabled=progress)
+    bar = progress_bar(config.steps - first_step, desc="pretrain tiny", unit="step", enabled=progress)
     started = time.time()
-    recent_loss, recent_iou, history = [], [], []
-    for step, (images, prompts, targets) in enumerate(loader):
+    recent_loss, recent_iou, recent_dense = [], [], []
+    for step, batch in enumerate(loader, start=first_step):
         set_learning_rate(optimizer, learning_rate(step, config))
-        with autocast(CPU, config.precision):
-            embeddings = sam.image_encoder(batch_to_model_input(images))
-            output = decode(sam.prompt_encoder, sam.mask_decoder, embeddings, prompts)
         try:
-            stats = optimize_step(output, targets, prompts.multimask, loss_kind=config.loss, optimizer=optimizer,
-                                  parameters=parameters, grad_clip=config.grad_clip)
+            stats = pretrain_step(sam, head, batch, config, optimizer, parameters)
         except NonFiniteLoss as exc:
             raise TrainingError(f"{exc} at step {step}; lower the learning rate") from None
-        recent_loss = (recent_loss + [stats.loss])[-20:]
-        recent_iou = (recent_iou + [stats.train_iou])[-20:]
-        elapsed = time.time() - started
+        recent_loss = (recent_loss + [stats["loss"]])[-20:]
+        recent_iou = (recent_iou + [stats["train_iou"]])[-20:]
+        recent_dense = (recent_dense + [stats["dense_loss"]])[-20:]
+        elapsed = done_s + time.time() - started
         if (step + 1) % 25 == 0 or step + 1 == config.steps:
             history.append({"step": step + 1, "loss": float(np.mean(recent_loss)),
-                            "train_iou": float(np.mean(recent_iou)), "elapsed_s": round(elapsed, 1),
-                            "load_1min": _load_average()})
+                            "train_iou": float(np.mean(recent_iou)), "dense_loss": float(np.mean(recent_dense)),
+                            "elapsed_s": round(elapsed, 1), "load_1min": _load_average()})
+        if checkpoint is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+            _save_checkpoint(checkpoint, config, step + 1, sam, head, optimizer, history, elapsed)
         bar.set_postfix(loss=f"{np.mean(recent_loss):.3f}", iou=f"{np.mean(recent_iou):.3f}",
-                        img_s=f"{(step + 1) * config.batch_size / elapsed:.2f}")
+                        dense=f"{np.mean(recent_dense):.3f}",
+                        img_s=f"{(step + 1 - first_step) * config.batch_size / (time.time() - started):.2f}")
         bar.update(1)
     bar.close()
-    return history
+    return history, done_s + time.time() - started
+
+
+def pretrain_step(sam, head: Optional[DenseHead], batch: _Batch, config: PretrainConfig,
+                  optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter]) -> dict:
+    """One end-to-end step: the encoder once per image, then 1 + feedback_passes decoder passes
+    over the same prompts (interactive.ClickSimulation) and the dense head, then the update.
+
+    The decoder passes and the head run on a detached copy of the embedding, each backpropagated
+    as soon as it is done (memory stays at one pass's), their gradients gathering on that copy;
+    one backward through the encoder then takes them all. The loss is the passes' mean plus
+    `dense_weight` x the dense loss.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(CPU, config.precision):
+        embeddings = sam.image_encoder(batch_to_model_input(batch.images))
+    leaf = embeddings.detach().float().requires_grad_()
+    passes = 1 + config.feedback_passes
+    simulation = ClickSimulation(batch.prompts, batch.targets, batch.schedules, detach=True)
+    losses, ious = [], []
+    for _ in range(passes):
+        prompts = simulation.prompts()
+        with autocast(CPU, config.precision):
+            output = decode(sam.prompt_encoder, sam.mask_decoder, leaf, prompts)
+        parts = compute_loss(output, batch.targets, prompts.multimask, config.loss)
+        _check_finite(parts.total)
+        (parts.total / passes).backward()
+        losses.append(float(parts.total.detach()))
+        ious.append(float(parts.train_iou))
+        simulation.update(output, prompts)
+    dense = torch.zeros(())
+    if head is not None:
+        with autocast(CPU, config.precision):
+            dense_logits = head(leaf)
+        dense = dense_loss(dense_logits.float(), batch.dense)
+        _check_finite(dense)
+        (config.dense_weight * dense).backward()
+    embeddings.backward(leaf.grad.to(embeddings.dtype))
+    torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+    optimizer.step()
+    return {"loss": float(np.mean(losses)), "train_iou": float(np.mean(ious)), "dense_loss": float(dense)}
+
+
+def _check_finite(loss: torch.Tensor) -> None:
+    if not bool(torch.isfinite(loss)):
+        raise NonFiniteLoss(float(loss))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+_RESUME_IGNORES = ("workers", "threads", "eval_at_start")  # may differ between sessions
+
+
+def _save_checkpoint(path: Path, config: PretrainConfig, step: int, sam, head: Optional[DenseHead],
+                     optimizer: torch.optim.Optimizer, history: list[dict], elapsed_s: float) -> None:
+    """Everything the run needs to continue exactly, written to a temporary file then renamed, so
+    an interruption leaves the previous checkpoint whole."""
+    state = {"step": step, "config": _jsonable(asdict(config)), "model": sam.state_dict(),
+             "dense_head": None if head is None else head.state_dict(), "optimizer": optimizer.state_dict(),
+             "history": history, "elapsed_s": elapsed_s}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _resume(path: Path, config: PretrainConfig, sam, head: Optional[DenseHead],
+            optimizer: torch.optim.Optimizer) -> tuple[int, list[dict], float]:
+    """Loads a checkpoint (tensors and plain data only: weights_only, no pickled code) into the run."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved, wanted = dict(state["config"]), _jsonable(asdict(config))
+    for key in _RESUME_IGNORES:
+        saved.pop(key, None), wanted.pop(key, None)
+    if saved != wanted:
+        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise TrainingError(f"{path} is a checkpoint of another pretraining config (differs in {', '.join(changed)}); "
+                            "delete it to start over")
+    sam.load_state_dict(state["model"])
+    if head is not None:
+        head.load_state_dict(state["dense_head"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), list(state["history"]), float(state["elapsed_s"])
 
 
 def _write_weights(sam, out_path: Path) -> str:

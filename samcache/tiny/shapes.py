@@ -49,6 +49,10 @@ class ShapesSettings:
       min_visible: an object is annotated only if at least this fraction of its footprint is
         visible and it covers at least `min_pixels` pixels.
       grayscale: probability that the whole image is converted to gray.
+      text: probability that the image carries text-like clutter: rows of random letters and
+        digits in the background, and with the same probability a few words over the objects
+        (not part of any mask), as print crosses what is annotated on a page. 0 (the default)
+        draws the images of the first tiny's pretraining unchanged.
     """
 
     min_side: int = 512
@@ -58,6 +62,7 @@ class ShapesSettings:
     min_visible: float = 0.3
     min_pixels: int = 100
     grayscale: float = 0.2
+    text: float = 0.0
 
     def __post_init__(self):
         if not 32 <= self.min_side <= self.max_side:
@@ -80,6 +85,9 @@ def render_shapes(seed: int, index: int, settings: ShapesSettings = ShapesSettin
     rng = np.random.default_rng([int(seed), int(index)])
     height, width = _image_size(rng, settings)
     canvas = _texture(rng, height, width)
+    # Drawn only when enabled, so text=0 leaves every other draw of the generator as it was.
+    if settings.text and rng.random() < settings.text:
+        _text(rng, canvas, rows=int(rng.integers(3, 40)))
     labels = np.zeros((height, width), np.int16)
     footprints: list[np.ndarray] = []
     kinds: list[int] = []
@@ -92,6 +100,8 @@ def render_shapes(seed: int, index: int, settings: ShapesSettings = ShapesSettin
         footprints.append(footprint)
         kinds.append(kind)
         labels[footprint] = len(footprints)
+    if settings.text and rng.random() < settings.text:
+        _text(rng, canvas, rows=int(rng.integers(1, 4)))
     image = _finish(rng, canvas, settings)
     out = ShapesImage(image)
     for k, (footprint, kind) in enumerate(zip(footprints, kinds), start=1):
@@ -259,6 +269,41 @@ def _paint(rng: np.random.Generator, canvas: np.ndarray, alpha: np.ndarray) -> N
         inner = eroded.astype(np.float32) / 255.0
         weight = (cover - inner) + inner * rng.uniform(0.0, 0.3)
     region += (fill - region) * weight[..., None]
+
+
+GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.,:-/()"
+FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_PLAIN, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX,
+         cv2.FONT_HERSHEY_TRIPLEX, cv2.FONT_HERSHEY_COMPLEX_SMALL, cv2.FONT_HERSHEY_SCRIPT_SIMPLEX)
+
+
+def _text(rng: np.random.Generator, canvas: np.ndarray, *, rows: int) -> None:
+    """Paints `rows` runs of random words (one font, size and ink each) onto `canvas`, in place.
+
+    Why: documents, labels and screens are full of print, thin high-contrast strokes that are
+    not objects; a model that never saw it takes it for edges of what it is asked to segment.
+    """
+    height, width = canvas.shape[:2]
+    for _ in range(rows):
+        font = FONTS[int(rng.integers(len(FONTS)))]
+        glyph_px = float(np.exp(rng.uniform(np.log(7), np.log(40))))
+        scale = glyph_px / 22.0  # Hershey glyphs are about 22 px high at scale 1
+        thickness = max(1, int(round(glyph_px / rng.uniform(8, 16))))
+        ink = tuple(float(c) for c in (_colour(rng) * rng.uniform(0.0, 0.6) if rng.random() < 0.7 else _colour(rng)))
+        words = [''.join(GLYPHS[int(g)] for g in rng.integers(len(GLYPHS), size=int(rng.integers(1, 10))))
+                 for _ in range(int(rng.integers(1, 12)))]
+        line = " ".join(words)
+        (w, h), baseline = cv2.getTextSize(line, font, scale, thickness)
+        # putText draws on uint8 only: the row is drawn as coverage on its own patch, then blended.
+        patch = np.zeros((h + baseline + 2 * thickness, w + 2 * thickness), np.uint8)
+        cv2.putText(patch, line, (thickness, h + thickness), font, scale, 255, thickness, cv2.LINE_AA)
+        x0, y0 = int(rng.integers(-w // 2, width)), int(rng.integers(-h, height))
+        cx0, cy0 = max(x0, 0), max(y0, 0)
+        cx1, cy1 = min(x0 + patch.shape[1], width), min(y0 + patch.shape[0], height)
+        if cx1 <= cx0 or cy1 <= cy0:
+            continue
+        cover = patch[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0, None].astype(np.float32) / 255.0
+        region = canvas[cy0:cy1, cx0:cx1]
+        region += (np.asarray(ink, np.float32) - region) * cover
 
 
 def _finish(rng: np.random.Generator, canvas: np.ndarray, settings: ShapesSettings) -> np.ndarray:
