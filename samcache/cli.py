@@ -447,7 +447,7 @@ def eval_options(command):
 @eval_options
 @click.option("--overwrite", is_flag=True, help="Replace the report in --out when there is one.")
 def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, overwrite: bool, **options) -> None:
-    """Score zero-shot SAM and the fine-tuned decoder on the same prompts, at original resolution.
+    """Score the zero-shot model and the fine-tuned decoder on the same prompts, at original resolution.
 
     Reads only the cache and the run (no image file, no encoder). Writes summary.json,
     objects.csv, report.md, before/after overlays, an IoU histogram and a scatter plot.

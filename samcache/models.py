@@ -7,8 +7,8 @@ a verified download of Meta's official file), loads them without executing pickl
 (`weights_sha256`), so caches and runs can refuse to mix models.
 
 `tiny` is samcache's own SAM-shaped model: SAM's geometry (1024 px input, 256x64x64
-embeddings) and SAM's exact prompt encoder and mask decoder, with a small ViT image encoder,
-so every stage runs at real sizes in seconds on a CPU. Two sets of weights exist for it:
+embeddings) and SAM's exact prompt encoder and mask decoder, with a small convolutional image
+encoder (tiny/encoder.py), so every stage runs at real sizes in seconds on a CPU. Two sets of weights exist for it:
 
 - samcache's own pretrained weights, `samcache/weights/tiny_shapes.safetensors`, trained end to
   end on synthetic shapes by `scripts/pretrain_tiny.py` (provenance in `tiny_shapes.json`; NOT
@@ -83,12 +83,17 @@ def samcache_home() -> Path:
 
 
 def build_sam(model_type: str) -> Sam:
-    """Builds an untrained SAM of `model_type` with segment_anything's modules (eval mode, CPU)."""
+    """Builds an untrained SAM of `model_type` with segment_anything's modules (eval mode, CPU);
+    the tiny's image encoder is samcache's own (tiny.encoder.ConvImageEncoder)."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-    spec = _spec(model_type)
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
+    if model_type == "tiny":
+        from samcache.tiny.encoder import ConvImageEncoder
+
+        image_encoder = ConvImageEncoder(img_size=IMAGE_SIZE, out_chans=PROMPT_EMBED_DIM)
+    else:
+        spec = _spec(model_type)
+        image_encoder = ImageEncoderViT(
             depth=spec.depth,
             embed_dim=spec.embed_dim,
             img_size=IMAGE_SIZE,
@@ -101,7 +106,9 @@ def build_sam(model_type: str) -> Sam:
             global_attn_indexes=spec.global_attn_indexes,
             window_size=14,
             out_chans=PROMPT_EMBED_DIM,
-        ),
+        )
+    sam = Sam(
+        image_encoder=image_encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=PROMPT_EMBED_DIM,
             image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
@@ -400,7 +407,10 @@ def file_sha256_cached(path: str | Path) -> str:
     return digest
 
 
-def _spec(model_type: str) -> EncoderSpec:
+def _spec(model_type: str) -> Optional[EncoderSpec]:
+    """The ViT's spec of a model type (None for the tiny); an unknown type is a CheckpointError."""
+    if model_type == "tiny":
+        return None
     try:
         return ENCODER_SPECS[model_type]
     except KeyError:

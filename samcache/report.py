@@ -60,7 +60,14 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> None
 
 
 COLORS = {"truth": (0.1, 0.8, 0.2), "zero_shot": (0.95, 0.35, 0.1), "fine_tuned": (0.15, 0.45, 0.95)}
-TITLES = {"truth": "ground truth", "zero_shot": "zero-shot SAM", "fine_tuned": "fine-tuned"}
+
+
+def model_titles(model_type: str) -> dict[str, str]:
+    """What the pictures and tables call each model. The tiny is samcache's own model, never
+    called SAM: "zero-shot (tiny)"; Meta's models are "zero-shot SAM (vit_b)"."""
+    base = "tiny" if model_type == "tiny" else f"SAM {model_type}"
+    zero_shot = "zero-shot (tiny)" if model_type == "tiny" else f"zero-shot SAM ({model_type})"
+    return {"truth": "ground truth", "zero_shot": zero_shot, "fine_tuned": f"fine-tuned ({base})"}
 
 
 def _panel(ax, preview: np.ndarray, mask: np.ndarray, box, color, title: str, outline: np.ndarray) -> None:
@@ -87,7 +94,8 @@ def _panel(ax, preview: np.ndarray, mask: np.ndarray, box, color, title: str, ou
     ax.axis("off")
 
 
-def plot_overlays(path: Path, cache, rows: dict[str, list[dict]], picks: list[int], heading: str) -> None:
+def plot_overlays(path: Path, cache, rows: dict[str, list[dict]], picks: list[int], heading: str,
+                  titles: dict[str, str]) -> None:
     """A grid: one row per picked object; columns ground truth, zero-shot, fine-tuned (when present)."""
     plt = _pyplot()
     models = [m for m in MODELS if m in rows]
@@ -104,19 +112,19 @@ def plot_overlays(path: Path, cache, rows: dict[str, list[dict]], picks: list[in
         for c, model in enumerate(models, start=1):
             row = rows[model][k]
             _panel(axes[r][c], preview, masks.decode(row["rle"]), obj.box, COLORS[model],
-                   f"{TITLES[model]}\nIoU {row['iou']:.3f}  boundary F {row['boundary_f']:.3f}", truth)
+                   f"{titles[model]}\nIoU {row['iou']:.3f}  boundary F {row['boundary_f']:.3f}", truth)
     fig.suptitle(heading, fontsize=11)
     fig.tight_layout()
     _save(fig, path, dpi=90)
 
 
-def plot_iou_histogram(path: Path, rows: dict[str, list[dict]]) -> None:
+def plot_iou_histogram(path: Path, rows: dict[str, list[dict]], titles: dict[str, str]) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, 1, 21)
     for model, model_rows in rows.items():
         ax.hist([r["iou"] for r in model_rows], bins=bins, alpha=0.55, color=COLORS[model],
-                label=f"{TITLES[model]} (mIoU {np.mean([r['iou'] for r in model_rows]):.3f})")
+                label=f"{titles[model]} (mIoU {np.mean([r['iou'] for r in model_rows]):.3f})")
     ax.set_xlabel("IoU per object")
     ax.set_ylabel("objects")
     ax.legend()
@@ -124,14 +132,14 @@ def plot_iou_histogram(path: Path, rows: dict[str, list[dict]]) -> None:
     _save(fig, path, dpi=100)
 
 
-def plot_iou_vs_clicks(path: Path, clicks: dict[str, dict]) -> None:
+def plot_iou_vs_clicks(path: Path, clicks: dict[str, dict], titles: dict[str, str]) -> None:
     """mIoU after each click of the click protocol, one line per model."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, result in clicks.items():
         x = np.arange(1, len(result["miou"]) + 1)
         ax.plot(x, result["miou"], marker="o", color=COLORS[model],
-                label=f"{TITLES[model]} (NoC@85 {result['noc85']:.2f}, NoC@90 {result['noc90']:.2f})")
+                label=f"{titles[model]} (NoC@85 {result['noc85']:.2f}, NoC@90 {result['noc90']:.2f})")
     ax.set_xlabel("clicks")
     ax.set_ylabel("mIoU")
     ax.set_ylim(0, 1)
@@ -162,6 +170,7 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
                       seed: int) -> None:
     """report.md plus overlays (worst, best, random objects), an IoU histogram and a before/after scatter."""
     report_dir = Path(report_dir)
+    titles = model_titles(summary["model_type"])
     ranked_by = "fine_tuned" if "fine_tuned" in rows else "zero_shot"
     order = list(np.argsort([r["iou"] for r in rows[ranked_by]], kind="stable"))
     n = min(overlays, len(order))
@@ -174,10 +183,10 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
     for name, chosen in picks.items():
         if n:
             plot_overlays(report_dir / f"overlays_{name}.png", cache, rows, [int(k) for k in chosen],
-                          f"{name} {n} objects by {TITLES[ranked_by]} IoU")
-            pictures.append((f"overlays_{name}.png", f"The {name} {n} objects by {TITLES[ranked_by]} IoU: ground "
+                          f"{name} {n} objects by {titles[ranked_by]} IoU", titles)
+            pictures.append((f"overlays_{name}.png", f"The {name} {n} objects by {titles[ranked_by]} IoU: ground "
                              "truth (green outline), zero-shot and fine-tuned masks, prompt box (yellow, dashed)."))
-    plot_iou_histogram(report_dir / "iou_histogram.png", rows)
+    plot_iou_histogram(report_dir / "iou_histogram.png", rows, titles)
     pictures.append(("iou_histogram.png", "IoU per object, each model."))
     if "fine_tuned" in rows:
         plot_iou_scatter(report_dir / "iou_scatter.png", rows)
@@ -185,7 +194,7 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
                          "points above the diagonal improved."))
 
     if "clicks" in summary:
-        plot_iou_vs_clicks(report_dir / "iou_vs_clicks.png", summary["clicks"])
+        plot_iou_vs_clicks(report_dir / "iou_vs_clicks.png", summary["clicks"], titles)
         pictures.append(("iou_vs_clicks.png", "The click protocol: mIoU after each click (first click at the "
                          "object's most interior point, each next one in the largest error region, the previous "
                          "mask fed back)."))
@@ -213,7 +222,7 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
           else []),
         "## Per category",
         "",
-        "| category | objects | " + " | ".join(f"{TITLES.get(m, m)} mIoU" for m in scored) + " |",
+        "| category | objects | " + " | ".join(f"{titles.get(m, m)} mIoU" for m in scored) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in scored) + " |",
     ]
     for category, stats in summary["zero_shot"]["per_category"].items():

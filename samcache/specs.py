@@ -38,10 +38,9 @@ ENCODER_SPECS: dict[str, EncoderSpec] = {
     "vit_b": EncoderSpec(768, 12, 12, (2, 5, 8, 11)),
     "vit_l": EncoderSpec(1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": EncoderSpec(1280, 32, 16, (7, 15, 23, 31)),
-    # Windowed attention only: a global block over 4096 tokens would cost 4x the rest on a CPU.
-    "tiny": EncoderSpec(128, 4, 4, ()),
 }
-MODEL_TYPES = tuple(ENCODER_SPECS)
+# Meta's three ViTs, then samcache's own tiny (a small convolutional encoder, tiny/encoder.py).
+MODEL_TYPES = (*ENCODER_SPECS, "tiny")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from samcache.metrics import boundary, boundary_f, dice, iou
 from samcache.models import load_sam
 from samcache.preprocess import transform_boxes
 from samcache.prompts import box_fill
+from samcache.report import model_titles
 from samcache.runs import RunCheckpoint
 from tests.helpers import SHARED_EMBED, copy_tree, embed, rect_mask
 
@@ -100,8 +101,17 @@ def test_eval_writes_the_report_from_cache_and_run_only(cache_and_run, tmp_path)
     rows = list(csv.DictReader((report / "objects.csv").open()))
     assert len(rows) == n_objects
     assert np.mean([float(r["fine_tuned_iou"]) for r in rows]) == pytest.approx(summary["fine_tuned"]["miou"], abs=1e-5)
-    assert "![overlays_worst.png](overlays_worst.png)" in (report / "report.md").read_text()
+    text = (report / "report.md").read_text()
+    assert "![overlays_worst.png](overlays_worst.png)" in text
+    # The tiny is samcache's own model: the report names it, and never calls it SAM.
+    assert "zero-shot (tiny) mIoU" in text and "fine-tuned (tiny) mIoU" in text and "SAM" not in text
     assert (run_dir / "eval-test.json").is_file()
+
+
+def test_model_titles_name_the_model():
+    assert model_titles("tiny")["zero_shot"] == "zero-shot (tiny)"
+    assert model_titles("vit_b") == {"truth": "ground truth", "zero_shot": "zero-shot SAM (vit_b)",
+                                     "fine_tuned": "fine-tuned (SAM vit_b)"}
 
 
 def test_zero_shot_scores_equal_an_independent_stock_computation(imageless_cache, tmp_path):

@@ -11,8 +11,9 @@ import torch
 from samcache import masks, models
 from samcache.config import PromptSettings
 from samcache.datasets import load_dataset
-from samcache.errors import CheckpointError
+from samcache.errors import CheckpointError, TrainingError
 from samcache.fileio import sha256_file
+from samcache.tiny import pretrain
 from samcache.tiny.pretrain import PretrainConfig, ShapesPrompts, learning_rate, pretrain_tiny
 from samcache.tiny.shapes import CATEGORIES, ShapesSettings, generate_shapes, render_shapes
 
@@ -63,16 +64,48 @@ def test_generate_shapes_writes_a_coco_dataset_samcache_reads(tmp_path):
     assert np.array_equal(masks.decode(record.objects[0].rle), first.masks[0])
 
 
-def test_training_items_hold_prompts_and_low_res_targets():
-    data = ShapesPrompts(seed=0, length=4, prompts_per_image=2, prompt_settings=PromptSettings(mode="mixed"),
-                         shapes=SMALL)
+def test_training_items_hold_prompts_low_res_targets_feedback_draws_and_dense_targets():
+    data = ShapesPrompts(seed=0, length=4, prompts_per_image=3, prompt_settings=PromptSettings(mode="mixed"),
+                         shapes=SMALL, feedback_passes=2, feedback_point_prob=0.5)
     item = data[1]
     assert item.image.dtype == torch.uint8 and max(item.image.shape[:2]) == 1024
-    assert 1 <= len(item.prompts) <= 2 and item.targets.shape == (len(item.prompts), 256, 256)
+    assert len(item.prompts) == 3 and item.targets.shape == (3, 256, 256)
     assert all(t.max() > 0.5 for t in item.targets)
+    # Pass 0 is the prompt; the later ones take the mask prompt, some a corrective point too.
+    assert item.draws.shape == (3, 3, 3)
+    assert not item.draws[:, :, 0].any() and (item.draws[:, 1, 1:] == 1).all()
+    assert set(np.unique(item.draws[:, 0, 1:])) <= {0.0, 1.0} and ((item.draws[:, 2, 1:] >= 0) & (item.draws[:, 2, 1:] < 1)).all()
+    height, width = item.valid_size
+    assert max(height, width) == 256 and item.image.shape[0] // 4 == height
+    union, outlines = item.dense
+    assert item.dense.shape == (2, 256, 256)
+    assert np.array_equal(union, np.maximum.reduce([t > 0.5 for t in item.targets]) | union.astype(bool)) \
+        and union.sum() >= max(int((t > 0.5).sum()) for t in item.targets)
+    assert 0 < outlines.sum() < union.sum() and not union[height:].any() and not union[:, width:].any()
     again = data[1]
-    assert np.array_equal(item.targets, again.targets)
+    assert np.array_equal(item.targets, again.targets) and np.array_equal(item.draws, again.draws)
     assert all(np.array_equal(p.box, q.box) for p, q in zip(item.prompts, again.prompts))
+
+
+def test_dense_targets_are_footprint_union_and_both_sides_of_each_edge():
+    a = np.zeros((256, 256), np.float32)
+    a[10:20, 10:20] = 1
+    b = np.zeros_like(a)
+    b[10:20, 20:30] = 1  # touching a: their shared edge is an outline
+    union, outlines = pretrain._dense_targets([a, b])
+    assert np.array_equal(union, np.maximum(a, b))
+    assert outlines[15, 19] == 1 and outlines[15, 20] == 1 and outlines[15, 15] == 0  # the shared edge; inside
+    assert outlines[9, 15] == 1 and outlines[10, 15] == 1 and outlines[8, 15] == 0  # one pixel either side
+
+
+def test_text_clutter_is_opt_in_and_keeps_masks_valid():
+    plain = render_shapes(0, 2, SMALL)
+    assert np.array_equal(plain.image, render_shapes(0, 2, ShapesSettings(min_side=96, max_side=160, text=0.0)).image)
+    texts = [render_shapes(0, i, ShapesSettings(min_side=96, max_side=160, text=1.0)) for i in range(4)]
+    assert any(not np.array_equal(t.image, render_shapes(0, i, SMALL).image) for i, t in enumerate(texts))
+    for t in texts:
+        assert all(m.shape == t.image.shape[:2] and m.sum() >= 100 for m in t.masks)
+        assert sum(m.astype(int) for m in t.masks).max() <= 1 if t.masks else True
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
@@ -102,8 +135,8 @@ def test_pretrain_writes_strict_fp16_weights_and_provenance(pretrained):
     # The two steps moved the weights away from the random initialisation.
     initial = models.build_tiny(0).state_dict()
     assert not torch.equal(written["mask_decoder.iou_token.weight"], initial["mask_decoder.iou_token.weight"].half())
-    assert not torch.equal(written["image_encoder.patch_embed.proj.weight"],
-                           initial["image_encoder.patch_embed.proj.weight"].half())
+    assert not torch.equal(written["image_encoder.stem.0.weight"], initial["image_encoder.stem.0.weight"].half())
+    assert not any(k.startswith("dense_head") for k in written)  # the auxiliary head is not shipped
 
     loaded = models.load_sam("tiny", pretrained.weights)
     assert loaded.weights_sha256 == sha256_file(pretrained.weights) == pretrained.sha256
@@ -169,3 +202,60 @@ def test_pretrain_starts_from_given_weights_and_scales_the_encoder_lr(pretrained
     provenance = json.loads(second.provenance.read_text())
     assert provenance["earlier_stages"] == {"warmup": {"note": "recorded as given"}}
     assert provenance["config"]["init_weights"] == str(pretrained.weights)
+
+
+def test_init_decoder_loads_the_prompt_side_only(pretrained):
+    from safetensors.torch import load_file
+
+    config = PretrainConfig(steps=1, seed=3, init_decoder=str(pretrained.weights))
+    sam = pretrain._initial_model(config)
+    state, start, random = sam.state_dict(), load_file(str(pretrained.weights)), models.build_tiny(3).state_dict()
+    prompt_side = [k for k in start if k.startswith(("prompt_encoder.", "mask_decoder."))]
+    assert prompt_side and all(torch.equal(state[k], start[k].float()) for k in prompt_side)
+    assert all(torch.equal(state[k], random[k]) for k in state if k.startswith("image_encoder."))
+    with pytest.raises(TrainingError, match="not a tiny prompt encoder"):
+        pretrain._initial_model(PretrainConfig(steps=1, init_decoder=str(_vit_like(pretrained.weights.parent))))
+
+
+def _vit_like(folder):
+    from safetensors.torch import save_file
+
+    path = folder / "other.safetensors"
+    save_file({"mask_decoder.something_else": torch.zeros(2)}, str(path))
+    return path
+
+
+RESUMABLE = dict(steps=3, batch_size=1, prompts_per_image=1, warmup_steps=1, eval_images=1, workers=0, shapes=SMALL,
+                 checkpoint_every=1)
+
+
+def test_an_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    whole = pretrain_tiny(PretrainConfig(**RESUMABLE), tmp_path / "whole", progress=False, command="test",
+                          checkpoint=tmp_path / "whole.ckpt")
+    real_step, calls = pretrain.pretrain_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed during step 3: the checkpoint of step 2 remains
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "pretrain_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_tiny(PretrainConfig(**RESUMABLE), tmp_path / "cut", progress=False, command="test",
+                      checkpoint=tmp_path / "cut.ckpt")
+    assert not (tmp_path / "cut.safetensors").exists()
+    assert torch.load(tmp_path / "cut.ckpt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(pretrain, "pretrain_step", real_step)
+    resumed = pretrain_tiny(PretrainConfig(**RESUMABLE), tmp_path / "cut", progress=False, command="test",
+                            checkpoint=tmp_path / "cut.ckpt")
+    a, b = load_file(str(whole.weights)), load_file(str(resumed.weights))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads(resumed.provenance.read_text())["history"]
+    assert [h["step"] for h in history] == [3]
+
+    with pytest.raises(TrainingError, match="another pretraining config.*lr"):
+        pretrain_tiny(PretrainConfig(**{**RESUMABLE, "lr": 1e-5}), tmp_path / "other", progress=False,
+                      checkpoint=tmp_path / "cut.ckpt")

@@ -58,14 +58,12 @@ from samcache.progress import progress_bar
 from samcache.prompts import PromptBatch, evaluation_prompt, low_res_size, low_res_target, rng_for, training_prompt
 from samcache.samples import ClickSchedules
 from samcache.step import NonFiniteLoss
-from samcache.tiny.encoder import ConvImageEncoder
 from samcache.tiny.shapes import ShapesSettings, render_shapes
 from samcache.train import set_learning_rate, warmup_cosine
 
 CPU = torch.device("cpu")
 
 PRECISIONS = ("fp32", "bf16")
-ENCODERS = ("conv", "vit")
 PROVENANCE_STATEMENT = (
     "This is samcache's own 'tiny' model (SAM's prompt encoder and mask decoder architecture with a "
     "small windowed ViT image encoder), trained from random initialisation by samcache on synthetic "
@@ -97,8 +95,6 @@ class PretrainConfig:
     """A tiny state dict whose prompt encoder and mask decoder start this run (the image encoder
     keeps its random initialisation): a decoder that already knows prompts gives a new encoder
     a useful gradient from the first step."""
-    encoder: str = "conv"
-    """The image encoder: "conv" (tiny.encoder.ConvImageEncoder) or "vit" (the first tiny's small ViT)."""
     feedback_passes: int = 1
     """Decoder passes after the first, each with the previous pass's logits as the mask prompt
     (detached, as `samcache train --prompt interactive`), so the mask path learns what SamPredictor's
@@ -144,8 +140,6 @@ class PretrainConfig:
             self.shapes = ShapesSettings(**self.shapes)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
         if self.feedback_passes < 0 or self.checkpoint_every < 1:
             raise ValueError("feedback_passes must be >= 0 and checkpoint_every >= 1")
         if self.precision not in PRECISIONS:
@@ -366,7 +360,7 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: boo
 
     # Write float16, then evaluate the file as written: the figures are the shipped model's.
     digest = _write_weights(sam, out_path)
-    shipped = _architecture(config)
+    shipped = build_tiny(config.seed)
     load_weights_into(shipped, read_state_dict(out_path), model_type="tiny", source=out_path)
     final = evaluate_shapes(shipped, seed=config.eval_seed, images=config.eval_images, shapes=config.shapes,
                             precision=config.precision)
@@ -385,19 +379,9 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: boo
                           config.steps, images_seen, wall)
 
 
-def _architecture(config: PretrainConfig):
-    """The tiny of `config.encoder`, random weights from `config.seed`."""
-    sam = build_tiny(config.seed)
-    if config.encoder == "conv" and not isinstance(sam.image_encoder, ConvImageEncoder):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            sam.image_encoder = ConvImageEncoder(img_size=sam.image_encoder.img_size).eval()
-    return sam
-
-
 def _initial_model(config: PretrainConfig):
     """The architecture with `init_weights` (everything) or `init_decoder` (prompt side) loaded."""
-    sam = _architecture(config)
+    sam = build_tiny(config.seed)
     if config.init_weights:
         load_weights_into(sam, read_state_dict(config.init_weights), model_type="tiny", source=config.init_weights)
     if config.init_decoder:
@@ -429,7 +413,11 @@ def _train(sam, config: PretrainConfig, *, progress: bool, checkpoint: Optional[
     """The end-to-end loop (see `pretrain_step`), resumable from `checkpoint`. Returns the loss
     history (every 25 steps) and the training seconds, summed over resumed sessions."""
     sam.train()
-    head = DenseHead() if config.dense_weight else None
+    head = None
+    if config.dense_weight:
+        with torch.random.fork_rng(devices=[]):  # its initial weights, like the model's, a function of the seed
+            torch.manual_seed(config.seed)
+            head = DenseHead()
     named = list(sam.named_parameters()) + ([] if head is None else [("dense_head." + n, p)
                                                                         for n, p in head.named_parameters()])
     optimizer = _optimizer(named, config)
@@ -513,7 +501,7 @@ def pretrain_step(sam, head: Optional[DenseHead], batch: _Batch, config: Pretrai
     embeddings.backward(leaf.grad.to(embeddings.dtype))
     torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
     optimizer.step()
-    return {"loss": float(np.mean(losses)), "train_iou": float(np.mean(ious)), "dense_loss": float(dense)}
+    return {"loss": float(np.mean(losses)), "train_iou": float(np.mean(ious)), "dense_loss": float(dense.detach())}
 
 
 def _check_finite(loss: torch.Tensor) -> None:

@@ -38,7 +38,7 @@ class Recipe:
     """
 
     seed: int = 0
-    steps: int = 2200
+    steps: int = 3600
     lr: float = 5e-4
     encoder_lr_scale: float = 2.0
     prompts_per_image: int = 4
@@ -51,7 +51,7 @@ class Recipe:
 def pretrain_config(recipe: Recipe, init_decoder: str | Path) -> PretrainConfig:
     """The recipe as pretrain_tiny's config."""
     return PretrainConfig(steps=recipe.steps, seed=recipe.seed, lr=recipe.lr, encoder_lr_scale=recipe.encoder_lr_scale,
-                          init_decoder=str(init_decoder), encoder="conv", prompts_per_image=recipe.prompts_per_image,
+                          init_decoder=str(init_decoder), prompts_per_image=recipe.prompts_per_image,
                           feedback_passes=recipe.feedback_passes, dense_weight=recipe.dense_weight,
                           precision=recipe.precision, warmup_steps=100, shapes=ShapesSettings(text=recipe.text))
 
