@@ -2,24 +2,33 @@
 
 SAM's real weights cannot be shipped or downloaded everywhere, so the offline demo needs a
 model of SAM's architecture that has learnt *something* about objects. `pretrain_tiny`
-trains all of `tiny` (image encoder, prompt encoder, mask decoder) from its random
-initialisation on images drawn on the fly by `samcache.tiny.shapes` (never the stamps
-domain), with box prompts jittered as SAM's training does and single-point prompts, using the
-same preprocessing as `samcache embed`, the same batched decoder and training step
-(`step.optimize_step`) as `samcache train`, and the same inference path (inference.py) as
-`samcache eval`. It ends with a fixed, seeded held-out evaluation and writes:
+trains all of `tiny` (its convolutional image encoder, SAM's prompt encoder and mask decoder)
+on images drawn on the fly by `samcache.tiny.shapes` (never the stamps domain), with box
+prompts jittered as SAM's training does and single-point prompts, using the same
+preprocessing as `samcache embed`, the same batched decoder, loss and click simulation as
+`samcache train`, and the same inference path (inference.py) as `samcache eval`. It ends with
+a fixed, seeded held-out evaluation and writes:
 
     OUT.safetensors   the full state dict (Meta's key layout), stored as float16
     OUT.json          provenance: config, seed, steps, wall time, CPU, torch, figures, SHA-256
 
-Why these choices (measured on a 2-core CPU; see scripts/pretrain_tiny.py):
+A step (`pretrain_step`): the encoder once for the image; each of its prompts decoded, then
+decoded again with its own previous mask as the mask prompt (half the time with a corrective
+point), so the prompt encoder's mask path learns what SamPredictor's `mask_input` and
+`--prompt interactive` feed it; and a dense auxiliary loss (`DenseHead`) on every pixel.
+The run checkpoints (`checkpoint=`) and continues exactly from its last checkpoint: every
+image and draw is a function of (seed, index), and the loader restarts at the next step.
+
+Why these choices (measured on 2-core CPUs; the recipe is tiny/recipe.py):
 - The model input is always the 1024 px padded square, so the cost of a step does not depend
   on how large the shapes image is drawn; images are drawn with their longest side in
   512-1024 px and upsampled by the predictor's resize, like the scans and photos samcache sees.
-- The mask decoder costs about as much per prompt as the tiny encoder per image, so a few
-  prompts per image (not all objects) give the best quality per second.
-- fp32, not bf16 autocast: on the 2-core AVX512-BF16 CPU, bf16 training steps ran about 2x
-  slower (0.2 vs 0.45 images/s), its backward passes being the slow part.
+- The mask decoder costs about as much per prompt as the encoder per image, so a few prompts
+  per image (not all objects) give the best quality per second; the dense head gives the
+  encoder a gradient everywhere in the image for almost nothing.
+- bf16 autocast on CPUs with AMX: the convolutional encoder's forward and backward took 0.64 s
+  in bf16 against 1.4-2.7 s in fp32 (fp32 depthwise backward is slow). (The first tiny's ViT
+  trained faster in fp32 on an AVX512-BF16 AMD CPU: measure on yours, `precision`.)
 - `dice-bce` because SAM's focal-heavy loss collapses to background from random weights.
 - float16 storage halves the file; the held-out figures are measured on the float16 weights
   as written, so they are the shipped model's figures.
@@ -66,8 +75,9 @@ CPU = torch.device("cpu")
 PRECISIONS = ("fp32", "bf16")
 PROVENANCE_STATEMENT = (
     "This is samcache's own 'tiny' model (SAM's prompt encoder and mask decoder architecture with a "
-    "small windowed ViT image encoder), trained from random initialisation by samcache on synthetic "
-    "shapes images. It is NOT Meta's Segment Anything model and contains none of Meta's weights."
+    "small convolutional image encoder), trained by samcache on synthetic shapes images only (no "
+    "stamps, nothing drawn to resemble an evaluation set). It is NOT Meta's Segment Anything model "
+    "and contains none of Meta's weights."
 )
 
 
@@ -583,8 +593,25 @@ def _provenance(config: PretrainConfig, out_path: Path, digest: str, *, command:
         "machine": _machine(),
         "torch": torch.__version__,
         "samcache": __version__,
+        "git_commit": _git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _git_commit() -> Optional[str]:
+    """The commit of the code that ran (with "+changes" when the checkout had uncommitted edits),
+    when it runs from a git checkout; None otherwise."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "samcache", "scripts"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if dirty else "")
 
 
 def _machine() -> dict:
