@@ -7,9 +7,9 @@ STAMPS := data/stamps
 CACHE := cache/stamps
 RUN := runs/stamps
 REPORT := reports/stamps
-# The tiny model starts from samcache's weights pretrained on synthetic shapes. Its decoder is
-# fine-tuned on stamps with dice-bce at lr 1e-3 (as good as SAM's loss at lr 1e-4 on 40 pages:
-# README, "Which loss").
+# The tiny model starts from samcache's weights pretrained on synthetic shapes (never stamps). Its
+# decoder is fine-tuned on stamps with dice-bce at lr 1e-3 (README, "Which loss"); the end-to-end
+# test (tests/test_pretrained_tiny.py) trains with these same flags.
 DEMO_TRAIN := --epochs 8 --lr 1e-3 --loss dice-bce --batch-size 4 --objects-per-image 4
 DEMO_PAGES ?= 60
 

@@ -12,8 +12,9 @@ and point prompts and 5 clicks of the click protocol. Variants (the same epochs,
   backprop      --prompt interactive --mask-prompt-prob 1 --mask-prompt-gradient backprop (SAM 2's)
 
 Part 2, cost. One process, the same batches (the train split, batch 4 x 4 objects), steps of each
-kind interleaved round by round: the box step, and the interactive step (mask feedback on every
-pass) detached, with backprop and without feedback; prompts/s counts each prompt once per step
+kind interleaved round by round: the box step, and the interactive step with the defaults (mask
+feedback on half the passes, detached), with mask feedback on every pass detached and with backprop,
+and without feedback; prompts/s counts each prompt once per step
 (not per pass). Peak memory, measured first: each kind alone in a fresh subprocess, its max RSS
 after one step (a backprop step of 16 prompts peaks at 15 GiB).
 
@@ -47,7 +48,8 @@ VARIANTS = {
     "backprop": ["--prompt", "interactive", "--mask-prompt-prob", "1", "--mask-prompt-gradient", "backprop"],
 }
 CLICKS = 5
-COST_KINDS = ("box step", "interactive, detached", "interactive, backprop", "interactive, no feedback")
+COST_KINDS = ("box step", "interactive, default", "interactive, detached", "interactive, backprop",
+              "interactive, no feedback")
 
 
 def samcache(*args) -> None:
@@ -108,6 +110,7 @@ def cost_setup(cache_dir: Path, work: Path):
     cache = EmbeddingCache(cache_dir)
     modes = {
         "box step": PromptSettings(mode="box"),
+        "interactive, default": PromptSettings(mode="interactive"),  # mask feedback on half the passes, detached
         "interactive, detached": PromptSettings(mode="interactive", mask_prompt_prob=1.0),
         "interactive, backprop": PromptSettings(mode="interactive", mask_prompt_prob=1.0,
                                                 mask_prompt_gradient="backprop"),

@@ -41,11 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-lr-scale", type=float, default=defaults.encoder_lr_scale,
                         help="encoder lr / lr")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=defaults.precision)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="end after this step (the schedule still that of --steps): finishes a run whose "
+                             "time ran out from its last checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     command = " ".join(shlex.quote(a) for a in ["scripts/pretrain_tiny.py", *(sys.argv[1:] if argv is None else argv)])
     recipe = Recipe(seed=args.seed, steps=args.steps, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale,
-                    precision=args.precision)
+                    precision=args.precision, stop_after=args.stop_after)
     started = time.time()
     result = make_tiny_weights(args.out, args.workdir, args.init_decoder, recipe, command=command,
                                progress=not args.quiet)

@@ -256,6 +256,19 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkey
     history = json.loads(resumed.provenance.read_text())["history"]
     assert [h["step"] for h in history] == [3]
 
+    # A run ended early (its budget spent) keeps the full run's schedule, says so, and can still go on.
+    early = pretrain_tiny(PretrainConfig(**{**RESUMABLE, "stop_after": 2}), tmp_path / "early", progress=False,
+                          command="test", checkpoint=tmp_path / "early.ckpt")
+    provenance = json.loads(early.provenance.read_text())
+    assert early.steps == 2 and provenance["steps"] == 2 and provenance["schedule_steps"] == 3
+    on = pretrain_tiny(PretrainConfig(**RESUMABLE), tmp_path / "on", progress=False, command="test",
+                       checkpoint=tmp_path / "early.ckpt")
+    c = load_file(str(on.weights))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(TrainingError, match="past stop_after"):
+        pretrain_tiny(PretrainConfig(**{**RESUMABLE, "stop_after": 1}), tmp_path / "x", progress=False,
+                      checkpoint=tmp_path / "early.ckpt")
+
     with pytest.raises(TrainingError, match="another pretraining config.*lr"):
         pretrain_tiny(PretrainConfig(**{**RESUMABLE, "lr": 1e-5}), tmp_path / "other", progress=False,
                       checkpoint=tmp_path / "cut.ckpt")

@@ -118,6 +118,10 @@ class PretrainConfig:
     few prompted objects are, and is dropped from the shipped weights; 0: no head."""
     checkpoint_every: int = 100
     """Steps between resumable checkpoints (pretrain_tiny's `checkpoint`)."""
+    stop_after: Optional[int] = None
+    """End the run after this many steps, the learning-rate schedule still that of `steps`: a
+    run whose time budget ran out is finished from its last checkpoint (`stop_after` = that
+    checkpoint's step), and says so in its provenance. None: all `steps`."""
     weight_decay: float = 0.05
     """AdamW weight decay."""
     warmup_steps: int = 40
@@ -150,6 +154,8 @@ class PretrainConfig:
             self.shapes = ShapesSettings(**self.shapes)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
+            raise ValueError(f"stop_after must be in [1, steps], got {self.stop_after}")
         if self.feedback_passes < 0 or self.checkpoint_every < 1:
             raise ValueError("feedback_passes must be >= 0 and checkpoint_every >= 1")
         if self.precision not in PRECISIONS:
@@ -375,18 +381,19 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path, *, progress: boo
     final = evaluate_shapes(shipped, seed=config.eval_seed, images=config.eval_images, shapes=config.shapes,
                             precision=config.precision)
     wall = time.time() - started
-    images_seen = config.steps * config.batch_size
+    steps_done = config.steps if config.stop_after is None else config.stop_after
+    images_seen = steps_done * config.batch_size
     provenance = _provenance(config, out_path, digest, command=command, stages=stages, history=history,
                              initial=initial, final=final, train_s=train_s, wall_s=wall, load_start=load_start)
     provenance_path = out_path.with_suffix(".json")
     provenance_path.write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     if progress:
-        print(f"pretrained tiny: {config.steps} steps, {images_seen} images in {train_s / 60:.1f} min "
+        print(f"pretrained tiny: {steps_done} steps, {images_seen} images in {train_s / 60:.1f} min "
               f"({images_seen / train_s:.2f} img/s); held-out mIoU box {final['box_miou']:.4f}, "
               f"point {final['point_miou']:.4f} ({final['objects']} objects); {out_path} sha256 {digest[:12]}",
               file=sys.stderr)
     return PretrainResult(out_path, provenance_path, digest, final["box_miou"], final["point_miou"],
-                          config.steps, images_seen, wall)
+                          steps_done, images_seen, wall)
 
 
 def _initial_model(config: PretrainConfig):
@@ -443,11 +450,14 @@ def _train(sam, config: PretrainConfig, *, progress: bool, checkpoint: Optional[
                          shapes=config.shapes, feedback_passes=config.feedback_passes,
                          feedback_point_prob=config.feedback_point_prob)
     # Items depend on their index alone: the resumed loader starts at the next step's images.
-    remaining = Subset(data, range(first_step * config.batch_size, len(data)))
+    last_step = config.steps if config.stop_after is None else config.stop_after
+    if first_step > last_step:
+        raise TrainingError(f"{checkpoint} is at step {first_step}, past stop_after = {last_step}")
+    remaining = Subset(data, range(first_step * config.batch_size, last_step * config.batch_size))
     loader = DataLoader(remaining, batch_size=config.batch_size, shuffle=False, num_workers=config.workers,
                         collate_fn=_collate, persistent_workers=False,
                         prefetch_factor=4 if config.workers else None)
-    bar = progress_bar(config.steps - first_step, desc="pretrain tiny", unit="step", enabled=progress)
+    bar = progress_bar(max(0, last_step - first_step), desc="pretrain tiny", unit="step", enabled=progress)
     started = time.time()
     recent_loss, recent_iou, recent_dense = [], [], []
     for step, batch in enumerate(loader, start=first_step):
@@ -460,11 +470,11 @@ def _train(sam, config: PretrainConfig, *, progress: bool, checkpoint: Optional[
         recent_iou = (recent_iou + [stats["train_iou"]])[-20:]
         recent_dense = (recent_dense + [stats["dense_loss"]])[-20:]
         elapsed = done_s + time.time() - started
-        if (step + 1) % 25 == 0 or step + 1 == config.steps:
+        if (step + 1) % 25 == 0 or step + 1 == last_step:
             history.append({"step": step + 1, "loss": float(np.mean(recent_loss)),
                             "train_iou": float(np.mean(recent_iou)), "dense_loss": float(np.mean(recent_dense)),
                             "elapsed_s": round(elapsed, 1), "load_1min": _load_average()})
-        if checkpoint is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+        if checkpoint is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == last_step):
             _save_checkpoint(checkpoint, config, step + 1, sam, head, optimizer, history, elapsed)
         bar.set_postfix(loss=f"{np.mean(recent_loss):.3f}", iou=f"{np.mean(recent_iou):.3f}",
                         dense=f"{np.mean(recent_dense):.3f}",
@@ -521,7 +531,7 @@ def _check_finite(loss: torch.Tensor) -> None:
 
 # --------------------------------------------------------------------------- checkpoints
 
-_RESUME_IGNORES = ("workers", "threads", "eval_at_start")  # may differ between sessions
+_RESUME_IGNORES = ("workers", "threads", "eval_at_start", "stop_after")  # may differ between sessions
 
 
 def _save_checkpoint(path: Path, config: PretrainConfig, step: int, sam, head: Optional[DenseHead],
@@ -569,7 +579,8 @@ def _provenance(config: PretrainConfig, out_path: Path, digest: str, *, command:
                 stages: Optional[dict], history: list[dict], initial: Optional[dict], final: dict, train_s: float,
                 wall_s: float, load_start: Optional[float]) -> dict:
     """What the weights' JSON says of them: recipe, seed, time, machine, held-out figures."""
-    images_seen = config.steps * config.batch_size
+    steps_done = config.steps if config.stop_after is None else config.stop_after
+    images_seen = steps_done * config.batch_size
     return {
         "statement": PROVENANCE_STATEMENT,
         "model_type": "tiny",
@@ -579,7 +590,8 @@ def _provenance(config: PretrainConfig, out_path: Path, digest: str, *, command:
         "command": command if command is not None else " ".join(sys.argv),
         "config": _jsonable(asdict(config)),
         "seed": config.seed,
-        "steps": config.steps,
+        "steps": steps_done,
+        "schedule_steps": config.steps,
         "images_seen": images_seen,
         "train_s": round(train_s, 1),
         "wall_s": round(wall_s, 1),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from samcache.tiny.pretrain import PretrainConfig, PretrainResult, pretrain_tiny
 from samcache.tiny.shapes import ShapesSettings
@@ -35,6 +36,7 @@ class Recipe:
       prompts_per_image, feedback_passes, dense_weight: as PretrainConfig's.
       text: the share of images with text-like clutter (ShapesSettings.text).
       precision: "bf16" (faster on CPUs with AMX or AVX512-BF16) or "fp32".
+      stop_after: end after this step, the schedule still that of `steps` (PretrainConfig's).
     """
 
     seed: int = 0
@@ -46,6 +48,7 @@ class Recipe:
     dense_weight: float = 1.0
     text: float = 0.5
     precision: str = "bf16"
+    stop_after: Optional[int] = None
 
 
 def pretrain_config(recipe: Recipe, init_decoder: str | Path) -> PretrainConfig:
@@ -53,7 +56,8 @@ def pretrain_config(recipe: Recipe, init_decoder: str | Path) -> PretrainConfig:
     return PretrainConfig(steps=recipe.steps, seed=recipe.seed, lr=recipe.lr, encoder_lr_scale=recipe.encoder_lr_scale,
                           init_decoder=str(init_decoder), prompts_per_image=recipe.prompts_per_image,
                           feedback_passes=recipe.feedback_passes, dense_weight=recipe.dense_weight,
-                          precision=recipe.precision, warmup_steps=100, shapes=ShapesSettings(text=recipe.text))
+                          precision=recipe.precision, stop_after=recipe.stop_after, warmup_steps=100,
+                          shapes=ShapesSettings(text=recipe.text))
 
 
 def make_tiny_weights(out: str | Path, workdir: str | Path, init_decoder: str | Path, recipe: Recipe = Recipe(), *,
