@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # segment_anything imports torchvision (a second or more): on
 # in the package. The SHA-256 pins the exact file; a file that differs is refused, never used.
 TINY_PRETRAINED = Path(__file__).resolve().parent / "weights" / "tiny_shapes.safetensors"
 # The shipped file's SHA-256 (scripts/pretrain_tiny.py prints it); caches made with it record it.
-TINY_PRETRAINED_SHA256 = "935408e1e63f26a525d9e9548c788abd7ee28ba055467b29bd27368cb109f0bd"
+TINY_PRETRAINED_SHA256 = "70e815d32d4017c1d265f1f1b93b7763102ba427c6b518818d569994354d1444"
 
 
 @dataclass
