@@ -8,6 +8,9 @@ needs the previous tiny's weights for its decoder's starting point:
         --out samcache/weights/tiny_shapes.safetensors --workdir /tmp/pt_tiny
 
 It checkpoints in --workdir every 100 steps; the same command continues an interrupted run.
+The shipped weights are this command's run (from git e277018; 2-core Intel Xeon with AMX, 109
+minutes) finished from its step-3000 checkpoint with `--stop-after 3000` when the session's time
+ran short: held-out shapes box mIoU 0.639, point 0.465 (tiny_shapes.json).
 After a new run, put the printed SHA-256 into samcache.models.TINY_PRETRAINED_SHA256. The result
 is samcache's own model trained on synthetic shapes, NOT Meta's Segment Anything.
 """
