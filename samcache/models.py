@@ -8,7 +8,7 @@ a verified download of Meta's official file), loads them without executing pickl
 
 `tiny` is samcache's own SAM-shaped model: SAM's geometry (1024 px input, 256x64x64
 embeddings) and SAM's exact prompt encoder and mask decoder, with a small convolutional image
-encoder (tiny/encoder.py), so every stage runs at real sizes in seconds on a CPU. Two sets of weights exist for it:
+encoder (tiny_encoder.py), so every stage runs at real sizes in seconds on a CPU. Two sets of weights exist for it:
 
 - samcache's own pretrained weights, `samcache/weights/tiny_shapes.safetensors`, trained end to
   end on synthetic shapes by `scripts/pretrain_tiny.py` (provenance in `tiny_shapes.json`; NOT
@@ -84,11 +84,11 @@ def samcache_home() -> Path:
 
 def build_sam(model_type: str) -> Sam:
     """Builds an untrained SAM of `model_type` with segment_anything's modules (eval mode, CPU);
-    the tiny's image encoder is samcache's own (tiny.encoder.ConvImageEncoder)."""
+    the tiny's image encoder is samcache's own (tiny_encoder.ConvImageEncoder)."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     if model_type == "tiny":
-        from samcache.tiny.encoder import ConvImageEncoder
+        from samcache.tiny_encoder import ConvImageEncoder
 
         image_encoder = ConvImageEncoder(img_size=IMAGE_SIZE, out_chans=PROMPT_EMBED_DIM)
     else:

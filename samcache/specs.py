@@ -39,7 +39,7 @@ ENCODER_SPECS: dict[str, EncoderSpec] = {
     "vit_l": EncoderSpec(1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": EncoderSpec(1280, 32, 16, (7, 15, 23, 31)),
 }
-# Meta's three ViTs, then samcache's own tiny (a small convolutional encoder, tiny/encoder.py).
+# Meta's three ViTs, then samcache's own tiny (a small convolutional encoder, tiny_encoder.py).
 MODEL_TYPES = (*ENCODER_SPECS, "tiny")
 
 

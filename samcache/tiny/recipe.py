@@ -1,7 +1,7 @@
 """The recipe of the shipped tiny weights (`scripts/pretrain_tiny.py` runs it).
 
 One end-to-end stage on generic shapes images (tiny.shapes with text-like clutter; never
-stamps, nothing drawn to resemble them): the convolutional encoder (tiny.encoder) starts from
+stamps, nothing drawn to resemble them): the convolutional encoder (tiny_encoder.py) starts from
 random weights, SAM's prompt encoder and mask decoder from the previous tiny's (samcache's own,
 also trained on shapes only: the two-stage recipe of git commit fc41f5c, whose weights file is
 `git show fc41f5c:samcache/weights/tiny_shapes.safetensors`). Why the warm decoder: measured over
