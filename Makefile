@@ -8,9 +8,9 @@ CACHE := cache/stamps
 RUN := runs/stamps
 REPORT := reports/stamps
 # The tiny model starts from samcache's weights pretrained on synthetic shapes (never stamps). Its
-# decoder is fine-tuned on stamps with dice-bce at lr 1e-3 (README, "Which loss"); the end-to-end
+# decoder is fine-tuned on stamps with SAM's loss at lr 1e-3 (README, "Which loss"); the end-to-end
 # test (tests/test_pretrained_tiny.py) trains with these same flags.
-DEMO_TRAIN := --epochs 8 --lr 1e-3 --loss dice-bce --batch-size 4 --objects-per-image 4
+DEMO_TRAIN := --epochs 8 --lr 1e-3 --loss sam --batch-size 4 --objects-per-image 4
 DEMO_PAGES ?= 60
 
 .PHONY: install demo test clean

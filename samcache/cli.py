@@ -22,10 +22,12 @@ from pydantic import BaseModel
 from samcache import __version__
 from samcache.config import (
     DEVICES,
+    EVERYTHING_FLAGS,
     EXPORT_FORMATS,
     RUN_WEIGHTS,
     EmbedConfig,
     EvalConfig,
+    EverythingSettings,
     TrainConfig,
     field_annotation,
     field_default,
@@ -430,8 +432,15 @@ def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, **optio
 EVAL_FLAGS = {
     "split": "--split", "prompt": "--prompt", "clicks": "--clicks", "box_jitter": "--box-jitter", "seed": "--seed",
     "weights": "--weights",
-    "device": "--device", "checkpoint": "--checkpoint",
+    "device": "--device", "checkpoint": "--checkpoint", "everything": "--everything",
+    **{f"generator.{path}": flag for path, flag in EVERYTHING_FLAGS.items()},
 }
+
+
+def everything_options(command):
+    for path, flag in reversed(EVERYTHING_FLAGS.items()):
+        command = config_option(flag, EverythingSettings, path, default_in_help=True)(command)
+    return command
 
 
 def eval_options(command):
@@ -470,26 +479,45 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, overwrite: bool, **opti
 
 @main.command("export")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True, help="A training run.")
-@click.option("--out", "out_file", type=click.Path(path_type=Path), required=True, help="Weights file to write.")
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0], show_default=True)
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
+              help="Weights file to write (pth, safetensors), or the folder of the ONNX files (onnx).")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0], show_default=True,
+              help="pth or safetensors: a full SAM state dict; onnx: decoder.onnx in segment-anything's official "
+                   "ONNX interface and encoder.onnx, with an X-AnyLabeling config and a README.")
 @click.option("--weights", type=click.Choice(RUN_WEIGHTS), default=RUN_WEIGHTS[0], show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Base weights file, if not the run's.")
-@click.option("--overwrite", is_flag=True, help="Replace FILE (and its metadata) when they exist.")
-def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint, overwrite: bool) -> None:
-    """Write a full SAM state dict with the fine-tuned decoder, plus FILE.json metadata.
+@click.option("--return-single-mask", is_flag=True,
+              help="onnx: decoder.onnx outputs one mask per prompt (SAM's choice) instead of all four.")
+@click.option("--quantize", is_flag=True,
+              help="onnx: also write decoder.quant.onnx and encoder.quant.onnx (uint8 weights).")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an earlier export when they exist.")
+def export_cmd(run_dir: Path, out_path: Path, fmt: str, weights: str, checkpoint, return_single_mask: bool,
+               quantize: bool, overwrite: bool) -> None:
+    """Write a full SAM state dict with the fine-tuned decoder, plus FILE.json metadata; or ONNX files.
 
-    For vit_b/l/h the file loads with segment_anything.sam_model_registry[TYPE](checkpoint=FILE)
-    and works with SamPredictor as it is.
+    For vit_b/l/h the state dict loads with segment_anything.sam_model_registry[TYPE](checkpoint=FILE)
+    and works with SamPredictor as it is. With --format onnx, --out is a folder (see its README.md).
 
     \b
     Example:
       samcache export --run runs/stamps --out sam_stamps.pth
+      samcache export --run runs/stamps --format onnx --out onnx/stamps
     """
+    if fmt == "onnx":
+        from samcache.onnx_export import export_onnx
+
+        metadata = export_onnx(run_dir, out_path, weights=weights, checkpoint=checkpoint,
+                               return_single_mask=return_single_mask, quantize=quantize, overwrite=overwrite)
+        click.echo(f"wrote {', '.join(metadata['files'])}, xanylabeling.yaml, README.md and export.json "
+                   f"to {out_path} ({metadata['model_type']})")
+        return
+    if return_single_mask or quantize:
+        raise click.UsageError("--return-single-mask and --quantize are options of --format onnx")
     from samcache.export import export_run, metadata_path
 
-    metadata = export_run(run_dir, out_file, fmt=fmt, weights=weights, checkpoint=checkpoint, overwrite=overwrite)
-    click.echo(f"wrote {out_file} ({metadata['model_type']}, SHA-256 {metadata['sha256']}) and "
-               f"{metadata_path(out_file)}; load with {metadata['load_with']}")
+    metadata = export_run(run_dir, out_path, fmt=fmt, weights=weights, checkpoint=checkpoint, overwrite=overwrite)
+    click.echo(f"wrote {out_path} ({metadata['model_type']}, SHA-256 {metadata['sha256']}) and "
+               f"{metadata_path(out_path)}; load with {metadata['load_with']}")
 
 
 @main.command("predict")
@@ -507,24 +535,38 @@ def export_cmd(run_dir: Path, out_file: Path, fmt: str, weights: str, checkpoint
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
               help="Take embeddings from this cache when an image is in it (default: the run's cache).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--everything", is_flag=True,
+              help="Segment everything (a point grid, as SamAutomaticMaskGenerator) instead of prompts.")
+@everything_options
 @click.option("--device", type=click.Choice(DEVICES), default=DEVICES[0], show_default=True)
 @click.option("--overwrite", is_flag=True, help="Write into --out even when it holds earlier predictions.")
-def predict_cmd(images, run_dir, checkpoint, model_type, box, points, boxes, cache_dir, out_dir: Path, device: str,
-                overwrite: bool) -> None:
+def predict_cmd(images, run_dir, checkpoint, model_type, box, points, boxes, cache_dir, out_dir: Path,
+                everything: bool, device: str, overwrite: bool, **generator) -> None:
     """Predict masks for IMAGES from box and point prompts: PNG masks, overlays and COCO RLE JSON.
+
+    With --everything: every object in each image, from a grid of points (SamAutomaticMaskGenerator's
+    steps and defaults); predictions.json holds COCO results (RLE, score = predicted IoU, stability).
+    An image in the run's cache (or --cache) takes its embedding from there: no encoder runs.
 
     \b
     Example:
       samcache predict page.jpg --run runs/stamps --box 100,200,400,500 --out predictions/
       samcache predict page.jpg --run runs/stamps --box 100,200,400,500 --point 250,350 --point 120,210,0 --out p/
       samcache predict scans/*.jpg --checkpoint sam_stamps.pth --boxes boxes.json --out predictions/
+      samcache predict page.jpg --run runs/stamps --everything --points-per-side 16 --out everything/
     """
     from samcache import predict as predict_module
 
     if (run_dir is None) == (checkpoint is None):
         raise click.UsageError("give either --run or --checkpoint")
-    if (box is None and not points) == (boxes is None):
-        raise click.UsageError("give either --box and/or --point, or --boxes")
+    prompted = box is not None or bool(points) or boxes is not None
+    if everything and prompted:
+        raise click.UsageError("--everything takes no --box, --point or --boxes")
+    if not everything and (box is None and not points) == (boxes is None):
+        raise click.UsageError("give either --box and/or --point, or --boxes (or --everything)")
+    settings = from_sources(EverythingSettings, overrides=_config_values(generator), flags=EVERYTHING_FLAGS)
+    if settings != EverythingSettings() and not everything:
+        raise click.UsageError("--points-per-side and the other generator options go with --everything")
     if run_dir is not None:
         from samcache.runs import RunFolder
 
@@ -533,6 +575,13 @@ def predict_cmd(images, run_dir, checkpoint, model_type, box, points, boxes, cac
             cache_dir = RunFolder(run_dir).cache_dir()
     else:
         predictor = predict_module.predictor_from_checkpoint(checkpoint, model_type)
+    if everything:
+        result = predict_module.predict_everything(predictor, list(images), out_dir, settings=settings,
+                                                   cache_dir=cache_dir, device=device, overwrite=overwrite)
+        click.echo(f"{len(result['predictions'])} masks for {result['images']} images in {out_dir} "
+                   f"({result['seconds']:.1f} s, {len(result['predictions']) / max(result['seconds'], 1e-9):.1f} "
+                   f"masks/s)")
+        return
     result = predict_module.predict_images(
         predictor, list(images), out_dir,
         box=predict_module.parse_box(box) if box else None,

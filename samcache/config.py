@@ -45,7 +45,7 @@ EVAL_PROMPTS = ("box", "point")
 LOSSES = ("sam", "dice-bce", "mse-threshold")
 TRAINABLE = ("mask_decoder", "prompt_encoder")
 RUN_WEIGHTS = ("best", "last")
-EXPORT_FORMATS = ("pth", "safetensors")
+EXPORT_FORMATS = ("pth", "safetensors", "onnx")
 MEMORY_POLICIES = ("auto", "yes", "no")
 SPLITS = ("train", "val", "test")
 TRAIN_SPLIT, VAL_SPLIT, TEST_SPLIT = SPLITS
@@ -266,6 +266,35 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return out
 
 
+# ------------------------------------------------------------------------- segment everything
+class EverythingSettings(_Options):
+    """Segment-everything's options: SamAutomaticMaskGenerator's, with its defaults (no crop layers:
+    each crop would need the encoder)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    points_per_side: Annotated[Int, Field(ge=1, le=256)] = 32
+    """Segment everything: the point grid is this many points by this many over the image."""
+    points_per_batch: Annotated[Int, Field(ge=1)] = 64
+    """Segment everything: points decoded together (memory, not results)."""
+    pred_iou_thresh: Annotated[Float, Field(ge=0, le=1)] = 0.88
+    """Segment everything: keep masks whose predicted IoU is above this."""
+    stability_score_thresh: Annotated[Float, Field(ge=0, le=1)] = 0.95
+    """Segment everything: keep masks whose stability score (IoU of the mask at logit +offset and
+    -offset) is at least this."""
+    stability_score_offset: Annotated[Float, Field(gt=0)] = 1.0
+    """Segment everything: the logit offset of the stability score."""
+    box_nms_thresh: Annotated[Float, Field(gt=0, le=1)] = 0.7
+    """Segment everything: of two masks whose boxes overlap above this IoU, the lower-scored is dropped."""
+
+
+EVERYTHING_FLAGS = {
+    "points_per_side": "--points-per-side", "points_per_batch": "--points-per-batch",
+    "pred_iou_thresh": "--pred-iou-thresh", "stability_score_thresh": "--stability-score-thresh",
+    "stability_score_offset": "--stability-score-offset", "box_nms_thresh": "--box-nms-thresh",
+}
+
+
 # ------------------------------------------------------------------------------------ eval
 class EvalConfig(_Options):
     """Options of `samcache eval`."""
@@ -292,6 +321,12 @@ class EvalConfig(_Options):
     """Base weights file, when not samcache's tiny or the official weights."""
     overlays: Annotated[Int, Field(ge=0)] = 6
     """Objects per overlay figure (worst, best, random)."""
+    everything: bool = False
+    """Also segment everything in each image of the split with each model (a point grid, as
+    SamAutomaticMaskGenerator) and score the masks against all the ground truth with COCO mask AP,
+    AP50 and AR100 (pycocotools)."""
+    generator: EverythingSettings = EverythingSettings()
+    """Segment-everything's options (with everything)."""
 
     @model_validator(mode="after")
     def _unique_prompts(self) -> "EvalConfig":

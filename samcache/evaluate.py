@@ -7,9 +7,11 @@ Masks come from inference.py, the path training validation and predict use too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -24,6 +26,7 @@ from samcache.config import EvalConfig
 from samcache.datasets.records import ObjectRecord
 from samcache.devices import decoder_precision, resolve_device
 from samcache.errors import OutputError, SamcacheError
+from samcache.everything import segment_everything
 from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace
 from samcache.inference import ObjectPrediction, predict_cached_objects
 from samcache.metrics import boundary_f, dice, iou
@@ -100,6 +103,61 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+@dataclass
+class EverythingScores:
+    """Segment-everything on a split: each model's COCO results and its COCO mask AP figures."""
+
+    results: dict[str, list[dict]]
+    summary: dict[str, dict]
+
+
+def score_everything(decoders: dict, cache: EmbeddingCache, indices: list[int], config: EvalConfig,
+                     device: torch.device) -> EverythingScores:
+    """Each model segments everything in each image (from the cache); coco_mask_ap scores its masks."""
+    results, summary = {}, {}
+    for name, (prompt_encoder, mask_decoder) in decoders.items():
+        started, found = time.perf_counter(), []
+        for index in indices:
+            embedding = torch.from_numpy(cache.embedding(index)).float()[None].to(device)
+            found += [m.coco_result(index + 1) for m in segment_everything(
+                prompt_encoder, mask_decoder, embedding, cache.images[index].original_size, config.generator)]
+        seconds = time.perf_counter() - started
+        results[name] = found
+        summary[name] = {**coco_mask_ap(cache, indices, found), "masks": len(found), "images": len(indices),
+                         "seconds": seconds}
+    return EverythingScores(results, summary)
+
+
+def coco_mask_ap(cache: EmbeddingCache, indices: list[int], results: list[dict]) -> dict:
+    """COCO mask AP (IoU 0.50:0.95), AP50 and AR100 (recall with at most 100 masks per image) of
+    `results` (COCO results, image_id = cache index + 1) against every ground-truth object of the
+    cached images `indices`, class-agnostic, by pycocotools' COCOeval. No results: all 0."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return {"ap": 0.0, "ap50": 0.0, "ar100": 0.0}
+    images, annotations = [], []
+    for index in indices:
+        info = cache.images[index]
+        images.append({"id": index + 1, "height": info.original_size[0], "width": info.original_size[1]})
+        for obj in info.objects:
+            x0, y0, x1, y1 = obj.box
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": 1,
+                                "segmentation": obj.rle, "area": masks.area(obj.rle),
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        truth = COCO()
+        truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
+        truth.createIndex()
+        scorer = COCOeval(truth, truth.loadRes(copy.deepcopy(results)), "segm")
+        scorer.evaluate()
+        scorer.accumulate()
+        scorer.summarize()
+    stats = [max(float(v), 0.0) for v in scorer.stats]  # -1: no ground truth of that size
+    return {"ap": stats[0], "ap50": stats[1], "ar100": stats[8]}
+
+
 def load_decoders(cache: EmbeddingCache, run: Optional[RunFolder], config: EvalConfig, device: torch.device):
     """{"zero_shot": (prompt_encoder, mask_decoder), "fine_tuned": ...} on `device`: the base weights
     that made the cache, and the same with the run's decoder applied."""
@@ -153,10 +211,15 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
         summary["clicks"] = {name: click_protocol(*parts, cache, indices, config.clicks, device=device,
                                                   precision=decoder_precision(device))
                              for name, parts in decoders.items()}
+    everything = None
+    if config.everything:
+        everything = score_everything(decoders, cache, indices, config, device)
+        summary["everything"] = {**everything.summary, "settings": config.generator.model_dump()}
     report_dir = Path(report_dir)
     _write_objects_csv(report_dir / "objects.csv", scored, lead)
     atomic_write_json(report_dir / "summary.json", summary)
-    write_eval_report(report_dir, cache, scored[lead].models, summary, overlays=config.overlays, seed=config.seed)
+    write_eval_report(report_dir, cache, scored[lead].models, summary, overlays=config.overlays, seed=config.seed,
+                      everything=everything.results if everything else None)
     if run is not None:
         try:
             run.write_eval_summary(config.split, summary)

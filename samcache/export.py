@@ -15,10 +15,11 @@ from typing import Optional
 import torch
 
 from samcache import __version__
-from samcache.config import EXPORT_FORMATS
 from samcache.errors import SamcacheError
 from samcache.fileio import atomic_write_bytes, atomic_write_json, read_json_mapping, refuse_to_replace, sha256_file
 from samcache.runs import RunCheckpoint, RunFolder
+
+STATE_DICT_FORMATS = ("pth", "safetensors")
 
 
 def metadata_path(weights_file: str | Path) -> Path:
@@ -48,8 +49,8 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
         kind under the metadata's name (a dataset's train.json, say) is never replaced.
     Returns the metadata written to the JSON file.
     """
-    if fmt not in EXPORT_FORMATS:
-        raise SamcacheError(f"--format is pth or safetensors, not {fmt!r}")
+    if fmt not in STATE_DICT_FORMATS:
+        raise SamcacheError(f"a state dict is written as pth or safetensors, not {fmt!r} (onnx: onnx_export.py)")
     run, out_file = RunFolder(run_dir), Path(out_file)
     _check_outputs(out_file, overwrite=overwrite)
     model, run_checkpoint = run.load_model(weights, checkpoint)

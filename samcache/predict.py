@@ -10,6 +10,7 @@ is a box, points, or a box with points, as `SamPredictor.predict` takes them.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,15 +21,17 @@ import torch
 
 from samcache import masks
 from samcache.cache import EmbeddingCache
-from samcache.config import MAX_POINTS
+from samcache.config import MAX_POINTS, EverythingSettings
 from samcache.devices import resolve_device
 from samcache.errors import OutputError, SamcacheError
+from samcache.everything import segment_everything
 from samcache.export import metadata_path, read_metadata
 from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace, sha256_file
 from samcache.images import read_image
 from samcache.inference import predict_masks
 from samcache.models import load_sam
 from samcache.preprocess import batch_to_model_input, input_size, resize_image, transform_boxes
+from samcache.progress import progress_bar
 from samcache.prompts import PromptBatch, make_prompt
 from samcache.runs import RunFolder
 
@@ -111,6 +114,35 @@ def boxes_from_coco(path: str | Path) -> dict[str, list[tuple[float, float, floa
         raise SamcacheError(f"{path}: not a COCO file with images and bbox annotations ({exc})") from exc
 
 
+@dataclass
+class _PredictionRun:
+    """What a predict command works with: the model on its device, the cache it may take embeddings
+    from (same encoder weights), and the output folder, checked before anything is written."""
+
+    sam: torch.nn.Module
+    device: torch.device
+    cache: Optional[EmbeddingCache]
+    cached_by_sha: dict
+    out_dir: Path
+    stems: dict[Path, str]
+
+    @classmethod
+    def start(cls, predictor: Predictor, images, out_dir, *, cache_dir, device: str,
+              overwrite: bool) -> "_PredictionRun":
+        torch_device = resolve_device(device)
+        cache = _usable_cache(cache_dir, predictor)
+        out_dir = Path(out_dir)
+        refuse_to_replace(out_dir / "predictions.json", overwrite=overwrite)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return cls(predictor.sam.to(torch_device), torch_device, cache,
+                   cache.index_by_sha256() if cache is not None else {}, out_dir,
+                   output_stems([Path(p) for p in images]))
+
+    def embedding(self, path: Path, image: np.ndarray) -> tuple[torch.Tensor, str]:
+        """The cached embedding when the file (by SHA-256) is in the cache, else the encoder's."""
+        return _embedding(self.sam, self.cache, self.cached_by_sha, path, image, self.device)
+
+
 @torch.no_grad()
 def predict_images(
     predictor: Predictor,
@@ -142,14 +174,8 @@ def predict_images(
         raise SamcacheError("give either --box and/or --point, or --boxes")
     if points and len(points) > MAX_POINTS:
         raise SamcacheError(f"at most {MAX_POINTS} points per prompt, got {len(points)}")
-    torch_device = resolve_device(device)
-    sam = predictor.sam.to(torch_device)
-    cache = _usable_cache(cache_dir, predictor)
-    cached_by_sha = cache.index_by_sha256() if cache is not None else {}
-    out_dir = Path(out_dir)
-    refuse_to_replace(out_dir / "predictions.json", overwrite=overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stems = output_stems([Path(p) for p in images])
+    run = _PredictionRun.start(predictor, images, out_dir, cache_dir=cache_dir, device=device, overwrite=overwrite)
+    sam, torch_device, out_dir, stems = run.sam, run.device, run.out_dir, run.stems
     results, warnings = [], []
     for path in map(Path, images):
         image_boxes = [box] if box is not None else [] if points else boxes_by_name.get(path.name, [])
@@ -160,7 +186,7 @@ def predict_images(
         for x0, y0, x1, y1 in image_boxes:
             if x1 <= 0 or y1 <= 0 or x0 >= original[1] or y0 >= original[0]:
                 warnings.append(f"{path}: box {[x0, y0, x1, y1]} lies outside the {original[1]}x{original[0]} image")
-        embedding, source = _embedding(sam, cache, cached_by_sha, path, image, torch_device)
+        embedding, source = run.embedding(path, image)
         if points:  # one prompt: the points, with the box when there is one
             prompt = make_prompt(box if box is not None else np.zeros(4),
                                  np.array([p[:2] for p in points], np.float64), np.array([p[2] for p in points]),
@@ -187,6 +213,47 @@ def predict_images(
         _write_overlay(out_dir / f"{stems[path]}_overlay.png", image, predicted, image_boxes, points or [])
     atomic_write_json(out_dir / "predictions.json", {"model": predictor.source, "predictions": results})
     return {"predictions": results, "images": len({r["image"] for r in results}), "warnings": warnings}
+
+
+@torch.no_grad()
+def predict_everything(predictor: Predictor, images: list[str | Path], out_dir: str | Path, *,
+                       settings: EverythingSettings = EverythingSettings(), cache_dir: Optional[str | Path] = None,
+                       device: str = "auto", overwrite: bool = False) -> dict:
+    """Segment everything in each image (everything.py): predictions.json with COCO results and an
+    overlay PNG per image. An image in the cache takes its embedding from there (no encoder runs).
+
+    Arguments:
+      predictor: predictor_from_run or predictor_from_checkpoint.
+      images: image files.
+      out_dir: the output folder.
+      settings: the generator's options (SamAutomaticMaskGenerator's defaults).
+      cache_dir: a cache to take embeddings from when an image is in it.
+      device: "auto", "cpu" or "cuda".
+      overwrite: write into `out_dir` even when it holds an earlier predictions.json.
+    """
+    run = _PredictionRun.start(predictor, images, out_dir, cache_dir=cache_dir, device=device, overwrite=overwrite)
+    sam, out_dir, stems = run.sam, run.out_dir, run.stems
+    image_records, results = [], []
+    bar = progress_bar(total=len(images), desc="segment everything", unit="image")
+    started = time.perf_counter()
+    for image_id, path in enumerate(map(Path, images), start=1):
+        image = read_image(path)
+        embedding, source = run.embedding(path, image)
+        found = segment_everything(sam.prompt_encoder, sam.mask_decoder, embedding, image.shape[:2], settings,
+                                   mask_threshold=sam.mask_threshold)
+        image_records.append({"id": image_id, "file_name": str(path), "height": image.shape[0],
+                              "width": image.shape[1], "embedding_from": source})
+        results += [found_mask.coco_result(image_id) for found_mask in found]
+        found_masks = [masks.decode(m.rle) for m in found]
+        _write_overlay(out_dir / f"{stems[path]}_everything.png", image,
+                       np.stack(found_masks) if found_masks else np.zeros((0, *image.shape[:2]), bool), [], [])
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - started
+    atomic_write_json(out_dir / "predictions.json", {
+        "model": predictor.source, "mode": "everything", "settings": settings.model_dump(),
+        "images": image_records, "categories": [{"id": 1, "name": "object"}], "predictions": results})
+    return {"predictions": results, "images": len(image_records), "seconds": seconds}
 
 
 def output_stems(images: list[Path]) -> dict[Path, str]:

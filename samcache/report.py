@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -166,9 +167,41 @@ def plot_iou_scatter(path: Path, rows: dict[str, list[dict]]) -> None:
     _save(fig, path, dpi=100)
 
 
+def plot_everything(path: Path, cache, results: dict[str, list[dict]], titles: dict[str, str],
+                    indices: list[int]) -> None:
+    """One row per cached image `indices`: the ground truth, then each model's segment-everything
+    masks (COCO results, image_id = index + 1), each mask in its own colour, on the cached preview."""
+    import cv2
+
+    plt = _pyplot()
+    by_model = {m: results[m] for m in MODELS if m in results}
+    image_ids = [index + 1 for index in indices]
+    palette = np.random.default_rng(0).uniform(0.2, 1.0, size=(256, 3))
+    fig, axes = plt.subplots(len(image_ids), 1 + len(by_model), figsize=(3.4 * (1 + len(by_model)),
+                             3.6 * len(image_ids)), squeeze=False)
+    for r, image_id in enumerate(image_ids):
+        index = image_id - 1
+        preview = cache.preview(index).astype(np.float32) / 255
+        size = preview.shape[1::-1]
+        columns = [("ground truth", [o.rle for o in cache.images[index].objects])]
+        columns += [(titles[m], [d["segmentation"] for d in rows if d["image_id"] == image_id])
+                    for m, rows in by_model.items()]
+        for c, (title, rles) in enumerate(columns):
+            image = preview.copy()
+            for k, rle in enumerate(rles):
+                mask = cv2.resize(masks.decode(rle).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+                image[mask] = 0.5 * image[mask] + 0.5 * palette[k % len(palette)]
+            axes[r][c].imshow(image)
+            axes[r][c].set_title(f"{cache.images[index].name}: {title}, {len(rles)} masks", fontsize=8)
+            axes[r][c].axis("off")
+    fig.tight_layout()
+    _save(fig, path, dpi=80)
+
+
 def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summary: dict, *, overlays: int,
-                      seed: int) -> None:
-    """report.md plus overlays (worst, best, random objects), an IoU histogram and a before/after scatter."""
+                      seed: int, everything: Optional[dict[str, list[dict]]] = None) -> None:
+    """report.md plus overlays (worst, best, random objects), an IoU histogram and a before/after scatter;
+    with `everything` (each model's segment-everything COCO results), a section and its overlays."""
     report_dir = Path(report_dir)
     titles = model_titles(summary["model_type"])
     ranked_by = "fine_tuned" if "fine_tuned" in rows else "zero_shot"
@@ -199,6 +232,12 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
                          "object's most interior point, each next one in the largest error region, the previous "
                          "mask fed back)."))
 
+    if everything is not None and overlays:
+        shown = list(dict.fromkeys(cache.index_of(r["image"]) for r in rows["zero_shot"]))[:overlays]
+        plot_everything(report_dir / "everything.png", cache, everything, titles, shown)
+        pictures.append(("everything.png", "Segment everything: each image's ground truth and the masks each "
+                         "model found from the point grid (one colour per mask)."))
+
     config = summary["config"]
     baselines = summary.get("baselines", {})
     scored = {**{m: summary[m] for m in rows}, **baselines}
@@ -228,6 +267,19 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
     for category, stats in summary["zero_shot"]["per_category"].items():
         cells = [f"{scored[m]['per_category'][category]['miou']:.4f}" for m in scored]
         lines.append(f"| {category} | {stats['objects']} | " + " | ".join(cells) + " |")
+    if "everything" in summary:
+        generator = summary["everything"]["settings"]
+        lines += ["", "## Segment everything", "",
+                  f"A {generator['points_per_side']}x{generator['points_per_side']} point grid per image, "
+                  f"predicted IoU > {generator['pred_iou_thresh']}, stability >= "
+                  f"{generator['stability_score_thresh']}, box NMS {generator['box_nms_thresh']} "
+                  "(SamAutomaticMaskGenerator's steps); every mask scored against all ground-truth objects, "
+                  "class-agnostic, with COCO mask AP (pycocotools).", "",
+                  "| model | masks | AP | AP50 | AR100 |", "| --- | ---: | ---: | ---: | ---: |"]
+        for name in MODELS:
+            if name in summary["everything"]:
+                e = summary["everything"][name]
+                lines.append(f"| {titles[name]} | {e['masks']} | {e['ap']:.4f} | {e['ap50']:.4f} | {e['ar100']:.4f} |")
     lines += ["", "## Pictures", ""]
     for file, caption in pictures:
         lines += [f"![{file}]({file})", "", caption, ""]
@@ -268,5 +320,12 @@ def format_table(summary: dict) -> str:
         for name, result in summary["clicks"].items():
             lines.append(f"{name:<12} " + " ".join(f"{result['miou'][k - 1]:>8.4f}" for k in shown)
                          + f" {result['noc85']:>7.2f} {result['noc90']:>7.2f}")
+        tables.append("\n".join(lines))
+    if "everything" in summary:
+        lines = [f"{'everything':<12} {'masks':>7} {'AP':>7} {'AP50':>7} {'AR100':>7}"]
+        for name in MODELS:
+            if name in summary["everything"]:
+                e = summary["everything"][name]
+                lines.append(f"{name:<12} {e['masks']:>7} {e['ap']:>7.4f} {e['ap50']:>7.4f} {e['ar100']:>7.4f}")
         tables.append("\n".join(lines))
     return "\n\n".join(tables)

@@ -121,6 +121,28 @@ def stamps_run(stamps_cache, tmp_path_factory) -> Path:
         yield out
 
 
+@pytest.fixture(scope="session")
+def vit_b_run(vit_b_checkpoint, tmp_path_factory) -> Path:
+    """2 stamps pages (train and val) embedded by the random vit_b (torch, fp32) and a run trained one
+    epoch on them: ROOT/ds, ROOT/cache, ROOT/run. vit_b embeds cost seconds a page on a CPU, so the
+    tests of real-checkpoint compatibility share it."""
+    from samcache.config import EmbedConfig, TrainConfig
+    from samcache.datasets import load_dataset
+    from samcache.datasets.stamps import generate_stamps
+    from samcache.embed import embed_dataset
+    from samcache.train import train
+
+    root = tmp_path_factory.mktemp("vit_b")
+    generate_stamps(root / "ds", 2, seed=2, progress=False, fractions=(0.5, 0.5, 0.0))
+    # torch: converting vit_b to OpenVINO takes minutes (the backends' equality is tested on tiny)
+    config = EmbedConfig(model_type="vit_b", checkpoint=vit_b_checkpoint, workers=0, progress=False, batch_size=1,
+                         precision="fp32", backend="torch")
+    embed_dataset(load_dataset(root / "ds"), root / "cache", config)
+    train(root / "cache", root / "run", TrainConfig(**RUN_TRAIN, checkpoint=str(vit_b_checkpoint)), progress=False)
+    with left_unchanged(root, "vit_b run"):
+        yield root
+
+
 # ------------------------------------------------------------- private copies, for tests that write
 @pytest.fixture
 def stamps_copy(stamps, tmp_path) -> Path:

@@ -11,14 +11,9 @@ from click.testing import CliRunner
 from segment_anything import SamPredictor, sam_model_registry
 
 from samcache.cli import main
-from samcache.config import EmbedConfig, TrainConfig
-from samcache.datasets import load_dataset
-from samcache.datasets.stamps import generate_stamps
-from samcache.embed import embed_dataset
 from samcache.images import read_image
 from samcache.models import load_sam
 from samcache.runs import RunCheckpoint
-from samcache.train import train
 from tests.helpers import RUN_TRAIN
 
 ONE_EPOCH = RUN_TRAIN  # what the shared run (conftest.stamps_run) was trained with
@@ -110,19 +105,11 @@ def test_predict_rejects_bad_arguments(stamps, stamps_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_vit_b_export_loads_in_sam_and_matches_samcache_predict(vit_b_checkpoint, tmp_path):
+def test_vit_b_export_loads_in_sam_and_matches_samcache_predict(vit_b_run, tmp_path):
     """Real-checkpoint compatibility with random vit_b weights in Meta's layout (quality is not the point)."""
-    data = tmp_path / "ds"
-    # Its own 2 pages, train and val: vit_b embeds cost seconds a page on CPU (the shared set has 7).
-    generate_stamps(data, 2, seed=2, progress=False, fractions=(0.5, 0.5, 0.0))
-    # torch: converting vit_b to OpenVINO takes minutes (the backends' equality is tested on tiny)
-    config = EmbedConfig(model_type="vit_b", checkpoint=vit_b_checkpoint, workers=0, progress=False, batch_size=1,
-                         precision="fp32", backend="torch")
-    embed_dataset(load_dataset(data), tmp_path / "cache", config)
-    train(tmp_path / "cache", tmp_path / "run", TrainConfig(**ONE_EPOCH, checkpoint=str(vit_b_checkpoint)),
-          progress=False)
+    data = vit_b_run / "ds"
     exported = tmp_path / "sam_vit_b_stamps.pth"
-    result = CliRunner().invoke(main, ["export", "--run", str(tmp_path / "run"), "--out", str(exported)])
+    result = CliRunner().invoke(main, ["export", "--run", str(vit_b_run / "run"), "--out", str(exported)])
     assert result.exit_code == 0, result.output
 
     sam = sam_model_registry["vit_b"](checkpoint=str(exported))  # Meta's own loader
@@ -133,7 +120,7 @@ def test_vit_b_export_loads_in_sam_and_matches_samcache_predict(vit_b_checkpoint
     expected, _, _ = predictor.predict(box=box, multimask_output=False)
 
     runner = CliRunner()
-    for cache_args, source in (([], "encoder"), (["--cache", str(tmp_path / "cache")], "cache")):
+    for cache_args, source in (([], "encoder"), (["--cache", str(vit_b_run / "cache")], "cache")):
         out = tmp_path / f"pred_{source}"
         result = runner.invoke(main, ["predict", str(image_path), "--checkpoint", str(exported),
                                       "--box", ",".join(map(str, box)), "--out", str(out), *cache_args])
