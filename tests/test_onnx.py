@@ -54,9 +54,11 @@ def onnx_prompts(size: tuple[int, int], *, box=None, points=()) -> dict:
             "orig_im_size": np.array(size, np.float32), **NO_MASK}
 
 
-def check_against_predict(export_dir: Path, run: Path, cache_dir: Path, tmp_path: Path, images: int) -> set:
-    """The first `images` cached images with an object: the encoder's embedding and the decoder's masks for a box, a
-    single point and a box with a negative point, against the cache and `samcache predict`."""
+def check_against_predict(export_dir: Path, run: Path, cache_dir: Path, tmp_path: Path, images: int,
+                          kinds=("box", "point", "box+point")) -> set:
+    """The first `images` cached images with an object: the encoder's embedding and the decoder's masks for
+    `kinds` of prompt (a box, a single point, a box with a negative point), against the cache and
+    `samcache predict`."""
     cache = EmbeddingCache(cache_dir)
     encoder, decoder = session(export_dir / "encoder.onnx"), session(export_dir / "decoder.onnx")
     assert [i.name for i in decoder.get_inputs()] == list(DECODER_INPUTS)
@@ -76,6 +78,8 @@ def check_against_predict(export_dir: Path, run: Path, cache_dir: Path, tmp_path
         outside = (x0 + 2, y0 + 2, 0)
         for name, box, points in (("box", (x0, y0, x1, y1), ()), ("point", None, (centre,)),
                                   ("box+point", (x0, y0, x1, y1), (outside,))):
+            if name not in kinds:
+                continue
             args = ["--box", ",".join(map(str, (x0, y0, x1, y1)))] if box else []
             args += [arg for x, y, label in points for arg in ("--point", f"{x},{y},{label}")]
             expected = predict_cli(run, Path(info.file.path), tmp_path / f"{index}-{name}", args)
@@ -150,4 +154,4 @@ def test_onnx_export_refuses_to_overwrite_and_checks_options(stamps_run, tmp_pat
 @pytest.mark.slow
 def test_vit_b_onnx_equals_predict_on_the_cache(vit_b_run, tmp_path):
     out = export(vit_b_run / "run", tmp_path / "onnx")
-    check_against_predict(out, vit_b_run / "run", vit_b_run / "cache", tmp_path, images=1)
+    check_against_predict(out, vit_b_run / "run", vit_b_run / "cache", tmp_path, images=1, kinds=("box", "point"))
