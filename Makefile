@@ -21,6 +21,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	# sam2 ships as source: built against the torch above (no isolated build, which would download
+	# another torch) and without its optional CUDA extension.
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation -c constraints.txt 'sam2==1.1.0'
 	touch $@
 
 demo: install
