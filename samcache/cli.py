@@ -469,6 +469,8 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, overwrite: bool, **opti
     from samcache.report import format_table
 
     config = from_sources(EvalConfig, overrides=_config_values(options), flags=EVAL_FLAGS)
+    if config.generator != EverythingSettings() and not config.everything:
+        raise click.UsageError("--points-per-side and the other generator options go with --everything")
     _warn_if_being_written(cache_dir)
     summary = evaluate(cache_dir, report_dir, config, run_dir=run_dir, overwrite=overwrite)
     for warning in summary.get("warnings", []):

@@ -268,8 +268,9 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 # ------------------------------------------------------------------------- segment everything
 class EverythingSettings(_Options):
-    """Segment-everything's options: SamAutomaticMaskGenerator's, with its defaults (no crop layers:
-    each crop would need the encoder)."""
+    """Segment-everything's options: SamAutomaticMaskGenerator's, with its defaults. Not offered:
+    crop layers (each crop would need the encoder) and min_mask_region_area (its small-region
+    clean-up; default 0 there too)."""
 
     model_config = ConfigDict(frozen=True)
 

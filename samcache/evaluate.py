@@ -214,7 +214,7 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
     everything = None
     if config.everything:
         everything = score_everything(decoders, cache, indices, config, device)
-        summary["everything"] = {**everything.summary, "settings": config.generator.model_dump()}
+        summary["everything"] = everything.summary  # its options: summary["config"]["generator"]
     report_dir = Path(report_dir)
     _write_objects_csv(report_dir / "objects.csv", scored, lead)
     atomic_write_json(report_dir / "summary.json", summary)

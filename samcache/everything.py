@@ -8,7 +8,9 @@ does the same steps in the same order with the same defaults, on an embedding th
 from the cache, so no encoder runs. What it does differently is only where work goes:
 the stock generator upscales every mask to the original resolution before the predicted-IoU
 filter; here only the masks that pass it are upscaled (the stability score and the kept masks are
-the same). Crop layers (`crop_n_layers`) are not offered: each crop needs the encoder on the crop.
+the same). Crop layers (`crop_n_layers`) are not offered: each crop needs the encoder on the crop;
+nor is the small-region clean-up (`min_mask_region_area`, off by default there too). A mask with no
+pixel is dropped (the stock generator keeps it when the stability filter is off).
 """
 
 from __future__ import annotations

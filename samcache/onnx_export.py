@@ -11,7 +11,8 @@
   graph. Input `input_image`: the RGB image as float32 (h, w, 3) in 0..255, already resized so its
   longest side is 1024 (the resize stays outside: tools do it with their own image library, and
   point coordinates must follow it). Output `image_embeddings` 1x256x64x64. This is the input
-  X-AnyLabeling and samexporter's preprocessed encoders take.
+  samexporter's preprocessed encoders take and X-AnyLabeling sends (it scales images to fit its own
+  canvas, so its longest side may be under 1024; the graph pads any size up to 1024).
 
 Tracing fixes every Python number it sees, so the mask crop of `SamOnnxModel` (to the resized
 image's size, taken with `int()`) would be frozen at the size used for tracing and be wrong for
@@ -20,6 +21,7 @@ any other image: `OfficialDecoder` crops with tensors instead, which the graph k
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -37,7 +39,7 @@ from segment_anything.utils.onnx import SamOnnxModel
 
 from samcache import __version__
 from samcache.errors import OutputError, SamcacheError
-from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace, sha256_file
+from samcache.fileio import atomic_write_json, refuse_to_replace, sha256_file
 from samcache.runs import RunFolder
 from samcache.specs import EMBEDDING_SIZE, IMAGE_SIZE, LOW_RES_SIZE, PIXEL_MEAN, PIXEL_STD, PROMPT_EMBED_DIM
 
@@ -46,7 +48,9 @@ DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_inpu
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 ENCODER_INPUT, ENCODER_OUTPUT = "input_image", "image_embeddings"
 FILES = ("decoder.onnx", "encoder.onnx", "xanylabeling.yaml", "README.md", "export.json")
+DECODER_SINGLE = ("decoder_single_mask.onnx",)
 QUANTIZED_FILES = ("decoder.quant.onnx", "encoder.quant.onnx")
+DECODER_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
 
 
 class OfficialDecoder(SamOnnxModel):
@@ -54,9 +58,10 @@ class OfficialDecoder(SamOnnxModel):
 
     Arguments:
       sam: the model whose prompt encoder and mask decoder are exported.
-      return_single_mask: output one mask per prompt (SAM's rule: the single-mask output when more
-        than one point, a box's corners counted, else the best-scored of the three multimask
-        outputs) instead of all four.
+      return_single_mask: output one mask per prompt instead of all four, by the rule of Meta's
+        export: the single-mask output when the prompt has more than two points (a box's two
+        corners and the padding point count), else the best-scored of the three multimask outputs.
+        So a box goes in with the padding point, as SAM's own web demo and X-AnyLabeling send it.
     """
 
     def __init__(self, *, sam: Sam, return_single_mask: bool) -> None:
@@ -102,50 +107,83 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, weights: str = "bes
       out_dir: the folder to write.
       weights: the run's "best" or "last" checkpoint.
       checkpoint: the base weights file, when not samcache's tiny or the official weights.
-      return_single_mask: decoder.onnx outputs one mask per prompt (see OfficialDecoder).
+      return_single_mask: decoder.onnx outputs one mask per prompt (see OfficialDecoder). Without it,
+        decoder_single_mask.onnx is written too, for X-AnyLabeling, which reads the first mask.
       quantize: also write decoder.quant.onnx and encoder.quant.onnx (dynamic uint8 weights per
         channel, onnxruntime's quantizer, as segment-anything's export script offers; on the demo's
         fine-tuned tiny, box masks of the quantized decoder overlap the float one's at IoU 0.99).
       overwrite: replace the files of an earlier export in `out_dir`.
     Returns the metadata written to export.json.
+
+    Every file is made in a staging folder inside `out_dir` and moved into place at the end,
+    export.json last: a failed export leaves the folder as it was.
     """
+    _require("onnx", "--format onnx")
+    if quantize:
+        _require("onnxruntime", "--quantize")
     out_dir = Path(out_dir)
-    for name in FILES + (QUANTIZED_FILES if quantize else ()):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SamcacheError(f"--out {out_dir} is a file; --format onnx writes a folder")
+    for name in FILES + DECODER_SINGLE + QUANTIZED_FILES:
         refuse_to_replace(out_dir / name, overwrite=overwrite)
     model, run_checkpoint = RunFolder(run_dir).load_model(weights, checkpoint)
     sam = model.sam.eval().float().cpu()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_graph(out_dir / "decoder.onnx", OfficialDecoder(sam=sam, return_single_mask=return_single_mask),
-                 decoder_example_inputs(), DECODER_INPUTS, DECODER_OUTPUTS,
-                 {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}})
-    example_image = torch.full((IMAGE_SIZE * 3 // 4, IMAGE_SIZE, 3), 127.0)
-    _write_graph(out_dir / "encoder.onnx", EncoderWithPreprocessing(sam=sam), (example_image,),
-                 (ENCODER_INPUT,), (ENCODER_OUTPUT,), {ENCODER_INPUT: {0: "height", 1: "width"}})
-    files = ["decoder.onnx", "encoder.onnx"]
-    if quantize:
-        for name in ("decoder", "encoder"):
-            _quantize(out_dir / f"{name}.onnx", out_dir / f"{name}.quant.onnx")
-        files += list(QUANTIZED_FILES)
     model_type = run_checkpoint.model_type
-    atomic_write_bytes(out_dir / "xanylabeling.yaml", xanylabeling_config(model_type, Path(run_dir).name).encode())
-    atomic_write_bytes(out_dir / "README.md", deploy_readme(model_type, return_single_mask, quantize).encode())
-    metadata = {
-        "format": "onnx",
-        "opset": OPSET,
-        "files": {name: sha256_file(out_dir / name) for name in files},
-        "model_type": model_type,
-        "base_weights_sha256": run_checkpoint.base_weights_sha256,
-        "fine_tuned": run_checkpoint.trained,
-        "run": str(Path(run_dir).resolve()),
-        "run_weights": weights,
-        "return_single_mask": return_single_mask,
-        "decoder": {"inputs": list(DECODER_INPUTS), "outputs": list(DECODER_OUTPUTS)},
-        "encoder": {"input": f"{ENCODER_INPUT}: float32 (h, w, 3) RGB 0..255, longest side {IMAGE_SIZE}",
-                    "output": f"{ENCODER_OUTPUT}: float32 (1, {PROMPT_EMBED_DIM}, {EMBEDDING_SIZE}, {EMBEDDING_SIZE})"},
-        "samcache_version": __version__,
-    }
-    atomic_write_json(out_dir / "export.json", metadata)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+    except OSError as exc:
+        raise OutputError(f"could not write {out_dir}: {exc.strerror or exc}") from exc
+    try:
+        files = _write_graph(staging / "decoder.onnx",
+                             OfficialDecoder(sam=sam, return_single_mask=return_single_mask),
+                             decoder_example_inputs(), DECODER_INPUTS, DECODER_OUTPUTS, DECODER_AXES)
+        if not return_single_mask:
+            files += _write_graph(staging / DECODER_SINGLE[0], OfficialDecoder(sam=sam, return_single_mask=True),
+                                  decoder_example_inputs(), DECODER_INPUTS, DECODER_OUTPUTS, DECODER_AXES)
+        example_image = torch.full((IMAGE_SIZE * 3 // 4, IMAGE_SIZE, 3), 127.0)
+        files += _write_graph(staging / "encoder.onnx", EncoderWithPreprocessing(sam=sam), (example_image,),
+                              (ENCODER_INPUT,), (ENCODER_OUTPUT,), {ENCODER_INPUT: {0: "height", 1: "width"}})
+        if quantize:
+            for name in ("decoder", "encoder"):
+                _quantize(staging / f"{name}.onnx", staging / f"{name}.quant.onnx")
+            files += list(QUANTIZED_FILES)
+        name = Path(run_dir).resolve().name
+        decoder_for_tools = "decoder.onnx" if return_single_mask else DECODER_SINGLE[0]
+        (staging / "xanylabeling.yaml").write_text(xanylabeling_config(model_type, name, decoder_for_tools))
+        (staging / "README.md").write_text(deploy_readme(model_type, return_single_mask, quantize))
+        metadata = {
+            "format": "onnx",
+            "opset": OPSET,
+            "files": {f: sha256_file(staging / f) for f in files},
+            "model_type": model_type,
+            "base_weights_sha256": run_checkpoint.base_weights_sha256,
+            "fine_tuned": run_checkpoint.trained,
+            "run": str(Path(run_dir).resolve()),
+            "run_weights": weights,
+            "return_single_mask": return_single_mask,
+            "decoder": {"inputs": list(DECODER_INPUTS), "outputs": list(DECODER_OUTPUTS)},
+            "encoder": {"input": f"{ENCODER_INPUT}: float32 (h, w, 3) RGB 0..255, longest side at most {IMAGE_SIZE}",
+                        "output": f"{ENCODER_OUTPUT}: float32 (1, {PROMPT_EMBED_DIM}, {EMBEDDING_SIZE}, "
+                                  f"{EMBEDDING_SIZE})"},
+            "samcache_version": __version__,
+        }
+        for stale in DECODER_SINGLE + QUANTIZED_FILES:  # an earlier export's extras, not made this time
+            if stale not in files:
+                (out_dir / stale).unlink(missing_ok=True)
+        for produced in [*files, "xanylabeling.yaml", "README.md"]:
+            os.replace(staging / produced, out_dir / produced)
+        atomic_write_json(out_dir / "export.json", metadata)
+    except OSError as exc:
+        raise OutputError(f"could not write {out_dir}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return metadata
+
+
+def _require(module: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise SamcacheError(f"{what} needs the {module} package: pip install 'samcache[onnx]'")
 
 
 def decoder_example_inputs(num_points: int = 3) -> tuple[torch.Tensor, ...]:
@@ -161,25 +199,31 @@ def decoder_example_inputs(num_points: int = 3) -> tuple[torch.Tensor, ...]:
     )
 
 
-def _write_graph(path: Path, module: torch.nn.Module, inputs: tuple, input_names, output_names, dynamic_axes) -> None:
-    """Traces `module` to ONNX at `path`, atomically. The file is written by torch into a temporary
-    folder beside `path` (a model over 2 GB, vit_h's encoder, needs its weights as external data
-    files next to it, which only a path can give), then moved into place."""
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+def _write_graph(path: Path, module: torch.nn.Module, inputs: tuple, input_names, output_names,
+                 dynamic_axes) -> list[str]:
+    """Traces `module` to ONNX at `path` (in the staging folder); returns the names of the files made.
+    A model over 2 GB (vit_h's encoder) cannot be one protobuf: torch then writes its weights as one
+    external file per tensor, which are gathered here into a single `NAME.data` beside it."""
+    own = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         with warnings.catch_warnings():
             # The tracer warns about every Python bool and int it freezes; OfficialDecoder's docstring
             # says which one mattered. The TorchScript exporter's deprecation note is for torch's authors.
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, inputs, str(tmp / path.name), input_names=list(input_names),
+            torch.onnx.export(module, inputs, str(own / path.name), input_names=list(input_names),
                               output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=OPSET,
                               do_constant_folding=True, dynamo=False)
-        for produced in tmp.iterdir():
-            os.replace(produced, path.parent / produced.name)
-    except OSError as exc:
-        raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
+        if [p.name for p in own.iterdir()] == [path.name]:
+            os.replace(own / path.name, path)
+            return [path.name]
+        import onnx
+
+        graph = onnx.load(str(own / path.name))  # reads the external tensors too
+        onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data")
+        return [path.name, f"{path.name}.data"]
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def _quantize(source: Path, target: Path) -> None:
@@ -201,14 +245,15 @@ def _quantize(source: Path, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def xanylabeling_config(model_type: str, name: str) -> str:
-    """X-AnyLabeling's custom-model config for the two files beside it (Load Custom Model)."""
+def xanylabeling_config(model_type: str, name: str, decoder: str) -> str:
+    """X-AnyLabeling's custom-model config for the files beside it (Load Custom Model). X-AnyLabeling
+    reads the first mask of the decoder's output, so `decoder` is a single-mask one."""
     config = {
         "type": "segment_anything",
         "name": f"samcache_{name}_{model_type}",
         "display_name": f"samcache {name} ({model_type}, fine-tuned)",
         "encoder_model_path": "encoder.onnx",
-        "decoder_model_path": "decoder.onnx",
+        "decoder_model_path": decoder,
         "input_size": IMAGE_SIZE,
         "max_width": IMAGE_SIZE,
         "max_height": IMAGE_SIZE * 2 // 3,
@@ -218,8 +263,14 @@ def xanylabeling_config(model_type: str, name: str) -> str:
 
 def deploy_readme(model_type: str, return_single_mask: bool, quantize: bool) -> str:
     """DIR/README.md: what the files are and how to run them."""
-    masks = ("one mask per prompt (SAM's choice)" if return_single_mask
-             else "all four masks: index 0 for a box or several points, the best-scored of 1-3 for one point")
+    masks = ("one mask per prompt (Meta's rule: the single-mask output when the prompt has more than two "
+             "points, a box's corners and the padding point counted, else the best-scored of the three others; "
+             "so send a box with the padding point)" if return_single_mask
+             else "all four: index 0 for a box or several points, the best-scored of 1-3 for one point, as "
+             "SamPredictor chooses (send a box without the padding point, as SamPredictor does)")
+    single = ("" if return_single_mask else "\n- `decoder_single_mask.onnx`: the same decoder with one mask per prompt "
+              "(`--return-single-mask`'s rule: a box goes in with the padding point), for tools that read the first "
+              "mask (X-AnyLabeling).")
     quant = ("\n`decoder.quant.onnx` and `encoder.quant.onnx` are the same graphs with uint8 weights "
              "(smaller and faster on a CPU, slightly less exact).\n" if quantize else "")
     buffer = io.StringIO()
@@ -229,13 +280,15 @@ Written by `samcache export --format onnx` (samcache {__version__}); `export.jso
 each file and the run it came from.
 
 - `encoder.onnx`: input `{ENCODER_INPUT}`, float32 (h, w, 3), RGB in 0..255, **resized so that its
-  longest side is {IMAGE_SIZE}** (bilinear; h = round(H * {IMAGE_SIZE} / max(H, W)), likewise w). SAM's
-  normalisation and padding happen inside. Output `{ENCODER_OUTPUT}` (1, 256, 64, 64).
+  longest side is {IMAGE_SIZE}** (bilinear; h = round(H * {IMAGE_SIZE} / max(H, W)), likewise w), as
+  SamPredictor and samcache's cache do (a smaller image works too, padded the same way, but its
+  embedding is not the cache's). SAM's normalisation and padding happen inside. Output
+  `{ENCODER_OUTPUT}` (1, 256, 64, 64).
 - `decoder.onnx`: segment-anything's official ONNX interface (`scripts/export_onnx_model.py`).
   Point and box coordinates are in the resized frame (multiply original pixels by
   {IMAGE_SIZE} / max(H, W)); a box is two points labelled 2 (top-left) and 3 (bottom-right); without a
   box, add the padding point (0, 0) labelled -1. `orig_im_size` is (H, W) as float32. `masks`
-  are logits at (H, W), {masks}; a pixel belongs to the object where its logit > 0.
+  are logits at (H, W), {masks}; a pixel belongs to the object where its logit > 0.{single}
 {quant}
 ## ONNX Runtime
 
@@ -264,8 +317,11 @@ For a refinement click, pass the chosen `low_res_masks` channel back as `mask_in
 
 ## X-AnyLabeling
 
-`xanylabeling.yaml` is a custom model config for these two files: in X-AnyLabeling choose
-*Load Custom Model* and pick it (the paths in it are relative to the YAML file).
+`xanylabeling.yaml` is a custom model config for the encoder and the single-mask decoder: in
+X-AnyLabeling choose *Load Custom Model* and pick it (the paths in it are relative to the YAML
+file). X-AnyLabeling scales each image to fit its own canvas (1024 x 682 by this config's
+`max_width` / `max_height`) before the encoder, so a portrait page is encoded smaller than
+samcache encodes it: the masks are the model's, not bit for bit samcache's.
 
 ## CVAT
 

@@ -244,9 +244,7 @@ def predict_everything(predictor: Predictor, images: list[str | Path], out_dir: 
         image_records.append({"id": image_id, "file_name": str(path), "height": image.shape[0],
                               "width": image.shape[1], "embedding_from": source})
         results += [found_mask.coco_result(image_id) for found_mask in found]
-        found_masks = [masks.decode(m.rle) for m in found]
-        _write_overlay(out_dir / f"{stems[path]}_everything.png", image,
-                       np.stack(found_masks) if found_masks else np.zeros((0, *image.shape[:2]), bool), [], [])
+        _write_everything_overlay(out_dir / f"{stems[path]}_everything.png", image, [m.rle for m in found])
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - started
@@ -305,6 +303,16 @@ def _write_overlay(path: Path, image: np.ndarray, predicted: np.ndarray, boxes, 
     for x, y, label in points:  # green inside the object, red outside (BGR)
         cv2.circle(overlay, (int(x), int(y)), 6, (0, 200, 0) if label else (0, 0, 230), -1)
     _write_png(path, overlay)
+
+
+def _write_everything_overlay(path: Path, image: np.ndarray, rles: list[dict]) -> None:
+    """Each mask in its own colour; masks decoded one at a time (hundreds on a large scan would not fit)."""
+    overlay = image.astype(np.float32)
+    palette = np.random.default_rng(0).uniform(40, 255, size=(256, 3)).astype(np.float32)
+    for k, rle in enumerate(rles):
+        mask = masks.decode(rle)
+        overlay[mask] = 0.5 * overlay[mask] + 0.5 * palette[k % len(palette)]
+    _write_png(path, overlay.astype(np.uint8)[..., ::-1].copy())
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:

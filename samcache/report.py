@@ -268,7 +268,7 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
         cells = [f"{scored[m]['per_category'][category]['miou']:.4f}" for m in scored]
         lines.append(f"| {category} | {stats['objects']} | " + " | ".join(cells) + " |")
     if "everything" in summary:
-        generator = summary["everything"]["settings"]
+        generator = summary["config"]["generator"]
         lines += ["", "## Segment everything", "",
                   f"A {generator['points_per_side']}x{generator['points_per_side']} point grid per image, "
                   f"predicted IoU > {generator['pred_iou_thresh']}, stability >= "

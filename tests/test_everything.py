@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
@@ -70,7 +71,16 @@ def test_predict_everything_from_the_cache(stamps, stamps_run, tmp_path):
     assert abs(len(from_encoder["predictions"]) - len(cached)) <= 1
 
 
-def test_predict_everything_refuses_prompts_and_stray_options(stamps, stamps_run, tmp_path):
+def test_nothing_found_is_an_empty_result_not_an_error(stamps, stamps_run, tmp_path):
+    image = sorted((stamps / "images").glob("*.jpg"))[0]
+    result = CliRunner().invoke(main, ["predict", str(image), "--run", str(stamps_run), "--everything",
+                                       "--points-per-side", "2", "--pred-iou-thresh", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "predictions.json").read_text())["predictions"] == []
+    assert (tmp_path / f"{image.stem}_everything.png").is_file()
+
+
+def test_predict_everything_refuses_prompts_and_stray_options(stamps, stamps_cache, stamps_run, tmp_path):
     image = str(sorted((stamps / "images").glob("*.jpg"))[0])
     both = CliRunner().invoke(main, ["predict", image, "--run", str(stamps_run), "--everything", "--box", "1,1,9,9",
                                      "--out", str(tmp_path)])
@@ -81,6 +91,9 @@ def test_predict_everything_refuses_prompts_and_stray_options(stamps, stamps_run
     bad = CliRunner().invoke(main, ["predict", image, "--run", str(stamps_run), "--everything",
                                     "--pred-iou-thresh", "2", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "--pred-iou-thresh" in bad.output
+    stray_eval = CliRunner().invoke(main, ["eval", str(stamps_cache), "--points-per-side", "8",
+                                           "--out", str(tmp_path / "r")])
+    assert stray_eval.exit_code == 2 and "go with --everything" in stray_eval.output
 
 
 def test_eval_everything_scores_coco_ap(stamps_cache, stamps_run_copy, tmp_path):
@@ -89,7 +102,7 @@ def test_eval_everything_scores_coco_ap(stamps_cache, stamps_run_copy, tmp_path)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     everything = summary["everything"]
-    assert everything["settings"]["points_per_side"] == 4
+    assert summary["config"]["generator"]["points_per_side"] == 4 and set(everything) == {"zero_shot", "fine_tuned"}
     for model in ("zero_shot", "fine_tuned"):
         figures = everything[model]
         assert set(figures) >= {"ap", "ap50", "ar100", "masks"}
@@ -103,12 +116,15 @@ def test_eval_everything_scores_coco_ap(stamps_cache, stamps_run_copy, tmp_path)
 def test_coco_ap_of_the_ground_truth_itself_is_one(stamps_cache):
     """The scorer, checked: the ground truth as predictions scores AP 1, and nothing found scores 0."""
     from samcache.cache import EmbeddingCache
-    from samcache.everything import EverythingMask
     from samcache.evaluate import coco_mask_ap
+    from samcache.everything import EverythingMask
 
     cache = EmbeddingCache(stamps_cache)
     indices = cache.annotated_indices("val")
     perfect = [EverythingMask(o.rle, o.box, masks.area(o.rle), 1.0, 1.0, (0.0, 0.0)).coco_result(i + 1)
                for i in indices for o in cache.images[i].objects]
-    assert coco_mask_ap(cache, indices, perfect)["ap"] == 1.0
-    assert coco_mask_ap(cache, indices, [])["ap"] == 0.0
+    assert coco_mask_ap(cache, indices, perfect) == {"ap": 1.0, "ap50": 1.0, "ar100": 1.0}
+    assert coco_mask_ap(cache, indices, []) == {"ap": 0.0, "ap50": 0.0, "ar100": 0.0}
+    half = perfect[::2]  # exact masks for every other object: recall (and AR100) is their share
+    assert len(perfect) >= 2
+    assert coco_mask_ap(cache, indices, half)["ar100"] == pytest.approx(len(half) / len(perfect))

@@ -39,14 +39,15 @@ def predict_cli(run: Path, image: Path, out: Path, prompt_args: list[str]) -> di
     return prediction
 
 
-def onnx_prompts(size: tuple[int, int], *, box=None, points=()) -> dict:
-    """The official interface's prompt inputs: points then box corners (labels 2, 3), or the padding point."""
+def onnx_prompts(size: tuple[int, int], *, box=None, points=(), pad: bool = False) -> dict:
+    """The official interface's prompt inputs: points then box corners (labels 2, 3); the padding point
+    when there is no box (as SamPredictor), or with `pad` (as Meta's web demo sends a box)."""
     coords = [(x, y) for x, y, _ in points]
     labels = [label for _, _, label in points]
     if box is not None:
         coords += [box[:2], box[2:]]
         labels += [2, 3]
-    else:
+    if box is None or pad:
         coords, labels = coords + [(0.0, 0.0)], labels + [-1]
     frame = transform_coords(np.array(coords, np.float64), size)
     frame[np.array(labels) == -1] = 0.0  # the padding point is (0, 0) in any frame
@@ -93,7 +94,7 @@ def check_against_predict(export_dir: Path, run: Path, cache_dir: Path, tmp_path
             assert agreement >= 0.995, (info.name, name, agreement)
             assert abs(float(got_scores[0, choice]) - expected["score"]) < 1e-3, (info.name, name)
         checked += 1
-        sizes.add(info.original_size)
+        sizes.add(info.input_size)
         if checked == images:
             return sizes
     raise AssertionError(f"the cache has fewer than {images} images with objects")
@@ -102,12 +103,13 @@ def check_against_predict(export_dir: Path, run: Path, cache_dir: Path, tmp_path
 def test_tiny_onnx_equals_predict_on_the_cache(stamps_run, stamps_cache, tmp_path):
     out = export(stamps_run, tmp_path / "onnx")
     sizes = check_against_predict(out, stamps_run, stamps_cache, tmp_path, images=3)
-    assert len(sizes) > 1  # one graph (traced at 1500x2250) for every image size
+    assert len(sizes) > 1  # one graph (traced at 1500x2250) crops and pads every resized size
     metadata = json.loads((out / "export.json").read_text())
     assert metadata["model_type"] == "tiny" and metadata["fine_tuned"] == ["mask_decoder"]
-    assert sorted(metadata["files"]) == ["decoder.onnx", "encoder.onnx"]
+    assert sorted(metadata["files"]) == ["decoder.onnx", "decoder_single_mask.onnx", "encoder.onnx"]
     config = (out / "xanylabeling.yaml").read_text()
-    assert 'type: "segment_anything"' in config and 'decoder_model_path: "decoder.onnx"' in config
+    # X-AnyLabeling reads the first mask: it gets the single-mask decoder
+    assert 'type: "segment_anything"' in config and 'decoder_model_path: "decoder_single_mask.onnx"' in config
     assert "orig_im_size" in (out / "README.md").read_text()
 
 
@@ -120,9 +122,13 @@ def test_single_mask_and_quantized_variants(stamps_run, stamps_cache, tmp_path):
     info = cache.images[index]
     inputs = {"image_embeddings": cache.embedding(index).astype(np.float32)[None]}
     x0, y0, x1, y1 = info.objects[0].box
-    # SAM's rule in the official export: more than 2 points (box corners counted) -> output 0, else best of 1-3
-    for prompt, rule in ((dict(box=(x0, y0, x1, y1), points=[((x0 + x1) / 2, (y0 + y1) / 2, 1)]), "single"),
-                         (dict(points=[((x0 + x1) / 2, (y0 + y1) / 2, 1)]), "multi")):
+    # SAM's rule in the official export: more than 2 points (box corners and padding counted) -> output 0,
+    # else the best of 1-3: a box goes in with the padding point
+    centre = ((x0 + x1) / 2, (y0 + y1) / 2, 1)
+    for prompt, rule in ((dict(box=(x0, y0, x1, y1), points=[centre]), "single"),
+                         (dict(box=(x0, y0, x1, y1), pad=True), "single"),
+                         (dict(box=(x0, y0, x1, y1)), "multi"),
+                         (dict(points=[centre]), "multi")):
         feed = {**inputs, **onnx_prompts(info.original_size, **prompt)}
         all_masks, all_scores, _ = full.run(None, feed)
         one_mask, one_score, _ = single.run(None, feed)
@@ -137,7 +143,10 @@ def test_single_mask_and_quantized_variants(stamps_run, stamps_cache, tmp_path):
     assert 0.95 < correlation < 1.0, correlation  # uint8 weights: close to the float model's logits, not equal
     (quant_embedding,) = session(out / "encoder.quant.onnx").run(
         None, {"input_image": resize_image(read_image(info.file.path)).astype(np.float32)})
-    assert quant_embedding.shape == (1, 256, 64, 64) and np.isfinite(quant_embedding).all()
+    cached = inputs["image_embeddings"].ravel()
+    cosine = quant_embedding.ravel() @ cached / np.linalg.norm(quant_embedding) / np.linalg.norm(cached)
+    assert 0.9 < cosine < 0.99999, cosine  # close to the float encoder's, not equal
+    assert not (out / "decoder_single_mask.onnx").exists()  # decoder.onnx is the single-mask one
 
 
 def test_onnx_export_refuses_to_overwrite_and_checks_options(stamps_run, tmp_path):
@@ -146,6 +155,18 @@ def test_onnx_export_refuses_to_overwrite_and_checks_options(stamps_run, tmp_pat
     again = CliRunner().invoke(main, ["export", "--run", str(stamps_run), "--format", "onnx", "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
     assert (out / "decoder.onnx").read_bytes() == before
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    not_a_folder = CliRunner().invoke(main, ["export", "--run", str(stamps_run), "--format", "onnx",
+                                             "--out", str(file)])
+    assert not_a_folder.exit_code == 1 and "is a file" in not_a_folder.output and file.read_text() == "x"
+    # --overwrite with other options leaves no file of the earlier export behind that export.json does not list
+    quantized = export(stamps_run, tmp_path / "q", "--quantize")
+    assert (quantized / "decoder.quant.onnx").exists()
+    export(stamps_run, quantized, "--overwrite")
+    listed = json.loads((quantized / "export.json").read_text())["files"]
+    assert sorted(p.name for p in quantized.glob("*.onnx")) == sorted(listed)
+    assert not [p for p in quantized.iterdir() if p.name.startswith(".")]  # no staging folder left
     wrong = CliRunner().invoke(main, ["export", "--run", str(stamps_run), "--out", str(tmp_path / "m.pth"),
                                       "--quantize"])
     assert wrong.exit_code == 2 and "options of --format onnx" in wrong.output
