@@ -443,6 +443,11 @@ def everything_options(command):
     return command
 
 
+def _check_generator_options(settings: EverythingSettings, everything: bool) -> None:
+    if settings != EverythingSettings() and not everything:
+        raise click.UsageError("--points-per-side and the other generator options go with --everything")
+
+
 def eval_options(command):
     for path, flag in reversed(EVAL_FLAGS.items()):
         command = config_option(flag, EvalConfig, path)(command)
@@ -469,8 +474,7 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, overwrite: bool, **opti
     from samcache.report import format_table
 
     config = from_sources(EvalConfig, overrides=_config_values(options), flags=EVAL_FLAGS)
-    if config.generator != EverythingSettings() and not config.everything:
-        raise click.UsageError("--points-per-side and the other generator options go with --everything")
+    _check_generator_options(config.generator, config.everything)
     _warn_if_being_written(cache_dir)
     summary = evaluate(cache_dir, report_dir, config, run_dir=run_dir, overwrite=overwrite)
     for warning in summary.get("warnings", []):
@@ -567,8 +571,7 @@ def predict_cmd(images, run_dir, checkpoint, model_type, box, points, boxes, cac
     if not everything and (box is None and not points) == (boxes is None):
         raise click.UsageError("give either --box and/or --point, or --boxes (or --everything)")
     settings = from_sources(EverythingSettings, overrides=_config_values(generator), flags=EVERYTHING_FLAGS)
-    if settings != EverythingSettings() and not everything:
-        raise click.UsageError("--points-per-side and the other generator options go with --everything")
+    _check_generator_options(settings, everything)
     if run_dir is not None:
         from samcache.runs import RunFolder
 

@@ -113,7 +113,9 @@ class EverythingScores:
 
 def score_everything(decoders: dict, cache: EmbeddingCache, indices: list[int], config: EvalConfig,
                      device: torch.device) -> EverythingScores:
-    """Each model segments everything in each image (from the cache); coco_mask_ap scores its masks."""
+    """Each model segments everything in each image (from the cache); coco_mask_ap scores its masks
+    against the split's ground truth, built once for all models."""
+    truth = coco_truth(cache, indices)
     results, summary = {}, {}
     for name, (prompt_encoder, mask_decoder) in decoders.items():
         started, found = time.perf_counter(), []
@@ -123,20 +125,16 @@ def score_everything(decoders: dict, cache: EmbeddingCache, indices: list[int], 
                 prompt_encoder, mask_decoder, embedding, cache.images[index].original_size, config.generator)]
         seconds = time.perf_counter() - started
         results[name] = found
-        summary[name] = {**coco_mask_ap(cache, indices, found), "masks": len(found), "images": len(indices),
+        summary[name] = {**coco_mask_ap(truth, found), "masks": len(found), "images": len(indices),
                          "seconds": seconds}
     return EverythingScores(results, summary)
 
 
-def coco_mask_ap(cache: EmbeddingCache, indices: list[int], results: list[dict]) -> dict:
-    """COCO mask AP (IoU 0.50:0.95), AP50 and AR100 (recall with at most 100 masks per image) of
-    `results` (COCO results, image_id = cache index + 1) against every ground-truth object of the
-    cached images `indices`, class-agnostic, by pycocotools' COCOeval. No results: all 0."""
+def coco_truth(cache: EmbeddingCache, indices: list[int]):
+    """Every ground-truth object of the cached images `indices` as a pycocotools COCO, class-agnostic
+    (one category), image_id = cache index + 1."""
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
-    if not results:
-        return {"ap": 0.0, "ap50": 0.0, "ar100": 0.0}
     images, annotations = [], []
     for index in indices:
         info = cache.images[index]
@@ -146,10 +144,21 @@ def coco_mask_ap(cache: EmbeddingCache, indices: list[int], results: list[dict])
             annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": 1,
                                 "segmentation": obj.rle, "area": masks.area(obj.rle),
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
+    truth = COCO()
+    truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        truth = COCO()
-        truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
         truth.createIndex()
+    return truth
+
+
+def coco_mask_ap(truth, results: list[dict]) -> dict:
+    """COCO mask AP (IoU 0.50:0.95), AP50 and AR100 (recall with at most 100 masks per image) of
+    `results` (COCO results) against `truth` (coco_truth), by pycocotools' COCOeval. No results: all 0."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return {"ap": 0.0, "ap50": 0.0, "ar100": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
         scorer = COCOeval(truth, truth.loadRes(copy.deepcopy(results)), "segm")
         scorer.evaluate()
         scorer.accumulate()

@@ -22,7 +22,6 @@ any other image: `OfficialDecoder` crops with tensors instead, which the graph k
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import logging
 import os
@@ -273,8 +272,7 @@ def deploy_readme(model_type: str, return_single_mask: bool, quantize: bool) -> 
               "mask (X-AnyLabeling).")
     quant = ("\n`decoder.quant.onnx` and `encoder.quant.onnx` are the same graphs with uint8 weights "
              "(smaller and faster on a CPU, slightly less exact).\n" if quantize else "")
-    buffer = io.StringIO()
-    buffer.write(f"""# SAM ({model_type}) with a fine-tuned decoder, as ONNX
+    return f"""# SAM ({model_type}) with a fine-tuned decoder, as ONNX
 
 Written by `samcache export --format onnx` (samcache {__version__}); `export.json` holds the SHA-256 of
 each file and the run it came from.
@@ -330,5 +328,4 @@ the browser from its own `decoder.onnx`, exported with CVAT's modified script (e
 mask's box). This decoder.onnx is not a drop-in replacement there: export the full state dict
 (`samcache export --format pth`), point CVAT's SAM function (`model_handler.py`) at it with the
 right model type, and export CVAT's decoder from the same file with CVAT's script.
-""")
-    return buffer.getvalue()
+"""

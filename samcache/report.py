@@ -274,12 +274,7 @@ def write_eval_report(report_dir: Path, cache, rows: dict[str, list[dict]], summ
                   f"predicted IoU > {generator['pred_iou_thresh']}, stability >= "
                   f"{generator['stability_score_thresh']}, box NMS {generator['box_nms_thresh']} "
                   "(SamAutomaticMaskGenerator's steps); every mask scored against all ground-truth objects, "
-                  "class-agnostic, with COCO mask AP (pycocotools).", "",
-                  "| model | masks | AP | AP50 | AR100 |", "| --- | ---: | ---: | ---: | ---: |"]
-        for name in MODELS:
-            if name in summary["everything"]:
-                e = summary["everything"][name]
-                lines.append(f"| {titles[name]} | {e['masks']} | {e['ap']:.4f} | {e['ap50']:.4f} | {e['ar100']:.4f} |")
+                  "class-agnostic, with COCO mask AP (pycocotools): the `everything` rows of the table above."]
     lines += ["", "## Pictures", ""]
     for file, caption in pictures:
         lines += [f"![{file}]({file})", "", caption, ""]

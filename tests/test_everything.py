@@ -116,15 +116,16 @@ def test_eval_everything_scores_coco_ap(stamps_cache, stamps_run_copy, tmp_path)
 def test_coco_ap_of_the_ground_truth_itself_is_one(stamps_cache):
     """The scorer, checked: the ground truth as predictions scores AP 1, and nothing found scores 0."""
     from samcache.cache import EmbeddingCache
-    from samcache.evaluate import coco_mask_ap
+    from samcache.evaluate import coco_mask_ap, coco_truth
     from samcache.everything import EverythingMask
 
     cache = EmbeddingCache(stamps_cache)
     indices = cache.annotated_indices("val")
+    truth = coco_truth(cache, indices)
     perfect = [EverythingMask(o.rle, o.box, masks.area(o.rle), 1.0, 1.0, (0.0, 0.0)).coco_result(i + 1)
                for i in indices for o in cache.images[i].objects]
-    assert coco_mask_ap(cache, indices, perfect) == {"ap": 1.0, "ap50": 1.0, "ar100": 1.0}
-    assert coco_mask_ap(cache, indices, []) == {"ap": 0.0, "ap50": 0.0, "ar100": 0.0}
+    assert coco_mask_ap(truth, perfect) == {"ap": 1.0, "ap50": 1.0, "ar100": 1.0}
+    assert coco_mask_ap(truth, []) == {"ap": 0.0, "ap50": 0.0, "ar100": 0.0}
     half = perfect[::2]  # exact masks for every other object: recall (and AR100) is their share
     assert len(perfect) >= 2
-    assert coco_mask_ap(cache, indices, half)["ar100"] == pytest.approx(len(half) / len(perfect))
+    assert coco_mask_ap(truth, half)["ar100"] == pytest.approx(len(half) / len(perfect))
