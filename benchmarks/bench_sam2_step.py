@@ -1,17 +1,25 @@
-"""Benchmark (issue 17, groundwork): one SAM 2.1 decoder training step from cached features against a
-sam2-style step that runs the frozen image encoder under no_grad first.
+"""Benchmark (issue 17): SAM 2.1 decoder training steps from a samcache cache against a sam2-style
+step that runs the frozen image encoder under no_grad every step.
 
-Both sides train the same modules the same way: SAM 2's prompt encoder and mask decoder (with its
-high-resolution features and object-score head), box prompts, SAM 2's loss weights (focal 20, dice 1,
-IoU 1 as L1, object score 1), AdamW. They differ only in where the features come from:
-  A. "cache": the three feature maps of SAM2ImagePredictor.set_image, stored as fp16 arrays on disk
-     (what a samcache SAM 2.1 cache holds: 8 MiB an image), read and cast to fp32 each step;
-  B. "encoder": the image, preprocessed, through the Hiera encoder under torch.no_grad each step
-     (what sam2's own trainer does with a frozen encoder).
-Random weights (speed does not depend on them), fp32, rounds interleaved A B A B ...
+Both sides run the very same decoder step, samcache's (`train.DecoderModule` + `step.optimize_step`:
+SAM 2.1's prompt encoder and mask decoder with the high-resolution features and the object-score
+head, SAM 2's loss, AdamW, conv_s0 / conv_s1 frozen), on the same batches of box prompts drawn by
+samcache's sampler (B pages x K objects). They differ only in where the features come from:
 
-    python benchmarks/bench_sam2_step.py --images 2 --prompts 4 --rounds 3
-    python benchmarks/bench_sam2_step.py --images 2 --prompts 4 --rounds 2 --model sam2.1_hiera_l
+  A. "cache":   each step reads its images' features from a SAM 2.1 cache made by `samcache embed`
+                (three fp16 maps per image, checksummed h5py reads, packed, cast to fp32);
+  B. "encoder": each step decodes its images from disk and runs SAM 2.1's preprocessing and Hiera
+                encoder under torch.no_grad, in bf16 autocast where the CPU has native bf16 (the
+                fastest simple form; what sam2's own trainer does with a frozen encoder, minus its
+                augmentations).
+
+Random weights (speed does not depend on them); rounds interleaved A B A B ...
+
+    python benchmarks/bench_sam2_step.py --pages 10 --rounds 2
+    python benchmarks/bench_sam2_step.py --pages 10 --rounds 2 --model sam2.1_hiera_l
+    python benchmarks/bench_sam2_step.py --device cuda --pages 64 --batch-size 8 --rounds 3   # gpu.sh
+
+On CUDA both sides run on the GPU and the decoder step in bf16 autocast, as `samcache train` does.
 """
 
 from __future__ import annotations
@@ -24,93 +32,104 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from samcache.devices import cpu_description  # noqa: E402
-from samcache.sam2_models import feature_bytes_per_image, image_features, load_sam2, preprocess  # noqa: E402
-
-
-def sam2_loss(logits, iou_pred, object_logits, target):
-    """SAM 2's weights on one mask per prompt: 20 x focal + dice + L1 on the IoU + BCE on the object score."""
-    target_low = F.interpolate(target, logits.shape[-2:], mode="bilinear", align_corners=False)
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, target_low, reduction="none")
-    p_t = prob * target_low + (1 - prob) * (1 - target_low)
-    focal = (0.25 * target_low + 0.75 * (1 - target_low)) * ce * (1 - p_t) ** 2
-    dice = 1 - (2 * (prob * target_low).sum((-1, -2)) + 1) / (prob.sum((-1, -2)) + target_low.sum((-1, -2)) + 1)
-    hard = (logits > 0).float()
-    iou = (hard * target_low).sum((-1, -2)) / ((hard + target_low).clamp(max=1).sum((-1, -2))).clamp(min=1)
-    objectness = F.binary_cross_entropy_with_logits(object_logits, torch.ones_like(object_logits))
-    return 20 * focal.mean() + dice.mean() + (iou_pred - iou.detach()).abs().mean() + objectness
-
-
-def decoder_step(model, optimizer, features: dict, boxes: torch.Tensor, targets: torch.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss = 0.0
-    for i in range(boxes.shape[0]):  # one image at a time, its prompts together (repeat_image)
-        coords = boxes[i].reshape(-1, 2, 2)
-        labels = torch.tensor([[2, 3]]).repeat(coords.shape[0], 1)
-        sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        logits, iou_pred, _, object_logits = model.sam_mask_decoder(
-            image_embeddings=features["image_embed"][i : i + 1], image_pe=model.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
-            repeat_image=True, high_res_features=[features["high_res_s0"][i : i + 1],
-                                                  features["high_res_s1"][i : i + 1]])
-        loss = loss + sam2_loss(logits, iou_pred, object_logits, targets[i])
-    loss.backward()
-    optimizer.step()
+from samcache.cache import EmbeddingCache  # noqa: E402
+from samcache.config import EmbedConfig, PromptSettings  # noqa: E402
+from samcache.datasets import load_dataset  # noqa: E402
+from samcache.datasets.stamps import generate_stamps  # noqa: E402
+from samcache.devices import autocast, cpu_description, decoder_precision, resolve_precision  # noqa: E402
+from samcache.embed import embed_dataset  # noqa: E402
+from samcache.images import read_image  # noqa: E402
+from samcache.models import frozen_by_cache, load_sam  # noqa: E402
+from samcache.sam2_models import build_sam2_model  # noqa: E402
+from samcache.samples import CacheSamples, SampleSettings, collate  # noqa: E402
+from samcache.step import optimize_step  # noqa: E402
+from samcache.train import DecoderModule  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=2, help="images per step")
-    parser.add_argument("--prompts", type=int, default=4, help="box prompts per image")
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="sam2.1_hiera_t")
+    parser.add_argument("--pages", type=int, default=4, help="synthetic stamp pages in the cache")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per step")
+    parser.add_argument("--objects-per-image", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the data and cache (default: a temp)")
     args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_sam2_"))
+    work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = load_sam2(args.model).model
-    model.sam_mask_decoder.train()
-    for name, p in model.named_parameters():  # conv_s0/conv_s1 made the cached maps: frozen, as the encoder
-        p.requires_grad = name.startswith(("sam_mask_decoder.", "sam_prompt_encoder.")) and ".conv_s" not in name
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (900, 700, 3), dtype=np.uint8) for _ in range(args.images)]
-    boxes = torch.tensor(rng.uniform(100, 900, (args.images, args.prompts, 4)), dtype=torch.float32).sort(-1).values
-    boxes = boxes[..., [0, 2, 1, 3]]  # x0 < x1, y0 < y1
-    targets = torch.from_numpy(rng.random((args.images, args.prompts, 1, 256, 256)) > 0.7).float()
-    work = Path(tempfile.mkdtemp())
-    with torch.no_grad():
-        cached = image_features(model, preprocess(images))
-    for name, value in cached.items():  # the cache: fp16 arrays, one file per map
-        np.save(work / f"{name}.npy", value.numpy().astype(np.float16))
+    checkpoint = work / f"{args.model}-random.pt"
+    if not checkpoint.exists():
+        torch.save({"model": build_sam2_model(args.model).state_dict()}, checkpoint)
+    data = work / "stamps"
+    if not (data / "images").exists():
+        generate_stamps(data, args.pages, seed=5, progress=False)
+    cache_dir = work / f"cache-{args.model}"
+    device = torch.device(args.device)
+    embed_dataset(load_dataset(data), cache_dir, EmbedConfig(model_type=args.model, checkpoint=checkpoint,
+                                                             progress=False, workers=0, device=args.device))
+    cache = EmbeddingCache(cache_dir)
+    precision, step_precision = resolve_precision("auto", device), decoder_precision(device)
 
-    def from_cache() -> dict:
-        return {name: torch.from_numpy(np.load(work / f"{name}.npy")).float() for name in cached}
+    sam = load_sam(args.model, checkpoint).sam.to(device)
+    encoder_side = load_sam(args.model, checkpoint).sam.eval().to(device)  # B's frozen encoder
+    sam.image_encoder = None
+    sam.mask_decoder.train()
+    sam.prompt_encoder.requires_grad_(False)
+    for module in frozen_by_cache(sam):
+        module.requires_grad_(False)
+    parameters = [p for p in sam.mask_decoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5)
+    module = DecoderModule(sam)
 
-    def from_encoder() -> dict:
-        with torch.no_grad():
-            return image_features(model, preprocess(images))
+    samples = CacheSamples(cache, SampleSettings(args.objects_per_image, PromptSettings(mode="box"), seed=0),
+                           read_embeddings=False)
+    indices = cache.annotated_indices("train") or list(range(len(cache)))
+    batches = [collate([samples[(0, i)] for i in indices[s : s + args.batch_size]])
+               for s in range(0, len(indices) - args.batch_size + 1, args.batch_size)]
 
-    times = {"cache": [], "encoder": []}
-    decoder_step(model, optimizer, from_cache(), boxes, targets)  # warm-up
+    def from_cache(batch) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(cache.embedding(i)) for i in batch.indices]).to(device).float()
+
+    def from_encoder(batch) -> torch.Tensor:
+        images = [read_image(cache.images[i].file.path) for i in batch.indices]
+        with torch.no_grad(), autocast(device, precision):
+            return encoder_side.encode(images).float()
+
+    def step(batch, features: torch.Tensor) -> None:
+        prompts, targets = batch.prompts.to(device), batch.targets.to(device)
+        with autocast(device, step_precision):
+            output = module(features, prompts)
+        optimize_step(output, targets, prompts.multimask, loss_kind="sam", optimizer=optimizer,
+                      parameters=parameters, grad_clip=1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = {"cache": [], "encoder": []}
+    prompts: dict[str, int] = {"cache": 0, "encoder": 0}
+    step(batches[0], from_cache(batches[0]))  # warm-up
     for _ in range(args.rounds):
         for side, source in (("cache", from_cache), ("encoder", from_encoder)):
-            start = time.perf_counter()
-            decoder_step(model, optimizer, source(), boxes, targets)
-            times[side].append(time.perf_counter() - start)
-    prompts = args.images * args.prompts
-    print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}; {args.model} (random weights), "
-          f"fp32; {args.images} images x {args.prompts} box prompts a step, {args.rounds} rounds interleaved")
-    print(f"cache bytes per image (fp16): {feature_bytes_per_image() / 2**20:.1f} MiB")
+            for batch in batches:
+                start = time.perf_counter()
+                step(batch, source(batch))
+                times[side].append(time.perf_counter() - start)
+                prompts[side] += batch.n_prompts
+    info = cache.info()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_description()}"
+    print(f"{where}; torch threads {torch.get_num_threads()}; {args.model} (random weights); "
+          f"{len(batches)} batches of {args.batch_size} images x up to {args.objects_per_image} boxes, "
+          f"{args.rounds} rounds interleaved; encoder side in {precision}, decoder step in {step_precision}")
+    print(f"cache: {info['images']} images, {info['bytes_per_image'] / 2**20:.2f} MiB per image on disk")
+    rate = {side: prompts[side] / sum(values) for side, values in times.items()}
     for side, values in times.items():
-        best = min(values)
-        print(f"{side:<8} step {np.median(values):6.2f} s median ({best:.2f} best)  "
-              f"{prompts / np.median(values):6.2f} prompts/s")
-    print(f"ratio (cache / encoder prompts/s, medians): {np.median(times['encoder']) / np.median(times['cache']):.2f}x")
+        print(f"{side:<8} {np.median(values):6.2f} s per step (median)  {rate[side]:6.2f} prompts/s")
+    print(f"ratio (cache / encoder, prompts/s): {rate['cache'] / rate['encoder']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU figure of BENCHMARKS.md in one command (issue 13.4), on the first CUDA device:
 # vit_b bf16 encoder images/s at batch 1..32 (eager and torch.compile) with peak memory,
-# `samcache embed` and `samcache train` on 512 stamp pages. Writes BENCHMARKS.md's GPU table
-# and benchmarks/gpu-results.json. Needs the README's install (`make install`) and a GPU.
+# `samcache embed` and `samcache train` on 512 stamp pages; SAM 2.1's decoder step from the cache vs
+# the frozen Hiera in the loop (Hiera-T, Hiera-L). Writes BENCHMARKS.md's GPU table,
+# benchmarks/gpu-results.json and benchmarks/gpu-sam2-results.txt. Needs the README's install (`make install`) and a GPU.
 #   bash benchmarks/gpu.sh            # about 10 minutes on one H100/H200
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +11,9 @@ PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this benchmark needs a GPU")'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-exec "$PY" benchmarks/bench_gpu.py --device cuda --write-benchmarks --json benchmarks/gpu-results.json "$@"
+"$PY" benchmarks/bench_gpu.py --device cuda --write-benchmarks --json benchmarks/gpu-results.json "$@"
+# SAM 2.1 (issue 17): decoder-training prompts/s from the cache vs the frozen Hiera in every step.
+for model in sam2.1_hiera_t sam2.1_hiera_l; do
+  "$PY" benchmarks/bench_sam2_step.py --device cuda --model "$model" --pages 64 --batch-size 8 --rounds 3 \
+    | tee -a benchmarks/gpu-sam2-results.txt
+done

@@ -41,12 +41,22 @@ from samcache import __version__, cache_index, masks
 from samcache.config import SPLITS
 from samcache.datasets.records import ObjectRecord
 from samcache.errors import CacheError
+from samcache.feature_layout import pack_sam2, unpack_sam2
 from samcache.fileio import FileIdentity, atomic_write_bytes, atomic_write_json
 from samcache.locks import WriterLock
 from samcache.progress import progress_bar
-from samcache.specs import EMBEDDING_SHAPE, IMAGE_SIZE
+from samcache.specs import EMBEDDING_SHAPE, IMAGE_SIZE, SAM2_FEATURE_SHAPES, feature_shape, model_family
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSIONS = {"sam": 1, "sam2.1": 2}
+"""The schema version of each model family's caches: a SAM 2.1 cache holds two more maps per image."""
+SCHEMA_VERSION = SCHEMA_VERSIONS["sam"]
+STORED_MAPS = {
+    "sam": {"embeddings": EMBEDDING_SHAPE},
+    "sam2.1": {"embeddings": SAM2_FEATURE_SHAPES["image_embed"], "high_res_s1": SAM2_FEATURE_SHAPES["high_res_s1"],
+               "high_res_s0": SAM2_FEATURE_SHAPES["high_res_s0"]},
+}
+"""The per-image datasets of a shard, by model family, each (images, *shape) float16 with a checksum
+per image. A SAM 2.1 shard's `embeddings` is its image_embed."""
 HEADER_NAME = "cache.json"
 SHARD_DIR = "shards"
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -59,7 +69,8 @@ class Provenance:
     """What made the embeddings; a cache accepts new images only from the same recipe.
 
     Arguments:
-      model_type: "vit_b", "vit_l", "vit_h" or "tiny".
+      model_type: "vit_b", "vit_l", "vit_h", "tiny", or a SAM 2.1 type (specs.SAM2_MODEL_TYPES); it
+        decides the model family, hence the schema version and what a shard stores.
       weights_sha256: SHA-256 of the weights (see models.LoadedModel).
       preprocessing: preprocess.Preprocessing.as_dict().
       intensity: how images with more than 8 bits were mapped to uint8 (images.read_image).
@@ -83,6 +94,11 @@ class Provenance:
 
     # These must agree for two sets of embeddings to be one dataset.
     COMPARED = ("model_type", "weights_sha256", "preprocessing", "intensity", "embedding_dtype")
+
+    @property
+    def family(self) -> str:
+        """"sam" or "sam2.1" (specs.model_family)."""
+        return model_family(self.model_type)
 
     @property
     def made_by(self) -> str:
@@ -195,7 +211,8 @@ def open_for_writing(cache_dir: Path, provenance: Provenance) -> None:
     if cache_dir.exists() and any(not p.name.startswith(".samcache") for p in cache_dir.iterdir()):
         raise CacheError(f"{cache_dir} is a non-empty folder without {HEADER_NAME}: not a samcache cache")
     (cache_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(header_path, {"schema_version": SCHEMA_VERSION, "provenance": asdict(provenance)})
+    atomic_write_json(header_path, {"schema_version": SCHEMA_VERSIONS[provenance.family],
+                                    "provenance": asdict(provenance)})
 
 
 def is_cache(cache_dir: str | Path) -> bool:
@@ -213,11 +230,15 @@ def read_header(cache_dir: Path) -> Provenance:
         raise CacheError(f"{path} is unreadable: {exc}") from exc
     if not isinstance(header, dict) or not isinstance(header.get("provenance"), dict):
         raise CacheError(f"{path} is not a samcache cache header (no provenance mapping)")
-    if header.get("schema_version") != SCHEMA_VERSION:
-        raise CacheError(
-            f"{cache_dir} has cache schema version {header.get('schema_version')}, this samcache reads {SCHEMA_VERSION}"
-        )
-    return provenance_from_dict(header["provenance"], source=path)
+    version = header.get("schema_version")
+    if version not in SCHEMA_VERSIONS.values():
+        raise CacheError(f"{cache_dir} has cache schema version {version}, this samcache reads "
+                         f"{', '.join(f'{v} ({k})' for k, v in SCHEMA_VERSIONS.items())}")
+    provenance = provenance_from_dict(header["provenance"], source=path)
+    if version != SCHEMA_VERSIONS[provenance.family]:
+        raise CacheError(f"{path}: schema version {version} with model {provenance.model_type!r}, whose caches are "
+                         f"version {SCHEMA_VERSIONS[provenance.family]}: not a header this samcache wrote")
+    return provenance
 
 
 def provenance_from_dict(values: dict, *, source: Path) -> Provenance:
@@ -250,7 +271,7 @@ def remove_stale_temporaries(cache_dir: Path) -> int:
 class ShardWriter:
     """Writes one shard: `commit()` writes it to `NAME.h5.tmp`, fsyncs and renames it.
 
-    The shard is built in memory (at most `shard_images` embeddings, 2 MiB each) and written
+    The shard is built in memory (at most `shard_images` images, 2 MiB each; SAM 2.1: 8 MiB) and written
     to disk by Python at commit. HDF5 never writes to the disk itself because it cannot recover
     from a failed write: after a full disk its handles fail to close and the process crashes at
     exit. This way a full disk is an ordinary OSError, and the `.tmp` file is simply deleted.
@@ -265,12 +286,14 @@ class ShardWriter:
         self.tmp_path = self.final_path.with_name(self.final_path.name + ".tmp")
         self.buffer = io.BytesIO()
         self.file = h5py.File(self.buffer, "w")
-        self.file.attrs["schema_version"] = SCHEMA_VERSION
+        self.file.attrs["schema_version"] = SCHEMA_VERSIONS[provenance.family]
         self.file.attrs["provenance"] = json.dumps(asdict(provenance), sort_keys=True)
-        self.embeddings = self.file.create_dataset(
-            "embeddings", shape=(0, *EMBEDDING_SHAPE), maxshape=(None, *EMBEDDING_SHAPE),
-            dtype=np.float16, chunks=(1, *EMBEDDING_SHAPE), fletcher32=True,  # a checksum per image
-        )
+        self.family, self.feature_shape = provenance.family, feature_shape(provenance.model_type)
+        self.maps = {
+            name: self.file.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.float16,
+                                           chunks=(1, *shape), fletcher32=True)  # a checksum per image
+            for name, shape in STORED_MAPS[self.family].items()
+        }
         self.images: list[ImageEntry] = []
         self.failed: list[FailedEntry] = []
         self.removed: list[tuple[str, str]] = []
@@ -280,18 +303,20 @@ class ShardWriter:
         return len(self.images) + len(self.failed) + len(self.removed)
 
     def add(self, entry: ImageEntry, embedding: np.ndarray) -> None:
-        """Appends one image. `embedding` is (256, 64, 64) float32/float16; values beyond fp16's range
-        are an error, never a silent inf."""
-        if embedding.shape != EMBEDDING_SHAPE:
-            raise CacheError(f"{entry.name}: embedding shape {embedding.shape}, expected {EMBEDDING_SHAPE}")
+        """Appends one image. `embedding` is what `EmbeddingCache.embedding` gives back: (256, 64, 64),
+        or SAM 2.1's packed (1024, 64, 64), float32/float16; values beyond fp16's range are an error,
+        never a silent inf."""
+        if embedding.shape != self.feature_shape:
+            raise CacheError(f"{entry.name}: embedding shape {embedding.shape}, expected {self.feature_shape}")
         if not np.isfinite(embedding).all() or np.abs(embedding).max() > FP16_MAX:
             raise CacheError(
                 f"{entry.name}: the encoder produced values outside float16's range (|x| > {FP16_MAX:.0f}) "
                 "or non-finite values; these weights cannot be cached in float16"
             )
         row = len(self.images)
-        self.embeddings.resize(row + 1, axis=0)
-        self.embeddings[row] = embedding.astype(np.float16)
+        for name, values in _stored_maps(self.family, embedding.astype(np.float16)).items():
+            self.maps[name].resize(row + 1, axis=0)
+            self.maps[name][row] = values
         self.images.append(entry)
         crash_point("shard-row-written")
 
@@ -364,6 +389,14 @@ class ShardWriter:
         _strings(failed, "error", [f.error for f in self.failed])
         failed.create_dataset("file_size", data=np.array([f.file.size for f in self.failed], np.int64))
         failed.create_dataset("file_mtime_ns", data=np.array([f.file.mtime_ns for f in self.failed], np.int64))
+
+
+def _stored_maps(family: str, features: np.ndarray) -> dict[str, np.ndarray]:
+    """One image's decoder input -> the shard's datasets (STORED_MAPS)."""
+    if family == "sam":
+        return {"embeddings": features}
+    maps = unpack_sam2(features)
+    return {"embeddings": maps["image_embed"], "high_res_s1": maps["high_res_s1"], "high_res_s0": maps["high_res_s0"]}
 
 
 def _strings(group: h5py.Group, name: str, values: list[str]) -> None:
@@ -470,7 +503,7 @@ class EmbeddingCache:
             try:
                 with h5py.File(path, "r") as f:
                     shard = self._check_shard_provenance(f, path)
-                    parts.append(_read_tables(f, int(i), made_by=shard.made_by))
+                    parts.append(_read_tables(f, int(i), made_by=shard.made_by, family=shard.family))
             except _BadTable as exc:
                 raise CacheError(f"shard {path} holds bad values: {exc}; take it out of shards/ (its images "
                                  "will be embedded again by `samcache embed`)") from exc
@@ -543,16 +576,24 @@ class EmbeddingCache:
         return {_text(n): {"images": int(i), "objects": int(o)} for n, i, o in zip(names, images, objects)}
 
     def embedding(self, index: int) -> np.ndarray:
-        """The (256, 64, 64) float16 embedding of image `index`, read from disk and checked: its
-        Fletcher32 checksum (HDF5 verifies it on read) and finite values; DamagedImageError else."""
+        """The decoder's input for image `index`, float16, read from disk and checked: every stored
+        map's Fletcher32 checksum (HDF5 verifies it on read) and finite values; DamagedImageError
+        else. SAM: the (256, 64, 64) embedding; SAM 2.1: its three maps packed into (1024, 64, 64)
+        (feature_layout.py)."""
         shard_index, row = self._location[index]
-        try:
-            embedding = self._handle(int(shard_index))["embeddings"][int(row)]
-        except OSError as exc:  # h5py reports a checksum mismatch as a failed read
-            raise DamagedImageError(self, index, f"checksum mismatch ({str(exc).splitlines()[0]})") from exc
-        if not np.isfinite(embedding).all():
-            raise DamagedImageError(self, index, "non-finite values")
-        return embedding
+        handle, maps = self._handle(int(shard_index)), {}
+        for name in STORED_MAPS[self.provenance.family]:
+            try:
+                maps[name] = handle[name][int(row)]
+            except OSError as exc:  # h5py reports a checksum mismatch as a failed read
+                raise DamagedImageError(self, index, f"checksum mismatch in {name} "
+                                                     f"({str(exc).splitlines()[0]})") from exc
+            if not np.isfinite(maps[name]).all():
+                raise DamagedImageError(self, index, f"non-finite values in {name}")
+        if self.provenance.family == "sam":
+            return maps["embeddings"]
+        return pack_sam2({"image_embed": maps["embeddings"], "high_res_s1": maps["high_res_s1"],
+                          "high_res_s0": maps["high_res_s0"]})
 
     def preview_bytes(self, index: int) -> bytes:
         shard_index, row = self._location[index]
@@ -598,7 +639,8 @@ class EmbeddingCache:
         categories, counts = np.unique(self.tables.category[self._objects], return_counts=True)
         return {
             "cache": str(self.cache_dir),
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSIONS[self.provenance.family],
+            "model_family": self.provenance.family,
             "images": len(self),
             "objects": int(self.object_count.sum()),
             "splits": self.splits,
@@ -607,7 +649,8 @@ class EmbeddingCache:
             "weights_sha256": self.provenance.weights_sha256,
             "weights_source": self.provenance.weights_source,
             "embedding_dtype": self.provenance.embedding_dtype,
-            "embedding_shape": list(EMBEDDING_SHAPE),
+            "stored_maps": {name: list(shape) for name, shape in STORED_MAPS[self.provenance.family].items()},
+            "embedding_shape": list(feature_shape(self.provenance.model_type)),
             # per image, from its shard: a cache extended later with another backend says so
             "computed": {_text(m): int(n) for m, n in zip(*np.unique(self.tables.made_by[self._rows],
                                                                       return_counts=True))},
@@ -669,8 +712,8 @@ def refresh_index(cache_dir: Path, *, at_least: int = 1) -> None:
         cache.save_index()
 
 
-def _read_tables(f: h5py.File, shard: int, *, made_by: str) -> "cache_index.Tables":
-    """One shard's tables as columns, checked; `made_by` is its provenance's."""
+def _read_tables(f: h5py.File, shard: int, *, made_by: str, family: str) -> "cache_index.Tables":
+    """One shard's tables as columns, checked; `made_by` and `family` are its provenance's."""
     im, ob, fa = f["images"], f["objects"], f["failed"]
     names = _read_bytes(im["name"])
     n = len(names)
@@ -697,7 +740,7 @@ def _read_tables(f: h5py.File, shard: int, *, made_by: str) -> "cache_index.Tabl
         removed_reason=_read_bytes(f["removed/reason"]) if "removed" in f else np.zeros(0, "S1"),
         removed_shard=np.full(len(f["removed/name"]) if "removed" in f else 0, shard, np.int32),
     )
-    _check_tables(f, tables, rles)
+    _check_tables(f, tables, rles, family)
     return tables
 
 
@@ -705,7 +748,7 @@ class _BadTable(ValueError):
     pass
 
 
-def _check_tables(f: h5py.File, t: "cache_index.Tables", rles: np.ndarray) -> None:
+def _check_tables(f: h5py.File, t: "cache_index.Tables", rles: np.ndarray, family: str) -> None:
     """Refuses tables that would make later code crash or train on nonsense (an edited or
     damaged shard): the message names the column and the first image it concerns."""
 
@@ -728,8 +771,9 @@ def _check_tables(f: h5py.File, t: "cache_index.Tables", rles: np.ndarray) -> No
     for column in (t.failed_path, t.failed_sha256, t.failed_error, t.failed_file_size, t.failed_file_mtime_ns):
         if len(column) != len(t.failed_name):
             raise _BadTable("the failed table has columns of different lengths")
-    if f["embeddings"].shape != (n, *EMBEDDING_SHAPE):
-        raise _BadTable(f"embeddings has shape {f['embeddings'].shape} for {n} images")
+    for name, shape in STORED_MAPS[family].items():
+        if name not in f or f[name].shape != (n, *shape):
+            raise _BadTable(f"{name} has shape {f[name].shape if name in f else 'none (missing)'} for {n} images")
     if t.original_size.shape != (n, 2) or t.input_size.shape != (n, 2) or t.box.shape != (m, 4):
         raise _BadTable("original_size, input_size or box has the wrong shape")
     bad("images/split", ~np.isin(t.split, [s.encode() for s in SPLITS]), f"not one of {', '.join(SPLITS)}")

@@ -292,6 +292,7 @@ def embed_cmd(dataset: Path, cache_dir: Path, image_root, split_fractions: str, 
     Example:
       samcache embed data/stamps --out cache/stamps --model tiny
       samcache embed my_coco/ --out cache/mine --model vit_b --checkpoint sam_vit_b_01ec64.pth
+      samcache embed my_coco/ --out cache/mine2 --model sam2.1_hiera_t
     """
     from samcache.embed import embed_dataset
 
@@ -328,8 +329,9 @@ def info_cmd(cache_dir: Path, as_json: bool) -> None:
     for split, counts in info["splits"].items():
         click.echo(f"  split {split:<6} {counts['images']:>6} images {counts['objects']:>7} objects")
     click.echo(f"  model {info['model_type']}, weights SHA-256 {info['weights_sha256']}")
-    click.echo(f"  embeddings {info['embedding_dtype']} {'x'.join(map(str, info['embedding_shape']))}, "
-               f"computed in {_computed(info['computed'])}, intensity {info['intensity']}")
+    maps = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in info["stored_maps"].items())
+    click.echo(f"  {info['embedding_dtype']} {maps}, computed in {_computed(info['computed'])}, "
+               f"intensity {info['intensity']}")
     click.echo(f"  {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, "
                f"{info['bytes_per_image'] / 2**20:.2f} MiB per image, "
                f"{info['shards']} shard(s), {info['superseded_records']} superseded record(s)")
@@ -397,6 +399,10 @@ def train_options(command):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, **options) -> None:
     """Fine-tune the mask decoder from CACHE (the image encoder never runs).
+
+    A SAM 2.1 cache trains SAM 2.1's prompt encoder and mask decoder with its high-resolution
+    features; the decoder's conv_s0 / conv_s1 stay frozen, since their outputs are what the cache
+    holds.
 
     Writes RUN/config.yaml, metrics.jsonl, curves.png, best.pt and last.pt. Options come
     from the defaults, then --config FILE.yaml, then the command line; --resume without
@@ -621,10 +627,10 @@ def models_cmd() -> None:
         if official is None:
             weights = (f"pretrained on synthetic shapes, {models.TINY_PRETRAINED.name}"
                        if models.tiny_pretrained_available() else "random weights (pretrained file not installed)")
-            click.echo(f"  {model_type:<6} samcache's small SAM-shaped model, {weights}; --random-init for random")
+            click.echo(f"  {model_type:<15} samcache's small SAM-shaped model, {weights}; --random-init for random")
             continue
         state = "present" if (home / official.filename).is_file() else "not downloaded"
-        click.echo(f"  {model_type:<6} {official.filename} ({official.size_bytes / 1e9:.2f} GB, {state})")
+        click.echo(f"  {model_type:<15} {official.filename} ({official.size_bytes / 1e9:.2f} GB, {state})")
 
 
 @main.command("fetch")
@@ -635,6 +641,7 @@ def fetch_cmd(model_type: str) -> None:
     \b
     Example:
       samcache fetch vit_b
+      samcache fetch sam2.1_hiera_t
     """
     from samcache import models
 

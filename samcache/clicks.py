@@ -28,6 +28,7 @@ from samcache.inference import choose_mask, upscale_logits
 from samcache.metrics import iou
 from samcache.preprocess import transform_coords
 from samcache.prompts import PromptBatch, interior_point
+from samcache.sam2_decoder import is_sam2_decoder
 
 NOC_THRESHOLDS = (0.85, 0.90)
 
@@ -80,7 +81,7 @@ def click_ious(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embeddi
     ious = np.zeros((n, clicks))
     previous: Optional[torch.Tensor] = None
     for c in range(clicks):
-        coords = transform_coords(np.array(points, np.float64), original_size)
+        coords = transform_coords(np.array(points, np.float64), original_size, input_size)
         prompts = PromptBatch(batch_row=torch.zeros(n, dtype=torch.long, device=device),
                               boxes=torch.zeros((n, 4), device=device),
                               points=torch.as_tensor(coords, dtype=torch.float32, device=device),
@@ -97,7 +98,8 @@ def click_ious(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embeddi
                 points[i].append(points[i][-1])
                 labels[i].append(labels[i][-1])
                 continue
-            pred = (upscale_logits(logits[i : i + 1], input_size, original_size)[0] > 0).cpu().numpy()
+            pred = (upscale_logits(logits[i : i + 1], input_size, original_size,
+                                   stretched=is_sam2_decoder(mask_decoder))[0] > 0).cpu().numpy()
             ious[i, c] = iou(pred, truth)
             click = next_click(pred, truth)
             if click is None:

@@ -78,7 +78,8 @@ class EmbedConfig(_Options):
     """Options of `samcache embed`."""
 
     model_type: Literal[MODEL_TYPES] = "tiny"
-    """SAM image encoder to run."""
+    """Image encoder to run: SAM's (vit_b/l/h, samcache's tiny) or SAM 2.1's Hiera (sam2.1_hiera_t/s/b+/l:
+    needs the sam2 package; the cache then holds its three feature maps, 8 MiB per image)."""
     checkpoint: Optional[Path] = None
     """Weights file (default: Meta's official weights; for tiny, samcache's pretrained ones)."""
     random_init: bool = False
@@ -196,7 +197,8 @@ class TrainConfig(_Options):
     prompts: PromptSettings = PromptSettings()
     """How training prompts are drawn (mode, box jitter, points)."""
     loss: Literal[LOSSES] = "sam"
-    """sam (20 focal + dice + IoU MSE), dice-bce, or mse-threshold (the tutorial's, for comparison)."""
+    """sam: the model's own recipe (SAM: 20 focal + dice + IoU MSE; SAM 2.1: 20 focal + dice + IoU L1 on
+    every multimask output + object score BCE), dice-bce, or mse-threshold (the tutorial's, for comparison)."""
     train: Annotated[list[Literal[TRAINABLE]], BeforeValidator(_comma_list), Field(min_length=1)] = [
         "mask_decoder"]
     """What is trainable: mask_decoder and/or prompt_encoder."""

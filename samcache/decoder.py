@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +33,18 @@ from torchvision.ops import sigmoid_focal_loss
 
 from samcache.config import LOSSES
 from samcache.prompts import PromptBatch
+from samcache.sam2_decoder import decode_group, is_sam2_decoder
 from samcache.specs import LOW_RES_SIZE, MASK_OUTPUTS
 
 
 @dataclass
 class DecoderOutput:
-    """Low-res logits (N, 4, 256, 256) and predicted IoUs (N, 4) of all four mask tokens."""
+    """Low-res logits (N, 4, 256, 256) and predicted IoUs (N, 4) of all four mask tokens; SAM 2.1's
+    decoder also scores whether the object is there at all (N, 1) logits, else None."""
 
     logits: torch.Tensor
     iou_pred: torch.Tensor
+    object_score: Optional[torch.Tensor] = None
 
 
 def predict_masks_batched(
@@ -96,11 +100,14 @@ def decode(
 
     Prompts with different numbers of sparse tokens (with or without a box; how many points)
     are decoded in separate batched calls, each with exactly its real points, as SamPredictor
-    is called; the results come back in the prompts' order.
+    is called; the results come back in the prompts' order. SAM 2.1's modules (then
+    `image_embeddings` are the packed features) decode through sam2_decoder.py.
     """
     n = len(prompts)
+    sam2 = is_sam2_decoder(mask_decoder)
     logits = image_embeddings.new_empty((n, MASK_OUTPUTS, LOW_RES_SIZE, LOW_RES_SIZE))
     iou_pred = image_embeddings.new_empty((n, MASK_OUTPUTS))
+    object_score = image_embeddings.new_empty((n, 1)) if sam2 else None
     image_pe = prompt_encoder.get_dense_pe()
     n_points = prompts.n_points
     if bool((~prompts.is_box & (n_points == 0) & ~prompts.mask_given).any()):
@@ -109,6 +116,13 @@ def decode(
                                     return_inverse=True)
     for group, (has_box, k) in enumerate(shapes.tolist()):
         select = (shape_of == group).nonzero().squeeze(1)
+        if sam2:
+            group_logits, group_iou, group_score = decode_group(prompt_encoder, mask_decoder, image_embeddings,
+                                                                prompts, select, has_box=bool(has_box), n_points=k)
+            logits = logits.index_copy(0, select, group_logits.to(logits.dtype))
+            iou_pred = iou_pred.index_copy(0, select, group_iou.to(iou_pred.dtype))
+            object_score = object_score.index_copy(0, select, group_score.to(object_score.dtype))
+            continue
         sparse, dense = prompt_encoder(
             points=(prompts.points[select, :k], prompts.labels[select, :k]) if k else None,
             boxes=prompts.boxes[select] if has_box else None,
@@ -124,7 +138,7 @@ def decode(
         )
         logits = logits.index_copy(0, select, out.logits.to(logits.dtype))
         iou_pred = iou_pred.index_copy(0, select, out.iou_pred.to(iou_pred.dtype))
-    return DecoderOutput(logits, iou_pred)
+    return DecoderOutput(logits, iou_pred, object_score)
 
 
 def _transformer_sharing_images(transformer, image_src: torch.Tensor, batch_row: torch.Tensor,
@@ -199,7 +213,11 @@ def compute_loss(output: DecoderOutput, targets: torch.Tensor, multimask: torch.
     (PromptBatch.multimask) marks the prompts whose three multimask outputs compete.
 
     `sam`: 20 x focal + 1 x dice on the mask logits, plus the MSE between the IoU head and
-    the real IoU of the chosen mask (SAM's recipe, for decoders that start pretrained).
+    the real IoU of the chosen mask (SAM's recipe, for decoders that start pretrained). For SAM 2.1
+    (an output with object scores) SAM 2's weights instead (sam2's training/loss_fns.py, as its
+    released configs set it): the same mask terms, the IoU head's L1 error, on all three outputs
+    of a multimask prompt (`supervise_all_iou`), and the object score's BCE (target: the object is
+    there, which it is for every annotated object), 1 each.
     `dice-bce`: dice + class-balanced binary cross-entropy, plus the same IoU term; it learns
     from a randomly initialised decoder, where SAM's focal-heavy recipe settles on predicting
     background everywhere. `mse-threshold`: the well-known tutorial's loss (MSE between the
@@ -235,6 +253,25 @@ def compute_loss(output: DecoderOutput, targets: torch.Tensor, multimask: torch.
     chosen_logits = logits[rows, choice]
     mask_term = per_mask[rows, choice].mean()
     real_iou = mask_iou(chosen_logits.detach(), targets)
+    if kind == "sam" and output.object_score is not None:
+        return _sam2_loss(output, logits, targets, multimask, mask_term, real_iou)
     iou_term = F.mse_loss(output.iou_pred.float()[rows, choice], real_iou)
     total = mask_term + (iou_term if kind != "mse-threshold" else 0 * iou_term)
     return LossParts(total, mask_term.detach(), iou_term.detach(), real_iou.mean().detach())
+
+
+def _sam2_loss(output: DecoderOutput, logits: torch.Tensor, targets: torch.Tensor, multimask: torch.Tensor,
+               mask_term: torch.Tensor, chosen_iou: torch.Tensor) -> LossParts:
+    """compute_loss's `sam` for SAM 2.1: its mask term as given, plus the IoU head's L1 error (every
+    multimask output of a multimask prompt, output 0 of the others) and the object score's BCE."""
+    predicted = output.iou_pred.float()[:, : logits.shape[1]]
+    real = mask_iou(logits.detach(), targets.unsqueeze(1).expand_as(logits))
+    l1 = (predicted - real).abs()
+    if logits.shape[1] > 1:
+        iou_term = torch.where(multimask, l1[:, 1:].mean(dim=1), l1[:, 0]).mean()
+    else:
+        iou_term = l1[:, 0].mean()
+    present = (targets.flatten(1).amax(dim=1) > 0).float()
+    object_term = F.binary_cross_entropy_with_logits(output.object_score.float()[:, 0], present)
+    total = mask_term + iou_term + object_term
+    return LossParts(total, mask_term.detach(), iou_term.detach(), chosen_iou.mean().detach())

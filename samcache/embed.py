@@ -40,8 +40,15 @@ from samcache.fileio import FileIdentity
 from samcache.images import read_image
 from samcache.locks import WriterLock
 from samcache.models import WeightsIdentity, identify_weights
-from samcache.preprocess import Preprocessing, batch_to_model_input, input_size, resize_image
+from samcache.preprocess import (
+    Preprocessing,
+    batch_to_model_input,
+    input_size_for,
+    preprocessing_for,
+    resize_image,
+)
 from samcache.progress import progress_bar
+from samcache.specs import model_family
 
 
 @dataclass
@@ -89,10 +96,11 @@ def annotations_sha256(record: ImageRecord) -> str:
 
 
 class _DecodeImages(TorchDataset):
-    """Decodes, hashes and resizes images in DataLoader workers; errors come back as values."""
+    """Decodes, hashes and resizes images in DataLoader workers; errors come back as values.
+    `resize` False hands the decoded image on as it is (SAM 2.1 resizes the float image itself)."""
 
-    def __init__(self, records: list[ImageRecord], intensity: str, image_size: int):
-        self.records, self.intensity, self.image_size = records, intensity, image_size
+    def __init__(self, records: list[ImageRecord], intensity: str, image_size: int, *, resize: bool = True):
+        self.records, self.intensity, self.image_size, self.resize = records, intensity, image_size, resize
 
     def __len__(self) -> int:
         return len(self.records)
@@ -108,7 +116,7 @@ class _DecodeImages(TorchDataset):
                     f"{record.path}: decoded size {image.shape[0]}x{image.shape[1]} differs from the "
                     f"dataset's {record.height}x{record.width}"
                 )
-            item["image"] = torch.from_numpy(resize_image(image, self.image_size))
+            item["image"] = torch.from_numpy(resize_image(image, self.image_size) if self.resize else image)
             # As a tensor it travels through shared memory: a large pickled message would leave a
             # worker orphaned by kill -9 blocked forever, flushing into a pipe nobody reads.
             item["preview"] = torch.frombuffer(bytearray(make_preview(image)), dtype=torch.uint8)
@@ -205,8 +213,8 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
     # Only the weights' identity now: the model is built when there is something to encode, and
     # not at all when the encoder was converted to OpenVINO before (encoders.py).
     weights = identify_weights(config.model_type, config.checkpoint, random_init=config.random_init)
-    preprocessing = Preprocessing()
-    backend = resolve_backend(config.backend, device)
+    preprocessing = preprocessing_for(config.model_type)
+    backend = resolve_backend(config.backend, device, config.model_type)
     provenance = _provenance(weights, preprocessing, config, precision, backend)
     existing = _open_cache(cache_dir, provenance, dist)
     pending, refresh, skipped, previously_failed = _plan(dataset.images, existing)
@@ -223,8 +231,8 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
         for failure in unreadable:
             rotation.current().add_failure(failure)
         for record, index in refresh:  # annotations edited, pixels unchanged: no encoder run
-            rotation.current().add(_entry(record, existing.file_of(index), existing.preview_bytes(index)),
-                                   existing.embedding(index))
+            rotation.current().add(_entry(record, existing.file_of(index), existing.preview_bytes(index),
+                                          weights.model_type), existing.embedding(index))
             rotation.maybe_commit()
         embedded, failed = _run_encoder(weights, backend, pending, rotation, config, device, precision, preprocessing,
                                         dist)
@@ -296,9 +304,10 @@ def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageReco
         return 0, 0
     say = print if config.progress and dist.is_main else (lambda line: None)
     encoder = open_encoder(weights, backend, device, precision, say=say)
+    sam2 = model_family(weights.model_type) == "sam2.1"
     embedded, failed = 0, 0
     loader = DataLoader(
-        _DecodeImages(pending, config.intensity, preprocessing.image_size),
+        _DecodeImages(pending, config.intensity, preprocessing.image_size, resize=not sam2),
         batch_size=config.batch_size or (8 if device.type == "cuda" else 1),
         num_workers=decoding_workers(config, device),
         collate_fn=_collate,
@@ -309,10 +318,12 @@ def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageReco
         for batch in loader:
             good = [item for item in batch if item["error"] is None]
             if good:
-                features = encoder(batch_to_model_input([item["image"] for item in good], device=device,
-                                                        preprocessing=preprocessing))
+                images = [item["image"] for item in good]
+                features = encoder(images if sam2 else batch_to_model_input(images, device=device,
+                                                                             preprocessing=preprocessing))
                 for item, feature in zip(good, features):
-                    entry = _entry(pending[item["i"]], item["file"], item["preview"].numpy().tobytes())
+                    entry = _entry(pending[item["i"]], item["file"], item["preview"].numpy().tobytes(),
+                                   weights.model_type)
                     rotation.current().add(entry, feature)
                 embedded += len(good)
             for item in batch:
@@ -371,12 +382,12 @@ def _no_longer_in(dataset: Dataset, existing: cache_store.EmbeddingCache) -> lis
     return sorted((cached | {f.name for f in existing.failed}) - present)
 
 
-def _entry(record: ImageRecord, file: FileIdentity, preview_jpeg: bytes) -> cache_store.ImageEntry:
+def _entry(record: ImageRecord, file: FileIdentity, preview_jpeg: bytes, model_type: str) -> cache_store.ImageEntry:
     original_size = (record.height, record.width)
     return cache_store.ImageEntry(
         image_id=int(record.image_id), name=record.name, file=dataclasses.replace(file, path=str(record.path)),
         original_size=original_size, split=record.split, objects=list(record.objects),
-        input_size=input_size(original_size), annotations_sha256=annotations_sha256(record),
+        input_size=input_size_for(model_type, original_size), annotations_sha256=annotations_sha256(record),
         preview_jpeg=preview_jpeg,
     )
 

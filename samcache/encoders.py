@@ -30,7 +30,7 @@ import torch
 from samcache.devices import autocast
 from samcache.errors import SamcacheError
 from samcache.models import LoadedModel, WeightsIdentity, load_identified, samcache_home
-from samcache.specs import IMAGE_SIZE
+from samcache.specs import IMAGE_SIZE, model_family
 
 
 def openvino_available() -> bool:
@@ -41,8 +41,14 @@ def openvino_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" is openvino on the CPU (when installed) and torch elsewhere; openvino needs the CPU."""
+def resolve_backend(backend: str, device: torch.device, model_type: str) -> str:
+    """"auto" is openvino on the CPU (when installed) and torch elsewhere; openvino needs the CPU.
+    SAM 2.1's Hiera runs on torch only (its conversion is not done here)."""
+    if model_family(model_type) == "sam2.1":
+        if backend == "openvino":
+            raise SamcacheError(f"--backend openvino runs SAM's encoders, not {model_type}'s Hiera: use --backend "
+                                "torch (or auto)")
+        return "torch"
     if backend == "auto":
         return "openvino" if device.type == "cpu" and openvino_available() else "torch"
     if backend == "openvino":
@@ -67,10 +73,28 @@ class TorchEncoder:
             return self.module(batch.to(self.device)).float().cpu().numpy()
 
 
+class Sam2Encoder:
+    """SAM 2.1's image encoder (Hiera + FPN + the decoder's conv_s0 / conv_s1), bf16 autocast when
+    `precision` is bf16. Takes the decoded images themselves: SAM 2.1 resizes the float image
+    (sam2_models.preprocess), so no uint8 resize happens in the workers."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, precision: str):
+        self.sam = loaded.sam.to(device).eval()
+        self.device, self.precision = device, precision
+
+    def __call__(self, images: list[torch.Tensor]) -> np.ndarray:
+        """RGB uint8 images (H, W, 3), any sizes -> packed features (B, 1024, 64, 64) float32."""
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            return self.sam.encode([image.numpy() for image in images]).float().cpu().numpy()
+
+
 def open_encoder(weights: WeightsIdentity, backend: str, device: torch.device, precision: str, *,
                  say: Callable[[str], None] = print):
     """The encoder of `weights` on `backend` (resolve_backend's answer): a callable from the
-    model input (B, 3, 1024, 1024) to embeddings (B, 256, 64, 64) float32."""
+    model input (B, 3, 1024, 1024) to embeddings (B, 256, 64, 64) float32; for SAM 2.1 a
+    Sam2Encoder (from the decoded images to packed features)."""
+    if model_family(weights.model_type) == "sam2.1":
+        return Sam2Encoder(load_identified(weights), device, precision)
     if backend == "openvino":
         return OpenVINOEncoder(weights, precision, say=say)
     return TorchEncoder(load_identified(weights), device, precision)

@@ -26,9 +26,11 @@ from torchvision.ops import batched_nms
 from samcache import masks as mask_codec
 from samcache.config import EverythingSettings
 from samcache.decoder import decode
+from samcache.errors import SamcacheError
 from samcache.inference import upscale_logits
 from samcache.preprocess import input_size, transform_coords
 from samcache.prompts import PromptBatch
+from samcache.sam2_decoder import is_sam2_decoder
 
 Size = tuple[int, int]
 _UPSCALE_CHUNK = 16  # masks upscaled at once: 16 x a 10-megapixel scan in float32 is 640 MB
@@ -73,6 +75,9 @@ def segment_everything(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
       settings: the generator's options (config.EverythingSettings: SamAutomaticMaskGenerator's defaults).
       mask_threshold: the logit a mask pixel must exceed (Sam.mask_threshold).
     """
+    if is_sam2_decoder(mask_decoder):
+        raise SamcacheError("segment everything is SAM's automatic mask generator; it is not offered for SAM 2.1 "
+                            "(whose SAM2AutomaticMaskGenerator takes other steps)")
     device = embedding.device
     resized = input_size(original_size)
     grid = point_grid(original_size, settings.points_per_side)

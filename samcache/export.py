@@ -2,8 +2,10 @@
 
 The file is a plain `{name: tensor}` dict in Meta's key layout, so for vit_b/l/h
 `segment_anything.sam_model_registry[model_type](checkpoint=FILE)` and `SamPredictor` use it
-as they are. A `FILE.json` beside it (`model.pth` -> `model.json`) says what it is: model type, base weights SHA-256,
-samcache version, training config, validation history and the eval summary when present.
+as they are. A SAM 2.1 run is written as Meta's sam2.1_hiera_*.pt are, `{"model": state_dict}` in
+sam2's layout, which `sam2.build_sam.build_sam2(CONFIG, FILE)` and `SAM2ImagePredictor` load.
+A `FILE.json` beside it (`model.pth` -> `model.json`) says what it is: model type, base weights
+SHA-256, samcache version, training config, validation history and the eval summary when present.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import torch
 from samcache import __version__
 from samcache.errors import SamcacheError
 from samcache.fileio import atomic_write_bytes, atomic_write_json, read_json_mapping, refuse_to_replace, sha256_file
+from samcache.models import weights_module
 from samcache.runs import RunCheckpoint, RunFolder
+from samcache.sam2_models import SAM2_CONFIGS
+from samcache.specs import model_family
 
 STATE_DICT_FORMATS = ("pth", "safetensors")
 
@@ -54,10 +59,11 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
     run, out_file = RunFolder(run_dir), Path(out_file)
     _check_outputs(out_file, overwrite=overwrite)
     model, run_checkpoint = run.load_model(weights, checkpoint)
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.sam.state_dict().items()}
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in weights_module(model.sam).state_dict().items()}
+    sam2 = model_family(run_checkpoint.model_type) == "sam2.1"
     if fmt == "pth":
         buffer = io.BytesIO()
-        torch.save(state_dict, buffer)
+        torch.save({"model": state_dict} if sam2 else state_dict, buffer)
         atomic_write_bytes(out_file, buffer.getvalue())
     else:
         from safetensors.torch import save
@@ -66,6 +72,15 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
     metadata = _metadata(run, run_checkpoint, weights, out_file, fmt, model.weights_source)
     atomic_write_json(metadata_path(out_file), metadata)
     return metadata
+
+
+def _load_with(model_type: str) -> str:
+    """The call that loads an export of `model_type`, for its metadata."""
+    if model_family(model_type) == "sam2.1":
+        return f"sam2.build_sam.build_sam2({SAM2_CONFIGS[model_type]!r}, FILE)"
+    if model_type == "tiny":
+        return "samcache.models.load_sam('tiny', checkpoint=FILE)"
+    return f"segment_anything.sam_model_registry[{model_type!r}](checkpoint=FILE)"
 
 
 def _check_outputs(out_file: Path, *, overwrite: bool) -> None:
@@ -99,6 +114,5 @@ def _metadata(run: RunFolder, run_checkpoint: RunCheckpoint, weights: str, out_f
         "cache": run.cache_dir(),
         "samcache_version": __version__,
         "eval": run.eval_summaries(),
-        "load_with": (f"segment_anything.sam_model_registry[{model_type!r}](checkpoint=FILE)"
-                      if model_type != "tiny" else "samcache.models.load_sam('tiny', checkpoint=FILE)"),
+        "load_with": _load_with(model_type),
     }

@@ -7,6 +7,9 @@ evaluation all make their masks here, so they agree by construction:
       --choose_mask--> the single-mask output, or the best-scored of the 3 for a single point
       --upscale_logits--> (H, W) as Sam.postprocess_masks --> logit > 0 --> boolean mask
 
+For SAM 2.1 the decoder is sam2_decoder.py's and the upscaling SAM2Transforms.postprocess_masks'
+(bilinear straight to the original size: its input frame is the whole image, stretched).
+
 `predict_cached_objects` is the same path over a cache: fixed prompts for every object of
 some images, read in batches.
 """
@@ -26,6 +29,7 @@ from samcache.cache import EmbeddingCache, ImageInfo
 from samcache.decoder import DecoderOutput, decode
 from samcache.devices import autocast
 from samcache.prompts import PromptBatch
+from samcache.sam2_decoder import is_sam2_decoder
 from samcache.samples import CacheSamples, EmbeddingStore, EpochBatches, SampleSettings, collate
 from samcache.specs import IMAGE_SIZE
 
@@ -60,9 +64,13 @@ def choose_mask(output: DecoderOutput, multimask: torch.Tensor) -> tuple[torch.T
 
 
 def upscale_logits(logits: torch.Tensor, input_size: Size, original_size: Size,
-                   image_size: int = IMAGE_SIZE) -> torch.Tensor:
+                   image_size: int = IMAGE_SIZE, *, stretched: bool = False) -> torch.Tensor:
     """Low-res logits (N, 256, 256) -> (N, H, W) at the original resolution, as `Sam.postprocess_masks`:
-    bilinear to the padded input frame, crop the padding, bilinear to the original size."""
+    bilinear to the padded input frame, crop the padding, bilinear to the original size. `stretched`
+    (SAM 2.1, whose frame is the whole image): bilinear to the original size at once, as
+    SAM2Transforms.postprocess_masks."""
+    if stretched:
+        return F.interpolate(logits.unsqueeze(1), original_size, mode="bilinear", align_corners=False).squeeze(1)
     x = F.interpolate(logits.unsqueeze(1), (image_size, image_size), mode="bilinear", align_corners=False)
     x = x[..., : input_size[0], : input_size[1]]
     return F.interpolate(x, original_size, mode="bilinear", align_corners=False).squeeze(1)
@@ -76,7 +84,7 @@ def predict_masks(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embe
 
     Arguments:
       prompt_encoder, mask_decoder: SAM's modules (any weights).
-      embeddings: (B, 256, 64, 64) on the modules' device.
+      embeddings: (B, 256, 64, 64) on the modules' device (SAM 2.1: packed features (B, 1024, 64, 64)).
       prompts: prompt n is for embedding row `prompts.batch_row[n]`.
       sizes: for each embedding row, (input_size, original_size) of its image.
       precision: "fp32", or "bf16" autocast for the decoder.
@@ -85,11 +93,12 @@ def predict_masks(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embe
         output = decode(prompt_encoder, mask_decoder, embeddings.float(), prompts)
     logits, scores = choose_mask(output, prompts.multimask)
     logits, scores = logits.float(), scores.float().tolist()
+    stretched = is_sam2_decoder(mask_decoder)
     predictions = []
     for n, row in enumerate(prompts.batch_row.tolist()):
         input_size, original_size = sizes[row]
         # One prompt at a time: a batch of full-resolution maps of a large scan would not fit.
-        mask = upscale_logits(logits[n : n + 1], input_size, original_size)[0] > 0
+        mask = upscale_logits(logits[n : n + 1], input_size, original_size, stretched=stretched)[0] > 0
         predictions.append(MaskPrediction(mask.cpu().numpy(), scores[n]))
     return predictions
 

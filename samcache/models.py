@@ -35,6 +35,7 @@ import torch
 from samcache.errors import CheckpointError
 from samcache.fileio import sha256_file
 from samcache.progress import progress_bar
+from samcache.sam2_models import Sam2AsSam, build_sam2_model, require_sam2
 from samcache.specs import (
     EMBEDDING_SIZE,
     ENCODER_SPECS,
@@ -45,8 +46,10 @@ from samcache.specs import (
     PIXEL_MEAN,
     PIXEL_STD,
     PROMPT_EMBED_DIM,
+    SAM2_MODEL_TYPES,
     EncoderSpec,
     OfficialWeights,
+    model_family,
 )
 
 if TYPE_CHECKING:  # segment_anything imports torchvision (a second or more): only where a model is built
@@ -84,7 +87,10 @@ def samcache_home() -> Path:
 
 def build_sam(model_type: str) -> Sam:
     """Builds an untrained SAM of `model_type` with segment_anything's modules (eval mode, CPU);
-    the tiny's image encoder is samcache's own (tiny_encoder.ConvImageEncoder)."""
+    the tiny's image encoder is samcache's own (tiny_encoder.ConvImageEncoder). A SAM 2.1 type is
+    built by the sam2 package and comes as a `sam2_models.Sam2AsSam`."""
+    if model_family(model_type) == "sam2.1":
+        return Sam2AsSam(build_sam2_model(model_type)).eval()
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     if model_type == "tiny":
@@ -185,6 +191,8 @@ def identify_weights(
 ) -> WeightsIdentity:
     """The weights `load_sam` would load with the same arguments (see there), and their SHA-256."""
     _spec(model_type)
+    if model_family(model_type) == "sam2.1":
+        require_sam2(model_type)  # before anything is written: a cache, a run folder
     if random_init and (model_type != "tiny" or checkpoint is not None):
         raise CheckpointError("random_init applies to the tiny model without a checkpoint only")
     if model_type == "tiny" and checkpoint is None:
@@ -205,7 +213,8 @@ def load_identified(weights: WeightsIdentity) -> LoadedModel:
         sam = build_tiny(weights.seed)
     else:
         sam = build_sam(weights.model_type)
-        load_weights_into(sam, read_state_dict(weights.path), model_type=weights.model_type, source=weights.path)
+        load_weights_into(weights_module(sam), read_state_dict(weights.path), model_type=weights.model_type,
+                          source=weights.path)
     return LoadedModel(sam, weights.model_type, weights.weights_sha256, weights.weights_source)
 
 
@@ -334,6 +343,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def weights_module(sam) -> torch.nn.Module:
+    """The module whose state dict is the checkpoint's layout: SAM itself, or for SAM 2.1 sam2's
+    SAM2Base inside the Sam2AsSam (its keys as in Meta's sam2.1_hiera_*.pt)."""
+    return sam.model if isinstance(sam, Sam2AsSam) else sam
+
+
+def frozen_by_cache(sam) -> list[torch.nn.Module]:
+    """Decoder-side modules whose outputs the cache holds, so decoder training cannot change them:
+    none for SAM; SAM 2.1's conv_s0 / conv_s1 (sam2_models.Sam2AsSam.frozen_by_cache)."""
+    return sam.frozen_by_cache() if isinstance(sam, Sam2AsSam) else []
+
+
 def load_weights_into(sam: Sam, state_dict: dict[str, torch.Tensor], *, model_type: str, source: str | Path) -> None:
     """`load_state_dict(strict=True)`, with an error that names the model type expected and, when it
     can tell, the type the file looks like."""
@@ -408,8 +429,8 @@ def file_sha256_cached(path: str | Path) -> str:
 
 
 def _spec(model_type: str) -> Optional[EncoderSpec]:
-    """The ViT's spec of a model type (None for the tiny); an unknown type is a CheckpointError."""
-    if model_type == "tiny":
+    """The ViT's spec of a model type (None for the tiny and SAM 2.1); an unknown type is a CheckpointError."""
+    if model_type == "tiny" or model_type in SAM2_MODEL_TYPES:
         return None
     try:
         return ENCODER_SPECS[model_type]

@@ -40,7 +40,15 @@ from samcache import __version__
 from samcache.errors import OutputError, SamcacheError
 from samcache.fileio import atomic_write_json, refuse_to_replace, sha256_file
 from samcache.runs import RunFolder
-from samcache.specs import EMBEDDING_SIZE, IMAGE_SIZE, LOW_RES_SIZE, PIXEL_MEAN, PIXEL_STD, PROMPT_EMBED_DIM
+from samcache.specs import (
+    EMBEDDING_SIZE,
+    IMAGE_SIZE,
+    LOW_RES_SIZE,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    PROMPT_EMBED_DIM,
+    model_family,
+)
 
 OPSET = 17
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
@@ -126,8 +134,11 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, weights: str = "bes
     for name in FILES + DECODER_SINGLE + QUANTIZED_FILES:
         refuse_to_replace(out_dir / name, overwrite=overwrite)
     model, run_checkpoint = RunFolder(run_dir).load_model(weights, checkpoint)
-    sam = model.sam.eval().float().cpu()
     model_type = run_checkpoint.model_type
+    if model_family(model_type) == "sam2.1":
+        raise SamcacheError(f"--format onnx writes SAM's ONNX interface; a {model_type} run exports as a checkpoint "
+                            "in sam2's layout (--format pth), which SAM 2.1's own tools load")
+    sam = model.sam.eval().float().cpu()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))

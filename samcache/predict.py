@@ -30,10 +30,11 @@ from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_rep
 from samcache.images import read_image
 from samcache.inference import predict_masks
 from samcache.models import load_sam
-from samcache.preprocess import batch_to_model_input, input_size, resize_image, transform_boxes
+from samcache.preprocess import batch_to_model_input, input_size_for, resize_image, transform_boxes
 from samcache.progress import progress_bar
 from samcache.prompts import PromptBatch, make_prompt
 from samcache.runs import RunFolder
+from samcache.sam2_models import Sam2AsSam
 
 
 @dataclass
@@ -187,18 +188,18 @@ def predict_images(
             if x1 <= 0 or y1 <= 0 or x0 >= original[1] or y0 >= original[0]:
                 warnings.append(f"{path}: box {[x0, y0, x1, y1]} lies outside the {original[1]}x{original[0]} image")
         embedding, source = run.embedding(path, image)
+        frame = input_size_for(predictor.model_type, original)
         if points:  # one prompt: the points, with the box when there is one
             prompt = make_prompt(box if box is not None else np.zeros(4),
                                  np.array([p[:2] for p in points], np.float64), np.array([p[2] for p in points]),
-                                 is_box=box is not None, original_size=original)
+                                 is_box=box is not None, original_size=original, frame=frame)
             prompts = PromptBatch.from_prompts([prompt], torch.zeros(1, dtype=torch.long)).to(torch_device)
         else:
-            boxes = torch.as_tensor(transform_boxes(np.array(image_boxes, dtype=np.float64), original),
+            boxes = torch.as_tensor(transform_boxes(np.array(image_boxes, dtype=np.float64), original, frame),
                                     dtype=torch.float32, device=torch_device)
             prompts = PromptBatch.boxes_of_one_image(boxes)
-        # fp32, as SamPredictor: these masks are meant to equal the predictor's
-        predictions = predict_masks(sam.prompt_encoder, sam.mask_decoder, embedding, prompts,
-                                    [(input_size(original), original)])
+        # fp32, as SamPredictor (SAM2ImagePredictor): these masks are meant to equal the predictor's
+        predictions = predict_masks(sam.prompt_encoder, sam.mask_decoder, embedding, prompts, [(frame, original)])
         predicted = np.stack([p.mask for p in predictions])
         scores = [p.score for p in predictions]
         for k, (mask, score) in enumerate(zip(predicted, scores)):
@@ -287,6 +288,8 @@ def _embedding(sam, cache: Optional[EmbeddingCache], cached_by_sha: dict, path: 
         index = cached_by_sha.get(sha256_file(path))
         if index is not None and cache.images[index].original_size == image.shape[:2]:
             return torch.from_numpy(cache.embedding(index)).float()[None].to(device), "cache"
+    if isinstance(sam, Sam2AsSam):
+        return sam.encode([image]), "encoder"
     model_input = batch_to_model_input([torch.from_numpy(resize_image(image))], device=device)
     return sam.image_encoder(model_input), "encoder"
 

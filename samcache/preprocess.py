@@ -13,19 +13,23 @@ that, in two steps:
   happens after normalization, as in `Sam.preprocess`, so padded pixels are 0, not -mean/std.
 
 Box and point prompts go through the same coordinate transform as the predictor's.
+
+SAM 2.1 (sam2_models.py) stretches every image to 1024x1024 instead (SAM2Transforms: no aspect
+ratio kept, no padding), so its input frame is always 1024x1024 (`input_size_for`) and prompts
+scale by 1024/width and 1024/height: `transform_coords` with that frame is SAM2ImagePredictor's.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from samcache.specs import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
+from samcache.specs import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD, model_family
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,21 @@ class Preprocessing:
     def as_dict(self) -> dict:
         """Plain JSON types (lists, not tuples), so a dict read back from a cache compares equal."""
         return json.loads(json.dumps(asdict(self)))
+
+
+SAM2_PREPROCESSING = Preprocessing(resize="stretch to 1024x1024 (SAM2Transforms: bilinear, antialiased, on 0..1)")
+"""SAM 2.1's: the same mean and std (ImageNet's, in 0..255 units), the square resize."""
+
+
+def preprocessing_for(model_type: str) -> Preprocessing:
+    """The preprocessing of a model type: SamPredictor's, or SAM2ImagePredictor's for SAM 2.1."""
+    return SAM2_PREPROCESSING if model_family(model_type) == "sam2.1" else Preprocessing()
+
+
+def input_size_for(model_type: str, original_size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of an image in the model's input frame: `input_size` for SAM; (1024, 1024) for SAM 2.1,
+    which stretches every image to the square."""
+    return (IMAGE_SIZE, IMAGE_SIZE) if model_family(model_type) == "sam2.1" else input_size(original_size)
 
 
 def input_size(original_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> tuple[int, int]:
@@ -86,16 +105,19 @@ def batch_to_model_input(
     return batch
 
 
-def transform_coords(coords: np.ndarray, original_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> np.ndarray:
-    """Point coordinates (..., 2) as (x, y) in original pixels -> the encoder's input frame."""
+def transform_coords(coords: np.ndarray, original_size: tuple[int, int],
+                     frame: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """Point coordinates (..., 2) as (x, y) in original pixels -> the encoder's input frame, whose
+    image part is `frame` (h, w): default SAM's `input_size(original_size)`."""
     coords = np.array(coords, dtype=np.float64)
-    h, w = input_size(original_size, image_size)
+    h, w = frame if frame is not None else input_size(original_size)
     coords[..., 0] *= w / original_size[1]
     coords[..., 1] *= h / original_size[0]
     return coords
 
 
-def transform_boxes(boxes: np.ndarray, original_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> np.ndarray:
-    """Boxes (N, 4) XYXY in original pixels -> the encoder's input frame."""
+def transform_boxes(boxes: np.ndarray, original_size: tuple[int, int],
+                    frame: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """Boxes (N, 4) XYXY in original pixels -> the encoder's input frame (see transform_coords)."""
     boxes = np.asarray(boxes, dtype=np.float64)
-    return transform_coords(boxes.reshape(-1, 2, 2), original_size, image_size).reshape(-1, 4)
+    return transform_coords(boxes.reshape(-1, 2, 2), original_size, frame).reshape(-1, 4)

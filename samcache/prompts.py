@@ -171,19 +171,22 @@ def interior_point(mask: np.ndarray) -> np.ndarray:
     return np.array([[x + 0.5, y + 0.5]])
 
 
-def make_prompt(box, points, labels, *, is_box: bool, original_size: tuple[int, int]) -> Prompt:
-    """Packs a prompt given in original pixels into the encoder's input frame."""
+def make_prompt(box, points, labels, *, is_box: bool, original_size: tuple[int, int],
+                frame: Optional[tuple[int, int]] = None) -> Prompt:
+    """Packs a prompt given in original pixels into the encoder's input frame, where the image is
+    `frame` (h, w): its input size (ImageInfo.input_size); default SAM's for `original_size`."""
     out_points = np.zeros((MAX_POINTS, 2), np.float32)
     out_labels = np.full(MAX_POINTS, -1, np.int64)
     if points is not None and len(points):
         n = min(len(points), MAX_POINTS)
-        out_points[:n] = transform_coords(points[:n], original_size)
+        out_points[:n] = transform_coords(points[:n], original_size, frame)
         out_labels[:n] = labels[:n]
-    box_input = transform_boxes(np.asarray(box, dtype=np.float64)[None], original_size)[0].astype(np.float32)
+    box_input = transform_boxes(np.asarray(box, dtype=np.float64)[None], original_size, frame)[0].astype(np.float32)
     return Prompt(box_input, out_points, out_labels, is_box)
 
 
-def training_prompt(rle: dict, box, original_size, settings: PromptSettings, rng: np.random.Generator) -> Prompt:
+def training_prompt(rle: dict, box, original_size, settings: PromptSettings, rng: np.random.Generator, *,
+                    frame: Optional[tuple[int, int]] = None) -> Prompt:
     """A random prompt for one object (see PromptSettings); with mode interactive, the first
     prompt of SAM's recipe: the jittered box or one positive point, 1/2 each."""
     interactive = settings.mode == "interactive"
@@ -192,11 +195,12 @@ def training_prompt(rle: dict, box, original_size, settings: PromptSettings, rng
                   or (interactive and rng.random() < 0.5))
     jittered = jitter_box(box, original_size, rng, fraction=settings.box_jitter, max_pixels=settings.box_jitter_max)
     if not use_points:
-        return make_prompt(jittered, None, None, is_box=True, original_size=original_size)
+        return make_prompt(jittered, None, None, is_box=True, original_size=original_size, frame=frame)
     mask = masks.decode(rle)
     positive, negative = (1, 0) if interactive else (settings.positive_points, settings.negative_points)
     points, labels = sample_points(mask, box, rng, positive=positive, negative=negative)
-    return make_prompt(jittered, points, labels, is_box=settings.mode == "box+points", original_size=original_size)
+    return make_prompt(jittered, points, labels, is_box=settings.mode == "box+points", original_size=original_size,
+                       frame=frame)
 
 
 REFINE_PASSES = 2
@@ -255,13 +259,13 @@ def box_fill(box, original_size: tuple[int, int]) -> np.ndarray:
     return rows[:, None] & cols[None, :]
 
 
-def evaluation_prompt(rle: dict, box, original_size, mode: str) -> Prompt:
+def evaluation_prompt(rle: dict, box, original_size, mode: str, *, frame: Optional[tuple[int, int]] = None) -> Prompt:
     """The fixed prompt of an object: its exact box, or its most interior point."""
     if mode == "box":
-        return make_prompt(box, None, None, is_box=True, original_size=original_size)
+        return make_prompt(box, None, None, is_box=True, original_size=original_size, frame=frame)
     if mode == "point":
         point = interior_point(masks.decode(rle))
-        return make_prompt(box, point, np.ones(1, np.int64), is_box=False, original_size=original_size)
+        return make_prompt(box, point, np.ones(1, np.int64), is_box=False, original_size=original_size, frame=frame)
     raise ValueError(f"evaluation prompts are 'box' or 'point', not {mode!r}")
 
 

@@ -1,7 +1,7 @@
-"""SAM 2.1, the second model family: building it, loading its weights safely, and computing the
-image features that `SAM2ImagePredictor.set_image` keeps, batched.
+"""SAM 2.1, the second model family: building it, and computing the image features that
+`SAM2ImagePredictor.set_image` keeps, batched.
 
-What a SAM 2.1 cache will hold per image (about 8 MiB in fp16), all three from the frozen encoder:
+What a SAM 2.1 cache holds per image (about 8 MiB in fp16), all three from the frozen encoder:
 `image_embed` (256x64x64: the coarsest FPN level plus `no_mem_embed`, as the image predictor adds it)
 and the two high-resolution maps `high_res_s0` (32x256x256) and `high_res_s1` (64x128x128), which
 `SAM2Base.forward_image` has already passed through the mask decoder's `conv_s0` / `conv_s1`. Those
@@ -12,11 +12,9 @@ Preprocessing is SAM2Transforms': the image stretched to 1024x1024 (no aspect ra
 padding), bilinear with antialiasing on the 0..1 float image, then ImageNet's mean and std.
 `preprocess` does exactly that (tested equal to SAM2Transforms), batched, on any device.
 
-Weights: Meta's `sam2.1_hiera_*.pt` files hold `{"model": state_dict}`; they are read with
-`torch.load(weights_only=True)` (a file with pickled code is refused unrun) and loaded with strict
-keys. Meta publishes no SHA-256 for them (checked in facebookresearch/sam2: none in the repository
-or its download script), so unlike SAM 1's, a downloaded file cannot be checked against a pinned
-digest; its SHA-256 is still what identifies the weights in a cache.
+Weights are found, checked and loaded by models.py as SAM's are (Meta's `sam2.1_hiera_*.pt` hold
+`{"model": state_dict}`, read with `torch.load(weights_only=True)`, loaded with strict keys into
+`Sam2AsSam.model`); their URLs and SHA-256 are in specs.OFFICIAL_WEIGHTS.
 
 Needs the `sam2` package (`pip install 'samcache[sam2]'`, built without its CUDA extension:
 `SAM2_BUILD_CUDA=0`); it is imported only here, and only when a SAM 2.1 model is built.
@@ -24,9 +22,7 @@ Needs the `sam2` package (`pip install 'samcache[sam2]'`, built without its CUDA
 
 from __future__ import annotations
 
-import pickle
-from dataclasses import dataclass
-from pathlib import Path
+import importlib.util
 from typing import Optional, Sequence
 
 import numpy as np
@@ -34,107 +30,86 @@ import torch
 import torch.nn.functional as F
 
 from samcache.errors import CheckpointError
-from samcache.fileio import sha256_file
+from samcache.feature_layout import pack_sam2
+from samcache.specs import SAM2_FEATURE_SHAPES
 
 SAM2_IMAGE_SIZE = 1024
 SAM2_PIXEL_MEAN = (0.485, 0.456, 0.406)
 SAM2_PIXEL_STD = (0.229, 0.224, 0.225)
-SAM2_FEATURE_SHAPES = {"image_embed": (256, 64, 64), "high_res_s0": (32, 256, 256), "high_res_s1": (64, 128, 128)}
-"""One image's cached features: what SAM2ImagePredictor.set_image keeps, by name."""
-_SAM2_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
-
-
-@dataclass(frozen=True)
-class Sam2Spec:
-    """One SAM 2.1 model: the sam2 package's config and Meta's checkpoint file."""
-
-    config: str
-    checkpoint: str
-
-    @property
-    def url(self) -> str:
-        return _SAM2_BASE_URL + self.checkpoint
-
-
-SAM2_MODELS: dict[str, Sam2Spec] = {
-    "sam2.1_hiera_t": Sam2Spec("configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_tiny.pt"),
-    "sam2.1_hiera_s": Sam2Spec("configs/sam2.1/sam2.1_hiera_s.yaml", "sam2.1_hiera_small.pt"),
-    "sam2.1_hiera_b+": Sam2Spec("configs/sam2.1/sam2.1_hiera_b+.yaml", "sam2.1_hiera_base_plus.pt"),
-    "sam2.1_hiera_l": Sam2Spec("configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
+SAM2_CONFIGS = {
+    "sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
+    "sam2.1_hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "sam2.1_hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "sam2.1_hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
 }
+"""The sam2 package's own config of each model (what `build_sam2(config, checkpoint)` takes)."""
 
 
-@dataclass
-class LoadedSam2:
-    """A SAM 2.1 model (eval mode, CPU) and the identity of its weights.
+class Sam2AsSam(torch.nn.Module):
+    """A SAM 2.1 image model under SAM's attribute names, so that training, evaluation and
+    prediction handle both families alike: `prompt_encoder` and `mask_decoder` are SAM 2.1's
+    `sam_prompt_encoder` and `sam_mask_decoder` (the very modules), `image_encoder` its Hiera
+    trunk and FPN. `model` is sam2's SAM2Base itself: its state dict is sam2's layout.
 
     Arguments:
-      model: sam2's SAM2Base.
-      model_type: one of SAM2_MODELS.
-      weights_sha256: the checkpoint file's SHA-256, or for random weights "random".
-      weights_source: the file, or "random init".
+      model: sam2's SAM2Base (from build_sam2).
     """
 
-    model: torch.nn.Module
-    model_type: str
-    weights_sha256: str
-    weights_source: str
+    mask_threshold = 0.0  # SAM2ImagePredictor's default
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def prompt_encoder(self) -> torch.nn.Module:
+        return self.model.sam_prompt_encoder
+
+    @property
+    def mask_decoder(self) -> torch.nn.Module:
+        return self.model.sam_mask_decoder
+
+    @property
+    def image_encoder(self) -> Optional[torch.nn.Module]:
+        return self.model.image_encoder
+
+    @image_encoder.setter
+    def image_encoder(self, module: Optional[torch.nn.Module]) -> None:
+        self.model.image_encoder = module  # None frees it: training never runs the encoder
+
+    def frozen_by_cache(self) -> list[torch.nn.Module]:
+        """The mask decoder's `conv_s0` / `conv_s1`: the encoder side applies them, and their outputs
+        are what the cache stores, so decoder training from a cache cannot change them."""
+        return [self.model.sam_mask_decoder.conv_s0, self.model.sam_mask_decoder.conv_s1]
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 images -> their packed features (B, 1024, 64, 64) float32 (feature_layout.py)."""
+        device = next(self.model.parameters()).device
+        return pack_sam2(image_features(self.model, preprocess(images, device=device)))
 
 
-def _spec(model_type: str) -> Sam2Spec:
-    if model_type not in SAM2_MODELS:
-        raise CheckpointError(f"unknown SAM 2.1 model {model_type!r}; choose one of {', '.join(SAM2_MODELS)}")
-    return SAM2_MODELS[model_type]
+def _config(model_type: str) -> str:
+    if model_type not in SAM2_CONFIGS:
+        raise CheckpointError(f"unknown SAM 2.1 model {model_type!r}; choose one of {', '.join(SAM2_CONFIGS)}")
+    return SAM2_CONFIGS[model_type]
+
+
+def require_sam2(model_type: str) -> None:
+    """Raises CheckpointError, saying how to install it, when the sam2 package is missing."""
+    if importlib.util.find_spec("sam2") is None:
+        raise CheckpointError(f"{model_type} needs the sam2 package: SAM2_BUILD_CUDA=0 pip install "
+                              "--no-build-isolation 'samcache[sam2]'")
 
 
 def build_sam2_model(model_type: str) -> torch.nn.Module:
     """An untrained SAM 2.1 of `model_type`, built from the sam2 package's own config (CPU, eval).
     SAM2ImagePredictor's defaults are kept (the config's post-processing overrides included)."""
-    spec = _spec(model_type)
-    try:
-        from sam2.build_sam import build_sam2
-    except ImportError as exc:
-        raise CheckpointError(f"{model_type} needs the sam2 package: SAM2_BUILD_CUDA=0 pip install "
-                              "'samcache[sam2]'") from exc
-    return build_sam2(spec.config, None, device="cpu", mode="eval")
+    config = _config(model_type)
+    require_sam2(model_type)
+    from sam2.build_sam import build_sam2
 
-
-def read_sam2_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a SAM 2.1 checkpoint (`{"model": ...}` as Meta's, or a plain state dict),
-    read without executing pickled code."""
-    path = Path(path)
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable weights file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    state_dict = loaded.get("model", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"{path}: expected a SAM 2.1 checkpoint ({{'model': state dict}})")
-    return state_dict
-
-
-def load_sam2(model_type: str, checkpoint: Optional[str | Path] = None) -> LoadedSam2:
-    """SAM 2.1 `model_type` with the weights of `checkpoint` (strict keys); None: random weights.
-
-    Raises CheckpointError naming both when the file is another model's.
-    """
-    model = build_sam2_model(model_type)
-    if checkpoint is None:
-        return LoadedSam2(model, model_type, "random", "random init")
-    state_dict = read_sam2_state_dict(checkpoint)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or wrong:
-        others = [t for t in SAM2_MODELS if t != model_type]
-        raise CheckpointError(
-            f"{checkpoint} does not fit {model_type}: {len(missing)} missing, {len(unexpected)} unexpected and "
-            f"{len(wrong)} mis-shaped tensors (e.g. {(missing or unexpected or wrong)[0]}); is it one of "
-            f"{', '.join(others)}, or SAM 1?")
-    model.load_state_dict(state_dict, strict=True)
-    return LoadedSam2(model.eval(), model_type, sha256_file(checkpoint), str(checkpoint))
+    return build_sam2(config, None, device="cpu", mode="eval")
 
 
 def preprocess(images: Sequence[np.ndarray], *, device: torch.device | str = "cpu") -> torch.Tensor:

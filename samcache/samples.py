@@ -33,13 +33,12 @@ from samcache.prompts import (
     rng_for,
     training_prompt,
 )
-from samcache.specs import EMBEDDING_SHAPE, LOW_RES_SIZE
-
-EMBEDDING_BYTES = 2 * math.prod(EMBEDDING_SHAPE)  # float16
+from samcache.specs import LOW_RES_SIZE, feature_shape
 
 
 class EmbeddingStore:
-    """All the embeddings a run needs, held in memory (RAM, or GPU memory) so epochs do no I/O.
+    """All the embeddings a run needs (for SAM 2.1 its packed features), held in memory (RAM, or GPU
+    memory) so epochs do no I/O.
 
     Arguments:
       cache: the cache to read.
@@ -49,7 +48,8 @@ class EmbeddingStore:
 
     def __init__(self, cache: EmbeddingCache, indices: list[int], device: torch.device | str = "cpu"):
         self.row_of = {index: row for row, index in enumerate(indices)}
-        self.embeddings = torch.empty((len(indices), *EMBEDDING_SHAPE), dtype=torch.float16, device=device)
+        shape = feature_shape(cache.provenance.model_type)
+        self.embeddings = torch.empty((len(indices), *shape), dtype=torch.float16, device=device)
         for row, index in enumerate(indices):
             self.embeddings[row] = torch.from_numpy(cache.embedding(index)).to(device)
 
@@ -58,13 +58,15 @@ class EmbeddingStore:
         return self.embeddings.index_select(0, rows)
 
 
-def should_hold_in_memory(policy: str, n_images: int, device: torch.device, budget_bytes: Optional[int]) -> bool:
-    """`yes`/`no`, or for `auto`: when the embeddings fit in the budget (default: half the free memory)."""
+def should_hold_in_memory(policy: str, n_images: int, device: torch.device, budget_bytes: Optional[int], *,
+                          model_type: str) -> bool:
+    """`yes`/`no`, or for `auto`: when the embeddings (fp16, of `model_type`'s shape) fit in the budget
+    (default: half the free memory)."""
     if policy in ("yes", "no"):
         return policy == "yes"
     if policy != "auto":
         raise ValueError(f"cache-in-memory must be auto, yes or no, not {policy!r}")
-    need = n_images * EMBEDDING_BYTES
+    need = n_images * 2 * math.prod(feature_shape(model_type))
     budget = budget_bytes if budget_bytes is not None else available_memory_bytes(device) // 2
     return need <= budget
 
@@ -154,10 +156,12 @@ class CacheSamples(TorchDataset):
             if s.prompts is None:
                 box = evaluation_box(obj.box, info.original_size, jitter=s.eval_box_jitter, seed=s.seed,
                                      image_index=index, object_number=j + 1)
-                prompts.append(evaluation_prompt(obj.rle, box, info.original_size, s.eval_prompt))
+                prompts.append(evaluation_prompt(obj.rle, box, info.original_size, s.eval_prompt,
+                                                 frame=info.input_size))
             else:
                 rng = rng_for(s.seed, epoch, index, j + 1)
-                prompts.append(training_prompt(obj.rle, obj.box, info.original_size, s.prompts, rng))
+                prompts.append(training_prompt(obj.rle, obj.box, info.original_size, s.prompts, rng,
+                                               frame=info.input_size))
                 if s.prompts.mode == "interactive":
                     schedules.append(click_schedule(s.prompts, s.seed, epoch, index, j + 1))
         item = {

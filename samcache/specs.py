@@ -1,5 +1,5 @@
-"""What SAM is, in numbers: the geometry every model type shares, each encoder's shape, and
-Meta's released checkpoints.
+"""What SAM is, in numbers: the geometry every model type shares, each encoder's shape, the two
+model families (SAM, SAM 2.1) and Meta's released checkpoints.
 
 Plain constants, no PyTorch, so that the cache, the configs and the command line can use
 them without importing it (torch and segment_anything take seconds to import).
@@ -40,7 +40,26 @@ ENCODER_SPECS: dict[str, EncoderSpec] = {
     "vit_h": EncoderSpec(1280, 32, 16, (7, 15, 23, 31)),
 }
 # Meta's three ViTs, then samcache's own tiny (a small convolutional encoder, tiny_encoder.py).
-MODEL_TYPES = (*ENCODER_SPECS, "tiny")
+SAM_MODEL_TYPES = (*ENCODER_SPECS, "tiny")
+SAM2_MODEL_TYPES = ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l")
+"""SAM 2.1's image models (sam2_models.py): the second model family."""
+MODEL_TYPES = (*SAM_MODEL_TYPES, *SAM2_MODEL_TYPES)
+
+SAM2_FEATURE_SHAPES = {"image_embed": (256, 64, 64), "high_res_s1": (64, 128, 128), "high_res_s0": (32, 256, 256)}
+"""One SAM 2.1 image's features, what SAM2ImagePredictor.set_image keeps: the cache stores all three."""
+FEATURE_CHANNELS = {"sam": PROMPT_EMBED_DIM, "sam2.1": 1024}
+"""Channels of the decoder's input per image, (C, 64, 64): SAM's embedding, or SAM 2.1's three maps
+packed into one array (feature_layout.py)."""
+
+
+def model_family(model_type: str) -> str:
+    """"sam" (Meta's SAM and samcache's tiny) or "sam2.1"."""
+    return "sam2.1" if model_type in SAM2_MODEL_TYPES else "sam"
+
+
+def feature_shape(model_type: str) -> tuple[int, int, int]:
+    """(C, 64, 64): one image's decoder input as the cache hands it out (EMBEDDING_SHAPE for SAM)."""
+    return (FEATURE_CHANNELS[model_family(model_type)], EMBEDDING_SIZE, EMBEDDING_SIZE)
 
 
 @dataclass(frozen=True)
@@ -74,4 +93,30 @@ OFFICIAL_WEIGHTS: dict[str, OfficialWeights] = {
         2_564_550_879,
     ),
 }
+# SAM 2.1 (September 2024). Meta publishes no digests for these files; the SHA-256 and sizes are
+# those of the same files on Hugging Face (facebook/sam2.1-hiera-tiny's LFS record, and a mirror of
+# all four), which independent projects also pin for these very URLs (checked 2026-12-06).
+_SAM2_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+OFFICIAL_WEIGHTS.update({
+    "sam2.1_hiera_t": OfficialWeights(
+        _SAM2_BASE_URL + "sam2.1_hiera_tiny.pt",
+        "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
+        156_008_466,
+    ),
+    "sam2.1_hiera_s": OfficialWeights(
+        _SAM2_BASE_URL + "sam2.1_hiera_small.pt",
+        "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38",
+        184_416_285,
+    ),
+    "sam2.1_hiera_b+": OfficialWeights(
+        _SAM2_BASE_URL + "sam2.1_hiera_base_plus.pt",
+        "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5",
+        323_606_802,
+    ),
+    "sam2.1_hiera_l": OfficialWeights(
+        _SAM2_BASE_URL + "sam2.1_hiera_large.pt",
+        "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318",
+        898_083_611,
+    ),
+})
 OFFICIAL_MODEL_TYPES = tuple(OFFICIAL_WEIGHTS)

@@ -38,7 +38,7 @@ from samcache.errors import OutputError, RunError, TrainingError
 from samcache.inference import predict_cached_objects
 from samcache.locks import WriterLock
 from samcache.metrics import iou
-from samcache.models import LoadedModel, load_matching
+from samcache.models import LoadedModel, frozen_by_cache, load_matching
 from samcache.progress import progress_bar
 from samcache.prompts import PromptBatch, click_passes, rng_for
 from samcache.runs import RunCheckpoint, RunFolder, RunWriter, TrainState, apply_weights, upgrade_saved_config
@@ -52,7 +52,7 @@ from samcache.samples import (
     collate,
     should_hold_in_memory,
 )
-from samcache.specs import EMBEDDING_SHAPE, LOW_RES_SIZE
+from samcache.specs import LOW_RES_SIZE, feature_shape, model_family
 from samcache.step import NonFiniteLoss, StepStats, interactive_step, optimize_step
 
 
@@ -138,15 +138,19 @@ class Training:
         base.sam.to(device)
         for part in TRAINABLE:
             getattr(base.sam, part).requires_grad_(part in config.train)
-        parameters = [p for part in config.train for p in getattr(base.sam, part).parameters()]
+        for module in frozen_by_cache(base.sam):  # SAM 2.1's conv_s0 / conv_s1: their outputs are cached
+            module.requires_grad_(False)
+        parameters = [p for part in config.train for p in getattr(base.sam, part).parameters() if p.requires_grad]
         held = should_hold_in_memory(config.cache_in_memory, len(train_indices) + len(val_indices), device,
-                                     config.memory_budget_mb * 2**20 if config.memory_budget_mb else None)
+                                     config.memory_budget_mb * 2**20 if config.memory_budget_mb else None,
+                                     model_type=cache.provenance.model_type)
         store = EmbeddingStore(cache, train_indices + val_indices, device) if held else None
         sampler = EpochBatches(train_indices, config.batch_size, config.seed, rank=dist.rank,
                                world_size=dist.world_size)
         return cls(
             config=config, cache=cache, run=run, dist=dist, device=device, base=base,
-            module=_wrap_for_distributed(DecoderModule(base.sam), config, device, dist), parameters=parameters,
+            module=_wrap_for_distributed(DecoderModule(base.sam), config, device, dist,
+                                         family=model_family(base.model_type)), parameters=parameters,
             optimizer=torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay),
             train_indices=train_indices, val_indices=val_indices, store=store,
             samples=CacheSamples(cache, SampleSettings(config.objects_per_image, config.prompts, seed=config.seed),
@@ -179,7 +183,7 @@ class Training:
     def step_inputs(self, batch: Optional[Batch]) -> Batch:
         """The batch on the device (embeddings filled in); a placeholder for an empty share."""
         if batch is None:
-            return _placeholder_step_inputs(self.device, self.config)
+            return _placeholder_step_inputs(self.device, self.config, self.base.model_type)
         embeddings = self.store.gather(batch.indices) if self.store is not None else batch.embeddings.to(self.device)
         return Batch(batch.indices, embeddings, batch.prompts.to(self.device), batch.targets.to(self.device),
                      None if batch.schedules is None else batch.schedules.to(self.device))
@@ -206,16 +210,18 @@ def _splits(cache: EmbeddingCache, config: TrainConfig, dist: Distributed) -> tu
 
 
 def _wrap_for_distributed(module: DecoderModule, config: TrainConfig, device: torch.device,
-                          dist: Distributed) -> torch.nn.Module:
+                          dist: Distributed, *, family: str) -> torch.nn.Module:
     if not dist.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    # Parameters no loss reaches: the prompt encoder's unused point embeddings; SAM 2.1's object
+    # score head under a loss without its term.
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters="prompt_encoder" in config.train)
+                                   find_unused_parameters="prompt_encoder" in config.train or family == "sam2.1")
 
 
-def _placeholder_step_inputs(device: torch.device, config: TrainConfig) -> Batch:
+def _placeholder_step_inputs(device: torch.device, config: TrainConfig, model_type: str) -> Batch:
     """One prompt on a blank embedding, in a batch of no images (so it weighs 0): a rank without
     images in a step must still run forward and backward as often as the others, since
     DistributedDataParallel averages gradients from all ranks."""
@@ -224,7 +230,7 @@ def _placeholder_step_inputs(device: torch.device, config: TrainConfig) -> Batch
     if config.prompts.mode == "interactive":  # as many passes as the other ranks; no points, no masks
         schedules = ClickSchedules(torch.zeros((1, 3, click_passes(config.prompts))),
                                    torch.tensor([[LOW_RES_SIZE, LOW_RES_SIZE]])).to(device)
-    return Batch([], torch.zeros((1, *EMBEDDING_SHAPE), device=device), prompts.to(device),
+    return Batch([], torch.zeros((1, *feature_shape(model_type)), device=device), prompts.to(device),
                  torch.zeros((1, LOW_RES_SIZE, LOW_RES_SIZE), device=device), schedules)
 
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: a random-weight vit_b checkpoint, a small COCO data set, and the shared
-synthetic stamps data set, its cache and a run trained on it.
+"""Shared fixtures: random-weight vit_b and SAM 2.1 Hiera-T checkpoints, a small COCO data set, and
+the shared synthetic stamps data set, its caches (tiny; Hiera-T) and runs trained on them.
 
 The session-scoped stamps fixtures are built once and are read-only: a test that edits a data
 set or a cache, adds or deletes files, or kills a writer takes a copy (stamps_copy,
@@ -63,6 +63,35 @@ def vit_b_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "sam_vit_b_random.pth"
     torch.save(build_sam("vit_b").state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def hiera_t_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight SAM 2.1 Hiera-T saved as Meta's sam2.1_hiera_tiny.pt is: {"model": state dict}."""
+    from samcache.sam2_models import build_sam2_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "sam2.1_hiera_tiny_random.pt"
+    torch.save({"model": build_sam2_model("sam2.1_hiera_t").state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sam2_cache(stamps, hiera_t_checkpoint, tmp_path_factory) -> Path:
+    """`stamps` embedded by the random Hiera-T, fp32 (stored fp16), shards of 2 images."""
+    out = tmp_path_factory.mktemp("shared") / "sam2_cache"
+    embed(stamps, out, **SHARED_EMBED, model_type="sam2.1_hiera_t", checkpoint=hiera_t_checkpoint)
+    with left_unchanged(out, "SAM 2.1 stamps cache"):
+        yield out
+
+
+@pytest.fixture(scope="session")
+def sam2_run(sam2_cache, tmp_path_factory) -> Path:
+    """A run trained one epoch on `sam2_cache` (helpers.RUN_TRAIN)."""
+    out = tmp_path_factory.mktemp("shared") / "sam2_run"
+    train_run(sam2_cache, out, **RUN_TRAIN)
+    with left_unchanged(out, "SAM 2.1 stamps run"):
+        yield out
 
 
 @pytest.fixture

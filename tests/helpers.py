@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 # The shared synthetic stamps data set (conftest.stamps): 7 pages, seed 31 -> train 5 pages
-# (14 objects), val 1 page (1 object), test 1 page (3 objects); every split has objects.
+# (9 objects), val 1 page (3 objects), test 1 page (2 objects); every split has objects.
 STAMPS_PAGES = 7
 STAMPS_SEED = 31
 

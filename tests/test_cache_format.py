@@ -47,6 +47,21 @@ def test_documented_recipe_reads_the_cache(cache_with_history):
     assert len(names) == sum(split["images"] for split in split_counts(data).values())
 
 
+def test_documented_recipe_reads_a_sam2_cache_with_its_three_maps(sam2_cache):
+    from samcache.cache import EmbeddingCache
+    from samcache.feature_layout import pack_sam2
+
+    recipe = re.search(r"## Reading a cache with h5py only\n\n```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(recipe.replace('"CACHE/', f'"{sam2_cache}/'), namespace)
+    assert namespace["header"]["schema_version"] == 2
+    cache = EmbeddingCache(sam2_cache)
+    last = cache.index_of(namespace["name"])  # the recipe's loop leaves its last image's maps behind
+    s0, s1 = namespace["high_res"]
+    packed = pack_sam2({"image_embed": namespace["embedding"], "high_res_s1": s1, "high_res_s0": s0})
+    np.testing.assert_array_equal(packed, cache.embedding(last))
+
+
 def test_plain_h5py_reader_agrees_with_samcache(cache_with_history):
     from pycocotools import mask as mask_utils
 

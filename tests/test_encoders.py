@@ -96,7 +96,10 @@ def test_the_cache_records_its_backend_and_both_backends_agree(stamps, tmp_path)
 
 def test_backend_choices():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_backend("auto", cpu) == "openvino" and resolve_backend("auto", cuda) == "torch"
-    assert resolve_backend("torch", cpu) == "torch"
+    assert resolve_backend("auto", cpu, "vit_b") == "openvino" and resolve_backend("auto", cuda, "vit_b") == "torch"
+    assert resolve_backend("torch", cpu, "tiny") == "torch"
     with pytest.raises(SamcacheError, match="runs on the CPU"):
-        resolve_backend("openvino", cuda)
+        resolve_backend("openvino", cuda, "vit_b")
+    assert resolve_backend("auto", cpu, "sam2.1_hiera_t") == "torch"  # the Hiera runs on torch
+    with pytest.raises(SamcacheError, match="not sam2.1_hiera_l's Hiera"):
+        resolve_backend("openvino", cpu, "sam2.1_hiera_l")

@@ -1,0 +1,264 @@
+"""SAM 2.1 from the cache, end to end, on a random-weight Hiera-T in Meta's layout (no download):
+the cache's format and guarantees, training (conv_s0 / conv_s1 frozen, SAM 2's loss), evaluation,
+and an export that sam2's own SAM2ImagePredictor loads and agrees with."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from samcache import masks
+from samcache.cache import SCHEMA_VERSIONS, EmbeddingCache
+from samcache.cli import main
+from samcache.config import EvalConfig
+from samcache.decoder import DecoderOutput, compute_loss
+from samcache.errors import CacheError, CheckpointError
+from samcache.evaluate import evaluate
+from samcache.feature_layout import pack_sam2, unpack_sam2
+from samcache.images import read_image
+from samcache.models import identify_weights
+from samcache.prompts import interior_point
+from samcache.runs import RunFolder
+from samcache.specs import OFFICIAL_WEIGHTS, SAM2_FEATURE_SHAPES
+from tests.helpers import EMBED_FLAGS, STAMPS_PAGES, copy_tree, embed
+
+CONFIG_T = "configs/sam2.1/sam2.1_hiera_t.yaml"
+
+
+def test_packing_is_lossless_and_pixel_unshuffle_order():
+    maps = {name: torch.randn(2, *shape) for name, shape in SAM2_FEATURE_SHAPES.items()}
+    packed = pack_sam2(maps)
+    assert packed.shape == (2, 1024, 64, 64)
+    torch.testing.assert_close(packed[:, 256:512], torch.nn.functional.pixel_unshuffle(maps["high_res_s1"], 2))
+    torch.testing.assert_close(packed[:, 512:], torch.nn.functional.pixel_unshuffle(maps["high_res_s0"], 4))
+    for name, value in unpack_sam2(packed).items():
+        assert torch.equal(value, maps[name])
+    as_numpy = pack_sam2({name: value[0].numpy() for name, value in maps.items()})
+    assert np.array_equal(as_numpy, packed[0].numpy())
+
+
+def test_cache_holds_the_three_maps_of_sam2_image_predictor(sam2_cache, hiera_t_checkpoint, stamps):
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    header = json.loads((sam2_cache / "cache.json").read_text())
+    assert header["schema_version"] == SCHEMA_VERSIONS["sam2.1"] == 2
+    assert header["provenance"]["model_type"] == "sam2.1_hiera_t"
+    cache = EmbeddingCache(sam2_cache)
+    assert len(cache) == STAMPS_PAGES
+    info = cache.info()
+    assert info["model_family"] == "sam2.1" and info["embedding_shape"] == [1024, 64, 64]
+    assert 8 * 2**20 <= info["bytes_per_image"] < 8.3 * 2**20  # three fp16 maps, 8 MiB, plus tables
+    with h5py.File(cache.shards[0], "r") as shard:
+        for name, shape in (("embeddings", (256, 64, 64)), ("high_res_s1", (64, 128, 128)),
+                            ("high_res_s0", (32, 256, 256))):
+            assert shard[name].shape[1:] == shape and shard[name].dtype == np.float16 and shard[name].fletcher32
+
+    predictor = SAM2ImagePredictor(build_sam2(CONFIG_T, str(hiera_t_checkpoint), device="cpu"))
+    for index in (0, len(cache) - 1):
+        image_info = cache.images[index]
+        assert image_info.input_size == (1024, 1024)  # stretched, whatever the page's shape
+        predictor.set_image(read_image(image_info.file.path))
+        theirs = {"image_embed": predictor._features["image_embed"][0],
+                  "high_res_s0": predictor._features["high_res_feats"][0][0],
+                  "high_res_s1": predictor._features["high_res_feats"][1][0]}
+        ours = unpack_sam2(torch.from_numpy(cache.embedding(index)).float())
+        for name, value in theirs.items():
+            torch.testing.assert_close(ours[name], value, atol=2e-2, rtol=2e-3)  # fp16 storage
+
+
+def test_embedding_is_incremental_and_never_mixes_families(sam2_cache, stamps_cache, hiera_t_checkpoint, stamps,
+                                                            tmp_path):
+    cache = copy_tree(sam2_cache, tmp_path / "cache")
+    again = embed(stamps, cache, model_type="sam2.1_hiera_t", checkpoint=hiera_t_checkpoint, precision="fp32")
+    assert again.embedded == 0 and again.skipped == STAMPS_PAGES
+    sam_cache = copy_tree(stamps_cache, tmp_path / "sam_cache")
+    with pytest.raises(CacheError, match="model_type is 'tiny' in the cache, 'sam2.1_hiera_t' now"):
+        embed(stamps, sam_cache, model_type="sam2.1_hiera_t", checkpoint=hiera_t_checkpoint)
+    result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(tmp_path / "x"), "--model", "sam2.1_hiera_t",
+                                       "--checkpoint", str(hiera_t_checkpoint), "--backend", "openvino"])
+    assert result.exit_code != 0 and "Hiera" in result.output
+    assert not (tmp_path / "x" / "cache.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_embed_resumes_to_the_same_cache(sam2_cache, hiera_t_checkpoint, stamps, tmp_path):
+    cache = tmp_path / "killed"
+    env = dict(os.environ, SAMCACHE_CRASH_AT="shard-before-rename:2")
+    command = [sys.executable, "-m", "samcache", "embed", str(stamps), "--out", str(cache), "--model",
+               "sam2.1_hiera_t", "--checkpoint", str(hiera_t_checkpoint), *EMBED_FLAGS]
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    partial = EmbeddingCache(cache)
+    assert len(partial) == 2 and list((cache / "shards").glob("*.tmp"))  # one shard committed, one half-done
+    env.pop("SAMCACHE_CRASH_AT")
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list((cache / "shards").glob("*.tmp"))
+    done, reference = EmbeddingCache(cache), EmbeddingCache(sam2_cache)
+    assert [done.name_of(i) for i in range(len(done))] == [reference.name_of(i) for i in range(len(reference))]
+    for index in range(len(done)):
+        np.testing.assert_array_equal(done.embedding(index), reference.embedding(index))
+
+
+def test_sam2_loss_equals_sam2_trainers(monkeypatch):
+    """compute_loss("sam") on an output with object scores is sam2's MultiStepMultiMasksAndIous with
+    the weights of its released configs, read from the sam2 package's own training/loss_fns.py."""
+    spec = importlib.util.find_spec("training")
+    monkeypatch.setitem(sys.modules, "training.trainer", types.SimpleNamespace(CORE_LOSS_KEY="core_loss"))
+    monkeypatch.setitem(sys.modules, "training.utils.distributed", types.SimpleNamespace(
+        get_world_size=lambda: 1, is_dist_avail_and_initialized=lambda: False))
+    source = Path(spec.submodule_search_locations[0]) / "loss_fns.py"
+    loss_spec = importlib.util.spec_from_file_location("sam2_loss_fns", source)
+    loss_fns = importlib.util.module_from_spec(loss_spec)
+    loss_spec.loader.exec_module(loss_fns)
+    theirs = loss_fns.MultiStepMultiMasksAndIous(
+        {"loss_mask": 20, "loss_dice": 1, "loss_iou": 1, "loss_class": 1}, supervise_all_iou=True,
+        iou_use_l1_loss=True, pred_obj_scores=True, focal_gamma_obj_score=0.0, focal_alpha_obj_score=-1)
+
+    generator = torch.Generator().manual_seed(0)
+    n = 5
+    output = DecoderOutput(torch.randn(n, 4, 32, 32, generator=generator) * 3, torch.rand(n, 4, generator=generator),
+                           torch.randn(n, 1, generator=generator))
+    targets = (torch.rand(n, 32, 32, generator=generator) > 0.6).float()
+    for multimask, outputs in ((torch.zeros(n, dtype=torch.bool), slice(0, 1)),
+                               (torch.ones(n, dtype=torch.bool), slice(1, 4))):
+        ours = compute_loss(output, targets, multimask, "sam")
+        expected = theirs([{"multistep_pred_multimasks_high_res": [output.logits[:, outputs]],
+                            "multistep_pred_ious": [output.iou_pred[:, outputs]],
+                            "multistep_object_score_logits": [output.object_score]}], targets[None])
+        torch.testing.assert_close(ours.total, expected["core_loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_training_keeps_the_cached_convolutions_and_learns_the_rest(sam2_run, hiera_t_checkpoint):
+    base = torch.load(hiera_t_checkpoint, weights_only=True)["model"]
+    trained = RunFolder(sam2_run).read_checkpoint("last").state_dict
+    for key, value in trained.items():
+        original = base["sam_" + key]
+        if ".conv_s0." in key or ".conv_s1." in key:
+            assert torch.equal(value, original), key
+    changed = [k for k, v in trained.items() if not torch.equal(v, base["sam_" + k])]
+    assert any(k.startswith("mask_decoder.transformer.") for k in changed)
+    assert any(k.startswith("mask_decoder.pred_obj_score_head") for k in changed)  # SAM 2's object score term
+    assert not any(k.startswith("prompt_encoder.") for k in changed)  # not trained by default
+    metrics = [json.loads(line) for line in (sam2_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(m["loss"]) for m in metrics if m.get("type") == "step")
+
+
+def test_interactive_recipe_trains_from_a_sam2_cache(sam2_cache, tmp_path):
+    result = CliRunner().invoke(main, [
+        "train", str(sam2_cache), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2",
+        "--objects-per-image", "2", "--workers", "0", "--prompt", "interactive", "--click-iterations", "2"])
+    assert result.exit_code == 0, result.output
+    assert RunFolder(tmp_path / "run").read_checkpoint("last").state.epoch == 1
+
+
+def test_eval_reports_zero_shot_fine_tuned_box_fill_and_clicks(sam2_cache, sam2_run, tmp_path):
+    run = copy_tree(sam2_run, tmp_path / "run")  # eval writes eval-test.json into the run
+    summary = evaluate(sam2_cache, tmp_path / "report", EvalConfig(clicks=2), run_dir=run)
+    cache = EmbeddingCache(sam2_cache)
+    objects = sum(len(cache.images[i].objects) for i in cache.annotated_indices("test"))
+    for model in ("zero_shot", "fine_tuned"):
+        assert summary[model]["objects"] == objects and 0 <= summary[model]["miou"] <= 1
+        assert len(summary["clicks"][model]["miou"]) == 2
+    assert summary["baselines"]["box_fill"]["objects"] == objects
+    assert summary["zero_shot"]["miou"] != summary["fine_tuned"]["miou"]
+
+
+@pytest.mark.slow
+def test_export_loads_in_sam2_and_predict_agrees_with_sam2_image_predictor(sam2_cache, sam2_run, tmp_path):
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    runner = CliRunner()
+    exported = tmp_path / "model.pt"
+    result = runner.invoke(main, ["export", "--run", str(sam2_run), "--out", str(exported)])
+    assert result.exit_code == 0, result.output
+    metadata = json.loads(exported.with_suffix(".json").read_text())
+    assert metadata["load_with"] == f"sam2.build_sam.build_sam2({CONFIG_T!r}, FILE)"
+    predictor = SAM2ImagePredictor(build_sam2(CONFIG_T, str(exported), device="cpu"))
+    tuned = RunFolder(sam2_run).read_checkpoint("best").state_dict
+    loaded = predictor.model.sam_mask_decoder.state_dict()
+    assert all(torch.equal(loaded[k[len("mask_decoder."):]], v) for k, v in tuned.items() if k.startswith("mask_"))
+
+    cache = EmbeddingCache(sam2_cache)
+    info = cache.images[cache.annotated_indices("test")[0]]
+    image = read_image(info.file.path)
+    predictor.set_image(image)
+    box = info.objects[0].box
+    inside = interior_point(masks.decode(info.objects[0].rle))[0]
+    prompts = [  # (samcache predict flags, SAM2ImagePredictor.predict arguments)
+        (["--box", ",".join(map(str, box))], dict(box=np.array(box))),
+        (["--point", f"{inside[0]},{inside[1]}"], dict(point_coords=np.array([inside]), point_labels=np.array([1]))),
+        (["--box", ",".join(map(str, box)), "--point", f"{box[0] + 2},{box[1] + 2},0"],
+         dict(box=np.array(box), point_coords=np.array([[box[0] + 2, box[1] + 2]]), point_labels=np.array([0]))),
+    ]
+    for flags, arguments in prompts:
+        single_point = "box" not in arguments
+        stock, scores, _ = predictor.predict(multimask_output=single_point, **arguments)
+        theirs = stock[int(np.argmax(scores))] if single_point else stock[0]
+        for source, cache_flag in (("cache", str(sam2_cache)), ("encoder", str(tmp_path / "no-cache"))):
+            out = tmp_path / "predicted"
+            result = runner.invoke(main, ["predict", info.file.path, "--checkpoint", str(exported), "--cache",
+                                          cache_flag, *flags, "--out", str(out), "--overwrite"])
+            assert result.exit_code == 0, result.output
+            (row,) = json.loads((out / "predictions.json").read_text())["predictions"]
+            assert row["embedding_from"] == source
+            ours = masks.decode(row["segmentation"])
+            agreement = float((ours == (theirs > 0)).mean())
+            assert agreement >= (0.995 if source == "cache" else 0.9999), (flags, source, agreement)
+
+
+def test_sam2_refusals(sam2_run, stamps, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", "--run", str(sam2_run), "--format", "onnx", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "sam2's layout" in result.output
+    assert not (tmp_path / "o").exists()
+    page = sorted((stamps / "images").glob("*.jpg"))[0]
+    result = runner.invoke(main, ["predict", str(page), "--run", str(sam2_run), "--everything", "--out",
+                                  str(tmp_path / "e")])
+    assert result.exit_code != 0 and "not offered for SAM 2.1" in result.output
+    assert not (tmp_path / "e" / "predictions.json").exists()
+    with pytest.raises(CheckpointError) as error:  # no file, no download: the message says where to get it
+        identify_weights("sam2.1_hiera_t", download=False)
+    official = OFFICIAL_WEIGHTS["sam2.1_hiera_t"]
+    assert official.url in str(error.value) and official.sha256 in str(error.value)
+
+
+def test_damage_in_a_high_resolution_map_is_found_and_taken_out(sam2_cache, tmp_path):
+    cache_dir = copy_tree(sam2_cache, tmp_path / "cache")
+    cache = EmbeddingCache(cache_dir)
+    victim = cache.name_of(0)
+    shard, row = cache.location(0)
+    with h5py.File(shard, "r") as f:
+        chunk = f["high_res_s0"].id.get_chunk_info(row)
+    with open(shard, "r+b") as f:  # random bytes below HDF5, as a bad disk would leave them
+        f.seek(chunk.byte_offset + 1000)
+        f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    checked = CliRunner().invoke(main, ["verify", str(cache_dir), "--check-only"])
+    assert checked.exit_code == 1 and f"{victim} in {shard.name}: checksum mismatch in high_res_s0" in checked.output
+    assert CliRunner().invoke(main, ["verify", str(cache_dir)]).exit_code == 1
+    assert EmbeddingCache(cache_dir).index_of(victim) is None
+
+
+def test_without_the_sam2_package_embed_says_how_to_install_it_and_writes_nothing(stamps, monkeypatch, tmp_path):
+    import samcache.sam2_models as sam2_models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(sam2_models.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "sam2" else real(name, *args))
+    result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(tmp_path / "cache"), "--model",
+                                       "sam2.1_hiera_s"])
+    assert result.exit_code != 0 and "needs the sam2 package: SAM2_BUILD_CUDA=0 pip install" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "cache").exists()
