@@ -13,6 +13,7 @@ PY=${PY:-.venv/bin/python}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" benchmarks/bench_gpu.py --device cuda --write-benchmarks --json benchmarks/gpu-results.json "$@"
 # SAM 2.1 (issue 17): decoder-training prompts/s from the cache vs the frozen Hiera in every step.
+: > benchmarks/gpu-sam2-results.txt
 for model in sam2.1_hiera_t sam2.1_hiera_l; do
   "$PY" benchmarks/bench_sam2_step.py --device cuda --model "$model" --pages 64 --batch-size 8 --rounds 3 \
     | tee -a benchmarks/gpu-sam2-results.txt

@@ -49,7 +49,6 @@ from samcache.specs import EMBEDDING_SHAPE, IMAGE_SIZE, SAM2_FEATURE_SHAPES, fea
 
 SCHEMA_VERSIONS = {"sam": 1, "sam2.1": 2}
 """The schema version of each model family's caches: a SAM 2.1 cache holds two more maps per image."""
-SCHEMA_VERSION = SCHEMA_VERSIONS["sam"]
 STORED_MAPS = {
     "sam": {"embeddings": EMBEDDING_SHAPE},
     "sam2.1": {"embeddings": SAM2_FEATURE_SHAPES["image_embed"], "high_res_s1": SAM2_FEATURE_SHAPES["high_res_s1"],
@@ -650,7 +649,7 @@ class EmbeddingCache:
             "weights_source": self.provenance.weights_source,
             "embedding_dtype": self.provenance.embedding_dtype,
             "stored_maps": {name: list(shape) for name, shape in STORED_MAPS[self.provenance.family].items()},
-            "embedding_shape": list(feature_shape(self.provenance.model_type)),
+            "embedding_shape": list(STORED_MAPS[self.provenance.family]["embeddings"]),
             # per image, from its shard: a cache extended later with another backend says so
             "computed": {_text(m): int(n) for m, n in zip(*np.unique(self.tables.made_by[self._rows],
                                                                       return_counts=True))},

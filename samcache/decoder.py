@@ -216,8 +216,11 @@ def compute_loss(output: DecoderOutput, targets: torch.Tensor, multimask: torch.
     the real IoU of the chosen mask (SAM's recipe, for decoders that start pretrained). For SAM 2.1
     (an output with object scores) SAM 2's weights instead (sam2's training/loss_fns.py, as its
     released configs set it): the same mask terms, the IoU head's L1 error, on all three outputs
-    of a multimask prompt (`supervise_all_iou`), and the object score's BCE (target: the object is
-    there, which it is for every annotated object), 1 each.
+    of a multimask prompt (`supervise_all_iou`), and the object score's BCE (target: the low-res
+    target has a pixel of the object, true for every annotated object), 1 each. As for SAM, the
+    masks are scored at the decoder's 256x256 against area-averaged targets (sam2's trainer
+    upsamples them to 1024x1024 against binary ones), and objects are never absent here, so sam2's
+    gating of the mask terms by the object score does not arise.
     `dice-bce`: dice + class-balanced binary cross-entropy, plus the same IoU term; it learns
     from a randomly initialised decoder, where SAM's focal-heavy recipe settles on predicting
     background everywhere. `mse-threshold`: the well-known tutorial's loss (MSE between the

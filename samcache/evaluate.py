@@ -26,7 +26,7 @@ from samcache.config import EvalConfig
 from samcache.datasets.records import ObjectRecord
 from samcache.devices import decoder_precision, resolve_device
 from samcache.errors import OutputError, SamcacheError
-from samcache.everything import segment_everything
+from samcache.everything import refuse_sam2, segment_everything
 from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace
 from samcache.inference import ObjectPrediction, predict_cached_objects
 from samcache.metrics import boundary_f, dice, iou
@@ -204,6 +204,8 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
     if not indices:
         raise SamcacheError(f"the cache has no objects in split {config.split!r}; "
                             f"its splits: {cache.describe_splits()}")
+    if config.everything:
+        refuse_sam2(cache.provenance.model_type)  # before hours of scoring the prompts
     device = resolve_device(config.device)
     run = RunFolder(run_dir) if run_dir is not None else None
     decoders = load_decoders(cache, run, config, device)

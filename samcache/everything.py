@@ -31,6 +31,7 @@ from samcache.inference import upscale_logits
 from samcache.preprocess import input_size, transform_coords
 from samcache.prompts import PromptBatch
 from samcache.sam2_decoder import is_sam2_decoder
+from samcache.specs import model_family
 
 Size = tuple[int, int]
 _UPSCALE_CHUNK = 16  # masks upscaled at once: 16 x a 10-megapixel scan in float32 is 640 MB
@@ -63,6 +64,13 @@ def point_grid(original_size: Size, points_per_side: int) -> np.ndarray:
 
 
 @torch.no_grad()
+def refuse_sam2(model_type: str) -> None:
+    """Segment everything is SAM's generator: a SAM 2.1 model is refused (before any work)."""
+    if model_family(model_type) == "sam2.1":
+        raise SamcacheError("segment everything is SAM's automatic mask generator; it is not offered for SAM 2.1 "
+                            f"({model_type}: SAM2AutomaticMaskGenerator takes other steps)")
+
+
 def segment_everything(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embedding: torch.Tensor,
                        original_size: Size, settings: EverythingSettings = EverythingSettings(), *,
                        mask_threshold: float = 0.0) -> list[EverythingMask]:
@@ -76,8 +84,7 @@ def segment_everything(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
       mask_threshold: the logit a mask pixel must exceed (Sam.mask_threshold).
     """
     if is_sam2_decoder(mask_decoder):
-        raise SamcacheError("segment everything is SAM's automatic mask generator; it is not offered for SAM 2.1 "
-                            "(whose SAM2AutomaticMaskGenerator takes other steps)")
+        refuse_sam2("sam2.1")
     device = embedding.device
     resized = input_size(original_size)
     grid = point_grid(original_size, settings.points_per_side)

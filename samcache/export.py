@@ -3,7 +3,8 @@
 The file is a plain `{name: tensor}` dict in Meta's key layout, so for vit_b/l/h
 `segment_anything.sam_model_registry[model_type](checkpoint=FILE)` and `SamPredictor` use it
 as they are. A SAM 2.1 run is written as Meta's sam2.1_hiera_*.pt are, `{"model": state_dict}` in
-sam2's layout, which `sam2.build_sam.build_sam2(CONFIG, FILE)` and `SAM2ImagePredictor` load.
+sam2's layout, which `sam2.build_sam.build_sam2(CONFIG, FILE)` and `SAM2ImagePredictor` load (as
+safetensors: the same keys, loaded with `load_state_dict`; the metadata says how).
 A `FILE.json` beside it (`model.pth` -> `model.json`) says what it is: model type, base weights
 SHA-256, samcache version, training config, validation history and the eval summary when present.
 """
@@ -74,9 +75,12 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
     return metadata
 
 
-def _load_with(model_type: str) -> str:
-    """The call that loads an export of `model_type`, for its metadata."""
+def _load_with(model_type: str, fmt: str) -> str:
+    """The call that loads an export of `model_type` written as `fmt`, for its metadata."""
     if model_family(model_type) == "sam2.1":
+        if fmt == "safetensors":  # sam2 reads only its own {"model": ...} .pt files
+            return (f"sam2.build_sam.build_sam2({SAM2_CONFIGS[model_type]!r}, None).load_state_dict("
+                    "safetensors.torch.load_file(FILE))")
         return f"sam2.build_sam.build_sam2({SAM2_CONFIGS[model_type]!r}, FILE)"
     if model_type == "tiny":
         return "samcache.models.load_sam('tiny', checkpoint=FILE)"
@@ -114,5 +118,5 @@ def _metadata(run: RunFolder, run_checkpoint: RunCheckpoint, weights: str, out_f
         "cache": run.cache_dir(),
         "samcache_version": __version__,
         "eval": run.eval_summaries(),
-        "load_with": _load_with(model_type),
+        "load_with": _load_with(model_type, fmt),
     }

@@ -383,8 +383,15 @@ def load_weights_into(sam: Sam, state_dict: dict[str, torch.Tensor], *, model_ty
     sam.load_state_dict(state_dict, strict=True)
 
 
+# Blocks of each SAM 2.1 Hiera trunk (its configs' stages summed): enough to tell the four apart.
+_HIERA_BLOCKS = {12: "sam2.1_hiera_t", 16: "sam2.1_hiera_s", 24: "sam2.1_hiera_b+", 48: "sam2.1_hiera_l"}
+
+
 def guess_model_type(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
     """The model type whose encoder width and depth match the state dict, if any."""
+    hiera_blocks = {k.split(".")[3] for k in state_dict if k.startswith("image_encoder.trunk.blocks.")}
+    if hiera_blocks:
+        return _HIERA_BLOCKS.get(len(hiera_blocks))
     pos = state_dict.get("image_encoder.pos_embed")
     if pos is None:
         return None

@@ -133,11 +133,11 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, weights: str = "bes
         raise SamcacheError(f"--out {out_dir} is a file; --format onnx writes a folder")
     for name in FILES + DECODER_SINGLE + QUANTIZED_FILES:
         refuse_to_replace(out_dir / name, overwrite=overwrite)
-    model, run_checkpoint = RunFolder(run_dir).load_model(weights, checkpoint)
-    model_type = run_checkpoint.model_type
-    if model_family(model_type) == "sam2.1":
+    model_type = RunFolder(run_dir).read_checkpoint(weights).model_type
+    if model_family(model_type) == "sam2.1":  # before building a Hiera only to refuse it
         raise SamcacheError(f"--format onnx writes SAM's ONNX interface; a {model_type} run exports as a checkpoint "
                             "in sam2's layout (--format pth), which SAM 2.1's own tools load")
+    model, run_checkpoint = RunFolder(run_dir).load_model(weights, checkpoint)
     sam = model.sam.eval().float().cpu()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from samcache.cache import EmbeddingCache
 from samcache.config import MAX_POINTS, EverythingSettings
 from samcache.devices import resolve_device
 from samcache.errors import OutputError, SamcacheError
-from samcache.everything import segment_everything
+from samcache.everything import refuse_sam2, segment_everything
 from samcache.export import metadata_path, read_metadata
 from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace, sha256_file
 from samcache.images import read_image
@@ -232,6 +232,7 @@ def predict_everything(predictor: Predictor, images: list[str | Path], out_dir: 
       device: "auto", "cpu" or "cuda".
       overwrite: write into `out_dir` even when it holds an earlier predictions.json.
     """
+    refuse_sam2(predictor.model_type)
     run = _PredictionRun.start(predictor, images, out_dir, cache_dir=cache_dir, device=device, overwrite=overwrite)
     sam, out_dir, stems = run.sam, run.out_dir, run.stems
     image_records, results = [], []

@@ -52,7 +52,7 @@ def decode_group(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module,
     if prompts.masks is not None and prompts.has_mask is not None:  # some prompts without a mask
         no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense)
         dense = torch.where(prompts.has_mask[select].view(-1, 1, 1, 1), dense, no_mask)
-    maps = unpack_sam2(features.index_select(0, rows))  # each prompt's own image
+    maps = {name: value.index_select(0, rows) for name, value in unpack_sam2(features).items()}  # prompt's image
     logits, iou_pred, _, object_score = mask_decoder.predict_masks(
         image_embeddings=maps["image_embed"],
         image_pe=prompt_encoder.get_dense_pe(),

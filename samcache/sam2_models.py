@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 from samcache.errors import CheckpointError
 from samcache.feature_layout import pack_sam2
-from samcache.specs import SAM2_FEATURE_SHAPES
+from samcache.specs import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
 
-SAM2_IMAGE_SIZE = 1024
-SAM2_PIXEL_MEAN = (0.485, 0.456, 0.406)
-SAM2_PIXEL_STD = (0.229, 0.224, 0.225)
+# SAM2Transforms' mean and std are ImageNet's on 0..1 floats: SAM's own, divided by 255.
+SAM2_PIXEL_MEAN = tuple(v / 255 for v in PIXEL_MEAN)
+SAM2_PIXEL_STD = tuple(v / 255 for v in PIXEL_STD)
 SAM2_CONFIGS = {
     "sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
     "sam2.1_hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
@@ -118,7 +118,7 @@ def preprocess(images: Sequence[np.ndarray], *, device: torch.device | str = "cp
     mean = torch.tensor(SAM2_PIXEL_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(SAM2_PIXEL_STD, device=device).view(1, 3, 1, 1)
     resized = [F.interpolate(torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
-                             / 255.0, size=(SAM2_IMAGE_SIZE, SAM2_IMAGE_SIZE), mode="bilinear", align_corners=False,
+                             / 255.0, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False,
                              antialias=True) for image in images]
     return (torch.cat(resized) - mean) / std
 
@@ -140,8 +140,3 @@ def image_features(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, tor
     maps = [feat.permute(1, 2, 0).reshape(feat.shape[1], feat.shape[2], h, w)
             for feat, (h, w) in zip(vision_feats, sizes)]
     return {"high_res_s0": maps[0], "high_res_s1": maps[1], "image_embed": maps[2]}
-
-
-def feature_bytes_per_image(dtype_bytes: int = 2) -> int:
-    """Bytes of one image's cached features (fp16 by default): 8 MiB."""
-    return dtype_bytes * sum(int(np.prod(shape)) for shape in SAM2_FEATURE_SHAPES.values())

@@ -216,9 +216,10 @@ def _wrap_for_distributed(module: DecoderModule, config: TrainConfig, device: to
     from torch.nn.parallel import DistributedDataParallel
 
     # Parameters no loss reaches: the prompt encoder's unused point embeddings; SAM 2.1's object
-    # score head under a loss without its term.
+    # score head under a loss without its term (only `sam` has one).
+    unused = "prompt_encoder" in config.train or (family == "sam2.1" and config.loss != "sam")
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters="prompt_encoder" in config.train or family == "sam2.1")
+                                   find_unused_parameters=unused)
 
 
 def _placeholder_step_inputs(device: torch.device, config: TrainConfig, model_type: str) -> Batch:

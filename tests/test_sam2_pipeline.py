@@ -58,7 +58,9 @@ def test_cache_holds_the_three_maps_of_sam2_image_predictor(sam2_cache, hiera_t_
     cache = EmbeddingCache(sam2_cache)
     assert len(cache) == STAMPS_PAGES
     info = cache.info()
-    assert info["model_family"] == "sam2.1" and info["embedding_shape"] == [1024, 64, 64]
+    assert info["model_family"] == "sam2.1" and info["embedding_shape"] == [256, 64, 64]
+    assert info["stored_maps"] == {"embeddings": [256, 64, 64], "high_res_s1": [64, 128, 128],
+                                   "high_res_s0": [32, 256, 256]}
     assert 8 * 2**20 <= info["bytes_per_image"] < 8.3 * 2**20  # three fp16 maps, 8 MiB, plus tables
     with h5py.File(cache.shards[0], "r") as shard:
         for name, shape in (("embeddings", (256, 64, 64)), ("high_res_s1", (64, 128, 128)),
@@ -229,7 +231,10 @@ def test_sam2_refusals(sam2_run, stamps, tmp_path):
     result = runner.invoke(main, ["predict", str(page), "--run", str(sam2_run), "--everything", "--out",
                                   str(tmp_path / "e")])
     assert result.exit_code != 0 and "not offered for SAM 2.1" in result.output
-    assert not (tmp_path / "e" / "predictions.json").exists()
+    assert not (tmp_path / "e").exists()  # refused before anything is made
+    result = runner.invoke(main, ["eval", RunFolder(sam2_run).cache_dir(), "--run", str(sam2_run), "--everything",
+                                  "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "not offered for SAM 2.1" in result.output and not (tmp_path / "r").exists()
     with pytest.raises(CheckpointError) as error:  # no file, no download: the message says where to get it
         identify_weights("sam2.1_hiera_t", download=False)
     official = OFFICIAL_WEIGHTS["sam2.1_hiera_t"]
@@ -262,3 +267,20 @@ def test_without_the_sam2_package_embed_says_how_to_install_it_and_writes_nothin
                                        "sam2.1_hiera_s"])
     assert result.exit_code != 0 and "needs the sam2 package: SAM2_BUILD_CUDA=0 pip install" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "cache").exists()
+
+
+def test_safetensors_export_loads_as_its_metadata_says(sam2_run, tmp_path):
+    from safetensors.torch import load_file
+    from sam2.build_sam import build_sam2
+
+    exported = tmp_path / "model.safetensors"
+    result = CliRunner().invoke(main, ["export", "--run", str(sam2_run), "--format", "safetensors", "--out",
+                                       str(exported)])
+    assert result.exit_code == 0, result.output
+    load_with = json.loads(exported.with_suffix(".json").read_text())["load_with"]
+    assert load_with.startswith(f"sam2.build_sam.build_sam2({CONFIG_T!r}, None).load_state_dict(")
+    model = build_sam2(CONFIG_T, None, device="cpu")
+    model.load_state_dict(load_file(str(exported)), strict=True)
+    tuned = RunFolder(sam2_run).read_checkpoint("best").state_dict
+    loaded = model.sam_mask_decoder.state_dict()
+    assert all(torch.equal(loaded[k[len("mask_decoder."):]], v) for k, v in tuned.items() if k.startswith("mask_"))
