@@ -63,14 +63,17 @@ def point_grid(original_size: Size, points_per_side: int) -> np.ndarray:
     return build_point_grid(points_per_side) * np.array([[w, h]], dtype=np.float64)
 
 
-@torch.no_grad()
 def refuse_sam2(model_type: str) -> None:
     """Segment everything is SAM's generator: a SAM 2.1 model is refused (before any work)."""
     if model_family(model_type) == "sam2.1":
-        raise SamcacheError("segment everything is SAM's automatic mask generator; it is not offered for SAM 2.1 "
-                            f"({model_type}: SAM2AutomaticMaskGenerator takes other steps)")
+        raise SamcacheError(f"{model_type}: {_NOT_FOR_SAM2}")
 
 
+_NOT_FOR_SAM2 = ("segment everything is SAM's automatic mask generator; it is not offered for SAM 2.1 "
+                 "(SAM2AutomaticMaskGenerator takes other steps)")
+
+
+@torch.no_grad()
 def segment_everything(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embedding: torch.Tensor,
                        original_size: Size, settings: EverythingSettings = EverythingSettings(), *,
                        mask_threshold: float = 0.0) -> list[EverythingMask]:
@@ -83,8 +86,8 @@ def segment_everything(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
       settings: the generator's options (config.EverythingSettings: SamAutomaticMaskGenerator's defaults).
       mask_threshold: the logit a mask pixel must exceed (Sam.mask_threshold).
     """
-    if is_sam2_decoder(mask_decoder):
-        refuse_sam2("sam2.1")
+    if is_sam2_decoder(mask_decoder):  # the callers refuse earlier, from the model type
+        raise SamcacheError(_NOT_FOR_SAM2)
     device = embedding.device
     resized = input_size(original_size)
     grid = point_grid(original_size, settings.points_per_side)

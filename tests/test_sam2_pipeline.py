@@ -23,11 +23,12 @@ from samcache.cache import SCHEMA_VERSIONS, EmbeddingCache
 from samcache.cli import main
 from samcache.config import EvalConfig
 from samcache.decoder import DecoderOutput, compute_loss
-from samcache.errors import CacheError, CheckpointError
+from samcache.errors import CacheError, CheckpointError, SamcacheError
 from samcache.evaluate import evaluate
+from samcache.everything import segment_everything
 from samcache.feature_layout import pack_sam2, unpack_sam2
 from samcache.images import read_image
-from samcache.models import identify_weights
+from samcache.models import identify_weights, load_sam
 from samcache.prompts import interior_point
 from samcache.runs import RunFolder
 from samcache.specs import OFFICIAL_WEIGHTS, SAM2_FEATURE_SHAPES
@@ -222,7 +223,7 @@ def test_export_loads_in_sam2_and_predict_agrees_with_sam2_image_predictor(sam2_
             assert agreement >= (0.995 if source == "cache" else 0.9999), (flags, source, agreement)
 
 
-def test_sam2_refusals(sam2_run, stamps, tmp_path):
+def test_sam2_refusals(sam2_run, stamps, hiera_t_checkpoint, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["export", "--run", str(sam2_run), "--format", "onnx", "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "sam2's layout" in result.output
@@ -235,6 +236,9 @@ def test_sam2_refusals(sam2_run, stamps, tmp_path):
     result = runner.invoke(main, ["eval", RunFolder(sam2_run).cache_dir(), "--run", str(sam2_run), "--everything",
                                   "--out", str(tmp_path / "r")])
     assert result.exit_code != 0 and "not offered for SAM 2.1" in result.output and not (tmp_path / "r").exists()
+    sam = load_sam("sam2.1_hiera_t", hiera_t_checkpoint).sam  # the generator itself refuses SAM 2.1's modules too
+    with pytest.raises(SamcacheError, match="not offered for SAM 2.1"):
+        segment_everything(sam.prompt_encoder, sam.mask_decoder, torch.zeros(1, 1024, 64, 64), (64, 64))
     with pytest.raises(CheckpointError) as error:  # no file, no download: the message says where to get it
         identify_weights("sam2.1_hiera_t", download=False)
     official = OFFICIAL_WEIGHTS["sam2.1_hiera_t"]
