@@ -391,11 +391,19 @@ class ShardWriter:
 
 
 def _stored_maps(family: str, features: np.ndarray) -> dict[str, np.ndarray]:
-    """One image's decoder input -> the shard's datasets (STORED_MAPS)."""
+    """One image's decoder input -> the shard's datasets (STORED_MAPS); `_decoder_input` inverts it."""
     if family == "sam":
         return {"embeddings": features}
     maps = unpack_sam2(features)
     return {"embeddings": maps["image_embed"], "high_res_s1": maps["high_res_s1"], "high_res_s0": maps["high_res_s0"]}
+
+
+def _decoder_input(family: str, stored: dict[str, np.ndarray]) -> np.ndarray:
+    """The shard's datasets of one image (STORED_MAPS) -> its decoder input, as `_stored_maps` took it."""
+    if family == "sam":
+        return stored["embeddings"]
+    return pack_sam2({"image_embed": stored["embeddings"], "high_res_s1": stored["high_res_s1"],
+                      "high_res_s0": stored["high_res_s0"]})
 
 
 def _strings(group: h5py.Group, name: str, values: list[str]) -> None:
@@ -589,10 +597,7 @@ class EmbeddingCache:
                                                      f"({str(exc).splitlines()[0]})") from exc
             if not np.isfinite(maps[name]).all():
                 raise DamagedImageError(self, index, f"non-finite values in {name}")
-        if self.provenance.family == "sam":
-            return maps["embeddings"]
-        return pack_sam2({"image_embed": maps["embeddings"], "high_res_s1": maps["high_res_s1"],
-                          "high_res_s0": maps["high_res_s0"]})
+        return _decoder_input(self.provenance.family, maps)
 
     def preview_bytes(self, index: int) -> bytes:
         shard_index, row = self._location[index]

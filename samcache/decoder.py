@@ -32,6 +32,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torchvision.ops import sigmoid_focal_loss
 
 from samcache.config import LOSSES
+from samcache.feature_layout import unpack_sam2
 from samcache.prompts import PromptBatch
 from samcache.sam2_decoder import decode_group, is_sam2_decoder
 from samcache.specs import LOW_RES_SIZE, MASK_OUTPUTS
@@ -108,6 +109,7 @@ def decode(
     logits = image_embeddings.new_empty((n, MASK_OUTPUTS, LOW_RES_SIZE, LOW_RES_SIZE))
     iou_pred = image_embeddings.new_empty((n, MASK_OUTPUTS))
     object_score = image_embeddings.new_empty((n, 1)) if sam2 else None
+    maps = unpack_sam2(image_embeddings) if sam2 else None  # once for all the shape groups
     image_pe = prompt_encoder.get_dense_pe()
     n_points = prompts.n_points
     if bool((~prompts.is_box & (n_points == 0) & ~prompts.mask_given).any()):
@@ -117,8 +119,8 @@ def decode(
     for group, (has_box, k) in enumerate(shapes.tolist()):
         select = (shape_of == group).nonzero().squeeze(1)
         if sam2:
-            group_logits, group_iou, group_score = decode_group(prompt_encoder, mask_decoder, image_embeddings,
-                                                                prompts, select, has_box=bool(has_box), n_points=k)
+            group_logits, group_iou, group_score = decode_group(prompt_encoder, mask_decoder, maps, prompts, select,
+                                                                has_box=bool(has_box), n_points=k)
             logits = logits.index_copy(0, select, group_logits.to(logits.dtype))
             iou_pred = iou_pred.index_copy(0, select, group_iou.to(iou_pred.dtype))
             object_score = object_score.index_copy(0, select, group_score.to(object_score.dtype))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from samcache.feature_layout import unpack_sam2
 from samcache.prompts import PromptBatch
 
 
@@ -27,7 +26,7 @@ def is_sam2_decoder(mask_decoder: torch.nn.Module) -> bool:
     return type(mask_decoder).__module__.startswith("sam2.")
 
 
-def decode_group(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, features: torch.Tensor,
+def decode_group(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, maps: dict[str, torch.Tensor],
                  prompts: PromptBatch, select: torch.Tensor, *, has_box: bool,
                  n_points: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits (n, 4, 256, 256), predicted IoUs (n, 4), object score logits (n, 1)) of the prompts
@@ -35,7 +34,7 @@ def decode_group(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module,
 
     Arguments:
       prompt_encoder, mask_decoder: SAM 2.1's `sam_prompt_encoder` and `sam_mask_decoder`.
-      features: (B, 1024, 64, 64) packed features of the batch's images.
+      maps: the batch's images' three maps (B, C, H, W), `unpack_sam2` of their packed features.
       prompts: the batch's prompts (in the 1024x1024 input frame).
     """
     rows = prompts.batch_row[select]
@@ -52,7 +51,7 @@ def decode_group(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module,
     if prompts.masks is not None and prompts.has_mask is not None:  # some prompts without a mask
         no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense)
         dense = torch.where(prompts.has_mask[select].view(-1, 1, 1, 1), dense, no_mask)
-    maps = {name: value.index_select(0, rows) for name, value in unpack_sam2(features).items()}  # prompt's image
+    maps = {name: value.index_select(0, rows) for name, value in maps.items()}  # each prompt's own image
     logits, iou_pred, _, object_score = mask_decoder.predict_masks(
         image_embeddings=maps["image_embed"],
         image_pe=prompt_encoder.get_dense_pe(),
