@@ -19,11 +19,11 @@ What each timing includes:
 - loop: per image `cv2.imread` + `cvtColor` + `SamPredictor.set_image` (resize, normalize,
   pad, encoder forward) in fp32, the way the Segment Anything tutorial does it. The features
   stay in memory; nothing is written.
-- embed: one `samcache.embed.embed_dataset` call per round into the same cache folder (one
+- embed: one `samcache.embed.pipeline.embed_dataset` call per round into the same cache folder (one
   per precision): planning, DataLoader workers (SHA-256, decode, resize), the encoder on
   batches, fp16 conversion, HDF5 shard write + fsync + rename, reopening the cache.
 - Model building/loading is excluded from BOTH sides: the model is loaded once with
-  `samcache.models.load_sam` (`model_load_s` in the results) and `embed_dataset`'s own
+  `samcache.models.weights.load_sam` (`model_load_s` in the results) and `embed_dataset`'s own
   `load_sam` is pointed at that already-loaded model.
 - "enc img/s": forward hooks on the image encoder time `image_encoder.forward` alone.
 
@@ -58,16 +58,16 @@ import cv2
 import numpy as np
 import torch
 
-import samcache.embed as embed_module
-from samcache.cache import EmbeddingCache
+import samcache.embed.pipeline as embed_module
+from samcache.cache.reader import EmbeddingCache
 from samcache.config import EmbedConfig
-from samcache.datasets import load_dataset
-from samcache.datasets.stamps import generate_stamps
-from samcache.embed import embed_dataset
+from samcache.data.datasets import load_dataset
+from samcache.data.images import read_image
+from samcache.data.stamps import generate_stamps
+from samcache.embed.pipeline import embed_dataset
 from samcache.fileio import sha256_file
-from samcache.images import read_image
-from samcache.models import build_sam, load_sam
-from samcache.preprocess import resize_image
+from samcache.models.preprocess import resize_image
+from samcache.models.weights import build_sam, load_sam
 
 COSINE_THRESHOLD = 0.999
 GOAL_RATIO = 1.5

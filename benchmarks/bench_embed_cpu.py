@@ -49,9 +49,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from samcache.cache import EmbeddingCache  # noqa: E402
+from samcache.cache.reader import EmbeddingCache  # noqa: E402
 from samcache.devices import cpu_description, cpu_has_native_bf16  # noqa: E402
-from samcache.models import build_sam  # noqa: E402
+from samcache.models.weights import build_sam  # noqa: E402
 
 
 def samcache(*args, env=None) -> subprocess.CompletedProcess:

@@ -25,14 +25,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from samcache import masks  # noqa: E402
-from samcache.cache import EmbeddingCache  # noqa: E402
+from samcache.cache.reader import EmbeddingCache  # noqa: E402
 from samcache.config import EverythingSettings  # noqa: E402
+from samcache.data import masks  # noqa: E402
+from samcache.data.images import read_image  # noqa: E402
+from samcache.deploy.predict import predictor_from_run  # noqa: E402
 from samcache.devices import cpu_description  # noqa: E402
-from samcache.everything import segment_everything  # noqa: E402
-from samcache.images import read_image  # noqa: E402
-from samcache.predict import predictor_from_run  # noqa: E402
-from samcache.runs import RunFolder  # noqa: E402
+from samcache.evaluate.automatic_masks import segment_everything  # noqa: E402
+from samcache.train.runs import RunFolder  # noqa: E402
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from samcache.devices import cpu_description  # noqa: E402
-from samcache.models import build_sam  # noqa: E402
+from samcache.models.weights import build_sam  # noqa: E402
 
 START, END = "<!-- gpu table: written by benchmarks/bench_gpu.py -->", "<!-- end of gpu table -->"
 

@@ -100,12 +100,12 @@ def quality_table(results: dict) -> str:
 def cost_setup(cache_dir: Path, work: Path):
     import torch
 
-    from samcache.cache import EmbeddingCache
+    from samcache.cache.reader import EmbeddingCache
     from samcache.config import PromptSettings, TrainConfig
     from samcache.distributed import SINGLE
-    from samcache.runs import RunFolder
-    from samcache.samples import CacheSamples, EpochBatches, SampleSettings, collate
-    from samcache.train import Training, _splits
+    from samcache.train.runs import RunFolder
+    from samcache.train.samples import CacheSamples, EpochBatches, SampleSettings, collate
+    from samcache.train.trainer import Training, _splits
 
     cache = EmbeddingCache(cache_dir)
     modes = {

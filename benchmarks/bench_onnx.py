@@ -25,16 +25,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from samcache.cache import EmbeddingCache  # noqa: E402
+from samcache.cache.reader import EmbeddingCache  # noqa: E402
+from samcache.data.images import read_image  # noqa: E402
+from samcache.data.masks import decode  # noqa: E402
+from samcache.deploy.onnx import export_onnx  # noqa: E402
+from samcache.deploy.predict import predictor_from_run  # noqa: E402
 from samcache.devices import cpu_description  # noqa: E402
-from samcache.images import read_image  # noqa: E402
-from samcache.inference import predict_masks  # noqa: E402
-from samcache.masks import decode  # noqa: E402
-from samcache.onnx_export import export_onnx  # noqa: E402
-from samcache.predict import predictor_from_run  # noqa: E402
-from samcache.preprocess import resize_image, transform_boxes, transform_coords  # noqa: E402
-from samcache.prompts import PromptBatch, make_prompt  # noqa: E402
-from samcache.runs import RunFolder  # noqa: E402
+from samcache.models.preprocess import resize_image, transform_boxes, transform_coords  # noqa: E402
+from samcache.models.prompts import PromptBatch, make_prompt  # noqa: E402
+from samcache.train.inference import predict_masks  # noqa: E402
+from samcache.train.runs import RunFolder  # noqa: E402
 
 
 def interior_point(mask: np.ndarray) -> tuple[float, float]:

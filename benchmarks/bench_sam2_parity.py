@@ -26,19 +26,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from samcache import masks  # noqa: E402
-from samcache.cache import EmbeddingCache  # noqa: E402
+from samcache.cache.reader import EmbeddingCache  # noqa: E402
 from samcache.config import EmbedConfig, TrainConfig  # noqa: E402
-from samcache.datasets import load_dataset  # noqa: E402
-from samcache.datasets.stamps import generate_stamps  # noqa: E402
+from samcache.data import masks  # noqa: E402
+from samcache.data.datasets import load_dataset  # noqa: E402
+from samcache.data.images import read_image  # noqa: E402
+from samcache.data.stamps import generate_stamps  # noqa: E402
+from samcache.deploy.export import export_run  # noqa: E402
+from samcache.deploy.predict import predict_images, predictor_from_checkpoint  # noqa: E402
 from samcache.devices import cpu_description  # noqa: E402
-from samcache.embed import embed_dataset  # noqa: E402
-from samcache.export import export_run  # noqa: E402
-from samcache.images import read_image  # noqa: E402
-from samcache.predict import predict_images, predictor_from_checkpoint  # noqa: E402
-from samcache.prompts import interior_point  # noqa: E402
-from samcache.sam2_models import SAM2_CONFIGS, build_sam2_model  # noqa: E402
-from samcache.train import train  # noqa: E402
+from samcache.embed.pipeline import embed_dataset  # noqa: E402
+from samcache.models.prompts import interior_point  # noqa: E402
+from samcache.models.sam2 import SAM2_CONFIGS, build_sam2_model  # noqa: E402
+from samcache.train.trainer import train  # noqa: E402
 
 MODEL = "sam2.1_hiera_t"
 

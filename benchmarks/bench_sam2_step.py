@@ -36,18 +36,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from samcache.cache import EmbeddingCache  # noqa: E402
+from samcache.cache.reader import EmbeddingCache  # noqa: E402
 from samcache.config import EmbedConfig, PromptSettings  # noqa: E402
-from samcache.datasets import load_dataset  # noqa: E402
-from samcache.datasets.stamps import generate_stamps  # noqa: E402
+from samcache.data.datasets import load_dataset  # noqa: E402
+from samcache.data.images import read_image  # noqa: E402
+from samcache.data.stamps import generate_stamps  # noqa: E402
 from samcache.devices import autocast, cpu_description, decoder_precision, resolve_precision  # noqa: E402
-from samcache.embed import embed_dataset  # noqa: E402
-from samcache.images import read_image  # noqa: E402
-from samcache.models import frozen_by_cache, load_sam  # noqa: E402
-from samcache.sam2_models import build_sam2_model  # noqa: E402
-from samcache.samples import CacheSamples, SampleSettings, collate  # noqa: E402
-from samcache.step import optimize_step  # noqa: E402
-from samcache.train import DecoderModule  # noqa: E402
+from samcache.embed.pipeline import embed_dataset  # noqa: E402
+from samcache.models.sam2 import build_sam2_model  # noqa: E402
+from samcache.models.weights import frozen_by_cache, load_sam  # noqa: E402
+from samcache.train.samples import CacheSamples, SampleSettings, collate  # noqa: E402
+from samcache.train.step import optimize_step  # noqa: E402
+from samcache.train.trainer import DecoderModule  # noqa: E402
 
 
 def main() -> None:

@@ -181,8 +181,8 @@ def main() -> None:
     cache = args.work / f"cache-{args.images}"
     print(f"CPU: {cpu_description()}; {args.images} images")
     generate(make_seed_cache(args.work), cache, args.images, args.small_previews)
-    from samcache.cache import refresh_index
-    from samcache.cache_index import INDEX_NAME
+    from samcache.cache.index import INDEX_NAME
+    from samcache.cache.reader import refresh_index
 
     rows = []
     (cache / INDEX_NAME).unlink(missing_ok=True)

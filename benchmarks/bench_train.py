@@ -11,14 +11,14 @@ Three measurements, all in ONE run so that the ratios are taken under the same m
       loss, backward, Adam step on the mask decoder's parameters. Its timed epoch includes the
       encoder forwards and the per-box steps. The preprocessed input tensors, transformed boxes
       and ground-truth masks are built before the epoch (as the tutorial does) and not timed.
-    cached: `samcache.train.train` on a cache of the same images (all their objects per step:
+    cached: `samcache.train.trainer.train` on a cache of the same images (all their objects per step:
       objects_per_image >= the most objects on a page, or `--objects-per-image K` on both sides,
       the tutorial taking each page's first K; exact boxes: box_jitter 0). Its epoch
       time comes from metrics.jsonl: prompts of the epoch / the last step's cumulative
       samples_per_s = DataLoader start + all steps; it excludes model loading and the
       validation passes. `train()`'s whole wall time (model load, validation on a 1-image val
       split before and after each epoch, checkpoints, plot) is reported too.
-    Both use the same loss (samcache.decoder.compute_loss, "dice-bce"); the tutorial side
+    Both use the same loss (samcache.models.decoder.compute_loss, "dice-bce"); the tutorial side
     applies it to the upscaled original-resolution mask, samcache to the 256x256 low-res mask.
     Embedding the images (samcache embed) is a one-off cost, reported separately.
     Goal: tutorial epoch / cached epoch >= 50.
@@ -61,17 +61,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samcache import masks
 from samcache.config import EmbedConfig, PromptSettings, TrainConfig
-from samcache.datasets import load_dataset
-from samcache.datasets.stamps import generate_stamps
-from samcache.decoder import DecoderOutput, compute_loss
-from samcache.embed import embed_dataset
-from samcache.images import read_image
-from samcache.models import build_sam, load_sam
-from samcache.preprocess import batch_to_model_input, resize_image, transform_boxes
-from samcache.runs import RunFolder
-from samcache.train import train
+from samcache.data import masks
+from samcache.data.datasets import load_dataset
+from samcache.data.images import read_image
+from samcache.data.stamps import generate_stamps
+from samcache.embed.pipeline import embed_dataset
+from samcache.models.decoder import DecoderOutput, compute_loss
+from samcache.models.preprocess import batch_to_model_input, resize_image, transform_boxes
+from samcache.models.weights import build_sam, load_sam
+from samcache.train.runs import RunFolder
+from samcache.train.trainer import train
 
 GOAL_EPOCH_SPEEDUP = 50.0
 GOAL_HDF5_RATIO = 0.9

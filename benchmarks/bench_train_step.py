@@ -36,16 +36,16 @@ sys.path.insert(0, str(REPO))
 
 from torchvision.ops import sigmoid_focal_loss  # noqa: E402
 
-from samcache.cache import EmbeddingCache  # noqa: E402
+from samcache.cache.reader import EmbeddingCache  # noqa: E402
 from samcache.config import TrainConfig  # noqa: E402
-from samcache.decoder import dice_loss  # noqa: E402
 from samcache.devices import cpu_description, cpu_has_native_bf16  # noqa: E402
 from samcache.distributed import SINGLE  # noqa: E402
-from samcache.models import load_sam  # noqa: E402
-from samcache.preprocess import transform_boxes  # noqa: E402
-from samcache.prompts import low_res_target  # noqa: E402
-from samcache.runs import RunFolder, RunWriter, TrainState  # noqa: E402
-from samcache.train import Training, _splits, train_epoch  # noqa: E402
+from samcache.models.decoder import dice_loss  # noqa: E402
+from samcache.models.preprocess import transform_boxes  # noqa: E402
+from samcache.models.prompts import low_res_target  # noqa: E402
+from samcache.models.weights import load_sam  # noqa: E402
+from samcache.train.runs import RunFolder, RunWriter, TrainState  # noqa: E402
+from samcache.train.trainer import Training, _splits, train_epoch  # noqa: E402
 
 
 def stock_data(cache: EmbeddingCache, indices: list[int]):

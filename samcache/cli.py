@@ -34,9 +34,9 @@ from samcache.config import (
     field_description,
     from_sources,
 )
-from samcache.datasets import MASK_MODES
+from samcache.data.datasets import MASK_MODES
 from samcache.errors import SamcacheError
-from samcache.specs import MODEL_TYPES, OFFICIAL_MODEL_TYPES
+from samcache.models.specs import MODEL_TYPES, OFFICIAL_MODEL_TYPES
 
 SPLIT_FRACTIONS_HELP = "train,val,test fractions for datasets without explicit splits."
 
@@ -84,7 +84,8 @@ def _computed(counts: dict[str, int]) -> str:
 
 def _warn_if_being_written(cache_dir: Path) -> None:
     """A reader of a cache that `samcache embed` is still adding to says so, and what it reads."""
-    from samcache.cache import EmbeddingCache, is_cache
+    from samcache.cache.format import is_cache
+    from samcache.cache.reader import EmbeddingCache
     from samcache.locks import describe, holder_of
 
     if not is_cache(cache_dir):
@@ -193,7 +194,7 @@ def dataset_options(command):
 
 
 def _load_dataset(dataset: Path, image_root, split_fractions: str, mask_mode: str, strict: bool = False):
-    from samcache.datasets import load_dataset
+    from samcache.data.datasets import load_dataset
 
     return load_dataset(dataset, image_root=image_root, fractions=_fractions(split_fractions),
                         mask_mode=mask_mode, strict=strict)
@@ -219,7 +220,7 @@ def data_stamps(out: Path, n_images: int, seed: int, overwrite: bool) -> None:
     Example:
       samcache data stamps --out data/stamps --n 60 --seed 0
     """
-    from samcache.datasets.stamps import generate_stamps
+    from samcache.data.stamps import generate_stamps
 
     summary = generate_stamps(out, n_images, seed, overwrite=overwrite)
     splits = ", ".join(f"{k} {v['images']} images/{v['objects']} objects" for k, v in summary["splits"].items())
@@ -294,7 +295,7 @@ def embed_cmd(dataset: Path, cache_dir: Path, image_root, split_fractions: str, 
       samcache embed my_coco/ --out cache/mine --model vit_b --checkpoint sam_vit_b_01ec64.pth
       samcache embed my_coco/ --out cache/mine2 --model sam2.1_hiera_t
     """
-    from samcache.embed import embed_dataset
+    from samcache.embed.pipeline import embed_dataset
 
     config = from_sources(EmbedConfig, overrides={**_config_values(options), "strict": strict}, flags=EMBED_FLAGS)
     with _process_group() as dist:
@@ -317,7 +318,7 @@ def info_cmd(cache_dir: Path, as_json: bool) -> None:
     Example:
       samcache info cache/stamps --json
     """
-    from samcache.cache import EmbeddingCache
+    from samcache.cache.reader import EmbeddingCache
 
     _warn_if_being_written(cache_dir)
     info = EmbeddingCache(cache_dir).info()
@@ -355,7 +356,7 @@ def verify_cmd(cache_dir: Path, check_only: bool) -> None:
     Example:
       samcache verify cache/stamps
     """
-    from samcache.cache import verify
+    from samcache.cache.verify import verify
 
     report = verify(cache_dir, take_out=not check_only)
     click.echo(f"verified {report.images} images in {report.shards} shard(s): {len(report.damaged)} damaged")
@@ -415,8 +416,8 @@ def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, **optio
       samcache train cache/stamps --out runs/stamps --config train.yaml --lr 2e-4
       samcache train cache/stamps --out runs/stamps --resume
     """
-    from samcache.runs import RunFolder
-    from samcache.train import train
+    from samcache.train.runs import RunFolder
+    from samcache.train.trainer import train
 
     saved = RunFolder(run_dir).saved_config() if resume and config_file is None else None
     config = from_sources(TrainConfig, file=config_file, base=saved, overrides=_config_values(options),
@@ -476,8 +477,8 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, overwrite: bool, **opti
     Example:
       samcache eval cache/stamps --run runs/stamps --out reports/stamps --split test
     """
-    from samcache.evaluate import evaluate
-    from samcache.report import format_table
+    from samcache.evaluate.evaluator import evaluate
+    from samcache.evaluate.report import format_table
 
     config = from_sources(EvalConfig, overrides=_config_values(options), flags=EVAL_FLAGS)
     _check_generator_options(config.generator, config.everything)
@@ -516,7 +517,7 @@ def export_cmd(run_dir: Path, out_path: Path, fmt: str, weights: str, checkpoint
       samcache export --run runs/stamps --format onnx --out onnx/stamps
     """
     if fmt == "onnx":
-        from samcache.onnx_export import export_onnx
+        from samcache.deploy.onnx import export_onnx
 
         metadata = export_onnx(run_dir, out_path, weights=weights, checkpoint=checkpoint,
                                return_single_mask=return_single_mask, quantize=quantize, overwrite=overwrite)
@@ -525,7 +526,7 @@ def export_cmd(run_dir: Path, out_path: Path, fmt: str, weights: str, checkpoint
         return
     if return_single_mask or quantize:
         raise click.UsageError("--return-single-mask and --quantize are options of --format onnx")
-    from samcache.export import export_run, metadata_path
+    from samcache.deploy.export import export_run, metadata_path
 
     metadata = export_run(run_dir, out_path, fmt=fmt, weights=weights, checkpoint=checkpoint, overwrite=overwrite)
     click.echo(f"wrote {out_path} ({metadata['model_type']}, SHA-256 {metadata['sha256']}) and "
@@ -567,7 +568,7 @@ def predict_cmd(images, run_dir, checkpoint, model_type, box, points, boxes, cac
       samcache predict scans/*.jpg --checkpoint sam_stamps.pth --boxes boxes.json --out predictions/
       samcache predict page.jpg --run runs/stamps --everything --points-per-side 16 --out everything/
     """
-    from samcache import predict as predict_module
+    from samcache.deploy import predict as predict_module
 
     if (run_dir is None) == (checkpoint is None):
         raise click.UsageError("give either --run or --checkpoint")
@@ -579,7 +580,7 @@ def predict_cmd(images, run_dir, checkpoint, model_type, box, points, boxes, cac
     settings = from_sources(EverythingSettings, overrides=_config_values(generator), flags=EVERYTHING_FLAGS)
     _check_generator_options(settings, everything)
     if run_dir is not None:
-        from samcache.runs import RunFolder
+        from samcache.train.runs import RunFolder
 
         predictor = predict_module.predictor_from_run(run_dir)
         if cache_dir is None:
@@ -618,7 +619,7 @@ def models_cmd() -> None:
     Example:
       samcache models
     """
-    from samcache import models
+    from samcache.models import weights as models
 
     home = models.samcache_home()
     click.echo(f"weights folder (SAMCACHE_HOME): {home}")
@@ -643,7 +644,7 @@ def fetch_cmd(model_type: str) -> None:
       samcache fetch vit_b
       samcache fetch sam2.1_hiera_t
     """
-    from samcache import models
+    from samcache.models import weights as models
 
     path = models.resolve_checkpoint(model_type, None, download=True)
     click.echo(f"{model_type}: {path} (SHA-256 verified)")

@@ -32,9 +32,9 @@ from typing import Annotated, Any, Literal, Optional, TypeVar
 import yaml
 from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from samcache.data.images import INTENSITY_MODES
 from samcache.errors import ConfigError
-from samcache.images import INTENSITY_MODES
-from samcache.specs import MODEL_TYPES
+from samcache.models.specs import MODEL_TYPES
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")

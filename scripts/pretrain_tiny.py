@@ -11,7 +11,7 @@ It checkpoints in --workdir every 100 steps; the same command continues an inter
 The shipped weights are this command's run (from git e277018; 2-core Intel Xeon with AMX, 109
 minutes) finished from its step-3000 checkpoint with `--stop-after 3000` when the session's time
 ran short: held-out shapes box mIoU 0.639, point 0.465 (tiny_shapes.json).
-After a new run, put the printed SHA-256 into samcache.models.TINY_PRETRAINED_SHA256. The result
+After a new run, put the printed SHA-256 into samcache.models.weights.TINY_PRETRAINED_SHA256. The result
 is samcache's own model trained on synthetic shapes, NOT Meta's Segment Anything.
 """
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from samcache.tiny.recipe import Recipe, make_tiny_weights  # noqa: E402
+from recipes.tiny.recipe import Recipe, make_tiny_weights  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

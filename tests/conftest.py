@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from samcache import masks
+from samcache.data import masks
 from tests.helpers import (
     RUN_TRAIN,
     SHARED_EMBED,
@@ -57,7 +57,7 @@ def _isolated_home(tmp_path_factory, monkeypatch, _session_home):
 @pytest.fixture(scope="session")
 def vit_b_checkpoint(tmp_path_factory) -> Path:
     """A random-weight vit_b state dict saved like Meta's file: a plain dict of tensors, official keys."""
-    from samcache.models import build_sam
+    from samcache.models.weights import build_sam
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "sam_vit_b_random.pth"
@@ -68,7 +68,7 @@ def vit_b_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hiera_t_checkpoint(tmp_path_factory) -> Path:
     """A random-weight SAM 2.1 Hiera-T saved as Meta's sam2.1_hiera_tiny.pt is: {"model": state dict}."""
-    from samcache.sam2_models import build_sam2_model
+    from samcache.models.sam2 import build_sam2_model
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "sam2.1_hiera_tiny_random.pt"
@@ -123,7 +123,7 @@ def coco_dir(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def stamps(tmp_path_factory) -> Path:
     """The synthetic stamps data set: STAMPS_PAGES pages (seed STAMPS_SEED), COCO train/val/test."""
-    from samcache.datasets.stamps import generate_stamps
+    from samcache.data.stamps import generate_stamps
 
     out = tmp_path_factory.mktemp("shared") / "stamps"
     summary = generate_stamps(out, STAMPS_PAGES, seed=STAMPS_SEED, progress=False)
@@ -156,10 +156,10 @@ def vit_b_run(vit_b_checkpoint, tmp_path_factory) -> Path:
     epoch on them: ROOT/ds, ROOT/cache, ROOT/run. vit_b embeds cost seconds a page on a CPU, so the
     tests of real-checkpoint compatibility share it."""
     from samcache.config import EmbedConfig, TrainConfig
-    from samcache.datasets import load_dataset
-    from samcache.datasets.stamps import generate_stamps
-    from samcache.embed import embed_dataset
-    from samcache.train import train
+    from samcache.data.datasets import load_dataset
+    from samcache.data.stamps import generate_stamps
+    from samcache.embed.pipeline import embed_dataset
+    from samcache.train.trainer import train
 
     root = tmp_path_factory.mktemp("vit_b")
     generate_stamps(root / "ds", 2, seed=2, progress=False, fractions=(0.5, 0.5, 0.0))

@@ -63,8 +63,8 @@ def make_coco(root: Path, images: list[dict], annotations: list[dict], name: str
 def embed(dataset_dir: Path, cache_dir: Path, **overrides):
     """`embed_dataset` of the COCO data set in `dataset_dir` with FAST_EMBED (plus `overrides`)."""
     from samcache.config import EmbedConfig
-    from samcache.datasets import load_dataset
-    from samcache.embed import embed_dataset
+    from samcache.data.datasets import load_dataset
+    from samcache.embed.pipeline import embed_dataset
 
     return embed_dataset(load_dataset(dataset_dir), cache_dir, EmbedConfig(**{**FAST_EMBED, **overrides}))
 
@@ -72,7 +72,7 @@ def embed(dataset_dir: Path, cache_dir: Path, **overrides):
 def train_run(cache_dir: Path, run_dir: Path, **overrides):
     """`train` of `cache_dir` into `run_dir` with QUICK_TRAIN (plus `overrides`), quietly."""
     from samcache.config import TrainConfig
-    from samcache.train import train
+    from samcache.train.trainer import train
 
     return train(cache_dir, run_dir, TrainConfig(**{**QUICK_TRAIN, **overrides}), progress=False)
 
@@ -123,7 +123,7 @@ def left_unchanged(root: Path, what: str):
 
 def assert_same_last_checkpoint(expected_run: Path, got_run: Path):
     """The two runs' last.pt hold bit-identical weights and the same validation history; returns got's."""
-    from samcache.runs import RunCheckpoint
+    from samcache.train.runs import RunCheckpoint
 
     expected = RunCheckpoint.read(expected_run / "last.pt")
     got = RunCheckpoint.read(got_run / "last.pt")

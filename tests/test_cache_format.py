@@ -48,8 +48,8 @@ def test_documented_recipe_reads_the_cache(cache_with_history):
 
 
 def test_documented_recipe_reads_a_sam2_cache_with_its_three_maps(sam2_cache):
-    from samcache.cache import EmbeddingCache
-    from samcache.feature_layout import pack_sam2
+    from samcache.cache.reader import EmbeddingCache
+    from samcache.models.feature_layout import pack_sam2
 
     recipe = re.search(r"## Reading a cache with h5py only\n\n```python\n(.*?)```", DOC.read_text(), re.S).group(1)
     namespace: dict = {}
@@ -65,7 +65,7 @@ def test_documented_recipe_reads_a_sam2_cache_with_its_three_maps(sam2_cache):
 def test_plain_h5py_reader_agrees_with_samcache(cache_with_history):
     from pycocotools import mask as mask_utils
 
-    from samcache.cache import EmbeddingCache
+    from samcache.cache.reader import EmbeddingCache
 
     data, cache, first_run_shards = cache_with_history
     header = json.loads((cache / "cache.json").read_text())

@@ -8,8 +8,8 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from samcache import cache_index
-from samcache.cache import EmbeddingCache
+from samcache.cache import index as cache_index
+from samcache.cache.reader import EmbeddingCache
 from samcache.cli import main
 from tests.helpers import EMBED_FLAGS
 

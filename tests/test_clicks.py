@@ -7,11 +7,11 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from samcache import clicks as clicks_module
-from samcache.clicks import click_ious, largest_error_region, next_click, noc
-from samcache.decoder import DecoderOutput, decode
-from samcache.models import build_tiny
-from samcache.prompts import PromptBatch
+from samcache.models.decoder import DecoderOutput, decode
+from samcache.models.prompts import PromptBatch
+from samcache.models.weights import build_tiny
+from samcache.train import click_protocol as clicks_module
+from samcache.train.click_protocol import click_ious, largest_error_region, next_click, noc
 from tests.helpers import rect_mask
 
 

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from samcache.cli import main
 from samcache.config import DEVICES, LOSSES, PROMPT_MODES, EvalConfig, PromptSettings, TrainConfig, from_sources, parse
 from samcache.errors import ConfigError
-from samcache.runs import RunFolder
-from samcache.specs import MODEL_TYPES
+from samcache.models.specs import MODEL_TYPES
+from samcache.train.runs import RunFolder
 
 # (YAML line, option, value as the message shows it)
 REFUSED = [

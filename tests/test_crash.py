@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from samcache.cache import EmbeddingCache
+from samcache.cache.reader import EmbeddingCache
 from tests.helpers import STAMPS_PAGES
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from samcache import masks
-from samcache.datasets import hash_split, load_dataset
+from samcache.data import masks
+from samcache.data.datasets import hash_split, load_dataset
 from samcache.errors import DatasetError
 from tests.helpers import make_coco, rect_mask, write_image
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from samcache.cache import EmbeddingCache
-from samcache.models import load_sam
-from samcache.runs import RunCheckpoint
+from samcache.cache.reader import EmbeddingCache
+from samcache.models.weights import load_sam
+from samcache.train.runs import RunCheckpoint
 from tests.helpers import STAMPS_PAGES
 
 pytestmark = pytest.mark.slow

@@ -11,17 +11,18 @@ import torch
 from click.testing import CliRunner
 from segment_anything import SamPredictor
 
-from samcache import cache as cache_store
-from samcache import masks
-from samcache.cache import EmbeddingCache
+from samcache.cache.format import ImageEntry, Provenance, open_for_writing
+from samcache.cache.reader import EmbeddingCache
+from samcache.cache.writer import ShardWriter
 from samcache.cli import main
 from samcache.config import EmbedConfig
-from samcache.datasets import load_dataset
-from samcache.embed import decoding_workers, embed_dataset
+from samcache.data import masks
+from samcache.data.datasets import load_dataset
+from samcache.data.images import read_image
+from samcache.embed.pipeline import decoding_workers, embed_dataset
 from samcache.errors import CacheError
 from samcache.fileio import FileIdentity
-from samcache.images import read_image
-from samcache.models import build_tiny, load_sam
+from samcache.models.weights import build_tiny, load_sam
 from tests.helpers import FAST_EMBED as FAST
 from tests.helpers import STAMPS_PAGES, make_coco, write_image
 
@@ -125,7 +126,7 @@ def test_edited_annotations_are_refreshed_without_the_encoder(stamps_copy, stamp
     before = EmbeddingCache(cache_dir)
     old_embedding = before.embedding(before.index_of(name))
 
-    import samcache.embed as embed_module
+    import samcache.embed.pipeline as embed_module
 
     def no_encoder(*args, **kwargs):
         raise AssertionError("the encoder ran")
@@ -194,7 +195,7 @@ def test_full_disk_loses_nothing_committed(stamps, tmp_path, monkeypatch):
     import errno
 
     calls = {"n": 0}
-    real_add = cache_store.ShardWriter.add
+    real_add = ShardWriter.add
 
     def add_until_full(self, entry, embedding):
         calls["n"] += 1
@@ -202,12 +203,12 @@ def test_full_disk_loses_nothing_committed(stamps, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_add(self, entry, embedding)
 
-    monkeypatch.setattr(cache_store.ShardWriter, "add", add_until_full)
+    monkeypatch.setattr(ShardWriter, "add", add_until_full)
     with pytest.raises(CacheError, match="No space left on device.*committed before this is intact"):
         embed_dataset(load_dataset(stamps), tmp_path / "c", EmbedConfig(shard_images=2, **FAST))
     assert not list((tmp_path / "c" / "shards").glob("*.tmp"))
     assert len(EmbeddingCache(tmp_path / "c")) == 2  # the first shard survived
-    monkeypatch.setattr(cache_store.ShardWriter, "add", real_add)
+    monkeypatch.setattr(ShardWriter, "add", real_add)
     summary = embed_dataset(load_dataset(stamps), tmp_path / "c", EmbedConfig(shard_images=2, **FAST))
     assert (summary.embedded, summary.skipped) == (STAMPS_PAGES - 2, 2)
 
@@ -230,10 +231,10 @@ def test_decoding_workers_default_to_none_on_the_cpu_and_two_on_cuda():
 
 
 def test_fp16_overflow_is_an_error(tmp_path):
-    provenance = cache_store.Provenance("tiny", "x", {}, "percentile")
-    cache_store.open_for_writing(tmp_path / "c", provenance)
-    writer = cache_store.ShardWriter(tmp_path / "c", generation=1, rank=0, sequence=0, provenance=provenance)
-    entry = cache_store.ImageEntry(image_id=1, name="a.png", file=FileIdentity("a.png", "", 0, 0), original_size=(10, 10),
+    provenance = Provenance("tiny", "x", {}, "percentile")
+    open_for_writing(tmp_path / "c", provenance)
+    writer = ShardWriter(tmp_path / "c", generation=1, rank=0, sequence=0, provenance=provenance)
+    entry = ImageEntry(image_id=1, name="a.png", file=FileIdentity("a.png", "", 0, 0), original_size=(10, 10),
                                    split="train", objects=[], input_size=(1024, 1024), annotations_sha256="")
     big = np.zeros((256, 64, 64), np.float32)
     big[0, 0, 0] = 70000.0

@@ -8,11 +8,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from samcache.cache import EmbeddingCache
+from samcache.cache.reader import EmbeddingCache
 from samcache.cli import main
-from samcache.encoders import OpenVINOEncoder, TorchEncoder, converted_path, resolve_backend
+from samcache.embed.encoders import OpenVINOEncoder, TorchEncoder, converted_path, resolve_backend
 from samcache.errors import SamcacheError
-from samcache.models import identify_weights, load_identified
+from samcache.models.weights import identify_weights, load_identified
 from tests.helpers import EMBED_FLAGS
 
 

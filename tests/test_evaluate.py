@@ -13,17 +13,17 @@ import torch
 from click.testing import CliRunner
 from pycocotools import mask as mask_utils
 
-from samcache.cache import EmbeddingCache
+from samcache.cache.reader import EmbeddingCache
 from samcache.cli import main
 from samcache.config import EvalConfig
+from samcache.data.metrics import boundary, boundary_f, dice, iou
 from samcache.errors import RunError
-from samcache.evaluate import evaluate
-from samcache.metrics import boundary, boundary_f, dice, iou
-from samcache.models import load_sam
-from samcache.preprocess import transform_boxes
-from samcache.prompts import box_fill
-from samcache.report import model_titles
-from samcache.runs import RunCheckpoint
+from samcache.evaluate.evaluator import evaluate
+from samcache.evaluate.report import model_titles
+from samcache.models.preprocess import transform_boxes
+from samcache.models.prompts import box_fill
+from samcache.models.weights import load_sam
+from samcache.train.runs import RunCheckpoint
 from tests.helpers import SHARED_EMBED, copy_tree, embed, rect_mask
 
 

@@ -11,12 +11,12 @@ import torch
 from click.testing import CliRunner
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
-from samcache import masks
 from samcache.cli import main
 from samcache.config import EverythingSettings
-from samcache.everything import segment_everything
-from samcache.images import read_image
-from samcache.predict import predictor_from_run
+from samcache.data import masks
+from samcache.data.images import read_image
+from samcache.deploy.predict import predictor_from_run
+from samcache.evaluate.automatic_masks import segment_everything
 
 # Lower thresholds than SAM's defaults, so that the one-epoch tiny of the shared run finds masks.
 LOOSE = EverythingSettings(points_per_side=4, points_per_batch=10, pred_iou_thresh=0.3, stability_score_thresh=0.6)
@@ -115,9 +115,9 @@ def test_eval_everything_scores_coco_ap(stamps_cache, stamps_run_copy, tmp_path)
 
 def test_coco_ap_of_the_ground_truth_itself_is_one(stamps_cache):
     """The scorer, checked: the ground truth as predictions scores AP 1, and nothing found scores 0."""
-    from samcache.cache import EmbeddingCache
-    from samcache.evaluate import coco_mask_ap, coco_truth
-    from samcache.everything import EverythingMask
+    from samcache.cache.reader import EmbeddingCache
+    from samcache.evaluate.automatic_masks import EverythingMask
+    from samcache.evaluate.evaluator import coco_mask_ap, coco_truth
 
     cache = EmbeddingCache(stamps_cache)
     indices = cache.annotated_indices("val")

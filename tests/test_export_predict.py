@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from segment_anything import SamPredictor, sam_model_registry
 
 from samcache.cli import main
-from samcache.images import read_image
-from samcache.models import load_sam
-from samcache.runs import RunCheckpoint
+from samcache.data.images import read_image
+from samcache.models.weights import load_sam
+from samcache.train.runs import RunCheckpoint
 from tests.helpers import RUN_TRAIN
 
 ONE_EPOCH = RUN_TRAIN  # what the shared run (conftest.stamps_run) was trained with
@@ -78,7 +78,7 @@ def test_predict_with_points_equals_sam_predictor(stamps, tmp_path, with_box):
     written = json.loads((tmp_path / "p" / "predictions.json").read_text())["predictions"]
     assert len(written) == 1 and written[0]["points"] == [[x, y, label] for x, y, label in points]
     assert ("box" in written[0]) == with_box
-    from samcache import masks
+    from samcache.data import masks
 
     ours = masks.decode(written[0]["segmentation"])
     predictor = SamPredictor(sam)
@@ -127,7 +127,7 @@ def test_vit_b_export_loads_in_sam_and_matches_samcache_predict(vit_b_run, tmp_p
         assert result.exit_code == 0, result.output
         prediction = json.loads((out / "predictions.json").read_text())["predictions"][0]
         assert prediction["embedding_from"] == source
-        from samcache import masks
+        from samcache.data import masks
 
         got = masks.decode(prediction["segmentation"])
         agreement = (got == expected[0]).mean()

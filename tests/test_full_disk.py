@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from samcache.cache import EmbeddingCache
+from samcache.cache.reader import EmbeddingCache
 from samcache.cli import main
 from tests.helpers import EMBED_FLAGS, STAMPS_PAGES, tree_fingerprint
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from samcache import images
+from samcache.data import images
+from samcache.data.images import INTENSITY_MODES, read_image, read_image_size
 from samcache.errors import ImageReadError
-from samcache.images import INTENSITY_MODES, read_image, read_image_size
 
 # What a viewer shows for each EXIF orientation, written with numpy's rotations and flips
 # (independently of the module's own table).

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 from click.testing import CliRunner
 
-from samcache.cache import EmbeddingCache
+from samcache.cache.reader import EmbeddingCache
 from samcache.cli import main
 from tests.helpers import EMBED_FLAGS
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from samcache.config import PromptSettings, TrainConfig
-from samcache.decoder import DecoderOutput, compute_loss, decode
-from samcache.interactive import ADDS_POINT, PICK, USES_MASK, ClickSimulation, error_points
-from samcache.models import build_tiny
-from samcache.prompts import PromptBatch, click_passes, click_schedule, training_prompt
-from samcache.runs import RunCheckpoint
-from samcache.samples import ClickSchedules
-from samcache.step import interactive_step
-from samcache.train import DecoderModule, train
+from samcache.models.decoder import DecoderOutput, compute_loss, decode
+from samcache.models.prompts import PromptBatch, click_passes, click_schedule, training_prompt
+from samcache.models.weights import build_tiny
+from samcache.train.interactive import ADDS_POINT, PICK, USES_MASK, ClickSimulation, error_points
+from samcache.train.runs import RunCheckpoint
+from samcache.train.samples import ClickSchedules
+from samcache.train.step import interactive_step
+from samcache.train.trainer import DecoderModule, train
 from tests.helpers import QUICK_TRAIN, assert_same_last_checkpoint, train_process
 
 INTERACTIVE = PromptSettings(mode="interactive")
@@ -108,7 +108,7 @@ def test_mask_feedback_probability_and_off():
 def test_the_first_prompt_is_a_box_or_one_positive_point_half_each():
     rle_mask = np.zeros((200, 300), dtype=bool)
     rle_mask[50:120, 80:200] = True
-    from samcache import masks
+    from samcache.data import masks
 
     rle = masks.encode(rle_mask)
     prompts = [training_prompt(rle, (80, 50, 200, 120), (200, 300), INTERACTIVE, np.random.default_rng(i))

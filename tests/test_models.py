@@ -11,8 +11,8 @@ import pytest
 import torch
 from segment_anything import sam_model_registry
 
-from samcache import models
 from samcache.errors import CheckpointError
+from samcache.models import weights as models
 
 
 def test_tiny_is_deterministic_and_seeded():

@@ -11,12 +11,12 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from samcache import masks
-from samcache.cache import EmbeddingCache
+from samcache.cache.reader import EmbeddingCache
 from samcache.cli import main
-from samcache.images import read_image
-from samcache.onnx_export import DECODER_INPUTS, DECODER_OUTPUTS
-from samcache.preprocess import resize_image, transform_coords
+from samcache.data import masks
+from samcache.data.images import read_image
+from samcache.deploy.onnx import DECODER_INPUTS, DECODER_OUTPUTS
+from samcache.models.preprocess import resize_image, transform_coords
 
 NO_MASK = {"mask_input": np.zeros((1, 1, 256, 256), np.float32), "has_mask_input": np.zeros(1, np.float32)}
 

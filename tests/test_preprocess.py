@@ -7,8 +7,8 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from samcache.models import build_tiny
-from samcache.preprocess import batch_to_model_input, input_size, resize_image, transform_boxes, transform_coords
+from samcache.models.preprocess import batch_to_model_input, input_size, resize_image, transform_boxes, transform_coords
+from samcache.models.weights import build_tiny
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from samcache import masks, models
+from recipes.tiny import pretrain
+from recipes.tiny.pretrain import PretrainConfig, ShapesPrompts, learning_rate, pretrain_tiny
+from recipes.tiny.shapes import CATEGORIES, ShapesSettings, generate_shapes, render_shapes
 from samcache.config import PromptSettings
-from samcache.datasets import load_dataset
+from samcache.data import masks
+from samcache.data.datasets import load_dataset
 from samcache.errors import CheckpointError, TrainingError
 from samcache.fileio import sha256_file
-from samcache.tiny import pretrain
-from samcache.tiny.pretrain import PretrainConfig, ShapesPrompts, learning_rate, pretrain_tiny
-from samcache.tiny.shapes import CATEGORIES, ShapesSettings, generate_shapes, render_shapes
+from samcache.models import weights as models
 
 SMALL = ShapesSettings(min_side=96, max_side=160)
 

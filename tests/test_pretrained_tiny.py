@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from samcache import models
 from samcache.cli import main
 from samcache.config import EmbedConfig, EvalConfig
-from samcache.datasets import load_dataset
-from samcache.datasets.stamps import generate_stamps
-from samcache.embed import embed_dataset
-from samcache.evaluate import evaluate
+from samcache.data.datasets import load_dataset
+from samcache.data.stamps import generate_stamps
+from samcache.embed.pipeline import embed_dataset
+from samcache.evaluate.evaluator import evaluate
+from samcache.models import weights as models
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from samcache.cache import EmbeddingCache
+from samcache.cache.reader import EmbeddingCache
 from samcache.config import TrainConfig, from_sources
 from samcache.errors import RunError
-from samcache.models import load_sam
-from samcache.runs import RunCheckpoint, RunFolder, TrainState, apply_weights
+from samcache.models.weights import load_sam
+from samcache.train.runs import RunCheckpoint, RunFolder, TrainState, apply_weights
 
 
 def test_a_checkpoint_reads_back_as_what_training_saved(stamps_run):
@@ -93,9 +93,9 @@ def test_resume_may_train_more_epochs_and_records_them(stamps_cache, stamps_run_
 
 
 def test_a_run_that_failed_before_any_checkpoint_starts_over(stamps_cache, tmp_path, monkeypatch):
-    import samcache.step as step_module
+    import samcache.train.step as step_module
     from samcache.errors import TrainingError
-    from samcache.train import train
+    from samcache.train.trainer import train
 
     real = step_module.compute_loss
 
@@ -121,7 +121,7 @@ def test_weights_given_at_embed_time_are_found_again(stamps, tmp_path):
 
     from samcache.cli import main
     from samcache.fileio import sha256_file
-    from samcache.models import build_tiny
+    from samcache.models.weights import build_tiny
     from tests.helpers import FAST_EMBED, embed
 
     weights = tmp_path / "weights" / "my_tiny.pth"

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from samcache.data.images import read_image
 from samcache.errors import CheckpointError
-from samcache.images import read_image
-from samcache.models import load_sam
-from samcache.sam2_models import Sam2AsSam, image_features, preprocess
-from samcache.specs import OFFICIAL_WEIGHTS, SAM2_FEATURE_SHAPES, SAM2_MODEL_TYPES
+from samcache.models.sam2 import Sam2AsSam, image_features, preprocess
+from samcache.models.specs import OFFICIAL_WEIGHTS, SAM2_FEATURE_SHAPES, SAM2_MODEL_TYPES
+from samcache.models.weights import load_sam
 
 
 def test_preprocessing_and_features_equal_sam2_image_predictor(stamps, hiera_t_checkpoint):

@@ -18,20 +18,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from samcache import masks
-from samcache.cache import SCHEMA_VERSIONS, EmbeddingCache
+from samcache.cache.format import SCHEMA_VERSIONS
+from samcache.cache.reader import EmbeddingCache
 from samcache.cli import main
 from samcache.config import EvalConfig
-from samcache.decoder import DecoderOutput, compute_loss
+from samcache.data import masks
+from samcache.data.images import read_image
 from samcache.errors import CacheError, CheckpointError, SamcacheError
-from samcache.evaluate import evaluate
-from samcache.everything import segment_everything
-from samcache.feature_layout import pack_sam2, unpack_sam2
-from samcache.images import read_image
-from samcache.models import identify_weights, load_sam
-from samcache.prompts import interior_point
-from samcache.runs import RunFolder
-from samcache.specs import OFFICIAL_WEIGHTS, SAM2_FEATURE_SHAPES
+from samcache.evaluate.automatic_masks import segment_everything
+from samcache.evaluate.evaluator import evaluate
+from samcache.models.decoder import DecoderOutput, compute_loss
+from samcache.models.feature_layout import pack_sam2, unpack_sam2
+from samcache.models.prompts import interior_point
+from samcache.models.specs import OFFICIAL_WEIGHTS, SAM2_FEATURE_SHAPES
+from samcache.models.weights import identify_weights, load_sam
+from samcache.train.runs import RunFolder
 from tests.helpers import EMBED_FLAGS, STAMPS_PAGES, copy_tree, embed
 
 CONFIG_T = "configs/sam2.1/sam2.1_hiera_t.yaml"
@@ -262,7 +263,7 @@ def test_damage_in_a_high_resolution_map_is_found_and_taken_out(sam2_cache, tmp_
 
 
 def test_without_the_sam2_package_embed_says_how_to_install_it_and_writes_nothing(stamps, monkeypatch, tmp_path):
-    import samcache.sam2_models as sam2_models
+    import samcache.models.sam2 as sam2_models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(sam2_models.importlib.util, "find_spec",

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from samcache.datasets.stamps import CATEGORIES, generate_stamps, render_page
-from samcache.datasets.synthetic import SPLITS, split_plan
+from samcache.data.stamps import CATEGORIES, generate_stamps, render_page
+from samcache.data.synthetic import SPLITS, split_plan
 from samcache.errors import DatasetError
 
 N = 6

@@ -30,7 +30,7 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
                         package_name = package_name.rpartition(".")[0]
                     base = f"{package_name}.{node.module}"
                 for alias in node.names:
-                    # `from samcache import masks` imports the module samcache.masks
+                    # `from samcache import masks` imports the module samcache.data.masks
                     targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
         graph[name] = {t for t in targets if t in modules and t != name}
     return graph
@@ -65,7 +65,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert "samcache.datasets" in graph["samcache.cli"]  # the graph is read at all
+    assert "samcache.data.datasets" in graph["samcache.cli"]  # the graph is read at all
     cycle = find_cycle(graph)
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 
@@ -84,11 +84,53 @@ def test_the_cycle_finder_finds_cycles_hidden_in_functions(tmp_path):
     assert find_cycle(import_graph(package)) == []
 
 
+STAGE_TWO = ("samcache.train", "samcache.evaluate", "samcache.deploy")
+FOLDER_ORDER = ("data", "models", "cache", "embed", "train", "evaluate", "deploy")
+"""The stage folders, lowest first: each imports only from the folders before it (and the
+top-level foundation modules); `cli.py` sits above them all."""
+
+
 def test_stage_two_never_imports_stage_one():
     graph = import_graph()
-    for module in ("samcache.train", "samcache.evaluate", "samcache.predict", "samcache.export", "samcache.inference",
-                   "samcache.runs", "samcache.samples"):
-        assert "samcache.embed" not in _reachable(graph, module), module
+    stage_two = [m for m in graph if m.startswith(STAGE_TWO)]
+    assert len(stage_two) > 10  # the folders are there at all
+    for module in stage_two:
+        assert not any(t.startswith("samcache.embed") for t in _reachable(graph, module) | {module}), module
+
+
+def _folder(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else ""  # "" for the top-level modules
+
+
+def test_each_stage_folder_imports_only_the_folders_before_it():
+    graph = import_graph()
+    for module, targets in graph.items():
+        folder = _folder(module)
+        if folder not in FOLDER_ORDER:
+            continue
+        for target in targets:
+            other = _folder(target)
+            if other == "":  # a foundation module: errors, fileio, config, ...
+                assert target.split(".")[-1] not in ("cli", "__main__"), f"{module} imports {target}"
+                continue
+            assert FOLDER_ORDER.index(other) <= FOLDER_ORDER.index(folder), f"{module} imports {target}"
+            if folder == "embed":
+                assert other != "train", f"stage one imports stage two: {module} -> {target}"
+
+
+def test_foundation_modules_import_no_stage_folder_but_models_specs():
+    graph = import_graph()
+    for module, targets in graph.items():
+        if _folder(module) or module.split(".")[-1] in ("cli", "__main__", "samcache"):
+            continue
+        for target in targets:
+            assert _folder(target) == "" or target in FOUNDATION_MAY_IMPORT, f"{module} imports {target}"
+
+
+FOUNDATION_MAY_IMPORT = {"samcache.models.specs", "samcache.models.families", "samcache.data.images"}
+"""The torch-free vocabularies the configs are built from: model types (and their families) and
+image intensity modes."""
 
 
 def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -134,7 +176,7 @@ def test_readme_lists_every_module_in_dependency_order():
 
     def entry(module: str) -> str:
         parts = module.split(".")[1:]
-        if len(parts) > 1 or module in ("samcache.datasets", "samcache.tiny"):
+        if len(parts) > 1 or module in ("samcache.data.datasets", "recipes.tiny"):
             return parts[0] + "/"
         return parts[0] + ".py" if parts else "__init__.py"
 

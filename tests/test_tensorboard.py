@@ -6,7 +6,7 @@ import sys
 import pytest
 from helpers import QUICK_TRAIN, train_run
 
-from samcache.runs import tensorboard_scalars
+from samcache.train.runs import tensorboard_scalars
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -55,7 +55,7 @@ def test_resume_replaces_the_events_an_interrupted_run_wrote_after_its_checkpoin
     from torch.utils.tensorboard import SummaryWriter
 
     from samcache.config import TrainConfig
-    from samcache.train import train
+    from samcache.train.trainer import train
 
     run = tmp_path / "run"
     train_run(stamps_cache, run, **{**QUICK_TRAIN, "epochs": 1})

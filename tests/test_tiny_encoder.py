@@ -7,8 +7,8 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from samcache.models import build_tiny
-from samcache.tiny_encoder import ConvImageEncoder
+from samcache.models.tiny_encoder import ConvImageEncoder
+from samcache.models.weights import build_tiny
 
 
 def test_it_maps_sams_input_to_sams_embedding_and_sees_far():

@@ -14,18 +14,16 @@ import yaml
 from click.testing import CliRunner
 from segment_anything import SamPredictor
 
-from samcache import masks
-from samcache.cache import EmbeddingCache
+from samcache.cache.reader import EmbeddingCache
 from samcache.cli import main
 from samcache.config import EmbedConfig, PromptSettings, TrainConfig, parse
-from samcache.datasets import load_dataset
-from samcache.datasets.stamps import generate_stamps
-from samcache.decoder import compute_loss, decode, mask_iou
-from samcache.embed import embed_dataset
+from samcache.data import masks
+from samcache.data.datasets import load_dataset
+from samcache.data.stamps import generate_stamps
+from samcache.embed.pipeline import embed_dataset
 from samcache.errors import ConfigError, RunError, TrainingError
-from samcache.inference import upscale_logits
-from samcache.models import build_tiny, load_sam
-from samcache.prompts import (
+from samcache.models.decoder import compute_loss, decode, mask_iou
+from samcache.models.prompts import (
     PromptBatch,
     evaluation_prompt,
     interior_point,
@@ -35,8 +33,10 @@ from samcache.prompts import (
     sample_points,
     training_prompt,
 )
-from samcache.runs import RunCheckpoint
-from samcache.train import learning_rate, train
+from samcache.models.weights import build_tiny, load_sam
+from samcache.train.inference import upscale_logits
+from samcache.train.runs import RunCheckpoint
+from samcache.train.trainer import learning_rate, train
 from tests.helpers import QUICK_TRAIN, assert_same_last_checkpoint, make_coco, rect_mask, train_process, write_image
 
 QUICK = dict(QUICK_TRAIN, warmup_steps=1)
@@ -81,7 +81,7 @@ def test_batched_decoder_equals_sam_predictor_per_prompt():
 
 
 def test_sharing_the_first_blocks_image_work_changes_neither_outputs_nor_gradients():
-    from samcache.decoder import predict_masks_batched
+    from samcache.models.decoder import predict_masks_batched
 
     sam = build_tiny(0)
     torch.manual_seed(1)
@@ -170,7 +170,7 @@ def test_low_res_target_sits_where_the_decoder_predicts():
 
 # --------------------------------------------------------------------------------------- losses
 def test_sam_loss_rewards_the_right_mask_and_iou_head():
-    from samcache.decoder import DecoderOutput
+    from samcache.models.decoder import DecoderOutput
 
     target = torch.zeros(1, 256, 256)
     target[0, 50:150, 50:150] = 1
@@ -186,7 +186,7 @@ def test_sam_loss_rewards_the_right_mask_and_iou_head():
 
 
 def test_a_single_point_trains_the_best_multimask_output():
-    from samcache.decoder import DecoderOutput
+    from samcache.models.decoder import DecoderOutput
 
     target = torch.zeros(1, 256, 256)
     target[0, :100, :100] = 1
@@ -197,7 +197,7 @@ def test_a_single_point_trains_the_best_multimask_output():
 
 
 def test_tutorial_loss_has_no_useful_gradient():
-    from samcache.decoder import DecoderOutput
+    from samcache.models.decoder import DecoderOutput
 
     logits = torch.randn(2, 4, 256, 256, requires_grad=True)
     target = (torch.rand(2, 256, 256) > 0.5).float()
@@ -259,7 +259,7 @@ def test_prompt_encoder_can_be_trained_too(stamps_cache, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(stamps_cache, tmp_path, monkeypatch):
-    import samcache.step as step_module
+    import samcache.train.step as step_module
 
     train(stamps_cache, tmp_path / "r", TrainConfig(**QUICK), progress=False)
     good = (tmp_path / "r" / "last.pt").read_bytes()
@@ -387,8 +387,8 @@ def test_it_learns_on_a_small_stamps_cache(tmp_path):
 
 def test_validation_is_bounded_by_a_seeded_subset(stamps_cache, tmp_path):
     from samcache.distributed import SINGLE
-    from samcache.runs import RunFolder
-    from samcache.train import _splits
+    from samcache.train.runs import RunFolder
+    from samcache.train.trainer import _splits
     from tests.helpers import train_run
 
     cache = EmbeddingCache(stamps_cache)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from samcache import cache as cache_store
-from samcache.cache import EmbeddingCache
+from samcache.cache.format import Provenance, is_cache, open_for_writing
+from samcache.cache.reader import EmbeddingCache
+from samcache.cache.writer import ShardWriter
 from samcache.locks import HOLDER_NAME, LOCK_NAME, FolderBusyError, WriterLock, holder_of
-from samcache.runs import RunFolder
+from samcache.train.runs import RunFolder
 from tests.helpers import tree_fingerprint
 
 EMBED = ["--workers", "0", "--batch-size", "1", "--shard-images", "1", "--precision", "fp32"]
@@ -96,9 +97,9 @@ def test_a_second_train_into_the_same_run_folder_is_refused(stamps_cache, tmp_pa
 
 
 def test_shard_names_differ_even_for_the_same_generation_rank_and_sequence(tmp_path):
-    provenance = cache_store.Provenance("tiny", "x", {}, "percentile")
-    cache_store.open_for_writing(tmp_path / "c", provenance)
-    writers = [cache_store.ShardWriter(tmp_path / "c", generation=1, rank=0, sequence=0, provenance=provenance)
+    provenance = Provenance("tiny", "x", {}, "percentile")
+    open_for_writing(tmp_path / "c", provenance)
+    writers = [ShardWriter(tmp_path / "c", generation=1, rank=0, sequence=0, provenance=provenance)
                for _ in range(2)]
     assert writers[0].final_path != writers[1].final_path
     for writer in writers:
@@ -118,8 +119,8 @@ def test_a_fresh_cache_folder_with_only_a_lock_is_still_a_new_cache(tmp_path):
     folder = tmp_path / "c"
     folder.mkdir()
     (folder / LOCK_NAME).write_text("")
-    cache_store.open_for_writing(folder, cache_store.Provenance("tiny", "x", {}, "percentile"))
-    assert cache_store.is_cache(folder)
+    open_for_writing(folder, Provenance("tiny", "x", {}, "percentile"))
+    assert is_cache(folder)
     assert tree_fingerprint(folder)  # header written
 
 

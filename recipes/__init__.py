@@ -1,0 +1,1 @@
+"""Recipes that made what samcache ships; not part of the installed package."""

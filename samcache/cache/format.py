@@ -1,0 +1,251 @@
+"""The cache's on-disk format: its folder layout, header, records and names (no h5py handles kept).
+
+A cache is a folder (format in docs/cache-format.md):
+
+    CACHE/cache.json                 header: schema version and provenance, written once
+    CACHE/index.npz                  the shards' tables as columns (index.py; derived, optional)
+    CACHE/shards/g00001-r0000-s000000.h5   committed shards: embeddings, images, objects, failures
+    CACHE/shards/*.h5.tmp            a shard being written (ignored by readers, removed on restart)
+
+Shard names sort by (generation, rank, sequence); a generation is one run, so when an image
+appears in several shards (its file or its annotations changed) the latest record wins. Only the
+modules of this folder import h5py: `writer.py` writes shards, `reader.py` reads them, `verify.py`
+checks them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import h5py
+import numpy as np
+
+from samcache import __version__
+from samcache.data.records import ObjectRecord
+from samcache.errors import CacheError
+from samcache.fileio import FileIdentity, atomic_write_json
+from samcache.models.feature_layout import pack_sam2, unpack_sam2
+from samcache.models.specs import EMBEDDING_SHAPE, SAM2_FEATURE_SHAPES, model_family
+
+SCHEMA_VERSIONS = {"sam": 1, "sam2.1": 2}
+
+
+"""The schema version of each model family's caches: a SAM 2.1 cache holds two more maps per image."""
+
+
+STORED_MAPS = {
+    "sam": {"embeddings": EMBEDDING_SHAPE},
+    "sam2.1": {"embeddings": SAM2_FEATURE_SHAPES["image_embed"], "high_res_s1": SAM2_FEATURE_SHAPES["high_res_s1"],
+               "high_res_s0": SAM2_FEATURE_SHAPES["high_res_s0"]},
+}
+
+
+"""The per-image datasets of a shard, by model family, each (images, *shape) float16 with a checksum
+per image. A SAM 2.1 shard's `embeddings` is its image_embed."""
+
+
+HEADER_NAME = "cache.json"
+
+
+SHARD_DIR = "shards"
+
+
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+PREVIEW_SIZE = 640
+
+
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What made the embeddings; a cache accepts new images only from the same recipe.
+
+    Arguments:
+      model_type: "vit_b", "vit_l", "vit_h", "tiny", or a SAM 2.1 type (specs.SAM2_MODEL_TYPES); it
+        decides the model family, hence the schema version and what a shard stores.
+      weights_sha256: SHA-256 of the weights (see models.LoadedModel).
+      preprocessing: preprocess.Preprocessing.as_dict().
+      intensity: how images with more than 8 bits were mapped to uint8 (images.read_image).
+      embedding_dtype: the stored dtype, "float16".
+      compute_precision: "fp32" or "bf16" (autocast) for the encoder.
+      encoder_backend: "torch" or "openvino": who ran the encoder (informative; not compared:
+        the backends agree within float tolerance, tested).
+      weights_source: where the weights came from (informative; not compared).
+      samcache_version: the version that created the cache (informative; not compared).
+    """
+
+    model_type: str
+    weights_sha256: str
+    preprocessing: dict
+    intensity: str
+    embedding_dtype: str = "float16"
+    compute_precision: str = "fp32"
+    encoder_backend: str = "torch"
+    weights_source: str = ""
+    samcache_version: str = __version__
+
+    # These must agree for two sets of embeddings to be one dataset.
+    COMPARED = ("model_type", "weights_sha256", "preprocessing", "intensity", "embedding_dtype")
+
+    @property
+    def family(self) -> str:
+        """"sam" or "sam2.1" (specs.model_family)."""
+        return model_family(self.model_type)
+
+    @property
+    def made_by(self) -> str:
+        """How the embeddings were computed, in words: "bf16 by openvino" (the index's made_by column)."""
+        return f"{self.compute_precision} by {self.encoder_backend}"
+
+    def mismatch(self, other: "Provenance") -> Optional[str]:
+        for key in self.COMPARED:
+            if getattr(self, key) != getattr(other, key):
+                return f"{key} is {getattr(self, key)!r} in the cache, {getattr(other, key)!r} now"
+        return None
+
+
+@dataclass(kw_only=True)
+class ImageEntry:
+    """One image as a shard holds it: the dataset's `ImageRecord` fields, in its order, then what
+    the cache adds. Objects are the dataset's own `ObjectRecord`s.
+
+    Arguments:
+      image_id: the dataset's id of the image.
+      name: the dataset's key for the image (its path relative to the image root).
+      file: the source file and its content identity (SHA-256, size, mtime).
+      original_size: (H, W) of the decoded image.
+      split: from the dataset.
+      objects: the image's objects.
+      input_size: (h, w) after the encoder's resize, before padding.
+      annotations_sha256: a hash of the objects, to notice edited annotations.
+      preview_jpeg: a small JPEG of the image (longest side PREVIEW_SIZE) for reports, so
+        evaluation never needs the original files.
+    """
+
+    image_id: int
+    name: str
+    file: FileIdentity
+    original_size: tuple[int, int]
+    split: str
+    objects: list[ObjectRecord]
+    input_size: tuple[int, int]
+    annotations_sha256: str
+    preview_jpeg: bytes = b""
+
+
+@dataclass
+class FailedEntry:
+    """An image that could not be embedded, with the reason."""
+
+    name: str
+    file: FileIdentity
+    error: str
+
+
+# ----------------------------------------------------------------------------------- writing
+def open_for_writing(cache_dir: Path, provenance: Provenance) -> None:
+    """Creates the cache folder and header, or checks an existing header matches `provenance`."""
+    cache_dir = Path(cache_dir)
+    header_path = cache_dir / HEADER_NAME
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise CacheError(f"{cache_dir} exists and is not a cache folder")
+    if header_path.exists():
+        existing = read_header(cache_dir)
+        reason = existing.mismatch(provenance)
+        if reason:
+            raise CacheError(
+                f"refusing to add to {cache_dir}: it was made with other settings ({reason}). "
+                "Embeddings from different models or weights cannot be mixed; use another --out"
+            )
+        return
+    if cache_dir.exists() and any(not p.name.startswith(".samcache") for p in cache_dir.iterdir()):
+        raise CacheError(f"{cache_dir} is a non-empty folder without {HEADER_NAME}: not a samcache cache")
+    (cache_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(header_path, {"schema_version": SCHEMA_VERSIONS[provenance.family],
+                                    "provenance": asdict(provenance)})
+
+
+def is_cache(cache_dir: str | Path) -> bool:
+    """True when `cache_dir` has a cache header (it may still be empty or being written)."""
+    return (Path(cache_dir) / HEADER_NAME).is_file()
+
+
+def read_header(cache_dir: Path) -> Provenance:
+    path = Path(cache_dir) / HEADER_NAME
+    try:
+        header = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CacheError(f"{cache_dir} is not a samcache cache (no {HEADER_NAME})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CacheError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("provenance"), dict):
+        raise CacheError(f"{path} is not a samcache cache header (no provenance mapping)")
+    version = header.get("schema_version")
+    if version not in SCHEMA_VERSIONS.values():
+        raise CacheError(f"{cache_dir} has cache schema version {version}, this samcache reads "
+                         f"{', '.join(f'{v} ({k})' for k, v in SCHEMA_VERSIONS.items())}")
+    provenance = provenance_from_dict(header["provenance"], source=path)
+    if version != SCHEMA_VERSIONS[provenance.family]:
+        raise CacheError(f"{path}: schema version {version} with model {provenance.model_type!r}, whose caches are "
+                         f"version {SCHEMA_VERSIONS[provenance.family]}: not a header this samcache wrote")
+    return provenance
+
+
+def provenance_from_dict(values: dict, *, source: Path) -> Provenance:
+    """A Provenance from its JSON form; a missing or unknown key is a message naming `source`."""
+    known = {f.name for f in fields(Provenance)}
+    required = {f.name for f in fields(Provenance) if f.default is MISSING}
+    missing, unknown = sorted(required - set(values)), sorted(set(values) - known)
+    if missing or unknown:
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(unknown)}"] if unknown else [])
+        raise CacheError(f"{source}: the provenance has {'; '.join(problems)}: not a header this samcache wrote")
+    return Provenance(**values)
+
+
+def stored_maps(family: str, features: np.ndarray) -> dict[str, np.ndarray]:
+    """One image's decoder input -> the shard's datasets (STORED_MAPS); `decoder_input` inverts it."""
+    if family == "sam":
+        return {"embeddings": features}
+    maps = unpack_sam2(features)
+    return {"embeddings": maps["image_embed"], "high_res_s1": maps["high_res_s1"], "high_res_s0": maps["high_res_s0"]}
+
+
+def decoder_input(family: str, stored: dict[str, np.ndarray]) -> np.ndarray:
+    """The shard's datasets of one image (STORED_MAPS) -> its decoder input, as `stored_maps` took it."""
+    if family == "sam":
+        return stored["embeddings"]
+    return pack_sam2({"image_embed": stored["embeddings"], "high_res_s1": stored["high_res_s1"],
+                      "high_res_s0": stored["high_res_s0"]})
+
+
+def write_strings(group: h5py.Group, name: str, values: list[str]) -> None:
+    group.create_dataset(name, data=np.array(values, dtype=object), dtype=_STR)
+
+
+# Shards written before names had a random part match too; `x (copy).h5` and the like do not.
+SHARD_NAME = re.compile(r"g\d{5}-r\d{4}-s\d{6}(-[0-9a-f]{8})?\.h5")
+
+
+def shard_paths(cache_dir: Path) -> list[Path]:
+    return sorted(p for p in (Path(cache_dir) / SHARD_DIR).glob("g*.h5") if SHARD_NAME.fullmatch(p.name))
+
+
+# ----------------------------------------------------------------------------------- reading
+@dataclass(kw_only=True)
+class ImageInfo(ImageEntry):
+    """What the cache knows of one image, as written, plus its index in the cache (sorted by name).
+    The embedding and the preview are read on demand (`embedding`, `preview`)."""
+
+    index: int = -1
+
+
+def text(value: bytes) -> str:
+    return value.decode("utf-8")

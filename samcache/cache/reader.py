@@ -1,0 +1,408 @@
+"""Reading a cache: `EmbeddingCache`.
+
+Readers load the small per-image and per-object tables into memory at open as numpy columns
+(from index.npz, plus the tables of shards it does not cover), and read embeddings, previews and
+mask encodings lazily through h5py handles opened in the process that uses them, so a reader
+can be handed to DataLoader workers (h5py handles do not survive a fork).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+import h5py
+import numpy as np
+
+from samcache.cache import index as cache_index
+from samcache.cache.format import (
+    HEADER_NAME,
+    SCHEMA_VERSIONS,
+    STORED_MAPS,
+    FailedEntry,
+    ImageInfo,
+    Provenance,
+    decoder_input,
+    provenance_from_dict,
+    read_header,
+    shard_paths,
+    text,
+)
+from samcache.config import SPLITS
+from samcache.data.records import ObjectRecord
+from samcache.errors import CacheError
+from samcache.fileio import FileIdentity, atomic_write_bytes
+from samcache.models.specs import IMAGE_SIZE
+
+
+class DamagedImageError(CacheError):
+    """An embedding fails its checksum or holds non-finite values."""
+
+    def __init__(self, cache: "EmbeddingCache", index: int, problem: str):
+        shard, _ = cache.location(index)
+        super().__init__(
+            f"{cache.cache_dir}: the embedding of {cache.name_of(index)} in shard {shard.name} is damaged "
+            f"({problem}). Run `samcache verify {cache.cache_dir}` to find every damaged image and take them out "
+            "of the cache, then `samcache embed` again to embed them anew")
+        self.image, self.shard, self.problem = cache.name_of(index), shard, problem
+
+
+# Rewrite index.npz when this many shards are not in it (and at the end of every embed run):
+# readers read those shards' tables themselves, so this only bounds how slow opening gets.
+
+
+class EmbeddingCache:
+    """A read-only view of a cache: all committed shards as one dataset, images sorted by name.
+
+    Opening reads the columnar index (`cache_index`, index.npz) plus the tables of shards it does
+    not cover: O(shards) file operations and vectorised passes, no Python object per image.
+    `images[i]` builds an `ImageInfo` on demand (its mask encodings read from the shard);
+    whole-cache questions (`annotated_indices`, `splits`, `info`) are answered from the columns.
+    Forked DataLoader workers share the columns without copying them (numpy arrays, no
+    reference counts on every row).
+
+    Arguments:
+      cache_dir: the cache folder.
+    """
+
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+        self.provenance = read_header(self.cache_dir)
+        self.shards = shard_paths(self.cache_dir)
+        self._shard_stat = np.array([(st.st_size, st.st_mtime_ns) for st in (p.stat() for p in self.shards)],
+                                    np.int64).reshape(-1, 2)
+        self.tables, self.shards_outside_index = self._load_tables()
+        view = cache_index.resolve(self.tables)
+        t, rows = self.tables, view.image
+        self.superseded = view.superseded
+        # The columns of the view's images, in name order (what readers index by).
+        self.names = t.name[rows]
+        self.split_column = t.split[rows]
+        self.object_count = view.object_count
+        self.object_start = view.object_start
+        self._rows, self._objects = rows, view.object
+        self._location = np.stack([t.image_shard[rows], t.image_row[rows]], axis=1).astype(np.int64)
+        self.failed: list[FailedEntry] = [
+            FailedEntry(text(t.failed_name[r]),
+                        FileIdentity(text(t.failed_path[r]), text(t.failed_sha256[r]), int(t.failed_file_size[r]),
+                                     int(t.failed_file_mtime_ns[r])),
+                        text(t.failed_error[r]))
+            for r in view.failed
+        ]
+        # name -> why it left the cache (the latest record)
+        self.removed: dict[str, str] = {text(t.removed_name[r]): text(t.removed_reason[r]) for r in view.removed}
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def images(self) -> "_Images":
+        """The images as `ImageInfo`s, built when indexed (a property: no reference cycle keeps
+        a closed-over cache, and its open shard handles, alive)."""
+        return _Images(self)
+
+    def _load_tables(self) -> tuple["cache_index.Tables", int]:
+        """The stored index's tables for the shards it still matches, plus every other shard's own."""
+        position = {p.name: i for i, p in enumerate(self.shards)}
+        parts, covered = [], np.zeros(len(self.shards), bool)
+        stored = cache_index.load(self.cache_dir)
+        if stored is not None:
+            keep = np.zeros(len(stored.shards), bool)
+            new_position = np.zeros(len(stored.shards), np.int64)
+            for k, name in enumerate(stored.shards):
+                i = position.get(name)
+                if i is not None and (stored.stat[k] == self._shard_stat[i]).all():
+                    keep[k], new_position[k], covered[i] = True, i, True
+            parts.append(stored.tables.select_shards(keep, new_position))
+        for i in np.flatnonzero(~covered):
+            path = self.shards[i]
+            try:
+                with h5py.File(path, "r") as f:
+                    shard = self._check_shard_provenance(f, path)
+                    parts.append(_read_tables(f, int(i), made_by=shard.made_by, family=shard.family))
+            except _BadTable as exc:
+                raise CacheError(f"shard {path} holds bad values: {exc}; take it out of shards/ (its images "
+                                 "will be embedded again by `samcache embed`)") from exc
+            except (OSError, KeyError, ValueError, IndexError, TypeError) as exc:
+                raise CacheError(f"shard {path} is unreadable: {exc}") from exc
+        return cache_index.Tables.concatenate(parts), int(np.count_nonzero(~covered))
+
+    def save_index(self) -> None:
+        """Writes index.npz for the shards this view read (writers call it, holding the lock)."""
+        atomic_write_bytes(self.cache_dir / cache_index.INDEX_NAME,
+                           cache_index.to_bytes([p.name for p in self.shards], self._shard_stat, self.tables))
+        self.shards_outside_index = 0
+
+    def _check_shard_provenance(self, f: h5py.File, path: Path) -> Provenance:
+        """The shard's provenance; refuses a shard that another recipe made (copied in from another cache, say)."""
+        try:
+            shard = provenance_from_dict(json.loads(f.attrs["provenance"]), source=path)
+        except (KeyError, ValueError) as exc:
+            raise CacheError(f"shard {path} carries no readable provenance ({exc}): not a shard of this cache") from exc
+        differ = [f"{key} is {getattr(self.provenance, key)!r} in the cache, {getattr(shard, key)!r} in the shard"
+                  for key in Provenance.COMPARED if getattr(self.provenance, key) != getattr(shard, key)]
+        if differ:
+            raise CacheError(f"shard {path} was made with other settings than this cache ({'; '.join(differ)}): "
+                             "it does not belong here; move it out of the shards folder")
+        return shard
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # h5py handles never cross a process boundary
+        return state
+
+    def index_of(self, name: str) -> Optional[int]:
+        key = name.encode("utf-8")
+        i = int(np.searchsorted(self.names, key))
+        return i if i < len(self.names) and self.names[i] == key else None
+
+    def name_of(self, index: int) -> str:
+        return text(self.names[index])
+
+    def location(self, index: int) -> tuple[Path, int]:
+        """The shard that holds image `index`, and its row there."""
+        shard_index, row = self._location[index]
+        return self.shards[int(shard_index)], int(row)
+
+    def file_of(self, index: int) -> FileIdentity:
+        """Which file image `index` was embedded from, with which content."""
+        t, r = self.tables, self._rows[index]
+        return FileIdentity(text(t.path[r]), text(t.sha256[r]), int(t.file_size[r]), int(t.file_mtime_ns[r]))
+
+    def annotations_sha256_of(self, index: int) -> str:
+        return text(self.tables.annotations_sha256[self._rows[index]])
+
+    def index_by_sha256(self) -> dict[str, int]:
+        """{SHA-256 of the image file: index} (predict finds cached embeddings of its inputs by content)."""
+        return {text(sha): i for i, sha in enumerate(self.tables.sha256[self._rows]) if sha}
+
+    def annotated_indices(self, split: str) -> list[int]:
+        """The images of `split` that have at least one object (what training and evaluation use)."""
+        return np.flatnonzero((self.split_column == split.encode()) & (self.object_count > 0)).tolist()
+
+    def describe_splits(self) -> str:
+        """'train (91 objects), val (18 objects)': for messages that name the splits there are."""
+        return ", ".join(f"{k} ({v['objects']} objects)" for k, v in self.splits.items()) or "none"
+
+    @property
+    def splits(self) -> dict[str, dict[str, int]]:
+        names, codes = np.unique(self.split_column, return_inverse=True)
+        images = np.bincount(codes, minlength=len(names))
+        objects = np.bincount(codes, weights=self.object_count, minlength=len(names))
+        return {text(n): {"images": int(i), "objects": int(o)} for n, i, o in zip(names, images, objects)}
+
+    def embedding(self, index: int) -> np.ndarray:
+        """The decoder's input for image `index`, float16, read from disk and checked: every stored
+        map's Fletcher32 checksum (HDF5 verifies it on read) and finite values; DamagedImageError
+        else. SAM: the (256, 64, 64) embedding; SAM 2.1: its three maps packed into (1024, 64, 64)
+        (feature_layout.py)."""
+        shard_index, row = self._location[index]
+        handle, maps = self._handle(int(shard_index)), {}
+        for name in STORED_MAPS[self.provenance.family]:
+            try:
+                maps[name] = handle[name][int(row)]
+            except OSError as exc:  # h5py reports a checksum mismatch as a failed read
+                raise DamagedImageError(self, index, f"checksum mismatch in {name} "
+                                                     f"({str(exc).splitlines()[0]})") from exc
+            if not np.isfinite(maps[name]).all():
+                raise DamagedImageError(self, index, f"non-finite values in {name}")
+        return decoder_input(self.provenance.family, maps)
+
+    def preview_bytes(self, index: int) -> bytes:
+        shard_index, row = self._location[index]
+        return np.asarray(self._handle(int(shard_index))["images/preview_jpeg"][int(row)], np.uint8).tobytes()
+
+    def preview(self, index: int) -> np.ndarray:
+        """The image's preview as RGB uint8 (longest side PREVIEW_SIZE), decoded from the cache."""
+        import cv2
+
+        data = np.frombuffer(self.preview_bytes(index), np.uint8)
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        if bgr is None:
+            raise CacheError(f"{self.name_of(index)}: the cache holds no preview image")
+        return bgr[..., ::-1].copy()
+
+    def image_info(self, index: int) -> ImageInfo:
+        """Everything about image `index`; its objects' mask encodings are read from its shard."""
+        t, r = self.tables, int(self._rows[index])
+        start, count = int(self.object_start[index]), int(self.object_count[index])
+        objects_rows = self._objects[start : start + count]
+        h, w = (int(v) for v in t.original_size[r])
+        rles = self._rle_counts(int(self._location[index][0]), t.object_row[objects_rows]) if count else []
+        objects = [ObjectRecord(object_id=int(t.object_id[j]), box=tuple(float(v) for v in t.box[j]),
+                                rle={"size": [h, w], "counts": rle}, category=text(t.category[j]))
+                   for j, rle in zip(objects_rows, rles)]
+        return ImageInfo(
+            image_id=int(t.image_id[r]), name=text(t.name[r]), file=self.file_of(index), original_size=(h, w),
+            split=text(t.split[r]), objects=objects, input_size=(int(t.input_size[r, 0]), int(t.input_size[r, 1])),
+            annotations_sha256=text(t.annotations_sha256[r]), index=index,
+        )
+
+    def _rle_counts(self, shard_index: int, rows: np.ndarray) -> list[str]:
+        first, last = int(rows[0]), int(rows[-1]) + 1  # an image's objects are contiguous in its shard
+        values = self._handle(shard_index)["objects/rle_counts"][first:last]
+        counts = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+        if any(not c for c in counts):
+            raise CacheError(f"shard {self.shards[shard_index]}: an empty mask encoding in objects/rle_counts")
+        return [counts[int(r) - first] for r in rows]
+
+    def info(self) -> dict:
+        """The summary `samcache info` prints, as plain JSON types."""
+        size = self.bytes_on_disk()
+        categories, counts = np.unique(self.tables.category[self._objects], return_counts=True)
+        return {
+            "cache": str(self.cache_dir),
+            "schema_version": SCHEMA_VERSIONS[self.provenance.family],
+            "model_family": self.provenance.family,
+            "images": len(self),
+            "objects": int(self.object_count.sum()),
+            "splits": self.splits,
+            "categories": {text(c): int(n) for c, n in zip(categories, counts)},
+            "model_type": self.provenance.model_type,
+            "weights_sha256": self.provenance.weights_sha256,
+            "weights_source": self.provenance.weights_source,
+            "embedding_dtype": self.provenance.embedding_dtype,
+            "stored_maps": {name: list(shape) for name, shape in STORED_MAPS[self.provenance.family].items()},
+            "embedding_shape": list(STORED_MAPS[self.provenance.family]["embeddings"]),
+            # per image, from its shard: a cache extended later with another backend says so
+            "computed": {text(m): int(n) for m, n in zip(*np.unique(self.tables.made_by[self._rows],
+                                                                      return_counts=True))},
+            "intensity": self.provenance.intensity,
+            "samcache_version": self.provenance.samcache_version,
+            "shards": len(self.shards),
+            "superseded_records": self.superseded,
+            "removed": len(self.removed),
+            "bytes_on_disk": size,
+            "bytes_per_image": size / len(self) if len(self) else 0.0,
+            "failed": [{"name": f.name, "path": f.file.path, "error": f.error} for f in self.failed],
+        }
+
+    def bytes_on_disk(self) -> int:
+        return int(self._shard_stat[:, 0].sum()) + (self.cache_dir / HEADER_NAME).stat().st_size
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    def _handle(self, shard_index: int) -> h5py.File:
+        if self._pid != os.getpid():  # forked into a worker: start with fresh handles
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(shard_index)
+        if handle is None:
+            handle = h5py.File(self.shards[shard_index], "r")
+            self._handles[shard_index] = handle
+        return handle
+
+
+class _Images(Sequence):
+    """`cache.images`: the images as `ImageInfo`s, built when asked for (never all at open)."""
+
+    def __init__(self, cache: EmbeddingCache):
+        self._cache = cache
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._cache.image_info(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._cache.image_info(index)
+
+
+def refresh_index(cache_dir: Path, *, at_least: int = 1) -> None:
+    """Rewrites index.npz when `at_least` shards are outside it (writers, holding the lock)."""
+    cache = EmbeddingCache(cache_dir)
+    if cache.shards_outside_index >= at_least:
+        cache.save_index()
+
+
+def _read_tables(f: h5py.File, shard: int, *, made_by: str, family: str) -> "cache_index.Tables":
+    """One shard's tables as columns, checked; `made_by` and `family` are its provenance's."""
+    im, ob, fa = f["images"], f["objects"], f["failed"]
+    names = _read_bytes(im["name"])
+    n = len(names)
+    starts, counts = im["object_start"][()], im["object_count"][()]
+    starts = starts[:n]  # shards without images used to hold one start (0)
+    rles = ob["rle_counts"][()]
+    tables = cache_index.Tables(
+        name=names, path=_read_bytes(im["path"]), sha256=_read_bytes(im["sha256"]), split=_read_bytes(im["split"]),
+        annotations_sha256=_read_bytes(im["annotations_sha256"]), file_size=im["file_size"][()].astype(np.int64),
+        file_mtime_ns=im["file_mtime_ns"][()].astype(np.int64), image_id=im["image_id"][()].astype(np.int64),
+        original_size=im["original_size"][()].astype(np.int32), input_size=im["input_size"][()].astype(np.int32),
+        object_start=starts.astype(np.int64), object_count=counts.astype(np.int64),
+        image_shard=np.full(n, shard, np.int32), image_row=np.arange(n, dtype=np.int64),
+        made_by=cache_index.as_bytes([made_by] * n) if n else np.zeros(0, "S1"),
+        object_id=ob["object_id"][()].astype(np.int64), box=ob["box"][()].astype(np.float32),
+        category=_read_bytes(ob["category"]), object_row=np.arange(len(rles), dtype=np.int64),
+        failed_name=_read_bytes(fa["name"]), failed_path=_read_bytes(fa["path"]),
+        failed_sha256=_read_bytes(fa["sha256"]), failed_error=_read_bytes(fa["error"]),
+        failed_file_size=fa["file_size"][()].astype(np.int64),
+        failed_file_mtime_ns=fa["file_mtime_ns"][()].astype(np.int64),
+        failed_shard=np.full(len(fa["name"]), shard, np.int32),
+        # shards written before removals were recorded have none
+        removed_name=_read_bytes(f["removed/name"]) if "removed" in f else np.zeros(0, "S1"),
+        removed_reason=_read_bytes(f["removed/reason"]) if "removed" in f else np.zeros(0, "S1"),
+        removed_shard=np.full(len(f["removed/name"]) if "removed" in f else 0, shard, np.int32),
+    )
+    _check_tables(f, tables, rles, family)
+    return tables
+
+
+class _BadTable(ValueError):
+    pass
+
+
+def _check_tables(f: h5py.File, t: "cache_index.Tables", rles: np.ndarray, family: str) -> None:
+    """Refuses tables that would make later code crash or train on nonsense (an edited or
+    damaged shard): the message names the column and the first image it concerns."""
+
+    def bad(column: str, rows, why: str) -> None:
+        rows = np.flatnonzero(rows)
+        if rows.size:
+            row = int(rows[0])
+            who = f"image {text(t.name[row])!r}" if column.startswith("images/") else f"row {row}"
+            raise _BadTable(f"{column} of {who}: {why} ({rows.size} row(s) in all)")
+
+    n, m = t.images, len(rles)
+    image_columns = [t.path, t.sha256, t.split, t.annotations_sha256, t.file_size, t.file_mtime_ns, t.image_id,
+                     t.original_size, t.input_size, t.object_start, t.object_count]
+    for column in image_columns:
+        if len(column) != n:
+            raise _BadTable(f"the images table has columns of different lengths ({len(column)} and {n} rows)")
+    for column in (t.object_id, t.box, t.category):
+        if len(column) != m:
+            raise _BadTable(f"the objects table has columns of different lengths ({len(column)} and {m} rows)")
+    for column in (t.failed_path, t.failed_sha256, t.failed_error, t.failed_file_size, t.failed_file_mtime_ns):
+        if len(column) != len(t.failed_name):
+            raise _BadTable("the failed table has columns of different lengths")
+    for name, shape in STORED_MAPS[family].items():
+        if name not in f or f[name].shape != (n, *shape):
+            raise _BadTable(f"{name} has shape {f[name].shape if name in f else 'none (missing)'} for {n} images")
+    if t.original_size.shape != (n, 2) or t.input_size.shape != (n, 2) or t.box.shape != (m, 4):
+        raise _BadTable("original_size, input_size or box has the wrong shape")
+    bad("images/split", ~np.isin(t.split, [s.encode() for s in SPLITS]), f"not one of {', '.join(SPLITS)}")
+    bad("images/original_size", (t.original_size < 1).any(axis=1), "a side below 1 pixel")
+    bad("images/input_size", ((t.input_size < 1) | (t.input_size > IMAGE_SIZE)).any(axis=1),
+        f"outside 1..{IMAGE_SIZE}")
+    bad("images/object_count", t.object_count < 0, "negative")
+    bad("images/object_start", (t.object_start < 0) | (t.object_start + t.object_count > m),
+        f"outside the {m} objects")
+    box = t.box
+    bad("objects/box", ~np.isfinite(box).all(axis=1) | (box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1]),
+        "not a finite box with x1 >= x0 and y1 >= y0")
+    bad("objects/rle_counts", np.array([not r for r in rles], bool), "an empty mask encoding")
+
+
+def _read_bytes(dataset: h5py.Dataset) -> np.ndarray:
+    """A string column as fixed-width UTF-8 bytes."""
+    return cache_index.as_bytes(dataset[()].tolist())

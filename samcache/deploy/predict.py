@@ -1,0 +1,327 @@
+"""Predict: masks for new images and boxes, with a run's decoder or an exported checkpoint.
+
+An image already in a cache made by the same encoder weights (same file SHA-256) takes its
+embedding from the cache; any other image goes through the image encoder, preprocessed
+exactly as `SamPredictor.set_image` does. Outputs, per image: one PNG mask per box
+(0/255), an overlay PNG, and for all of them `predictions.json` with COCO RLE masks. The prompt
+is a box, points, or a box with points, as `SamPredictor.predict` takes them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+import torch
+
+from samcache.cache.reader import EmbeddingCache
+from samcache.config import MAX_POINTS, EverythingSettings
+from samcache.data import masks
+from samcache.data.images import read_image
+from samcache.deploy.export import metadata_path, read_metadata
+from samcache.devices import resolve_device
+from samcache.errors import OutputError, SamcacheError
+from samcache.evaluate.automatic_masks import refuse_sam2, segment_everything
+from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace, sha256_file
+from samcache.models.preprocess import batch_to_model_input, input_size_for, resize_image, transform_boxes
+from samcache.models.prompts import PromptBatch, make_prompt
+from samcache.models.sam2 import Sam2AsSam
+from samcache.models.weights import load_sam
+from samcache.progress import progress_bar
+from samcache.train.inference import predict_masks
+from samcache.train.runs import RunFolder
+
+
+@dataclass
+class Predictor:
+    """A SAM with the weights to predict with, and the identity of its image encoder's weights."""
+
+    sam: torch.nn.Module
+    model_type: str
+    encoder_weights_sha256: str
+    source: str
+
+
+def predictor_from_run(run_dir: str | Path, *, weights: str = "best", checkpoint=None) -> Predictor:
+    """The base SAM of a run with the run's fine-tuned decoder."""
+    model, run_checkpoint = RunFolder(run_dir).load_model(weights, checkpoint)
+    return Predictor(model.sam.eval(), model.model_type, run_checkpoint.base_weights_sha256, f"{run_dir} ({weights})")
+
+
+def predictor_from_checkpoint(checkpoint: str | Path, model_type: Optional[str] = None) -> Predictor:
+    """A full SAM state dict (e.g. from `samcache export`); the type comes from `model_type` or the
+    export's metadata JSON. The encoder is the base one, so the export's base SHA-256 names it."""
+    checkpoint = Path(checkpoint)
+    metadata = read_metadata(checkpoint)
+    model_type = model_type or metadata.get("model_type")
+    if model_type is None:
+        raise SamcacheError(f"which model is {checkpoint}? pass --model (no export metadata "
+                            f"{metadata_path(checkpoint).name} beside it)")
+    loaded = load_sam(model_type, checkpoint)
+    return Predictor(loaded.sam.eval(), model_type, metadata.get("base_weights_sha256", loaded.weights_sha256),
+                     str(checkpoint))
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SamcacheError(f"--box takes x0,y0,x1,y1 in pixels, got {text!r}") from None
+    return check_box((x0, y0, x1, y1), f"--box {text}")
+
+
+def parse_point(text: str) -> tuple[float, float, int]:
+    """`x,y` or `x,y,label` (1: inside the object, 0: outside) -> (x, y, label)."""
+    parts = text.split(",")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        x, y = float(parts[0]), float(parts[1])
+        label = int(parts[2]) if len(parts) == 3 else 1
+    except ValueError:
+        raise SamcacheError(f"--point takes x,y or x,y,label in pixels, got {text!r}") from None
+    if not (np.isfinite(x) and np.isfinite(y)) or label not in (0, 1):
+        raise SamcacheError(f"--point {text}: finite x, y and a label of 1 (inside) or 0 (outside)")
+    return x, y, label
+
+
+def check_box(box, where: str) -> tuple[float, float, float, float]:
+    """A box XYXY of finite numbers with x1 > x0 and y1 > y0 (before anything is written)."""
+    if not all(np.isfinite(v) for v in box):
+        raise SamcacheError(f"{where}: box coordinates must be finite numbers, got {list(box)}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if x1 <= x0 or y1 <= y0:
+        raise SamcacheError(f"{where}: x1 must exceed x0 and y1 must exceed y0")
+    return (x0, y0, x1, y1)
+
+
+def boxes_from_coco(path: str | Path) -> dict[str, list[tuple[float, float, float, float]]]:
+    """{image file name (basename): [XYXY boxes]} from a COCO JSON's bbox fields."""
+    try:
+        data = json.loads(Path(path).read_text())
+        names = {im["id"]: Path(im["file_name"]).name for im in data["images"]}
+        out: dict[str, list] = {}
+        for ann in data.get("annotations", []):
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            box = check_box((x, y, x + w, y + h), f"{path}: annotation {ann.get('id')!r}")
+            out.setdefault(names[ann["image_id"]], []).append(box)
+        return out
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise SamcacheError(f"{path}: not a COCO file with images and bbox annotations ({exc})") from exc
+
+
+@dataclass
+class _PredictionRun:
+    """What a predict command works with: the model on its device, the cache it may take embeddings
+    from (same encoder weights), and the output folder, checked before anything is written."""
+
+    sam: torch.nn.Module
+    device: torch.device
+    cache: Optional[EmbeddingCache]
+    cached_by_sha: dict
+    out_dir: Path
+    stems: dict[Path, str]
+
+    @classmethod
+    def start(cls, predictor: Predictor, images, out_dir, *, cache_dir, device: str,
+              overwrite: bool) -> "_PredictionRun":
+        torch_device = resolve_device(device)
+        cache = _usable_cache(cache_dir, predictor)
+        out_dir = Path(out_dir)
+        refuse_to_replace(out_dir / "predictions.json", overwrite=overwrite)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return cls(predictor.sam.to(torch_device), torch_device, cache,
+                   cache.index_by_sha256() if cache is not None else {}, out_dir,
+                   output_stems([Path(p) for p in images]))
+
+    def embedding(self, path: Path, image: np.ndarray) -> tuple[torch.Tensor, str]:
+        """The cached embedding when the file (by SHA-256) is in the cache, else the encoder's."""
+        return _embedding(self.sam, self.cache, self.cached_by_sha, path, image, self.device)
+
+
+@torch.no_grad()
+def predict_images(
+    predictor: Predictor,
+    images: list[str | Path],
+    out_dir: str | Path,
+    *,
+    box: Optional[tuple[float, float, float, float]] = None,
+    points: Optional[list[tuple[float, float, int]]] = None,
+    boxes_by_name: Optional[dict[str, list]] = None,
+    cache_dir: Optional[str | Path] = None,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> dict:
+    """Writes masks, overlays and predictions.json for each image; returns the predictions.
+
+    Arguments:
+      predictor: predictor_from_run or predictor_from_checkpoint.
+      images: image files.
+      out_dir: the output folder.
+      box: one XYXY box (original pixels) for every image, and/or
+      points: (x, y, label) in original pixels for every image (with `box`: one prompt of both, as
+        `SamPredictor.predict(point_coords, point_labels, box)`); or
+      boxes_by_name: boxes per image file name (boxes_from_coco).
+      cache_dir: a cache to take embeddings from when an image is in it.
+      device: "auto", "cpu" or "cuda".
+      overwrite: write into `out_dir` even when it holds an earlier predictions.json.
+    """
+    if (box is None and not points) == (boxes_by_name is None):
+        raise SamcacheError("give either --box and/or --point, or --boxes")
+    if points and len(points) > MAX_POINTS:
+        raise SamcacheError(f"at most {MAX_POINTS} points per prompt, got {len(points)}")
+    run = _PredictionRun.start(predictor, images, out_dir, cache_dir=cache_dir, device=device, overwrite=overwrite)
+    sam, torch_device, out_dir, stems = run.sam, run.device, run.out_dir, run.stems
+    results, warnings = [], []
+    for path in map(Path, images):
+        image_boxes = [box] if box is not None else [] if points else boxes_by_name.get(path.name, [])
+        if not image_boxes and not points:
+            continue
+        image = read_image(path)
+        original = image.shape[:2]
+        for x0, y0, x1, y1 in image_boxes:
+            if x1 <= 0 or y1 <= 0 or x0 >= original[1] or y0 >= original[0]:
+                warnings.append(f"{path}: box {[x0, y0, x1, y1]} lies outside the {original[1]}x{original[0]} image")
+        embedding, source = run.embedding(path, image)
+        frame = input_size_for(predictor.model_type, original)
+        if points:  # one prompt: the points, with the box when there is one
+            prompt = make_prompt(box if box is not None else np.zeros(4),
+                                 np.array([p[:2] for p in points], np.float64), np.array([p[2] for p in points]),
+                                 is_box=box is not None, original_size=original, frame=frame)
+            prompts = PromptBatch.from_prompts([prompt], torch.zeros(1, dtype=torch.long)).to(torch_device)
+        else:
+            boxes = torch.as_tensor(transform_boxes(np.array(image_boxes, dtype=np.float64), original, frame),
+                                    dtype=torch.float32, device=torch_device)
+            prompts = PromptBatch.boxes_of_one_image(boxes)
+        # fp32, as SamPredictor (SAM2ImagePredictor): these masks are meant to equal the predictor's
+        predictions = predict_masks(sam.prompt_encoder, sam.mask_decoder, embedding, prompts, [(frame, original)])
+        predicted = np.stack([p.mask for p in predictions])
+        scores = [p.score for p in predictions]
+        for k, (mask, score) in enumerate(zip(predicted, scores)):
+            mask_file = out_dir / f"{stems[path]}_mask{k}.png"
+            _write_png(mask_file, mask.astype(np.uint8) * 255)
+            prompt_fields = {"box": list(map(float, image_boxes[k]))} if image_boxes else {}
+            if points:
+                prompt_fields["points"] = [[float(x), float(y), int(label)] for x, y, label in points]
+            results.append({"image": str(path), **prompt_fields, "score": float(score),
+                            "area": int(mask.sum()), "segmentation": masks.encode(mask), "mask_png": mask_file.name,
+                            "embedding_from": source})
+        _write_overlay(out_dir / f"{stems[path]}_overlay.png", image, predicted, image_boxes, points or [])
+    atomic_write_json(out_dir / "predictions.json", {"model": predictor.source, "predictions": results})
+    return {"predictions": results, "images": len({r["image"] for r in results}), "warnings": warnings}
+
+
+@torch.no_grad()
+def predict_everything(predictor: Predictor, images: list[str | Path], out_dir: str | Path, *,
+                       settings: EverythingSettings = EverythingSettings(), cache_dir: Optional[str | Path] = None,
+                       device: str = "auto", overwrite: bool = False) -> dict:
+    """Segment everything in each image (everything.py): predictions.json with COCO results and an
+    overlay PNG per image. An image in the cache takes its embedding from there (no encoder runs).
+
+    Arguments:
+      predictor: predictor_from_run or predictor_from_checkpoint.
+      images: image files.
+      out_dir: the output folder.
+      settings: the generator's options (SamAutomaticMaskGenerator's defaults).
+      cache_dir: a cache to take embeddings from when an image is in it.
+      device: "auto", "cpu" or "cuda".
+      overwrite: write into `out_dir` even when it holds an earlier predictions.json.
+    """
+    refuse_sam2(predictor.model_type)
+    run = _PredictionRun.start(predictor, images, out_dir, cache_dir=cache_dir, device=device, overwrite=overwrite)
+    sam, out_dir, stems = run.sam, run.out_dir, run.stems
+    image_records, results = [], []
+    bar = progress_bar(total=len(images), desc="segment everything", unit="image")
+    started = time.perf_counter()
+    for image_id, path in enumerate(map(Path, images), start=1):
+        image = read_image(path)
+        embedding, source = run.embedding(path, image)
+        found = segment_everything(sam.prompt_encoder, sam.mask_decoder, embedding, image.shape[:2], settings,
+                                   mask_threshold=sam.mask_threshold)
+        image_records.append({"id": image_id, "file_name": str(path), "height": image.shape[0],
+                              "width": image.shape[1], "embedding_from": source})
+        results += [found_mask.coco_result(image_id) for found_mask in found]
+        _write_everything_overlay(out_dir / f"{stems[path]}_everything.png", image, [m.rle for m in found])
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - started
+    atomic_write_json(out_dir / "predictions.json", {
+        "model": predictor.source, "mode": "everything", "settings": settings.model_dump(),
+        "images": image_records, "categories": [{"id": 1, "name": "object"}], "predictions": results})
+    return {"predictions": results, "images": len(image_records), "seconds": seconds}
+
+
+def output_stems(images: list[Path]) -> dict[Path, str]:
+    """A distinct output name per input: its stem, numbered when two inputs share one (a/x.jpg, b/x.jpg)."""
+    counts: dict[str, int] = {}
+    for path in images:
+        counts[path.stem] = counts.get(path.stem, 0) + 1
+    taken = {stem for stem, n in counts.items() if n == 1}
+    names: dict[Path, str] = {}
+    for path in images:
+        if path in names:
+            continue
+        name, k = path.stem, 1
+        while counts[path.stem] > 1 and (name == path.stem or name in taken):
+            name, k = f"{path.stem}-{k}", k + 1
+        taken.add(name)
+        names[path] = name
+    return names
+
+
+def _usable_cache(cache_dir, predictor: Predictor) -> Optional[EmbeddingCache]:
+    if cache_dir is None or not Path(cache_dir).exists():
+        return None
+    cache = EmbeddingCache(cache_dir)
+    same = (cache.provenance.model_type == predictor.model_type
+            and cache.provenance.weights_sha256 == predictor.encoder_weights_sha256)
+    return cache if same else None
+
+
+def _embedding(sam, cache: Optional[EmbeddingCache], cached_by_sha: dict, path: Path, image: np.ndarray, device):
+    """The cached embedding when the file (by SHA-256) is in the cache, else the encoder's."""
+    if cache is not None:
+        index = cached_by_sha.get(sha256_file(path))
+        if index is not None and cache.images[index].original_size == image.shape[:2]:
+            return torch.from_numpy(cache.embedding(index)).float()[None].to(device), "cache"
+    if isinstance(sam, Sam2AsSam):
+        return sam.encode([image]), "encoder"
+    model_input = batch_to_model_input([torch.from_numpy(resize_image(image))], device=device)
+    return sam.image_encoder(model_input), "encoder"
+
+
+def _write_overlay(path: Path, image: np.ndarray, predicted: np.ndarray, boxes, points) -> None:
+    overlay = image.astype(np.float32)
+    palette = np.array([[30, 144, 255], [255, 99, 71], [50, 205, 50], [238, 130, 238], [255, 215, 0]], np.float32)
+    for k, mask in enumerate(predicted):
+        overlay[mask] = 0.5 * overlay[mask] + 0.5 * palette[k % len(palette)]
+    overlay = overlay.astype(np.uint8)[..., ::-1].copy()
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        color = tuple(int(c) for c in palette[k % len(palette)][::-1])
+        cv2.rectangle(overlay, (int(x0), int(y0)), (int(x1), int(y1)), color, 2)
+    for x, y, label in points:  # green inside the object, red outside (BGR)
+        cv2.circle(overlay, (int(x), int(y)), 6, (0, 200, 0) if label else (0, 0, 230), -1)
+    _write_png(path, overlay)
+
+
+def _write_everything_overlay(path: Path, image: np.ndarray, rles: list[dict]) -> None:
+    """Each mask in its own colour; masks decoded one at a time (hundreds on a large scan would not fit)."""
+    overlay = image.astype(np.float32)
+    palette = np.random.default_rng(0).uniform(40, 255, size=(256, 3)).astype(np.float32)
+    for k, rle in enumerate(rles):
+        mask = masks.decode(rle)
+        overlay[mask] = 0.5 * overlay[mask] + 0.5 * palette[k % len(palette)]
+    _write_png(path, overlay.astype(np.uint8)[..., ::-1].copy())
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    # cv2.imwrite reports a failed write only by returning False; this way it is an OutputError.
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise OutputError(f"could not encode {path} as PNG")
+    atomic_write_bytes(path, data.tobytes())

@@ -1,0 +1,176 @@
+"""Image-encoder backends of `samcache embed`: torch (any device) and OpenVINO (the CPU).
+
+On a CPU, OpenVINO runs SAM's ViT encoder about 1.5x faster than torch in fp32 on the same
+weights (measured on vit_b, AVX2-only EPYC; it uses bf16 on CPUs with AMX or AVX512-BF16),
+with embeddings equal to torch's within float tolerance (cosine 1.000000: BENCHMARKS.md). So
+`--backend auto` is OpenVINO on the CPU and torch on CUDA (bf16, batched).
+
+Converting a model takes minutes for vit_b (a trace of the whole encoder), so it happens once
+per model type and weights SHA-256 (fp32 weights; the inference precision is chosen when
+compiling), into `$SAMCACHE_HOME/openvino/`. The converted files are written to a temporary
+folder and renamed, so a killed conversion leaves nothing half-written behind. Once they exist,
+`samcache embed` never builds the torch model nor imports segment_anything (seconds of start-up
+for vit_b). OpenVINO's compiled-model cache (CACHE_DIR: 1.8 s -> 0.3 s of compiling vit_b) is
+not used: with it the test process segfaulted later in the suite (session 5).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from samcache.devices import autocast
+from samcache.errors import SamcacheError
+from samcache.models.specs import IMAGE_SIZE, model_family
+from samcache.models.weights import LoadedModel, WeightsIdentity, load_identified, samcache_home
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device, model_type: str) -> str:
+    """"auto" is openvino on the CPU (when installed) and torch elsewhere; openvino needs the CPU.
+    SAM 2.1's Hiera runs on torch only (its conversion is not done here)."""
+    if model_family(model_type) == "sam2.1":
+        if backend == "openvino":
+            raise SamcacheError(f"--backend openvino runs SAM's encoders, not {model_type}'s Hiera: use --backend "
+                                "torch (or auto)")
+        return "torch"
+    if backend == "auto":
+        return "openvino" if device.type == "cpu" and openvino_available() else "torch"
+    if backend == "openvino":
+        if device.type != "cpu":
+            raise SamcacheError(f"--backend openvino runs on the CPU, not on {device.type}: use --backend torch "
+                                "(or --device cpu)")
+        if not openvino_available():
+            raise SamcacheError("--backend openvino needs the openvino package: pip install openvino")
+    return backend
+
+
+class TorchEncoder:
+    """SAM's own encoder module, in inference mode, bf16 autocast when `precision` is bf16."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, precision: str):
+        self.module = loaded.sam.image_encoder.to(device).eval()
+        self.device, self.precision = device, precision
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        """(B, 3, 1024, 1024) normalised and padded input -> (B, 256, 64, 64) float32."""
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            return self.module(batch.to(self.device)).float().cpu().numpy()
+
+
+class Sam2Encoder:
+    """SAM 2.1's image encoder (Hiera + FPN + the decoder's conv_s0 / conv_s1), bf16 autocast when
+    `precision` is bf16. Takes the decoded images themselves: SAM 2.1 resizes the float image
+    (sam2_models.preprocess), so no uint8 resize happens in the workers."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, precision: str):
+        self.sam = loaded.sam.to(device).eval()
+        self.device, self.precision = device, precision
+
+    def __call__(self, images: list[torch.Tensor]) -> np.ndarray:
+        """RGB uint8 images (H, W, 3), any sizes -> packed features (B, 1024, 64, 64) float32."""
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            return self.sam.encode([image.numpy() for image in images]).float().cpu().numpy()
+
+
+def open_encoder(weights: WeightsIdentity, backend: str, device: torch.device, precision: str, *,
+                 say: Callable[[str], None] = print):
+    """The encoder of `weights` on `backend` (resolve_backend's answer): a callable from the
+    model input (B, 3, 1024, 1024) to embeddings (B, 256, 64, 64) float32; for SAM 2.1 a
+    Sam2Encoder (from the decoded images to packed features)."""
+    if model_family(weights.model_type) == "sam2.1":
+        return Sam2Encoder(load_identified(weights), device, precision)
+    if backend == "openvino":
+        return OpenVINOEncoder(weights, precision, say=say)
+    return TorchEncoder(load_identified(weights), device, precision)
+
+
+class OpenVINOEncoder:
+    """The same encoder converted to OpenVINO once (see the module docstring), compiled for the CPU.
+
+    Arguments:
+      weights: the weights whose encoder to run (their SHA-256 names the converted files; they
+        are loaded into torch only to convert them).
+      precision: "bf16" (OpenVINO's bf16 inference, on CPUs that have it) or "fp32".
+      say: where to report a conversion (a line at the start and one at the end).
+    """
+
+    def __init__(self, weights: WeightsIdentity, precision: str, *, say: Callable[[str], None] = print):
+        import openvino as ov
+
+        xml = converted_path(weights)
+        if not xml.exists():
+            _convert(load_identified(weights), xml, say)
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        self.compiled = core.compile_model(str(xml), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        """(B, 3, 1024, 1024) -> (B, 256, 64, 64) float32, one image per inference (the model was
+        converted for batch 1; on a CPU batching only adds memory traffic)."""
+        inputs = batch.float().cpu().numpy()
+        return np.concatenate([self.request.infer([inputs[i : i + 1]])[0].copy() for i in range(len(inputs))])
+
+
+def converted_path(weights: WeightsIdentity) -> Path:
+    """Where the OpenVINO model of these weights lives (`.xml`, with its `.bin` beside it)."""
+    folder = samcache_home() / "openvino"
+    return folder / f"{weights.model_type}-{weights.weights_sha256[:16]}-encoder.xml"
+
+
+def _convert(loaded: LoadedModel, xml: Path, say: Callable[[str], None]) -> None:
+    import openvino as ov
+
+    encoder = loaded.sam.image_encoder.float().eval()
+    say(f"converting the {loaded.model_type} image encoder to OpenVINO, once for these weights "
+        f"(vit_b takes about 2 minutes on 2 cores); it will be kept in {xml.parent}")
+    started = time.time()
+    ticker = _Ticker(say, started)
+    try:
+        with torch.no_grad():
+            model = ov.convert_model(encoder, example_input=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=xml.parent, prefix=".converting-"))
+        try:
+            # fp32 weights: compressing them to fp16 would change the embeddings
+            ov.save_model(model, str(staging / xml.name), compress_to_fp16=False)
+            os.replace(staging / xml.with_suffix(".bin").name, xml.with_suffix(".bin"))
+            os.replace(staging / xml.name, xml)  # the .xml last: it is what marks a finished conversion
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        ticker.stop()
+    size = xml.with_suffix(".bin").stat().st_size / 2**20
+    say(f"converted in {time.time() - started:.0f} s ({size:.0f} MiB): {xml}")
+
+
+class _Ticker:
+    """Says how long the conversion has run, every 30 s (ov.convert_model reports no progress)."""
+
+    def __init__(self, say: Callable[[str], None], started: float, every: float = 30.0):
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, args=(say, started, every), daemon=True).start()
+
+    def _run(self, say, started: float, every: float) -> None:
+        while not self._stop.wait(every):
+            say(f"  converting: {time.time() - started:.0f} s")
+
+    def stop(self) -> None:
+        self._stop.set()

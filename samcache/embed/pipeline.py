@@ -1,0 +1,351 @@
+"""Stage one: run the image encoder once per image and commit the embeddings to the cache.
+
+Images are decoded, resized and hashed (on CUDA in DataLoader workers, while the encoder runs;
+on the CPU in the main process, between images: there the encoder uses every core) and encoded
+by encoders.py: OpenVINO on the CPU, torch with bf16 autocast on CUDA, by default.
+Results go into shards of the cache (see cache.py), committed every `shard_images` images or
+`shard_seconds` seconds, whichever comes first: that is all a crash can lose.
+
+Which images need work is decided from what the cache holds, by name:
+- committed and unchanged (same file size and mtime, or same SHA-256; same annotations): skipped;
+- committed, file unchanged, annotations edited: the stored embedding is copied to a new
+  shard with the new objects (no encoder run);
+- failed before with the same file: skipped (the reason stays in the cache);
+- anything else: embedded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from samcache.cache.format import PREVIEW_SIZE, FailedEntry, ImageEntry, Provenance, open_for_writing
+from samcache.cache.reader import EmbeddingCache
+from samcache.cache.writer import ShardRotation, remove_stale_temporaries
+from samcache.config import EmbedConfig
+from samcache.data.datasets import Dataset, ImageRecord
+from samcache.data.images import read_image
+from samcache.devices import resolve_device, resolve_precision
+from samcache.distributed import SINGLE, Distributed
+from samcache.embed.encoders import open_encoder, resolve_backend
+from samcache.errors import CacheError, OutputError, SamcacheError
+from samcache.faults import crash_point
+from samcache.fileio import FileIdentity
+from samcache.locks import WriterLock
+from samcache.models.preprocess import (
+    Preprocessing,
+    batch_to_model_input,
+    input_size_for,
+    preprocessing_for,
+    resize_image,
+)
+from samcache.models.specs import model_family
+from samcache.models.weights import WeightsIdentity, identify_weights
+from samcache.progress import progress_bar
+
+
+@dataclass
+class EmbedSummary:
+    """What a run did; `line()` is the one-line summary the CLI prints."""
+
+    embedded: int
+    refreshed: int
+    skipped: int
+    failed: int
+    previously_failed: int
+    dropped: int
+    seconds: float
+    bytes_on_disk: int
+    images_in_cache: int
+    cache_dir: str
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        if self.embedded == self.refreshed == self.failed == self.dropped == 0:
+            head = f"nothing to embed: all {self.skipped} images are already in {self.cache_dir}"
+        else:
+            head = (f"embedded {self.embedded} images in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s), "
+                    f"skipped {self.skipped} already cached, failed {self.failed}")
+            if self.refreshed:
+                head += f", refreshed annotations of {self.refreshed}"
+            if self.dropped:
+                head += f", dropped {self.dropped} no longer in the dataset"
+        if self.previously_failed:
+            head += f", {self.previously_failed} unchanged images that failed before"
+        per_image = self.bytes_on_disk / max(self.images_in_cache, 1)
+        return (f"{head}; cache: {self.images_in_cache} images, {self.bytes_on_disk / 2**20:.1f} MiB "
+                f"({per_image / 2**20:.2f} MiB/image)")
+
+
+def annotations_sha256(record: ImageRecord) -> str:
+    """A hash of what the cache stores about an image besides its pixels."""
+    payload = [record.split, record.image_id] + [
+        [o.object_id, list(o.box), o.category, o.rle["counts"]] for o in record.objects
+    ]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class _DecodeImages(TorchDataset):
+    """Decodes, hashes and resizes images in DataLoader workers; errors come back as values.
+    `resize` False hands the decoded image on as it is (SAM 2.1 resizes the float image itself)."""
+
+    def __init__(self, records: list[ImageRecord], intensity: str, image_size: int, *, resize: bool = True):
+        self.records, self.intensity, self.image_size, self.resize = records, intensity, image_size, resize
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        item: dict = {"i": i, "error": None, "file": FileIdentity(str(record.path), "", 0, 0)}
+        try:
+            item["file"] = FileIdentity.of(record.path)
+            image = read_image(record.path, intensity=self.intensity)
+            if image.shape[:2] != (record.height, record.width):
+                raise SamcacheError(
+                    f"{record.path}: decoded size {image.shape[0]}x{image.shape[1]} differs from the "
+                    f"dataset's {record.height}x{record.width}"
+                )
+            item["image"] = torch.from_numpy(resize_image(image, self.image_size) if self.resize else image)
+            # As a tensor it travels through shared memory: a large pickled message would leave a
+            # worker orphaned by kill -9 blocked forever, flushing into a pipe nobody reads.
+            item["preview"] = torch.frombuffer(bytearray(make_preview(image)), dtype=torch.uint8)
+        except (SamcacheError, OSError) as exc:
+            item["error"] = str(exc)
+        return item
+
+
+def make_preview(image: np.ndarray, size: int = PREVIEW_SIZE, quality: int = 85) -> bytes:
+    """A small JPEG of an RGB image (longest side `size`) that reports draw on."""
+    import cv2
+
+    scale = size / max(image.shape[:2])
+    if scale < 1:
+        image = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+                           interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return data.tobytes() if ok else b""
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+def embed_dataset(
+    dataset: Dataset, cache_dir: str | Path, config: EmbedConfig, *, dist: Distributed = SINGLE
+) -> EmbedSummary:
+    """Embeds every image of `dataset` not yet in the cache at `cache_dir` (this rank's share of them).
+
+    Arguments:
+      dataset: the records to embed (datasets.load_dataset).
+      cache_dir: the cache folder; created if missing.
+      config: the options.
+      dist: this process's place under torchrun. Every rank plans from the same committed
+        shards, then embeds pending[rank::world_size] into shards named after its rank; the
+        summary counts all ranks.
+    """
+    cache_dir = Path(cache_dir)
+    with WriterLock(cache_dir, what="cache", enabled=dist.is_main):  # under torchrun rank 0 holds it for all
+        return _embed(dataset, cache_dir, config, dist)
+
+
+def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distributed) -> EmbedSummary:
+    start = time.time()
+    device = dist.device(resolve_device(config.device))
+    precision = resolve_precision(config.precision, device)
+    # Only the weights' identity now: the model is built when there is something to encode, and
+    # not at all when the encoder was converted to OpenVINO before (encoders.py).
+    weights = identify_weights(config.model_type, config.checkpoint, random_init=config.random_init)
+    preprocessing = preprocessing_for(config.model_type)
+    backend = resolve_backend(config.backend, device, config.model_type)
+    provenance = _provenance(weights, preprocessing, config, precision, backend)
+    existing = _open_cache(cache_dir, provenance, dist)
+    pending, refresh, skipped, previously_failed = _plan(dataset.images, existing)
+    pending, refresh = pending[dist.rank :: dist.world_size], refresh[dist.rank :: dist.world_size]
+    rotation = ShardRotation(cache_dir, provenance, rank=dist.rank, max_images=config.shard_images,
+                              max_seconds=config.shard_seconds, indexed=len(existing.shards))
+    dist.barrier()  # none commits before all have planned, so the slices agree
+
+    unreadable = _new_unreadable(dataset, existing) if dist.is_main else []
+    gone = _no_longer_in(dataset, existing) if dist.is_main else []
+    try:
+        for name in gone:  # the shards stay as they are; a record takes the image out of the cache's view
+            rotation.current().add_removal(name, "not in the dataset any more")
+        for failure in unreadable:
+            rotation.current().add_failure(failure)
+        for record, index in refresh:  # annotations edited, pixels unchanged: no encoder run
+            rotation.current().add(_entry(record, existing.file_of(index), existing.preview_bytes(index),
+                                          weights.model_type), existing.embedding(index))
+            rotation.maybe_commit()
+        embedded, failed = _run_encoder(weights, backend, pending, rotation, config, device, precision, preprocessing,
+                                        dist)
+        rotation.commit()
+    except OSError as exc:
+        rotation.abandon()
+        raise CacheError(
+            f"could not write to {cache_dir}: {exc.strerror or exc}. Every shard committed before this is intact; "
+            "free space (or fix the folder) and run the same command again to finish"
+        ) from exc
+    finally:
+        existing.close()
+
+    embedded, refreshed, failed, dropped = (
+        int(v) for v in dist.sum([embedded, len(refresh), failed + len(unreadable), len(gone)]))
+    seconds = dist.max(time.time() - start)
+    dist.barrier()  # every rank's shards are committed
+    final = EmbeddingCache(cache_dir)
+    if dist.is_main and final.shards_outside_index:
+        try:
+            final.save_index()
+        except OutputError:
+            pass  # index.npz only makes opening faster; readers read the shards' own tables without it
+    return EmbedSummary(
+        embedded=embedded, refreshed=refreshed, skipped=len(skipped), failed=failed,
+        previously_failed=len(previously_failed), dropped=dropped, seconds=seconds,
+        bytes_on_disk=final.bytes_on_disk(), images_in_cache=len(final), cache_dir=str(cache_dir),
+    )
+
+
+def _open_cache(cache_dir: Path, provenance: Provenance, dist: Distributed) -> EmbeddingCache:
+    """Rank 0 makes (or checks) the header and clears what killed runs left; then every rank
+    opens the same committed shards."""
+    if dist.is_main:
+        open_for_writing(cache_dir, provenance)
+        remove_stale_temporaries(cache_dir)
+    dist.barrier()
+    if not dist.is_main:
+        open_for_writing(cache_dir, provenance)
+    return EmbeddingCache(cache_dir)
+
+
+def _provenance(weights: WeightsIdentity, preprocessing: Preprocessing, config: EmbedConfig,
+                precision: str, backend: str) -> Provenance:
+    return Provenance(
+        model_type=weights.model_type,
+        weights_sha256=weights.weights_sha256,
+        preprocessing=preprocessing.as_dict(),
+        intensity=config.intensity,
+        compute_precision=precision,
+        encoder_backend=backend,
+        weights_source=weights.weights_source,
+    )
+
+
+def decoding_workers(config: EmbedConfig, device: torch.device) -> int:
+    """`config.workers`, or its default for the device (see EmbedConfig.workers)."""
+    if config.workers is not None:
+        return config.workers
+    return 2 if device.type == "cuda" else 0
+
+
+def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageRecord], rotation: ShardRotation,
+                 config: EmbedConfig, device: torch.device, precision: str, preprocessing: Preprocessing,
+                 dist: Distributed) -> tuple[int, int]:
+    """Decodes `pending` (in DataLoader workers, or in this process: decoding_workers) and encodes
+    them in batches into the rotation's shards; returns (embedded, failed)."""
+    if not pending:
+        return 0, 0
+    say = print if config.progress and dist.is_main else (lambda line: None)
+    encoder = open_encoder(weights, backend, device, precision, say=say)
+    sam2 = model_family(weights.model_type) == "sam2.1"
+    embedded, failed = 0, 0
+    loader = DataLoader(
+        _DecodeImages(pending, config.intensity, preprocessing.image_size, resize=not sam2),
+        batch_size=config.batch_size or (8 if device.type == "cuda" else 1),
+        num_workers=decoding_workers(config, device),
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    progress = _progress_bar(len(pending), config.progress and dist.is_main, dist.label())
+    try:
+        for batch in loader:
+            good = [item for item in batch if item["error"] is None]
+            if good:
+                images = [item["image"] for item in good]
+                features = encoder(images if sam2 else batch_to_model_input(images, device=device,
+                                                                             preprocessing=preprocessing))
+                for item, feature in zip(good, features):
+                    entry = _entry(pending[item["i"]], item["file"], item["preview"].numpy().tobytes(),
+                                   weights.model_type)
+                    rotation.current().add(entry, feature)
+                embedded += len(good)
+            for item in batch:
+                if item["error"] is not None:
+                    record = pending[item["i"]]
+                    rotation.current().add_failure(FailedEntry(record.name, item["file"], item["error"]))
+                    failed += 1
+                    progress.write(f"failed: {record.name}: {item['error']}")
+                    if config.strict:
+                        rotation.commit()
+                        raise CacheError(f"--strict: {record.path} could not be embedded: {item['error']}")
+            progress.update(len(batch))
+            progress.set_postfix(failed=failed)
+            rotation.maybe_commit()
+            crash_point("batch-done")
+    finally:
+        progress.close()
+    return embedded, failed
+
+
+def _plan(records: list[ImageRecord], existing: EmbeddingCache):
+    """Splits the dataset into (to embed, to refresh from the cache, up to date, failed before)."""
+    failed_before = {f.name: f for f in existing.failed}
+    pending, refresh, skipped, previously_failed = [], [], [], []
+    for record in sorted(records, key=lambda r: r.name):
+        index = existing.index_of(record.name)
+        if index is not None:
+            if existing.file_of(index).unchanged(record.path):
+                if existing.annotations_sha256_of(index) == annotations_sha256(record):
+                    skipped.append(record)
+                else:
+                    refresh.append((record, index))
+                continue
+        failure = failed_before.get(record.name)
+        if failure is not None and failure.file.unchanged(record.path):
+            previously_failed.append(record)
+            continue
+        pending.append(record)
+    return pending, refresh, skipped, previously_failed
+
+
+def _new_unreadable(dataset: Dataset, existing: EmbeddingCache) -> list[FailedEntry]:
+    """Images the dataset reader could not open, unless the cache already lists the same failure."""
+    known = {(f.name, f.error) for f in existing.failed}
+    return [
+        FailedEntry(p.unreadable_image, FileIdentity(p.file, "", -1, -1), p.message)
+        for p in dataset.problems
+        if p.unreadable_image and (p.unreadable_image, p.message) not in known
+    ]
+
+
+def _no_longer_in(dataset: Dataset, existing: EmbeddingCache) -> list[str]:
+    """Cached images (and failures) whose names the dataset no longer has, unreadable ones included."""
+    present = {record.name for record in dataset.images} | {p.unreadable_image for p in dataset.problems}
+    cached = {existing.name_of(i) for i in range(len(existing))}
+    return sorted((cached | {f.name for f in existing.failed}) - present)
+
+
+def _entry(record: ImageRecord, file: FileIdentity, preview_jpeg: bytes, model_type: str) -> ImageEntry:
+    original_size = (record.height, record.width)
+    return ImageEntry(
+        image_id=int(record.image_id), name=record.name, file=dataclasses.replace(file, path=str(record.path)),
+        original_size=original_size, split=record.split, objects=list(record.objects),
+        input_size=input_size_for(model_type, original_size), annotations_sha256=annotations_sha256(record),
+        preview_jpeg=preview_jpeg,
+    )
+
+
+def _progress_bar(total: int, enabled: bool, label: str = ""):
+    return progress_bar(total, desc=f"embed {label}".strip(), unit="img", enabled=enabled and total > 0)

@@ -1,0 +1,498 @@
+"""Model building and weight loading: the only module that knows where SAM weights come from.
+
+`load_sam(model_type, checkpoint)` is the entry point. It builds the architecture with
+segment_anything's own modules, finds the weights (an explicit path, `$SAMCACHE_HOME`, or
+a verified download of Meta's official file), loads them without executing pickled code
+(`weights_only=True`, or safetensors) and with strict keys, and says which weights it used
+(`weights_sha256`), so caches and runs can refuse to mix models.
+
+`tiny` is samcache's own SAM-shaped model: SAM's geometry (1024 px input, 256x64x64
+embeddings) and SAM's exact prompt encoder and mask decoder, with a small convolutional image
+encoder (tiny_encoder.py), so every stage runs at real sizes in seconds on a CPU. Two sets of weights exist for it:
+
+- samcache's own pretrained weights, `samcache/weights/tiny_shapes.safetensors`, trained end to
+  end on synthetic shapes by `scripts/pretrain_tiny.py` (provenance in `tiny_shapes.json`; NOT
+  Meta's SAM). `load_sam("tiny")` uses them when the file is installed and its SHA-256 is
+  `TINY_PRETRAINED_SHA256`; like any weights file they are identified by the file's SHA-256.
+- random weights, deterministic from a seed (`build_tiny(seed)`, `load_sam("tiny",
+  random_init=True)`), identified by the SHA-256 of the state dict's tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from samcache.errors import CheckpointError
+from samcache.fileio import sha256_file
+from samcache.models.sam2 import Sam2AsSam, build_sam2_model, require_sam2
+from samcache.models.specs import (
+    EMBEDDING_SIZE,
+    ENCODER_SPECS,
+    IMAGE_SIZE,
+    MODEL_TYPES,
+    OFFICIAL_WEIGHTS,
+    PATCH_SIZE,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    PROMPT_EMBED_DIM,
+    SAM2_MODEL_TYPES,
+    EncoderSpec,
+    OfficialWeights,
+    model_family,
+)
+from samcache.progress import progress_bar
+
+if TYPE_CHECKING:  # segment_anything imports torchvision (a second or more): only where a model is built
+    from segment_anything.modeling import Sam
+
+# samcache's own tiny weights, pretrained on synthetic shapes (scripts/pretrain_tiny.py), shipped
+# in the package. The SHA-256 pins the exact file; a file that differs is refused, never used.
+TINY_PRETRAINED = Path(__file__).resolve().parents[1] / "weights" / "tiny_shapes.safetensors"
+# The shipped file's SHA-256 (scripts/pretrain_tiny.py prints it); caches made with it record it.
+TINY_PRETRAINED_SHA256 = "70e815d32d4017c1d265f1f1b93b7763102ba427c6b518818d569994354d1444"
+
+
+@dataclass
+class LoadedModel:
+    """A SAM model and the identity of its weights.
+
+    Arguments:
+      sam: the model, in eval mode, on the CPU.
+      model_type: one of specs.MODEL_TYPES.
+      weights_sha256: SHA-256 of the checkpoint file, or for generated weights (tiny) of the
+        state dict's tensors; caches and runs record it and refuse a mismatch.
+      weights_source: a human-readable origin: a path, or "tiny random init (seed 0)".
+    """
+
+    sam: Sam
+    model_type: str
+    weights_sha256: str
+    weights_source: str
+
+
+def samcache_home() -> Path:
+    """Where downloaded weights live: `$SAMCACHE_HOME`, default `~/.cache/samcache`."""
+    return Path(os.environ.get("SAMCACHE_HOME", Path.home() / ".cache" / "samcache")).expanduser()
+
+
+def build_sam(model_type: str) -> Sam:
+    """Builds an untrained SAM of `model_type` with segment_anything's modules (eval mode, CPU);
+    the tiny's image encoder is samcache's own (tiny_encoder.ConvImageEncoder). A SAM 2.1 type is
+    built by the sam2 package and comes as a `sam2_models.Sam2AsSam`."""
+    if model_family(model_type) == "sam2.1":
+        return Sam2AsSam(build_sam2_model(model_type)).eval()
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    if model_type == "tiny":
+        from samcache.models.tiny_encoder import ConvImageEncoder
+
+        image_encoder = ConvImageEncoder(img_size=IMAGE_SIZE, out_chans=PROMPT_EMBED_DIM)
+    else:
+        spec = _spec(model_type)
+        image_encoder = ImageEncoderViT(
+            depth=spec.depth,
+            embed_dim=spec.embed_dim,
+            img_size=IMAGE_SIZE,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=spec.num_heads,
+            patch_size=PATCH_SIZE,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=spec.global_attn_indexes,
+            window_size=14,
+            out_chans=PROMPT_EMBED_DIM,
+        )
+    sam = Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=PromptEncoder(
+            embed_dim=PROMPT_EMBED_DIM,
+            image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
+            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+            transformer_dim=PROMPT_EMBED_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
+    )
+    return sam.eval()
+
+
+def build_tiny(seed: int = 0) -> Sam:
+    """The tiny model with random weights, identical for the same seed on any machine."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_sam("tiny")
+
+
+def tiny_pretrained_available() -> bool:
+    """True when the shipped pretrained tiny weights are installed (file present, SHA-256 pinned).
+
+    A present file whose SHA-256 differs from `TINY_PRETRAINED_SHA256` raises CheckpointError:
+    silently falling back to random weights would change every result without a word.
+    """
+    if not TINY_PRETRAINED_SHA256 or not TINY_PRETRAINED.is_file():
+        return False
+    digest = sha256_file(TINY_PRETRAINED)  # small: hashed each time, no sidecar inside the package
+    if digest != TINY_PRETRAINED_SHA256:
+        raise CheckpointError(
+            f"{TINY_PRETRAINED} has SHA-256 {digest}, but this samcache expects "
+            f"{TINY_PRETRAINED_SHA256}: the installed file is damaged or from another version. Reinstall "
+            "samcache, pass --checkpoint, or use random_init=True"
+        )
+    return True
+
+
+@dataclass(frozen=True)
+class WeightsIdentity:
+    """Which weights a command will use, found and hashed without building the model.
+
+    `samcache embed` needs only this when its encoder was converted to OpenVINO before
+    (encoders.py): then SAM is never built, and segment_anything is never imported.
+
+    Arguments:
+      model_type: one of specs.MODEL_TYPES.
+      weights_sha256: as in LoadedModel.
+      weights_source: as in LoadedModel.
+      path: the weights file, or None for tiny's random weights.
+      seed: the seed of tiny's random weights (path None).
+    """
+
+    model_type: str
+    weights_sha256: str
+    weights_source: str
+    path: Optional[Path]
+    seed: int = 0
+
+
+def identify_weights(
+    model_type: str,
+    checkpoint: Optional[str | Path] = None,
+    *,
+    seed: int = 0,
+    download: bool = True,
+    random_init: bool = False,
+) -> WeightsIdentity:
+    """The weights `load_sam` would load with the same arguments (see there), and their SHA-256."""
+    _spec(model_type)
+    if model_family(model_type) == "sam2.1":
+        require_sam2(model_type)  # before anything is written: a cache, a run folder
+    if random_init and (model_type != "tiny" or checkpoint is not None):
+        raise CheckpointError("random_init applies to the tiny model without a checkpoint only")
+    if model_type == "tiny" and checkpoint is None:
+        if random_init or not tiny_pretrained_available():
+            digest = state_dict_sha256(build_tiny(seed).state_dict())  # tiny: built in milliseconds
+            return WeightsIdentity("tiny", digest, f"tiny random init (seed {seed})", None, seed)
+        if seed != 0:  # a seed only picks random weights: say so rather than ignore it
+            raise CheckpointError(f"seed={seed} selects tiny's random weights; pass random_init=True for them")
+        return WeightsIdentity("tiny", TINY_PRETRAINED_SHA256, str(TINY_PRETRAINED), TINY_PRETRAINED)
+    path = resolve_checkpoint(model_type, checkpoint, download=download)
+    # The absolute path: caches record it, and later commands find the file again from anywhere.
+    return WeightsIdentity(model_type, file_sha256_cached(path), str(path.resolve()), path)
+
+
+def load_identified(weights: WeightsIdentity) -> LoadedModel:
+    """Builds the model of `weights` and loads them (strict keys, no pickled code)."""
+    if weights.path is None:
+        sam = build_tiny(weights.seed)
+    else:
+        sam = build_sam(weights.model_type)
+        load_weights_into(weights_module(sam), read_state_dict(weights.path), model_type=weights.model_type,
+                          source=weights.path)
+    return LoadedModel(sam, weights.model_type, weights.weights_sha256, weights.weights_source)
+
+
+def load_sam(
+    model_type: str,
+    checkpoint: Optional[str | Path] = None,
+    *,
+    seed: int = 0,
+    download: bool = True,
+    random_init: bool = False,
+) -> LoadedModel:
+    """Builds `model_type` and loads its weights.
+
+    Arguments:
+      model_type: "vit_b", "vit_l", "vit_h" or "tiny".
+      checkpoint: a state dict file (.pth/.pt weights-only, or .safetensors). Without it, real
+        models use `$SAMCACHE_HOME/<official file>` or download it; tiny uses its shipped
+        pretrained weights (`TINY_PRETRAINED`) when installed, else random weights.
+      seed: the seed of tiny's random weights (with `random_init`, or when no pretrained tiny
+        weights are installed; another seed than 0 with the pretrained ones is an error).
+      download: allow downloading the official weights when they are not in `$SAMCACHE_HOME`.
+      random_init: tiny only: the random weights of `build_tiny(seed)`, even when the pretrained
+        ones are installed.
+    """
+    return load_identified(identify_weights(model_type, checkpoint, seed=seed, download=download,
+                                            random_init=random_init))
+
+
+def resolve_checkpoint(model_type: str, checkpoint: Optional[str | Path], *, download: bool = True) -> Path:
+    """The checkpoint file to load: the explicit path, a verified file in `$SAMCACHE_HOME`, or a download."""
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+        return path
+    official = OFFICIAL_WEIGHTS.get(model_type)
+    if official is None:
+        raise CheckpointError(f"model type {model_type!r} has no official weights; pass --checkpoint PATH")
+    path = samcache_home() / official.filename
+    if path.is_file():
+        digest = file_sha256_cached(path)
+        if digest != official.sha256:
+            raise CheckpointError(
+                f"{path} has SHA-256 {digest}, but Meta's {model_type} file has {official.sha256}; "
+                f"delete it to download again, or pass it explicitly with --checkpoint {path}"
+            )
+        return path
+    if not download:
+        raise CheckpointError(_offline_message(model_type, official, reason="downloads are disabled"))
+    return download_official(model_type)
+
+
+def download_official(model_type: str) -> Path:
+    """Downloads Meta's checkpoint for `model_type` into `$SAMCACHE_HOME`, verifying its SHA-256.
+
+    The file is written as `<name>.part` and renamed only once verified, so an interrupted or
+    corrupted download never leaves a file that looks complete.
+    """
+    official = OFFICIAL_WEIGHTS[model_type]
+    home = samcache_home()
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / official.filename
+    partial_path = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(official.url, timeout=60) as response, open(partial_path, "wb") as out:
+            total = int(response.headers.get("Content-Length") or official.size_bytes)
+            with progress_bar(total, desc=f"downloading {official.filename}", unit="B", unit_scale=True) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        partial_path.unlink(missing_ok=True)
+        raise CheckpointError(_offline_message(model_type, official, reason=f"download failed: {exc}")) from exc
+    if digest.hexdigest() != official.sha256:
+        partial_path.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"downloaded {official.url} has SHA-256 {digest.hexdigest()}, expected {official.sha256}; "
+            "the file was deleted, try again"
+        )
+    os.replace(partial_path, target)
+    return target
+
+
+def _offline_message(model_type: str, official: OfficialWeights, *, reason: str) -> str:
+    return (
+        f"no {model_type} weights: {reason}. Download {official.url} on a machine with internet "
+        f"(SHA-256 {official.sha256}) and either put it in {samcache_home()} (set SAMCACHE_HOME to "
+        f"change that folder) or pass --checkpoint PATH"
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads a state dict without ever executing pickled code.
+
+    `.safetensors` files are read with safetensors; anything else with
+    `torch.load(weights_only=True)`, which refuses objects other than tensors and plain types.
+    A `{"model": state_dict}` or `{"state_dict": ...}` wrapper, common in training checkpoints,
+    is unwrapped.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than tensors and plain types, and loading "
+            f"them would run code from the file ({str(exc).splitlines()[0]})"
+        ) from exc
+    except Exception as exc:  # torch.load fails in many ways on a file that is no checkpoint (KeyError, IndexError...)
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict) and len(obj) <= 3:
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def weights_module(sam) -> torch.nn.Module:
+    """The module whose state dict is the checkpoint's layout: SAM itself, or for SAM 2.1 sam2's
+    SAM2Base inside the Sam2AsSam (its keys as in Meta's sam2.1_hiera_*.pt)."""
+    return sam.model if isinstance(sam, Sam2AsSam) else sam
+
+
+def frozen_by_cache(sam) -> list[torch.nn.Module]:
+    """Decoder-side modules whose outputs the cache holds, so decoder training cannot change them:
+    none for SAM; SAM 2.1's conv_s0 / conv_s1 (sam2_models.Sam2AsSam.frozen_by_cache)."""
+    return sam.frozen_by_cache() if isinstance(sam, Sam2AsSam) else []
+
+
+def load_weights_into(sam: Sam, state_dict: dict[str, torch.Tensor], *, model_type: str, source: str | Path) -> None:
+    """`load_state_dict(strict=True)`, with an error that names the model type expected and, when it
+    can tell, the type the file looks like."""
+    expected = sam.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong_shape:
+        looks_like = guess_model_type(state_dict)
+        hint = f"; it looks like a {looks_like} checkpoint" if looks_like and looks_like != model_type else ""
+        details = []
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(
+                f"{len(wrong_shape)} tensor(s) of the wrong shape, e.g. {k}: "
+                f"{tuple(state_dict[k].shape)} in the file, {tuple(expected[k].shape)} expected"
+            )
+        if missing:
+            details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise CheckpointError(
+            f"{source} does not fit the {model_type} model{hint}: " + "; ".join(details)
+            + f". Pass --model with the checkpoint's type, or a {model_type} checkpoint"
+        )
+    sam.load_state_dict(state_dict, strict=True)
+
+
+# Blocks of each SAM 2.1 Hiera trunk (its configs' stages summed): enough to tell the four apart.
+_HIERA_BLOCKS = {12: "sam2.1_hiera_t", 16: "sam2.1_hiera_s", 24: "sam2.1_hiera_b+", 48: "sam2.1_hiera_l"}
+
+
+def guess_model_type(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
+    """The model type whose encoder width and depth match the state dict, if any."""
+    hiera_blocks = {k.split(".")[3] for k in state_dict if k.startswith("image_encoder.trunk.blocks.")}
+    if hiera_blocks:
+        return _HIERA_BLOCKS.get(len(hiera_blocks))
+    pos = state_dict.get("image_encoder.pos_embed")
+    if pos is None:
+        return None
+    depth = 1 + max(
+        (int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")), default=-1
+    )
+    for name, spec in ENCODER_SPECS.items():
+        if spec.embed_dim == pos.shape[-1] and spec.depth == depth:
+            return name
+    return None
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict: names, dtypes, shapes and bytes, in sorted key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_sha256_cached(path: str | Path) -> str:
+    """SHA-256 of a (large) weights file, remembered in a `<file>.sha256` sidecar keyed by size and
+    modification time, so a 2.5 GB checkpoint is hashed once, not at every command."""
+    path = Path(path)
+    stat = path.stat()
+    key = f"{stat.st_size}:{stat.st_mtime_ns}"
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        stored_key, digest = sidecar.read_text().split()
+        if stored_key == key and len(digest) == 64:
+            return digest
+    except (OSError, ValueError):
+        pass
+    digest = sha256_file(path)
+    try:
+        sidecar.write_text(f"{key} {digest}\n")
+    except OSError:
+        pass  # a read-only weights folder only costs re-hashing next time
+    return digest
+
+
+def _spec(model_type: str) -> Optional[EncoderSpec]:
+    """The ViT's spec of a model type (None for the tiny and SAM 2.1); an unknown type is a CheckpointError."""
+    if model_type == "tiny" or model_type in SAM2_MODEL_TYPES:
+        return None
+    try:
+        return ENCODER_SPECS[model_type]
+    except KeyError:
+        raise CheckpointError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}") from None
+
+
+def load_matching(model_type: str, weights_sha256: str, checkpoint: Optional[str | Path] = None, *,
+                  recorded_source: str = "") -> LoadedModel:
+    """The model whose weights made a cache (same type, same SHA-256); anything else is refused.
+
+    Training and evaluation start from the prompt encoder and mask decoder of those weights,
+    since the embeddings they read were made by that model's image encoder. Without `checkpoint`,
+    the weights are found again: the file the cache recorded (`recorded_source`, when it is
+    still there with that SHA-256), Meta's official file when the SHA-256 is Meta's, and for
+    tiny both of samcache's own weight sets (the shipped pretrained file, and the random init of
+    seed 0, identified by its state dict's SHA-256). Weights that are none of these are never
+    downloaded in their place: the error names the file and SHA-256 to pass with --checkpoint.
+    """
+    if checkpoint is None and recorded_source:
+        checkpoint = _recorded_file(recorded_source, weights_sha256)
+    official = OFFICIAL_WEIGHTS.get(model_type)
+    if checkpoint is None and official is not None and official.sha256 != weights_sha256:
+        raise CheckpointError(_missing_weights_message(model_type, weights_sha256, recorded_source))
+    random_tiny = model_type == "tiny" and checkpoint is None and weights_sha256 != TINY_PRETRAINED_SHA256
+    loaded = load_sam(model_type, checkpoint, random_init=random_tiny)
+    if loaded.weights_sha256 != weights_sha256:
+        if checkpoint is None:
+            raise CheckpointError(_missing_weights_message(model_type, weights_sha256, recorded_source))
+        raise CheckpointError(
+            f"the cache was made with {model_type} weights of SHA-256 {weights_sha256}, but "
+            f"{loaded.weights_source} has SHA-256 {loaded.weights_sha256}. The decoder must start from the "
+            "weights whose encoder made the embeddings: pass those with --checkpoint, or re-embed"
+        )
+    return loaded
+
+
+def _recorded_file(source: str, weights_sha256: str) -> Optional[Path]:
+    """The weights file a cache recorded, if it is still there with the same content."""
+    path = Path(source)
+    if path == TINY_PRETRAINED:  # the shipped file: load_sam finds it itself (and keeps no sidecar beside it)
+        return None
+    try:
+        if path.is_file() and file_sha256_cached(path) == weights_sha256:
+            return path
+    except OSError:
+        pass
+    return None
+
+
+def _missing_weights_message(model_type: str, weights_sha256: str, recorded_source: str) -> str:
+    where = ""
+    if recorded_source and Path(recorded_source).is_file():
+        where = f" from {recorded_source}, which has changed since (its SHA-256 differs now)"
+    elif recorded_source and Path(recorded_source).is_absolute():
+        where = f" from {recorded_source}, which is not there any more"
+    return (f"the cache was made with {model_type} weights of SHA-256 {weights_sha256}{where}. The decoder must "
+            "start from those very weights: pass the file with that SHA-256 with --checkpoint")

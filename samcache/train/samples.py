@@ -1,0 +1,235 @@
+"""Training and validation samples read from the cache.
+
+A sample is one image: its embedding (read once) and up to K of its objects, each with a
+prompt and a low-res target. Batches are B such images, so one step sees B x K prompts.
+
+Everything random is a function of (seed, epoch, image): the batch order of an epoch comes
+from `EpochBatches`, the objects and prompts of an image from `prompts.rng_for`. Resuming at
+batch s of epoch e therefore replays exactly the batches an uninterrupted run would have
+seen, whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Sampler
+
+from samcache.cache.reader import EmbeddingCache
+from samcache.config import PromptSettings
+from samcache.devices import available_memory_bytes
+from samcache.models.prompts import (
+    PromptBatch,
+    click_schedule,
+    evaluation_box,
+    evaluation_prompt,
+    low_res_size,
+    low_res_target,
+    rng_for,
+    training_prompt,
+)
+from samcache.models.specs import LOW_RES_SIZE, feature_shape
+
+
+class EmbeddingStore:
+    """All the embeddings a run needs (for SAM 2.1 its packed features), held in memory (RAM, or GPU
+    memory) so epochs do no I/O.
+
+    Arguments:
+      cache: the cache to read.
+      indices: the image indices to hold.
+      device: where to keep them.
+    """
+
+    def __init__(self, cache: EmbeddingCache, indices: list[int], device: torch.device | str = "cpu"):
+        self.row_of = {index: row for row, index in enumerate(indices)}
+        shape = feature_shape(cache.provenance.model_type)
+        self.embeddings = torch.empty((len(indices), *shape), dtype=torch.float16, device=device)
+        for row, index in enumerate(indices):
+            self.embeddings[row] = torch.from_numpy(cache.embedding(index)).to(device)
+
+    def gather(self, indices: list[int]) -> torch.Tensor:
+        rows = torch.tensor([self.row_of[i] for i in indices], device=self.embeddings.device)
+        return self.embeddings.index_select(0, rows)
+
+
+def should_hold_in_memory(policy: str, n_images: int, device: torch.device, budget_bytes: Optional[int], *,
+                          model_type: str) -> bool:
+    """`yes`/`no`, or for `auto`: when the embeddings (fp16, of `model_type`'s shape) fit in the budget
+    (default: half the free memory)."""
+    if policy in ("yes", "no"):
+        return policy == "yes"
+    if policy != "auto":
+        raise ValueError(f"cache-in-memory must be auto, yes or no, not {policy!r}")
+    need = n_images * 2 * math.prod(feature_shape(model_type))
+    budget = budget_bytes if budget_bytes is not None else available_memory_bytes(device) // 2
+    return need <= budget
+
+
+class EpochBatches(Sampler):
+    """Batches of image indices: a seeded shuffle per epoch, resumable at any batch.
+
+    Arguments:
+      indices: the images to draw from.
+      batch_size: images per batch (the last batch of an epoch may be smaller).
+      seed: the run's seed; epoch e's order is a function of (seed, e) only.
+      shuffle: False keeps the given order (validation).
+      rank, world_size: under DistributedDataParallel, each rank takes every world_size-th image
+        of every global batch (from position rank), so the ranks together see exactly the
+        single-process batches; a rank's share of a short last batch may be empty.
+    """
+
+    def __init__(self, indices: list[int], batch_size: int, seed: int, *, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        self.indices, self.batch_size, self.seed, self.shuffle = list(indices), batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def global_batches(self) -> list[list[int]]:
+        order = self.indices
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def __len__(self) -> int:
+        return max(0, len(self.global_batches()) - self.start_batch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.global_batches()[self.start_batch :]:
+            share = batch[self.rank :: self.world_size] if self.world_size > 1 else batch
+            yield [(self.epoch, index) for index in share]
+
+
+@dataclass
+class SampleSettings:
+    """What one image contributes to a step.
+
+    Arguments:
+      objects_per_image: K, objects sampled per image (all when it has fewer).
+      prompts: how training prompts are drawn; None for fixed evaluation prompts.
+      eval_prompt: "box" or "point", the fixed prompt kind when `prompts` is None.
+      seed: the run's seed.
+      eval_box_jitter: with fixed prompts, move box sides by up to this fraction (at most 20 px),
+        seeded by (seed, image, object), to test robustness to loose boxes; 0 keeps exact boxes.
+    """
+
+    objects_per_image: int
+    prompts: Optional[PromptSettings]
+    eval_prompt: str = "box"
+    seed: int = 0
+    eval_box_jitter: float = 0.0
+
+
+class CacheSamples(TorchDataset):
+    """Item (epoch, image index) -> one image's embedding (unless held in memory), prompts, targets.
+
+    h5py handles are opened lazily inside each DataLoader worker by `EmbeddingCache`.
+    """
+
+    def __init__(self, cache: EmbeddingCache, settings: SampleSettings, *, read_embeddings: bool = True):
+        self.cache, self.settings, self.read_embeddings = cache, settings, read_embeddings
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        info = self.cache.images[index]
+        s = self.settings
+        objects = info.objects
+        if s.prompts is not None and len(objects) > s.objects_per_image:
+            chosen = rng_for(s.seed, epoch, index, 0).choice(len(objects), s.objects_per_image, replace=False)
+            objects = [objects[i] for i in sorted(chosen)]
+        elif s.prompts is None:
+            objects = objects[: s.objects_per_image] if s.objects_per_image else objects
+        prompts, schedules = [], []
+        for j, obj in enumerate(objects):
+            if s.prompts is None:
+                box = evaluation_box(obj.box, info.original_size, jitter=s.eval_box_jitter, seed=s.seed,
+                                     image_index=index, object_number=j + 1)
+                prompts.append(evaluation_prompt(obj.rle, box, info.original_size, s.eval_prompt,
+                                                 frame=info.input_size))
+            else:
+                rng = rng_for(s.seed, epoch, index, j + 1)
+                prompts.append(training_prompt(obj.rle, obj.box, info.original_size, s.prompts, rng,
+                                               frame=info.input_size))
+                if s.prompts.mode == "interactive":
+                    schedules.append(click_schedule(s.prompts, s.seed, epoch, index, j + 1))
+        item = {
+            "index": index,
+            "prompts": prompts,
+            "targets": np.stack([low_res_target(o.rle, info.input_size) for o in objects]) if objects else
+            np.zeros((0, LOW_RES_SIZE, LOW_RES_SIZE), np.float32),
+        }
+        if schedules:
+            item["schedules"] = np.stack(schedules)
+            item["valid_sizes"] = np.tile(np.array(low_res_size(info.input_size)), (len(objects), 1))
+        if self.read_embeddings:
+            item["embedding"] = torch.from_numpy(self.cache.embedding(index))
+        return item
+
+
+@dataclass
+class ClickSchedules:
+    """The interactive recipe's draws for N prompts (prompts.click_schedule).
+
+    Arguments:
+      draws: (N, 3, passes) float: rows adds_point, uses_mask (0/1), pick (uniform in [0, 1)).
+      valid_sizes: (N, 2) long, (height, width) of each prompt's image in the 256x256 frame:
+        corrective points are never drawn in the padding.
+    """
+
+    draws: torch.Tensor
+    valid_sizes: torch.Tensor
+
+    def to(self, device) -> "ClickSchedules":
+        return ClickSchedules(self.draws.to(device), self.valid_sizes.to(device))
+
+
+@dataclass
+class Batch:
+    """A collated batch: B images (cache indices; their embeddings, unless held in memory) and
+    N prompts with their (N, 256, 256) low-res targets (and, with --prompt interactive, their
+    click schedules)."""
+
+    indices: list[int]
+    embeddings: Optional[torch.Tensor]
+    prompts: PromptBatch
+    targets: torch.Tensor
+    schedules: Optional[ClickSchedules] = None
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.targets.shape[0])
+
+
+def collate(items: list[dict]) -> Optional[Batch]:
+    """Samples -> one Batch; None for no samples (a rank's empty share of a short last batch)."""
+    if not items:
+        return None
+    prompts = [p for item in items for p in item["prompts"]]
+    batch_row = torch.tensor([b for b, item in enumerate(items) for _ in item["prompts"]], dtype=torch.long)
+    return Batch(
+        indices=[item["index"] for item in items],
+        embeddings=torch.stack([item["embedding"] for item in items]) if "embedding" in items[0] else None,
+        prompts=PromptBatch.from_prompts(prompts, batch_row),
+        targets=torch.from_numpy(np.concatenate([item["targets"] for item in items])),
+        schedules=_collate_schedules(items),
+    )
+
+
+def _collate_schedules(items: list[dict]) -> Optional[ClickSchedules]:
+    with_objects = [item for item in items if "schedules" in item]
+    if not with_objects:
+        return None
+    return ClickSchedules(torch.from_numpy(np.concatenate([item["schedules"] for item in with_objects])),
+                          torch.from_numpy(np.concatenate([item["valid_sizes"] for item in with_objects])).long())

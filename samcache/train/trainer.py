@@ -1,0 +1,421 @@
+"""Stage two: train the mask decoder (and optionally the prompt encoder) from the cache.
+
+The image encoder never runs: each step reads B cached embeddings and decodes B x K prompts
+with one batched forward (decoder.decode), or with --prompt interactive one such forward per
+pass of SAM's click recipe (interactive.py). What a run writes is described in runs.py.
+
+`train` reads top to bottom: `Training.setup` (cache, splits, model, optimizer, data), a first
+validation (or the state from last.pt on --resume), then per epoch `train_epoch` (each step
+is `Training.step`: step.py's `optimize_step` or `interactive_step`) and `end_epoch`
+(validate, by clicks too when asked, checkpoint, plot).
+
+Resume restores the weights, optimizer state and position (a `TrainState`) from last.pt; the
+learning rate is a function of the step and all sampling a function of (seed, epoch, image)
+(the interactive recipe's of (seed, epoch, image, object, pass)), so a resumed run ends with
+the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from samcache.cache.reader import EmbeddingCache
+from samcache.config import RESUME_MAY_CHANGE, TRAINABLE, TrainConfig, resume_changes
+from samcache.data import masks
+from samcache.data.metrics import iou
+from samcache.devices import autocast, decoder_precision, resolve_device
+from samcache.distributed import SINGLE, Distributed
+from samcache.errors import OutputError, RunError, TrainingError
+from samcache.faults import crash_point
+from samcache.locks import WriterLock
+from samcache.models.decoder import DecoderOutput, decode
+from samcache.models.prompts import PromptBatch, click_passes, rng_for
+from samcache.models.specs import LOW_RES_SIZE, feature_shape, model_family
+from samcache.models.weights import LoadedModel, frozen_by_cache, load_matching
+from samcache.progress import progress_bar
+from samcache.train.click_protocol import click_protocol
+from samcache.train.inference import predict_cached_objects
+from samcache.train.runs import RunCheckpoint, RunFolder, RunWriter, TrainState, apply_weights, upgrade_saved_config
+from samcache.train.samples import (
+    Batch,
+    CacheSamples,
+    ClickSchedules,
+    EmbeddingStore,
+    EpochBatches,
+    SampleSettings,
+    collate,
+    should_hold_in_memory,
+)
+from samcache.train.step import NonFiniteLoss, StepStats, interactive_step, optimize_step
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns (also saved as run.json's "result")."""
+
+    run_dir: str
+    epochs_run: int
+    val_miou_start: float
+    val_miou_best: float
+    val_miou_last: float
+    best_epoch: int
+    history: list[float]
+    seconds: float
+    samples_per_second: float
+
+
+# --------------------------------------------------------------------------- the schedule
+def warmup_cosine(step: int, *, peak: float, warmup_steps: int, end_step: int, floor: float = 0.0) -> float:
+    """Linear warmup to `peak` over `warmup_steps`, then cosine decay to `floor` at `end_step`."""
+    if warmup_steps and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, end_step - warmup_steps))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to zero at `total_steps`."""
+    return warmup_cosine(step, peak=config.lr, warmup_steps=config.warmup_steps, end_step=total_steps)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets every parameter group's rate to `lr` times the group's "lr_scale" (1 when absent)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ------------------------------------------------------------------------------ the setup
+class DecoderModule(torch.nn.Module):
+    """The prompt encoder and mask decoder as one module (what DistributedDataParallel wraps)."""
+
+    def __init__(self, sam):
+        super().__init__()
+        self.prompt_encoder, self.mask_decoder = sam.prompt_encoder, sam.mask_decoder
+
+    def forward(self, embeddings: torch.Tensor, prompts: PromptBatch) -> DecoderOutput:
+        return decode(self.prompt_encoder, self.mask_decoder, embeddings, prompts)
+
+
+@dataclass
+class Training:
+    """Everything a run needs, made once by `setup`."""
+
+    config: TrainConfig
+    cache: EmbeddingCache
+    run: RunFolder
+    dist: Distributed
+    device: torch.device
+    base: LoadedModel
+    module: torch.nn.Module
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    train_indices: list[int]
+    val_indices: list[int]
+    store: Optional[EmbeddingStore]
+    samples: CacheSamples
+    sampler: EpochBatches
+    steps_per_epoch: int
+
+    @classmethod
+    def setup(cls, cache: EmbeddingCache, run: RunFolder, config: TrainConfig, splits: tuple[list[int], list[int]],
+              *, resume: bool, dist: Distributed) -> "Training":
+        """Everything but the run folder's lock, which `train` holds (see locks.py); `splits` are
+        the train and val images (`_splits`)."""
+        train_indices, val_indices = splits
+        run.prepare(resume)
+        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+        device = dist.device(resolve_device(config.device))
+        base = load_matching(cache.provenance.model_type, cache.provenance.weights_sha256, config.checkpoint,
+                             recorded_source=cache.provenance.weights_source)
+        base.sam.image_encoder = None  # never used in training; frees its memory
+        base.sam.to(device)
+        for part in TRAINABLE:
+            getattr(base.sam, part).requires_grad_(part in config.train)
+        for module in frozen_by_cache(base.sam):  # SAM 2.1's conv_s0 / conv_s1: their outputs are cached
+            module.requires_grad_(False)
+        parameters = [p for part in config.train for p in getattr(base.sam, part).parameters() if p.requires_grad]
+        held = should_hold_in_memory(config.cache_in_memory, len(train_indices) + len(val_indices), device,
+                                     config.memory_budget_mb * 2**20 if config.memory_budget_mb else None,
+                                     model_type=cache.provenance.model_type)
+        store = EmbeddingStore(cache, train_indices + val_indices, device) if held else None
+        sampler = EpochBatches(train_indices, config.batch_size, config.seed, rank=dist.rank,
+                               world_size=dist.world_size)
+        return cls(
+            config=config, cache=cache, run=run, dist=dist, device=device, base=base,
+            module=_wrap_for_distributed(DecoderModule(base.sam), config, device, dist,
+                                         family=model_family(base.model_type)), parameters=parameters,
+            optimizer=torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay),
+            train_indices=train_indices, val_indices=val_indices, store=store,
+            samples=CacheSamples(cache, SampleSettings(config.objects_per_image, config.prompts, seed=config.seed),
+                                 read_embeddings=store is None),
+            sampler=sampler, steps_per_epoch=len(sampler.global_batches()),
+        )
+
+    @property
+    def sam(self):
+        return self.base.sam
+
+    def step(self, batch: Batch) -> StepStats:
+        """One optimizer step on a batch from `step_inputs` (a placeholder batch has no indices
+        and weighs nothing)."""
+        config, precision = self.config, decoder_precision(self.device)
+        n_local = batch.n_prompts if batch.indices else 0
+        embeddings = batch.embeddings.float()
+        common = dict(loss_kind=config.loss, optimizer=self.optimizer, parameters=self.parameters,
+                      grad_clip=config.grad_clip, n_local=n_local, dist=self.dist)
+        if batch.schedules is not None:
+            return interactive_step(self.module, embeddings, batch.prompts, batch.targets, batch.schedules,
+                                    settings=config.prompts, precision=precision, **common)
+        with autocast(self.device, precision):
+            output = self.module(embeddings, batch.prompts)
+        return optimize_step(output, batch.targets, batch.prompts.multimask, **common)
+
+    def checkpoint(self, state: TrainState) -> RunCheckpoint:
+        return RunCheckpoint.capture(self.sam, self.optimizer, self.config, self.cache.provenance, state)
+
+    def step_inputs(self, batch: Optional[Batch]) -> Batch:
+        """The batch on the device (embeddings filled in); a placeholder for an empty share."""
+        if batch is None:
+            return _placeholder_step_inputs(self.device, self.config, self.base.model_type)
+        embeddings = self.store.gather(batch.indices) if self.store is not None else batch.embeddings.to(self.device)
+        return Batch(batch.indices, embeddings, batch.prompts.to(self.device), batch.targets.to(self.device),
+                     None if batch.schedules is None else batch.schedules.to(self.device))
+
+
+def _splits(cache: EmbeddingCache, config: TrainConfig, dist: Distributed) -> tuple[list[int], list[int]]:
+    train_indices = cache.annotated_indices(config.train_split)
+    val_indices = cache.annotated_indices(config.val_split)
+    available = cache.describe_splits()
+    if not train_indices:
+        raise TrainingError(f"the cache has no objects in split {config.train_split!r}; its splits: {available}")
+    if not val_indices:
+        raise TrainingError(f"the cache has no objects in validation split {config.val_split!r}; "
+                            f"its splits: {available}; choose one with --val-split")
+    if config.val_max_images is not None and len(val_indices) > config.val_max_images:
+        # A key no epoch number takes: the subset is a function of the seed alone, the same on resume.
+        chosen = rng_for(config.seed, 2**32 - 1).choice(len(val_indices), config.val_max_images, replace=False)
+        val_indices = [val_indices[i] for i in sorted(chosen)]
+    if config.batch_size < dist.world_size:
+        raise TrainingError(f"--batch-size {config.batch_size} is the global batch, smaller than the "
+                            f"{dist.world_size} processes: some would never get an image; "
+                            f"use at least {dist.world_size}")
+    return train_indices, val_indices
+
+
+def _wrap_for_distributed(module: DecoderModule, config: TrainConfig, device: torch.device,
+                          dist: Distributed, *, family: str) -> torch.nn.Module:
+    if not dist.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Parameters no loss reaches: the prompt encoder's unused point embeddings; SAM 2.1's object
+    # score head under a loss without its term (only `sam` has one).
+    unused = "prompt_encoder" in config.train or (family == "sam2.1" and config.loss != "sam")
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused)
+
+
+def _placeholder_step_inputs(device: torch.device, config: TrainConfig, model_type: str) -> Batch:
+    """One prompt on a blank embedding, in a batch of no images (so it weighs 0): a rank without
+    images in a step must still run forward and backward as often as the others, since
+    DistributedDataParallel averages gradients from all ranks."""
+    prompts = PromptBatch.boxes_of_one_image(torch.tensor([[0.0, 0.0, 64.0, 64.0]]))
+    schedules = None
+    if config.prompts.mode == "interactive":  # as many passes as the other ranks; no points, no masks
+        schedules = ClickSchedules(torch.zeros((1, 3, click_passes(config.prompts))),
+                                   torch.tensor([[LOW_RES_SIZE, LOW_RES_SIZE]])).to(device)
+    return Batch([], torch.zeros((1, *feature_shape(model_type)), device=device), prompts.to(device),
+                 torch.zeros((1, LOW_RES_SIZE, LOW_RES_SIZE), device=device), schedules)
+
+
+# ------------------------------------------------------------------------------- the loop
+def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
+          progress: bool = True, dist: Distributed = SINGLE) -> TrainResult:
+    """Trains the decoder on the cache's train split and validates on its val split each epoch.
+
+    Arguments:
+      cache_dir: a cache made by `samcache embed`.
+      run_dir: the run folder (created; must not hold a run unless `resume`).
+      config: the options.
+      resume: continue the run in `run_dir` from its last.pt.
+      progress: show progress bars and a line per epoch.
+      dist: this process's place under torchrun. The decoder is wrapped in
+        DistributedDataParallel; every global batch of `batch_size` images is split between the
+        ranks, and the loss is weighed so the averaged gradient equals the single-process one.
+        Only rank 0 writes to `run_dir`.
+    """
+    cache, run = EmbeddingCache(cache_dir), RunFolder(run_dir)
+    splits = _splits(cache, config, dist)  # refused before anything is written
+    with WriterLock(run.path, what="run folder", enabled=dist.is_main):  # one writer per run folder
+        t = Training.setup(cache, run, config, splits, resume=resume, dist=dist)
+        writer = RunWriter(t.run, enabled=dist.is_main)
+        try:
+            state = resume_state(t, writer) if resume else start_state(t, writer, progress=progress)
+            started, prompts_seen = time.time(), 0
+            for epoch in range(state.epoch, config.epochs):
+                epoch_started = time.time()
+                epoch_prompts = train_epoch(t, state, writer, epoch, progress=progress)
+                prompts_seen += epoch_prompts
+                end_epoch(t, state, writer, epoch, epoch_prompts, epoch_started, progress=progress)
+            seconds = time.time() - started
+            result = TrainResult(
+                run_dir=str(run_dir), epochs_run=config.epochs, val_miou_start=state.history[0],
+                val_miou_best=state.best_miou, val_miou_last=state.history[-1], best_epoch=state.best_epoch,
+                history=state.history, seconds=seconds, samples_per_second=prompts_seen / max(seconds, 1e-9),
+            )
+            writer.finish(asdict(result))
+        except OutputError as exc:
+            raise TrainingError(f"{exc}. Training stopped; {t.run.after_write_failure()}") from None
+        finally:
+            writer.close()  # the TensorBoard events up to here are on disk, whatever stopped the run
+        dist.barrier()  # the run folder is complete when any rank returns
+    return result
+
+
+def start_state(t: Training, writer: RunWriter, *, progress: bool) -> TrainState:
+    """A new run: validate the base decoder (epoch 0 of the history) and write the run's header."""
+    start_miou, click_miou = validate(t), validate_clicks(t)
+    writer.start(t.config, t.base, t.cache.cache_dir, train_images=len(t.train_indices),
+                 val_images=len(t.val_indices), embeddings_in_memory=t.store is not None)
+    writer.log({"type": "epoch", "epoch": 0, "global_step": 0, "val_miou": start_miou,
+                **_clicks_field(click_miou)})
+    if progress and t.dist.is_main:
+        print(f"validation mIoU before training: {start_miou:.4f} ({len(t.val_indices)} images, "
+              f"split {t.config.val_split!r}, {t.config.val_prompt} prompts){_clicks_text(click_miou)}")
+    return TrainState(history=[start_miou])
+
+
+def resume_state(t: Training, writer: RunWriter) -> TrainState:
+    """A resumed run: weights, optimizer and position from last.pt; later log lines dropped.
+    Only what does not change the computation may differ from the run's own options."""
+    checkpoint = t.run.read_checkpoint("last")
+    checkpoint.check_cache(t.cache.provenance)
+    changed = resume_changes(upgrade_saved_config(checkpoint.config), t.config)
+    if changed:
+        raise RunError(
+            f"--resume continues {t.run} exactly as it was started, but these options differ: {', '.join(changed)}. "
+            f"Only {', '.join(RESUME_MAY_CHANGE)} may change on resume; for other options start a new run "
+            "(another --out)")
+    if t.config.epochs < checkpoint.state.epoch:
+        raise RunError(f"--resume: {t.run} has already trained {checkpoint.state.epoch} epochs; --epochs "
+                       f"{t.config.epochs} would end before that")
+    writer.update_config(t.config)
+    apply_weights(t.sam, checkpoint)
+    t.optimizer.load_state_dict(checkpoint.optimizer)
+    writer.truncate_metrics(checkpoint.state)
+    return checkpoint.state
+
+
+def train_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, *, progress: bool) -> int:
+    """One pass over the training split (from `state.batch` when resuming mid-epoch); returns the
+    number of prompts trained on."""
+    config = t.config
+    t.sampler.set_epoch(epoch, state.batch if epoch == state.epoch else 0)
+    loader = DataLoader(t.samples, batch_sampler=t.sampler, num_workers=config.workers, collate_fn=collate,
+                        pin_memory=t.device.type == "cuda")
+    t.module.train()
+    bar = _progress(len(t.sampler), f"epoch {epoch + 1}/{config.epochs}", progress and t.dist.is_main)
+    started, prompts = time.time(), 0
+    for batch_number, batch in enumerate(loader, start=t.sampler.start_batch):
+        lr = learning_rate(state.global_step, t.steps_per_epoch * config.epochs, config)
+        set_learning_rate(t.optimizer, lr)
+        try:
+            stats = t.step(t.step_inputs(batch))
+        except NonFiniteLoss as exc:
+            raise TrainingError(f"{exc} at epoch {epoch + 1}, step {batch_number + 1}: stopped. "
+                                f"{t.run.after_failure()}") from None
+        state.global_step += 1
+        state.batch = batch_number + 1
+        prompts += stats.prompts
+        rate = prompts / max(time.time() - started, 1e-9)
+        writer.log({"type": "step", "epoch": epoch + 1, "step": state.batch, "global_step": state.global_step,
+                    "loss": stats.loss, "mask_loss": stats.mask_loss, "iou_loss": stats.iou_loss,
+                    "train_iou": stats.train_iou, "lr": lr, "prompts": stats.prompts, "samples_per_s": rate})
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats.loss:.4f}", samples_s=f"{rate:.1f}")
+        if (writer.enabled and config.save_every and state.global_step % config.save_every == 0
+                and state.batch < t.steps_per_epoch):
+            writer.save_checkpoint("last", t.checkpoint(state))
+        crash_point("train-step")
+    bar.close()
+    return prompts
+
+
+def end_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, prompts: int, started: float, *,
+              progress: bool) -> None:
+    """Validates, records the epoch, saves best.pt (when it improved) and last.pt, redraws the curves.
+    Its throughput counts the whole epoch, validation included."""
+    miou, click_miou = validate(t), validate_clicks(t)
+    state.history.append(miou)
+    state.epoch, state.batch = epoch + 1, 0
+    improved = miou > state.best_miou
+    if improved:
+        state.best_miou, state.best_epoch = miou, epoch + 1
+    writer.log({"type": "epoch", "epoch": epoch + 1, "global_step": state.global_step, "val_miou": miou,
+                **_clicks_field(click_miou), "samples_per_s": prompts / max(time.time() - started, 1e-9)})
+    if writer.enabled:  # only the writing rank builds checkpoints
+        checkpoint = t.checkpoint(state)
+        if improved:
+            writer.save_checkpoint("best", checkpoint)
+        writer.save_checkpoint("last", checkpoint)
+    writer.plot()
+    if progress and t.dist.is_main:
+        print(f"epoch {epoch + 1}/{t.config.epochs}: validation mIoU {miou:.4f}"
+              f"{' (best)' if improved else ''}{_clicks_text(click_miou)}, "
+              f"{prompts / max(time.time() - started, 1e-9):.1f} samples/s")
+
+
+def validate(t: Training) -> float:
+    """Mean IoU over the validation objects: fixed prompts, masks compared at original resolution.
+
+    Under torchrun each rank scores its own slice of the images and the sums are combined.
+    """
+    t.sam.eval()
+    settings = SampleSettings(0, None, t.config.val_prompt, t.config.seed)
+    indices = t.val_indices[t.dist.rank :: t.dist.world_size]
+    scores = [
+        iou(p.mask, masks.decode(p.info.objects[p.object_index].rle))
+        for p in predict_cached_objects(t.sam.prompt_encoder, t.sam.mask_decoder, t.cache, indices, settings,
+                                        device=t.device, precision=decoder_precision(t.device),
+                                        batch_size=t.config.batch_size, store=t.store)
+    ]
+    t.sam.train()
+    total, count = t.dist.sum([float(np.sum(scores)) if scores else 0.0, len(scores)])
+    return total / count if count else float("nan")
+
+
+def validate_clicks(t: Training) -> Optional[list[float]]:
+    """mIoU after each click of the click protocol (clicks.py) on the validation objects, or None
+    when the run does not validate by clicks (TrainConfig.val_clicks)."""
+    clicks = t.config.validation_clicks
+    if not clicks:
+        return None
+    t.sam.eval()
+    indices = t.val_indices[t.dist.rank :: t.dist.world_size]
+    result = click_protocol(t.sam.prompt_encoder, t.sam.mask_decoder, t.cache, indices, clicks, device=t.device,
+                            precision=decoder_precision(t.device))
+    t.sam.train()
+    count, *totals = t.dist.sum([result["objects"]] + [result["objects"] * m for m in result["miou"]])
+    return [v / count if count else float("nan") for v in totals]
+
+
+def _clicks_field(click_miou: Optional[list[float]]) -> dict:
+    return {} if click_miou is None else {"val_click_miou": click_miou}
+
+
+def _clicks_text(click_miou: Optional[list[float]]) -> str:
+    if click_miou is None:
+        return ""
+    return f"; by clicks 1..{len(click_miou)}: " + " ".join(f"{v:.3f}" for v in click_miou)
+
+
+def _progress(total: int, description: str, enabled: bool):
+    return progress_bar(total, desc=description, unit="step", enabled=enabled, leave=False)
