@@ -32,6 +32,7 @@ from samcache.data.images import read_image  # noqa: E402
 from samcache.deploy.predict import predictor_from_run  # noqa: E402
 from samcache.devices import cpu_description  # noqa: E402
 from samcache.evaluate.automatic_masks import segment_everything  # noqa: E402
+from samcache.models.families import family_of  # noqa: E402
 from samcache.train.runs import RunFolder  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def main() -> None:
         info = cache.images[index]
         t = time.perf_counter()
         embedding = torch.from_numpy(cache.embedding(index)).float()[None]
-        ours = segment_everything(sam.prompt_encoder, sam.mask_decoder, embedding, info.original_size, settings)
+        ours = segment_everything(family_of("tiny").decoder(sam), embedding, info.original_size, settings)
         totals["samcache (cache)"][0] += len(ours)
         totals["samcache (cache)"][1] += time.perf_counter() - t
         t = time.perf_counter()

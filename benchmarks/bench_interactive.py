@@ -123,7 +123,7 @@ def cost_setup(cache_dir: Path, work: Path):
                               resume=False, dist=SINGLE)
     batches = {}
     for name, settings in modes.items():
-        samples = CacheSamples(cache, SampleSettings(4, settings, seed=0), read_embeddings=False)
+        samples = CacheSamples(cache, SampleSettings.training(objects_per_image=4, prompts=settings, seed=0), read_embeddings=False)
         sampler = EpochBatches(training.train_indices, 4, 0)
         batches[name] = [training.step_inputs(collate([samples[key] for key in keys])) for keys in sampler]
     return training, modes, batches, torch

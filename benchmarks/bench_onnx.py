@@ -60,7 +60,8 @@ def main() -> None:
         f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(out.glob("*.onnx"))))
     sessions = {name: ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
                 for name in ("encoder.onnx", "decoder.onnx", "decoder.quant.onnx")}
-    sam = predictor_from_run(args.run).sam
+    predictor = predictor_from_run(args.run)
+    decoder = predictor.family.decoder(predictor.sam)
     cache = EmbeddingCache(RunFolder(args.run).cache_dir())
     no_mask = {"mask_input": np.zeros((1, 1, 256, 256), np.float32), "has_mask_input": np.zeros(1, np.float32)}
     cosines, rows, onnx_s, torch_s = [], [], [], []
@@ -87,7 +88,7 @@ def main() -> None:
                     feed_points = np.concatenate([transform_coords(np.array([point]), size), [[0.0, 0.0]]])[None]
                     labels = [[1, -1]]
                 t = time.perf_counter()
-                expected = predict_masks(sam.prompt_encoder, sam.mask_decoder, torch.from_numpy(embedding), prompts,
+                expected = predict_masks(decoder, torch.from_numpy(embedding), prompts,
                                          [(info.input_size, size)])[0]
                 torch_s.append(time.perf_counter() - t)
                 feed = {"image_embeddings": embedding, "point_coords": feed_points.astype(np.float32),

@@ -36,8 +36,9 @@ from samcache.deploy.export import export_run  # noqa: E402
 from samcache.deploy.predict import predict_images, predictor_from_checkpoint  # noqa: E402
 from samcache.devices import cpu_description  # noqa: E402
 from samcache.embed.pipeline import embed_dataset  # noqa: E402
+from samcache.models.families import SAM2_CONFIGS  # noqa: E402
 from samcache.models.prompts import interior_point  # noqa: E402
-from samcache.models.sam2 import SAM2_CONFIGS, build_sam2_model  # noqa: E402
+from samcache.models.weights import build_sam  # noqa: E402
 from samcache.train.trainer import train  # noqa: E402
 
 MODEL = "sam2.1_hiera_t"
@@ -56,7 +57,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     checkpoint = work / "hiera_t_random.pt"
-    torch.save({"model": build_sam2_model(MODEL).state_dict()}, checkpoint)
+    torch.save({"model": build_sam(MODEL).model.state_dict()}, checkpoint)
     generate_stamps(work / "stamps", args.pages, seed=7, progress=False)
     cache_dir = work / f"cache-{args.precision}"
     embed_dataset(load_dataset(work / "stamps"), cache_dir, EmbedConfig(

@@ -1,7 +1,7 @@
-"""Benchmark (issue 17): SAM 2.1 decoder training steps from a samcache cache against a sam2-style
+"""Benchmark: SAM 2.1 decoder training steps from a samcache cache against a sam2-style
 step that runs the frozen image encoder under no_grad every step.
 
-Both sides run the very same decoder step, samcache's (`train.DecoderModule` + `step.optimize_step`:
+Both sides run the very same decoder step, samcache's (the family's `PromptDecoder` + `step.optimize_step`:
 SAM 2.1's prompt encoder and mask decoder with the high-resolution features and the object-score
 head, SAM 2's loss, AdamW, conv_s0 / conv_s1 frozen), on the same batches of box prompts drawn by
 samcache's sampler (B pages x K objects). They differ only in where the features come from:
@@ -25,6 +25,7 @@ On CUDA both sides run on the GPU and the decoder step in bf16 autocast, as `sam
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import sys
 import tempfile
 import time
@@ -43,11 +44,12 @@ from samcache.data.images import read_image  # noqa: E402
 from samcache.data.stamps import generate_stamps  # noqa: E402
 from samcache.devices import autocast, cpu_description, decoder_precision, resolve_precision  # noqa: E402
 from samcache.embed.pipeline import embed_dataset  # noqa: E402
-from samcache.models.sam2 import build_sam2_model  # noqa: E402
-from samcache.models.weights import frozen_by_cache, load_sam  # noqa: E402
+from samcache.models.weights import (  # noqa: E402
+    build_sam,  # noqa: E402
+    load_sam,
+)
 from samcache.train.samples import CacheSamples, SampleSettings, collate  # noqa: E402
 from samcache.train.step import optimize_step  # noqa: E402
-from samcache.train.trainer import DecoderModule  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +67,7 @@ def main() -> None:
     torch.manual_seed(0)
     checkpoint = work / f"{args.model}-random.pt"
     if not checkpoint.exists():
-        torch.save({"model": build_sam2_model(args.model).state_dict()}, checkpoint)
+        torch.save({"model": build_sam(args.model).model.state_dict()}, checkpoint)
     data = work / "stamps"
     if not (data / "images").exists():
         generate_stamps(data, args.pages, seed=5, progress=False)
@@ -76,18 +78,20 @@ def main() -> None:
     cache = EmbeddingCache(cache_dir)
     precision, step_precision = resolve_precision("auto", device), decoder_precision(device)
 
-    sam = load_sam(args.model, checkpoint).sam.to(device)
+    loaded = load_sam(args.model, checkpoint)
+    sam = loaded.sam.to(device)
     encoder_side = load_sam(args.model, checkpoint).sam.eval().to(device)  # B's frozen encoder
     sam.image_encoder = None
     sam.mask_decoder.train()
     sam.prompt_encoder.requires_grad_(False)
-    for module in frozen_by_cache(sam):
+    for module in loaded.family.frozen_by_cache(sam):
         module.requires_grad_(False)
     parameters = [p for p in sam.mask_decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
-    module = DecoderModule(sam)
+    module = loaded.decoder()
 
-    samples = CacheSamples(cache, SampleSettings(args.objects_per_image, PromptSettings(mode="box"), seed=0),
+    samples = CacheSamples(cache, SampleSettings.training(objects_per_image=args.objects_per_image,
+                                                                   prompts=PromptSettings(mode="box"), seed=0),
                            read_embeddings=False)
     indices = cache.annotated_indices("train") or list(range(len(cache)))
     batches = [collate([samples[(0, i)] for i in indices[s : s + args.batch_size]])
@@ -105,7 +109,7 @@ def main() -> None:
         prompts, targets = batch.prompts.to(device), batch.targets.to(device)
         with autocast(device, step_precision):
             output = module(features, prompts)
-        optimize_step(output, targets, prompts.multimask, loss_kind="sam", optimizer=optimizer,
+        optimize_step(output, targets, prompts.multimask, loss=partial(module.loss, kind="sam"), optimizer=optimizer,
                       parameters=parameters, grad_clip=1.0)
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -21,13 +21,11 @@ from pydantic import BaseModel
 
 from samcache import __version__
 from samcache.config import (
-    DEVICES,
-    EVERYTHING_FLAGS,
-    EXPORT_FORMATS,
-    RUN_WEIGHTS,
+    FLAGS,
     EmbedConfig,
     EvalConfig,
-    EverythingSettings,
+    ExportConfig,
+    PredictConfig,
     TrainConfig,
     field_annotation,
     field_default,
@@ -35,7 +33,7 @@ from samcache.config import (
     from_sources,
 )
 from samcache.data.datasets import MASK_MODES
-from samcache.errors import SamcacheError
+from samcache.errors import OptionCombinationError, SamcacheError
 from samcache.models.specs import MODEL_TYPES, OFFICIAL_MODEL_TYPES
 
 SPLIT_FRACTIONS_HELP = "train,val,test fractions for datasets without explicit splits."
@@ -54,6 +52,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except OptionCombinationError as exc:  # options that do not go together: a usage error (exit 2)
+            raise click.UsageError(str(exc)) from exc
         except SamcacheError as exc:
             raise click.ClickException(str(exc)) from exc
         except OSError as exc:
@@ -165,6 +165,22 @@ def _config_values(options: dict) -> dict:
     return {k.replace("__", "."): v for k, v in options.items()}
 
 
+def config_options(model: type[BaseModel], *, default_in_help: bool = False, **per_option):
+    """Every option of `model` as the flag `config.FLAGS` gives it (`per_option`: extra click
+    settings by path, e.g. `multiple=True`)."""
+    def decorate(command):
+        for path, flag in reversed(FLAGS[model].items()):
+            command = config_option(flag, model, path, default_in_help=default_in_help,
+                                    **per_option.get(path, {}))(command)
+        return command
+    return decorate
+
+
+def _options(model: type[BaseModel], options: dict, **sources):
+    """The config of a command from its click options (and `sources`: file=, base=)."""
+    return from_sources(model, overrides=_config_values(options), flags=FLAGS[model], **sources)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="samcache")
 def main() -> None:
@@ -263,23 +279,12 @@ def data_check(dataset: Path, image_root, split_fractions: str, mask_mode: str, 
 
 
 # -------------------------------------------------------------------------------------- embed
-EMBED_FLAGS = {
-    "model_type": "--model", "checkpoint": "--checkpoint", "random_init": "--random-init", "batch_size": "--batch-size",
-    "device": "--device", "precision": "--precision", "backend": "--backend", "workers": "--workers",
-    "intensity": "--intensity", "shard_images": "--shard-images",
-}
-
-
-def embed_options(command):
-    for path, flag in reversed(EMBED_FLAGS.items()):
-        command = config_option(flag, EmbedConfig, path)(command)
-    return command
 
 
 @main.command("embed")
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.option("--out", "cache_dir", type=click.Path(path_type=Path), required=True, help="Cache folder.")
-@embed_options
+@config_options(EmbedConfig)
 @dataset_options
 @click.option("--strict", is_flag=True, help="Any dataset problem or unreadable image is an error.")
 def embed_cmd(dataset: Path, cache_dir: Path, image_root, split_fractions: str, mask_mode: str, strict: bool,
@@ -297,7 +302,7 @@ def embed_cmd(dataset: Path, cache_dir: Path, image_root, split_fractions: str, 
     """
     from samcache.embed.pipeline import embed_dataset
 
-    config = from_sources(EmbedConfig, overrides={**_config_values(options), "strict": strict}, flags=EMBED_FLAGS)
+    config = _options(EmbedConfig, {**options, "strict": strict})
     with _process_group() as dist:
         ds = _load_dataset(dataset, image_root, split_fractions, mask_mode, strict=strict)
         if dist.is_main:
@@ -369,25 +374,6 @@ def verify_cmd(cache_dir: Path, check_only: bool) -> None:
 
 
 # -------------------------------------------------------------------------------------- train
-# Flat flags of `samcache train` and the config fields they set (nested settings by path).
-TRAIN_FLAGS = {
-    "epochs": "--epochs", "batch_size": "--batch-size", "objects_per_image": "--objects-per-image", "lr": "--lr",
-    "weight_decay": "--weight-decay", "warmup_steps": "--warmup-steps", "grad_clip": "--grad-clip",
-    "prompts.mode": "--prompt", "prompts.box_jitter": "--box-jitter", "prompts.box_jitter_max": "--box-jitter-max",
-    "prompts.point_ratio": "--point-ratio", "prompts.click_iterations": "--click-iterations",
-    "prompts.mask_prompt_prob": "--mask-prompt-prob", "prompts.mask_prompt_gradient": "--mask-prompt-gradient",
-    "loss": "--loss", "train": "--train", "val_split": "--val-split",
-    "val_prompt": "--val-prompt", "val_clicks": "--val-clicks",
-    "val_max_images": "--val-max-images", "seed": "--seed", "device": "--device",
-    "workers": "--workers",
-    "cache_in_memory": "--cache-in-memory", "save_every": "--save-every", "checkpoint": "--checkpoint",
-}
-
-
-def train_options(command):
-    for path, flag in reversed(TRAIN_FLAGS.items()):
-        command = config_option(flag, TrainConfig, path, default_in_help=True)(command)
-    return command
 
 
 @main.command("train")
@@ -396,7 +382,7 @@ def train_options(command):
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML file of options (the fields of TrainConfig, prompt settings under prompts:); "
                    "the command line overrides it.")
-@train_options
+@config_options(TrainConfig, default_in_help=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, **options) -> None:
     """Fine-tune the mask decoder from CACHE (the image encoder never runs).
@@ -420,8 +406,7 @@ def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, **optio
     from samcache.train.trainer import train
 
     saved = RunFolder(run_dir).saved_config() if resume and config_file is None else None
-    config = from_sources(TrainConfig, file=config_file, base=saved, overrides=_config_values(options),
-                          flags=TRAIN_FLAGS)
+    config = _options(TrainConfig, options, file=config_file, base=saved)
     _warn_if_being_written(cache_dir)
     with _process_group() as dist:
         result = train(cache_dir, run_dir, config, resume=resume, dist=dist)
@@ -436,36 +421,13 @@ def train_cmd(cache_dir: Path, run_dir: Path, config_file, resume: bool, **optio
 
 
 # ----------------------------------------------------------------------- eval, export, predict
-EVAL_FLAGS = {
-    "split": "--split", "prompt": "--prompt", "clicks": "--clicks", "box_jitter": "--box-jitter", "seed": "--seed",
-    "weights": "--weights",
-    "device": "--device", "checkpoint": "--checkpoint", "everything": "--everything",
-    **{f"generator.{path}": flag for path, flag in EVERYTHING_FLAGS.items()},
-}
-
-
-def everything_options(command):
-    for path, flag in reversed(EVERYTHING_FLAGS.items()):
-        command = config_option(flag, EverythingSettings, path, default_in_help=True)(command)
-    return command
-
-
-def _check_generator_options(settings: EverythingSettings, everything: bool) -> None:
-    if settings != EverythingSettings() and not everything:
-        raise click.UsageError("--points-per-side and the other generator options go with --everything")
-
-
-def eval_options(command):
-    for path, flag in reversed(EVAL_FLAGS.items()):
-        command = config_option(flag, EvalConfig, path)(command)
-    return command
 
 
 @main.command("eval")
 @click.argument("cache_dir", metavar="CACHE", type=click.Path(path_type=Path))
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), help="A training run (omit: base model only).")
 @click.option("--out", "report_dir", type=click.Path(path_type=Path), required=True, help="Report folder.")
-@eval_options
+@config_options(EvalConfig)
 @click.option("--overwrite", is_flag=True, help="Replace the report in --out when there is one.")
 def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, overwrite: bool, **options) -> None:
     """Score the zero-shot model and the fine-tuned decoder on the same prompts, at original resolution.
@@ -480,8 +442,7 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, overwrite: bool, **opti
     from samcache.evaluate.evaluator import evaluate
     from samcache.evaluate.report import format_table
 
-    config = from_sources(EvalConfig, overrides=_config_values(options), flags=EVAL_FLAGS)
-    _check_generator_options(config.generator, config.everything)
+    config = _options(EvalConfig, options)
     _warn_if_being_written(cache_dir)
     summary = evaluate(cache_dir, report_dir, config, run_dir=run_dir, overwrite=overwrite)
     for warning in summary.get("warnings", []):
@@ -494,67 +455,45 @@ def eval_cmd(cache_dir: Path, run_dir, report_dir: Path, overwrite: bool, **opti
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True, help="A training run.")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
               help="Weights file to write (pth, safetensors), or the folder of the ONNX files (onnx).")
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0], show_default=True,
-              help="pth or safetensors: a full SAM state dict; onnx: decoder.onnx in segment-anything's official "
-                   "ONNX interface and encoder.onnx, with an X-AnyLabeling config and a README.")
-@click.option("--weights", type=click.Choice(RUN_WEIGHTS), default=RUN_WEIGHTS[0], show_default=True)
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="Base weights file, if not the run's.")
-@click.option("--return-single-mask", is_flag=True,
-              help="onnx: decoder.onnx outputs one mask per prompt (SAM's choice) instead of all four.")
-@click.option("--quantize", is_flag=True,
-              help="onnx: also write decoder.quant.onnx and encoder.quant.onnx (uint8 weights).")
+@config_options(ExportConfig)
 @click.option("--overwrite", is_flag=True, help="Replace the files of an earlier export when they exist.")
-def export_cmd(run_dir: Path, out_path: Path, fmt: str, weights: str, checkpoint, return_single_mask: bool,
-               quantize: bool, overwrite: bool) -> None:
-    """Write a full SAM state dict with the fine-tuned decoder, plus FILE.json metadata; or ONNX files.
+def export_cmd(run_dir: Path, out_path: Path, overwrite: bool, **options) -> None:
+    """Write the full model's state dict with the fine-tuned decoder, plus FILE.json metadata; or ONNX files.
 
     For vit_b/l/h the state dict loads with segment_anything.sam_model_registry[TYPE](checkpoint=FILE)
-    and works with SamPredictor as it is. With --format onnx, --out is a folder (see its README.md).
+    and works with SamPredictor as it is (the metadata says how each model type loads). With
+    --format onnx, --out is a folder (see its README.md).
 
     \b
     Example:
       samcache export --run runs/stamps --out sam_stamps.pth
       samcache export --run runs/stamps --format onnx --out onnx/stamps
     """
-    if fmt == "onnx":
+    config = _options(ExportConfig, options)
+    if config.format == "onnx":
         from samcache.deploy.onnx import export_onnx
 
-        metadata = export_onnx(run_dir, out_path, weights=weights, checkpoint=checkpoint,
-                               return_single_mask=return_single_mask, quantize=quantize, overwrite=overwrite)
+        metadata = export_onnx(run_dir, out_path, weights=config.weights, checkpoint=config.checkpoint,
+                               return_single_mask=config.return_single_mask, quantize=config.quantize,
+                               overwrite=overwrite)
         click.echo(f"wrote {', '.join(metadata['files'])}, xanylabeling.yaml, README.md and export.json "
                    f"to {out_path} ({metadata['model_type']})")
         return
-    if return_single_mask or quantize:
-        raise click.UsageError("--return-single-mask and --quantize are options of --format onnx")
     from samcache.deploy.export import export_run, metadata_path
 
-    metadata = export_run(run_dir, out_path, fmt=fmt, weights=weights, checkpoint=checkpoint, overwrite=overwrite)
+    metadata = export_run(run_dir, out_path, fmt=config.format, weights=config.weights, checkpoint=config.checkpoint,
+                          overwrite=overwrite)
     click.echo(f"wrote {out_path} ({metadata['model_type']}, SHA-256 {metadata['sha256']}) and "
                f"{metadata_path(out_path)}; load with {metadata['load_with']}")
 
 
 @main.command("predict")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), help="A training run.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="A full SAM state dict (e.g. an export).")
-@click.option("--model", "model_type", type=click.Choice(MODEL_TYPES),
-              help="Model type of --checkpoint (default: from its .json metadata).")
-@click.option("--box", help="x0,y0,x1,y1 in pixels, for every image.")
-@click.option("--point", "points", multiple=True,
-              help="x,y[,label] in pixels (label 1 inside the object, the default; 0 outside), for every image; "
-                   "repeat it for more points; with --box, one prompt of the box and the points.")
-@click.option("--boxes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="COCO JSON whose bbox annotations are the prompts (matched by file name).")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
-              help="Take embeddings from this cache when an image is in it (default: the run's cache).")
+@config_options(PredictConfig, default_in_help=True, points={"multiple": True},
+                boxes={"type": click.Path(exists=True, dir_okay=False, path_type=Path)})
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--everything", is_flag=True,
-              help="Segment everything (a point grid, as SamAutomaticMaskGenerator) instead of prompts.")
-@everything_options
-@click.option("--device", type=click.Choice(DEVICES), default=DEVICES[0], show_default=True)
 @click.option("--overwrite", is_flag=True, help="Write into --out even when it holds earlier predictions.")
-def predict_cmd(images, run_dir, checkpoint, model_type, box, points, boxes, cache_dir, out_dir: Path,
-                everything: bool, device: str, overwrite: bool, **generator) -> None:
+def predict_cmd(images, out_dir: Path, overwrite: bool, **options) -> None:
     """Predict masks for IMAGES from box and point prompts: PNG masks, overlays and COCO RLE JSON.
 
     With --everything: every object in each image, from a grid of points (SamAutomaticMaskGenerator's
@@ -570,36 +509,28 @@ def predict_cmd(images, run_dir, checkpoint, model_type, box, points, boxes, cac
     """
     from samcache.deploy import predict as predict_module
 
-    if (run_dir is None) == (checkpoint is None):
-        raise click.UsageError("give either --run or --checkpoint")
-    prompted = box is not None or bool(points) or boxes is not None
-    if everything and prompted:
-        raise click.UsageError("--everything takes no --box, --point or --boxes")
-    if not everything and (box is None and not points) == (boxes is None):
-        raise click.UsageError("give either --box and/or --point, or --boxes (or --everything)")
-    settings = from_sources(EverythingSettings, overrides=_config_values(generator), flags=EVERYTHING_FLAGS)
-    _check_generator_options(settings, everything)
-    if run_dir is not None:
+    options["points"] = list(options["points"]) or None  # click gives () for a repeatable option not given
+    config = _options(PredictConfig, options)
+    cache_dir = config.cache
+    if config.run is not None:
         from samcache.train.runs import RunFolder
 
-        predictor = predict_module.predictor_from_run(run_dir)
+        predictor = predict_module.predictor_from_run(config.run)
         if cache_dir is None:
-            cache_dir = RunFolder(run_dir).cache_dir()
+            cache_dir = RunFolder(config.run).cache_dir()
     else:
-        predictor = predict_module.predictor_from_checkpoint(checkpoint, model_type)
-    if everything:
-        result = predict_module.predict_everything(predictor, list(images), out_dir, settings=settings,
-                                                   cache_dir=cache_dir, device=device, overwrite=overwrite)
+        predictor = predict_module.predictor_from_checkpoint(config.checkpoint, config.model_type)
+    if config.everything:
+        result = predict_module.predict_everything(predictor, list(images), out_dir, settings=config.generator,
+                                                   cache_dir=cache_dir, device=config.device, overwrite=overwrite)
         click.echo(f"{len(result['predictions'])} masks for {result['images']} images in {out_dir} "
                    f"({result['seconds']:.1f} s, {len(result['predictions']) / max(result['seconds'], 1e-9):.1f} "
                    f"masks/s)")
         return
     result = predict_module.predict_images(
-        predictor, list(images), out_dir,
-        box=predict_module.parse_box(box) if box else None,
-        points=[predict_module.parse_point(p) for p in points] or None,
-        boxes_by_name=predict_module.boxes_from_coco(boxes) if boxes else None,
-        cache_dir=cache_dir, device=device, overwrite=overwrite,
+        predictor, list(images), out_dir, box=config.box, points=config.points or None,
+        boxes_by_name=predict_module.boxes_from_coco(config.boxes) if config.boxes else None,
+        cache_dir=cache_dir, device=config.device, overwrite=overwrite,
     )
     for warning in result["warnings"]:
         click.echo(f"warning: {warning}", err=True)

@@ -1,8 +1,9 @@
 """Every option samcache takes: its name, type, range, default and meaning, checked in one place.
 
-Each command's options are one pydantic model (`EmbedConfig`, `TrainConfig`, `EvalConfig`),
-keyword-only, documented field by field (the docstring under a field is its description, and
-the command line's help text). Nested settings are nested models: the training prompts are a
+Each command's options are one pydantic model (`EmbedConfig`, `TrainConfig`, `EvalConfig`,
+`ExportConfig`, `PredictConfig`), keyword-only, documented field by field (the first paragraph of
+the docstring under a field is the command line's help text), and `FLAGS` maps each command's
+options to their flags, in one place. Nested settings are nested models: the training prompts are a
 `PromptSettings` inside `TrainConfig`, and a YAML `--config` file mirrors that:
 
     epochs: 8
@@ -12,7 +13,9 @@ the command line's help text). Nested settings are nested models: the training p
       point_ratio: 0.3
 
 Values are checked for type and range when a config is made, before any work starts;
-`parse` turns pydantic's report into one line that names the option and the value. What is
+`parse` turns pydantic's report into one line that names the option and the value. Options that
+do not go together (the prompt rule of predict, generator options without --everything, ONNX
+options of another format) are refused by the config too, as an `OptionCombinationError`. What is
 accepted, on purpose: numbers written as strings (YAML 1.1 reads `1e-4` as a string), and
 `train: mask_decoder` as a one-item list. What is refused: true/false where a number is
 asked for, fractions where a whole number is, NaN and infinity, values out of range.
@@ -26,14 +29,25 @@ modes from images.py, their owners.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar
 
 import yaml
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from samcache.data.images import INTENSITY_MODES
-from samcache.errors import ConfigError
+from samcache.errors import ConfigError, OptionCombinationError
 from samcache.models.specs import MODEL_TYPES
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -86,7 +100,7 @@ class EmbedConfig(_Options):
     """tiny only: random weights instead of the pretrained ones."""
     batch_size: Optional[Annotated[Int, Field(ge=1)]] = None
     """Images per encoder forward (default: 8 on CUDA, 1 on the CPU, where batching vit_b only adds
-    memory traffic: see BENCHMARKS.md)."""
+    memory traffic)."""
     device: Literal[DEVICES] = "auto"
     """auto (CUDA when available), cpu or cuda."""
     precision: Literal[PRECISIONS] = "auto"
@@ -97,8 +111,9 @@ class EmbedConfig(_Options):
     workers: Optional[Annotated[Int, Field(ge=0)]] = None
     """Processes decoding images while the encoder runs (0: in the main process). Unset: 2 on
     CUDA, where the CPU is otherwise idle; 0 on the CPU, where the encoder already uses every
-    core and workers only compete with it (2 workers measured 0.83x of none on a 2-core EPYC
-    with bf16, equal on an AVX2 one: BENCHMARKS.md)."""
+    core and workers only compete with it.
+
+    BENCHMARKS.md ("Embed on a CPU") has the measurement behind the CPU default."""
     strict: bool = False
     """Stop at the first image that fails to decode (after committing what is done)."""
     intensity: Literal[INTENSITY_MODES] = "percentile"
@@ -139,9 +154,10 @@ class PromptSettings(_Options):
     """With mode interactive: the probability that a pass adding a point also gets the previous
     prediction's low-res logits as the mask prompt (SAM: always; micro-sam: 0.5). The two passes
     that add no point (one at random among the corrective ones, one last) always get it; 0 turns
-    mask feedback off, and those two passes with it. Default 0.5: on the demo's stamps it cost
-    far less box mIoU than 1 (BENCHMARKS.md, "Interactive training") and, unlike 0, still trains
-    the mask path that SamPredictor's mask_input uses."""
+    mask feedback off, and those two passes with it.
+
+    Default 0.5: on the demo's stamps it cost far less box mIoU than 1 (BENCHMARKS.md, "Interactive
+    training") and, unlike 0, still trains the mask path that SamPredictor's mask_input uses."""
     mask_prompt_gradient: Literal[MASK_PROMPT_GRADIENTS] = "detach"
     """With mode interactive: detach (the fed-back logits are a constant of the next pass, as in
     micro-sam; each pass is backpropagated at once, so memory is one pass's) or backprop (the
@@ -154,6 +170,11 @@ class PromptSettings(_Options):
             raise ValueError(f"positive_points + negative_points is at most {MAX_POINTS}, got "
                              f"{self.positive_points} + {self.negative_points}")
         return self
+
+
+def _combination(message: str) -> PydanticCustomError:
+    """The error of options that do not go together (parse turns it into OptionCombinationError)."""
+    return PydanticCustomError("option_combination", message)
 
 
 def _each_once(field: str, noun: str, values: list[str]) -> None:
@@ -199,9 +220,9 @@ class TrainConfig(_Options):
     loss: Literal[LOSSES] = "sam"
     """sam: the model's own recipe (SAM: 20 focal + dice + IoU MSE; SAM 2.1: 20 focal + dice + IoU L1 on
     every multimask output + object score BCE), dice-bce, or mse-threshold (the tutorial's, for comparison)."""
-    train: Annotated[list[Literal[TRAINABLE]], BeforeValidator(_comma_list), Field(min_length=1)] = [
-        "mask_decoder"]
-    """What is trainable: mask_decoder and/or prompt_encoder."""
+    trainable: Annotated[list[Literal[TRAINABLE]], BeforeValidator(_comma_list), Field(
+        min_length=1, validation_alias=AliasChoices("trainable", "train"))] = ["mask_decoder"]
+    """What is trainable (--train): mask_decoder and/or prompt_encoder. YAML files may call it `train`."""
     train_split: str = TRAIN_SPLIT
     """The cache split to train on."""
     val_split: str = VAL_SPLIT
@@ -209,7 +230,7 @@ class TrainConfig(_Options):
     val_prompt: Literal[EVAL_PROMPTS] = "box"
     """Validation prompts: box (the exact box) or point (the mask's most interior point)."""
     val_clicks: Optional[Annotated[Int, Field(ge=0, le=20)]] = None
-    """Also validate with the click protocol (clicks.py) after each epoch: mIoU after click 1..N,
+    """Also validate with the click protocol (train/click_protocol.py) after each epoch: mIoU after click 1..N,
     logged as val_click_miou (not used to pick best.pt). Unset: 3 with --prompt interactive, else 0."""
     val_max_images: Optional[Annotated[Int, Field(ge=1)]] = 200
     """Validate on at most this many images of the split, a subset fixed by the seed (null: all).
@@ -233,12 +254,12 @@ class TrainConfig(_Options):
 
     @model_validator(mode="after")
     def _unique_parts(self) -> "TrainConfig":
-        _each_once("train", "a part", self.train)
+        _each_once("train", "a part", self.trainable)
         return self
 
     @property
-    def validation_clicks(self) -> int:
-        """val_clicks, its default filled in."""
+    def val_clicks_in_effect(self) -> int:
+        """How many clicks validation runs: val_clicks, or its default for the prompt mode when unset."""
         if self.val_clicks is not None:
             return self.val_clicks
         return 3 if self.prompts.mode == "interactive" else 0
@@ -291,11 +312,6 @@ class EverythingSettings(_Options):
     """Segment everything: of two masks whose boxes overlap above this IoU, the lower-scored is dropped."""
 
 
-EVERYTHING_FLAGS = {
-    "points_per_side": "--points-per-side", "points_per_batch": "--points-per-batch",
-    "pred_iou_thresh": "--pred-iou-thresh", "stability_score_thresh": "--stability-score-thresh",
-    "stability_score_offset": "--stability-score-offset", "box_nms_thresh": "--box-nms-thresh",
-}
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -312,7 +328,7 @@ class EvalConfig(_Options):
     seed: Annotated[Int, Field(ge=0)] = 0
     """Seeds the box jitter and the random overlay picks."""
     clicks: Annotated[Int, Field(ge=0, le=100)] = 0
-    """Also run the click protocol with this many clicks per object (clicks.py): mIoU after each
+    """Also run the click protocol with this many clicks per object (train/click_protocol.py): mIoU after each
     click and the clicks needed for IoU 0.85 / 0.90 (NoC), for each model; 0: not run."""
     weights: Literal[RUN_WEIGHTS] = "best"
     """Which checkpoint of the run: best or last."""
@@ -334,7 +350,160 @@ class EvalConfig(_Options):
     @model_validator(mode="after")
     def _unique_prompts(self) -> "EvalConfig":
         _each_once("prompt", "a kind", self.prompt)
+        _generator_needs_everything(self.generator, self.everything)
         return self
+
+
+def _generator_needs_everything(generator: "EverythingSettings", everything: bool) -> None:
+    if generator != EverythingSettings() and not everything:
+        raise _combination("--points-per-side and the other generator options go with --everything")
+
+
+# ---------------------------------------------------------------------------------- export
+class ExportConfig(_Options):
+    """Options of `samcache export`."""
+
+    format: Literal[EXPORT_FORMATS] = "pth"
+    """pth or safetensors: the full model's state dict in its family's layout; onnx: decoder.onnx in
+    segment-anything's official ONNX interface and encoder.onnx, with an X-AnyLabeling config and a README."""
+    weights: Literal[RUN_WEIGHTS] = "best"
+    """Which checkpoint of the run: best or last."""
+    checkpoint: Optional[Path] = None
+    """Base weights file, if not the run's."""
+    return_single_mask: bool = False
+    """onnx: decoder.onnx outputs one mask per prompt (SAM's choice) instead of all four."""
+    quantize: bool = False
+    """onnx: also write decoder.quant.onnx and encoder.quant.onnx (uint8 weights)."""
+
+    @model_validator(mode="after")
+    def _onnx_options(self) -> "ExportConfig":
+        if (self.return_single_mask or self.quantize) and self.format != "onnx":
+            raise _combination("--return-single-mask and --quantize are options of --format onnx")
+        return self
+
+
+# --------------------------------------------------------------------------------- predict
+Box = tuple[float, float, float, float]
+Point = tuple[float, float, int]
+
+
+def check_box(box: Any, where: str) -> Box:
+    """A box XYXY of finite numbers with x1 > x0 and y1 > y0 (ValueError naming `where` otherwise)."""
+    values = [float(v) for v in box]
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{where}: box coordinates must be four finite numbers, got {list(box)}")
+    x0, y0, x1, y1 = values
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"{where}: x1 must exceed x0 and y1 must exceed y0")
+    return (x0, y0, x1, y1)
+
+
+def _box(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value if value is None else check_box(value, "--box")
+    try:
+        parts = [float(v) for v in value.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 4:
+        raise ValueError(f"--box takes x0,y0,x1,y1 in pixels, got {value!r}")
+    return check_box(parts, f"--box {value}")
+
+
+def _point(value: Any) -> Any:
+    """`x,y` or `x,y,label` (1: inside the object, 0: outside) -> (x, y, label)."""
+    if not isinstance(value, str):
+        return value
+    parts = value.split(",")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        x, y = float(parts[0]), float(parts[1])
+        label = int(parts[2]) if len(parts) == 3 else 1
+    except ValueError:
+        raise ValueError(f"--point takes x,y or x,y,label in pixels, got {value!r}") from None
+    if not (math.isfinite(x) and math.isfinite(y)) or label not in (0, 1):
+        raise ValueError(f"--point {value}: finite x, y and a label of 1 (inside) or 0 (outside)")
+    return (x, y, label)
+
+
+class PredictConfig(_Options):
+    """Options of `samcache predict`: the model, the prompts (checked together here), the generator."""
+
+    run: Optional[Path] = None
+    """A training run."""
+    checkpoint: Optional[Path] = None
+    """A full model state dict (e.g. an export)."""
+    model_type: Optional[Literal[MODEL_TYPES]] = None
+    """Model type of --checkpoint (default: from its .json metadata)."""
+    box: Annotated[Optional[Box], BeforeValidator(_box)] = None
+    """x0,y0,x1,y1 in pixels, for every image."""
+    points: list[Annotated[Point, BeforeValidator(_point)]] = []
+    """x,y[,label] in pixels (label 1 inside the object, the default; 0 outside), for every image;
+    repeat it for more points; with --box, one prompt of the box and the points."""
+    boxes: Optional[Path] = None
+    """COCO JSON whose bbox annotations are the prompts (matched by file name)."""
+    cache: Optional[Path] = None
+    """Take embeddings from this cache when an image is in it (default: the run's cache)."""
+    everything: bool = False
+    """Segment everything (a point grid, as SamAutomaticMaskGenerator) instead of prompts."""
+    generator: EverythingSettings = EverythingSettings()
+    """Segment-everything's options (with everything)."""
+    device: Literal[DEVICES] = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+
+    @model_validator(mode="after")
+    def _one_model_and_one_kind_of_prompt(self) -> "PredictConfig":
+        if (self.run is None) == (self.checkpoint is None):
+            raise _combination("give either --run or --checkpoint")
+        prompted = self.box is not None or bool(self.points) or self.boxes is not None
+        if self.everything and prompted:
+            raise _combination("--everything takes no --box, --point or --boxes")
+        if not self.everything and (self.box is None and not self.points) == (self.boxes is None):
+            raise _combination("give either --box and/or --point, or --boxes (or --everything)")
+        _generator_needs_everything(self.generator, self.everything)
+        return self
+
+
+# ------------------------------------------------------------------------------------ flags
+EVERYTHING_FLAGS = {
+    "points_per_side": "--points-per-side", "points_per_batch": "--points-per-batch",
+    "pred_iou_thresh": "--pred-iou-thresh", "stability_score_thresh": "--stability-score-thresh",
+    "stability_score_offset": "--stability-score-offset", "box_nms_thresh": "--box-nms-thresh",
+}
+FLAGS: dict[type, dict[str, str]] = {
+    EmbedConfig: {
+        "model_type": "--model", "checkpoint": "--checkpoint", "random_init": "--random-init",
+        "batch_size": "--batch-size", "device": "--device", "precision": "--precision", "backend": "--backend",
+        "workers": "--workers", "intensity": "--intensity", "shard_images": "--shard-images",
+    },
+    TrainConfig: {
+        "epochs": "--epochs", "batch_size": "--batch-size", "objects_per_image": "--objects-per-image", "lr": "--lr",
+        "weight_decay": "--weight-decay", "warmup_steps": "--warmup-steps", "grad_clip": "--grad-clip",
+        "prompts.mode": "--prompt", "prompts.box_jitter": "--box-jitter", "prompts.box_jitter_max": "--box-jitter-max",
+        "prompts.point_ratio": "--point-ratio", "prompts.click_iterations": "--click-iterations",
+        "prompts.mask_prompt_prob": "--mask-prompt-prob", "prompts.mask_prompt_gradient": "--mask-prompt-gradient",
+        "loss": "--loss", "trainable": "--train", "val_split": "--val-split", "val_prompt": "--val-prompt",
+        "val_clicks": "--val-clicks", "val_max_images": "--val-max-images", "seed": "--seed", "device": "--device",
+        "workers": "--workers", "cache_in_memory": "--cache-in-memory", "save_every": "--save-every",
+        "checkpoint": "--checkpoint",
+    },
+    EvalConfig: {
+        "split": "--split", "prompt": "--prompt", "clicks": "--clicks", "box_jitter": "--box-jitter", "seed": "--seed",
+        "weights": "--weights", "device": "--device", "checkpoint": "--checkpoint", "everything": "--everything",
+        **{f"generator.{path}": flag for path, flag in EVERYTHING_FLAGS.items()},
+    },
+    ExportConfig: {
+        "format": "--format", "weights": "--weights", "checkpoint": "--checkpoint",
+        "return_single_mask": "--return-single-mask", "quantize": "--quantize",
+    },
+    PredictConfig: {
+        "run": "--run", "checkpoint": "--checkpoint", "model_type": "--model", "box": "--box", "points": "--point",
+        "boxes": "--boxes", "cache": "--cache", "everything": "--everything",
+        **{f"generator.{path}": flag for path, flag in EVERYTHING_FLAGS.items()}, "device": "--device",
+    },
+}
+"""Each command's options and their command-line flags, by config and dotted option path."""
 
 
 # --------------------------------------------------------------------------------- parsing
@@ -354,6 +523,8 @@ def parse(cls: type[ConfigT], values: dict, *, source: str = "", flags: Optional
     try:
         return cls(**values)
     except ValidationError as exc:
+        if all(error["type"] == "option_combination" for error in exc.errors()):
+            raise OptionCombinationError("; ".join(error["msg"] for error in exc.errors())) from None
         raise ConfigError(describe_errors(cls, exc, values, source=source, flags=flags or {})) from None
 
 

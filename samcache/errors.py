@@ -29,6 +29,10 @@ class ConfigError(SamcacheError):
     """An option has the wrong type or is out of range."""
 
 
+class OptionCombinationError(ConfigError):
+    """Options that do not go together (or one that needs another): a usage error, exit code 2."""
+
+
 class TrainingError(SamcacheError):
     """Training cannot start or had to stop (empty split, non-finite loss, too small a batch)."""
 

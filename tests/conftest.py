@@ -68,11 +68,11 @@ def vit_b_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hiera_t_checkpoint(tmp_path_factory) -> Path:
     """A random-weight SAM 2.1 Hiera-T saved as Meta's sam2.1_hiera_tiny.pt is: {"model": state dict}."""
-    from samcache.models.sam2 import build_sam2_model
+    from samcache.models.weights import build_sam
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "sam2.1_hiera_tiny_random.pt"
-    torch.save({"model": build_sam2_model("sam2.1_hiera_t").state_dict()}, path)
+    torch.save({"model": build_sam("sam2.1_hiera_t").model.state_dict()}, path)
     return path
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from samcache.models.decoder import DecoderOutput, decode
+from samcache.models.decoder import DecoderOutput, SamPromptDecoder, decode
+from samcache.models.families import family_of
 from samcache.models.prompts import PromptBatch
 from samcache.models.weights import build_tiny
-from samcache.train import click_protocol as clicks_module
 from samcache.train.click_protocol import click_ious, largest_error_region, next_click, noc
 from tests.helpers import rect_mask
 
@@ -34,25 +34,26 @@ def test_noc_counts_clicks_to_the_threshold_and_caps_at_n():
     assert noc(ious, 0.90) == pytest.approx((3 + 1 + 3) / 3)
 
 
-def test_the_protocol_on_a_hand_built_decoder(monkeypatch):
+def test_the_protocol_on_a_hand_built_decoder():
     """A fake decoder that predicts a 200-px square around each positive click, on a 1024x1024 image
     (input frame = original, low-res = /4): click 1, its IoU and click 2 follow by hand."""
     seen, returned = [], []
 
-    def square_decoder(prompt_encoder, mask_decoder, embeddings, prompts):
-        seen.append(prompts)
-        logits = torch.full((len(prompts), 4, 256, 256), -10.0)
-        for n in range(len(prompts)):
-            for (x, y), label in zip(prompts.points[n].tolist(), prompts.labels[n].tolist()):
-                if label == 1:
-                    x, y = int(x / 4), int(y / 4)
-                    logits[n, :, max(0, y - 25) : y + 25, max(0, x - 25) : x + 25] = 10.0
-        returned.append(logits)
-        return DecoderOutput(logits, torch.zeros(len(prompts), 4))
+    class SquareDecoder(SamPromptDecoder):  # SAM's upscaling, a hand-made forward
+        def forward(self, embeddings, prompts):
+            seen.append(prompts)
+            logits = torch.full((len(prompts), 4, 256, 256), -10.0)
+            for n in range(len(prompts)):
+                for (x, y), label in zip(prompts.points[n].tolist(), prompts.labels[n].tolist()):
+                    if label == 1:
+                        x, y = int(x / 4), int(y / 4)
+                        logits[n, :, max(0, y - 25) : y + 25, max(0, x - 25) : x + 25] = 10.0
+            returned.append(logits)
+            return DecoderOutput(logits, torch.zeros(len(prompts), 4))
 
-    monkeypatch.setattr(clicks_module, "decode", square_decoder)
     truth = rect_mask(1024, 1024, 100, 100, 400, 200)  # 300 x 100
-    ious = click_ious(None, None, torch.zeros(1, 256, 64, 64), [truth], (1024, 1024), 2)
+    ious = click_ious(SquareDecoder(None, None, family=family_of("tiny")), torch.zeros(1, 256, 64, 64), [truth],
+                      (1024, 1024), 2)
     first = seen[0]
     x, y = first.points[0, 0].tolist()
     assert first.labels[0].tolist() == [1] and first.masks is None and bool(first.multimask[0])

@@ -45,8 +45,8 @@ def test_yaml_strings_that_are_numbers_are_numbers():
 
 
 def test_train_as_a_string_is_one_part_never_letters():
-    assert parse(TrainConfig, {"train": "mask_decoder"}).train == ["mask_decoder"]
-    assert parse(TrainConfig, {"train": "mask_decoder,prompt_encoder"}).train == ["mask_decoder", "prompt_encoder"]
+    assert parse(TrainConfig, {"train": "mask_decoder"}).trainable == ["mask_decoder"]
+    assert parse(TrainConfig, {"train": "mask_decoder,prompt_encoder"}).trainable == ["mask_decoder", "prompt_encoder"]
     with pytest.raises(ConfigError, match="train names a part twice"):
         parse(TrainConfig, {"train": "mask_decoder,mask_decoder"})
 
@@ -145,7 +145,7 @@ def test_yaml_run_resolves_strings_and_single_parts(stamps_cache, tmp_path):
                                        "--box-jitter", "0.05"])
     assert result.exit_code == 0, result.output
     saved = RunFolder(run).saved_config()
-    assert saved["lr"] == 0.0001 and saved["train"] == ["mask_decoder"]
+    assert saved["lr"] == 0.0001 and saved["trainable"] == ["mask_decoder"]
     assert saved["prompts"]["mode"] == "point" and saved["prompts"]["box_jitter"] == 0.05
     checkpoint = RunFolder(run).read_checkpoint("last")
     assert checkpoint.trained == ["mask_decoder"] and checkpoint.config == saved
@@ -157,7 +157,7 @@ def test_the_readme_example_config_is_valid():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("**Options and `--config`.**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     config = parse(TrainConfig, yaml.safe_load(block), source="README.md")
-    assert config.lr == 1e-3 and config.train == ["mask_decoder"] and config.prompts.mode == "mixed"
+    assert config.lr == 1e-3 and config.trainable == ["mask_decoder"] and config.prompts.mode == "mixed"
 
 
 def test_a_nested_flag_over_a_non_group_is_one_line(tmp_path):

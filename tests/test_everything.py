@@ -17,6 +17,7 @@ from samcache.data import masks
 from samcache.data.images import read_image
 from samcache.deploy.predict import predictor_from_run
 from samcache.evaluate.automatic_masks import segment_everything
+from samcache.models.families import family_of
 
 # Lower thresholds than SAM's defaults, so that the one-epoch tiny of the shared run finds masks.
 LOOSE = EverythingSettings(points_per_side=4, points_per_batch=10, pred_iou_thresh=0.3, stability_score_thresh=0.6)
@@ -28,7 +29,7 @@ def test_equals_sam_automatic_mask_generator(stamps, stamps_run):
     image = read_image(sorted((stamps / "images").glob("*.jpg"))[0])
     predictor = SamPredictor(sam)
     predictor.set_image(image)
-    ours = segment_everything(sam.prompt_encoder, sam.mask_decoder, predictor.features, image.shape[:2], LOOSE)
+    ours = segment_everything(family_of("tiny").decoder(sam), predictor.features, image.shape[:2], LOOSE)
     generator = SamAutomaticMaskGenerator(sam, points_per_side=LOOSE.points_per_side, points_per_batch=16,
                                           pred_iou_thresh=LOOSE.pred_iou_thresh,
                                           stability_score_thresh=LOOSE.stability_score_thresh,

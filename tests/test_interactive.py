@@ -4,6 +4,7 @@ step, mixed mask prompts, the step's gradient, DDP, resume."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,14 @@ import torch
 
 from samcache.config import PromptSettings, TrainConfig
 from samcache.models.decoder import DecoderOutput, compute_loss, decode
+from samcache.models.families import family_of
 from samcache.models.prompts import PromptBatch, click_passes, click_schedule, training_prompt
 from samcache.models.weights import build_tiny
 from samcache.train.interactive import ADDS_POINT, PICK, USES_MASK, ClickSimulation, error_points
 from samcache.train.runs import RunCheckpoint
 from samcache.train.samples import ClickSchedules
 from samcache.train.step import interactive_step
-from samcache.train.trainer import DecoderModule, train
+from samcache.train.trainer import train
 from tests.helpers import QUICK_TRAIN, assert_same_last_checkpoint, train_process
 
 INTERACTIVE = PromptSettings(mode="interactive")
@@ -222,8 +224,8 @@ def test_the_interactive_step_applies_the_mean_gradient_of_its_passes(gradient):
     parameters = list(sam.mask_decoder.parameters())
     before = {k: p.detach().clone() for k, p in sam.mask_decoder.named_parameters()}
     optimizer = torch.optim.SGD(parameters, lr=1.0)
-    stats = interactive_step(DecoderModule(sam), embeddings, first, targets, schedules, settings=settings,
-                             loss_kind="sam", optimizer=optimizer, parameters=parameters, grad_clip=0.0,
+    stats = interactive_step(family_of("tiny").decoder(sam), embeddings, first, targets, schedules, settings=settings,
+                             loss=partial(compute_loss, kind="sam"), optimizer=optimizer, parameters=parameters, grad_clip=0.0,
                              precision="fp32")
     assert stats.prompts == 2 and np.isfinite(stats.loss)
     for key, p in sam.mask_decoder.named_parameters():
@@ -251,14 +253,14 @@ def test_the_interactive_step_under_ddp_equals_the_plain_module(tmp_path):
             for wrapped in (False, True):
                 sam, embeddings, first, targets, schedules, settings = _step_case(seed=1)
                 settings = settings.model_copy(update={"mask_prompt_gradient": gradient})
-                module = DecoderModule(sam)
+                module = family_of("tiny").decoder(sam)
                 module.prompt_encoder.requires_grad_(False)
                 if wrapped:
                     module = DistributedDataParallel(module)
                 parameters = list(sam.mask_decoder.parameters())
                 optimizer = torch.optim.SGD(parameters, lr=0.5)
                 for _ in range(2):
-                    interactive_step(module, embeddings, first, targets, schedules, settings=settings, loss_kind="sam",
+                    interactive_step(module, embeddings, first, targets, schedules, settings=settings, loss=partial(compute_loss, kind="sam"),
                                      optimizer=optimizer, parameters=parameters, grad_clip=1.0, precision="fp32")
                 results[gradient, wrapped] = [p.detach().clone() for p in parameters]
     finally:
@@ -272,8 +274,9 @@ def test_bf16_autocast_interactive_step_runs_and_learns():
     sam, embeddings, first, targets, schedules, settings = _step_case()
     parameters = list(sam.mask_decoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
-    losses = [interactive_step(DecoderModule(sam), embeddings, first, targets, schedules, settings=settings,
-                               loss_kind="dice-bce", optimizer=optimizer, parameters=parameters, grad_clip=1.0,
+    losses = [interactive_step(family_of("tiny").decoder(sam), embeddings, first, targets, schedules, settings=settings,
+                               loss=partial(compute_loss, kind="dice-bce"), optimizer=optimizer,
+                               parameters=parameters, grad_clip=1.0,
                                precision="bf16").loss for _ in range(8)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
@@ -334,5 +337,5 @@ def test_interactive_options_are_checked_and_resume_may_not_change_them(stamps_c
     changed = resume_changes(saved, _interactive_config(prompts={"mode": "interactive", "click_iterations": 3,
                                                                   "mask_prompt_gradient": "backprop"}))
     assert changed == ["prompts.mask_prompt_gradient ('detach' -> 'backprop')"]
-    assert TrainConfig().validation_clicks == 0 and _interactive_config().validation_clicks == 3
-    assert _interactive_config(val_clicks=0).validation_clicks == 0
+    assert TrainConfig().val_clicks_in_effect == 0 and _interactive_config().val_clicks_in_effect == 3
+    assert _interactive_config(val_clicks=0).val_clicks_in_effect == 0

@@ -93,7 +93,7 @@ def test_resume_may_train_more_epochs_and_records_them(stamps_cache, stamps_run_
 
 
 def test_a_run_that_failed_before_any_checkpoint_starts_over(stamps_cache, tmp_path, monkeypatch):
-    import samcache.train.step as step_module
+    import samcache.models.decoder as step_module  # where SAM's PromptDecoder finds its loss
     from samcache.errors import TrainingError
     from samcache.train.trainer import train
 

@@ -27,9 +27,11 @@ from samcache.data.images import read_image
 from samcache.errors import CacheError, CheckpointError, SamcacheError
 from samcache.evaluate.automatic_masks import segment_everything
 from samcache.evaluate.evaluator import evaluate
-from samcache.models.decoder import DecoderOutput, compute_loss
+from samcache.models.decoder import DecoderOutput
+from samcache.models.families import family_of
 from samcache.models.feature_layout import pack_sam2, unpack_sam2
 from samcache.models.prompts import interior_point
+from samcache.models.sam2_decoder import sam2_loss
 from samcache.models.specs import OFFICIAL_WEIGHTS, SAM2_FEATURE_SHAPES
 from samcache.models.weights import identify_weights, load_sam
 from samcache.train.runs import RunFolder
@@ -117,7 +119,7 @@ def test_killed_embed_resumes_to_the_same_cache(sam2_cache, hiera_t_checkpoint, 
 
 
 def test_sam2_loss_equals_sam2_trainers(monkeypatch):
-    """compute_loss("sam") on an output with object scores is sam2's MultiStepMultiMasksAndIous with
+    """sam2_loss (SAM 2.1's `--loss sam`) is sam2's MultiStepMultiMasksAndIous with
     the weights of its released configs, read from the sam2 package's own training/loss_fns.py."""
     spec = importlib.util.find_spec("training")
     monkeypatch.setitem(sys.modules, "training.trainer", types.SimpleNamespace(CORE_LOSS_KEY="core_loss"))
@@ -138,7 +140,7 @@ def test_sam2_loss_equals_sam2_trainers(monkeypatch):
     targets = (torch.rand(n, 32, 32, generator=generator) > 0.6).float()
     for multimask, outputs in ((torch.zeros(n, dtype=torch.bool), slice(0, 1)),
                                (torch.ones(n, dtype=torch.bool), slice(1, 4))):
-        ours = compute_loss(output, targets, multimask, "sam")
+        ours = sam2_loss(output, targets, multimask)
         expected = theirs([{"multistep_pred_multimasks_high_res": [output.logits[:, outputs]],
                             "multistep_pred_ious": [output.iou_pred[:, outputs]],
                             "multistep_object_score_logits": [output.object_score]}], targets[None])
@@ -239,7 +241,7 @@ def test_sam2_refusals(sam2_run, stamps, hiera_t_checkpoint, tmp_path):
     assert result.exit_code != 0 and "not offered for SAM 2.1" in result.output and not (tmp_path / "r").exists()
     sam = load_sam("sam2.1_hiera_t", hiera_t_checkpoint).sam  # the generator itself refuses SAM 2.1's modules too
     with pytest.raises(SamcacheError, match="not offered for SAM 2.1"):
-        segment_everything(sam.prompt_encoder, sam.mask_decoder, torch.zeros(1, 1024, 64, 64), (64, 64))
+        segment_everything(family_of("sam2.1_hiera_t").decoder(sam), torch.zeros(1, 1024, 64, 64), (64, 64))
     with pytest.raises(CheckpointError) as error:  # no file, no download: the message says where to get it
         identify_weights("sam2.1_hiera_t", download=False)
     official = OFFICIAL_WEIGHTS["sam2.1_hiera_t"]

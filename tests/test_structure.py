@@ -128,8 +128,8 @@ def test_foundation_modules_import_no_stage_folder_but_models_specs():
             assert _folder(target) == "" or target in FOUNDATION_MAY_IMPORT, f"{module} imports {target}"
 
 
-FOUNDATION_MAY_IMPORT = {"samcache.models.specs", "samcache.models.families", "samcache.data.images"}
-"""The torch-free vocabularies the configs are built from: model types (and their families) and
+FOUNDATION_MAY_IMPORT = {"samcache.models.specs", "samcache.data.images"}
+"""The torch-free vocabularies the configs are built from: the model types and the
 image intensity modes."""
 
 
@@ -170,21 +170,44 @@ def test_only_runs_py_knows_the_run_folder_file_names():
 def test_readme_lists_every_module_in_dependency_order():
     readme = (PACKAGE.parent / "README.md").read_text()
     section = readme[readme.index("## Development"):]
-    listed = [line.split("|")[1].strip().strip("`") for line in section.splitlines()
-              if line.strip().startswith("| `")]
+    listed = [line.split("|")[1].strip().strip("`") for line in section.splitlines() if line.startswith("| `")]
     graph = import_graph()
 
     def entry(module: str) -> str:
-        parts = module.split(".")[1:]
-        if len(parts) > 1 or module in ("samcache.data.datasets", "recipes.tiny"):
-            return parts[0] + "/"
-        return parts[0] + ".py" if parts else "__init__.py"
+        return "/".join(module.split(".")[1:]) + ".py"
 
-    modules = {m for m in graph if entry(m) not in ("__init__.py", "__main__.py")}
-    assert {entry(m) for m in modules} == set(listed), "README's module table differs from the package"
+    modules = {m for m in graph if m.count(".") and not entry(m).endswith(("__main__.py",))
+               and not (PACKAGE / entry(m).replace(".py", "") / "__init__.py").exists()}
+    assert sorted(listed) == sorted({entry(m) for m in modules}), "README's module table differs from the package"
+    assert len(listed) == len(set(listed))
     position = {name: i for i, name in enumerate(listed)}
     for module in modules:
         for target in graph[module]:
-            if entry(target) in position and entry(target) != entry(module):
+            if entry(target) in position:
                 assert position[entry(target)] < position[entry(module)], (
                     f"README lists {entry(module)} before {entry(target)}, which it imports")
+
+
+def test_only_the_family_definitions_ask_which_model_it_is():
+    """Nothing outside models/families.py compares a model type or a family's name, nor tests a
+    model's class: everything that differs between families is asked of the family object."""
+    from samcache.models.families import FAMILIES
+    from samcache.models.specs import MODEL_TYPES
+
+    names = set(MODEL_TYPES) | {f.name for f in FAMILIES if f.name != "sam"}  # "sam" is also a loss
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.relative_to(PACKAGE).as_posix() in ("models/families.py", "models/specs.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                if any(isinstance(o, ast.Constant) and o.value in names for o in operands):
+                    offenders.append(f"{path.name}:{node.lineno} compares with a model type or family name")
+                if any(isinstance(o, ast.Attribute) and o.attr == "name" and "family" in ast.unparse(o)
+                       for o in operands):
+                    offenders.append(f"{path.name}:{node.lineno} compares a family's name")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance":
+                if "Sam2AsSam" in ast.unparse(node) or "Sam)" in ast.unparse(node):
+                    offenders.append(f"{path.name}:{node.lineno} tests the model's class")
+    assert not offenders, "; ".join(offenders)

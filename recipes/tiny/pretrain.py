@@ -61,6 +61,7 @@ from samcache.devices import autocast, cpu_name
 from samcache.errors import TrainingError
 from samcache.fileio import sha256_file
 from samcache.models.decoder import compute_loss, decode, dice_loss
+from samcache.models.families import family_of
 from samcache.models.preprocess import batch_to_model_input, input_size, resize_image
 from samcache.models.prompts import (
     PromptBatch,
@@ -336,7 +337,7 @@ def evaluate_shapes(sam, *, seed: int, images: int, shapes: ShapesSettings = Sha
         for mode in ("box", "point"):
             prompts = [evaluation_prompt(r, masks.bbox_xyxy(r), original, mode) for r in rles]
             batch = PromptBatch.from_prompts(prompts, torch.zeros(len(prompts), dtype=torch.long))
-            predictions = predict_masks(sam.prompt_encoder, sam.mask_decoder, embedding, batch,
+            predictions = predict_masks(family_of("tiny").decoder(sam), embedding, batch,
                                         [(input_size(original), original)], precision=precision)
             scores[mode] += [iou(p.mask, m) for p, m in zip(predictions, drawn.masks)]
     return {

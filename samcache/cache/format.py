@@ -28,24 +28,12 @@ from samcache import __version__
 from samcache.data.records import ObjectRecord
 from samcache.errors import CacheError
 from samcache.fileio import FileIdentity, atomic_write_json
-from samcache.models.feature_layout import pack_sam2, unpack_sam2
-from samcache.models.specs import EMBEDDING_SHAPE, SAM2_FEATURE_SHAPES, model_family
+from samcache.models.families import FAMILIES, ModelFamily, family_of
+from samcache.models.feature_layout import CacheLayout
 
-SCHEMA_VERSIONS = {"sam": 1, "sam2.1": 2}
-
-
-"""The schema version of each model family's caches: a SAM 2.1 cache holds two more maps per image."""
-
-
-STORED_MAPS = {
-    "sam": {"embeddings": EMBEDDING_SHAPE},
-    "sam2.1": {"embeddings": SAM2_FEATURE_SHAPES["image_embed"], "high_res_s1": SAM2_FEATURE_SHAPES["high_res_s1"],
-               "high_res_s0": SAM2_FEATURE_SHAPES["high_res_s0"]},
-}
-
-
-"""The per-image datasets of a shard, by model family, each (images, *shape) float16 with a checksum
-per image. A SAM 2.1 shard's `embeddings` is its image_embed."""
+SCHEMA_VERSIONS = {family.layout.name: family.layout.schema_version for family in FAMILIES}
+"""The schema version of each cache layout (feature_layout.CacheLayout): a SAM 2.1 cache holds two
+more maps per image. What a shard stores per image is its family's `layout.stored_maps`."""
 
 
 HEADER_NAME = "cache.json"
@@ -95,9 +83,14 @@ class Provenance:
     COMPARED = ("model_type", "weights_sha256", "preprocessing", "intensity", "embedding_dtype")
 
     @property
-    def family(self) -> str:
-        """"sam" or "sam2.1" (specs.model_family)."""
-        return model_family(self.model_type)
+    def family(self) -> ModelFamily:
+        """The model family of `model_type` (families.py)."""
+        return family_of(self.model_type)
+
+    @property
+    def layout(self) -> CacheLayout:
+        """What a shard stores per image, and the schema version."""
+        return self.family.layout
 
     @property
     def made_by(self) -> str:
@@ -168,7 +161,7 @@ def open_for_writing(cache_dir: Path, provenance: Provenance) -> None:
     if cache_dir.exists() and any(not p.name.startswith(".samcache") for p in cache_dir.iterdir()):
         raise CacheError(f"{cache_dir} is a non-empty folder without {HEADER_NAME}: not a samcache cache")
     (cache_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(header_path, {"schema_version": SCHEMA_VERSIONS[provenance.family],
+    atomic_write_json(header_path, {"schema_version": provenance.layout.schema_version,
                                     "provenance": asdict(provenance)})
 
 
@@ -192,9 +185,9 @@ def read_header(cache_dir: Path) -> Provenance:
         raise CacheError(f"{cache_dir} has cache schema version {version}, this samcache reads "
                          f"{', '.join(f'{v} ({k})' for k, v in SCHEMA_VERSIONS.items())}")
     provenance = provenance_from_dict(header["provenance"], source=path)
-    if version != SCHEMA_VERSIONS[provenance.family]:
+    if version != provenance.layout.schema_version:
         raise CacheError(f"{path}: schema version {version} with model {provenance.model_type!r}, whose caches are "
-                         f"version {SCHEMA_VERSIONS[provenance.family]}: not a header this samcache wrote")
+                         f"version {provenance.layout.schema_version}: not a header this samcache wrote")
     return provenance
 
 
@@ -208,22 +201,6 @@ def provenance_from_dict(values: dict, *, source: Path) -> Provenance:
             [f"unknown {', '.join(unknown)}"] if unknown else [])
         raise CacheError(f"{source}: the provenance has {'; '.join(problems)}: not a header this samcache wrote")
     return Provenance(**values)
-
-
-def stored_maps(family: str, features: np.ndarray) -> dict[str, np.ndarray]:
-    """One image's decoder input -> the shard's datasets (STORED_MAPS); `decoder_input` inverts it."""
-    if family == "sam":
-        return {"embeddings": features}
-    maps = unpack_sam2(features)
-    return {"embeddings": maps["image_embed"], "high_res_s1": maps["high_res_s1"], "high_res_s0": maps["high_res_s0"]}
-
-
-def decoder_input(family: str, stored: dict[str, np.ndarray]) -> np.ndarray:
-    """The shard's datasets of one image (STORED_MAPS) -> its decoder input, as `stored_maps` took it."""
-    if family == "sam":
-        return stored["embeddings"]
-    return pack_sam2({"image_embed": stored["embeddings"], "high_res_s1": stored["high_res_s1"],
-                      "high_res_s0": stored["high_res_s0"]})
 
 
 def write_strings(group: h5py.Group, name: str, values: list[str]) -> None:

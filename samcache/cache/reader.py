@@ -20,12 +20,9 @@ import numpy as np
 from samcache.cache import index as cache_index
 from samcache.cache.format import (
     HEADER_NAME,
-    SCHEMA_VERSIONS,
-    STORED_MAPS,
     FailedEntry,
     ImageInfo,
     Provenance,
-    decoder_input,
     provenance_from_dict,
     read_header,
     shard_paths,
@@ -35,6 +32,7 @@ from samcache.config import SPLITS
 from samcache.data.records import ObjectRecord
 from samcache.errors import CacheError
 from samcache.fileio import FileIdentity, atomic_write_bytes
+from samcache.models.feature_layout import CacheLayout
 from samcache.models.specs import IMAGE_SIZE
 
 
@@ -124,7 +122,7 @@ class EmbeddingCache:
             try:
                 with h5py.File(path, "r") as f:
                     shard = self._check_shard_provenance(f, path)
-                    parts.append(_read_tables(f, int(i), made_by=shard.made_by, family=shard.family))
+                    parts.append(_read_tables(f, int(i), made_by=shard.made_by, layout=shard.layout))
             except _BadTable as exc:
                 raise CacheError(f"shard {path} holds bad values: {exc}; take it out of shards/ (its images "
                                  "will be embedded again by `samcache embed`)") from exc
@@ -203,7 +201,7 @@ class EmbeddingCache:
         (feature_layout.py)."""
         shard_index, row = self._location[index]
         handle, maps = self._handle(int(shard_index)), {}
-        for name in STORED_MAPS[self.provenance.family]:
+        for name in self.provenance.layout.stored_maps:
             try:
                 maps[name] = handle[name][int(row)]
             except OSError as exc:  # h5py reports a checksum mismatch as a failed read
@@ -211,7 +209,7 @@ class EmbeddingCache:
                                                      f"({str(exc).splitlines()[0]})") from exc
             if not np.isfinite(maps[name]).all():
                 raise DamagedImageError(self, index, f"non-finite values in {name}")
-        return decoder_input(self.provenance.family, maps)
+        return self.provenance.layout.from_stored(maps)
 
     def preview_bytes(self, index: int) -> bytes:
         shard_index, row = self._location[index]
@@ -257,8 +255,8 @@ class EmbeddingCache:
         categories, counts = np.unique(self.tables.category[self._objects], return_counts=True)
         return {
             "cache": str(self.cache_dir),
-            "schema_version": SCHEMA_VERSIONS[self.provenance.family],
-            "model_family": self.provenance.family,
+            "schema_version": self.provenance.layout.schema_version,
+            "model_family": self.provenance.layout.name,
             "images": len(self),
             "objects": int(self.object_count.sum()),
             "splits": self.splits,
@@ -267,8 +265,8 @@ class EmbeddingCache:
             "weights_sha256": self.provenance.weights_sha256,
             "weights_source": self.provenance.weights_source,
             "embedding_dtype": self.provenance.embedding_dtype,
-            "stored_maps": {name: list(shape) for name, shape in STORED_MAPS[self.provenance.family].items()},
-            "embedding_shape": list(STORED_MAPS[self.provenance.family]["embeddings"]),
+            "stored_maps": {name: list(shape) for name, shape in self.provenance.layout.stored_maps.items()},
+            "embedding_shape": list(self.provenance.layout.stored_maps["embeddings"]),
             # per image, from its shard: a cache extended later with another backend says so
             "computed": {text(m): int(n) for m, n in zip(*np.unique(self.tables.made_by[self._rows],
                                                                       return_counts=True))},
@@ -326,8 +324,8 @@ def refresh_index(cache_dir: Path, *, at_least: int = 1) -> None:
         cache.save_index()
 
 
-def _read_tables(f: h5py.File, shard: int, *, made_by: str, family: str) -> "cache_index.Tables":
-    """One shard's tables as columns, checked; `made_by` and `family` are its provenance's."""
+def _read_tables(f: h5py.File, shard: int, *, made_by: str, layout: CacheLayout) -> "cache_index.Tables":
+    """One shard's tables as columns, checked; `made_by` and `layout` are its provenance's."""
     im, ob, fa = f["images"], f["objects"], f["failed"]
     names = _read_bytes(im["name"])
     n = len(names)
@@ -354,7 +352,7 @@ def _read_tables(f: h5py.File, shard: int, *, made_by: str, family: str) -> "cac
         removed_reason=_read_bytes(f["removed/reason"]) if "removed" in f else np.zeros(0, "S1"),
         removed_shard=np.full(len(f["removed/name"]) if "removed" in f else 0, shard, np.int32),
     )
-    _check_tables(f, tables, rles, family)
+    _check_tables(f, tables, rles, layout)
     return tables
 
 
@@ -362,7 +360,7 @@ class _BadTable(ValueError):
     pass
 
 
-def _check_tables(f: h5py.File, t: "cache_index.Tables", rles: np.ndarray, family: str) -> None:
+def _check_tables(f: h5py.File, t: "cache_index.Tables", rles: np.ndarray, layout: CacheLayout) -> None:
     """Refuses tables that would make later code crash or train on nonsense (an edited or
     damaged shard): the message names the column and the first image it concerns."""
 
@@ -385,7 +383,7 @@ def _check_tables(f: h5py.File, t: "cache_index.Tables", rles: np.ndarray, famil
     for column in (t.failed_path, t.failed_sha256, t.failed_error, t.failed_file_size, t.failed_file_mtime_ns):
         if len(column) != len(t.failed_name):
             raise _BadTable("the failed table has columns of different lengths")
-    for name, shape in STORED_MAPS[family].items():
+    for name, shape in layout.stored_maps.items():
         if name not in f or f[name].shape != (n, *shape):
             raise _BadTable(f"{name} has shape {f[name].shape if name in f else 'none (missing)'} for {n} images")
     if t.original_size.shape != (n, 2) or t.input_size.shape != (n, 2) or t.box.shape != (m, 4):

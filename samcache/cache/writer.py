@@ -22,20 +22,16 @@ import numpy as np
 
 from samcache.cache.format import (
     FP16_MAX,
-    SCHEMA_VERSIONS,
     SHARD_DIR,
-    STORED_MAPS,
     FailedEntry,
     ImageEntry,
     Provenance,
     shard_paths,
-    stored_maps,
     write_strings,
 )
 from samcache.cache.reader import refresh_index
 from samcache.errors import CacheError
 from samcache.faults import crash_point
-from samcache.models.specs import feature_shape
 
 
 def next_generation(cache_dir: Path) -> int:
@@ -71,13 +67,13 @@ class ShardWriter:
         self.tmp_path = self.final_path.with_name(self.final_path.name + ".tmp")
         self.buffer = io.BytesIO()
         self.file = h5py.File(self.buffer, "w")
-        self.file.attrs["schema_version"] = SCHEMA_VERSIONS[provenance.family]
+        self.file.attrs["schema_version"] = provenance.layout.schema_version
         self.file.attrs["provenance"] = json.dumps(asdict(provenance), sort_keys=True)
-        self.family, self.feature_shape = provenance.family, feature_shape(provenance.model_type)
+        self.layout = provenance.layout
         self.maps = {
             name: self.file.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.float16,
                                            chunks=(1, *shape), fletcher32=True)  # a checksum per image
-            for name, shape in STORED_MAPS[self.family].items()
+            for name, shape in self.layout.stored_maps.items()
         }
         self.images: list[ImageEntry] = []
         self.failed: list[FailedEntry] = []
@@ -91,15 +87,15 @@ class ShardWriter:
         """Appends one image. `embedding` is what `EmbeddingCache.embedding` gives back: (256, 64, 64),
         or SAM 2.1's packed (1024, 64, 64), float32/float16; values beyond fp16's range are an error,
         never a silent inf."""
-        if embedding.shape != self.feature_shape:
-            raise CacheError(f"{entry.name}: embedding shape {embedding.shape}, expected {self.feature_shape}")
+        if embedding.shape != self.layout.feature_shape:
+            raise CacheError(f"{entry.name}: embedding shape {embedding.shape}, expected {self.layout.feature_shape}")
         if not np.isfinite(embedding).all() or np.abs(embedding).max() > FP16_MAX:
             raise CacheError(
                 f"{entry.name}: the encoder produced values outside float16's range (|x| > {FP16_MAX:.0f}) "
                 "or non-finite values; these weights cannot be cached in float16"
             )
         row = len(self.images)
-        for name, values in stored_maps(self.family, embedding.astype(np.float16)).items():
+        for name, values in self.layout.to_stored(embedding.astype(np.float16)).items():
             self.maps[name].resize(row + 1, axis=0)
             self.maps[name][row] = values
         self.images.append(entry)

@@ -20,9 +20,7 @@ import torch
 from samcache import __version__
 from samcache.errors import SamcacheError
 from samcache.fileio import atomic_write_bytes, atomic_write_json, read_json_mapping, refuse_to_replace, sha256_file
-from samcache.models.sam2 import SAM2_CONFIGS
-from samcache.models.specs import model_family
-from samcache.models.weights import weights_module
+from samcache.models.families import family_of
 from samcache.train.runs import RunCheckpoint, RunFolder
 
 STATE_DICT_FORMATS = ("pth", "safetensors")
@@ -60,11 +58,12 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
     run, out_file = RunFolder(run_dir), Path(out_file)
     _check_outputs(out_file, overwrite=overwrite)
     model, run_checkpoint = run.load_model(weights, checkpoint)
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in weights_module(model.sam).state_dict().items()}
-    sam2 = model_family(run_checkpoint.model_type) == "sam2.1"
+    family = model.family
+    family.require(fmt, run_checkpoint.model_type)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in family.weights_module(model.sam).state_dict().items()}
     if fmt == "pth":
         buffer = io.BytesIO()
-        torch.save({"model": state_dict} if sam2 else state_dict, buffer)
+        torch.save(family.checkpoint_payload(state_dict), buffer)
         atomic_write_bytes(out_file, buffer.getvalue())
     else:
         from safetensors.torch import save
@@ -73,18 +72,6 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
     metadata = _metadata(run, run_checkpoint, weights, out_file, fmt, model.weights_source)
     atomic_write_json(metadata_path(out_file), metadata)
     return metadata
-
-
-def _load_with(model_type: str, fmt: str) -> str:
-    """The call that loads an export of `model_type` written as `fmt`, for its metadata."""
-    if model_family(model_type) == "sam2.1":
-        if fmt == "safetensors":  # sam2 reads only its own {"model": ...} .pt files
-            return (f"sam2.build_sam.build_sam2({SAM2_CONFIGS[model_type]!r}, None).load_state_dict("
-                    "safetensors.torch.load_file(FILE))")
-        return f"sam2.build_sam.build_sam2({SAM2_CONFIGS[model_type]!r}, FILE)"
-    if model_type == "tiny":
-        return "samcache.models.weights.load_sam('tiny', checkpoint=FILE)"
-    return f"segment_anything.sam_model_registry[{model_type!r}](checkpoint=FILE)"
 
 
 def _check_outputs(out_file: Path, *, overwrite: bool) -> None:
@@ -118,5 +105,5 @@ def _metadata(run: RunFolder, run_checkpoint: RunCheckpoint, weights: str, out_f
         "cache": run.cache_dir(),
         "samcache_version": __version__,
         "eval": run.eval_summaries(),
-        "load_with": _load_with(model_type, fmt),
+        "load_with": family_of(model_type).load_with(model_type, fmt),
     }

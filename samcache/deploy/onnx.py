@@ -39,6 +39,7 @@ from segment_anything.utils.onnx import SamOnnxModel
 from samcache import __version__
 from samcache.errors import OutputError, SamcacheError
 from samcache.fileio import atomic_write_json, refuse_to_replace, sha256_file
+from samcache.models.families import family_of
 from samcache.models.specs import (
     EMBEDDING_SIZE,
     IMAGE_SIZE,
@@ -46,7 +47,6 @@ from samcache.models.specs import (
     PIXEL_MEAN,
     PIXEL_STD,
     PROMPT_EMBED_DIM,
-    model_family,
 )
 from samcache.train.runs import RunFolder
 
@@ -134,9 +134,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, weights: str = "bes
     for name in FILES + DECODER_SINGLE + QUANTIZED_FILES:
         refuse_to_replace(out_dir / name, overwrite=overwrite)
     model_type = RunFolder(run_dir).read_checkpoint(weights).model_type
-    if model_family(model_type) == "sam2.1":  # before building a Hiera only to refuse it
-        raise SamcacheError(f"--format onnx writes SAM's ONNX interface; a {model_type} run exports as a checkpoint "
-                            "in sam2's layout (--format pth), which SAM 2.1's own tools load")
+    family_of(model_type).require("onnx", model_type)  # before building a model only to refuse it
     model, run_checkpoint = RunFolder(run_dir).load_model(weights, checkpoint)
     sam = model.sam.eval().float().cpu()
     try:

@@ -20,17 +20,18 @@ import numpy as np
 import torch
 
 from samcache.cache.reader import EmbeddingCache
-from samcache.config import MAX_POINTS, EverythingSettings
+from samcache.config import MAX_POINTS, EverythingSettings, check_box
 from samcache.data import masks
 from samcache.data.images import read_image
 from samcache.deploy.export import metadata_path, read_metadata
 from samcache.devices import resolve_device
 from samcache.errors import OutputError, SamcacheError
-from samcache.evaluate.automatic_masks import refuse_sam2, segment_everything
+from samcache.evaluate.automatic_masks import segment_everything
 from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace, sha256_file
-from samcache.models.preprocess import batch_to_model_input, input_size_for, resize_image, transform_boxes
+from samcache.models.decoder import PromptDecoder
+from samcache.models.families import ModelFamily, family_of
+from samcache.models.preprocess import transform_boxes
 from samcache.models.prompts import PromptBatch, make_prompt
-from samcache.models.sam2 import Sam2AsSam
 from samcache.models.weights import load_sam
 from samcache.progress import progress_bar
 from samcache.train.inference import predict_masks
@@ -45,6 +46,10 @@ class Predictor:
     model_type: str
     encoder_weights_sha256: str
     source: str
+
+    @property
+    def family(self) -> ModelFamily:
+        return family_of(self.model_type)
 
 
 def predictor_from_run(run_dir: str | Path, *, weights: str = "best", checkpoint=None) -> Predictor:
@@ -67,39 +72,6 @@ def predictor_from_checkpoint(checkpoint: str | Path, model_type: Optional[str] 
                      str(checkpoint))
 
 
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    try:
-        x0, y0, x1, y1 = (float(v) for v in text.split(","))
-    except ValueError:
-        raise SamcacheError(f"--box takes x0,y0,x1,y1 in pixels, got {text!r}") from None
-    return check_box((x0, y0, x1, y1), f"--box {text}")
-
-
-def parse_point(text: str) -> tuple[float, float, int]:
-    """`x,y` or `x,y,label` (1: inside the object, 0: outside) -> (x, y, label)."""
-    parts = text.split(",")
-    try:
-        if len(parts) not in (2, 3):
-            raise ValueError
-        x, y = float(parts[0]), float(parts[1])
-        label = int(parts[2]) if len(parts) == 3 else 1
-    except ValueError:
-        raise SamcacheError(f"--point takes x,y or x,y,label in pixels, got {text!r}") from None
-    if not (np.isfinite(x) and np.isfinite(y)) or label not in (0, 1):
-        raise SamcacheError(f"--point {text}: finite x, y and a label of 1 (inside) or 0 (outside)")
-    return x, y, label
-
-
-def check_box(box, where: str) -> tuple[float, float, float, float]:
-    """A box XYXY of finite numbers with x1 > x0 and y1 > y0 (before anything is written)."""
-    if not all(np.isfinite(v) for v in box):
-        raise SamcacheError(f"{where}: box coordinates must be finite numbers, got {list(box)}")
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if x1 <= x0 or y1 <= y0:
-        raise SamcacheError(f"{where}: x1 must exceed x0 and y1 must exceed y0")
-    return (x0, y0, x1, y1)
-
-
 def boxes_from_coco(path: str | Path) -> dict[str, list[tuple[float, float, float, float]]]:
     """{image file name (basename): [XYXY boxes]} from a COCO JSON's bbox fields."""
     try:
@@ -108,7 +80,10 @@ def boxes_from_coco(path: str | Path) -> dict[str, list[tuple[float, float, floa
         out: dict[str, list] = {}
         for ann in data.get("annotations", []):
             x, y, w, h = (float(v) for v in ann["bbox"])
-            box = check_box((x, y, x + w, y + h), f"{path}: annotation {ann.get('id')!r}")
+            try:
+                box = check_box((x, y, x + w, y + h), f"{path}: annotation {ann.get('id')!r}")
+            except ValueError as exc:
+                raise SamcacheError(str(exc)) from None
             out.setdefault(names[ann["image_id"]], []).append(box)
         return out
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -121,6 +96,7 @@ class _PredictionRun:
     from (same encoder weights), and the output folder, checked before anything is written."""
 
     sam: torch.nn.Module
+    family: ModelFamily
     device: torch.device
     cache: Optional[EmbeddingCache]
     cached_by_sha: dict
@@ -135,13 +111,21 @@ class _PredictionRun:
         out_dir = Path(out_dir)
         refuse_to_replace(out_dir / "predictions.json", overwrite=overwrite)
         out_dir.mkdir(parents=True, exist_ok=True)
-        return cls(predictor.sam.to(torch_device), torch_device, cache,
+        return cls(predictor.sam.to(torch_device), predictor.family, torch_device, cache,
                    cache.index_by_sha256() if cache is not None else {}, out_dir,
                    output_stems([Path(p) for p in images]))
 
+    @property
+    def decoder(self) -> PromptDecoder:
+        return self.family.decoder(self.sam)
+
     def embedding(self, path: Path, image: np.ndarray) -> tuple[torch.Tensor, str]:
         """The cached embedding when the file (by SHA-256) is in the cache, else the encoder's."""
-        return _embedding(self.sam, self.cache, self.cached_by_sha, path, image, self.device)
+        if self.cache is not None:
+            index = self.cached_by_sha.get(sha256_file(path))
+            if index is not None and self.cache.images[index].original_size == image.shape[:2]:
+                return torch.from_numpy(self.cache.embedding(index)).float()[None].to(self.device), "cache"
+        return self.family.encode(self.sam, image, self.device), "encoder"
 
 
 @torch.no_grad()
@@ -176,7 +160,7 @@ def predict_images(
     if points and len(points) > MAX_POINTS:
         raise SamcacheError(f"at most {MAX_POINTS} points per prompt, got {len(points)}")
     run = _PredictionRun.start(predictor, images, out_dir, cache_dir=cache_dir, device=device, overwrite=overwrite)
-    sam, torch_device, out_dir, stems = run.sam, run.device, run.out_dir, run.stems
+    torch_device, out_dir, stems = run.device, run.out_dir, run.stems
     results, warnings = [], []
     for path in map(Path, images):
         image_boxes = [box] if box is not None else [] if points else boxes_by_name.get(path.name, [])
@@ -188,7 +172,7 @@ def predict_images(
             if x1 <= 0 or y1 <= 0 or x0 >= original[1] or y0 >= original[0]:
                 warnings.append(f"{path}: box {[x0, y0, x1, y1]} lies outside the {original[1]}x{original[0]} image")
         embedding, source = run.embedding(path, image)
-        frame = input_size_for(predictor.model_type, original)
+        frame = predictor.family.input_size(original)
         if points:  # one prompt: the points, with the box when there is one
             prompt = make_prompt(box if box is not None else np.zeros(4),
                                  np.array([p[:2] for p in points], np.float64), np.array([p[2] for p in points]),
@@ -199,7 +183,7 @@ def predict_images(
                                     dtype=torch.float32, device=torch_device)
             prompts = PromptBatch.boxes_of_one_image(boxes)
         # fp32, as SamPredictor (SAM2ImagePredictor): these masks are meant to equal the predictor's
-        predictions = predict_masks(sam.prompt_encoder, sam.mask_decoder, embedding, prompts, [(frame, original)])
+        predictions = predict_masks(run.decoder, embedding, prompts, [(frame, original)])
         predicted = np.stack([p.mask for p in predictions])
         scores = [p.score for p in predictions]
         for k, (mask, score) in enumerate(zip(predicted, scores)):
@@ -232,7 +216,7 @@ def predict_everything(predictor: Predictor, images: list[str | Path], out_dir: 
       device: "auto", "cpu" or "cuda".
       overwrite: write into `out_dir` even when it holds an earlier predictions.json.
     """
-    refuse_sam2(predictor.model_type)
+    predictor.family.require("automatic_masks", predictor.model_type)
     run = _PredictionRun.start(predictor, images, out_dir, cache_dir=cache_dir, device=device, overwrite=overwrite)
     sam, out_dir, stems = run.sam, run.out_dir, run.stems
     image_records, results = [], []
@@ -241,7 +225,7 @@ def predict_everything(predictor: Predictor, images: list[str | Path], out_dir: 
     for image_id, path in enumerate(map(Path, images), start=1):
         image = read_image(path)
         embedding, source = run.embedding(path, image)
-        found = segment_everything(sam.prompt_encoder, sam.mask_decoder, embedding, image.shape[:2], settings,
+        found = segment_everything(run.decoder, embedding, image.shape[:2], settings,
                                    mask_threshold=sam.mask_threshold)
         image_records.append({"id": image_id, "file_name": str(path), "height": image.shape[0],
                               "width": image.shape[1], "embedding_from": source})
@@ -281,18 +265,6 @@ def _usable_cache(cache_dir, predictor: Predictor) -> Optional[EmbeddingCache]:
     same = (cache.provenance.model_type == predictor.model_type
             and cache.provenance.weights_sha256 == predictor.encoder_weights_sha256)
     return cache if same else None
-
-
-def _embedding(sam, cache: Optional[EmbeddingCache], cached_by_sha: dict, path: Path, image: np.ndarray, device):
-    """The cached embedding when the file (by SHA-256) is in the cache, else the encoder's."""
-    if cache is not None:
-        index = cached_by_sha.get(sha256_file(path))
-        if index is not None and cache.images[index].original_size == image.shape[:2]:
-            return torch.from_numpy(cache.embedding(index)).float()[None].to(device), "cache"
-    if isinstance(sam, Sam2AsSam):
-        return sam.encode([image]), "encoder"
-    model_input = batch_to_model_input([torch.from_numpy(resize_image(image))], device=device)
-    return sam.image_encoder(model_input), "encoder"
 
 
 def _write_overlay(path: Path, image: np.ndarray, predicted: np.ndarray, boxes, points) -> None:

@@ -11,7 +11,7 @@ compiling), into `$SAMCACHE_HOME/openvino/`. The converted files are written to 
 folder and renamed, so a killed conversion leaves nothing half-written behind. Once they exist,
 `samcache embed` never builds the torch model nor imports segment_anything (seconds of start-up
 for vit_b). OpenVINO's compiled-model cache (CACHE_DIR: 1.8 s -> 0.3 s of compiling vit_b) is
-not used: with it the test process segfaulted later in the suite (session 5).
+not used: with it the test process segfaulted later in the suite.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from samcache.devices import autocast
 from samcache.errors import SamcacheError
-from samcache.models.specs import IMAGE_SIZE, model_family
+from samcache.models.families import family_of
+from samcache.models.specs import IMAGE_SIZE
 from samcache.models.weights import LoadedModel, WeightsIdentity, load_identified, samcache_home
 
 
@@ -43,11 +43,11 @@ def openvino_available() -> bool:
 
 def resolve_backend(backend: str, device: torch.device, model_type: str) -> str:
     """"auto" is openvino on the CPU (when installed) and torch elsewhere; openvino needs the CPU.
-    SAM 2.1's Hiera runs on torch only (its conversion is not done here)."""
-    if model_family(model_type) == "sam2.1":
-        if backend == "openvino":
-            raise SamcacheError(f"--backend openvino runs SAM's encoders, not {model_type}'s Hiera: use --backend "
-                                "torch (or auto)")
+    A family runs only on its own backends (ModelFamily.encoder_backends: SAM 2.1's Hiera on torch)."""
+    family = family_of(model_type)
+    if backend != "auto":
+        family.require(backend, model_type)
+    if "openvino" not in family.encoder_backends:
         return "torch"
     if backend == "auto":
         return "openvino" if device.type == "cpu" and openvino_available() else "torch"
@@ -60,44 +60,14 @@ def resolve_backend(backend: str, device: torch.device, model_type: str) -> str:
     return backend
 
 
-class TorchEncoder:
-    """SAM's own encoder module, in inference mode, bf16 autocast when `precision` is bf16."""
-
-    def __init__(self, loaded: LoadedModel, device: torch.device, precision: str):
-        self.module = loaded.sam.image_encoder.to(device).eval()
-        self.device, self.precision = device, precision
-
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        """(B, 3, 1024, 1024) normalised and padded input -> (B, 256, 64, 64) float32."""
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            return self.module(batch.to(self.device)).float().cpu().numpy()
-
-
-class Sam2Encoder:
-    """SAM 2.1's image encoder (Hiera + FPN + the decoder's conv_s0 / conv_s1), bf16 autocast when
-    `precision` is bf16. Takes the decoded images themselves: SAM 2.1 resizes the float image
-    (sam2_models.preprocess), so no uint8 resize happens in the workers."""
-
-    def __init__(self, loaded: LoadedModel, device: torch.device, precision: str):
-        self.sam = loaded.sam.to(device).eval()
-        self.device, self.precision = device, precision
-
-    def __call__(self, images: list[torch.Tensor]) -> np.ndarray:
-        """RGB uint8 images (H, W, 3), any sizes -> packed features (B, 1024, 64, 64) float32."""
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            return self.sam.encode([image.numpy() for image in images]).float().cpu().numpy()
-
-
 def open_encoder(weights: WeightsIdentity, backend: str, device: torch.device, precision: str, *,
                  say: Callable[[str], None] = print):
     """The encoder of `weights` on `backend` (resolve_backend's answer): a callable from the
-    model input (B, 3, 1024, 1024) to embeddings (B, 256, 64, 64) float32; for SAM 2.1 a
-    Sam2Encoder (from the decoded images to packed features)."""
-    if model_family(weights.model_type) == "sam2.1":
-        return Sam2Encoder(load_identified(weights), device, precision)
+    model input (B, 3, 1024, 1024) to embeddings (B, 256, 64, 64) float32, or for a family whose
+    encoder takes the decoded images (SAM 2.1) from those to its features (ModelFamily.torch_encoder)."""
     if backend == "openvino":
         return OpenVINOEncoder(weights, precision, say=say)
-    return TorchEncoder(load_identified(weights), device, precision)
+    return family_of(weights.model_type).torch_encoder(load_identified(weights).sam, device, precision)
 
 
 class OpenVINOEncoder:

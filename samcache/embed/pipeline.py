@@ -41,14 +41,12 @@ from samcache.errors import CacheError, OutputError, SamcacheError
 from samcache.faults import crash_point
 from samcache.fileio import FileIdentity
 from samcache.locks import WriterLock
+from samcache.models.families import family_of
 from samcache.models.preprocess import (
     Preprocessing,
     batch_to_model_input,
-    input_size_for,
-    preprocessing_for,
     resize_image,
 )
-from samcache.models.specs import model_family
 from samcache.models.weights import WeightsIdentity, identify_weights
 from samcache.progress import progress_bar
 
@@ -168,7 +166,7 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
     # Only the weights' identity now: the model is built when there is something to encode, and
     # not at all when the encoder was converted to OpenVINO before (encoders.py).
     weights = identify_weights(config.model_type, config.checkpoint, random_init=config.random_init)
-    preprocessing = preprocessing_for(config.model_type)
+    preprocessing = family_of(config.model_type).preprocessing
     backend = resolve_backend(config.backend, device, config.model_type)
     provenance = _provenance(weights, preprocessing, config, precision, backend)
     existing = _open_cache(cache_dir, provenance, dist)
@@ -259,10 +257,10 @@ def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageReco
         return 0, 0
     say = print if config.progress and dist.is_main else (lambda line: None)
     encoder = open_encoder(weights, backend, device, precision, say=say)
-    sam2 = model_family(weights.model_type) == "sam2.1"
+    resize = family_of(weights.model_type).resizes_in_workers()
     embedded, failed = 0, 0
     loader = DataLoader(
-        _DecodeImages(pending, config.intensity, preprocessing.image_size, resize=not sam2),
+        _DecodeImages(pending, config.intensity, preprocessing.image_size, resize=resize),
         batch_size=config.batch_size or (8 if device.type == "cuda" else 1),
         num_workers=decoding_workers(config, device),
         collate_fn=_collate,
@@ -274,8 +272,8 @@ def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageReco
             good = [item for item in batch if item["error"] is None]
             if good:
                 images = [item["image"] for item in good]
-                features = encoder(images if sam2 else batch_to_model_input(images, device=device,
-                                                                             preprocessing=preprocessing))
+                features = encoder(batch_to_model_input(images, device=device, preprocessing=preprocessing)
+                                   if resize else images)
                 for item, feature in zip(good, features):
                     entry = _entry(pending[item["i"]], item["file"], item["preview"].numpy().tobytes(),
                                    weights.model_type)
@@ -342,7 +340,7 @@ def _entry(record: ImageRecord, file: FileIdentity, preview_jpeg: bytes, model_t
     return ImageEntry(
         image_id=int(record.image_id), name=record.name, file=dataclasses.replace(file, path=str(record.path)),
         original_size=original_size, split=record.split, objects=list(record.objects),
-        input_size=input_size_for(model_type, original_size), annotations_sha256=annotations_sha256(record),
+        input_size=family_of(model_type).input_size(original_size), annotations_sha256=annotations_sha256(record),
         preview_jpeg=preview_jpeg,
     )
 

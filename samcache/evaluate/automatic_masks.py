@@ -19,19 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from segment_anything.modeling import MaskDecoder, PromptEncoder
 from segment_anything.utils.amg import build_point_grid, calculate_stability_score
 from torchvision.ops import batched_nms
 
 from samcache.config import EverythingSettings
 from samcache.data import masks as mask_codec
-from samcache.errors import SamcacheError
-from samcache.models.decoder import decode
+from samcache.models.decoder import PromptDecoder
 from samcache.models.preprocess import input_size, transform_coords
 from samcache.models.prompts import PromptBatch
-from samcache.models.sam2_decoder import is_sam2_decoder
-from samcache.models.specs import model_family
-from samcache.train.inference import upscale_logits
 
 Size = tuple[int, int]
 _UPSCALE_CHUNK = 16  # masks upscaled at once: 16 x a 10-megapixel scan in float32 is 640 MB
@@ -63,31 +58,21 @@ def point_grid(original_size: Size, points_per_side: int) -> np.ndarray:
     return build_point_grid(points_per_side) * np.array([[w, h]], dtype=np.float64)
 
 
-def refuse_sam2(model_type: str) -> None:
-    """Segment everything is SAM's generator: a SAM 2.1 model is refused (before any work)."""
-    if model_family(model_type) == "sam2.1":
-        raise SamcacheError(f"{model_type}: {_NOT_FOR_SAM2}")
-
-
-_NOT_FOR_SAM2 = ("segment everything is SAM's automatic mask generator; it is not offered for SAM 2.1 "
-                 "(SAM2AutomaticMaskGenerator takes other steps)")
-
-
 @torch.no_grad()
-def segment_everything(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embedding: torch.Tensor,
+def segment_everything(decoder: PromptDecoder, embedding: torch.Tensor,
                        original_size: Size, settings: EverythingSettings = EverythingSettings(), *,
                        mask_threshold: float = 0.0) -> list[EverythingMask]:
     """The masks of everything in one image, best predicted IoU first.
 
     Arguments:
-      prompt_encoder, mask_decoder: SAM's modules (any weights).
+      decoder: a SAM-family decoder (families.ModelFamily.decoder), any weights; a family without
+        automatic masks (SAM 2.1) is refused.
       embedding: (1, 256, 64, 64), on the modules' device.
       original_size: the image's (H, W).
       settings: the generator's options (config.EverythingSettings: SamAutomaticMaskGenerator's defaults).
       mask_threshold: the logit a mask pixel must exceed (Sam.mask_threshold).
     """
-    if is_sam2_decoder(mask_decoder):  # the callers refuse earlier, from the model type
-        raise SamcacheError(_NOT_FOR_SAM2)
+    decoder.family.require("automatic_masks", decoder.family.name)  # the callers refuse earlier, before any work
     device = embedding.device
     resized = input_size(original_size)
     grid = point_grid(original_size, settings.points_per_side)
@@ -103,14 +88,14 @@ def segment_everything(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
             labels=torch.ones((n, 1), dtype=torch.long, device=device),
             is_box=torch.zeros(n, dtype=torch.bool, device=device),
         )
-        output = decode(prompt_encoder, mask_decoder, embedding, prompts)
+        output = decoder(embedding, prompts)
         logits = output.logits[:, 1:].flatten(0, 1)  # the three multimask outputs of each point
         iou_pred = output.iou_pred[:, 1:].flatten(0, 1).float()
         point_of = np.repeat(points, 3, axis=0)
         keep = (iou_pred > settings.pred_iou_thresh).nonzero().squeeze(1) if settings.pred_iou_thresh > 0 \
             else torch.arange(len(iou_pred), device=device)
         for chunk in keep.split(_UPSCALE_CHUNK):
-            full = upscale_logits(logits[chunk].float(), resized, original_size)
+            full = decoder.upscale(logits[chunk].float(), resized, original_size)
             stability = calculate_stability_score(full, mask_threshold, settings.stability_score_offset)
             stable = stability >= settings.stability_score_thresh if settings.stability_score_thresh > 0 \
                 else torch.ones_like(stability, dtype=torch.bool)

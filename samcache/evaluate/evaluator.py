@@ -28,7 +28,7 @@ from samcache.data.metrics import boundary_f, dice, iou
 from samcache.data.records import ObjectRecord
 from samcache.devices import decoder_precision, resolve_device
 from samcache.errors import OutputError, SamcacheError
-from samcache.evaluate.automatic_masks import refuse_sam2, segment_everything
+from samcache.evaluate.automatic_masks import segment_everything
 from samcache.evaluate.report import write_eval_report
 from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace
 from samcache.models.prompts import box_fill, evaluation_box
@@ -83,11 +83,11 @@ class PromptKindScores:
 def score_prompt_kind(kind: str, decoders: dict, cache: EmbeddingCache, indices: list[int], config: EvalConfig,
                       device: torch.device) -> PromptKindScores:
     """Every model on the fixed prompts of one kind; with boxes, the box-fill baseline too."""
-    settings = SampleSettings(0, None, kind, config.seed, config.box_jitter)
-    models = {name: score_objects(predict_cached_objects(*parts, cache, indices, settings, device=device,
+    settings = SampleSettings.fixed(kind, seed=config.seed, box_jitter=config.box_jitter)
+    models = {name: score_objects(predict_cached_objects(decoder, cache, indices, settings, device=device,
                                                          precision=decoder_precision(device),
                                                          batch_size=config.batch_size))
-              for name, parts in decoders.items()}
+              for name, decoder in decoders.items()}
     baselines = {"box_fill": box_fill_rows(cache, indices, config)} if kind == "box" else {}
     return PromptKindScores(models, baselines)
 
@@ -119,12 +119,12 @@ def score_everything(decoders: dict, cache: EmbeddingCache, indices: list[int], 
     against the split's ground truth, built once for all models."""
     truth = coco_truth(cache, indices)
     results, summary = {}, {}
-    for name, (prompt_encoder, mask_decoder) in decoders.items():
+    for name, decoder in decoders.items():
         started, found = time.perf_counter(), []
         for index in indices:
             embedding = torch.from_numpy(cache.embedding(index)).float()[None].to(device)
             found += [m.coco_result(index + 1) for m in segment_everything(
-                prompt_encoder, mask_decoder, embedding, cache.images[index].original_size, config.generator)]
+                decoder, embedding, cache.images[index].original_size, config.generator)]
         seconds = time.perf_counter() - started
         results[name] = found
         summary[name] = {**coco_mask_ap(truth, found), "masks": len(found), "images": len(indices),
@@ -170,7 +170,7 @@ def coco_mask_ap(truth, results: list[dict]) -> dict:
 
 
 def load_decoders(cache: EmbeddingCache, run: Optional[RunFolder], config: EvalConfig, device: torch.device):
-    """{"zero_shot": (prompt_encoder, mask_decoder), "fine_tuned": ...} on `device`: the base weights
+    """{"zero_shot": PromptDecoder, "fine_tuned": ...} on `device`, in eval mode: the base weights
     that made the cache, and the same with the run's decoder applied."""
     base_weights = config.checkpoint
     checkpoint = None
@@ -178,14 +178,15 @@ def load_decoders(cache: EmbeddingCache, run: Optional[RunFolder], config: EvalC
         checkpoint = run.read_checkpoint(config.weights)
         checkpoint.check_cache(cache.provenance)
         base_weights = base_weights or checkpoint.base_checkpoint
-    base = load_matching(cache.provenance.model_type, cache.provenance.weights_sha256, base_weights,
-                         recorded_source=cache.provenance.weights_source).sam
+    loaded = load_matching(cache.provenance.model_type, cache.provenance.weights_sha256, base_weights,
+                           recorded_source=cache.provenance.weights_source)
+    base, family = loaded.sam, loaded.family
     base.image_encoder = None
-    decoders = {"zero_shot": (base.prompt_encoder.to(device).eval(), base.mask_decoder.to(device).eval())}
+    decoders = {"zero_shot": family.decoder(base).to(device).eval()}
     if checkpoint is not None:
         tuned = copy.deepcopy(base)
         apply_weights(tuned, checkpoint)
-        decoders["fine_tuned"] = (tuned.prompt_encoder.to(device).eval(), tuned.mask_decoder.to(device).eval())
+        decoders["fine_tuned"] = family.decoder(tuned).to(device).eval()
     return decoders
 
 
@@ -207,7 +208,7 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
         raise SamcacheError(f"the cache has no objects in split {config.split!r}; "
                             f"its splits: {cache.describe_splits()}")
     if config.everything:
-        refuse_sam2(cache.provenance.model_type)  # before hours of scoring the prompts
+        cache.provenance.family.require("automatic_masks", cache.provenance.model_type)  # before hours of scoring
     device = resolve_device(config.device)
     run = RunFolder(run_dir) if run_dir is not None else None
     decoders = load_decoders(cache, run, config, device)
@@ -221,9 +222,9 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
         "by_prompt": {kind: scores.summary() for kind, scores in scored.items()},
     }
     if config.clicks:
-        summary["clicks"] = {name: click_protocol(*parts, cache, indices, config.clicks, device=device,
+        summary["clicks"] = {name: click_protocol(decoder, cache, indices, config.clicks, device=device,
                                                   precision=decoder_precision(device))
-                             for name, parts in decoders.items()}
+                             for name, decoder in decoders.items()}
     everything = None
     if config.everything:
         everything = score_everything(decoders, cache, indices, config, device)

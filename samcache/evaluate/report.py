@@ -9,6 +9,7 @@ import numpy as np
 
 from samcache.data import masks
 from samcache.fileio import atomic_write_bytes
+from samcache.models.families import family_of
 from samcache.plotting import pyplot, save_figure
 
 MODELS = ("zero_shot", "fine_tuned")
@@ -18,11 +19,11 @@ COLORS = {"truth": (0.1, 0.8, 0.2), "zero_shot": (0.95, 0.35, 0.1), "fine_tuned"
 
 
 def model_titles(model_type: str) -> dict[str, str]:
-    """What the pictures and tables call each model. The tiny is samcache's own model, never
-    called SAM: "zero-shot (tiny)"; Meta's models are "zero-shot SAM (vit_b)"."""
-    base = "tiny" if model_type == "tiny" else f"SAM {model_type}"
-    zero_shot = "zero-shot (tiny)" if model_type == "tiny" else f"zero-shot SAM ({model_type})"
-    return {"truth": "ground truth", "zero_shot": zero_shot, "fine_tuned": f"fine-tuned ({base})"}
+    """What the pictures and tables call each model, as the model's family names it: the tiny is
+    samcache's own model, never called SAM ("zero-shot (tiny)"); Meta's are "zero-shot SAM (vit_b)"."""
+    family = family_of(model_type)
+    return {"truth": "ground truth", "zero_shot": family.zero_shot_title(model_type),
+            "fine_tuned": f"fine-tuned ({family.label(model_type)})"}
 
 
 def _panel(ax, preview: np.ndarray, mask: np.ndarray, box, color, title: str, outline: np.ndarray) -> None:

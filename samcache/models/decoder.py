@@ -32,10 +32,8 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torchvision.ops import sigmoid_focal_loss
 
 from samcache.config import LOSSES
-from samcache.models.feature_layout import unpack_sam2
 from samcache.models.prompts import PromptBatch
-from samcache.models.sam2_decoder import decode_group, is_sam2_decoder
-from samcache.models.specs import LOW_RES_SIZE, MASK_OUTPUTS
+from samcache.models.specs import IMAGE_SIZE, LOW_RES_SIZE, MASK_OUTPUTS
 
 
 @dataclass
@@ -97,42 +95,21 @@ def decode(
     image_embeddings: torch.Tensor,
     prompts: PromptBatch,
 ) -> DecoderOutput:
-    """Encodes the prompts and decodes all four masks for each of them.
+    """Encodes the prompts and decodes all four masks for each of them, with SAM's modules.
 
     Prompts with different numbers of sparse tokens (with or without a box; how many points)
     are decoded in separate batched calls, each with exactly its real points, as SamPredictor
-    is called; the results come back in the prompts' order. SAM 2.1's modules (then
-    `image_embeddings` are the packed features) decode through sam2_decoder.py.
+    is called; the results come back in the prompts' order.
     """
-    n = len(prompts)
-    sam2 = is_sam2_decoder(mask_decoder)
-    logits = image_embeddings.new_empty((n, MASK_OUTPUTS, LOW_RES_SIZE, LOW_RES_SIZE))
-    iou_pred = image_embeddings.new_empty((n, MASK_OUTPUTS))
-    object_score = image_embeddings.new_empty((n, 1)) if sam2 else None
-    maps = unpack_sam2(image_embeddings) if sam2 else None  # once for all the shape groups
+    logits, iou_pred = _empty_outputs(image_embeddings, len(prompts))
     image_pe = prompt_encoder.get_dense_pe()
-    n_points = prompts.n_points
-    if bool((~prompts.is_box & (n_points == 0) & ~prompts.mask_given).any()):
-        raise ValueError("a prompt needs a box, a point or a mask")
-    shapes, shape_of = torch.unique(torch.stack([prompts.is_box.long(), n_points], dim=1), dim=0,
-                                    return_inverse=True)
-    for group, (has_box, k) in enumerate(shapes.tolist()):
-        select = (shape_of == group).nonzero().squeeze(1)
-        if sam2:
-            group_logits, group_iou, group_score = decode_group(prompt_encoder, mask_decoder, maps, prompts, select,
-                                                                has_box=bool(has_box), n_points=k)
-            logits = logits.index_copy(0, select, group_logits.to(logits.dtype))
-            iou_pred = iou_pred.index_copy(0, select, group_iou.to(iou_pred.dtype))
-            object_score = object_score.index_copy(0, select, group_score.to(object_score.dtype))
-            continue
+    for select, has_box, k in prompt_groups(prompts):
         sparse, dense = prompt_encoder(
             points=(prompts.points[select, :k], prompts.labels[select, :k]) if k else None,
             boxes=prompts.boxes[select] if has_box else None,
             masks=None if prompts.masks is None else prompts.masks[select].unsqueeze(1),
         )
-        if prompts.masks is not None and prompts.has_mask is not None:  # some prompts without a mask
-            no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense)
-            dense = torch.where(prompts.has_mask[select].view(-1, 1, 1, 1), dense, no_mask)
+        dense = without_absent_masks(prompt_encoder, prompts, select, dense)
         out = predict_masks_batched(
             mask_decoder, image_embeddings, prompts.batch_row[select], image_pe, sparse, dense,
             # without mask prompts every prompt's dense embedding is the prompt encoder's no-mask one
@@ -140,7 +117,31 @@ def decode(
         )
         logits = logits.index_copy(0, select, out.logits.to(logits.dtype))
         iou_pred = iou_pred.index_copy(0, select, out.iou_pred.to(iou_pred.dtype))
-    return DecoderOutput(logits, iou_pred, object_score)
+    return DecoderOutput(logits, iou_pred)
+
+
+def prompt_groups(prompts: PromptBatch):
+    """(indices, has_box, points) of each group of prompts with the same shape, which one batched
+    call can decode; a prompt without a box, a point or a mask is a ValueError."""
+    if bool((~prompts.is_box & (prompts.n_points == 0) & ~prompts.mask_given).any()):
+        raise ValueError("a prompt needs a box, a point or a mask")
+    shapes, shape_of = torch.unique(torch.stack([prompts.is_box.long(), prompts.n_points], dim=1), dim=0,
+                                    return_inverse=True)
+    for group, (has_box, k) in enumerate(shapes.tolist()):
+        yield (shape_of == group).nonzero().squeeze(1), bool(has_box), k
+
+
+def without_absent_masks(prompt_encoder, prompts: PromptBatch, select: torch.Tensor,
+                         dense: torch.Tensor) -> torch.Tensor:
+    """The dense embeddings of `select`, with the no-mask embedding where a prompt has no mask."""
+    if prompts.masks is None or prompts.has_mask is None:
+        return dense
+    no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense)
+    return torch.where(prompts.has_mask[select].view(-1, 1, 1, 1), dense, no_mask)
+
+
+def _empty_outputs(like: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (like.new_empty((n, MASK_OUTPUTS, LOW_RES_SIZE, LOW_RES_SIZE)), like.new_empty((n, MASK_OUTPUTS)))
 
 
 def _transformer_sharing_images(transformer, image_src: torch.Tensor, batch_row: torch.Tensor,
@@ -209,26 +210,20 @@ class LossParts:
     train_iou: torch.Tensor
 
 
-def compute_loss(output: DecoderOutput, targets: torch.Tensor, multimask: torch.Tensor,
-                 kind: str = "sam") -> LossParts:
-    """The training loss for N prompts with (N, 256, 256) low-res targets in [0, 1]; `multimask`
-    (PromptBatch.multimask) marks the prompts whose three multimask outputs compete.
+@dataclass
+class MaskTerms:
+    """The mask part of a loss: the logits scored (N, 1 or 4, 256, 256), the output chosen per
+    prompt, the mean mask term, and the chosen masks' real IoU (N,)."""
 
-    `sam`: 20 x focal + 1 x dice on the mask logits, plus the MSE between the IoU head and
-    the real IoU of the chosen mask (SAM's recipe, for decoders that start pretrained). For SAM 2.1
-    (an output with object scores) SAM 2's weights instead (sam2's training/loss_fns.py, as its
-    released configs set it): the same mask terms, the IoU head's L1 error, on all three outputs
-    of a multimask prompt (`supervise_all_iou`), and the object score's BCE (target: the low-res
-    target has a pixel of the object, true for every annotated object), 1 each. As for SAM, the
-    masks are scored at the decoder's 256x256 against area-averaged targets (sam2's trainer
-    upsamples them to 1024x1024 against binary ones), and objects are never absent here, so sam2's
-    gating of the mask terms by the object score does not arise.
-    `dice-bce`: dice + class-balanced binary cross-entropy, plus the same IoU term; it learns
-    from a randomly initialised decoder, where SAM's focal-heavy recipe settles on predicting
-    background everywhere. `mse-threshold`: the well-known tutorial's loss (MSE between the
-    thresholded, normalized mask and the target), kept for comparison only: its gradient is
-    almost everywhere zero.
-    """
+    logits: torch.Tensor
+    choice: torch.Tensor
+    mask_term: torch.Tensor
+    real_iou: torch.Tensor
+
+
+def mask_terms(output: DecoderOutput, targets: torch.Tensor, multimask: torch.Tensor, kind: str) -> MaskTerms:
+    """The mask term of loss `kind` (see compute_loss) on the output each prompt trains: output 0
+    for single-mask prompts, the best of the three multimask outputs for a single point."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
     logits = output.logits.float()
@@ -248,35 +243,92 @@ def compute_loss(output: DecoderOutput, targets: torch.Tensor, multimask: torch.
         # The tutorial normalizes its (1, 1, H, W) mask over the channel axis: each mask on its own.
         thresholded = F.normalize(F.threshold(logits, 0.0, 0.0).unsqueeze(2), dim=2).squeeze(2)
         per_mask = ((thresholded - (expanded > 0.5).float()) ** 2).flatten(-2).mean(-1)
-    # Single-mask prompts train output 0; a single point trains the best of the three multimask outputs.
     if logits.shape[1] == 1:
         choice = torch.zeros_like(multimask, dtype=torch.long)
     else:
         multi_best = 1 + per_mask[:, 1:].argmin(dim=1).detach()
         choice = torch.where(multimask, multi_best, torch.zeros_like(multi_best))
     rows = torch.arange(choice.shape[0], device=choice.device)
-    chosen_logits = logits[rows, choice]
-    mask_term = per_mask[rows, choice].mean()
-    real_iou = mask_iou(chosen_logits.detach(), targets)
-    if kind == "sam" and output.object_score is not None:
-        return _sam2_loss(output, logits, targets, multimask, mask_term, real_iou)
-    iou_term = F.mse_loss(output.iou_pred.float()[rows, choice], real_iou)
-    total = mask_term + (iou_term if kind != "mse-threshold" else 0 * iou_term)
-    return LossParts(total, mask_term.detach(), iou_term.detach(), real_iou.mean().detach())
+    real_iou = mask_iou(logits[rows, choice].detach(), targets)
+    return MaskTerms(logits, choice, per_mask[rows, choice].mean(), real_iou)
 
 
-def _sam2_loss(output: DecoderOutput, logits: torch.Tensor, targets: torch.Tensor, multimask: torch.Tensor,
-               mask_term: torch.Tensor, chosen_iou: torch.Tensor) -> LossParts:
-    """compute_loss's `sam` for SAM 2.1: its mask term as given, plus the IoU head's L1 error (every
-    multimask output of a multimask prompt, output 0 of the others) and the object score's BCE."""
-    predicted = output.iou_pred.float()[:, : logits.shape[1]]
-    real = mask_iou(logits.detach(), targets.unsqueeze(1).expand_as(logits))
-    l1 = (predicted - real).abs()
-    if logits.shape[1] > 1:
-        iou_term = torch.where(multimask, l1[:, 1:].mean(dim=1), l1[:, 0]).mean()
-    else:
-        iou_term = l1[:, 0].mean()
-    present = (targets.flatten(1).amax(dim=1) > 0).float()
-    object_term = F.binary_cross_entropy_with_logits(output.object_score.float()[:, 0], present)
-    total = mask_term + iou_term + object_term
-    return LossParts(total, mask_term.detach(), iou_term.detach(), chosen_iou.mean().detach())
+def compute_loss(output: DecoderOutput, targets: torch.Tensor, multimask: torch.Tensor,
+                 kind: str = "sam") -> LossParts:
+    """SAM's training loss for N prompts with (N, 256, 256) low-res targets in [0, 1]; `multimask`
+    (PromptBatch.multimask) marks the prompts whose three multimask outputs compete.
+
+    `sam`: 20 x focal + 1 x dice on the mask logits, plus the MSE between the IoU head and
+    the real IoU of the chosen mask (SAM's recipe, for decoders that start pretrained).
+    `dice-bce`: dice + class-balanced binary cross-entropy, plus the same IoU term; it learns
+    from a randomly initialised decoder, where SAM's focal-heavy recipe settles on predicting
+    background everywhere. `mse-threshold`: the well-known tutorial's loss (MSE between the
+    thresholded, normalized mask and the target), kept for comparison only: its gradient is
+    almost everywhere zero. (SAM 2.1's loss: sam2_decoder.sam2_loss.)
+    """
+    terms = mask_terms(output, targets, multimask, kind)
+    rows = torch.arange(terms.choice.shape[0], device=terms.choice.device)
+    iou_term = F.mse_loss(output.iou_pred.float()[rows, terms.choice], terms.real_iou)
+    total = terms.mask_term + (iou_term if kind != "mse-threshold" else 0 * iou_term)
+    return LossParts(total, terms.mask_term.detach(), iou_term.detach(), terms.real_iou.mean().detach())
+
+
+# ---------------------------------------------------------------------- the family's module
+def choose_mask(output: DecoderOutput, multimask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, 256, 256), predicted IoU (N,)): output 0 (SamPredictor's multimask_output=False)
+    unless `multimask` (PromptBatch.multimask), then the highest predicted IoU of outputs 1-3."""
+    multi_best = 1 + output.iou_pred[:, 1:].argmax(dim=1)
+    choice = torch.where(multimask, multi_best, torch.zeros_like(multi_best))
+    rows = torch.arange(choice.shape[0], device=choice.device)
+    return output.logits[rows, choice], output.iou_pred[rows, choice]
+
+
+def upscale_logits(logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int],
+                   image_size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Low-res logits (N, 256, 256) -> (N, H, W) at the original resolution, as `Sam.postprocess_masks`:
+    bilinear to the padded input frame, crop the padding, bilinear to the original size."""
+    x = F.interpolate(logits.unsqueeze(1), (image_size, image_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    return F.interpolate(x, original_size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+class PromptDecoder(torch.nn.Module):
+    """A model's prompt encoder and mask decoder as one module, decoding as its family does:
+    what training wraps (DistributedDataParallel too), and what inference, evaluation and
+    prediction call. `forward` decodes; `upscale` brings logits to the image; `loss` trains.
+
+    Arguments:
+      prompt_encoder, mask_decoder: the model's own modules (their state dict keys stay
+        `prompt_encoder.*` and `mask_decoder.*`).
+      family: the model family (families.ModelFamily) that made it, for what it supports.
+    """
+
+    def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, *, family):
+        super().__init__()
+        self.prompt_encoder, self.mask_decoder = prompt_encoder, mask_decoder
+        self.family = family
+
+    def forward(self, features: torch.Tensor, prompts: PromptBatch) -> DecoderOutput:
+        raise NotImplementedError
+
+    def upscale(self, logits: torch.Tensor, input_size: tuple[int, int],
+                original_size: tuple[int, int]) -> torch.Tensor:
+        """Low-res logits (N, 256, 256) -> (N, H, W) at the original resolution."""
+        raise NotImplementedError
+
+    def loss(self, output: DecoderOutput, targets: torch.Tensor, multimask: torch.Tensor, kind: str) -> LossParts:
+        """The training loss `kind` (config.LOSSES) of an output of this decoder."""
+        raise NotImplementedError
+
+
+class SamPromptDecoder(PromptDecoder):
+    """SAM's (and the tiny's): `decode`, `Sam.postprocess_masks`, `compute_loss`."""
+
+    def forward(self, features: torch.Tensor, prompts: PromptBatch) -> DecoderOutput:
+        return decode(self.prompt_encoder, self.mask_decoder, features, prompts)
+
+    def upscale(self, logits, input_size, original_size):
+        return upscale_logits(logits, input_size, original_size)
+
+    def loss(self, output, targets, multimask, kind):
+        return compute_loss(output, targets, multimask, kind)

@@ -1,4 +1,5 @@
-"""SAM 2.1's three feature maps as one (1024, 64, 64) array, and back.
+"""How each family's features are cached and handed to the decoder: `CacheLayout`; SAM 2.1's three feature maps
+packed into one (1024, 64, 64) array, and back.
 
 Everything downstream of the cache (the in-memory store, batching, moving to the device, the
 decoder's inputs) handles one array per image of shape (C, 64, 64). For SAM that is the
@@ -18,7 +19,7 @@ tensors, with any leading (batch) dimensions.
 
 from __future__ import annotations
 
-from samcache.models.specs import EMBEDDING_SIZE, SAM2_FEATURE_SHAPES
+from samcache.models.specs import EMBEDDING_SHAPE, EMBEDDING_SIZE, SAM2_FEATURE_SHAPES
 
 # (name, shuffle factor) in packing order
 _PARTS = (("image_embed", 1), ("high_res_s1", 2), ("high_res_s0", 4))
@@ -79,3 +80,56 @@ def unpack_sam2(packed) -> dict:
     if start != packed.shape[-3]:
         raise ValueError(f"packed SAM 2.1 features have {packed.shape[-3]} channels, expected {start}")
     return out
+
+
+class CacheLayout:
+    """What a cache stores per image for one model family, and how that becomes the decoder's input.
+
+    Arguments:
+      name: the layout's name, what `samcache info` reports as the cache's model family.
+      schema_version: the cache header's schema version (docs/cache-format.md).
+      stored_maps: {dataset name: shape} of a shard's per-image datasets, `embeddings` first; each
+        is stored (images, *shape) float16 with a checksum per image.
+      channels: C of the decoder's input (C, 64, 64) as the cache hands it out.
+    """
+
+    def __init__(self, *, name: str, schema_version: int, stored_maps: dict[str, tuple[int, ...]], channels: int):
+        self.name, self.schema_version, self.stored_maps, self.channels = name, schema_version, stored_maps, channels
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        return (self.channels, EMBEDDING_SIZE, EMBEDDING_SIZE)
+
+    def to_stored(self, features) -> dict:
+        """One image's decoder input -> the shard's datasets (`stored_maps`); `from_stored` inverts it."""
+        return {"embeddings": features}
+
+    def from_stored(self, stored: dict):
+        """The shard's datasets of one image -> its decoder input, as `to_stored` took it."""
+        return stored["embeddings"]
+
+
+class PackedSam2Layout(CacheLayout):
+    """SAM 2.1's three maps stored as they are, handed out packed into one (1024, 64, 64) array."""
+
+    def __init__(self):
+        super().__init__(name="sam2.1", schema_version=2, channels=sum(shape[0] * r * r for (_, r), shape in
+                                                        zip(_PARTS, (SAM2_FEATURE_SHAPES[n] for n, _ in _PARTS))),
+                         stored_maps={"embeddings": SAM2_FEATURE_SHAPES["image_embed"],
+                                      "high_res_s1": SAM2_FEATURE_SHAPES["high_res_s1"],
+                                      "high_res_s0": SAM2_FEATURE_SHAPES["high_res_s0"]})
+
+    def to_stored(self, features) -> dict:
+        maps = unpack_sam2(features)
+        return {"embeddings": maps["image_embed"], "high_res_s1": maps["high_res_s1"],
+                "high_res_s0": maps["high_res_s0"]}
+
+    def from_stored(self, stored: dict):
+        return pack_sam2({"image_embed": stored["embeddings"], "high_res_s1": stored["high_res_s1"],
+                          "high_res_s0": stored["high_res_s0"]})
+
+
+EMBEDDING_LAYOUT = CacheLayout(name="sam", schema_version=1, stored_maps={"embeddings": EMBEDDING_SHAPE},
+                               channels=EMBEDDING_SHAPE[0])
+"""SAM's (and every family whose decoder reads only the image embedding): one (256, 64, 64) map."""
+SAM2_LAYOUT = PackedSam2Layout()

@@ -21,50 +21,13 @@ scale by 1024/width and 1024/height: `transform_coords` with that frame is SAM2I
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from samcache.models.specs import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD, model_family
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """The preprocessing parameters, recorded in every cache's provenance.
-
-    Arguments:
-      image_size: the encoder's square input side; the longest image side is resized to it.
-      pixel_mean, pixel_std: per-channel RGB normalization, in 0..255 units.
-      resize: how the resize is done (SamPredictor's: PIL bilinear via ResizeLongestSide).
-    """
-
-    image_size: int = IMAGE_SIZE
-    pixel_mean: tuple[float, float, float] = PIXEL_MEAN
-    pixel_std: tuple[float, float, float] = PIXEL_STD
-    resize: str = "ResizeLongestSide(PIL bilinear)"
-
-    def as_dict(self) -> dict:
-        """Plain JSON types (lists, not tuples), so a dict read back from a cache compares equal."""
-        return json.loads(json.dumps(asdict(self)))
-
-
-SAM2_PREPROCESSING = Preprocessing(resize="stretch to 1024x1024 (SAM2Transforms: bilinear, antialiased, on 0..1)")
-"""SAM 2.1's: the same mean and std (ImageNet's, in 0..255 units), the square resize."""
-
-
-def preprocessing_for(model_type: str) -> Preprocessing:
-    """The preprocessing of a model type: SamPredictor's, or SAM2ImagePredictor's for SAM 2.1."""
-    return SAM2_PREPROCESSING if model_family(model_type) == "sam2.1" else Preprocessing()
-
-
-def input_size_for(model_type: str, original_size: tuple[int, int]) -> tuple[int, int]:
-    """(h, w) of an image in the model's input frame: `input_size` for SAM; (1024, 1024) for SAM 2.1,
-    which stretches every image to the square."""
-    return (IMAGE_SIZE, IMAGE_SIZE) if model_family(model_type) == "sam2.1" else input_size(original_size)
+from samcache.models.specs import IMAGE_SIZE, Preprocessing
 
 
 def input_size(original_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> tuple[int, int]:

@@ -36,15 +36,6 @@ from samcache.models.specs import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
 # SAM2Transforms' mean and std are ImageNet's on 0..1 floats: SAM's own, divided by 255.
 SAM2_PIXEL_MEAN = tuple(v / 255 for v in PIXEL_MEAN)
 SAM2_PIXEL_STD = tuple(v / 255 for v in PIXEL_STD)
-SAM2_CONFIGS = {
-    "sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
-    "sam2.1_hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
-    "sam2.1_hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
-    "sam2.1_hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
-}
-"""The sam2 package's own config of each model (what `build_sam2(config, checkpoint)` takes)."""
-
-
 class Sam2AsSam(torch.nn.Module):
     """A SAM 2.1 image model under SAM's attribute names, so that training, evaluation and
     prediction handle both families alike: `prompt_encoder` and `mask_decoder` are SAM 2.1's
@@ -77,22 +68,11 @@ class Sam2AsSam(torch.nn.Module):
     def image_encoder(self, module: Optional[torch.nn.Module]) -> None:
         self.model.image_encoder = module  # None frees it: training never runs the encoder
 
-    def frozen_by_cache(self) -> list[torch.nn.Module]:
-        """The mask decoder's `conv_s0` / `conv_s1`: the encoder side applies them, and their outputs
-        are what the cache stores, so decoder training from a cache cannot change them."""
-        return [self.model.sam_mask_decoder.conv_s0, self.model.sam_mask_decoder.conv_s1]
-
     @torch.no_grad()
     def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB uint8 images -> their packed features (B, 1024, 64, 64) float32 (feature_layout.py)."""
         device = next(self.model.parameters()).device
         return pack_sam2(image_features(self.model, preprocess(images, device=device)))
-
-
-def _config(model_type: str) -> str:
-    if model_type not in SAM2_CONFIGS:
-        raise CheckpointError(f"unknown SAM 2.1 model {model_type!r}; choose one of {', '.join(SAM2_CONFIGS)}")
-    return SAM2_CONFIGS[model_type]
 
 
 def require_sam2(model_type: str) -> None:
@@ -102,10 +82,9 @@ def require_sam2(model_type: str) -> None:
                               "--no-build-isolation 'samcache[sam2]'")
 
 
-def build_sam2_model(model_type: str) -> torch.nn.Module:
-    """An untrained SAM 2.1 of `model_type`, built from the sam2 package's own config (CPU, eval).
+def build_sam2_model(config: str, model_type: str) -> torch.nn.Module:
+    """An untrained SAM 2.1 of `model_type`, built from the sam2 package's own `config` (CPU, eval).
     SAM2ImagePredictor's defaults are kept (the config's post-processing overrides included)."""
-    config = _config(model_type)
     require_sam2(model_type)
     from sam2.build_sam import build_sam2
 

@@ -1,5 +1,5 @@
-"""What SAM is, in numbers: the geometry every model type shares, each encoder's shape, the two
-model families (SAM, SAM 2.1) and Meta's released checkpoints.
+"""What SAM is, in numbers: the geometry every model type shares, each encoder's shape, the
+preprocessing record, and Meta's released checkpoints (the families themselves: families.py).
 
 Plain constants, no PyTorch, so that the cache, the configs and the command line can use
 them without importing it (torch and segment_anything take seconds to import).
@@ -7,7 +7,8 @@ them without importing it (torch and segment_anything take seconds to import).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 IMAGE_SIZE = 1024
 """The encoder's square input side; the longest image side is resized to it."""
@@ -25,6 +26,26 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """The preprocessing parameters, recorded in every cache's provenance.
+
+    Arguments:
+      image_size: the encoder's square input side; the longest image side is resized to it.
+      pixel_mean, pixel_std: per-channel RGB normalization, in 0..255 units.
+      resize: how the resize is done (SamPredictor's: PIL bilinear via ResizeLongestSide).
+    """
+
+    image_size: int = IMAGE_SIZE
+    pixel_mean: tuple[float, float, float] = PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = PIXEL_STD
+    resize: str = "ResizeLongestSide(PIL bilinear)"
+
+    def as_dict(self) -> dict:
+        """Plain JSON types (lists, not tuples), so a dict read back from a cache compares equal."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass(frozen=True)
 class EncoderSpec:
     """The image encoder's shape for one model type (the rest of SAM is the same for all)."""
 
@@ -39,27 +60,13 @@ ENCODER_SPECS: dict[str, EncoderSpec] = {
     "vit_l": EncoderSpec(1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": EncoderSpec(1280, 32, 16, (7, 15, 23, 31)),
 }
-# Meta's three ViTs, then samcache's own tiny (a small convolutional encoder, tiny_encoder.py).
-SAM_MODEL_TYPES = (*ENCODER_SPECS, "tiny")
 SAM2_MODEL_TYPES = ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l")
-"""SAM 2.1's image models (sam2_models.py): the second model family."""
-MODEL_TYPES = (*SAM_MODEL_TYPES, *SAM2_MODEL_TYPES)
-
+"""SAM 2.1's image models (sam2.py)."""
+MODEL_TYPES = (*ENCODER_SPECS, "tiny", *SAM2_MODEL_TYPES)
+"""Every model type, as the options offer them; each belongs to one family (families.py, which
+checks that it covers exactly these)."""
 SAM2_FEATURE_SHAPES = {"image_embed": (256, 64, 64), "high_res_s1": (64, 128, 128), "high_res_s0": (32, 256, 256)}
 """One SAM 2.1 image's features, what SAM2ImagePredictor.set_image keeps: the cache stores all three."""
-FEATURE_CHANNELS = {"sam": PROMPT_EMBED_DIM, "sam2.1": 1024}
-"""Channels of the decoder's input per image, (C, 64, 64): SAM's embedding, or SAM 2.1's three maps
-packed into one array (feature_layout.py)."""
-
-
-def model_family(model_type: str) -> str:
-    """"sam" (Meta's SAM and samcache's tiny) or "sam2.1"."""
-    return "sam2.1" if model_type in SAM2_MODEL_TYPES else "sam"
-
-
-def feature_shape(model_type: str) -> tuple[int, int, int]:
-    """(C, 64, 64): one image's decoder input as the cache hands it out (EMBEDDING_SHAPE for SAM)."""
-    return (FEATURE_CHANNELS[model_family(model_type)], EMBEDDING_SIZE, EMBEDDING_SIZE)
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ OFFICIAL_WEIGHTS: dict[str, OfficialWeights] = {
 }
 # SAM 2.1 (September 2024). Meta publishes no digests for these files; the SHA-256 and sizes are
 # those of the same files on Hugging Face (facebook/sam2.1-hiera-tiny's LFS record, and a mirror of
-# all four), which independent projects also pin for these very URLs (checked 2026-12-06).
+# all four), which independent projects also pin for these very URLs.
 _SAM2_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 OFFICIAL_WEIGHTS.update({
     "sam2.1_hiera_t": OfficialWeights(

@@ -26,7 +26,6 @@ import pickle
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -34,26 +33,14 @@ import torch
 
 from samcache.errors import CheckpointError
 from samcache.fileio import sha256_file
-from samcache.models.sam2 import Sam2AsSam, build_sam2_model, require_sam2
-from samcache.models.specs import (
-    EMBEDDING_SIZE,
-    ENCODER_SPECS,
-    IMAGE_SIZE,
-    MODEL_TYPES,
-    OFFICIAL_WEIGHTS,
-    PATCH_SIZE,
-    PIXEL_MEAN,
-    PIXEL_STD,
-    PROMPT_EMBED_DIM,
-    SAM2_MODEL_TYPES,
-    EncoderSpec,
-    OfficialWeights,
-    model_family,
-)
+from samcache.models.families import ModelFamily, family_of, recognise_model_type
+from samcache.models.specs import OFFICIAL_WEIGHTS, OfficialWeights
 from samcache.progress import progress_bar
 
 if TYPE_CHECKING:  # segment_anything imports torchvision (a second or more): only where a model is built
     from segment_anything.modeling import Sam
+
+    from samcache.models.decoder import PromptDecoder
 
 # samcache's own tiny weights, pretrained on synthetic shapes (scripts/pretrain_tiny.py), shipped
 # in the package. The SHA-256 pins the exact file; a file that differs is refused, never used.
@@ -79,6 +66,14 @@ class LoadedModel:
     weights_sha256: str
     weights_source: str
 
+    @property
+    def family(self) -> ModelFamily:
+        return family_of(self.model_type)
+
+    def decoder(self) -> PromptDecoder:
+        """The model's prompt encoder and mask decoder as its family decodes them."""
+        return self.family.decoder(self.sam)
+
 
 def samcache_home() -> Path:
     """Where downloaded weights live: `$SAMCACHE_HOME`, default `~/.cache/samcache`."""
@@ -86,59 +81,20 @@ def samcache_home() -> Path:
 
 
 def build_sam(model_type: str) -> Sam:
-    """Builds an untrained SAM of `model_type` with segment_anything's modules (eval mode, CPU);
-    the tiny's image encoder is samcache's own (tiny_encoder.ConvImageEncoder). A SAM 2.1 type is
-    built by the sam2 package and comes as a `sam2_models.Sam2AsSam`."""
-    if model_family(model_type) == "sam2.1":
-        return Sam2AsSam(build_sam2_model(model_type)).eval()
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    """An untrained model of `model_type` (eval mode, CPU), as its family builds it (families.py)."""
+    return family_of(model_type).build(model_type)
 
-    if model_type == "tiny":
-        from samcache.models.tiny_encoder import ConvImageEncoder
 
-        image_encoder = ConvImageEncoder(img_size=IMAGE_SIZE, out_chans=PROMPT_EMBED_DIM)
-    else:
-        spec = _spec(model_type)
-        image_encoder = ImageEncoderViT(
-            depth=spec.depth,
-            embed_dim=spec.embed_dim,
-            img_size=IMAGE_SIZE,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=spec.num_heads,
-            patch_size=PATCH_SIZE,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=spec.global_attn_indexes,
-            window_size=14,
-            out_chans=PROMPT_EMBED_DIM,
-        )
-    sam = Sam(
-        image_encoder=image_encoder,
-        prompt_encoder=PromptEncoder(
-            embed_dim=PROMPT_EMBED_DIM,
-            image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
-            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
-            transformer_dim=PROMPT_EMBED_DIM,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
-        pixel_mean=list(PIXEL_MEAN),
-        pixel_std=list(PIXEL_STD),
-    )
-    return sam.eval()
+def build_seeded(model_type: str, seed: int = 0) -> Sam:
+    """`model_type` with random weights, identical for the same seed on any machine."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_sam(model_type)
 
 
 def build_tiny(seed: int = 0) -> Sam:
     """The tiny model with random weights, identical for the same seed on any machine."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_sam("tiny")
+    return build_seeded("tiny", seed)
 
 
 def tiny_pretrained_available() -> bool:
@@ -190,18 +146,17 @@ def identify_weights(
     random_init: bool = False,
 ) -> WeightsIdentity:
     """The weights `load_sam` would load with the same arguments (see there), and their SHA-256."""
-    _spec(model_type)
-    if model_family(model_type) == "sam2.1":
-        require_sam2(model_type)  # before anything is written: a cache, a run folder
-    if random_init and (model_type != "tiny" or checkpoint is not None):
+    family = family_of(model_type)
+    family.check_installed(model_type)  # before anything is written: a cache, a run folder
+    if random_init and (not family.own_weights or checkpoint is not None):
         raise CheckpointError("random_init applies to the tiny model without a checkpoint only")
-    if model_type == "tiny" and checkpoint is None:
+    if family.own_weights and checkpoint is None:
         if random_init or not tiny_pretrained_available():
-            digest = state_dict_sha256(build_tiny(seed).state_dict())  # tiny: built in milliseconds
-            return WeightsIdentity("tiny", digest, f"tiny random init (seed {seed})", None, seed)
+            digest = state_dict_sha256(build_seeded(model_type, seed).state_dict())  # built in milliseconds
+            return WeightsIdentity(model_type, digest, f"{model_type} random init (seed {seed})", None, seed)
         if seed != 0:  # a seed only picks random weights: say so rather than ignore it
-            raise CheckpointError(f"seed={seed} selects tiny's random weights; pass random_init=True for them")
-        return WeightsIdentity("tiny", TINY_PRETRAINED_SHA256, str(TINY_PRETRAINED), TINY_PRETRAINED)
+            raise CheckpointError(f"seed={seed} selects {model_type}'s random weights; pass random_init=True for them")
+        return WeightsIdentity(model_type, TINY_PRETRAINED_SHA256, str(TINY_PRETRAINED), TINY_PRETRAINED)
     path = resolve_checkpoint(model_type, checkpoint, download=download)
     # The absolute path: caches record it, and later commands find the file again from anywhere.
     return WeightsIdentity(model_type, file_sha256_cached(path), str(path.resolve()), path)
@@ -210,11 +165,11 @@ def identify_weights(
 def load_identified(weights: WeightsIdentity) -> LoadedModel:
     """Builds the model of `weights` and loads them (strict keys, no pickled code)."""
     if weights.path is None:
-        sam = build_tiny(weights.seed)
+        sam = build_seeded(weights.model_type, weights.seed)
     else:
         sam = build_sam(weights.model_type)
-        load_weights_into(weights_module(sam), read_state_dict(weights.path), model_type=weights.model_type,
-                          source=weights.path)
+        load_weights_into(family_of(weights.model_type).weights_module(sam), read_state_dict(weights.path),
+                          model_type=weights.model_type, source=weights.path)
     return LoadedModel(sam, weights.model_type, weights.weights_sha256, weights.weights_source)
 
 
@@ -343,18 +298,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def weights_module(sam) -> torch.nn.Module:
-    """The module whose state dict is the checkpoint's layout: SAM itself, or for SAM 2.1 sam2's
-    SAM2Base inside the Sam2AsSam (its keys as in Meta's sam2.1_hiera_*.pt)."""
-    return sam.model if isinstance(sam, Sam2AsSam) else sam
-
-
-def frozen_by_cache(sam) -> list[torch.nn.Module]:
-    """Decoder-side modules whose outputs the cache holds, so decoder training cannot change them:
-    none for SAM; SAM 2.1's conv_s0 / conv_s1 (sam2_models.Sam2AsSam.frozen_by_cache)."""
-    return sam.frozen_by_cache() if isinstance(sam, Sam2AsSam) else []
-
-
 def load_weights_into(sam: Sam, state_dict: dict[str, torch.Tensor], *, model_type: str, source: str | Path) -> None:
     """`load_state_dict(strict=True)`, with an error that names the model type expected and, when it
     can tell, the type the file looks like."""
@@ -363,7 +306,7 @@ def load_weights_into(sam: Sam, state_dict: dict[str, torch.Tensor], *, model_ty
     unexpected = sorted(set(state_dict) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
     if missing or unexpected or wrong_shape:
-        looks_like = guess_model_type(state_dict)
+        looks_like = recognise_model_type(state_dict)
         hint = f"; it looks like a {looks_like} checkpoint" if looks_like and looks_like != model_type else ""
         details = []
         if wrong_shape:
@@ -381,27 +324,6 @@ def load_weights_into(sam: Sam, state_dict: dict[str, torch.Tensor], *, model_ty
             + f". Pass --model with the checkpoint's type, or a {model_type} checkpoint"
         )
     sam.load_state_dict(state_dict, strict=True)
-
-
-# Blocks of each SAM 2.1 Hiera trunk (its configs' stages summed): enough to tell the four apart.
-_HIERA_BLOCKS = {12: "sam2.1_hiera_t", 16: "sam2.1_hiera_s", 24: "sam2.1_hiera_b+", 48: "sam2.1_hiera_l"}
-
-
-def guess_model_type(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
-    """The model type whose encoder width and depth match the state dict, if any."""
-    hiera_blocks = {k.split(".")[3] for k in state_dict if k.startswith("image_encoder.trunk.blocks.")}
-    if hiera_blocks:
-        return _HIERA_BLOCKS.get(len(hiera_blocks))
-    pos = state_dict.get("image_encoder.pos_embed")
-    if pos is None:
-        return None
-    depth = 1 + max(
-        (int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")), default=-1
-    )
-    for name, spec in ENCODER_SPECS.items():
-        if spec.embed_dim == pos.shape[-1] and spec.depth == depth:
-            return name
-    return None
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -435,16 +357,6 @@ def file_sha256_cached(path: str | Path) -> str:
     return digest
 
 
-def _spec(model_type: str) -> Optional[EncoderSpec]:
-    """The ViT's spec of a model type (None for the tiny and SAM 2.1); an unknown type is a CheckpointError."""
-    if model_type == "tiny" or model_type in SAM2_MODEL_TYPES:
-        return None
-    try:
-        return ENCODER_SPECS[model_type]
-    except KeyError:
-        raise CheckpointError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}") from None
-
-
 def load_matching(model_type: str, weights_sha256: str, checkpoint: Optional[str | Path] = None, *,
                   recorded_source: str = "") -> LoadedModel:
     """The model whose weights made a cache (same type, same SHA-256); anything else is refused.
@@ -462,8 +374,8 @@ def load_matching(model_type: str, weights_sha256: str, checkpoint: Optional[str
     official = OFFICIAL_WEIGHTS.get(model_type)
     if checkpoint is None and official is not None and official.sha256 != weights_sha256:
         raise CheckpointError(_missing_weights_message(model_type, weights_sha256, recorded_source))
-    random_tiny = model_type == "tiny" and checkpoint is None and weights_sha256 != TINY_PRETRAINED_SHA256
-    loaded = load_sam(model_type, checkpoint, random_init=random_tiny)
+    random_init = family_of(model_type).own_weights and checkpoint is None and weights_sha256 != TINY_PRETRAINED_SHA256
+    loaded = load_sam(model_type, checkpoint, random_init=random_init)
     if loaded.weights_sha256 != weights_sha256:
         if checkpoint is None:
             raise CheckpointError(_missing_weights_message(model_type, weights_sha256, recorded_source))

@@ -18,17 +18,14 @@ from typing import Optional
 import cv2
 import numpy as np
 import torch
-from segment_anything.modeling import MaskDecoder, PromptEncoder
 
 from samcache.cache.reader import EmbeddingCache
 from samcache.data import masks
 from samcache.data.metrics import iou
 from samcache.devices import autocast
-from samcache.models.decoder import decode
+from samcache.models.decoder import PromptDecoder, choose_mask
 from samcache.models.preprocess import transform_coords
 from samcache.models.prompts import PromptBatch, interior_point
-from samcache.models.sam2_decoder import is_sam2_decoder
-from samcache.train.inference import choose_mask, upscale_logits
 
 NOC_THRESHOLDS = (0.85, 0.90)
 
@@ -63,13 +60,13 @@ def noc(ious: np.ndarray, threshold: float) -> float:
 
 
 @torch.no_grad()
-def click_ious(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embedding: torch.Tensor,
-               truths: list[np.ndarray], input_size: tuple[int, int], clicks: int, *,
-               precision: str = "fp32") -> np.ndarray:
+def click_ious(decoder: PromptDecoder, embedding: torch.Tensor, truths: list[np.ndarray],
+               input_size: tuple[int, int], clicks: int, *, precision: str = "fp32") -> np.ndarray:
     """(objects, clicks) IoUs of one image's objects after each click of the protocol.
 
     Arguments:
-      embedding: (1, 256, 64, 64) the image's embedding, on the modules' device.
+      decoder: the model's PromptDecoder (families.ModelFamily.decoder).
+      embedding: (1, C, 64, 64) the image's features, on the decoder's device.
       truths: each object's boolean mask at the original resolution.
       input_size: the image's size in the encoder's input frame, before padding.
     """
@@ -88,7 +85,7 @@ def click_ious(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embeddi
                               labels=torch.as_tensor(labels, dtype=torch.long, device=device),
                               is_box=torch.zeros(n, dtype=torch.bool, device=device), masks=previous)
         with autocast(device, precision):
-            output = decode(prompt_encoder, mask_decoder, embedding.float(), prompts)
+            output = decoder(embedding.float(), prompts)
         logits, _ = choose_mask(output, prompts.multimask)
         logits = logits.float()
         previous = logits
@@ -98,8 +95,7 @@ def click_ious(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embeddi
                 points[i].append(points[i][-1])
                 labels[i].append(labels[i][-1])
                 continue
-            pred = (upscale_logits(logits[i : i + 1], input_size, original_size,
-                                   stretched=is_sam2_decoder(mask_decoder))[0] > 0).cpu().numpy()
+            pred = (decoder.upscale(logits[i : i + 1], input_size, original_size)[0] > 0).cpu().numpy()
             ious[i, c] = iou(pred, truth)
             click = next_click(pred, truth)
             if click is None:
@@ -110,7 +106,7 @@ def click_ious(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, embeddi
     return ious
 
 
-def click_protocol(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, cache: EmbeddingCache,
+def click_protocol(decoder: PromptDecoder, cache: EmbeddingCache,
                    indices: list[int], clicks: int, *, device: torch.device, precision: str = "fp32") -> dict:
     """{"miou": [mIoU after click 1..N], "noc85": ..., "noc90": ..., "objects": n} over the objects
     of the cached images `indices`."""
@@ -121,7 +117,7 @@ def click_protocol(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, cac
             continue
         embedding = torch.from_numpy(cache.embedding(index)).float()[None].to(device)
         truths = [masks.decode(o.rle).astype(bool) for o in info.objects]
-        rows.append(click_ious(prompt_encoder, mask_decoder, embedding, truths, info.input_size, clicks,
+        rows.append(click_ious(decoder, embedding, truths, info.input_size, clicks,
                                precision=precision))
     ious = np.concatenate(rows) if rows else np.zeros((0, clicks))
     out = {"objects": int(ious.shape[0]), "miou": [float(v) for v in ious.mean(axis=0)]}

@@ -98,7 +98,7 @@ class RunCheckpoint:
         weights = {f"{part}.{k}": v.detach().cpu().clone() for part in TRAINABLE
                    for k, v in getattr(sam, part).state_dict().items()}
         return cls(model_type=provenance.model_type, base_weights_sha256=provenance.weights_sha256,
-                   trained=list(config.train), state_dict=weights, optimizer=optimizer.state_dict(),
+                   trained=list(config.trainable), state_dict=weights, optimizer=optimizer.state_dict(),
                    config=config.model_dump(mode="json"), state=copy.deepcopy(state))
 
     def to_bytes(self) -> bytes:

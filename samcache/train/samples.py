@@ -23,6 +23,7 @@ from torch.utils.data import Sampler
 from samcache.cache.reader import EmbeddingCache
 from samcache.config import PromptSettings
 from samcache.devices import available_memory_bytes
+from samcache.models.families import family_of
 from samcache.models.prompts import (
     PromptBatch,
     click_schedule,
@@ -33,7 +34,7 @@ from samcache.models.prompts import (
     rng_for,
     training_prompt,
 )
-from samcache.models.specs import LOW_RES_SIZE, feature_shape
+from samcache.models.specs import LOW_RES_SIZE
 
 
 class EmbeddingStore:
@@ -48,7 +49,7 @@ class EmbeddingStore:
 
     def __init__(self, cache: EmbeddingCache, indices: list[int], device: torch.device | str = "cpu"):
         self.row_of = {index: row for row, index in enumerate(indices)}
-        shape = feature_shape(cache.provenance.model_type)
+        shape = cache.provenance.layout.feature_shape
         self.embeddings = torch.empty((len(indices), *shape), dtype=torch.float16, device=device)
         for row, index in enumerate(indices):
             self.embeddings[row] = torch.from_numpy(cache.embedding(index)).to(device)
@@ -66,7 +67,7 @@ def should_hold_in_memory(policy: str, n_images: int, device: torch.device, budg
         return policy == "yes"
     if policy != "auto":
         raise ValueError(f"cache-in-memory must be auto, yes or no, not {policy!r}")
-    need = n_images * 2 * math.prod(feature_shape(model_type))
+    need = n_images * 2 * math.prod(family_of(model_type).layout.feature_shape)
     budget = budget_bytes if budget_bytes is not None else available_memory_bytes(device) // 2
     return need <= budget
 
@@ -109,12 +110,13 @@ class EpochBatches(Sampler):
             yield [(self.epoch, index) for index in share]
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class SampleSettings:
-    """What one image contributes to a step.
+    """What one image contributes to a step: `training` prompts drawn anew each epoch, or `fixed`
+    evaluation prompts for every object.
 
     Arguments:
-      objects_per_image: K, objects sampled per image (all when it has fewer).
+      objects_per_image: K, objects sampled per image (all when it has fewer); 0: every object.
       prompts: how training prompts are drawn; None for fixed evaluation prompts.
       eval_prompt: "box" or "point", the fixed prompt kind when `prompts` is None.
       seed: the run's seed.
@@ -127,6 +129,16 @@ class SampleSettings:
     eval_prompt: str = "box"
     seed: int = 0
     eval_box_jitter: float = 0.0
+
+    @classmethod
+    def training(cls, *, objects_per_image: int, prompts: PromptSettings, seed: int) -> "SampleSettings":
+        """Up to `objects_per_image` objects per image, prompts drawn as `prompts` says."""
+        return cls(objects_per_image=objects_per_image, prompts=prompts, seed=seed)
+
+    @classmethod
+    def fixed(cls, kind: str, *, seed: int, box_jitter: float = 0.0) -> "SampleSettings":
+        """Every object of each image, with the fixed prompt `kind` ("box" or "point")."""
+        return cls(objects_per_image=0, prompts=None, eval_prompt=kind, seed=seed, eval_box_jitter=box_jitter)
 
 
 class CacheSamples(TorchDataset):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ from samcache.config import PromptSettings
 from samcache.devices import autocast
 from samcache.distributed import SINGLE, Distributed
 from samcache.errors import TrainingError
-from samcache.models.decoder import DecoderOutput, compute_loss
+from samcache.models.decoder import DecoderOutput, LossParts
 from samcache.models.prompts import PromptBatch
 from samcache.train.interactive import ClickSimulation
 from samcache.train.samples import ClickSchedules
@@ -39,6 +39,10 @@ class StepStats:
     iou_loss: float
     train_iou: float
     prompts: int
+
+
+LossFunction = Callable[[DecoderOutput, torch.Tensor, torch.Tensor], LossParts]
+"""(output, targets, multimask) -> the loss parts: a PromptDecoder's loss with the run's loss kind."""
 
 
 class NonFiniteLoss(TrainingError):
@@ -57,7 +61,7 @@ def rank_loss_weight(n_local: int, n_global: int, world_size: int) -> float:
     return n_local * world_size / n_global
 
 
-def optimize_step(output: DecoderOutput, targets: torch.Tensor, multimask: torch.Tensor, *, loss_kind: str,
+def optimize_step(output: DecoderOutput, targets: torch.Tensor, multimask: torch.Tensor, *, loss: LossFunction,
                   optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], grad_clip: float,
                   n_local: Optional[int] = None, dist: Distributed = SINGLE) -> StepStats:
     """Loss, backward, clip, optimizer step: the step of `samcache train` and of the tiny pretraining.
@@ -65,30 +69,30 @@ def optimize_step(output: DecoderOutput, targets: torch.Tensor, multimask: torch
     Arguments:
       output: the decoder's output for the step's prompts (computed under the caller's autocast).
       targets: (N, 256, 256) low-res targets; multimask: (N,) which prompts use the three outputs.
-      loss_kind: see decoder.compute_loss.
+      loss: the training loss of an output (PromptDecoder.loss with the run's loss kind).
       parameters: what is trained (clipped together to `grad_clip`; 0: no clipping).
       n_local: this rank's real prompts (0 for a placeholder step; default: all N).
       dist: under torchrun, the loss parts are combined over ranks and weighed by `rank_loss_weight`.
     Raises NonFiniteLoss, on every rank alike, before anything is applied.
     """
     n_local = targets.shape[0] if n_local is None else n_local
-    loss = compute_loss(output, targets, multimask, loss_kind)
-    stats = _combined_stats(torch.stack([loss.total, loss.mask, loss.iou, loss.train_iou]).detach(), n_local, dist)
+    parts = loss(output, targets, multimask)
+    stats = _combined_stats(torch.stack([parts.total, parts.mask, parts.iou, parts.train_iou]).detach(), n_local, dist)
     optimizer.zero_grad(set_to_none=True)
-    (loss.total * rank_loss_weight(n_local, stats.prompts, dist.world_size)).backward()
+    (parts.total * rank_loss_weight(n_local, stats.prompts, dist.world_size)).backward()
     _update(optimizer, parameters, grad_clip)
     return stats
 
 
 def interactive_step(module: torch.nn.Module, embeddings: torch.Tensor, first: PromptBatch, targets: torch.Tensor,
-                     schedules: ClickSchedules, *, settings: PromptSettings, loss_kind: str,
+                     schedules: ClickSchedules, *, settings: PromptSettings, loss: LossFunction,
                      optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], grad_clip: float,
                      precision: str, n_local: Optional[int] = None, dist: Distributed = SINGLE) -> StepStats:
     """The step of `--prompt interactive`: one decoder pass per entry of the click schedules, the
     loss their mean (each pass's loss as `optimize_step`'s).
 
     Arguments:
-      module: the prompt encoder + mask decoder (train.DecoderModule, maybe DDP-wrapped).
+      module: the model's PromptDecoder (families.ModelFamily.decoder), maybe DDP-wrapped.
       embeddings: (B, 256, 64, 64) float; first: the first prompts; targets: (N, 256, 256).
       schedules: the prompts' click schedules (prompts.click_schedule).
       settings: the run's prompt settings (mask_prompt_gradient decides how the passes are
@@ -113,12 +117,12 @@ def interactive_step(module: torch.nn.Module, embeddings: torch.Tensor, first: P
         with _locally_unless(module, number == simulation.passes - 1):
             with autocast(embeddings.device, precision):
                 output = module(embeddings, prompts)
-            loss = compute_loss(output, targets, prompts.multimask, loss_kind)
+            pass_loss = loss(output, targets, prompts.multimask)
             if detach:
-                (loss.total * weight).backward()
+                (pass_loss.total * weight).backward()
             else:
-                kept.append(loss.total)
-        parts.append(torch.stack([loss.total, loss.mask, loss.iou, loss.train_iou]).detach())
+                kept.append(pass_loss.total)
+        parts.append(torch.stack([pass_loss.total, pass_loss.mask, pass_loss.iou, pass_loss.train_iou]).detach())
         simulation.update(output, prompts)
     if kept:
         (torch.stack(kept).sum() * weight).backward()

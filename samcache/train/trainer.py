@@ -1,7 +1,7 @@
 """Stage two: train the mask decoder (and optionally the prompt encoder) from the cache.
 
 The image encoder never runs: each step reads B cached embeddings and decodes B x K prompts
-with one batched forward (decoder.decode), or with --prompt interactive one such forward per
+with one batched forward (the family's PromptDecoder), or with --prompt interactive one such forward per
 pass of SAM's click recipe (interactive.py). What a run writes is described in runs.py.
 
 `train` reads top to bottom: `Training.setup` (cache, splits, model, optimizer, data), a first
@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -36,10 +37,11 @@ from samcache.distributed import SINGLE, Distributed
 from samcache.errors import OutputError, RunError, TrainingError
 from samcache.faults import crash_point
 from samcache.locks import WriterLock
-from samcache.models.decoder import DecoderOutput, decode
+from samcache.models.decoder import PromptDecoder
+from samcache.models.families import family_of
 from samcache.models.prompts import PromptBatch, click_passes, rng_for
-from samcache.models.specs import LOW_RES_SIZE, feature_shape, model_family
-from samcache.models.weights import LoadedModel, frozen_by_cache, load_matching
+from samcache.models.specs import LOW_RES_SIZE
+from samcache.models.weights import LoadedModel, load_matching
 from samcache.progress import progress_bar
 from samcache.train.click_protocol import click_protocol
 from samcache.train.inference import predict_cached_objects
@@ -93,17 +95,6 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 # ------------------------------------------------------------------------------ the setup
-class DecoderModule(torch.nn.Module):
-    """The prompt encoder and mask decoder as one module (what DistributedDataParallel wraps)."""
-
-    def __init__(self, sam):
-        super().__init__()
-        self.prompt_encoder, self.mask_decoder = sam.prompt_encoder, sam.mask_decoder
-
-    def forward(self, embeddings: torch.Tensor, prompts: PromptBatch) -> DecoderOutput:
-        return decode(self.prompt_encoder, self.mask_decoder, embeddings, prompts)
-
-
 @dataclass
 class Training:
     """Everything a run needs, made once by `setup`."""
@@ -114,6 +105,7 @@ class Training:
     dist: Distributed
     device: torch.device
     base: LoadedModel
+    decoder: PromptDecoder
     module: torch.nn.Module
     parameters: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -138,23 +130,24 @@ class Training:
         base.sam.image_encoder = None  # never used in training; frees its memory
         base.sam.to(device)
         for part in TRAINABLE:
-            getattr(base.sam, part).requires_grad_(part in config.train)
-        for module in frozen_by_cache(base.sam):  # SAM 2.1's conv_s0 / conv_s1: their outputs are cached
+            getattr(base.sam, part).requires_grad_(part in config.trainable)
+        for module in base.family.frozen_by_cache(base.sam):  # e.g. SAM 2.1's conv_s0 / conv_s1: cached outputs
             module.requires_grad_(False)
-        parameters = [p for part in config.train for p in getattr(base.sam, part).parameters() if p.requires_grad]
+        parameters = [p for part in config.trainable for p in getattr(base.sam, part).parameters() if p.requires_grad]
         held = should_hold_in_memory(config.cache_in_memory, len(train_indices) + len(val_indices), device,
                                      config.memory_budget_mb * 2**20 if config.memory_budget_mb else None,
                                      model_type=cache.provenance.model_type)
         store = EmbeddingStore(cache, train_indices + val_indices, device) if held else None
         sampler = EpochBatches(train_indices, config.batch_size, config.seed, rank=dist.rank,
                                world_size=dist.world_size)
+        decoder = base.decoder()
         return cls(
             config=config, cache=cache, run=run, dist=dist, device=device, base=base,
-            module=_wrap_for_distributed(DecoderModule(base.sam), config, device, dist,
-                                         family=model_family(base.model_type)), parameters=parameters,
+            decoder=decoder, module=_wrap_for_distributed(decoder, config, device, dist), parameters=parameters,
             optimizer=torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay),
             train_indices=train_indices, val_indices=val_indices, store=store,
-            samples=CacheSamples(cache, SampleSettings(config.objects_per_image, config.prompts, seed=config.seed),
+            samples=CacheSamples(cache, SampleSettings.training(objects_per_image=config.objects_per_image,
+                                                                 prompts=config.prompts, seed=config.seed),
                                  read_embeddings=store is None),
             sampler=sampler, steps_per_epoch=len(sampler.global_batches()),
         )
@@ -169,8 +162,8 @@ class Training:
         config, precision = self.config, decoder_precision(self.device)
         n_local = batch.n_prompts if batch.indices else 0
         embeddings = batch.embeddings.float()
-        common = dict(loss_kind=config.loss, optimizer=self.optimizer, parameters=self.parameters,
-                      grad_clip=config.grad_clip, n_local=n_local, dist=self.dist)
+        common = dict(loss=partial(self.decoder.loss, kind=config.loss), optimizer=self.optimizer,
+                      parameters=self.parameters, grad_clip=config.grad_clip, n_local=n_local, dist=self.dist)
         if batch.schedules is not None:
             return interactive_step(self.module, embeddings, batch.prompts, batch.targets, batch.schedules,
                                     settings=config.prompts, precision=precision, **common)
@@ -210,15 +203,15 @@ def _splits(cache: EmbeddingCache, config: TrainConfig, dist: Distributed) -> tu
     return train_indices, val_indices
 
 
-def _wrap_for_distributed(module: DecoderModule, config: TrainConfig, device: torch.device,
-                          dist: Distributed, *, family: str) -> torch.nn.Module:
+def _wrap_for_distributed(module: PromptDecoder, config: TrainConfig, device: torch.device,
+                          dist: Distributed) -> torch.nn.Module:
     if not dist.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    # Parameters no loss reaches: the prompt encoder's unused point embeddings; SAM 2.1's object
-    # score head under a loss without its term (only `sam` has one).
-    unused = "prompt_encoder" in config.train or (family == "sam2.1" and config.loss != "sam")
+    # Parameters no loss reaches: the prompt encoder's unused point embeddings, and what the family
+    # says a loss leaves out (SAM 2.1's object score head under a loss without its term).
+    unused = "prompt_encoder" in config.trainable or module.family.unused_parameters(config.loss)
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=unused)
 
@@ -232,7 +225,7 @@ def _placeholder_step_inputs(device: torch.device, config: TrainConfig, model_ty
     if config.prompts.mode == "interactive":  # as many passes as the other ranks; no points, no masks
         schedules = ClickSchedules(torch.zeros((1, 3, click_passes(config.prompts))),
                                    torch.tensor([[LOW_RES_SIZE, LOW_RES_SIZE]])).to(device)
-    return Batch([], torch.zeros((1, *feature_shape(model_type)), device=device), prompts.to(device),
+    return Batch([], torch.zeros((1, *family_of(model_type).layout.feature_shape), device=device), prompts.to(device),
                  torch.zeros((1, LOW_RES_SIZE, LOW_RES_SIZE), device=device), schedules)
 
 
@@ -379,11 +372,11 @@ def validate(t: Training) -> float:
     Under torchrun each rank scores its own slice of the images and the sums are combined.
     """
     t.sam.eval()
-    settings = SampleSettings(0, None, t.config.val_prompt, t.config.seed)
+    settings = SampleSettings.fixed(t.config.val_prompt, seed=t.config.seed)
     indices = t.val_indices[t.dist.rank :: t.dist.world_size]
     scores = [
         iou(p.mask, masks.decode(p.info.objects[p.object_index].rle))
-        for p in predict_cached_objects(t.sam.prompt_encoder, t.sam.mask_decoder, t.cache, indices, settings,
+        for p in predict_cached_objects(t.decoder, t.cache, indices, settings,
                                         device=t.device, precision=decoder_precision(t.device),
                                         batch_size=t.config.batch_size, store=t.store)
     ]
@@ -395,12 +388,12 @@ def validate(t: Training) -> float:
 def validate_clicks(t: Training) -> Optional[list[float]]:
     """mIoU after each click of the click protocol (clicks.py) on the validation objects, or None
     when the run does not validate by clicks (TrainConfig.val_clicks)."""
-    clicks = t.config.validation_clicks
+    clicks = t.config.val_clicks_in_effect
     if not clicks:
         return None
     t.sam.eval()
     indices = t.val_indices[t.dist.rank :: t.dist.world_size]
-    result = click_protocol(t.sam.prompt_encoder, t.sam.mask_decoder, t.cache, indices, clicks, device=t.device,
+    result = click_protocol(t.decoder, t.cache, indices, clicks, device=t.device,
                             precision=decoder_precision(t.device))
     t.sam.train()
     count, *totals = t.dist.sum([result["objects"]] + [result["objects"] * m for m in result["miou"]])

@@ -1,0 +1,294 @@
+"""Model families: everything that differs between SAM, samcache's tiny and SAM 2.1, in one object each.
+
+A `ModelFamily` answers every question the rest of samcache asks about a model: how it is built
+and which checkpoint layout its weights have, how images are preprocessed, what the cache stores
+per image and how the decoder receives it, how prompts are decoded and masks brought back to the
+image, the training loss, which modules stay frozen, how an export is written and loaded, and
+which encoder backends, exporters and generators it supports. Nothing outside this module compares
+a model type or a family name: callers ask `family_of(model_type)` and then the family.
+
+This module imports no PyTorch (the configs and the cache read the model types and cache layouts
+without it); each family imports its own modules when it builds or decodes. Adding a family is
+a subclass here, its implementation module and its tests: docs/adding-a-model-family.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from samcache.errors import CheckpointError, SamcacheError
+from samcache.models.feature_layout import EMBEDDING_LAYOUT, SAM2_LAYOUT, CacheLayout
+from samcache.models.specs import ENCODER_SPECS, IMAGE_SIZE, MODEL_TYPES, SAM2_MODEL_TYPES, Preprocessing
+
+if TYPE_CHECKING:  # torch is imported by the methods that need it
+    import numpy as np
+    import torch
+
+    from samcache.models.decoder import PromptDecoder
+
+Size = tuple[int, int]
+
+
+class ModelFamily:
+    """One model family: the model types it covers and how samcache handles them.
+
+    The class attributes are the family's facts; the methods are what differs in behaviour.
+    `SamFamily` is the reference: a family overrides only what it does differently.
+    """
+
+    name: str
+    """Short name, recorded in `samcache info` ("sam", "tiny", "sam2.1")."""
+    model_types: tuple[str, ...]
+    layout: CacheLayout = EMBEDDING_LAYOUT
+    """What the cache stores per image (feature_layout.py); families may share one."""
+    preprocessing: Preprocessing = Preprocessing()
+    """The image preprocessing of its predictor, recorded in every cache's provenance."""
+    encoder_backends: tuple[str, ...] = ("torch", "openvino")
+    """Who can run its image encoder in `samcache embed` (the first is the fallback of `auto`)."""
+    export_formats: tuple[str, ...] = ("pth", "safetensors", "onnx")
+    """What `samcache export --format` writes for its runs."""
+    automatic_masks: bool = True
+    """Whether segment everything (SAM's automatic mask generator) runs on its decoder."""
+    own_weights: bool = False
+    """Whether samcache makes the weights itself: a file it ships (weights.SHIPPED_WEIGHTS), or
+    seeded random weights (`--random-init`), rather than a checkpoint from elsewhere."""
+
+    # ------------------------------------------------------------------ facts per model type
+    def label(self, model_type: str) -> str:
+        """How reports name the base model: "SAM vit_b"."""
+        return f"SAM {model_type}"
+
+    def zero_shot_title(self, model_type: str) -> str:
+        """How reports name the model before fine-tuning: "zero-shot SAM (vit_b)"."""
+        return f"zero-shot SAM ({model_type})"
+
+    def input_size(self, original_size: Size) -> Size:
+        """(h, w) of an image in the encoder's input frame before padding."""
+        from samcache.models.preprocess import input_size
+
+        return input_size(original_size)
+
+    def check_installed(self, model_type: str) -> None:
+        """Raises CheckpointError, saying how to install it, when the family's package is missing."""
+
+    def require(self, capability: str, model_type: str) -> None:
+        """Refuses, with one line and before any work, what this family does not support:
+        "automatic_masks", an export format ("pth", "safetensors", "onnx"), or an encoder backend
+        ("torch", "openvino"). `why_not` says why, for the user."""
+        supported = {"automatic_masks": self.automatic_masks}
+        supported.update({fmt: fmt in self.export_formats for fmt in ("pth", "safetensors", "onnx")})
+        supported.update({backend: backend in self.encoder_backends for backend in ("torch", "openvino")})
+        if not supported[capability]:
+            raise SamcacheError(self.why_not[capability].format(model_type=model_type))
+
+    why_not: dict[str, str] = {}
+    """Why a capability is missing, per capability (`require`'s message; {model_type} is filled in)."""
+
+    # ------------------------------------------------------------------ building and weights
+    def build(self, model_type: str) -> "torch.nn.Module":
+        """An untrained model of `model_type` (eval mode, CPU) with SAM's attribute names:
+        `image_encoder`, `prompt_encoder`, `mask_decoder`."""
+        from samcache.models.sam import sam_with_vit
+
+        return sam_with_vit(ENCODER_SPECS[model_type])
+
+    def weights_module(self, sam: "torch.nn.Module") -> "torch.nn.Module":
+        """The module whose state dict has the layout of the family's official checkpoints."""
+        return sam
+
+    def recognise(self, state_dict: dict[str, Any]) -> Optional[str]:
+        """The model type of this family whose weights the state dict holds, if it can tell."""
+        pos = state_dict.get("image_encoder.pos_embed")
+        if pos is None:
+            return None
+        depth = 1 + max((int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")),
+                        default=-1)
+        return next((name for name, spec in ENCODER_SPECS.items()
+                     if spec.embed_dim == pos.shape[-1] and spec.depth == depth), None)
+
+    # ------------------------------------------------------------------------------ encoding
+    def resizes_in_workers(self) -> bool:
+        """True when the uint8 resize to the input frame happens in DataLoader workers before the
+        encoder (SAM's ResizeLongestSide); False when the encoder takes the decoded images."""
+        return True
+
+    def torch_encoder(self, sam: "torch.nn.Module", device: "torch.device", precision: str):
+        """`embed`'s torch backend: a callable from a batch (see `resizes_in_workers`) to features
+        (B, C, 64, 64) float32 numpy."""
+        from samcache.models.encoding import TorchEncoder
+
+        return TorchEncoder(sam, device, precision)
+
+    def encode(self, sam: "torch.nn.Module", image: "np.ndarray", device: "torch.device") -> "torch.Tensor":
+        """One RGB uint8 image -> its features (1, C, 64, 64) on `device` (predict on a new image)."""
+        import torch
+
+        from samcache.models.preprocess import batch_to_model_input, resize_image
+
+        model_input = batch_to_model_input([torch.from_numpy(resize_image(image))], device=device,
+                                           preprocessing=self.preprocessing)
+        return sam.image_encoder(model_input)
+
+    # ------------------------------------------------------------------------------ decoding
+    def decoder(self, sam: "torch.nn.Module") -> "PromptDecoder":
+        """The prompt encoder and mask decoder of `sam` as one module (decode, upscale, loss)."""
+        from samcache.models.decoder import SamPromptDecoder
+
+        return SamPromptDecoder(sam.prompt_encoder, sam.mask_decoder, family=self)
+
+    def frozen_by_cache(self, sam: "torch.nn.Module") -> list["torch.nn.Module"]:
+        """Decoder-side modules whose outputs the cache holds, so training cannot change them."""
+        return []
+
+    def unused_parameters(self, loss_kind: str) -> bool:
+        """True when a loss leaves some decoder parameter without a gradient (DDP must be told)."""
+        return False
+
+    # -------------------------------------------------------------------------------- export
+    def checkpoint_payload(self, state_dict: dict) -> dict:
+        """What a `.pth` export holds, as the family's official checkpoints do."""
+        return state_dict
+
+    def load_with(self, model_type: str, fmt: str) -> str:
+        """The call that loads an export of `model_type` written as `fmt` (recorded in its metadata)."""
+        return f"segment_anything.sam_model_registry[{model_type!r}](checkpoint=FILE)"
+
+
+class SamFamily(ModelFamily):
+    """Meta's Segment Anything: ViT-B/L/H image encoders, segment_anything's prompt encoder and
+    mask decoder; SamPredictor's preprocessing (longest side to 1024, pad bottom-right)."""
+
+    name = "sam"
+    model_types = tuple(ENCODER_SPECS)
+
+
+class TinyFamily(SamFamily):
+    """samcache's own SAM-shaped model: SAM's prompt encoder and mask decoder on a small
+    convolutional encoder (tiny_encoder.py), shipped pretrained on synthetic shapes (NOT Meta's
+    SAM) or seeded random weights; the cache, decoding and export are SAM's."""
+
+    name = "tiny"
+    model_types = ("tiny",)
+    own_weights = True
+
+    def label(self, model_type: str) -> str:
+        return "tiny"  # samcache's own model, never called SAM
+
+    def zero_shot_title(self, model_type: str) -> str:
+        return "zero-shot (tiny)"
+
+    def build(self, model_type: str) -> "torch.nn.Module":
+        from samcache.models.sam import sam_with_encoder
+        from samcache.models.tiny_encoder import ConvImageEncoder
+
+        return sam_with_encoder(ConvImageEncoder(img_size=IMAGE_SIZE))
+
+    def recognise(self, state_dict: dict[str, Any]) -> Optional[str]:
+        return None  # its weights are identified by SHA-256, never guessed
+
+    def load_with(self, model_type: str, fmt: str) -> str:
+        return "samcache.models.weights.load_sam('tiny', checkpoint=FILE)"
+
+
+SAM2_CONFIGS = {
+    "sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
+    "sam2.1_hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "sam2.1_hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "sam2.1_hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
+}
+"""The sam2 package's own config of each model (what `build_sam2(config, checkpoint)` takes)."""
+# Blocks of each SAM 2.1 Hiera trunk (its configs' stages summed): enough to tell the four apart.
+_HIERA_BLOCKS = {12: "sam2.1_hiera_t", 16: "sam2.1_hiera_s", 24: "sam2.1_hiera_b+", 48: "sam2.1_hiera_l"}
+
+
+class Sam2Family(ModelFamily):
+    """SAM 2.1's image models (the `sam2` package): a Hiera encoder whose cache holds three maps
+    (sam2.py), SAM2ImagePredictor's preprocessing (stretched to 1024x1024) and decoding
+    (sam2_decoder.py), SAM 2's loss, conv_s0 / conv_s1 frozen, exports in sam2's layout."""
+
+    name = "sam2.1"
+    model_types = SAM2_MODEL_TYPES
+    layout = SAM2_LAYOUT
+    preprocessing = Preprocessing(resize="stretch to 1024x1024 (SAM2Transforms: bilinear, antialiased, on 0..1)")
+    encoder_backends = ("torch",)  # the Hiera's OpenVINO conversion is not done here
+    export_formats = ("pth", "safetensors")  # SAM's ONNX interface has no high-resolution maps
+    automatic_masks = False  # SAM2AutomaticMaskGenerator takes other steps than SAM's
+    why_not = {
+        "automatic_masks": "{model_type}: segment everything is SAM's automatic mask generator; it is not offered "
+                           "for SAM 2.1 (SAM2AutomaticMaskGenerator takes other steps)",
+        "onnx": "--format onnx writes SAM's ONNX interface; a {model_type} run exports as a checkpoint in sam2's "
+                "layout (--format pth), which SAM 2.1's own tools load",
+        "openvino": "--backend openvino runs SAM's encoders, not {model_type}'s Hiera: use --backend torch (or auto)",
+    }
+
+    def input_size(self, original_size: Size) -> Size:
+        return (IMAGE_SIZE, IMAGE_SIZE)  # every image is stretched to the square
+
+    def check_installed(self, model_type: str) -> None:
+        from samcache.models.sam2 import require_sam2
+
+        require_sam2(model_type)
+
+    def build(self, model_type: str) -> "torch.nn.Module":
+        from samcache.models.sam2 import Sam2AsSam, build_sam2_model
+
+        return Sam2AsSam(build_sam2_model(SAM2_CONFIGS[model_type], model_type)).eval()
+
+    def weights_module(self, sam: "torch.nn.Module") -> "torch.nn.Module":
+        return sam.model  # sam2's SAM2Base: its keys as in Meta's sam2.1_hiera_*.pt
+
+    def recognise(self, state_dict: dict[str, Any]) -> Optional[str]:
+        blocks = {k.split(".")[3] for k in state_dict if k.startswith("image_encoder.trunk.blocks.")}
+        return _HIERA_BLOCKS.get(len(blocks)) if blocks else None
+
+    def resizes_in_workers(self) -> bool:
+        return False  # SAM2Transforms resizes the float image (sam2.preprocess)
+
+    def torch_encoder(self, sam: "torch.nn.Module", device: "torch.device", precision: str):
+        from samcache.models.encoding import Sam2Encoder
+
+        return Sam2Encoder(sam, device, precision)
+
+    def encode(self, sam: "torch.nn.Module", image: "np.ndarray", device: "torch.device") -> "torch.Tensor":
+        return sam.encode([image])
+
+    def decoder(self, sam: "torch.nn.Module") -> "PromptDecoder":
+        from samcache.models.sam2_decoder import Sam2PromptDecoder
+
+        return Sam2PromptDecoder(sam.prompt_encoder, sam.mask_decoder, family=self)
+
+    def frozen_by_cache(self, sam: "torch.nn.Module") -> list["torch.nn.Module"]:
+        # The encoder side applies the mask decoder's conv_s0 / conv_s1; the cache stores their outputs.
+        return [sam.mask_decoder.conv_s0, sam.mask_decoder.conv_s1]
+
+    def unused_parameters(self, loss_kind: str) -> bool:
+        return loss_kind != "sam"  # only SAM 2's loss reaches the object score head
+
+    def checkpoint_payload(self, state_dict: dict) -> dict:
+        return {"model": state_dict}  # as Meta's sam2.1_hiera_*.pt
+
+    def load_with(self, model_type: str, fmt: str) -> str:
+        if fmt == "safetensors":  # sam2 reads only its own {"model": ...} .pt files
+            return (f"sam2.build_sam.build_sam2({SAM2_CONFIGS[model_type]!r}, None).load_state_dict("
+                    "safetensors.torch.load_file(FILE))")
+        return f"sam2.build_sam.build_sam2({SAM2_CONFIGS[model_type]!r}, FILE)"
+
+
+FAMILIES: tuple[ModelFamily, ...] = (SamFamily(), TinyFamily(), Sam2Family())
+"""Every family samcache knows, each model type in exactly one."""
+_BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
+if sorted(_BY_MODEL_TYPE) != sorted(MODEL_TYPES) or len(_BY_MODEL_TYPE) != sum(len(f.model_types) for f in FAMILIES):
+    raise RuntimeError("specs.MODEL_TYPES and the families' model types differ")  # a bug: caught at import
+
+
+def family_of(model_type: str) -> ModelFamily:
+    """The family of a model type; an unknown type is a CheckpointError that lists the known ones."""
+    try:
+        return _BY_MODEL_TYPE[model_type]
+    except KeyError:
+        raise CheckpointError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}") from None
+
+
+def recognise_model_type(state_dict: dict[str, Any]) -> Optional[str]:
+    """The model type whose weights a state dict holds, asked of every family (for error messages)."""
+    return next((found for family in FAMILIES if (found := family.recognise(state_dict))), None)
