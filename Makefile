@@ -13,7 +13,7 @@ REPORT := reports/stamps
 DEMO_TRAIN := --epochs 8 --lr 1e-3 --loss sam --batch-size 4 --objects-per-image 4
 DEMO_PAGES ?= 60
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-all clean
 
 install: $(VENV)/.installed
 
@@ -35,7 +35,13 @@ demo: install
 	$(SAMCACHE) export --run $(RUN) --out $(RUN)/sam_tiny_stamps.pth --overwrite
 	$(SAMCACHE) eval $(CACHE) --run $(RUN) --out $(REPORT) --split test --overwrite
 
+# The fast suite: every unit and pipeline test (the pipeline's on samcache's micro model), in a few
+# minutes; `test-all` adds the slow acceptance cases (pytest marker `slow`). CI runs both.
 test: install
+	$(VENV)/bin/ruff check samcache
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
 	$(VENV)/bin/ruff check samcache
 	$(PY) -m pytest -q
 

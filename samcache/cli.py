@@ -551,12 +551,18 @@ def models_cmd() -> None:
       samcache models
     """
     from samcache.models import weights as models
+    from samcache.models.families import family_of
 
     home = models.samcache_home()
     click.echo(f"weights folder (SAMCACHE_HOME): {home}")
     for model_type in MODEL_TYPES:
         official = models.OFFICIAL_WEIGHTS.get(model_type)
         if official is None:
+            family = family_of(model_type)
+            if not family.ships_pretrained:
+                click.echo(f"  {model_type:<15} samcache's {family.label(model_type)} SAM-shaped model for tests, "
+                           "random weights from a seed")
+                continue
             weights = (f"pretrained on synthetic shapes, {models.TINY_PRETRAINED.name}"
                        if models.tiny_pretrained_available() else "random weights (pretrained file not installed)")
             click.echo(f"  {model_type:<15} samcache's small SAM-shaped model, {weights}; --random-init for random")

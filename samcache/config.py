@@ -387,27 +387,34 @@ Box = tuple[float, float, float, float]
 Point = tuple[float, float, int]
 
 
-def check_box(box: Any, where: str) -> Box:
-    """A box XYXY of finite numbers with x1 > x0 and y1 > y0 (ValueError naming `where` otherwise)."""
-    values = [float(v) for v in box]
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{where}: box coordinates must be four finite numbers, got {list(box)}")
+def check_box(box: Any, where: str = "") -> Box:
+    """A box XYXY of finite numbers with x1 > x0 and y1 > y0 (ValueError, naming `where`, otherwise)."""
+    prefix = f"{where}: " if where else ""
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 4:
+        raise ValueError(f"{prefix}a box is four numbers x0,y0,x1,y1, got {box!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{prefix}box coordinates must be finite numbers, got {values}")
     x0, y0, x1, y1 = values
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"{where}: x1 must exceed x0 and y1 must exceed y0")
+        raise ValueError(f"{prefix}x1 must exceed x0 and y1 must exceed y0")
     return (x0, y0, x1, y1)
 
 
 def _box(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value if value is None else check_box(value, "--box")
-    try:
-        parts = [float(v) for v in value.split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) != 4:
-        raise ValueError(f"--box takes x0,y0,x1,y1 in pixels, got {value!r}")
-    return check_box(parts, f"--box {value}")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = [float(v) for v in value.split(",")]
+        except ValueError:
+            value = []
+        if len(value) != 4:
+            raise ValueError("--box takes x0,y0,x1,y1 in pixels")
+    return check_box(value)
 
 
 def _point(value: Any) -> Any:

@@ -20,6 +20,7 @@ from tests.helpers import (
     SHARED_EMBED,
     STAMPS_PAGES,
     STAMPS_SEED,
+    TINY_EMBED,
     copy_tree,
     embed,
     left_unchanged,
@@ -80,7 +81,7 @@ def hiera_t_checkpoint(tmp_path_factory) -> Path:
 def sam2_cache(stamps, hiera_t_checkpoint, tmp_path_factory) -> Path:
     """`stamps` embedded by the random Hiera-T, fp32 (stored fp16), shards of 2 images."""
     out = tmp_path_factory.mktemp("shared") / "sam2_cache"
-    embed(stamps, out, **SHARED_EMBED, model_type="sam2.1_hiera_t", checkpoint=hiera_t_checkpoint)
+    embed(stamps, out, **{**SHARED_EMBED, "model_type": "sam2.1_hiera_t", "checkpoint": hiera_t_checkpoint})
     with left_unchanged(out, "SAM 2.1 stamps cache"):
         yield out
 
@@ -134,10 +135,28 @@ def stamps(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stamps_cache(stamps, tmp_path_factory) -> Path:
-    """`stamps` embedded by the tiny model: fp32, shards of 2 images (helpers.SHARED_EMBED)."""
+    """`stamps` embedded by the micro model: fp32, shards of 2 images (helpers.SHARED_EMBED)."""
     out = tmp_path_factory.mktemp("shared") / "cache"
     embed(stamps, out, **SHARED_EMBED)
     with left_unchanged(out, "stamps cache"):
+        yield out
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(stamps, tmp_path_factory) -> Path:
+    """`stamps` embedded by the tiny model (SAM's widths), for tests against SAM's own code and ONNX."""
+    out = tmp_path_factory.mktemp("shared") / "tiny_cache"
+    embed(stamps, out, **TINY_EMBED)
+    with left_unchanged(out, "tiny stamps cache"):
+        yield out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_cache, tmp_path_factory) -> Path:
+    """A run trained one epoch on `tiny_cache` (helpers.RUN_TRAIN)."""
+    out = tmp_path_factory.mktemp("shared") / "tiny_run"
+    train_run(tiny_cache, out, **RUN_TRAIN)
+    with left_unchanged(out, "tiny stamps run"):
         yield out
 
 

@@ -21,18 +21,24 @@ import torch
 STAMPS_PAGES = 7
 STAMPS_SEED = 31
 
-# Embedding settings of the shared cache: fp32 (parity with SamPredictor, the same numbers on CPUs
-# with and without native bf16), torch (SamPredictor's own module; no OpenVINO conversion for
+# Embedding settings of the shared cache: the micro model (SAM's prompt encoder and mask decoder
+# classes at width 32: the pipeline's tests do not need SAM's widths, and a decoder pass costs a
+# fraction of the tiny's; tests of parity with SAM's own code use `tiny_cache` and the real widths),
+# fp32 (the same numbers on CPUs with and without native bf16), torch (no OpenVINO conversion for
 # each set of weights a test makes: the backends' equality is tests/test_encoders.py's), no
 # worker processes, and shards of 2 images so every reader meets a cache of several shards.
 # Tests through the command line without these flags run the default backend.
-FAST_EMBED = dict(workers=0, progress=False, batch_size=2, precision="fp32", backend="torch")
+FAST_EMBED = dict(model_type="micro", workers=0, progress=False, batch_size=2, precision="fp32", backend="torch")
 SHARED_EMBED = dict(FAST_EMBED, shard_images=2)
 # The same settings as `samcache embed` flags, for tests through the command line.
-EMBED_FLAGS = ["--workers", "0", "--batch-size", "2", "--precision", "fp32", "--backend", "torch",
+EMBED_FLAGS = ["--model", "micro", "--workers", "0", "--batch-size", "2", "--precision", "fp32", "--backend", "torch",
                "--shard-images", "2"]
+# The tiny (SAM's widths) for the tests that compare with SAM's own code, export to ONNX or need
+# SAM-sized files (a full disk).
+TINY_EMBED = dict(SHARED_EMBED, model_type="tiny")
+TINY_EMBED_FLAGS = ["--model", "tiny", *EMBED_FLAGS[2:]]
 
-# One quick epoch of training on the tiny model.
+# One quick epoch of training.
 QUICK_TRAIN = dict(epochs=1, batch_size=2, objects_per_image=2, workers=0, save_every=None)
 # The shared trained run (conftest.stamps_run).
 RUN_TRAIN = dict(QUICK_TRAIN, lr=1e-3)
@@ -67,6 +73,17 @@ def embed(dataset_dir: Path, cache_dir: Path, **overrides):
     from samcache.embed.pipeline import embed_dataset
 
     return embed_dataset(load_dataset(dataset_dir), cache_dir, EmbedConfig(**{**FAST_EMBED, **overrides}))
+
+
+def micro_weights(folder: Path, seed: int) -> Path:
+    """A weights file of the micro model with the random weights of `seed` (another encoder than seed 0's)."""
+    import torch
+
+    from samcache.models.weights import build_seeded
+
+    path = folder / f"micro_seed{seed}.pth"
+    torch.save(build_seeded("micro", seed).state_dict(), path)
+    return path
 
 
 def train_run(cache_dir: Path, run_dir: Path, **overrides):

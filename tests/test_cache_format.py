@@ -77,7 +77,7 @@ def test_plain_h5py_reader_agrees_with_samcache(cache_with_history):
     for shard in shards:
         with h5py.File(shard, "r") as f:
             assert f.attrs["schema_version"] == 1
-            assert json.loads(f.attrs["provenance"])["model_type"] == "tiny"
+            assert json.loads(f.attrs["provenance"])["model_type"] == "micro"
             for name in (f["removed/name"].asstr()[()] if "removed" in f else []):
                 latest.pop(name)
             for row, name in enumerate(f["images/name"].asstr()[()]):

@@ -22,14 +22,15 @@ from samcache.data.images import read_image
 from samcache.embed.pipeline import decoding_workers, embed_dataset
 from samcache.errors import CacheError
 from samcache.fileio import FileIdentity
-from samcache.models.weights import build_tiny, load_sam
+from samcache.models.weights import build_seeded, load_sam
 from tests.helpers import FAST_EMBED as FAST
 from tests.helpers import STAMPS_PAGES, make_coco, write_image
 
 # `stamps` and `stamps_cache` (fp32, shards of 2) are the shared session fixtures of conftest.py.
 
 
-def test_cache_holds_everything_training_needs(stamps, stamps_cache):
+def test_cache_holds_everything_training_needs(stamps, tiny_cache):
+    stamps_cache = tiny_cache  # SAM's widths: the embedding is SAM's (256, 64, 64)
     ds = load_dataset(stamps)
     cache = EmbeddingCache(stamps_cache)
     assert len(cache) == len(ds.images) == STAMPS_PAGES
@@ -56,7 +57,8 @@ def test_cache_holds_everything_training_needs(stamps, stamps_cache):
     assert 2 * 2**20 <= info["bytes_per_image"] < 2.2 * 2**20  # fp16 256x64x64 = 2 MiB, plus small tables
 
 
-def test_chunks_are_one_image_and_uncompressed(stamps_cache):
+def test_chunks_are_one_image_and_uncompressed(tiny_cache):
+    stamps_cache = tiny_cache
     import h5py
 
     shard = sorted((stamps_cache / "shards").glob("*.h5"))[0]
@@ -64,7 +66,8 @@ def test_chunks_are_one_image_and_uncompressed(stamps_cache):
         assert f["embeddings"].chunks == (1, 256, 64, 64) and f["embeddings"].compression is None
 
 
-def test_parity_with_sampredictor(stamps, stamps_cache):
+def test_parity_with_sampredictor(stamps, tiny_cache):
+    stamps_cache = tiny_cache  # made by the tiny: SamPredictor runs the same model
     ds = load_dataset(stamps)
     cache = EmbeddingCache(stamps_cache)
     sam = load_sam("tiny").sam  # the weights `embed --model tiny` used
@@ -91,7 +94,8 @@ def test_parity_with_sampredictor(stamps, stamps_cache):
 def test_rerun_is_a_noop_and_says_so(stamps, stamps_cache_copy):
     cache_copy = stamps_cache_copy
     before = sorted(p.name for p in (cache_copy / "shards").iterdir())
-    result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(cache_copy), "--workers", "0"])
+    result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(cache_copy), "--workers", "0", "--model",
+                                       "micro"])
     assert result.exit_code == 0, result.output
     assert f"nothing to embed: all {STAMPS_PAGES} images are already in" in result.output
     assert sorted(p.name for p in (cache_copy / "shards").iterdir()) == before
@@ -141,12 +145,13 @@ def test_edited_annotations_are_refreshed_without_the_encoder(stamps_copy, stamp
 
 
 def test_other_weights_are_refused(stamps, stamps_cache_copy, tmp_path):
-    other = tmp_path / "tiny_seed1.pth"
-    torch.save(build_tiny(1).state_dict(), other)
+    other = tmp_path / "micro_seed1.pth"
+    torch.save(build_seeded("micro", 1).state_dict(), other)
     cache_copy = stamps_cache_copy
     with pytest.raises(CacheError, match="weights_sha256 is .* in the cache, .* now.*cannot be mixed"):
         embed_dataset(load_dataset(stamps), cache_copy, EmbedConfig(checkpoint=other, **FAST))
-    result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(cache_copy), "--intensity", "dtype"])
+    result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(cache_copy), "--intensity", "dtype",
+                                       "--model", "micro"])
     assert result.exit_code == 1 and "intensity is 'percentile' in the cache, 'dtype' now" in result.output
 
 
@@ -215,7 +220,8 @@ def test_full_disk_loses_nothing_committed(stamps, tmp_path, monkeypatch):
 
 def test_workers_give_the_same_cache(stamps, stamps_cache, tmp_path):
     embed_dataset(load_dataset(stamps), tmp_path / "c",
-                  EmbedConfig(workers=2, batch_size=2, progress=False, precision="fp32", backend="torch"))
+                  EmbedConfig(model_type="micro", workers=2, batch_size=2, progress=False, precision="fp32",
+                              backend="torch"))
     a, b = EmbeddingCache(stamps_cache), EmbeddingCache(tmp_path / "c")
     assert [i.name for i in a.images] == [i.name for i in b.images]
     for i in range(len(a)):

@@ -24,7 +24,7 @@ from samcache.models.preprocess import transform_boxes
 from samcache.models.prompts import box_fill
 from samcache.models.weights import load_sam
 from samcache.train.runs import RunCheckpoint
-from tests.helpers import SHARED_EMBED, copy_tree, embed, rect_mask
+from tests.helpers import SHARED_EMBED, copy_tree, embed, micro_weights, rect_mask
 
 
 # -------------------------------------------------------------------------------------- metrics
@@ -103,8 +103,8 @@ def test_eval_writes_the_report_from_cache_and_run_only(cache_and_run, tmp_path)
     assert np.mean([float(r["fine_tuned_iou"]) for r in rows]) == pytest.approx(summary["fine_tuned"]["miou"], abs=1e-5)
     text = (report / "report.md").read_text()
     assert "![overlays_worst.png](overlays_worst.png)" in text
-    # The tiny is samcache's own model: the report names it, and never calls it SAM.
-    assert "zero-shot (tiny) mIoU" in text and "fine-tuned (tiny) mIoU" in text and "SAM" not in text
+    # samcache's own models (the tiny, the micro) are named in the report, and never called SAM.
+    assert "zero-shot (micro) mIoU" in text and "fine-tuned (micro) mIoU" in text and "SAM" not in text
     assert (run_dir / "eval-test.json").is_file()
 
 
@@ -120,7 +120,7 @@ def test_zero_shot_scores_equal_an_independent_stock_computation(imageless_cache
     rows = list(csv.DictReader((tmp_path / "r" / "objects.csv").open()))
     assert "fine_tuned_iou" not in rows[0]
     cache = EmbeddingCache(cache_dir)
-    sam = load_sam("tiny").sam  # the cache's weights
+    sam = load_sam(cache.provenance.model_type).sam  # the cache's weights (seeded)
     row = rows[0]
     info = cache.images[cache.index_of(row["image"])]
     obj = next(o for o in info.objects if o.object_id == int(row["object_id"]))
@@ -232,7 +232,7 @@ def test_training_validation_and_eval_make_the_same_masks(stamps_cache, stamps_r
 
 def test_a_run_refuses_a_cache_of_other_weights(stamps, stamps_cache, stamps_run_copy, tmp_path):
     other = tmp_path / "other"
-    embed(stamps, other, random_init=True)  # the same images, another encoder's weights
+    embed(stamps, other, checkpoint=micro_weights(tmp_path, seed=1))  # the same images, another encoder's weights
     assert EmbeddingCache(other).provenance.weights_sha256 != EmbeddingCache(stamps_cache).provenance.weights_sha256
     with pytest.raises(RunError, match="do not belong together"):
         evaluate(other, tmp_path / "r", EvalConfig(split="val"), run_dir=stamps_run_copy)

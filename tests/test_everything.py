@@ -18,14 +18,15 @@ from samcache.data.images import read_image
 from samcache.deploy.predict import predictor_from_run
 from samcache.evaluate.automatic_masks import segment_everything
 from samcache.models.families import family_of
+from tests.helpers import copy_tree
 
 # Lower thresholds than SAM's defaults, so that the one-epoch tiny of the shared run finds masks.
 LOOSE = EverythingSettings(points_per_side=4, points_per_batch=10, pred_iou_thresh=0.3, stability_score_thresh=0.6)
 LOOSE_FLAGS = ["--points-per-side", "4", "--pred-iou-thresh", "0.3", "--stability-score-thresh", "0.6"]
 
 
-def test_equals_sam_automatic_mask_generator(stamps, stamps_run):
-    sam = predictor_from_run(stamps_run).sam
+def test_equals_sam_automatic_mask_generator(stamps, tiny_run):
+    sam = predictor_from_run(tiny_run).sam
     image = read_image(sorted((stamps / "images").glob("*.jpg"))[0])
     predictor = SamPredictor(sam)
     predictor.set_image(image)
@@ -46,7 +47,8 @@ def test_equals_sam_automatic_mask_generator(stamps, stamps_run):
         assert found.point == tuple(stock["point_coords"][0])
 
 
-def test_predict_everything_from_the_cache(stamps, stamps_run, tmp_path):
+def test_predict_everything_from_the_cache(stamps, tiny_run, tmp_path):
+    stamps_run = tiny_run  # the tiny's masks, which the generator's thresholds keep
     images = sorted((stamps / "images").glob("*.jpg"))[:2]
     result = CliRunner().invoke(main, ["predict", *map(str, images), "--run", str(stamps_run), "--everything",
                                        *LOOSE_FLAGS, "--out", str(tmp_path / "e")])
@@ -97,7 +99,8 @@ def test_predict_everything_refuses_prompts_and_stray_options(stamps, stamps_cac
     assert stray_eval.exit_code == 2 and "go with --everything" in stray_eval.output
 
 
-def test_eval_everything_scores_coco_ap(stamps_cache, stamps_run_copy, tmp_path):
+def test_eval_everything_scores_coco_ap(tiny_cache, tiny_run, tmp_path):
+    stamps_cache, stamps_run_copy = tiny_cache, copy_tree(tiny_run, tmp_path / "run")  # eval writes into the run
     result = CliRunner().invoke(main, ["eval", str(stamps_cache), "--run", str(stamps_run_copy), "--split", "val",
                                        "--out", str(tmp_path / "r"), "--everything", *LOOSE_FLAGS])
     assert result.exit_code == 0, result.output

@@ -23,19 +23,19 @@ ONE_EPOCH = RUN_TRAIN  # what the shared run (conftest.stamps_run) was trained w
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
 def test_export_holds_the_run_decoder_and_metadata(stamps_run, tmp_path, fmt):
     run = stamps_run
-    out = tmp_path / f"tiny_stamps.{fmt}"
+    out = tmp_path / f"micro_stamps.{fmt}"
     result = CliRunner().invoke(main, ["export", "--run", str(run), "--out", str(out), "--format", fmt])
     assert result.exit_code == 0, result.output
     metadata = json.loads(out.with_suffix(".json").read_text())
-    assert metadata["model_type"] == "tiny" and metadata["fine_tuned"] == ["mask_decoder"]
+    assert metadata["model_type"] == "micro" and metadata["fine_tuned"] == ["mask_decoder"]
     assert metadata["training_config"]["epochs"] == ONE_EPOCH["epochs"] and len(metadata["sha256"]) == 64
-    exported = load_sam("tiny", out)  # strict keys, weights_only / safetensors
+    exported = load_sam("micro", out)  # strict keys, weights_only / safetensors
     trained = RunCheckpoint.read(run / "best.pt").state_dict
     for key, value in exported.sam.state_dict().items():
         if key.startswith("mask_decoder."):
             assert torch.equal(value, trained[key])
         elif key.startswith("image_encoder."):
-            assert torch.equal(value, load_sam("tiny").sam.state_dict()[key])
+            assert torch.equal(value, load_sam("micro").sam.state_dict()[key])
 
 
 def test_predict_with_run_uses_the_cache_and_writes_outputs(stamps, stamps_run, tmp_path):

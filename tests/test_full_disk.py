@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from samcache.cache.reader import EmbeddingCache
 from samcache.cli import main
-from tests.helpers import EMBED_FLAGS, STAMPS_PAGES, tree_fingerprint
+from tests.helpers import EMBED_FLAGS, STAMPS_PAGES, TINY_EMBED_FLAGS, copy_tree, tree_fingerprint
 
 TRAIN = ["--epochs", "1", "--batch-size", "2", "--objects-per-image", "2", "--workers", "0"]
 
@@ -84,12 +84,13 @@ def _full_disk(kind: str, cache: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["file-size limit", "tmpfs"])
-def test_embed_on_a_full_disk_keeps_what_it_committed_and_the_same_command_finishes(stamps, stamps_cache_copy, kind):
+def test_embed_on_a_full_disk_keeps_what_it_committed_and_the_same_command_finishes(stamps, tiny_cache, tmp_path, kind):
+    stamps_cache_copy = copy_tree(tiny_cache, tmp_path / "cache")  # the tiny's 2 MiB embeddings fill the disk
     _keep_first_shards(stamps_cache_copy, 2 if kind == "file-size limit" else 1)
     with _full_disk(kind, stamps_cache_copy) as (cache, file_size_limit, make_space):
         kept = [info.name for info in EmbeddingCache(cache).images]
         before = tree_fingerprint(cache / "shards")
-        failed = _samcache("embed", stamps, "--out", cache, *EMBED_FLAGS, file_size_limit=file_size_limit)
+        failed = _samcache("embed", stamps, "--out", cache, *TINY_EMBED_FLAGS, file_size_limit=file_size_limit)
         message = _one_error_line(failed)
         assert f"could not write to {cache}: " in message and "Every shard committed before this is intact" in message
         assert ("File too large" if file_size_limit else "No space left on device") in message
@@ -97,7 +98,7 @@ def test_embed_on_a_full_disk_keeps_what_it_committed_and_the_same_command_finis
         assert [info.name for info in EmbeddingCache(cache).images] == kept
 
         make_space()
-        again = _samcache("embed", stamps, "--out", cache, *EMBED_FLAGS)
+        again = _samcache("embed", stamps, "--out", cache, *TINY_EMBED_FLAGS)
         assert again.returncode == 0, again.stderr[-3000:]
         assert f"embedded {STAMPS_PAGES - len(kept)} images" in again.stdout, again.stdout
         assert _samcache("verify", cache).returncode == 0
@@ -105,7 +106,8 @@ def test_embed_on_a_full_disk_keeps_what_it_committed_and_the_same_command_finis
 
 
 @pytest.mark.slow
-def test_train_on_a_full_disk_says_what_is_kept_and_runs_again(stamps_cache, tmp_path):
+def test_train_on_a_full_disk_says_what_is_kept_and_runs_again(tiny_cache, tmp_path):
+    stamps_cache = tiny_cache  # the tiny's checkpoints (about 16 MB) exceed the limit
     run = tmp_path / "run"
     failed = _samcache("train", stamps_cache, "--out", run, *TRAIN, file_size_limit=8 << 20)  # best.pt is larger
     message = _one_error_line(failed)

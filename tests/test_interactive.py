@@ -241,6 +241,7 @@ def test_gradient_through_the_fed_back_mask_differs_from_detached():
     assert differs  # the option changes what is learnt
 
 
+@pytest.mark.slow
 def test_the_interactive_step_under_ddp_equals_the_plain_module(tmp_path):
     """One process, gloo: DDP's no_sync over all passes but the last still applies every pass's gradient."""
     import torch.distributed as tdist
@@ -270,6 +271,7 @@ def test_the_interactive_step_under_ddp_equals_the_plain_module(tmp_path):
             torch.testing.assert_close(ddp, plain, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_interactive_step_runs_and_learns():
     sam, embeddings, first, targets, schedules, settings = _step_case()
     parameters = list(sam.mask_decoder.parameters())

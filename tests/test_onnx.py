@@ -100,9 +100,9 @@ def check_against_predict(export_dir: Path, run: Path, cache_dir: Path, tmp_path
     raise AssertionError(f"the cache has fewer than {images} images with objects")
 
 
-def test_tiny_onnx_equals_predict_on_the_cache(stamps_run, stamps_cache, tmp_path):
-    out = export(stamps_run, tmp_path / "onnx")
-    sizes = check_against_predict(out, stamps_run, stamps_cache, tmp_path, images=3)
+def test_tiny_onnx_equals_predict_on_the_cache(tiny_run, tiny_cache, tmp_path):
+    out = export(tiny_run, tmp_path / "onnx")
+    sizes = check_against_predict(out, tiny_run, tiny_cache, tmp_path, images=3)
     assert len(sizes) > 1  # one graph (traced at 1500x2250) crops and pads every resized size
     metadata = json.loads((out / "export.json").read_text())
     assert metadata["model_type"] == "tiny" and metadata["fine_tuned"] == ["mask_decoder"]
@@ -113,11 +113,11 @@ def test_tiny_onnx_equals_predict_on_the_cache(stamps_run, stamps_cache, tmp_pat
     assert "orig_im_size" in (out / "README.md").read_text()
 
 
-def test_single_mask_and_quantized_variants(stamps_run, stamps_cache, tmp_path):
-    full = session(export(stamps_run, tmp_path / "full") / "decoder.onnx")
-    out = export(stamps_run, tmp_path / "single", "--return-single-mask", "--quantize")
+def test_single_mask_and_quantized_variants(tiny_run, tiny_cache, tmp_path):
+    full = session(export(tiny_run, tmp_path / "full") / "decoder.onnx")
+    out = export(tiny_run, tmp_path / "single", "--return-single-mask", "--quantize")
     single = session(out / "decoder.onnx")
-    cache = EmbeddingCache(stamps_cache)
+    cache = EmbeddingCache(tiny_cache)
     index = next(i for i, info in enumerate(cache.images) if info.objects)
     info = cache.images[index]
     inputs = {"image_embeddings": cache.embedding(index).astype(np.float32)[None]}
@@ -149,25 +149,25 @@ def test_single_mask_and_quantized_variants(stamps_run, stamps_cache, tmp_path):
     assert not (out / "decoder_single_mask.onnx").exists()  # decoder.onnx is the single-mask one
 
 
-def test_onnx_export_refuses_to_overwrite_and_checks_options(stamps_run, tmp_path):
-    out = export(stamps_run, tmp_path / "onnx")
+def test_onnx_export_refuses_to_overwrite_and_checks_options(tiny_run, tmp_path):
+    out = export(tiny_run, tmp_path / "onnx")
     before = (out / "decoder.onnx").read_bytes()
-    again = CliRunner().invoke(main, ["export", "--run", str(stamps_run), "--format", "onnx", "--out", str(out)])
+    again = CliRunner().invoke(main, ["export", "--run", str(tiny_run), "--format", "onnx", "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
     assert (out / "decoder.onnx").read_bytes() == before
     file = tmp_path / "a_file"
     file.write_text("x")
-    not_a_folder = CliRunner().invoke(main, ["export", "--run", str(stamps_run), "--format", "onnx",
+    not_a_folder = CliRunner().invoke(main, ["export", "--run", str(tiny_run), "--format", "onnx",
                                              "--out", str(file)])
     assert not_a_folder.exit_code == 1 and "is a file" in not_a_folder.output and file.read_text() == "x"
     # --overwrite with other options leaves no file of the earlier export behind that export.json does not list
-    quantized = export(stamps_run, tmp_path / "q", "--quantize")
+    quantized = export(tiny_run, tmp_path / "q", "--quantize")
     assert (quantized / "decoder.quant.onnx").exists()
-    export(stamps_run, quantized, "--overwrite")
+    export(tiny_run, quantized, "--overwrite")
     listed = json.loads((quantized / "export.json").read_text())["files"]
     assert sorted(p.name for p in quantized.glob("*.onnx")) == sorted(listed)
     assert not [p for p in quantized.iterdir() if p.name.startswith(".")]  # no staging folder left
-    wrong = CliRunner().invoke(main, ["export", "--run", str(stamps_run), "--out", str(tmp_path / "m.pth"),
+    wrong = CliRunner().invoke(main, ["export", "--run", str(tiny_run), "--out", str(tmp_path / "m.pth"),
                                       "--quantize"])
     assert wrong.exit_code == 2 and "options of --format onnx" in wrong.output
 

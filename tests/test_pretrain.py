@@ -230,6 +230,7 @@ RESUMABLE = dict(steps=3, batch_size=1, prompts_per_image=1, warmup_steps=1, eva
                  checkpoint_every=1)
 
 
+@pytest.mark.slow
 def test_an_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

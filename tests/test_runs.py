@@ -19,7 +19,7 @@ def test_a_checkpoint_reads_back_as_what_training_saved(stamps_run):
     run = RunFolder(stamps_run)
     last = run.read_checkpoint("last")
     assert isinstance(last.state, TrainState) and last.state.epoch == 1 and len(last.state.history) == 2
-    assert last.trained == ["mask_decoder"] and last.model_type == "tiny"
+    assert last.trained == ["mask_decoder"] and last.model_type == "micro"
     assert TrainConfig(**last.config) == from_sources(TrainConfig, base=run.saved_config())
     assert run.cache_dir() and run.result()["epochs_run"] == 1
     round_trip = RunCheckpoint.read(stamps_run / "last.pt")
@@ -27,13 +27,13 @@ def test_a_checkpoint_reads_back_as_what_training_saved(stamps_run):
 
 
 def test_apply_weights_puts_the_run_decoder_into_sam(stamps_run):
-    sam = load_sam("tiny").sam
+    sam = load_sam("micro").sam
     checkpoint = RunFolder(stamps_run).read_checkpoint("best")
     apply_weights(sam, checkpoint)
     for key, value in sam.mask_decoder.state_dict().items():
         assert torch.equal(value, checkpoint.state_dict[f"mask_decoder.{key}"])
     checkpoint.state_dict.pop("mask_decoder.iou_token.weight")
-    with pytest.raises(RunError, match="best.pt: its mask_decoder does not fit the tiny model"):
+    with pytest.raises(RunError, match="best.pt: its mask_decoder does not fit the micro model"):
         apply_weights(sam, checkpoint)
 
 
@@ -127,7 +127,8 @@ def test_weights_given_at_embed_time_are_found_again(stamps, tmp_path):
     weights = tmp_path / "weights" / "my_tiny.pth"
     weights.parent.mkdir()
     torch.save(build_tiny(5).state_dict(), weights)
-    embed(stamps, tmp_path / "cache", checkpoint=weights, **{k: v for k, v in FAST_EMBED.items() if k != "batch_size"})
+    embed(stamps, tmp_path / "cache", checkpoint=weights,
+          **{**{k: v for k, v in FAST_EMBED.items() if k != "batch_size"}, "model_type": "tiny"})
     runner = CliRunner()
     result = runner.invoke(main, ["train", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--epochs", "1",
                                   "--batch-size", "2", "--objects-per-image", "1", "--workers", "0"])

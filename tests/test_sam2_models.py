@@ -15,6 +15,7 @@ from samcache.models.specs import OFFICIAL_WEIGHTS, SAM2_FEATURE_SHAPES, SAM2_MO
 from samcache.models.weights import load_sam
 
 
+@pytest.mark.slow
 def test_preprocessing_and_features_equal_sam2_image_predictor(stamps, hiera_t_checkpoint):
     from sam2.sam2_image_predictor import SAM2ImagePredictor
     from sam2.utils.transforms import SAM2Transforms

@@ -90,7 +90,7 @@ def test_embedding_is_incremental_and_never_mixes_families(sam2_cache, stamps_ca
     again = embed(stamps, cache, model_type="sam2.1_hiera_t", checkpoint=hiera_t_checkpoint, precision="fp32")
     assert again.embedded == 0 and again.skipped == STAMPS_PAGES
     sam_cache = copy_tree(stamps_cache, tmp_path / "sam_cache")
-    with pytest.raises(CacheError, match="model_type is 'tiny' in the cache, 'sam2.1_hiera_t' now"):
+    with pytest.raises(CacheError, match="model_type is 'micro' in the cache, 'sam2.1_hiera_t' now"):
         embed(stamps, sam_cache, model_type="sam2.1_hiera_t", checkpoint=hiera_t_checkpoint)
     result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(tmp_path / "x"), "--model", "sam2.1_hiera_t",
                                        "--checkpoint", str(hiera_t_checkpoint), "--backend", "openvino"])
@@ -103,7 +103,7 @@ def test_killed_embed_resumes_to_the_same_cache(sam2_cache, hiera_t_checkpoint, 
     cache = tmp_path / "killed"
     env = dict(os.environ, SAMCACHE_CRASH_AT="shard-before-rename:2")
     command = [sys.executable, "-m", "samcache", "embed", str(stamps), "--out", str(cache), "--model",
-               "sam2.1_hiera_t", "--checkpoint", str(hiera_t_checkpoint), *EMBED_FLAGS]
+               "sam2.1_hiera_t", "--checkpoint", str(hiera_t_checkpoint), *EMBED_FLAGS[2:]]  # its own --model
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     partial = EmbeddingCache(cache)

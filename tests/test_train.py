@@ -33,7 +33,7 @@ from samcache.models.prompts import (
     sample_points,
     training_prompt,
 )
-from samcache.models.weights import build_tiny, load_sam
+from samcache.models.weights import build_seeded, build_tiny, load_sam
 from samcache.train.runs import RunCheckpoint
 from samcache.train.trainer import learning_rate, train
 from tests.helpers import QUICK_TRAIN, assert_same_last_checkpoint, make_coco, rect_mask, train_process, write_image
@@ -43,12 +43,14 @@ QUICK = dict(QUICK_TRAIN, warmup_steps=1)
 
 
 # ------------------------------------------------------------------------------ batched decoder
-def test_batched_decoder_equals_sam_predictor_per_prompt():
+@pytest.mark.parametrize("model_type", ["tiny", "micro"])
+def test_batched_decoder_equals_sam_predictor_per_prompt(model_type):
     """Boxes, boxes with points, one point, several points, on three images in one call: each prompt's
-    four masks equal SamPredictor's for the same prompt, given only its real points."""
-    sam = build_tiny(0)
+    four masks equal SamPredictor's for the same prompt, given only its real points. The micro model
+    (SAM's classes at width 32) decodes by the same code as SAM's widths."""
+    sam = build_seeded(model_type, 0)
     torch.manual_seed(0)
-    embeddings = torch.randn(3, 256, 64, 64)
+    embeddings = torch.randn(3, sam.prompt_encoder.embed_dim, 64, 64)
     n = 8
     labels = torch.full((n, 8), -1)
     real_points = [0, 3, 1, 1, 0, 2, 0, 3]  # per prompt; padding after
@@ -76,7 +78,7 @@ def test_batched_decoder_equals_sam_predictor_per_prompt():
                 torch.testing.assert_close(batched.logits[i, outputs], low_res[0], rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(batched.iou_pred[i, outputs], iou[0], rtol=1e-4, atol=1e-4)
     assert prompts.multimask.tolist() == [False, False, False, True, False, False, False, False]
-    assert set(sam.state_dict()) == set(build_tiny(0).state_dict())  # no new parameters
+    assert set(sam.state_dict()) == set(build_seeded(model_type, 0).state_dict())  # no new parameters
 
 
 def test_sharing_the_first_blocks_image_work_changes_neither_outputs_nor_gradients():
@@ -226,12 +228,12 @@ def test_run_writes_checkpoints_logs_and_curves(stamps_cache, tmp_path):
     assert [r["epoch"] for r in epochs] == [0, 1, 2] and len(result.history) == 3
     assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in records if r["type"] == "step")
     last = RunCheckpoint.read(run / "last.pt")  # weights_only=True
-    assert last.state.epoch == 2 and last.model_type == "tiny"
+    assert last.state.epoch == 2 and last.model_type == "micro"
     assert set(k.split(".")[0] for k in last.state_dict) == {"mask_decoder", "prompt_encoder"}
     assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
     assert json.loads((run / "run.json").read_text())["result"]["val_miou_last"] == pytest.approx(result.val_miou_last)
     # Only the decoder trained: the prompt encoder is the base one.
-    base = load_sam("tiny").sam  # the cache's weights
+    base = load_sam("micro").sam  # the cache's weights
     for k, v in base.prompt_encoder.state_dict().items():
         assert torch.equal(last.state_dict[f"prompt_encoder.{k}"], v)
     assert not torch.equal(last.state_dict["mask_decoder.iou_token.weight"], base.mask_decoder.iou_token.weight)
@@ -303,10 +305,10 @@ def test_cache_without_objects_is_refused(tmp_path):
 
 def test_other_base_weights_are_refused(stamps_cache, tmp_path):
     other = tmp_path / "other.pth"
-    torch.save(build_tiny(5).state_dict(), other)
+    torch.save(build_seeded("micro", 5).state_dict(), other)
     from samcache.errors import CheckpointError
 
-    with pytest.raises(CheckpointError, match="cache was made with tiny weights"):
+    with pytest.raises(CheckpointError, match="cache was made with micro weights"):
         train(stamps_cache, tmp_path / "r", TrainConfig(**{**QUICK, "checkpoint": str(other)}), progress=False)
 
 

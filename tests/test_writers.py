@@ -16,7 +16,7 @@ from samcache.cache.reader import EmbeddingCache
 from samcache.cache.writer import ShardWriter
 from samcache.locks import HOLDER_NAME, LOCK_NAME, FolderBusyError, WriterLock, holder_of
 from samcache.train.runs import RunFolder
-from tests.helpers import tree_fingerprint
+from tests.helpers import micro_weights, tree_fingerprint
 
 EMBED = ["--workers", "0", "--batch-size", "1", "--shard-images", "1", "--precision", "fp32"]
 TRAIN = ["--epochs", "1", "--batch-size", "1", "--objects-per-image", "1", "--workers", "0"]
@@ -130,7 +130,7 @@ def test_a_shard_from_a_cache_of_other_weights_is_refused_by_name(stamps, stamps
     from samcache.cli import main
     from tests.helpers import embed
 
-    embed(stamps, tmp_path / "other", random_init=True)
+    embed(stamps, tmp_path / "other", checkpoint=micro_weights(tmp_path, seed=1))
     stray = sorted((tmp_path / "other" / "shards").glob("*.h5"))[0]
     (stamps_cache_copy / "shards" / stray.name).write_bytes(stray.read_bytes())
     result = CliRunner().invoke(main, ["info", str(stamps_cache_copy)])

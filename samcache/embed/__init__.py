@@ -1,1 +1,1 @@
-"""embed"""
+"""Stage one: each image through the encoder once, into the cache."""

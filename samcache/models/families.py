@@ -1,4 +1,4 @@
-"""Model families: everything that differs between SAM, samcache's tiny and SAM 2.1, in one object each.
+"""Model families: everything that differs between SAM, samcache's tiny and micro, and SAM 2.1, in one object each.
 
 A `ModelFamily` answers every question the rest of samcache asks about a model: how it is built
 and which checkpoint layout its weights have, how images are preprocessed, what the cache stores
@@ -17,8 +17,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from samcache.errors import CheckpointError, SamcacheError
-from samcache.models.feature_layout import EMBEDDING_LAYOUT, SAM2_LAYOUT, CacheLayout
-from samcache.models.specs import ENCODER_SPECS, IMAGE_SIZE, MODEL_TYPES, SAM2_MODEL_TYPES, Preprocessing
+from samcache.models.feature_layout import EMBEDDING_LAYOUT, MICRO_LAYOUT, SAM2_LAYOUT, CacheLayout
+from samcache.models.specs import (
+    ENCODER_SPECS,
+    IMAGE_SIZE,
+    MICRO_EMBED_DIM,
+    MODEL_TYPES,
+    SAM2_MODEL_TYPES,
+    Preprocessing,
+)
 
 if TYPE_CHECKING:  # torch is imported by the methods that need it
     import numpy as np
@@ -50,8 +57,10 @@ class ModelFamily:
     automatic_masks: bool = True
     """Whether segment everything (SAM's automatic mask generator) runs on its decoder."""
     own_weights: bool = False
-    """Whether samcache makes the weights itself: a file it ships (weights.SHIPPED_WEIGHTS), or
-    seeded random weights (`--random-init`), rather than a checkpoint from elsewhere."""
+    """Whether samcache makes the weights itself (seeded random weights, `--random-init`; and for
+    the tiny a pretrained file it ships, weights.TINY_PRETRAINED) rather than a checkpoint from elsewhere."""
+    ships_pretrained: bool = False
+    """Whether samcache ships pretrained weights for it (the tiny's, weights.TINY_PRETRAINED)."""
 
     # ------------------------------------------------------------------ facts per model type
     def label(self, model_type: str) -> str:
@@ -170,6 +179,7 @@ class TinyFamily(SamFamily):
     name = "tiny"
     model_types = ("tiny",)
     own_weights = True
+    ships_pretrained = True
 
     def label(self, model_type: str) -> str:
         return "tiny"  # samcache's own model, never called SAM
@@ -188,6 +198,38 @@ class TinyFamily(SamFamily):
 
     def load_with(self, model_type: str, fmt: str) -> str:
         return "samcache.models.weights.load_sam('tiny', checkpoint=FILE)"
+
+
+class MicroFamily(TinyFamily):
+    """samcache's smallest SAM-shaped model, for tests and a pipeline check in seconds: SAM's prompt
+    encoder and mask decoder classes at width 32 (not 256), on a two-stage convolutional encoder,
+    random weights only. Its cache stores (32, 64, 64) embeddings; everything else is the tiny's.
+    Nothing here is pretrained, and its masks mean nothing until it is trained."""
+
+    name = "micro"
+    model_types = ("micro",)
+    layout = MICRO_LAYOUT
+    ships_pretrained = False
+    export_formats = ("pth", "safetensors")  # SAM's ONNX interface fixes 256-channel embeddings
+    why_not = {"onnx": "--format onnx writes SAM's ONNX interface (256-channel embeddings); {model_type} runs "
+                       "export as pth or safetensors"}
+
+    def label(self, model_type: str) -> str:
+        return "micro"
+
+    def zero_shot_title(self, model_type: str) -> str:
+        return "zero-shot (micro)"
+
+    def build(self, model_type: str) -> "torch.nn.Module":
+        from samcache.models.sam import sam_with_encoder
+        from samcache.models.tiny_encoder import ConvImageEncoder
+
+        encoder = ConvImageEncoder(img_size=IMAGE_SIZE, stem_chans=8, widths=(16, 32), depths=(1, 1), dilations=(1,),
+                                   out_chans=MICRO_EMBED_DIM)
+        return sam_with_encoder(encoder, embed_dim=MICRO_EMBED_DIM, mlp_dim=64, num_heads=2, mask_in_chans=4)
+
+    def load_with(self, model_type: str, fmt: str) -> str:
+        return "samcache.models.weights.load_sam('micro', checkpoint=FILE)"
 
 
 SAM2_CONFIGS = {
@@ -274,7 +316,7 @@ class Sam2Family(ModelFamily):
         return f"sam2.build_sam.build_sam2({SAM2_CONFIGS[model_type]!r}, FILE)"
 
 
-FAMILIES: tuple[ModelFamily, ...] = (SamFamily(), TinyFamily(), Sam2Family())
+FAMILIES: tuple[ModelFamily, ...] = (SamFamily(), TinyFamily(), MicroFamily(), Sam2Family())
 """Every family samcache knows, each model type in exactly one."""
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 if sorted(_BY_MODEL_TYPE) != sorted(MODEL_TYPES) or len(_BY_MODEL_TYPE) != sum(len(f.model_types) for f in FAMILIES):

@@ -19,7 +19,7 @@ tensors, with any leading (batch) dimensions.
 
 from __future__ import annotations
 
-from samcache.models.specs import EMBEDDING_SHAPE, EMBEDDING_SIZE, SAM2_FEATURE_SHAPES
+from samcache.models.specs import EMBEDDING_SHAPE, EMBEDDING_SIZE, MICRO_EMBED_DIM, SAM2_FEATURE_SHAPES
 
 # (name, shuffle factor) in packing order
 _PARTS = (("image_embed", 1), ("high_res_s1", 2), ("high_res_s0", 4))
@@ -133,3 +133,7 @@ EMBEDDING_LAYOUT = CacheLayout(name="sam", schema_version=1, stored_maps={"embed
                                channels=EMBEDDING_SHAPE[0])
 """SAM's (and every family whose decoder reads only the image embedding): one (256, 64, 64) map."""
 SAM2_LAYOUT = PackedSam2Layout()
+MICRO_LAYOUT = CacheLayout(name="sam", schema_version=1, stored_maps={"embeddings": (MICRO_EMBED_DIM, EMBEDDING_SIZE,
+                                                                                     EMBEDDING_SIZE)},
+                           channels=MICRO_EMBED_DIM)
+"""The micro model's: SAM's datasets at its narrower width (32, 64, 64)."""

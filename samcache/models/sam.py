@@ -19,22 +19,24 @@ from samcache.models.specs import (
 )
 
 
-def sam_with_encoder(image_encoder: torch.nn.Module) -> Sam:
-    """SAM with `image_encoder` (256x64x64 out) and SAM's own prompt encoder and mask decoder (eval, CPU)."""
+def sam_with_encoder(image_encoder: torch.nn.Module, *, embed_dim: int = PROMPT_EMBED_DIM, mlp_dim: int = 2048,
+                     num_heads: int = 8, mask_in_chans: int = 16) -> Sam:
+    """SAM with `image_encoder` (embed_dim x 64 x 64 out) and SAM's own prompt encoder and mask decoder
+    (eval, CPU). The defaults are SAM's widths; the micro model passes smaller ones."""
     sam = Sam(
         image_encoder=image_encoder,
         prompt_encoder=PromptEncoder(
-            embed_dim=PROMPT_EMBED_DIM,
+            embed_dim=embed_dim,
             image_embedding_size=(EMBEDDING_SIZE, EMBEDDING_SIZE),
             input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
-            mask_in_chans=16,
+            mask_in_chans=mask_in_chans,
         ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
-            transformer_dim=PROMPT_EMBED_DIM,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=mlp_dim, num_heads=num_heads),
+            transformer_dim=embed_dim,
             iou_head_depth=3,
-            iou_head_hidden_dim=256,
+            iou_head_hidden_dim=embed_dim,
         ),
         pixel_mean=list(PIXEL_MEAN),
         pixel_std=list(PIXEL_STD),

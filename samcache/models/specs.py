@@ -62,9 +62,12 @@ ENCODER_SPECS: dict[str, EncoderSpec] = {
 }
 SAM2_MODEL_TYPES = ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l")
 """SAM 2.1's image models (sam2.py)."""
-MODEL_TYPES = (*ENCODER_SPECS, "tiny", *SAM2_MODEL_TYPES)
+MODEL_TYPES = (*ENCODER_SPECS, "tiny", "micro", *SAM2_MODEL_TYPES)
 """Every model type, as the options offer them; each belongs to one family (families.py, which
 checks that it covers exactly these)."""
+MICRO_EMBED_DIM = 32
+"""The micro model's embedding channels (SAM's: 256): its prompt encoder and mask decoder are SAM's
+classes at this width, so a decoder pass costs a small fraction of SAM's."""
 SAM2_FEATURE_SHAPES = {"image_embed": (256, 64, 64), "high_res_s1": (64, 128, 128), "high_res_s0": (32, 256, 256)}
 """One SAM 2.1 image's features, what SAM2ImagePredictor.set_image keeps: the cache stores all three."""
 

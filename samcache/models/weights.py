@@ -151,7 +151,7 @@ def identify_weights(
     if random_init and (not family.own_weights or checkpoint is not None):
         raise CheckpointError("random_init applies to the tiny model without a checkpoint only")
     if family.own_weights and checkpoint is None:
-        if random_init or not tiny_pretrained_available():
+        if random_init or not family.ships_pretrained or not tiny_pretrained_available():
             digest = state_dict_sha256(build_seeded(model_type, seed).state_dict())  # built in milliseconds
             return WeightsIdentity(model_type, digest, f"{model_type} random init (seed {seed})", None, seed)
         if seed != 0:  # a seed only picks random weights: say so rather than ignore it
