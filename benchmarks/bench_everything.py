@@ -32,7 +32,6 @@ from samcache.data.images import read_image  # noqa: E402
 from samcache.deploy.predict import predictor_from_run  # noqa: E402
 from samcache.devices import cpu_description  # noqa: E402
 from samcache.evaluate.automatic_masks import segment_everything  # noqa: E402
-from samcache.models.families import family_of  # noqa: E402
 from samcache.train.runs import RunFolder  # noqa: E402
 
 
@@ -50,7 +49,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     settings = EverythingSettings(points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
                                   stability_score_thresh=args.stability_score_thresh)
-    sam = predictor_from_run(args.run).sam.eval()
+    predictor = predictor_from_run(args.run)
+    sam = predictor.sam.eval()
+    decoder = predictor.family.decoder(sam, predictor.model_type)
     cache = EmbeddingCache(RunFolder(args.run).cache_dir())
     indices = [i for i, info in enumerate(cache.images) if info.split == args.split][: args.images]
     generator = SamAutomaticMaskGenerator(sam, points_per_side=settings.points_per_side,
@@ -64,7 +65,7 @@ def main() -> None:
         info = cache.images[index]
         t = time.perf_counter()
         embedding = torch.from_numpy(cache.embedding(index)).float()[None]
-        ours = segment_everything(family_of("tiny").decoder(sam), embedding, info.original_size, settings)
+        ours = segment_everything(decoder, embedding, info.original_size, settings)
         totals["samcache (cache)"][0] += len(ours)
         totals["samcache (cache)"][1] += time.perf_counter() - t
         t = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Benchmark: every GPU figure of BENCHMARKS.md in one run (issue 13.4); `benchmarks/gpu.sh` runs it.
+"""Benchmark: every GPU figure of BENCHMARKS.md in one run; `benchmarks/gpu.sh` runs it.
 
 On one CUDA device, vit_b with random weights (seed 0, saved in Meta's key layout):
 
@@ -13,7 +13,7 @@ On one CUDA device, vit_b with random weights (seed 0, saved in Meta's key layou
                and the process's peak device memory.
 
 The table goes to stdout, to `--json`, and into BENCHMARKS.md between the GPU table markers
-(`--write-benchmarks`). Goals on one H100/H200 (issue 13): embed >= 450 images/s, decoder
+(`--write-benchmarks`). Goals on one H100/H200: embed >= 450 images/s, decoder
 training >= 3000 prompts/s.
 
     bash benchmarks/gpu.sh                                   # everything, writes BENCHMARKS.md

@@ -61,7 +61,7 @@ def main() -> None:
     sessions = {name: ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
                 for name in ("encoder.onnx", "decoder.onnx", "decoder.quant.onnx")}
     predictor = predictor_from_run(args.run)
-    decoder = predictor.family.decoder(predictor.sam)
+    decoder = predictor.family.decoder(predictor.sam, predictor.model_type)
     cache = EmbeddingCache(RunFolder(args.run).cache_dir())
     no_mask = {"mask_input": np.zeros((1, 1, 256, 256), np.float32), "has_mask_input": np.zeros(1, np.float32)}
     cosines, rows, onnx_s, torch_s = [], [], [], []

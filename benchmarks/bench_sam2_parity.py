@@ -1,4 +1,4 @@
-"""Benchmark (issue 17): masks from `samcache predict` on a SAM 2.1 cache against SAM2ImagePredictor
+"""Benchmark: masks from `samcache predict` on a SAM 2.1 cache against SAM2ImagePredictor
 on the checkpoint `samcache export` wrote, for every object of the held-out pages.
 
 A random-weight Hiera-T in Meta's layout (no download here) embeds synthetic stamp pages

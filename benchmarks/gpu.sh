@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of BENCHMARKS.md in one command (issue 13.4), on the first CUDA device:
+# Every GPU figure of BENCHMARKS.md in one command, on the first CUDA device:
 # vit_b bf16 encoder images/s at batch 1..32 (eager and torch.compile) with peak memory,
 # `samcache embed` and `samcache train` on 512 stamp pages; SAM 2.1's decoder step from the cache vs
 # the frozen Hiera in the loop (Hiera-T, Hiera-L). Writes BENCHMARKS.md's GPU table,
@@ -12,7 +12,7 @@ PY=${PY:-.venv/bin/python}
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this benchmark needs a GPU")'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" benchmarks/bench_gpu.py --device cuda --write-benchmarks --json benchmarks/gpu-results.json "$@"
-# SAM 2.1 (issue 17): decoder-training prompts/s from the cache vs the frozen Hiera in every step.
+# SAM 2.1: decoder-training prompts/s from the cache vs the frozen Hiera in every step.
 : > benchmarks/gpu-sam2-results.txt
 for model in sam2.1_hiera_t sam2.1_hiera_l; do
   "$PY" benchmarks/bench_sam2_step.py --device cuda --model "$model" --pages 64 --batch-size 8 --rounds 3 \

@@ -52,8 +52,6 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except OptionCombinationError as exc:  # options that do not go together: a usage error (exit 2)
-            raise click.UsageError(str(exc)) from exc
         except SamcacheError as exc:
             raise click.ClickException(str(exc)) from exc
         except OSError as exc:
@@ -126,7 +124,7 @@ def config_option(flag: str, model: type[BaseModel], path: str, *, default_in_he
         options["type"] = _click_type(base)
         if default_in_help:
             options["help"] = f"{help_text} [default: {_shown(default)}]"
-        elif default is not None:
+        elif default is not None and default != []:
             options.update(default=_shown(default) if isinstance(default, list) else default, show_default=True)
     options.update(kwargs)
     return click.option(flag, path.replace(".", "__"), **options)
@@ -165,20 +163,25 @@ def _config_values(options: dict) -> dict:
     return {k.replace("__", "."): v for k, v in options.items()}
 
 
-def config_options(model: type[BaseModel], *, default_in_help: bool = False, **per_option):
-    """Every option of `model` as the flag `config.FLAGS` gives it (`per_option`: extra click
-    settings by path, e.g. `multiple=True`)."""
+def config_options(model: type[BaseModel], *, default_in_help: bool | tuple[str, ...] = False, **per_option):
+    """Every option of `model` as the flag `config.FLAGS` gives it. `default_in_help`: for all
+    options, or for those whose path starts with one of these prefixes; `per_option`: extra click
+    settings by path, e.g. `points={"multiple": True}`."""
     def decorate(command):
         for path, flag in reversed(FLAGS[model].items()):
-            command = config_option(flag, model, path, default_in_help=default_in_help,
-                                    **per_option.get(path, {}))(command)
+            in_help = default_in_help if isinstance(default_in_help, bool) else path.startswith(default_in_help)
+            command = config_option(flag, model, path, default_in_help=in_help, **per_option.get(path, {}))(command)
         return command
     return decorate
 
 
 def _options(model: type[BaseModel], options: dict, **sources):
-    """The config of a command from its click options (and `sources`: file=, base=)."""
-    return from_sources(model, overrides=_config_values(options), flags=FLAGS[model], **sources)
+    """The config of a command from its click options (and `sources`: file=, base=). Options that do
+    not go together are a usage error (exit code 2, with the command's usage line)."""
+    try:
+        return from_sources(model, overrides=_config_values(options), flags=FLAGS[model], **sources)
+    except OptionCombinationError as exc:
+        raise click.UsageError(str(exc)) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -489,7 +492,7 @@ def export_cmd(run_dir: Path, out_path: Path, overwrite: bool, **options) -> Non
 
 @main.command("predict")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@config_options(PredictConfig, default_in_help=True, points={"multiple": True},
+@config_options(PredictConfig, default_in_help=("generator.",), points={"multiple": True},
                 boxes={"type": click.Path(exists=True, dir_okay=False, path_type=Path)})
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Write into --out even when it holds earlier predictions.")

@@ -177,6 +177,11 @@ def _combination(message: str) -> PydanticCustomError:
     return PydanticCustomError("option_combination", message)
 
 
+def _said_whole(message: str) -> PydanticCustomError:
+    """An error whose message already names the option and the value (parse passes it on as it is)."""
+    return PydanticCustomError("option_said_whole", message)
+
+
 def _each_once(field: str, noun: str, values: list[str]) -> None:
     if len(set(values)) != len(values):
         raise ValueError(f"{field} names {noun} twice: {','.join(values)}")
@@ -222,7 +227,9 @@ class TrainConfig(_Options):
     every multimask output + object score BCE), dice-bce, or mse-threshold (the tutorial's, for comparison)."""
     trainable: Annotated[list[Literal[TRAINABLE]], BeforeValidator(_comma_list), Field(
         min_length=1, validation_alias=AliasChoices("trainable", "train"))] = ["mask_decoder"]
-    """What is trainable (--train): mask_decoder and/or prompt_encoder. YAML files may call it `train`."""
+    """What is trainable: mask_decoder and/or prompt_encoder.
+
+    Called `train` in YAML files and runs' saved configs too (--train on the command line)."""
     train_split: str = TRAIN_SPLIT
     """The cache split to train on."""
     val_split: str = VAL_SPLIT
@@ -251,6 +258,15 @@ class TrainConfig(_Options):
     """Also save last.pt every this many steps inside an epoch (null: only at epoch ends)."""
     checkpoint: Optional[Path] = None
     """The base weights file, when the cache was not made with samcache's tiny or official weights."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_is_trainable(cls, values: Any) -> Any:
+        # YAML files and saved runs may say `train:`; the command line's --train sets `trainable`,
+        # which overrides them, as any flag overrides its file.
+        if isinstance(values, dict) and "train" in values and "trainable" in values:
+            values = {k: v for k, v in values.items() if k != "train"}
+        return values
 
     @model_validator(mode="after")
     def _unique_parts(self) -> "TrainConfig":
@@ -310,8 +326,6 @@ class EverythingSettings(_Options):
     """Segment everything: the logit offset of the stability score."""
     box_nms_thresh: Annotated[Float, Field(gt=0, le=1)] = 0.7
     """Segment everything: of two masks whose boxes overlap above this IoU, the lower-scored is dropped."""
-
-
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -405,16 +419,21 @@ def check_box(box: Any, where: str = "") -> Box:
 
 
 def _box(value: Any) -> Any:
+    """`x0,y0,x1,y1` (or four numbers) -> a checked box."""
     if value is None:
         return None
+    where = f"--box {value}" if isinstance(value, str) else "--box"
     if isinstance(value, str):
         try:
             value = [float(v) for v in value.split(",")]
         except ValueError:
             value = []
         if len(value) != 4:
-            raise ValueError("--box takes x0,y0,x1,y1 in pixels")
-    return check_box(value)
+            raise _said_whole(f"--box takes x0,y0,x1,y1 in pixels, got {where[6:]!r}")
+    try:
+        return check_box(value, where)
+    except ValueError as exc:
+        raise _said_whole(str(exc)) from None
 
 
 def _point(value: Any) -> Any:
@@ -428,9 +447,9 @@ def _point(value: Any) -> Any:
         x, y = float(parts[0]), float(parts[1])
         label = int(parts[2]) if len(parts) == 3 else 1
     except ValueError:
-        raise ValueError(f"--point takes x,y or x,y,label in pixels, got {value!r}") from None
+        raise _said_whole(f"--point takes x,y or x,y,label in pixels, got {value!r}") from None
     if not (math.isfinite(x) and math.isfinite(y)) or label not in (0, 1):
-        raise ValueError(f"--point {value}: finite x, y and a label of 1 (inside) or 0 (outside)")
+        raise _said_whole(f"--point {value}: finite x, y and a label of 1 (inside) or 0 (outside)")
     return (x, y, label)
 
 
@@ -532,6 +551,8 @@ def parse(cls: type[ConfigT], values: dict, *, source: str = "", flags: Optional
     except ValidationError as exc:
         if all(error["type"] == "option_combination" for error in exc.errors()):
             raise OptionCombinationError("; ".join(error["msg"] for error in exc.errors())) from None
+        if all(error["type"] == "option_said_whole" for error in exc.errors()):
+            raise ConfigError("; ".join(error["msg"] for error in exc.errors())) from None
         raise ConfigError(describe_errors(cls, exc, values, source=source, flags=flags or {})) from None
 
 

@@ -1,6 +1,6 @@
 """Pretrains samcache's `tiny` model on synthetic shapes: the recipe of the shipped weights.
 
-The recipe lives in samcache/tiny/recipe.py (why each choice); this is its command line. It
+The recipe lives in recipes/tiny/recipe.py (why each choice); this is its command line. It
 needs the previous tiny's weights for its decoder's starting point:
 
     git show fc41f5c:samcache/weights/tiny_shapes.safetensors > /tmp/tiny_v1.safetensors

@@ -1,4 +1,4 @@
-"""The columnar index (issue 13.3): opening from index.npz gives exactly the view the shards give,
+"""The columnar index: opening from index.npz gives exactly the view the shards give,
 whatever happened since it was written (new shards, shards taken out, a damaged index)."""
 
 from __future__ import annotations

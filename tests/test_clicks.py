@@ -52,8 +52,8 @@ def test_the_protocol_on_a_hand_built_decoder():
             return DecoderOutput(logits, torch.zeros(len(prompts), 4))
 
     truth = rect_mask(1024, 1024, 100, 100, 400, 200)  # 300 x 100
-    ious = click_ious(SquareDecoder(None, None, family=family_of("tiny")), torch.zeros(1, 256, 64, 64), [truth],
-                      (1024, 1024), 2)
+    decoder = SquareDecoder(None, None, family=family_of("tiny"), model_type="tiny")
+    ious = click_ious(decoder, torch.zeros(1, 256, 64, 64), [truth], (1024, 1024), 2)
     first = seen[0]
     x, y = first.points[0, 0].tolist()
     assert first.labels[0].tolist() == [1] and first.masks is None and bool(first.multimask[0])

@@ -1,4 +1,4 @@
-"""Encoder backends (issue 13.1): OpenVINO on the CPU gives the stock encoder's embeddings within
+"""Encoder backends: OpenVINO on the CPU gives the stock encoder's embeddings within
 float tolerance, converts once per weights, and the cache records who made it."""
 
 from __future__ import annotations

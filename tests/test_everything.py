@@ -30,7 +30,7 @@ def test_equals_sam_automatic_mask_generator(stamps, tiny_run):
     image = read_image(sorted((stamps / "images").glob("*.jpg"))[0])
     predictor = SamPredictor(sam)
     predictor.set_image(image)
-    ours = segment_everything(family_of("tiny").decoder(sam), predictor.features, image.shape[:2], LOOSE)
+    ours = segment_everything(family_of("tiny").decoder(sam, "tiny"), predictor.features, image.shape[:2], LOOSE)
     generator = SamAutomaticMaskGenerator(sam, points_per_side=LOOSE.points_per_side, points_per_batch=16,
                                           pred_iou_thresh=LOOSE.pred_iou_thresh,
                                           stability_score_thresh=LOOSE.stability_score_thresh,

@@ -1,4 +1,4 @@
-"""When the machine says no (issue 12.8): a full disk, a read-only folder, a shard with bad values.
+"""When the machine says no: a full disk, a read-only folder, a shard with bad values.
 Each is a one-line message and exit code 1; nothing already written is lost; the same command
 finishes the job once the cause is gone. Through the command line, in real subprocesses.
 

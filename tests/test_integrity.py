@@ -1,4 +1,4 @@
-"""A cache checks what it reads, and follows its dataset (issue 12.2, 12.3): damaged embeddings are
+"""A cache checks what it reads, and follows its dataset: damaged embeddings are
 errors naming shard and image, `verify` takes them out, `embed` embeds them again; removed images
 leave the cache's view."""
 

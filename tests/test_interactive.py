@@ -224,9 +224,9 @@ def test_the_interactive_step_applies_the_mean_gradient_of_its_passes(gradient):
     parameters = list(sam.mask_decoder.parameters())
     before = {k: p.detach().clone() for k, p in sam.mask_decoder.named_parameters()}
     optimizer = torch.optim.SGD(parameters, lr=1.0)
-    stats = interactive_step(family_of("tiny").decoder(sam), embeddings, first, targets, schedules, settings=settings,
-                             loss=partial(compute_loss, kind="sam"), optimizer=optimizer, parameters=parameters, grad_clip=0.0,
-                             precision="fp32")
+    stats = interactive_step(family_of("tiny").decoder(sam, "tiny"), embeddings, first, targets, schedules,
+                             settings=settings, loss=partial(compute_loss, kind="sam"), optimizer=optimizer,
+                             parameters=parameters, grad_clip=0.0, precision="fp32")
     assert stats.prompts == 2 and np.isfinite(stats.loss)
     for key, p in sam.mask_decoder.named_parameters():
         torch.testing.assert_close(before[key] - p.detach(), expected.get(key, torch.zeros_like(p)),
@@ -254,15 +254,16 @@ def test_the_interactive_step_under_ddp_equals_the_plain_module(tmp_path):
             for wrapped in (False, True):
                 sam, embeddings, first, targets, schedules, settings = _step_case(seed=1)
                 settings = settings.model_copy(update={"mask_prompt_gradient": gradient})
-                module = family_of("tiny").decoder(sam)
+                module = family_of("tiny").decoder(sam, "tiny")
                 module.prompt_encoder.requires_grad_(False)
                 if wrapped:
                     module = DistributedDataParallel(module)
                 parameters = list(sam.mask_decoder.parameters())
                 optimizer = torch.optim.SGD(parameters, lr=0.5)
                 for _ in range(2):
-                    interactive_step(module, embeddings, first, targets, schedules, settings=settings, loss=partial(compute_loss, kind="sam"),
-                                     optimizer=optimizer, parameters=parameters, grad_clip=1.0, precision="fp32")
+                    interactive_step(module, embeddings, first, targets, schedules, settings=settings,
+                                     loss=partial(compute_loss, kind="sam"), optimizer=optimizer, parameters=parameters,
+                                     grad_clip=1.0, precision="fp32")
                 results[gradient, wrapped] = [p.detach().clone() for p in parameters]
     finally:
         tdist.destroy_process_group()
@@ -276,8 +277,8 @@ def test_bf16_autocast_interactive_step_runs_and_learns():
     sam, embeddings, first, targets, schedules, settings = _step_case()
     parameters = list(sam.mask_decoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
-    losses = [interactive_step(family_of("tiny").decoder(sam), embeddings, first, targets, schedules, settings=settings,
-                               loss=partial(compute_loss, kind="dice-bce"), optimizer=optimizer,
+    losses = [interactive_step(family_of("tiny").decoder(sam, "tiny"), embeddings, first, targets, schedules,
+                               settings=settings, loss=partial(compute_loss, kind="dice-bce"), optimizer=optimizer,
                                parameters=parameters, grad_clip=1.0,
                                precision="bf16").loss for _ in range(8)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]

@@ -1,4 +1,4 @@
-"""Never clobber what the user did not ask to replace (issue 12.5): existing outputs are refused
+"""Never clobber what the user did not ask to replace: existing outputs are refused
 unless --overwrite, sidecars never land on the main output or another file, predict names are unique."""
 
 from __future__ import annotations

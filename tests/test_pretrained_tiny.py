@@ -28,10 +28,10 @@ from samcache.models import weights as models
 pytestmark = pytest.mark.slow
 
 MAKEFILE = Path(__file__).resolve().parents[1] / "Makefile"
-# Seen here (2-core AMD EPYC with AVX512-BF16, constraints.txt's versions, fp32 embeddings; 40 pages, 12 test
-# pages, 27 objects; the demo's flags since 2026-12-06, --loss sam): test mIoU zero-shot 0.752, box fill 0.762,
-# fine-tuned 0.802; boundary F 0.419 -> 0.632 (dice-bce, the earlier flags, on an Intel Xeon: 0.791, 0.584). The
-# margin leaves room for other CPUs and versions without letting a model that does not beat both through.
+# Seen on a 2-core AMD EPYC with AVX512-BF16 (constraints.txt's versions, fp32 embeddings; 40 pages, 12 test
+# pages, 27 objects; the demo's flags, --loss sam): test mIoU zero-shot 0.752, box fill 0.762, fine-tuned 0.802;
+# boundary F 0.419 -> 0.632. The margin leaves room for other CPUs and versions without letting a model that
+# does not beat both through.
 MARGIN = 0.02
 PAGES = 40
 

@@ -241,7 +241,8 @@ def test_sam2_refusals(sam2_run, stamps, hiera_t_checkpoint, tmp_path):
     assert result.exit_code != 0 and "not offered for SAM 2.1" in result.output and not (tmp_path / "r").exists()
     sam = load_sam("sam2.1_hiera_t", hiera_t_checkpoint).sam  # the generator itself refuses SAM 2.1's modules too
     with pytest.raises(SamcacheError, match="not offered for SAM 2.1"):
-        segment_everything(family_of("sam2.1_hiera_t").decoder(sam), torch.zeros(1, 1024, 64, 64), (64, 64))
+        segment_everything(family_of("sam2.1_hiera_t").decoder(sam, "sam2.1_hiera_t"), torch.zeros(1, 1024, 64, 64),
+                           (64, 64))
     with pytest.raises(CheckpointError) as error:  # no file, no download: the message says where to get it
         identify_weights("sam2.1_hiera_t", download=False)
     official = OFFICIAL_WEIGHTS["sam2.1_hiera_t"]

@@ -1,4 +1,4 @@
-"""One writer at a time (issue 12.1): a second embed or train into the same folder is refused, naming
+"""One writer at a time: a second embed or train into the same folder is refused, naming
 the first; readers say the cache is being written; shard names never collide."""
 
 from __future__ import annotations

@@ -337,7 +337,7 @@ def evaluate_shapes(sam, *, seed: int, images: int, shapes: ShapesSettings = Sha
         for mode in ("box", "point"):
             prompts = [evaluation_prompt(r, masks.bbox_xyxy(r), original, mode) for r in rles]
             batch = PromptBatch.from_prompts(prompts, torch.zeros(len(prompts), dtype=torch.long))
-            predictions = predict_masks(family_of("tiny").decoder(sam), embedding, batch,
+            predictions = predict_masks(family_of("tiny").decoder(sam, "tiny"), embedding, batch,
                                         [(input_size(original), original)], precision=precision)
             scores[mode] += [iou(p.mask, m) for p, m in zip(predictions, drawn.masks)]
     return {

@@ -56,10 +56,10 @@ class Provenance:
     """What made the embeddings; a cache accepts new images only from the same recipe.
 
     Arguments:
-      model_type: "vit_b", "vit_l", "vit_h", "tiny", or a SAM 2.1 type (specs.SAM2_MODEL_TYPES); it
-        decides the model family, hence the schema version and what a shard stores.
-      weights_sha256: SHA-256 of the weights (see models.LoadedModel).
-      preprocessing: preprocess.Preprocessing.as_dict().
+      model_type: one of specs.MODEL_TYPES; its family (families.py) decides the cache layout,
+        hence the schema version and what a shard stores.
+      weights_sha256: SHA-256 of the weights (see weights.LoadedModel).
+      preprocessing: specs.Preprocessing.as_dict().
       intensity: how images with more than 8 bits were mapped to uint8 (images.read_image).
       embedding_dtype: the stored dtype, "float16".
       compute_precision: "fp32" or "bf16" (autocast) for the encoder.

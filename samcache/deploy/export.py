@@ -54,7 +54,7 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
     Returns the metadata written to the JSON file.
     """
     if fmt not in STATE_DICT_FORMATS:
-        raise SamcacheError(f"a state dict is written as pth or safetensors, not {fmt!r} (onnx: onnx_export.py)")
+        raise SamcacheError(f"a state dict is written as pth or safetensors, not {fmt!r} (onnx: deploy/onnx.py)")
     run, out_file = RunFolder(run_dir), Path(out_file)
     _check_outputs(out_file, overwrite=overwrite)
     model, run_checkpoint = run.load_model(weights, checkpoint)

@@ -96,7 +96,7 @@ class _PredictionRun:
     from (same encoder weights), and the output folder, checked before anything is written."""
 
     sam: torch.nn.Module
-    family: ModelFamily
+    model_type: str
     device: torch.device
     cache: Optional[EmbeddingCache]
     cached_by_sha: dict
@@ -111,13 +111,17 @@ class _PredictionRun:
         out_dir = Path(out_dir)
         refuse_to_replace(out_dir / "predictions.json", overwrite=overwrite)
         out_dir.mkdir(parents=True, exist_ok=True)
-        return cls(predictor.sam.to(torch_device), predictor.family, torch_device, cache,
+        return cls(predictor.sam.to(torch_device), predictor.model_type, torch_device, cache,
                    cache.index_by_sha256() if cache is not None else {}, out_dir,
                    output_stems([Path(p) for p in images]))
 
     @property
+    def family(self) -> ModelFamily:
+        return family_of(self.model_type)
+
+    @property
     def decoder(self) -> PromptDecoder:
-        return self.family.decoder(self.sam)
+        return self.family.decoder(self.sam, self.model_type)
 
     def embedding(self, path: Path, image: np.ndarray) -> tuple[torch.Tensor, str]:
         """The cached embedding when the file (by SHA-256) is in the cache, else the encoder's."""

@@ -257,7 +257,7 @@ def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageReco
         return 0, 0
     say = print if config.progress and dist.is_main else (lambda line: None)
     encoder = open_encoder(weights, backend, device, precision, say=say)
-    resize = family_of(weights.model_type).resizes_in_workers()
+    resize = family_of(weights.model_type).resizes_in_workers
     embedded, failed = 0, 0
     loader = DataLoader(
         _DecodeImages(pending, config.intensity, preprocessing.image_size, resize=resize),

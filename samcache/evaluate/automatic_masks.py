@@ -72,7 +72,7 @@ def segment_everything(decoder: PromptDecoder, embedding: torch.Tensor,
       settings: the generator's options (config.EverythingSettings: SamAutomaticMaskGenerator's defaults).
       mask_threshold: the logit a mask pixel must exceed (Sam.mask_threshold).
     """
-    decoder.family.require("automatic_masks", decoder.family.name)  # the callers refuse earlier, before any work
+    decoder.family.require("automatic_masks", decoder.model_type)  # the callers refuse earlier, before any work
     device = embedding.device
     resized = input_size(original_size)
     grid = point_grid(original_size, settings.points_per_side)

@@ -182,11 +182,11 @@ def load_decoders(cache: EmbeddingCache, run: Optional[RunFolder], config: EvalC
                            recorded_source=cache.provenance.weights_source)
     base, family = loaded.sam, loaded.family
     base.image_encoder = None
-    decoders = {"zero_shot": family.decoder(base).to(device).eval()}
+    decoders = {"zero_shot": family.decoder(base, loaded.model_type).to(device).eval()}
     if checkpoint is not None:
         tuned = copy.deepcopy(base)
         apply_weights(tuned, checkpoint)
-        decoders["fine_tuned"] = family.decoder(tuned).to(device).eval()
+        decoders["fine_tuned"] = family.decoder(tuned, loaded.model_type).to(device).eval()
     return decoders
 
 

@@ -301,12 +301,13 @@ class PromptDecoder(torch.nn.Module):
       prompt_encoder, mask_decoder: the model's own modules (their state dict keys stay
         `prompt_encoder.*` and `mask_decoder.*`).
       family: the model family (families.ModelFamily) that made it, for what it supports.
+      model_type: the model's type, for messages.
     """
 
-    def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, *, family):
+    def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, *, family, model_type: str):
         super().__init__()
         self.prompt_encoder, self.mask_decoder = prompt_encoder, mask_decoder
-        self.family = family
+        self.family, self.model_type = family, model_type
 
     def forward(self, features: torch.Tensor, prompts: PromptBatch) -> DecoderOutput:
         raise NotImplementedError

@@ -25,7 +25,7 @@ class TorchEncoder:
 class Sam2Encoder:
     """SAM 2.1's image encoder (Hiera + FPN + the decoder's conv_s0 / conv_s1), bf16 autocast when
     `precision` is bf16. Takes the decoded images themselves: SAM 2.1 resizes the float image
-    (sam2_models.preprocess), so no uint8 resize happens in the workers."""
+    (models/sam2.preprocess), so no uint8 resize happens in the workers."""
 
     def __init__(self, sam: torch.nn.Module, device: torch.device, precision: str):
         self.sam = sam.to(device).eval()

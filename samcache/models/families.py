@@ -44,7 +44,7 @@ class ModelFamily:
     """
 
     name: str
-    """Short name, recorded in `samcache info` ("sam", "tiny", "sam2.1")."""
+    """Short name ("sam", "tiny", "micro", "sam2.1")."""
     model_types: tuple[str, ...]
     layout: CacheLayout = EMBEDDING_LAYOUT
     """What the cache stores per image (feature_layout.py); families may share one."""
@@ -52,6 +52,9 @@ class ModelFamily:
     """The image preprocessing of its predictor, recorded in every cache's provenance."""
     encoder_backends: tuple[str, ...] = ("torch", "openvino")
     """Who can run its image encoder in `samcache embed` (the first is the fallback of `auto`)."""
+    resizes_in_workers: bool = True
+    """True when the uint8 resize to the input frame happens in DataLoader workers before the
+    encoder (SAM's ResizeLongestSide); False when the encoder takes the decoded images."""
     export_formats: tuple[str, ...] = ("pth", "safetensors", "onnx")
     """What `samcache export --format` writes for its runs."""
     automatic_masks: bool = True
@@ -61,6 +64,8 @@ class ModelFamily:
     the tiny a pretrained file it ships, weights.TINY_PRETRAINED) rather than a checkpoint from elsewhere."""
     ships_pretrained: bool = False
     """Whether samcache ships pretrained weights for it (the tiny's, weights.TINY_PRETRAINED)."""
+    why_not: dict[str, str] = {}
+    """Why a capability is missing, per capability (`require`'s message; {model_type} is filled in)."""
 
     # ------------------------------------------------------------------ facts per model type
     def label(self, model_type: str) -> str:
@@ -90,9 +95,6 @@ class ModelFamily:
         if not supported[capability]:
             raise SamcacheError(self.why_not[capability].format(model_type=model_type))
 
-    why_not: dict[str, str] = {}
-    """Why a capability is missing, per capability (`require`'s message; {model_type} is filled in)."""
-
     # ------------------------------------------------------------------ building and weights
     def build(self, model_type: str) -> "torch.nn.Module":
         """An untrained model of `model_type` (eval mode, CPU) with SAM's attribute names:
@@ -116,11 +118,6 @@ class ModelFamily:
                      if spec.embed_dim == pos.shape[-1] and spec.depth == depth), None)
 
     # ------------------------------------------------------------------------------ encoding
-    def resizes_in_workers(self) -> bool:
-        """True when the uint8 resize to the input frame happens in DataLoader workers before the
-        encoder (SAM's ResizeLongestSide); False when the encoder takes the decoded images."""
-        return True
-
     def torch_encoder(self, sam: "torch.nn.Module", device: "torch.device", precision: str):
         """`embed`'s torch backend: a callable from a batch (see `resizes_in_workers`) to features
         (B, C, 64, 64) float32 numpy."""
@@ -139,11 +136,12 @@ class ModelFamily:
         return sam.image_encoder(model_input)
 
     # ------------------------------------------------------------------------------ decoding
-    def decoder(self, sam: "torch.nn.Module") -> "PromptDecoder":
-        """The prompt encoder and mask decoder of `sam` as one module (decode, upscale, loss)."""
+    def decoder(self, sam: "torch.nn.Module", model_type: str) -> "PromptDecoder":
+        """The prompt encoder and mask decoder of `sam`, a `model_type` model, as one module (decode,
+        upscale, loss)."""
         from samcache.models.decoder import SamPromptDecoder
 
-        return SamPromptDecoder(sam.prompt_encoder, sam.mask_decoder, family=self)
+        return SamPromptDecoder(sam.prompt_encoder, sam.mask_decoder, family=self, model_type=model_type)
 
     def frozen_by_cache(self, sam: "torch.nn.Module") -> list["torch.nn.Module"]:
         """Decoder-side modules whose outputs the cache holds, so training cannot change them."""
@@ -253,6 +251,7 @@ class Sam2Family(ModelFamily):
     layout = SAM2_LAYOUT
     preprocessing = Preprocessing(resize="stretch to 1024x1024 (SAM2Transforms: bilinear, antialiased, on 0..1)")
     encoder_backends = ("torch",)  # the Hiera's OpenVINO conversion is not done here
+    resizes_in_workers = False  # SAM2Transforms resizes the float image (sam2.preprocess)
     export_formats = ("pth", "safetensors")  # SAM's ONNX interface has no high-resolution maps
     automatic_masks = False  # SAM2AutomaticMaskGenerator takes other steps than SAM's
     why_not = {
@@ -283,9 +282,6 @@ class Sam2Family(ModelFamily):
         blocks = {k.split(".")[3] for k in state_dict if k.startswith("image_encoder.trunk.blocks.")}
         return _HIERA_BLOCKS.get(len(blocks)) if blocks else None
 
-    def resizes_in_workers(self) -> bool:
-        return False  # SAM2Transforms resizes the float image (sam2.preprocess)
-
     def torch_encoder(self, sam: "torch.nn.Module", device: "torch.device", precision: str):
         from samcache.models.encoding import Sam2Encoder
 
@@ -294,10 +290,10 @@ class Sam2Family(ModelFamily):
     def encode(self, sam: "torch.nn.Module", image: "np.ndarray", device: "torch.device") -> "torch.Tensor":
         return sam.encode([image])
 
-    def decoder(self, sam: "torch.nn.Module") -> "PromptDecoder":
+    def decoder(self, sam: "torch.nn.Module", model_type: str) -> "PromptDecoder":
         from samcache.models.sam2_decoder import Sam2PromptDecoder
 
-        return Sam2PromptDecoder(sam.prompt_encoder, sam.mask_decoder, family=self)
+        return Sam2PromptDecoder(sam.prompt_encoder, sam.mask_decoder, family=self, model_type=model_type)
 
     def frozen_by_cache(self, sam: "torch.nn.Module") -> list["torch.nn.Module"]:
         # The encoder side applies the mask decoder's conv_s0 / conv_s1; the cache stores their outputs.

@@ -14,8 +14,8 @@ that, in two steps:
 
 Box and point prompts go through the same coordinate transform as the predictor's.
 
-SAM 2.1 (sam2_models.py) stretches every image to 1024x1024 instead (SAM2Transforms: no aspect
-ratio kept, no padding), so its input frame is always 1024x1024 (`input_size_for`) and prompts
+SAM 2.1 (sam2.py) stretches every image to 1024x1024 instead (SAM2Transforms: no aspect
+ratio kept, no padding), so its input frame is always 1024x1024 (`Sam2Family.input_size`) and prompts
 scale by 1024/width and 1024/height: `transform_coords` with that frame is SAM2ImagePredictor's.
 """
 

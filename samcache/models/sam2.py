@@ -36,6 +36,8 @@ from samcache.models.specs import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
 # SAM2Transforms' mean and std are ImageNet's on 0..1 floats: SAM's own, divided by 255.
 SAM2_PIXEL_MEAN = tuple(v / 255 for v in PIXEL_MEAN)
 SAM2_PIXEL_STD = tuple(v / 255 for v in PIXEL_STD)
+
+
 class Sam2AsSam(torch.nn.Module):
     """A SAM 2.1 image model under SAM's attribute names, so that training, evaluation and
     prediction handle both families alike: `prompt_encoder` and `mask_decoder` are SAM 2.1's

@@ -72,7 +72,7 @@ class LoadedModel:
 
     def decoder(self) -> PromptDecoder:
         """The model's prompt encoder and mask decoder as its family decodes them."""
-        return self.family.decoder(self.sam)
+        return self.family.decoder(self.sam, self.model_type)
 
 
 def samcache_home() -> Path:
@@ -184,7 +184,7 @@ def load_sam(
     """Builds `model_type` and loads its weights.
 
     Arguments:
-      model_type: "vit_b", "vit_l", "vit_h" or "tiny".
+      model_type: one of specs.MODEL_TYPES.
       checkpoint: a state dict file (.pth/.pt weights-only, or .safetensors). Without it, real
         models use `$SAMCACHE_HOME/<official file>` or download it; tiny uses its shipped
         pretrained weights (`TINY_PRETRAINED`) when installed, else random weights.
