@@ -169,3 +169,30 @@ def test_a_nested_flag_over_a_non_group_is_one_line(tmp_path):
         from_sources(TrainConfig, file=path)
     with pytest.raises(ConfigError, match=r"seed = -1"):
         parse(TrainConfig, {"seed": -1})  # the prompt generators take non-negative seeds only
+
+
+def test_the_train_flag_overrides_a_files_train_key(tmp_path):
+    from samcache.config import FLAGS, from_sources
+
+    path = tmp_path / "train.yaml"
+    path.write_text("train: mask_decoder\nlr: 1e-3\n")  # the spelling of YAML files and saved runs
+    assert from_sources(TrainConfig, file=path, flags=FLAGS[TrainConfig]).trainable == ["mask_decoder"]
+    both = from_sources(TrainConfig, file=path, overrides={"trainable": "mask_decoder,prompt_encoder"},
+                        flags=FLAGS[TrainConfig])
+    assert both.trainable == ["mask_decoder", "prompt_encoder"] and both.lr == 1e-3
+
+
+def test_options_that_do_not_go_together_are_usage_errors_with_the_usage_line(tmp_path):
+    from click.testing import CliRunner
+
+    from samcache.cli import main
+
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    result = CliRunner().invoke(main, ["predict", str(image), "--out", str(tmp_path / "o"), "--box", "1,1,9,9"])
+    assert result.exit_code == 2 and "give either --run or --checkpoint" in result.output
+    assert "Usage: main predict" in result.output and not (tmp_path / "o").exists()
+    onnx_only = CliRunner().invoke(main, ["export", "--run", str(tmp_path), "--out", str(tmp_path / "m.pth"),
+                                          "--quantize"])
+    assert onnx_only.exit_code == 2 and "--return-single-mask and --quantize are options of --format onnx" in \
+        onnx_only.output
