@@ -1,5 +1,10 @@
 """The prompt encoder + mask decoder over many images and prompts at once, and the losses.
 
+`PromptDecoder` is a model's prompt encoder and mask decoder as one module, as its family
+(families.py) decodes them: `SamPromptDecoder` here for SAM, the tiny and the micro (SAM's
+classes), `Sam2PromptDecoder` in sam2_decoder.py for SAM 2.1. Training, validation, evaluation
+and prediction all call it, so they decode alike.
+
 Stock `MaskDecoder.predict_masks` serves one image: it repeats that image's embedding once
 per prompt. Training wants B images with K prompts each in one step, so `decode` runs the
 same modules (same parameters, same state dict) with each prompt paired to its own image
