@@ -96,7 +96,7 @@ class _PredictionRun:
     from (same encoder weights), and the output folder, checked before anything is written."""
 
     sam: torch.nn.Module
-    model_type: str
+    decoder: PromptDecoder
     device: torch.device
     cache: Optional[EmbeddingCache]
     cached_by_sha: dict
@@ -111,17 +111,10 @@ class _PredictionRun:
         out_dir = Path(out_dir)
         refuse_to_replace(out_dir / "predictions.json", overwrite=overwrite)
         out_dir.mkdir(parents=True, exist_ok=True)
-        return cls(predictor.sam.to(torch_device), predictor.model_type, torch_device, cache,
+        sam = predictor.sam.to(torch_device)
+        return cls(sam, predictor.family.decoder(sam, predictor.model_type), torch_device, cache,
                    cache.index_by_sha256() if cache is not None else {}, out_dir,
                    output_stems([Path(p) for p in images]))
-
-    @property
-    def family(self) -> ModelFamily:
-        return family_of(self.model_type)
-
-    @property
-    def decoder(self) -> PromptDecoder:
-        return self.family.decoder(self.sam, self.model_type)
 
     def embedding(self, path: Path, image: np.ndarray) -> tuple[torch.Tensor, str]:
         """The cached embedding when the file (by SHA-256) is in the cache, else the encoder's."""
@@ -129,7 +122,7 @@ class _PredictionRun:
             index = self.cached_by_sha.get(sha256_file(path))
             if index is not None and self.cache.images[index].original_size == image.shape[:2]:
                 return torch.from_numpy(self.cache.embedding(index)).float()[None].to(self.device), "cache"
-        return self.family.encode(self.sam, image, self.device), "encoder"
+        return self.decoder.family.encode(self.sam, image, self.device), "encoder"
 
 
 @torch.no_grad()
@@ -208,7 +201,7 @@ def predict_images(
 def predict_everything(predictor: Predictor, images: list[str | Path], out_dir: str | Path, *,
                        settings: EverythingSettings = EverythingSettings(), cache_dir: Optional[str | Path] = None,
                        device: str = "auto", overwrite: bool = False) -> dict:
-    """Segment everything in each image (everything.py): predictions.json with COCO results and an
+    """Segment everything in each image (automatic_masks.py): predictions.json with COCO results and an
     overlay PNG per image. An image in the cache takes its embedding from there (no encoder runs).
 
     Arguments:
