@@ -12,7 +12,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from samcache.data.stamps import CATEGORIES, generate_stamps, render_page
-from samcache.data.synthetic import SPLITS, split_plan
+from samcache.data.synthetic import SPLITS, split_at, split_counts, split_plan
 from samcache.errors import DatasetError
 
 N = 6
@@ -194,6 +194,8 @@ def test_progress_bar_goes_to_stderr_only_when_asked(tmp_path, capsys):
 def test_split_counts(n, fractions, expected):
     plan = split_plan(n, 0, fractions)
     assert [plan.count(s) for s in SPLITS] == expected and plan == sorted(plan, key=SPLITS.index)
+    counts = split_counts(n, 0, fractions)
+    assert list(counts) == expected and [split_at(i, counts) for i in range(n)] == plan
 
 
 def test_empty_dataset_writes_empty_files(tmp_path):
@@ -207,7 +209,7 @@ def test_empty_dataset_writes_empty_files(tmp_path):
 @pytest.mark.parametrize(
     "kwargs",
     [{"n": -1}, {"n": 2, "seed": -3}, {"n": 2, "fractions": (0.5, 0.5)}, {"n": 2, "fractions": (0.6, 0.6, -0.2)},
-     {"n": 2, "fractions": (0.5, 0.2, 0.2)}],
+     {"n": 2, "fractions": (0.5, 0.2, 0.2)}, {"n": 2, "fractions": (float("nan"), 0.5, 0.5)}],
 )
 def test_bad_arguments_raise(tmp_path, kwargs):
     with pytest.raises(DatasetError):

@@ -11,11 +11,12 @@ from typing import Optional
 
 from samcache.data.coco import find_split_files, read_coco
 from samcache.data.maskdir import MASK_MODES, is_maskdir, read_maskdir
-from samcache.data.records import SPLITS, Dataset, ImageRecord, ObjectRecord, Problem, hash_split
+from samcache.data.records import SPLITS, Dataset, ImageRecord, ObjectRecord, Problem, check_fractions, hash_split
 from samcache.errors import DatasetError
 
 __all__ = [
-    "MASK_MODES", "SPLITS", "Dataset", "ImageRecord", "ObjectRecord", "Problem", "hash_split", "load_dataset",
+    "MASK_MODES", "SPLITS", "Dataset", "ImageRecord", "ObjectRecord", "Problem", "check_fractions", "hash_split",
+    "load_dataset",
 ]
 
 
@@ -32,10 +33,12 @@ def load_dataset(
     Arguments:
       path: a COCO JSON file, a folder of per-split COCO JSON files, or an image + mask folder.
       image_root: where COCO `file_name`s are resolved (default: `images/` beside the JSON).
-      fractions: train/val/test fractions for datasets without explicit splits.
+      fractions: train/val/test fractions for datasets without explicit splits; checked even
+        when the dataset has its splits, since a bad value is a mistake either way.
       mask_mode: how mask folders are split into objects (see `maskdir`).
       strict: raise `DatasetError` on any problem instead of skipping the bad record.
     """
+    fractions = check_fractions(fractions)
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset {path} does not exist")

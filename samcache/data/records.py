@@ -8,6 +8,7 @@ caller decides (`strict=True` turns any problem into a `DatasetError`).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from samcache.config import SPLITS, TEST_SPLIT, TRAIN_SPLIT, VAL_SPLIT
 from samcache.data.masks import Rle
 from samcache.errors import DatasetError
 
-__all__ = ["SPLITS", "Dataset", "ImageRecord", "ObjectRecord", "Problem", "hash_split"]
+__all__ = ["SPLITS", "Dataset", "ImageRecord", "ObjectRecord", "Problem", "check_fractions", "hash_split"]
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,25 @@ class Dataset:
             raise DatasetError(f"{len(self.problems)} problem(s) in {self.root} (strict mode):\n  {shown}{more}")
 
 
+def check_fractions(fractions) -> tuple[float, float, float]:
+    """The train/val/test fractions as three floats; DatasetError unless each is finite and >= 0
+    and they sum to 1. NaN fails no comparison, so without this check it would send every image
+    to the last split."""
+    try:
+        values = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(f) and f >= 0 for f in values) or abs(sum(values) - 1.0) > 1e-6:
+        shown = tuple(fractions) if isinstance(fractions, (list, tuple)) else fractions
+        raise DatasetError(f"split fractions (train, val, test) must be three finite, non-negative numbers "
+                           f"summing to 1, got {shown}")
+    return values  # type: ignore[return-value]
+
+
 def hash_split(name: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:
     """A deterministic train/val/test split from a name: the same name always lands in the same split,
     and adding images never moves existing ones."""
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise DatasetError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    fractions = check_fractions(fractions)
     u = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
     if u < fractions[0]:
         return TRAIN_SPLIT
