@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,27 +30,64 @@ from samcache.cache.format import (
     text,
 )
 from samcache.config import SPLITS
+from samcache.data import masks
 from samcache.data.records import ObjectRecord
 from samcache.errors import CacheError
 from samcache.fileio import FileIdentity, atomic_write_bytes
 from samcache.models.feature_layout import CacheLayout
 from samcache.models.specs import IMAGE_SIZE
 
+DAMAGED_DIR = "damaged"
+"""Where `samcache verify` moves the shards it cannot read (CACHE/damaged/NAME): out of the cache, never deleted."""
+
+
+def _worker_message(message: str, error: type) -> str:
+    """`message`, or when a DataLoader worker raised `error`, the message it raised it with: torch
+    raises it again in the main process as error("Caught ... Original Traceback ...: message"),
+    which the command line would print whole, traceback included."""
+    marker = f"{error.__module__}.{error.__qualname__}: "
+    if message.startswith("Caught ") and marker in message:
+        return message.rsplit(marker, 1)[1].strip()
+    return message
+
 
 class DamagedImageError(CacheError):
-    """An embedding fails its checksum or holds non-finite values."""
+    """An image's record is damaged: its embedding fails its checksum or holds non-finite values,
+    a mask encoding or its preview does not decode. `image`, `shard` and `problem` say which and
+    why (not when a DataLoader worker raised it: then only the message is known)."""
 
-    def __init__(self, cache: "EmbeddingCache", index: int, problem: str):
+    image, shard, problem = "", None, ""
+
+    def __init__(self, message: str):
+        super().__init__(_worker_message(message, type(self)))
+
+    @classmethod
+    def for_image(cls, cache: "EmbeddingCache", index: int, problem: str, *, part: str = "the embedding"):
+        """The error for `part` of image `index`; `problem` names the column and says what is wrong."""
         shard, _ = cache.location(index)
-        super().__init__(
-            f"{cache.cache_dir}: the embedding of {cache.name_of(index)} in shard {shard.name} is damaged "
-            f"({problem}). Run `samcache verify {cache.cache_dir}` to find every damaged image and take them out "
-            "of the cache, then `samcache embed` again to embed them anew")
-        self.image, self.shard, self.problem = cache.name_of(index), shard, problem
+        error = cls(f"{cache.cache_dir}: {part} of {cache.name_of(index)} in shard {shard.name} is damaged "
+                    f"({problem}). Run `samcache verify {cache.cache_dir}` to find every damaged image and take them "
+                    "out of the cache, then `samcache embed` again to embed them anew")
+        error.image, error.shard, error.problem = cache.name_of(index), shard, problem
+        return error
 
 
-# Rewrite index.npz when this many shards are not in it (and at the end of every embed run):
-# readers read those shards' tables themselves, so this only bounds how slow opening gets.
+class DamagedShardError(CacheError):
+    """A shard cannot be read (cut short, its header overwritten) or holds bad values in its
+    tables. `shard` and `problem` say which and why (not when a DataLoader worker raised it)."""
+
+    shard, problem = None, ""
+
+    def __init__(self, message: str):
+        super().__init__(_worker_message(message, type(self)))
+
+    @classmethod
+    def for_shard(cls, cache_dir: Path, shard: Path, problem: str):
+        """The error for `shard`; `problem` reads after "the shard": "is unreadable: ..."."""
+        error = cls(f"shard {shard} {problem}. Run `samcache verify {cache_dir}` to move it out of the cache "
+                    f"(into {Path(cache_dir) / DAMAGED_DIR}/), then `samcache embed` again to embed its images anew")
+        error.shard, error.problem = Path(shard), problem
+        return error
 
 
 class EmbeddingCache:
@@ -64,12 +102,14 @@ class EmbeddingCache:
 
     Arguments:
       cache_dir: the cache folder.
+      leave_out: names of shards to read as if they were not there (`verify --check-only` goes on
+        past the shards it cannot read).
     """
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, *, leave_out: Collection[str] = ()):
         self.cache_dir = Path(cache_dir)
         self.provenance = read_header(self.cache_dir)
-        self.shards = shard_paths(self.cache_dir)
+        self.shards = [p for p in shard_paths(self.cache_dir) if p.name not in leave_out]
         self._shard_stat = np.array([(st.st_size, st.st_mtime_ns) for st in (p.stat() for p in self.shards)],
                                     np.int64).reshape(-1, 2)
         self.tables, self.shards_outside_index = self._load_tables()
@@ -94,6 +134,7 @@ class EmbeddingCache:
         self.removed: dict[str, str] = {text(t.removed_name[r]): text(t.removed_reason[r]) for r in view.removed}
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
+        self._earlier: Optional[dict[str, list[int]]] = None  # name -> hidden image rows (earlier_record)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -118,16 +159,7 @@ class EmbeddingCache:
                     keep[k], new_position[k], covered[i] = True, i, True
             parts.append(stored.tables.select_shards(keep, new_position))
         for i in np.flatnonzero(~covered):
-            path = self.shards[i]
-            try:
-                with h5py.File(path, "r") as f:
-                    shard = self._check_shard_provenance(f, path)
-                    parts.append(_read_tables(f, int(i), made_by=shard.made_by, layout=shard.layout))
-            except _BadTable as exc:
-                raise CacheError(f"shard {path} holds bad values: {exc}; take it out of shards/ (its images "
-                                 "will be embedded again by `samcache embed`)") from exc
-            except (OSError, KeyError, ValueError, IndexError, TypeError) as exc:
-                raise CacheError(f"shard {path} is unreadable: {exc}") from exc
+            parts.append(read_shard_tables(self.cache_dir, self.shards[i], self.provenance, position=int(i)))
         return cache_index.Tables.concatenate(parts), int(np.count_nonzero(~covered))
 
     def save_index(self) -> None:
@@ -135,19 +167,6 @@ class EmbeddingCache:
         atomic_write_bytes(self.cache_dir / cache_index.INDEX_NAME,
                            cache_index.to_bytes([p.name for p in self.shards], self._shard_stat, self.tables))
         self.shards_outside_index = 0
-
-    def _check_shard_provenance(self, f: h5py.File, path: Path) -> Provenance:
-        """The shard's provenance; refuses a shard that another recipe made (copied in from another cache, say)."""
-        try:
-            shard = provenance_from_dict(json.loads(f.attrs["provenance"]), source=path)
-        except (KeyError, ValueError) as exc:
-            raise CacheError(f"shard {path} carries no readable provenance ({exc}): not a shard of this cache") from exc
-        differ = [f"{key} is {getattr(self.provenance, key)!r} in the cache, {getattr(shard, key)!r} in the shard"
-                  for key in Provenance.COMPARED if getattr(self.provenance, key) != getattr(shard, key)]
-        if differ:
-            raise CacheError(f"shard {path} was made with other settings than this cache ({'; '.join(differ)}): "
-                             "it does not belong here; move it out of the shards folder")
-        return shard
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -200,38 +219,80 @@ class EmbeddingCache:
         else. SAM: the (256, 64, 64) embedding; SAM 2.1: its three maps packed into (1024, 64, 64)
         (feature_layout.py)."""
         shard_index, row = self._location[index]
-        handle, maps = self._handle(int(shard_index)), {}
+        return self._embedding_at(int(shard_index), int(row),
+                                  lambda problem: DamagedImageError.for_image(self, index, problem))
+
+    def _embedding_at(self, shard_index: int, row: int, damaged) -> np.ndarray:
+        handle, maps = self._handle(shard_index), {}
         for name in self.provenance.layout.stored_maps:
             try:
-                maps[name] = handle[name][int(row)]
+                maps[name] = handle[name][row]
             except OSError as exc:  # h5py reports a checksum mismatch as a failed read
-                raise DamagedImageError(self, index, f"checksum mismatch in {name} "
-                                                     f"({str(exc).splitlines()[0]})") from exc
+                raise damaged(f"checksum mismatch in {name} ({_first_line(exc)})") from exc
+            except KeyError as exc:
+                raise damaged(f"{name} is missing from the shard") from exc
             if not np.isfinite(maps[name]).all():
-                raise DamagedImageError(self, index, f"non-finite values in {name}")
+                raise damaged(f"non-finite values in {name}")
         return self.provenance.layout.from_stored(maps)
 
+    def earlier_record(self, name: str, path: str | Path) -> Optional["EarlierRecord"]:
+        """The latest stored record of `name` that the view no longer shows (the dataset dropped the
+        image, or put other pixels under its name) made from the very file at `path` (same
+        content): its embedding can come back without the encoder. None when there is none."""
+        if self._earlier is None:
+            t = self.tables
+            hidden = np.ones(t.images, bool)
+            hidden[self._rows] = False
+            rows = np.flatnonzero(hidden)
+            # latest first: shards sort by when they were written, rows within a shard by name
+            rows = rows[np.lexsort((t.image_row[rows], t.image_shard[rows]))][::-1]
+            self._earlier = {}
+            for r in rows:
+                self._earlier.setdefault(text(t.name[r]), []).append(int(r))
+        t = self.tables
+        for r in self._earlier.get(name, []):
+            file = FileIdentity(text(t.path[r]), text(t.sha256[r]), int(t.file_size[r]), int(t.file_mtime_ns[r]))
+            if file.sha256 and file.unchanged(path):
+                return EarlierRecord(self, r, file)
+        return None
+
+    def _preview_at(self, shard_index: int, row: int) -> bytes:
+        return np.asarray(self._handle(shard_index)["images/preview_jpeg"][row], np.uint8).tobytes()
+
     def preview_bytes(self, index: int) -> bytes:
+        """The image's preview JPEG as stored (unchecked: `preview` decodes it)."""
         shard_index, row = self._location[index]
-        return np.asarray(self._handle(int(shard_index))["images/preview_jpeg"][int(row)], np.uint8).tobytes()
+        try:
+            value = self._handle(int(shard_index))["images/preview_jpeg"][int(row)]
+        except (OSError, KeyError) as exc:
+            raise DamagedImageError.for_image(
+                self, index, f"images/preview_jpeg row {row} is unreadable ({_first_line(exc)})",
+                part="the preview") from exc
+        return np.asarray(value, np.uint8).tobytes()
 
     def preview(self, index: int) -> np.ndarray:
-        """The image's preview as RGB uint8 (longest side PREVIEW_SIZE), decoded from the cache."""
+        """The image's preview as RGB uint8 (longest side PREVIEW_SIZE), decoded from the cache;
+        DamagedImageError when it is not a whole JPEG."""
         import cv2
 
-        data = np.frombuffer(self.preview_bytes(index), np.uint8)
-        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        data = self.preview_bytes(index)
+        # libjpeg decodes a JPEG cut short into a grey-filled image, with only a warning.
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if _is_whole_jpeg(data) else None
         if bgr is None:
-            raise CacheError(f"{self.name_of(index)}: the cache holds no preview image")
+            row = int(self._location[index][1])
+            raise DamagedImageError.for_image(
+                self, index, f"images/preview_jpeg row {row}: {len(data)} bytes that are not a whole JPEG",
+                part="the preview")
         return bgr[..., ::-1].copy()
 
     def image_info(self, index: int) -> ImageInfo:
-        """Everything about image `index`; its objects' mask encodings are read from its shard."""
+        """Everything about image `index`; its objects' mask encodings are read from its shard and
+        checked (DamagedImageError when one is not a mask of the image's size)."""
         t, r = self.tables, int(self._rows[index])
         start, count = int(self.object_start[index]), int(self.object_count[index])
         objects_rows = self._objects[start : start + count]
         h, w = (int(v) for v in t.original_size[r])
-        rles = self._rle_counts(int(self._location[index][0]), t.object_row[objects_rows]) if count else []
+        rles = self._mask_encodings(index, objects_rows, (h, w)) if count else []
         objects = [ObjectRecord(object_id=int(t.object_id[j]), box=tuple(float(v) for v in t.box[j]),
                                 rle={"size": [h, w], "counts": rle}, category=text(t.category[j]))
                    for j, rle in zip(objects_rows, rles)]
@@ -241,13 +302,31 @@ class EmbeddingCache:
             annotations_sha256=text(t.annotations_sha256[r]), index=index,
         )
 
-    def _rle_counts(self, shard_index: int, rows: np.ndarray) -> list[str]:
-        first, last = int(rows[0]), int(rows[-1]) + 1  # an image's objects are contiguous in its shard
-        values = self._handle(shard_index)["objects/rle_counts"][first:last]
-        counts = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
-        if any(not c for c in counts):
-            raise CacheError(f"shard {self.shards[shard_index]}: an empty mask encoding in objects/rle_counts")
-        return [counts[int(r) - first] for r in rows]
+    def _mask_encodings(self, index: int, objects: np.ndarray, size: tuple[int, int]) -> list[str]:
+        """The RLE strings of `objects` (rows of the tables' objects) of image `index`, each checked
+        to decode to a mask of `size`: a damaged one is a message naming it here, never a crash
+        where it is decoded (a DataLoader worker, say)."""
+        shard_rows = self.tables.object_row[objects]
+        first, last = int(shard_rows[0]), int(shard_rows[-1]) + 1  # an image's objects are contiguous in its shard
+        try:
+            values = self._handle(int(self._location[index][0]))["objects/rle_counts"][first:last]
+        except (OSError, KeyError) as exc:
+            raise DamagedImageError.for_image(
+                self, index, f"objects/rle_counts rows {first}..{last - 1} are unreadable ({_first_line(exc)})",
+                part="the mask encodings") from exc
+        counts = []
+        for j, row in zip(objects, shard_rows):
+            value = values[int(row) - first]
+            try:
+                rle = value.decode("ascii") if isinstance(value, bytes) else str(value)
+                masks.from_coco_segmentation({"size": list(size), "counts": rle}, *size)
+            except ValueError as exc:  # UnicodeDecodeError included
+                raise DamagedImageError.for_image(
+                    self, index, f"objects/rle_counts row {row}, object {int(self.tables.object_id[j])}: "
+                                 f"not a mask of the {size[1]}x{size[0]} image ({exc})",
+                    part="a mask encoding") from exc
+            counts.append(rle)
+        return counts
 
     def info(self) -> dict:
         """The summary `samcache info` prints, as plain JSON types."""
@@ -293,9 +372,44 @@ class EmbeddingCache:
             self._handles, self._pid = {}, os.getpid()
         handle = self._handles.get(shard_index)
         if handle is None:
-            handle = h5py.File(self.shards[shard_index], "r")
+            path = self.shards[shard_index]
+            try:
+                handle = h5py.File(path, "r")
+            except OSError as exc:  # damaged since the index described it (its size and time unchanged)
+                raise DamagedShardError.for_shard(self.cache_dir, path,
+                                                  f"is unreadable: {_first_line(exc)}") from exc
             self._handles[shard_index] = handle
         return handle
+
+
+@dataclass
+class EarlierRecord:
+    """An image record the cache's view no longer shows, still in its shard (earlier_record).
+
+    Arguments:
+      cache: the cache that holds it.
+      row: its row in the cache's image tables.
+      file: the file it was made from.
+    """
+
+    cache: EmbeddingCache
+    row: int
+    file: FileIdentity
+
+    def _where(self) -> tuple[int, int]:
+        t = self.cache.tables
+        return int(t.image_shard[self.row]), int(t.image_row[self.row])
+
+    def embedding(self) -> np.ndarray:
+        """Its stored maps, checked as EmbeddingCache.embedding checks them."""
+        shard_index, row = self._where()
+        shard = self.cache.shards[shard_index]
+        return self.cache._embedding_at(shard_index, row, lambda problem: DamagedImageError(
+            f"{self.cache.cache_dir}: the earlier embedding of {self.file.path} in shard {shard.name} is damaged "
+            f"({problem}): it cannot be restored"))
+
+    def preview_bytes(self) -> bytes:
+        return self.cache._preview_at(*self._where())
 
 
 class _Images(Sequence):
@@ -322,6 +436,41 @@ def refresh_index(cache_dir: Path, *, at_least: int = 1) -> None:
     cache = EmbeddingCache(cache_dir)
     if cache.shards_outside_index >= at_least:
         cache.save_index()
+
+
+def read_shard_tables(cache_dir: Path, path: Path, provenance: Provenance, *, position: int = 0
+                      ) -> "cache_index.Tables":
+    """The tables of the shard at `path`, checked, as shard number `position` of a view.
+
+    Arguments:
+      cache_dir: the cache it is in (for messages).
+      path: the shard file.
+      provenance: the cache's; a shard another recipe made is refused (CacheError).
+      position: its images' `image_shard`.
+    Raises DamagedShardError when the file cannot be read or its tables hold bad values.
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            shard = _shard_provenance(f, cache_dir, path, provenance)
+            return _read_tables(f, position, made_by=shard.made_by, layout=shard.layout)
+    except _BadTable as exc:
+        raise DamagedShardError.for_shard(cache_dir, path, f"holds bad values: {exc}") from exc
+    except (OSError, KeyError, ValueError, IndexError, TypeError) as exc:
+        raise DamagedShardError.for_shard(cache_dir, path, f"is unreadable: {_first_line(exc)}") from exc
+
+
+def _shard_provenance(f: h5py.File, cache_dir: Path, path: Path, provenance: Provenance) -> Provenance:
+    """The shard's provenance; refuses a shard that another recipe made (copied in from another cache, say)."""
+    try:
+        shard = provenance_from_dict(json.loads(f.attrs["provenance"]), source=path)
+    except (KeyError, ValueError, TypeError, OSError) as exc:
+        raise DamagedShardError.for_shard(cache_dir, path, f"carries no readable provenance ({exc})") from exc
+    differ = [f"{key} is {getattr(provenance, key)!r} in the cache, {getattr(shard, key)!r} in the shard"
+              for key in Provenance.COMPARED if getattr(provenance, key) != getattr(shard, key)]
+    if differ:
+        raise CacheError(f"shard {path} was made with other settings than this cache ({'; '.join(differ)}): "
+                         "it does not belong here; move it out of the shards folder")
+    return shard
 
 
 def _read_tables(f: h5py.File, shard: int, *, made_by: str, layout: CacheLayout) -> "cache_index.Tables":
@@ -399,6 +548,16 @@ def _check_tables(f: h5py.File, t: "cache_index.Tables", rles: np.ndarray, layou
     bad("objects/box", ~np.isfinite(box).all(axis=1) | (box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1]),
         "not a finite box with x1 >= x0 and y1 >= y0")
     bad("objects/rle_counts", np.array([not r for r in rles], bool), "an empty mask encoding")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's message (h5py's can run to several)."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _is_whole_jpeg(data: bytes) -> bool:
+    """Starts with JPEG's start-of-image marker and ends with its end-of-image marker."""
+    return data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
 
 
 def _read_bytes(dataset: h5py.Dataset) -> np.ndarray:
