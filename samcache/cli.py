@@ -290,12 +290,17 @@ def data_check(dataset: Path, image_root, split_fractions: str, mask_mode: str, 
 @config_options(EmbedConfig)
 @dataset_options
 @click.option("--strict", is_flag=True, help="Any dataset problem or unreadable image is an error.")
+@click.option("--switch-dataset", is_flag=True,
+              help="Make the cache follow DATASET even though it lacks images the cache holds (they leave the "
+                   "cache's view; their embeddings stay in its shards).")
 def embed_cmd(dataset: Path, cache_dir: Path, image_root, split_fractions: str, mask_mode: str, strict: bool,
-              **options) -> None:
+              switch_dataset: bool, **options) -> None:
     """Run the image encoder once per image and store embeddings, geometry and objects in CACHE.
 
     Crash-safe and resumable: re-run the same command after an interruption and it embeds only
-    what was not committed; images added to the dataset later are embedded on the next run.
+    what was not committed; images added to the dataset later are embedded on the next run, and
+    images it no longer has leave the cache's view. A cache follows one dataset: another one that
+    lacks some of its images is refused unless --switch-dataset.
 
     \b
     Example:
@@ -311,7 +316,7 @@ def embed_cmd(dataset: Path, cache_dir: Path, image_root, split_fractions: str, 
         if dist.is_main:
             for problem in ds.problems:
                 click.echo(f"warning: {problem}", err=True)
-        summary = embed_dataset(ds, cache_dir, config, dist=dist)
+        summary = embed_dataset(ds, cache_dir, config, dataset_path=dataset, switch_dataset=switch_dataset, dist=dist)
         if dist.is_main:
             click.echo(summary.line() + (f" ({dist.world_size} processes)" if dist.enabled else ""))
 

@@ -23,6 +23,7 @@ from tests.helpers import (
     TINY_EMBED,
     copy_tree,
     embed,
+    follow,
     left_unchanged,
     make_coco,
     rect_mask,
@@ -199,9 +200,13 @@ def stamps_copy(stamps, tmp_path) -> Path:
 
 
 @pytest.fixture
-def stamps_cache_copy(stamps_cache, tmp_path) -> Path:
-    """This test's own copy of the stamps cache."""
-    return copy_tree(stamps_cache, tmp_path / "cache_copy")
+def stamps_cache_copy(stamps_cache, tmp_path, request) -> Path:
+    """This test's own copy of the stamps cache; with `stamps_copy` in the same test, the pair was
+    copied together: the cache follows the copied data set."""
+    copy = copy_tree(stamps_cache, tmp_path / "cache_copy")
+    if "stamps_copy" in request.fixturenames:
+        follow(copy, request.getfixturevalue("stamps_copy"))
+    return copy
 
 
 @pytest.fixture

@@ -75,6 +75,14 @@ def embed(dataset_dir: Path, cache_dir: Path, **overrides):
     return embed_dataset(load_dataset(dataset_dir), cache_dir, EmbedConfig(**{**FAST_EMBED, **overrides}))
 
 
+def follow(cache_dir: Path, dataset_dir: Path) -> None:
+    """Makes the cache follow `dataset_dir`, as when a user moves a data set and its cache together."""
+    from samcache.cache.format import DATASET_NAME
+
+    followed = json.loads((cache_dir / DATASET_NAME).read_text())
+    (cache_dir / DATASET_NAME).write_text(json.dumps({**followed, "path": str(dataset_dir.resolve())}))
+
+
 def micro_weights(folder: Path, seed: int) -> Path:
     """A weights file of the micro model with the random weights of `seed` (another encoder than seed 0's)."""
     import torch
@@ -115,7 +123,7 @@ def copy_tree(src: Path, dst: Path) -> Path:
 def split_counts(dataset_dir: Path) -> dict[str, dict[str, int]]:
     """{split: {"images", "objects"}} read from the COCO SPLIT.json files of a data set."""
     counts = {}
-    for path in sorted(Path(dataset_dir).glob("*.json")):
+    for path in sorted(p for p in Path(dataset_dir).glob("*.json") if not p.name.startswith(".")):
         doc = json.loads(path.read_text())
         counts[path.stem] = {"images": len(doc["images"]), "objects": len(doc["annotations"])}
     return counts

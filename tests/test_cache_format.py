@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.helpers import SHARED_EMBED, copy_tree, embed, split_counts
+from tests.helpers import SHARED_EMBED, copy_tree, embed, follow, split_counts
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cache-format.md"
 
@@ -32,6 +32,7 @@ def cache_with_history(stamps, stamps_cache, tmp_path_factory) -> tuple[Path, Pa
     train["images"].remove(gone)
     train["annotations"] = [a for a in train["annotations"] if a["image_id"] != gone["id"]]
     (data / "train.json").write_text(json.dumps(train))
+    follow(cache, data)  # the pair was copied together
     summary = embed(data, cache, **SHARED_EMBED)
     assert summary.refreshed == 1 and summary.dropped == 1
     return data, cache, first_run_shards

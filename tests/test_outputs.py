@@ -1,5 +1,5 @@
 """Never clobber what the user did not ask to replace: existing outputs are refused
-unless --overwrite, sidecars never land on the main output or another file, predict names are unique."""
+unless --overwrite (tests/test_ownership.py: what --overwrite may replace), sidecars never land on the main output or another file, predict names are unique."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_export_and_eval_replace_their_outputs_only_when_asked(stamps_cache, sta
     assert _run("eval", stamps_cache, "--out", report, "--split", "val").exit_code == 0
     before = (report / "summary.json").read_bytes()
     refused = _run("eval", stamps_cache, "--out", report, "--split", "test")
-    assert refused.exit_code == 1 and "summary.json already exists" in refused.output
+    assert refused.exit_code == 1 and "already holds samcache output (evaluation report)" in refused.output
     assert (report / "summary.json").read_bytes() == before
     replaced = _run("eval", stamps_cache, "--out", report, "--split", "test", "--overwrite")
     assert replaced.exit_code == 0 and json.loads((report / "summary.json").read_text())["split"] == "test"
@@ -51,11 +51,10 @@ def test_data_stamps_does_not_overwrite_a_folder(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    refused = _run("data", "stamps", "--out", out, "--n", "3")
-    assert refused.exit_code == 1 and "already exists" in refused.output
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    assert _run("data", "stamps", "--out", out, "--n", "3", "--overwrite").exit_code == 0
-    assert (out / "train.json").is_file()
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces samcache's own output only
+        refused = _run("data", "stamps", "--out", out, "--n", "3", *extra)
+        assert refused.exit_code == 1 and "holds files samcache did not write (notes.txt)" in refused.output
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert _run("data", "stamps", "--out", tmp_path / "empty_is_fine", "--n", "3").exit_code == 0
 
 
@@ -73,7 +72,7 @@ def test_predict_names_each_input_apart_and_keeps_earlier_predictions(stamps, st
     assert sorted(p["mask_png"] for p in predictions) == ["x-1_mask0.png", "x-2_mask0.png"]
     assert all((out / p["mask_png"]).is_file() for p in predictions)
     refused = _run(*args)
-    assert refused.exit_code == 1 and "predictions.json already exists" in refused.output
+    assert refused.exit_code == 1 and "already holds samcache output (predictions)" in refused.output
     assert _run(*args, "--overwrite").exit_code == 0
 
 

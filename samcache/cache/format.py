@@ -3,6 +3,7 @@
 A cache is a folder (format in docs/cache-format.md):
 
     CACHE/cache.json                 header: schema version and provenance, written once
+    CACHE/dataset.json               the dataset the cache follows (its path, its format)
     CACHE/index.npz                  the shards' tables as columns (index.py; derived, optional)
     CACHE/shards/g00001-r0000-s000000.h5   committed shards: embeddings, images, objects, failures
     CACHE/shards/*.h5.tmp            a shard being written (ignored by readers, removed on restart)
@@ -165,6 +166,33 @@ def open_for_writing(cache_dir: Path, provenance: Provenance) -> None:
                                     "provenance": asdict(provenance)})
 
 
+DATASET_NAME = "dataset.json"
+
+
+def read_followed_dataset(cache_dir: str | Path) -> Optional[dict]:
+    """{"path", "format", "switched_from": [earlier paths]}: the dataset whose images the cache
+    holds (embed follows it: images it drops leave the cache's view); None for a cache made before
+    caches recorded it, or a new one."""
+    try:
+        record = json.loads((Path(cache_dir) / DATASET_NAME).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"{Path(cache_dir) / DATASET_NAME} is unreadable: {exc}") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        raise CacheError(f"{Path(cache_dir) / DATASET_NAME} is not a samcache dataset record (no path)")
+    return record
+
+
+def write_followed_dataset(cache_dir: str | Path, path: str, dataset_format: str) -> None:
+    """Records that the cache follows the dataset at `path` from now on (the one before, if any,
+    joins `switched_from`)."""
+    before = read_followed_dataset(cache_dir)
+    history = list(before.get("switched_from", [])) + [before["path"]] if before else []
+    atomic_write_json(Path(cache_dir) / DATASET_NAME,
+                      {"path": path, "format": dataset_format, "switched_from": history})
+
+
 def is_cache(cache_dir: str | Path) -> bool:
     """True when `cache_dir` has a cache header (it may still be empty or being written)."""
     return (Path(cache_dir) / HEADER_NAME).is_file()
@@ -181,14 +209,31 @@ def read_header(cache_dir: Path) -> Provenance:
     if not isinstance(header, dict) or not isinstance(header.get("provenance"), dict):
         raise CacheError(f"{path} is not a samcache cache header (no provenance mapping)")
     version = header.get("schema_version")
+    readable = ", ".join(f"{v} ({k})" for k, v in SCHEMA_VERSIONS.items())
+    # "1" is no 1, though both print as 1; and True would pass for 1.
+    if type(version) is not int:
+        raise CacheError(f"{path}: schema_version is {_json_kind(header, 'schema_version')}, not an integer as "
+                         f"samcache writes it (was the file edited?); this samcache reads {readable}")
     if version not in SCHEMA_VERSIONS.values():
-        raise CacheError(f"{cache_dir} has cache schema version {version}, this samcache reads "
-                         f"{', '.join(f'{v} ({k})' for k, v in SCHEMA_VERSIONS.items())}")
+        raise CacheError(f"{cache_dir} has cache schema version {version}, this samcache reads {readable}")
     provenance = provenance_from_dict(header["provenance"], source=path)
     if version != provenance.layout.schema_version:
         raise CacheError(f"{path}: schema version {version} with model {provenance.model_type!r}, whose caches are "
                          f"version {provenance.layout.schema_version}: not a header this samcache wrote")
     return provenance
+
+
+def _json_kind(mapping: dict, key: str) -> str:
+    """`mapping[key]` in words, with its JSON type: "the string '1'", "missing"."""
+    if key not in mapping:
+        return "missing"
+    value = mapping[key]
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    kinds = {bool: "boolean", float: "number", list: "list", dict: "mapping"}
+    return f"the {kinds.get(type(value), type(value).__name__)} {json.dumps(value)[:40]}"
 
 
 def provenance_from_dict(values: dict, *, source: Path) -> Provenance:

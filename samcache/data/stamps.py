@@ -24,9 +24,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from samcache.data.synthetic import CocoSplits, split_plan
-from samcache.fileio import refuse_to_replace
+from samcache.data.synthetic import CocoSplits, split_at, split_counts
+from samcache.fileio import read_json_mapping
+from samcache.outputs import OutputFolder
 from samcache.progress import progress_bar
+
+STAMPS_KIND = "stamps dataset"
+_DESCRIPTION = "samcache synthetic stamps"
 
 CATEGORIES = (
     {"id": 1, "name": "round_stamp", "supercategory": "stamp"},
@@ -109,24 +113,34 @@ def generate_stamps(
     positive fraction gets at least one page. Image ids are page index + 1; annotation ids
     count from 1 across all three files.
 
-    Returns {"images", "objects", "splits": {split: {"images", "objects"}}, "out"}. A folder that
-    holds files already is refused unless `overwrite`.
+    Returns {"images", "objects", "splits": {split: {"images", "objects"}}, "out"}. `out_dir` is
+    new, empty, or samcache's earlier stamps dataset, which only `overwrite` replaces (its files
+    removed first: see outputs.py). More than `synthetic.MAX_IMAGES` (1,000,000)
+    pages is a ConfigError; pages are written one at a time, and memory does not grow with `n`.
     """
-    split_of = split_plan(n, seed, fractions)
+    counts = split_counts(n, seed, fractions)
     out_dir = Path(out_dir)
-    refuse_to_replace(out_dir, overwrite=overwrite)
+    output = OutputFolder(out_dir, STAMPS_KIND).claim(overwrite=overwrite, legacy=_written_by_samcache)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    coco = CocoSplits(description="samcache synthetic stamps", seed=int(seed), categories=CATEGORIES)
-    bar = progress_bar(len(split_of), desc="stamps", unit="page", enabled=progress)
-    for index in range(len(split_of)):
+    coco = CocoSplits(description=_DESCRIPTION, seed=int(seed), categories=CATEGORIES)
+    bar = progress_bar(sum(counts), desc="stamps", unit="page", enabled=progress)
+    for index in range(sum(counts)):
         page = render_page(seed, index)
         name = f"page_{index:05d}.jpg"
         (out_dir / "images" / name).write_bytes(page.jpeg)
-        coco.add_image(split_of[index], image_id=index + 1, file_name=name, width=page.width, height=page.height,
-                       masks=page.masks, category_ids=page.category_ids)
+        coco.add_image(split_at(index, counts), image_id=index + 1, file_name=name, width=page.width,
+                       height=page.height, masks=page.masks, category_ids=page.category_ids)
         bar.update(1)
     bar.close()
-    return coco.write(out_dir)
+    summary = coco.write(out_dir)
+    output.complete()
+    return summary
+
+
+def _written_by_samcache(folder: Path) -> bool:
+    """A stamps dataset from before outputs carried their marker: its train.json says what made it."""
+    info = read_json_mapping(folder / "train.json").get("info")
+    return isinstance(info, dict) and str(info.get("description", "")).startswith(_DESCRIPTION)
 
 
 def render_page(seed: int, index: int) -> StampPage:

@@ -9,6 +9,7 @@ is a box, points, or a box with points, as `SamPredictor.predict` takes them.
 
 from __future__ import annotations
 
+import glob
 import json
 import time
 from dataclasses import dataclass
@@ -27,15 +28,19 @@ from samcache.deploy.export import metadata_path, read_metadata
 from samcache.devices import resolve_device
 from samcache.errors import OutputError, SamcacheError
 from samcache.evaluate.automatic_masks import segment_everything
-from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace, sha256_file
+from samcache.fileio import atomic_write_bytes, atomic_write_json, read_json_mapping, sha256_file
 from samcache.models.decoder import PromptDecoder
 from samcache.models.families import ModelFamily, family_of
 from samcache.models.preprocess import transform_boxes
 from samcache.models.prompts import PromptBatch, make_prompt
 from samcache.models.weights import load_sam
+from samcache.outputs import OutputFolder, refuse_inputs_as_outputs
 from samcache.progress import progress_bar
 from samcache.train.inference import predict_masks
 from samcache.train.runs import RunFolder
+
+PREDICTIONS_KIND = "predictions"
+PREDICTIONS_FILE = "predictions.json"
 
 
 @dataclass
@@ -103,18 +108,25 @@ class _PredictionRun:
     out_dir: Path
     stems: dict[Path, str]
 
+    output: OutputFolder
+
     @classmethod
     def start(cls, predictor: Predictor, images, out_dir, *, cache_dir, device: str,
               overwrite: bool) -> "_PredictionRun":
+        """Checks the output folder (new, empty, or samcache's earlier predictions: outputs.py) and
+        that no output would land on an input, then loads the model."""
         torch_device = resolve_device(device)
         cache = _usable_cache(cache_dir, predictor)
-        out_dir = Path(out_dir)
-        refuse_to_replace(out_dir / "predictions.json", overwrite=overwrite)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir, images = Path(out_dir), [Path(p) for p in images]
+        stems = output_stems(images)
+        output = OutputFolder(out_dir, PREDICTIONS_KIND).claim(overwrite=overwrite, legacy=_written_by_samcache,
+                                                               inputs=images)
+        planned = [out_dir / PREDICTIONS_FILE] + [f for stem in stems.values()
+                                                  for f in out_dir.glob(f"{glob.escape(stem)}_*.png")]
+        refuse_inputs_as_outputs(planned, images, out_dir=out_dir)
         sam = predictor.sam.to(torch_device)
         return cls(sam, predictor.family.decoder(sam, predictor.model_type), torch_device, cache,
-                   cache.index_by_sha256() if cache is not None else {}, out_dir,
-                   output_stems([Path(p) for p in images]))
+                   cache.index_by_sha256() if cache is not None else {}, out_dir, stems, output)
 
     def embedding(self, path: Path, image: np.ndarray) -> tuple[torch.Tensor, str]:
         """The cached embedding when the file (by SHA-256) is in the cache, else the encoder's."""
@@ -150,29 +162,34 @@ def predict_images(
       boxes_by_name: boxes per image file name (boxes_from_coco).
       cache_dir: a cache to take embeddings from when an image is in it.
       device: "auto", "cpu" or "cuda".
-      overwrite: write into `out_dir` even when it holds an earlier predictions.json.
+      overwrite: replace the predictions `out_dir` holds (samcache's own: see outputs.py).
     """
     if (box is None and not points) == (boxes_by_name is None):
         raise SamcacheError("give either --box and/or --point, or --boxes")
     if points and len(points) > MAX_POINTS:
         raise SamcacheError(f"at most {MAX_POINTS} points per prompt, got {len(points)}")
+    warnings = []
+    if boxes_by_name is not None:
+        warnings += _match_boxes(boxes_by_name, [Path(p) for p in images])
     run = _PredictionRun.start(predictor, images, out_dir, cache_dir=cache_dir, device=device, overwrite=overwrite)
     torch_device, out_dir, stems = run.device, run.out_dir, run.stems
-    results, warnings = [], []
+    results = []
     for path in map(Path, images):
         image_boxes = [box] if box is not None else [] if points else boxes_by_name.get(path.name, [])
         if not image_boxes and not points:
             continue
         image = read_image(path)
         original = image.shape[:2]
-        for x0, y0, x1, y1 in image_boxes:
-            if x1 <= 0 or y1 <= 0 or x0 >= original[1] or y0 >= original[0]:
-                warnings.append(f"{path}: box {[x0, y0, x1, y1]} lies outside the {original[1]}x{original[0]} image")
+        image_boxes = [b for b in (_box_in_image(b, original, path, warnings) for b in image_boxes) if b is not None]
+        if not image_boxes and not points:
+            continue
+        image_points = [_point_in_image(p, original, path, warnings) for p in points or []]
         embedding, source = run.embedding(path, image)
         frame = predictor.family.input_size(original)
         if points:  # one prompt: the points, with the box when there is one
-            prompt = make_prompt(box if box is not None else np.zeros(4),
-                                 np.array([p[:2] for p in points], np.float64), np.array([p[2] for p in points]),
+            prompt = make_prompt(image_boxes[0] if box is not None else np.zeros(4),
+                                 np.array([p[:2] for p in image_points], np.float64),
+                                 np.array([p[2] for p in image_points]),
                                  is_box=box is not None, original_size=original, frame=frame)
             prompts = PromptBatch.from_prompts([prompt], torch.zeros(1, dtype=torch.long)).to(torch_device)
         else:
@@ -188,12 +205,13 @@ def predict_images(
             _write_png(mask_file, mask.astype(np.uint8) * 255)
             prompt_fields = {"box": list(map(float, image_boxes[k]))} if image_boxes else {}
             if points:
-                prompt_fields["points"] = [[float(x), float(y), int(label)] for x, y, label in points]
+                prompt_fields["points"] = [[float(x), float(y), int(label)] for x, y, label in image_points]
             results.append({"image": str(path), **prompt_fields, "score": float(score),
                             "area": int(mask.sum()), "segmentation": masks.encode(mask), "mask_png": mask_file.name,
                             "embedding_from": source})
-        _write_overlay(out_dir / f"{stems[path]}_overlay.png", image, predicted, image_boxes, points or [])
-    atomic_write_json(out_dir / "predictions.json", {"model": predictor.source, "predictions": results})
+        _write_overlay(out_dir / f"{stems[path]}_overlay.png", image, predicted, image_boxes, image_points)
+    atomic_write_json(out_dir / PREDICTIONS_FILE, {"model": predictor.source, "predictions": results})
+    run.output.complete()
     return {"predictions": results, "images": len({r["image"] for r in results}), "warnings": warnings}
 
 
@@ -211,7 +229,7 @@ def predict_everything(predictor: Predictor, images: list[str | Path], out_dir: 
       settings: the generator's options (SamAutomaticMaskGenerator's defaults).
       cache_dir: a cache to take embeddings from when an image is in it.
       device: "auto", "cpu" or "cuda".
-      overwrite: write into `out_dir` even when it holds an earlier predictions.json.
+      overwrite: replace the predictions `out_dir` holds (samcache's own: see outputs.py).
     """
     predictor.family.require("automatic_masks", predictor.model_type)
     run = _PredictionRun.start(predictor, images, out_dir, cache_dir=cache_dir, device=device, overwrite=overwrite)
@@ -231,10 +249,67 @@ def predict_everything(predictor: Predictor, images: list[str | Path], out_dir: 
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - started
-    atomic_write_json(out_dir / "predictions.json", {
+    atomic_write_json(out_dir / PREDICTIONS_FILE, {
         "model": predictor.source, "mode": "everything", "settings": settings.model_dump(),
         "images": image_records, "categories": [{"id": 1, "name": "object"}], "predictions": results})
+    run.output.complete()
     return {"predictions": results, "images": len(image_records), "seconds": seconds}
+
+
+def _match_boxes(boxes_by_name: dict[str, list], images: list[Path]) -> list[str]:
+    """Refuses a boxes file that names none of the images (nothing would be predicted); the images
+    it has no box for, and the names it has no image for, are warnings."""
+    given = {path.name for path in images}
+    named = set(boxes_by_name)
+    if not given & named:
+        raise SamcacheError(
+            f"--boxes names no image given here: its images are {_some(named)}, the images given are "
+            f"{_some(given)} (boxes are matched by file name)")
+    warnings = []
+    if given - named:
+        warnings.append(f"no boxes for {len(given - named)} of the images given ({_some(given - named)})")
+    if named - given:
+        warnings.append(f"--boxes has boxes for {len(named - given)} images not given ({_some(named - given)})")
+    return warnings
+
+
+def _some(names: set[str], n: int = 3) -> str:
+    shown = sorted(names)[:n]
+    return ", ".join(shown) + (f" and {len(names) - n} more" if len(names) > n else "") if shown else "none"
+
+
+def _box_in_image(box, size: tuple[int, int], path: Path, warnings: list[str]) -> Optional[tuple[float, ...]]:
+    """The box clipped to the image, with a warning when it reached beyond it (SAM was trained on
+    boxes inside the image; a far-out coordinate would also overflow the overlay's drawing); None,
+    with a warning, when none of it is in the image."""
+    height, width = size
+    x0, y0, x1, y1 = box
+    clipped = (min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width),
+               min(max(y1, 0.0), height))
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        warnings.append(f"{path}: box {list(box)} lies outside the {width}x{height} image: skipped")
+        return None
+    if clipped != tuple(box):
+        warnings.append(f"{path}: box {list(box)} reaches beyond the {width}x{height} image: clipped to "
+                        f"{[round(v, 2) for v in clipped]}")
+    return clipped
+
+
+def _point_in_image(point, size: tuple[int, int], path: Path, warnings: list[str]) -> tuple[float, float, int]:
+    """The point, moved onto the image's edge (with a warning) when it lies outside."""
+    height, width = size
+    x, y, label = point
+    inside = (min(max(x, 0.0), width - 1), min(max(y, 0.0), height - 1))
+    if inside != (x, y):
+        warnings.append(f"{path}: point {[x, y]} lies outside the {width}x{height} image: moved to its edge "
+                        f"{[round(v, 2) for v in inside]}")
+    return (*inside, label)
+
+
+def _written_by_samcache(folder: Path) -> bool:
+    """A predictions folder from before outputs carried their marker: its predictions.json is samcache's."""
+    predictions = read_json_mapping(folder / PREDICTIONS_FILE)
+    return "predictions" in predictions and "model" in predictions
 
 
 def output_stems(images: list[Path]) -> dict[Path, str]:

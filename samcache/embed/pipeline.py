@@ -21,15 +21,26 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from samcache.cache.format import PREVIEW_SIZE, FailedEntry, ImageEntry, Provenance, open_for_writing
-from samcache.cache.reader import EmbeddingCache
+from samcache.cache.format import (
+    PREVIEW_SIZE,
+    FailedEntry,
+    ImageEntry,
+    Provenance,
+    is_cache,
+    open_for_writing,
+    read_followed_dataset,
+    write_followed_dataset,
+)
+from samcache.cache.reader import DamagedImageError, EmbeddingCache
 from samcache.cache.writer import ShardRotation, remove_stale_temporaries
 from samcache.config import EmbedConfig
 from samcache.data.datasets import Dataset, ImageRecord
@@ -57,6 +68,7 @@ class EmbedSummary:
 
     embedded: int
     refreshed: int
+    restored: int
     skipped: int
     failed: int
     previously_failed: int
@@ -71,13 +83,15 @@ class EmbedSummary:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        if self.embedded == self.refreshed == self.failed == self.dropped == 0:
+        if self.embedded == self.refreshed == self.restored == self.failed == self.dropped == 0:
             head = f"nothing to embed: all {self.skipped} images are already in {self.cache_dir}"
         else:
             head = (f"embedded {self.embedded} images in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s), "
                     f"skipped {self.skipped} already cached, failed {self.failed}")
             if self.refreshed:
                 head += f", refreshed annotations of {self.refreshed}"
+            if self.restored:
+                head += f", restored {self.restored} from earlier shards (no encoder run)"
             if self.dropped:
                 head += f", dropped {self.dropped} no longer in the dataset"
         if self.previously_failed:
@@ -142,7 +156,8 @@ def _collate(items: list[dict]) -> list[dict]:
 
 
 def embed_dataset(
-    dataset: Dataset, cache_dir: str | Path, config: EmbedConfig, *, dist: Distributed = SINGLE
+    dataset: Dataset, cache_dir: str | Path, config: EmbedConfig, *, dataset_path: Optional[str | Path] = None,
+    switch_dataset: bool = False, dist: Distributed = SINGLE
 ) -> EmbedSummary:
     """Embeds every image of `dataset` not yet in the cache at `cache_dir` (this rank's share of them).
 
@@ -150,16 +165,22 @@ def embed_dataset(
       dataset: the records to embed (datasets.load_dataset).
       cache_dir: the cache folder; created if missing.
       config: the options.
+      dataset_path: what the dataset was read from (a COCO file, a folder); default its root. The
+        cache follows one dataset: another one that lacks images the cache holds is refused.
+      switch_dataset: follow this dataset from now on even though it lacks images the cache holds
+        (they leave the cache's view; their embeddings stay in the shards).
       dist: this process's place under torchrun. Every rank plans from the same committed
         shards, then embeds pending[rank::world_size] into shards named after its rank; the
         summary counts all ranks.
     """
     cache_dir = Path(cache_dir)
+    source = str(Path(dataset_path if dataset_path is not None else dataset.root).resolve())
     with WriterLock(cache_dir, what="cache", enabled=dist.is_main):  # under torchrun rank 0 holds it for all
-        return _embed(dataset, cache_dir, config, dist)
+        return _embed(dataset, source, cache_dir, config, switch_dataset, dist)
 
 
-def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distributed) -> EmbedSummary:
+def _embed(dataset: Dataset, source: str, cache_dir: Path, config: EmbedConfig, switch_dataset: bool,
+           dist: Distributed) -> EmbedSummary:
     start = time.time()
     device = dist.device(resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
@@ -169,26 +190,40 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
     preprocessing = family_of(config.model_type).preprocessing
     backend = resolve_backend(config.backend, device, config.model_type)
     provenance = _provenance(weights, preprocessing, config, precision, backend)
+    encoder = None
+    if not is_cache(cache_dir) and dataset.images:  # a new cache: weights that do not load leave nothing behind
+        encoder = open_encoder(weights, backend, device, precision, say=_say(config, dist))
     existing = _open_cache(cache_dir, provenance, dist)
+    gone = _no_longer_in(dataset, existing)
     pending, refresh, skipped, previously_failed = _plan(dataset.images, existing)
+    replaced = [record.name for record in pending if existing.index_of(record.name) is not None]
+    _follow(cache_dir, source, dataset.format, gone, replaced, switch_dataset, dist)
     pending, refresh = pending[dist.rank :: dist.world_size], refresh[dist.rank :: dist.world_size]
     rotation = ShardRotation(cache_dir, provenance, rank=dist.rank, max_images=config.shard_images,
                               max_seconds=config.shard_seconds, indexed=len(existing.shards))
     dist.barrier()  # none commits before all have planned, so the slices agree
 
     unreadable = _new_unreadable(dataset, existing) if dist.is_main else []
-    gone = _no_longer_in(dataset, existing) if dist.is_main else []
+    gone = gone if dist.is_main else []
+    not_restored = 0
     try:
         for name in gone:  # the shards stay as they are; a record takes the image out of the cache's view
             rotation.current().add_removal(name, "not in the dataset any more")
         for failure in unreadable:
             rotation.current().add_failure(failure)
-        for record, index in refresh:  # annotations edited, pixels unchanged: no encoder run
-            rotation.current().add(_entry(record, existing.file_of(index), existing.preview_bytes(index),
-                                          weights.model_type), existing.embedding(index))
+        for copy in refresh:  # annotations edited, or an earlier image back: no encoder run
+            try:
+                embedding, preview = copy.embedding(), copy.preview()
+            except (DamagedImageError, OSError, KeyError):
+                if not copy.restored:
+                    raise
+                pending.append(copy.record)  # damaged in its old shard (verify took it out): embed it anew
+                not_restored += 1
+                continue
+            rotation.current().add(_entry(copy.record, copy.file, preview, weights.model_type), embedding)
             rotation.maybe_commit()
         embedded, failed = _run_encoder(weights, backend, pending, rotation, config, device, precision, preprocessing,
-                                        dist)
+                                        dist, encoder)
         rotation.commit()
     except OSError as exc:
         rotation.abandon()
@@ -199,8 +234,9 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
     finally:
         existing.close()
 
-    embedded, refreshed, failed, dropped = (
-        int(v) for v in dist.sum([embedded, len(refresh), failed + len(unreadable), len(gone)]))
+    restored = sum(copy.restored for copy in refresh)
+    embedded, refreshed, restored, failed, dropped = (int(v) for v in dist.sum(
+        [embedded, len(refresh) - restored, restored - not_restored, failed + len(unreadable), len(gone)]))
     seconds = dist.max(time.time() - start)
     dist.barrier()  # every rank's shards are committed
     final = EmbeddingCache(cache_dir)
@@ -210,10 +246,44 @@ def _embed(dataset: Dataset, cache_dir: Path, config: EmbedConfig, dist: Distrib
         except OutputError:
             pass  # index.npz only makes opening faster; readers read the shards' own tables without it
     return EmbedSummary(
-        embedded=embedded, refreshed=refreshed, skipped=len(skipped), failed=failed,
+        embedded=embedded, refreshed=refreshed, restored=restored, skipped=len(skipped), failed=failed,
         previously_failed=len(previously_failed), dropped=dropped, seconds=seconds,
         bytes_on_disk=final.bytes_on_disk(), images_in_cache=len(final), cache_dir=str(cache_dir),
     )
+
+
+def _follow(cache_dir: Path, source: str, dataset_format: str, gone: list[str], replaced: list[str],
+            switch_dataset: bool, dist: Distributed) -> None:
+    """Refuses a dataset other than the one the cache follows when embedding it would take images
+    out of the cache (`gone`) or replace their embeddings (`replaced`: same name, other pixels);
+    records the dataset the cache follows. The dataset it follows may change its images: that is
+    what following means."""
+    followed = read_followed_dataset(cache_dir)
+    if followed is not None and followed["path"] == source:
+        return
+    moved = followed is not None and not Path(followed["path"]).exists()  # the same dataset, elsewhere now
+    if (gone or replaced) and not (switch_dataset or moved):
+        where = (f"{cache_dir} follows the dataset {followed['path']}" if followed is not None
+                 else f"{cache_dir} was made before caches recorded their dataset")
+        losses = []
+        if gone:
+            losses.append(f"lacks {_count(gone)} of the cache's images")
+        if replaced:
+            losses.append(f"has other images under {_count(replaced)} of its names")
+        raise CacheError(
+            f"{where}; {source} {' and '.join(losses)}: embedding it would take them out of the cache. Pass "
+            "--switch-dataset to make the cache follow it (their embeddings stay in the shards: switching back "
+            "restores them without the encoder), or choose another --out")
+    if dist.is_main:  # a new cache, a moved or grown dataset, or a switch the user asked for
+        write_followed_dataset(cache_dir, source, dataset_format)
+
+
+def _count(names: list[str]) -> str:
+    return f"{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
+def _say(config: EmbedConfig, dist: Distributed):
+    return print if config.progress and dist.is_main else (lambda line: None)
 
 
 def _open_cache(cache_dir: Path, provenance: Provenance, dist: Distributed) -> EmbeddingCache:
@@ -250,13 +320,14 @@ def decoding_workers(config: EmbedConfig, device: torch.device) -> int:
 
 def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageRecord], rotation: ShardRotation,
                  config: EmbedConfig, device: torch.device, precision: str, preprocessing: Preprocessing,
-                 dist: Distributed) -> tuple[int, int]:
+                 dist: Distributed, encoder=None) -> tuple[int, int]:
     """Decodes `pending` (in DataLoader workers, or in this process: decoding_workers) and encodes
-    them in batches into the rotation's shards; returns (embedded, failed)."""
+    them in batches into the rotation's shards (with `encoder` when it is open already); returns
+    (embedded, failed)."""
     if not pending:
         return 0, 0
-    say = print if config.progress and dist.is_main else (lambda line: None)
-    encoder = open_encoder(weights, backend, device, precision, say=say)
+    if encoder is None:
+        encoder = open_encoder(weights, backend, device, precision, say=_say(config, dist))
     resize = family_of(weights.model_type).resizes_in_workers
     embedded, failed = 0, 0
     loader = DataLoader(
@@ -297,8 +368,20 @@ def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageReco
     return embedded, failed
 
 
+@dataclass
+class _Copy:
+    """An image whose stored embedding goes into a new shard with its current record: its
+    annotations changed, or an image the cache dropped (or replaced) is back with the same pixels."""
+
+    record: ImageRecord
+    file: FileIdentity
+    preview: Callable[[], bytes]
+    embedding: Callable[[], np.ndarray]
+    restored: bool = False
+
+
 def _plan(records: list[ImageRecord], existing: EmbeddingCache):
-    """Splits the dataset into (to embed, to refresh from the cache, up to date, failed before)."""
+    """Splits the dataset into (to embed, to copy from the cache, up to date, failed before)."""
     failed_before = {f.name: f for f in existing.failed}
     pending, refresh, skipped, previously_failed = [], [], [], []
     for record in sorted(records, key=lambda r: r.name):
@@ -308,11 +391,16 @@ def _plan(records: list[ImageRecord], existing: EmbeddingCache):
                 if existing.annotations_sha256_of(index) == annotations_sha256(record):
                     skipped.append(record)
                 else:
-                    refresh.append((record, index))
+                    refresh.append(_Copy(record, existing.file_of(index), partial(existing.preview_bytes, index),
+                                         partial(existing.embedding, index)))
                 continue
         failure = failed_before.get(record.name)
         if failure is not None and failure.file.unchanged(record.path):
             previously_failed.append(record)
+            continue
+        earlier = existing.earlier_record(record.name, record.path)
+        if earlier is not None:
+            refresh.append(_Copy(record, earlier.file, earlier.preview_bytes, earlier.embedding, restored=True))
             continue
         pending.append(record)
     return pending, refresh, skipped, previously_failed

@@ -30,13 +30,16 @@ from samcache.devices import decoder_precision, resolve_device
 from samcache.errors import OutputError, SamcacheError
 from samcache.evaluate.automatic_masks import segment_everything
 from samcache.evaluate.report import write_eval_report
-from samcache.fileio import atomic_write_bytes, atomic_write_json, refuse_to_replace
+from samcache.fileio import atomic_write_bytes, atomic_write_json, read_json_mapping
 from samcache.models.prompts import box_fill, evaluation_box
 from samcache.models.weights import load_matching
+from samcache.outputs import OutputFolder
 from samcache.train.click_protocol import click_protocol
 from samcache.train.inference import ObjectPrediction, predict_cached_objects
 from samcache.train.runs import RunFolder, apply_weights
 from samcache.train.samples import SampleSettings
+
+REPORT_KIND = "evaluation report"
 
 
 def score_mask(info: ImageInfo, obj: ObjectRecord, mask: np.ndarray) -> dict:
@@ -199,9 +202,10 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
       report_dir: where summary.json, objects.csv, report.md and the pictures go.
       config: the options.
       run_dir: a training run; None scores the base model alone.
-      overwrite: replace the report when `report_dir` holds one.
+      overwrite: replace the report when `report_dir` holds one (samcache's own: see outputs.py).
     """
-    refuse_to_replace(Path(report_dir) / "summary.json", overwrite=overwrite)
+    report = OutputFolder(report_dir, REPORT_KIND)
+    report.check(overwrite=overwrite, legacy=_written_by_samcache)  # before the work, which may take hours
     cache = EmbeddingCache(cache_dir)
     indices = cache.annotated_indices(config.split)
     if not indices:
@@ -230,6 +234,7 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
         everything = score_everything(decoders, cache, indices, config, device)
         summary["everything"] = everything.summary  # its options: summary["config"]["generator"]
     report_dir = Path(report_dir)
+    report.claim(overwrite=overwrite, legacy=_written_by_samcache)
     _write_objects_csv(report_dir / "objects.csv", scored, lead)
     atomic_write_json(report_dir / "summary.json", summary)
     write_eval_report(report_dir, cache, scored[lead].models, summary, overlays=config.overlays, seed=config.seed,
@@ -240,7 +245,14 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
         except OutputError as exc:  # a read-only run folder: the report itself is complete
             summary["warnings"] = [f"could not record this evaluation in the run folder {run} ({exc}); "
                                    f"the report in {report_dir} is complete"]
+    report.complete()
     return summary
+
+
+def _written_by_samcache(folder: Path) -> bool:
+    """A report folder from before reports carried the output marker: its summary.json is samcache's."""
+    summary = read_json_mapping(folder / "summary.json")
+    return "samcache_version" in summary and "split" in summary
 
 
 def _write_objects_csv(path: Path, scored: dict[str, PromptKindScores], lead: str) -> None:

@@ -3,8 +3,11 @@
 This module is the only one that knows the folder's layout:
 
     RUN/config.yaml       the resolved TrainConfig, nested as a YAML --config file takes it
+    RUN/.samcache-output.json  the marker that says the folder is a samcache run (outputs.py)
     RUN/run.json          model type, base weights, the cache it was trained from, versions;
                           the result once training ends
+    RUN/images.json       the cache's train and val images the run started with, by name and
+                          SHA-256: --resume refuses another cache, or the same one grown since
     RUN/metrics.jsonl     one JSON line per step and per epoch
     RUN/curves.png        loss and validation mIoU
     RUN/tensorboard/      the same scalars as metrics.jsonl as TensorBoard event files, when the
@@ -45,6 +48,7 @@ from samcache.config import RUN_WEIGHTS, TRAINABLE, TrainConfig
 from samcache.errors import RunError
 from samcache.fileio import append_text, atomic_write_bytes, atomic_write_json, read_json_mapping
 from samcache.models.weights import LoadedModel, load_matching
+from samcache.outputs import OutputFolder
 from samcache.plotting import plot_training_curves
 
 CHECKPOINT_FORMAT = "samcache-run-checkpoint"
@@ -55,6 +59,8 @@ _METRICS = "metrics.jsonl"
 _CURVES = "curves.png"
 _TENSORBOARD = "tensorboard"
 _EVAL_PREFIX = "eval-"
+_IMAGES = "images.json"
+RUN_KIND = "run"
 
 
 @dataclass
@@ -145,6 +151,12 @@ class RunCheckpoint:
             )
 
 
+def _written_by_samcache(folder: Path) -> bool:
+    """A run folder from before runs carried the output marker: its run.json is samcache's."""
+    info = read_json_mapping(folder / _INFO)
+    return "samcache_version" in info and "model_type" in info
+
+
 def apply_weights(sam, checkpoint: RunCheckpoint) -> None:
     """Loads a run's prompt encoder and mask decoder into `sam` (strict keys): the one way a run's
     weights reach a model, for resume, eval, predict and export."""
@@ -201,19 +213,27 @@ class RunFolder:
         apply_weights(base.sam, run_checkpoint)
         return base, run_checkpoint
 
-    def prepare(self, resume: bool) -> None:
-        """Checks the folder can take a new run (or holds one to resume) and creates it."""
+    def check_writable(self, resume: bool) -> None:
+        """Refuses, before anything is written (the lock file included), a folder that is neither new,
+        empty nor a samcache run, and a run that `resume` cannot continue or a new run would replace."""
+        OutputFolder(self.path, RUN_KIND).check(again=True, legacy=_written_by_samcache)
         if resume:
             if not self.has_checkpoint("last"):
                 raise RunError(f"--resume: {self.path} has no {self.checkpoint_path('last').name} to resume from")
-            return
-        if self.has_checkpoint("last"):
+        elif self.has_checkpoint("last"):
             raise RunError(f"{self.path} already holds a run: pass --resume to continue it, or choose another --out")
-        # A run that stopped before its first checkpoint left logs only: nothing to resume, so start over.
-        for path in (self.path / _METRICS, self.path / _INFO, self.path / _CONFIG, self.path / _CURVES,
-                     self.checkpoint_path("best")):
-            path.unlink(missing_ok=True)
-        self.path.mkdir(parents=True, exist_ok=True)
+
+    def prepare(self, resume: bool) -> None:
+        """Checks the folder again, now under its lock, marks it as a samcache run, and, for a new run
+        in a run folder that stopped before its first checkpoint, removes that run's logs."""
+        self.check_writable(resume)
+        folder = OutputFolder(self.path, RUN_KIND)
+        if not resume:
+            # Only samcache's own run files, in a folder the check above proved to be a samcache run.
+            for path in (self.path / _METRICS, self.path / _INFO, self.path / _CONFIG, self.path / _CURVES,
+                         self.path / _IMAGES, self.checkpoint_path("best")):
+                path.unlink(missing_ok=True)
+        folder.mark()
 
     def after_failure(self) -> str:
         """What the folder holds after a run stopped on an error, and what the user can do."""
@@ -254,6 +274,47 @@ class RunFolder:
         """run.json: model, base weights, cache, versions and (once finished) the result; {} if absent."""
         return read_json_mapping(self.path / _INFO)
 
+    def trained_images(self) -> Optional[dict[str, dict[str, str]]]:
+        """{"train": {name: SHA-256}, "val": {...}}: the cache's images the run started with (None for
+        runs that did not record them)."""
+        path = self.path / _IMAGES
+        if not path.is_file():
+            return None
+        images = read_json_mapping(path)
+        return {split: dict(images.get(split, {})) for split in ("train", "val")}
+
+    def check_same_cache(self, cache_dir: Path, images: dict[str, dict[str, str]]) -> None:
+        """Refuses to resume on other images than the run started with: another cache, or the same
+        cache grown or changed since (the epochs' batches and the validation set would differ)."""
+        started_on = self.cache_dir()
+        recorded = self.trained_images()
+        here = str(Path(cache_dir).resolve())
+        if recorded is None:  # a run from before the images were recorded: the path is all there is
+            if started_on is not None and started_on != here:
+                raise RunError(f"--resume: {self.path} was trained from the cache {started_on}, not {here}: "
+                               "resume it with that cache, or start a new run (another --out)")
+            return
+        problems = []
+        for split in ("train", "val"):
+            before, now = recorded[split], images[split]
+            if before == now:
+                continue
+            added, gone = now.keys() - before.keys(), before.keys() - now.keys()
+            changed = [name for name in before.keys() & now.keys() if before[name] != now[name]]
+            if not gone and not changed:
+                problems.append(f"{len(added)} {split} images were added to it since")
+            else:
+                problems.append(f"its {split} split differs ({len(gone)} of the run's {len(before)} images are not "
+                                f"in it, {len(changed)} changed, {len(added)} new; e.g. "
+                                f"{sorted(gone | set(changed) | added)[0]})")
+        if not problems:
+            return
+        same_place = started_on == here
+        what = "the cache it started from has changed" if same_place else f"it was trained from the cache {started_on}"
+        raise RunError(f"--resume: {self.path} cannot continue on {here}: {what}, and {'; '.join(problems)}. "
+                       "Resuming would train and validate on other images than the run's; start a new run "
+                       "(another --out) to train on them")
+
     def cache_dir(self) -> Optional[str]:
         """The cache the run was trained from, as recorded when it started."""
         return self.info().get("cache")
@@ -287,11 +348,15 @@ class RunWriter:
         self._events = None  # the TensorBoard writer, made at the first record; False: none (not installed, failed)
         self._purge_step: Optional[int] = None
 
-    def start(self, config: TrainConfig, base: LoadedModel, cache_dir: Path, *, train_images: int,
-              val_images: int, embeddings_in_memory: bool) -> None:
+    def start(self, config: TrainConfig, base: LoadedModel, cache_dir: Path, *,
+              images: dict[str, dict[str, str]], embeddings_in_memory: bool) -> None:
+        """Writes config.yaml, images.json (the train and val images, by name and SHA-256: what
+        --resume checks) and run.json's header."""
         if not self.enabled:
             return
         self.update_config(config)
+        atomic_write_json(self.run.path / _IMAGES, images)
+        train_images, val_images = len(images["train"]), len(images["val"])
         atomic_write_json(self.run.path / _INFO, {
             "samcache_version": __version__, "torch_version": torch.__version__,
             "model_type": base.model_type, "base_weights_sha256": base.weights_sha256,

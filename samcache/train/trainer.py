@@ -122,7 +122,10 @@ class Training:
         """Everything but the run folder's lock, which `train` holds (see locks.py); `splits` are
         the train and val images (`_splits`)."""
         train_indices, val_indices = splits
-        run.prepare(resume)
+        if dist.is_main:
+            run.prepare(resume)
+        else:
+            run.check_writable(resume)
         dist.barrier()  # every rank has checked the folder before rank 0 writes into it
         device = dist.device(resolve_device(config.device))
         base = load_matching(cache.provenance.model_type, cache.provenance.weights_sha256, config.checkpoint,
@@ -155,6 +158,11 @@ class Training:
     @property
     def sam(self):
         return self.base.sam
+
+    def images(self) -> dict[str, dict[str, str]]:
+        """{"train": {name: SHA-256}, "val": {...}}: the images this run trains and validates on."""
+        return {split: {self.cache.name_of(i): self.cache.file_of(i).sha256 for i in indices}
+                for split, indices in (("train", self.train_indices), ("val", self.val_indices))}
 
     def step(self, batch: Batch) -> StepStats:
         """One optimizer step on a batch from `step_inputs` (a placeholder batch has no indices
@@ -247,6 +255,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
     """
     cache, run = EmbeddingCache(cache_dir), RunFolder(run_dir)
     splits = _splits(cache, config, dist)  # refused before anything is written
+    if dist.is_main:
+        run.check_writable(resume)  # before the lock file goes in: a folder that is not a run stays untouched
     with WriterLock(run.path, what="run folder", enabled=dist.is_main):  # one writer per run folder
         t = Training.setup(cache, run, config, splits, resume=resume, dist=dist)
         writer = RunWriter(t.run, enabled=dist.is_main)
@@ -276,8 +286,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
 def start_state(t: Training, writer: RunWriter, *, progress: bool) -> TrainState:
     """A new run: validate the base decoder (epoch 0 of the history) and write the run's header."""
     start_miou, click_miou = validate(t), validate_clicks(t)
-    writer.start(t.config, t.base, t.cache.cache_dir, train_images=len(t.train_indices),
-                 val_images=len(t.val_indices), embeddings_in_memory=t.store is not None)
+    writer.start(t.config, t.base, t.cache.cache_dir, images=t.images(),
+                 embeddings_in_memory=t.store is not None)
     writer.log({"type": "epoch", "epoch": 0, "global_step": 0, "val_miou": start_miou,
                 **_clicks_field(click_miou)})
     if progress and t.dist.is_main:
@@ -291,6 +301,7 @@ def resume_state(t: Training, writer: RunWriter) -> TrainState:
     Only what does not change the computation may differ from the run's own options."""
     checkpoint = t.run.read_checkpoint("last")
     checkpoint.check_cache(t.cache.provenance)
+    t.run.check_same_cache(t.cache.cache_dir, t.images())
     changed = resume_changes(upgrade_saved_config(checkpoint.config), t.config)
     if changed:
         raise RunError(
