@@ -228,7 +228,8 @@ def data() -> None:
 @data.command("stamps")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write (COCO layout).")
 @click.option("--n", "n_images", type=click.IntRange(min=1), default=60, show_default=True, help="Pages.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same pages, byte for byte.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Same seed, same pages, byte for byte.")
 @click.option("--overwrite", is_flag=True, help="Replace what --out holds.")
 def data_stamps(out: Path, n_images: int, seed: int, overwrite: bool) -> None:
     """Generate a synthetic "stamps on scanned documents" set.
@@ -358,12 +359,14 @@ def info_cmd(cache_dir: Path, as_json: bool) -> None:
 
 @main.command("verify")
 @click.argument("cache_dir", metavar="CACHE", type=click.Path(path_type=Path))
-@click.option("--check-only", is_flag=True, help="Report damaged images, but leave them in the cache.")
+@click.option("--check-only", is_flag=True, help="Report damaged images and unreadable shards, but change nothing.")
 def verify_cmd(cache_dir: Path, check_only: bool) -> None:
-    """Read and check every embedding of CACHE (checksums, finite values).
+    """Read and check every shard and image of CACHE: embedding checksums and finite values, mask
+    encodings, previews.
 
-    Damaged images are taken out of the cache (a record in a new shard; nothing is deleted),
-    so that the next `samcache embed` embeds them again. Exit code 1 when any was damaged.
+    Damaged images are taken out of the cache (a record in a new shard); a shard that cannot be
+    read is moved into CACHE/damaged/. Nothing is deleted, and the next `samcache embed` embeds
+    them again. Exit code 1 when anything was damaged.
 
     \b
     Example:

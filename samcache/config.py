@@ -18,7 +18,10 @@ do not go together (the prompt rule of predict, generator options without --ever
 options of another format) are refused by the config too, as an `OptionCombinationError`. What is
 accepted, on purpose: numbers written as strings (YAML 1.1 reads `1e-4` as a string), and
 `train: mask_decoder` as a one-item list. What is refused: true/false where a number is
-asked for, fractions where a whole number is, NaN and infinity, values out of range.
+asked for, fractions where a whole number is, NaN and infinity, values out of range. Every
+whole-number option has a lower and an upper bound: what the code that consumes it accepts
+(torch's generator seeds, DataLoader workers, Python's index sizes, ...; see the MAX_ constants),
+so no value gets past the config to fail deep inside a command.
 
 This module imports no PyTorch, so the command line can build its options from it without
 the seconds torch takes to import. The vocabularies of the options (losses, prompt kinds,
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, TypeVar
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -67,6 +70,28 @@ MAX_POINTS = 8
 """Points per prompt beyond this are ignored; fixed so that prompts stack into batches."""
 MAX_CLICK_ITERATIONS = 24
 """The most corrective points `--prompt interactive` adds after the first prompt."""
+MAX_COUNT = 2**63 - 1
+"""The most images, objects or steps a count option takes: sys.maxsize, the largest size that
+itertools.islice (DataLoader's batches), range() and list slices accept. The data bounds a batch
+or a shard long before: it never holds more images than there are."""
+EPOCH_SEED_STRIDE = 100_003
+"""Epoch e of a run with seed s is shuffled by torch.Generator().manual_seed(s * EPOCH_SEED_STRIDE + e)
+(train/samples.py, EpochBatches)."""
+MAX_EPOCHS = 100_000
+"""Fewer epochs than EPOCH_SEED_STRIDE: every (seed, epoch) pair shuffles its own way."""
+MAX_SEED = (2**64 - MAX_EPOCHS) // EPOCH_SEED_STRIDE
+"""The largest seed whose last epoch's shuffle seed is within torch.Generator.manual_seed's 2**64 - 1.
+numpy's generators (prompts.rng_for) take any seed: the commands share this one range."""
+MAX_WORKERS = 128
+"""Each DataLoader worker is a process, and the main process holds 4 open files for each: the common
+limit of 1024 open files stops at about 250, and more workers than cores only compete for them."""
+MAX_MEMORY_MB = (2**63 - 1) // 2**20
+"""A memory budget whose bytes fit in int64, the type of the memory counts it is compared with."""
+MAX_OVERLAYS = 200
+"""Objects per overlay figure: matplotlib's Agg draws under 2**16 pixels a side, and each object
+takes a row of up to 288 pixels (evaluate/report.py), so 227 rows fit."""
+MAX_POINTS_PER_SIDE = 256
+"""The densest segment-everything grid: 65,536 points."""
 
 
 def _no_bool(value: Any) -> Any:
@@ -98,7 +123,7 @@ class EmbedConfig(_Options):
     """Weights file (default: Meta's official weights; for tiny, samcache's pretrained ones)."""
     random_init: bool = False
     """tiny only: random weights instead of the pretrained ones."""
-    batch_size: Optional[Annotated[Int, Field(ge=1)]] = None
+    batch_size: Optional[Annotated[Int, Field(ge=1, le=MAX_COUNT)]] = None
     """Images per encoder forward (default: 8 on CUDA, 1 on the CPU, where batching vit_b only adds
     memory traffic)."""
     device: Literal[DEVICES] = "auto"
@@ -108,7 +133,7 @@ class EmbedConfig(_Options):
     backend: Literal[ENCODER_BACKENDS] = "auto"
     """Who runs the encoder: auto (OpenVINO on the CPU, converted once per weights into
     $SAMCACHE_HOME; torch on CUDA), torch or openvino."""
-    workers: Optional[Annotated[Int, Field(ge=0)]] = None
+    workers: Optional[Annotated[Int, Field(ge=0, le=MAX_WORKERS)]] = None
     """Processes decoding images while the encoder runs (0: in the main process). Unset: 2 on
     CUDA, where the CPU is otherwise idle; 0 on the CPU, where the encoder already uses every
     core and workers only compete with it.
@@ -118,7 +143,7 @@ class EmbedConfig(_Options):
     """Stop at the first image that fails to decode (after committing what is done)."""
     intensity: Literal[INTENSITY_MODES] = "percentile"
     """How images with more than 8 bits become 8-bit (images.read_image)."""
-    shard_images: Annotated[Int, Field(ge=1)] = 64
+    shard_images: Annotated[Int, Field(ge=1, le=MAX_COUNT)] = 64
     """Commit a shard after this many images (what a crash can lose at most)."""
     shard_seconds: Annotated[Float, Field(gt=0)] = 60.0
     """... or after this many seconds, whichever comes first."""
@@ -141,9 +166,9 @@ class PromptSettings(_Options):
     """Each box side moves by up to this fraction of the box's width or height..."""
     box_jitter_max: Annotated[Float, Field(ge=0)] = 20.0
     """... and by at most this many original pixels (SAM's default: 10%, 20 px)."""
-    positive_points: Annotated[Int, Field(ge=1)] = 1
+    positive_points: Annotated[Int, Field(ge=1, le=MAX_POINTS)] = 1
     """Points inside the mask per point prompt."""
-    negative_points: Annotated[Int, Field(ge=0)] = 0
+    negative_points: Annotated[Int, Field(ge=0, le=MAX_POINTS)] = 0
     """Points in the box outside the mask per point prompt."""
     point_ratio: Annotated[Float, Field(ge=0, le=1)] = 0.5
     """With mode mixed, the probability that a prompt is points rather than a box."""
@@ -204,19 +229,19 @@ def _memory_policy(value: Any) -> Any:
 class TrainConfig(_Options):
     """Options of `samcache train` (also the keys of its YAML config file)."""
 
-    epochs: Annotated[Int, Field(ge=1)] = 10
+    epochs: Annotated[Int, Field(ge=1, le=MAX_EPOCHS)] = 10
     """Passes over the training split."""
-    batch_size: Annotated[Int, Field(ge=1)] = 4
+    batch_size: Annotated[Int, Field(ge=1, le=MAX_COUNT)] = 4
     """Images per optimizer step, over all processes under torchrun (the global batch: each rank
     takes its share, so a run's results do not depend on the number of processes); each image
     contributes up to objects_per_image prompts."""
-    objects_per_image: Annotated[Int, Field(ge=1)] = 8
+    objects_per_image: Annotated[Int, Field(ge=1, le=MAX_COUNT)] = 8
     """K: objects (prompts) sampled per image and step (all of them when the image has fewer)."""
     lr: Annotated[Float, Field(gt=0)] = 1e-4
     """Peak learning rate of AdamW."""
     weight_decay: Annotated[Float, Field(ge=0)] = 0.01
     """AdamW weight decay."""
-    warmup_steps: Annotated[Int, Field(ge=0)] = 20
+    warmup_steps: Annotated[Int, Field(ge=0, le=MAX_COUNT)] = 20
     """Linear warmup steps, then cosine decay to zero at the last step."""
     grad_clip: Annotated[Float, Field(ge=0)] = 1.0
     """Clip the gradient norm to this (0: no clipping)."""
@@ -239,22 +264,22 @@ class TrainConfig(_Options):
     val_clicks: Optional[Annotated[Int, Field(ge=0, le=20)]] = None
     """Also validate with the click protocol (train/click_protocol.py) after each epoch: mIoU after click 1..N,
     logged as val_click_miou (not used to pick best.pt). Unset: 3 with --prompt interactive, else 0."""
-    val_max_images: Optional[Annotated[Int, Field(ge=1)]] = 200
+    val_max_images: Optional[Annotated[Int, Field(ge=1, le=MAX_COUNT)]] = 200
     """Validate on at most this many images of the split, a subset fixed by the seed (null: all).
 
     Bounded so that a large cache starts training at once and epochs are not mostly validation;
     `samcache eval` always scores every image."""
-    seed: Annotated[Int, Field(ge=0)] = 0
+    seed: Annotated[Int, Field(ge=0, le=MAX_SEED)] = 0
     """Seeds shuffling, object choice and prompt sampling."""
     device: Literal[DEVICES] = "auto"
     """auto (CUDA when available), cpu or cuda. On CUDA, bf16 autocast."""
-    workers: Annotated[Int, Field(ge=0)] = 2
+    workers: Annotated[Int, Field(ge=0, le=MAX_WORKERS)] = 2
     """DataLoader worker processes reading the cache and building targets."""
     cache_in_memory: Annotated[Literal[MEMORY_POLICIES], BeforeValidator(_memory_policy)] = "auto"
     """auto, yes or no: hold all embeddings in RAM (or GPU memory) so epochs do no I/O."""
-    memory_budget_mb: Optional[Annotated[Int, Field(ge=1)]] = None
+    memory_budget_mb: Optional[Annotated[Int, Field(ge=1, le=MAX_MEMORY_MB)]] = None
     """With cache_in_memory auto, the most memory the embeddings may take (default: half the free memory)."""
-    save_every: Optional[Annotated[Int, Field(ge=1)]] = 50
+    save_every: Optional[Annotated[Int, Field(ge=1, le=MAX_COUNT)]] = 50
     """Also save last.pt every this many steps inside an epoch (null: only at epoch ends)."""
     checkpoint: Optional[Path] = None
     """The base weights file, when the cache was not made with samcache's tiny or official weights."""
@@ -313,10 +338,10 @@ class EverythingSettings(_Options):
 
     model_config = ConfigDict(frozen=True)
 
-    points_per_side: Annotated[Int, Field(ge=1, le=256)] = 32
+    points_per_side: Annotated[Int, Field(ge=1, le=MAX_POINTS_PER_SIDE)] = 32
     """Segment everything: the point grid is this many points by this many over the image."""
-    points_per_batch: Annotated[Int, Field(ge=1)] = 64
-    """Segment everything: points decoded together (memory, not results)."""
+    points_per_batch: Annotated[Int, Field(ge=1, le=MAX_POINTS_PER_SIDE**2)] = 64
+    """Segment everything: points decoded together (memory, not results; at most the whole grid)."""
     pred_iou_thresh: Annotated[Float, Field(ge=0, le=1)] = 0.88
     """Segment everything: keep masks whose predicted IoU is above this."""
     stability_score_thresh: Annotated[Float, Field(ge=0, le=1)] = 0.95
@@ -339,20 +364,20 @@ class EvalConfig(_Options):
     (box,point), score every model with each kind (the first kind leads the report)."""
     box_jitter: Annotated[Float, Field(ge=0, le=1)] = 0.0
     """Move box sides by up to this fraction (at most 20 px), seeded; 0 keeps exact boxes."""
-    seed: Annotated[Int, Field(ge=0)] = 0
+    seed: Annotated[Int, Field(ge=0, le=MAX_SEED)] = 0
     """Seeds the box jitter and the random overlay picks."""
     clicks: Annotated[Int, Field(ge=0, le=100)] = 0
     """Also run the click protocol with this many clicks per object (train/click_protocol.py): mIoU after each
     click and the clicks needed for IoU 0.85 / 0.90 (NoC), for each model; 0: not run."""
     weights: Literal[RUN_WEIGHTS] = "best"
     """Which checkpoint of the run: best or last."""
-    batch_size: Annotated[Int, Field(ge=1)] = 4
+    batch_size: Annotated[Int, Field(ge=1, le=MAX_COUNT)] = 4
     """Images per decoder batch."""
     device: Literal[DEVICES] = "auto"
     """auto (CUDA when available), cpu or cuda."""
     checkpoint: Optional[Path] = None
     """Base weights file, when not samcache's tiny or the official weights."""
-    overlays: Annotated[Int, Field(ge=0)] = 6
+    overlays: Annotated[Int, Field(ge=0, le=MAX_OVERLAYS)] = 6
     """Objects per overlay figure (worst, best, random)."""
     everything: bool = False
     """Also segment everything in each image of the split with each model (a point grid, as
@@ -609,6 +634,8 @@ def describe_errors(cls: type[BaseModel], exc: ValidationError, values: dict, *,
         name = ".".join(option or location) or "config"
         message = error["msg"][0].lower() + error["msg"][1:]
         message = message.removeprefix("value error, ")
+        if error["type"] in _BOUND_ERRORS:
+            message = _range_message(cls, option or location) or message
         if error["type"] == "extra_forbidden":
             moved = _nested_home(cls, name)
             where = f" in {source}" if source else ""
@@ -621,6 +648,54 @@ def describe_errors(cls: type[BaseModel], exc: ValidationError, values: dict, *,
         else:
             problems.append(f"{name}: {message}")
     return f"invalid option{'s' if len(problems) > 1 else ''}: " + "; ".join(problems)
+
+
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _range_message(cls: type[BaseModel], location: list[str]) -> str:
+    """"input should be from 0 to 24" for an option bounded on both sides ("" for others: pydantic's
+    message about the one bound already says the whole range)."""
+    try:
+        low, high = field_bounds(cls, ".".join(location))
+    except (KeyError, AttributeError):
+        return ""
+    if low is None or high is None:
+        return ""
+    (low_kind, low_value), (high_kind, high_value) = low, high
+    if low_kind == "ge" and high_kind == "le":
+        return f"input should be from {low_value} to {high_value}"
+    lower = f"at least {low_value}" if low_kind == "ge" else f"greater than {low_value}"
+    upper = f"at most {high_value}" if high_kind == "le" else f"less than {high_value}"
+    return f"input should be {lower} and {upper}"
+
+
+def field_bounds(cls: type[BaseModel], path: str) -> tuple[Optional[tuple[str, Any]], Optional[tuple[str, Any]]]:
+    """The lower and upper bound of option `path`, each as ("ge" or "gt", value) and ("le" or "lt",
+    value), or None when it has none."""
+    bounds: dict[str, Any] = {}
+    for constraint in _constraints(_field(cls, path)):
+        for kind in ("gt", "ge", "lt", "le"):
+            if getattr(constraint, kind, None) is not None:
+                bounds[kind] = getattr(constraint, kind)
+    low = next(((kind, bounds[kind]) for kind in ("ge", "gt") if kind in bounds), None)
+    high = next(((kind, bounds[kind]) for kind in ("le", "lt") if kind in bounds), None)
+    return low, high
+
+
+def _constraints(field) -> list:
+    """The constraints of a field, also those inside Optional[Annotated[X, Field(...)]]."""
+    found, pending = list(field.metadata), [field.annotation]
+    while pending:
+        annotation = pending.pop()
+        if get_origin(annotation) is Annotated:
+            annotation, *metadata = get_args(annotation)
+            for item in metadata:
+                found.extend(getattr(item, "metadata", [item]))  # Field(...) holds its constraints
+            pending.append(annotation)
+        elif get_origin(annotation) is Union:
+            pending.extend(get_args(annotation))
+    return found
 
 
 def _nested_home(cls: type[BaseModel], name: str) -> Optional[str]:

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
+import os
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from segment_anything import sam_model_registry
 
+from samcache.cli import main
 from samcache.errors import CheckpointError
+from samcache.fileio import sha256_file
 from samcache.models import weights as models
+from tests.helpers import EMBED_FLAGS, micro_weights
 
 
 def test_tiny_is_deterministic_and_seeded():
@@ -168,12 +174,71 @@ def test_corrupted_file_in_home_is_refused(monkeypatch):
         models.resolve_checkpoint("vit_b", None)
 
 
-def test_file_hash_sidecar_tracks_changes(tmp_path):
+def test_file_hash_cache_tracks_changes(tmp_path, monkeypatch):
     path = tmp_path / "w.pth"
     path.write_bytes(b"one")
+    os.utime(path, ns=(10**18, 10**18))
     assert models.file_sha256_cached(path) == hashlib.sha256(b"one").hexdigest()
-    path.write_bytes(b"two!")
-    assert models.file_sha256_cached(path) == hashlib.sha256(b"two!").hexdigest()
+    models.remember_sha256(path)
+    monkeypatch.setattr(models, "_HASHED", {})  # as a new process would
+    path.write_bytes(b"two")  # the same size: only the modification time tells
+    os.utime(path, ns=(10**18 + 1, 10**18 + 1))
+    assert models.file_sha256_cached(path) == hashlib.sha256(b"two").hexdigest()
+    assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]
+
+
+def _listing(folder: Path) -> dict[str, bytes | None]:
+    """The entries of `folder` and the bytes of its files."""
+    return {p.name: p.read_bytes() if p.is_file() else None for p in folder.iterdir()}
+
+
+def test_embed_writes_nothing_beside_the_weights_and_hashes_them_once(stamps, tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    weights = micro_weights(folder, 3)
+    before = _listing(folder)
+    hashed = []
+    monkeypatch.setattr(models, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(tmp_path / "cache"),
+                                           "--checkpoint", str(weights), *EMBED_FLAGS])
+        assert result.exit_code == 0, result.output
+        monkeypatch.setattr(models, "_HASHED", {})  # the next command as a new process: only the hash cache is left
+    assert _listing(folder) == before
+    assert len(hashed) == 1
+    entries = [json.loads(p.read_text()) for p in (models.samcache_home() / "hashes").iterdir()]
+    assert [(e["path"], e["sha256"]) for e in entries] == [(str(weights.resolve()), sha256_file(weights))]
+
+
+@pytest.mark.parametrize("refused", ["garbage", "not meta's"])
+def test_a_refused_weights_file_leaves_nothing_behind(stamps, tmp_path, monkeypatch, refused):
+    home = models.samcache_home()
+    if refused == "garbage":
+        folder = tmp_path / "weights"
+        folder.mkdir()
+        (folder / "w.pth").write_bytes(b"not a checkpoint")
+        flags, expected = ["--checkpoint", str(folder / "w.pth"), *EMBED_FLAGS], f"{folder / 'w.pth'} is not a PyTorch checkpoint"
+    else:
+        _fake_official(monkeypatch, "http://127.0.0.1:9/sam_vit_b_01ec64.pth", b"good")
+        folder = home
+        (home / "sam_vit_b_01ec64.pth").write_bytes(b"bad!")
+        flags, expected = ["--model", "vit_b", *EMBED_FLAGS[2:]], "delete it to download again"
+    before, home_before = _listing(folder), _listing(home)
+    result = CliRunner().invoke(main, ["embed", str(stamps), "--out", str(tmp_path / "cache"), *flags])
+    assert result.exit_code == 1 and expected in result.output and "Traceback" not in result.output
+    assert _listing(folder) == before and _listing(home) == home_before
+
+
+def test_an_unwritable_hash_cache_only_costs_hashing_again(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SAMCACHE_HOME", str(blocker / "home"))  # no folder can be made there, even by root
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    weights = micro_weights(folder, 3)
+    loaded = models.load_sam("micro", weights)
+    assert loaded.weights_sha256 == sha256_file(weights)
+    assert [p.name for p in folder.iterdir()] == [weights.name]
 
 
 def test_weights_that_are_not_meta_s_are_never_downloaded_in_their_place(monkeypatch, vit_b_checkpoint, tmp_path):

@@ -97,5 +97,5 @@ def test_a_text_file_as_checkpoint_is_a_message(stamps, tmp_path):
     page = sorted((stamps / "images").iterdir())[0]
     result = _run("predict", page, "--checkpoint", text, "--model", "tiny", "--box", "0,0,10,10",
                   "--out", tmp_path / "pred")
-    assert result.exit_code == 1 and "is not a readable PyTorch checkpoint" in result.output
+    assert result.exit_code == 1 and "is not a PyTorch checkpoint (neither the zip archive" in result.output
     assert "Traceback" not in result.output

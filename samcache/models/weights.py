@@ -6,6 +6,11 @@ a verified download of Meta's official file), loads them without executing pickl
 (`weights_only=True`, or safetensors) and with strict keys, and says which weights it used
 (`weights_sha256`), so caches and runs can refuse to mix models.
 
+A weights file's SHA-256 is remembered in `$SAMCACHE_HOME/hashes/` (one small JSON file per
+weights file, keyed by its resolved path, size and modification time), so a 2.5 GB checkpoint is
+hashed once, not at every command. Only files samcache accepted are remembered, and nothing is
+ever written beside the user's file.
+
 `tiny` is samcache's own SAM-shaped model: SAM's geometry (1024 px input, 256x64x64
 embeddings) and SAM's exact prompt encoder and mask decoder, with a small convolutional image
 encoder (tiny_encoder.py), so every stage runs at real sizes in seconds on a CPU. Two sets of weights exist for it:
@@ -31,8 +36,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from samcache.errors import CheckpointError
-from samcache.fileio import sha256_file
+from samcache.errors import CheckpointError, OutputError
+from samcache.fileio import atomic_write_json, read_json_mapping, sha256_file
 from samcache.models.families import ModelFamily, family_of, recognise_model_type
 from samcache.models.specs import OFFICIAL_WEIGHTS, OfficialWeights
 from samcache.progress import progress_bar
@@ -170,6 +175,7 @@ def load_identified(weights: WeightsIdentity) -> LoadedModel:
         sam = build_sam(weights.model_type)
         load_weights_into(family_of(weights.model_type).weights_module(sam), read_state_dict(weights.path),
                           model_type=weights.model_type, source=weights.path)
+        remember_sha256(weights.path)  # loaded: worth remembering; a refused file is not
     return LoadedModel(sam, weights.model_type, weights.weights_sha256, weights.weights_source)
 
 
@@ -216,6 +222,7 @@ def resolve_checkpoint(model_type: str, checkpoint: Optional[str | Path], *, dow
                 f"{path} has SHA-256 {digest}, but Meta's {model_type} file has {official.sha256}; "
                 f"delete it to download again, or pass it explicitly with --checkpoint {path}"
             )
+        remember_sha256(path)
         return path
     if not download:
         raise CheckpointError(_offline_message(model_type, official, reason="downloads are disabled"))
@@ -252,6 +259,8 @@ def download_official(model_type: str) -> Path:
             "the file was deleted, try again"
         )
     os.replace(partial_path, target)
+    _HASHED[_file_key(target)] = official.sha256  # just verified: no need to read 2.5 GB again
+    remember_sha256(target)
     return target
 
 
@@ -279,6 +288,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    # torch.save writes a zip archive ("PK"); older files are a pickle (protocol byte 0x80). For
+    # anything else torch's weights-only loader would speak of unsafe code: say what it is instead.
+    if head != b"PK" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither the zip archive torch.save writes "
+                              "nor a pickle): is it the right file?")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -336,25 +355,57 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+_HASHED: dict[tuple[str, int, int], str] = {}
+"""SHA-256 of the weights files this process hashed, by (resolved path, size, mtime_ns)."""
+
+
 def file_sha256_cached(path: str | Path) -> str:
-    """SHA-256 of a (large) weights file, remembered in a `<file>.sha256` sidecar keyed by size and
-    modification time, so a 2.5 GB checkpoint is hashed once, not at every command."""
-    path = Path(path)
-    stat = path.stat()
-    key = f"{stat.st_size}:{stat.st_mtime_ns}"
-    sidecar = path.with_name(path.name + ".sha256")
+    """SHA-256 of a (large) weights file: from the hash cache ($SAMCACHE_HOME/hashes) while the file's
+    size and modification time are those recorded, else hashed. Only `remember_sha256` writes the
+    cache, once the file is accepted: a refused file leaves nothing behind."""
+    key = _file_key(path)
+    if key in _HASHED:
+        return _HASHED[key]
+    entry = read_json_mapping(_hash_entry(key[0]))
+    digest = entry.get("sha256")
+    if (entry.get("path"), entry.get("size"), entry.get("mtime_ns")) == key and _is_sha256(digest):
+        return digest
+    _HASHED[key] = sha256_file(key[0])
+    return _HASHED[key]
+
+
+def remember_sha256(path: str | Path) -> None:
+    """Records the SHA-256 this process computed for `path` in the hash cache, unless the file has
+    changed since. A hash cache that cannot be written (read-only home) only costs hashing again."""
     try:
-        stored_key, digest = sidecar.read_text().split()
-        if stored_key == key and len(digest) == 64:
-            return digest
-    except (OSError, ValueError):
-        pass
-    digest = sha256_file(path)
-    try:
-        sidecar.write_text(f"{key} {digest}\n")
+        key = _file_key(path)
     except OSError:
-        pass  # a read-only weights folder only costs re-hashing next time
-    return digest
+        return  # gone since it was loaded: nothing to remember
+    digest = _HASHED.get(key)
+    if digest is None:
+        return  # read from the hash cache, or changed since it was hashed
+    resolved, size, mtime_ns = key
+    try:
+        atomic_write_json(_hash_entry(resolved), {"path": resolved, "size": size, "mtime_ns": mtime_ns,
+                                                  "sha256": digest})
+    except OutputError:
+        pass
+
+
+def _file_key(path: str | Path) -> tuple[str, int, int]:
+    """What identifies a weights file's content without reading it: resolved path, size, mtime_ns."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return str(resolved), stat.st_size, stat.st_mtime_ns
+
+
+def _hash_entry(resolved: str) -> Path:
+    """The hash cache's file for the weights file at (resolved) path `resolved`."""
+    return samcache_home() / "hashes" / f"{hashlib.sha256(resolved.encode('utf-8')).hexdigest()}.json"
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def load_matching(model_type: str, weights_sha256: str, checkpoint: Optional[str | Path] = None, *,
@@ -390,7 +441,7 @@ def load_matching(model_type: str, weights_sha256: str, checkpoint: Optional[str
 def _recorded_file(source: str, weights_sha256: str) -> Optional[Path]:
     """The weights file a cache recorded, if it is still there with the same content."""
     path = Path(source)
-    if path == TINY_PRETRAINED:  # the shipped file: load_sam finds it itself (and keeps no sidecar beside it)
+    if path == TINY_PRETRAINED:  # the shipped file: load_sam finds it itself
         return None
     try:
         if path.is_file() and file_sha256_cached(path) == weights_sha256:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
 from samcache.cache.reader import EmbeddingCache
-from samcache.config import PromptSettings
+from samcache.config import EPOCH_SEED_STRIDE, PromptSettings
 from samcache.devices import available_memory_bytes
 from samcache.models.families import family_of
 from samcache.models.prompts import (
@@ -97,7 +97,7 @@ class EpochBatches(Sampler):
     def global_batches(self) -> list[list[int]]:
         order = self.indices
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            generator = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + self.epoch)
             order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
