@@ -30,7 +30,7 @@ import torch
 from samcache.errors import SamcacheError
 from samcache.models.families import family_of
 from samcache.models.specs import IMAGE_SIZE
-from samcache.models.weights import LoadedModel, WeightsIdentity, load_identified, samcache_home
+from samcache.models.weights import LoadedModel, WeightsIdentity, load_identified, remember_sha256, samcache_home
 
 
 def openvino_available() -> bool:
@@ -86,6 +86,8 @@ class OpenVINOEncoder:
         xml = converted_path(weights)
         if not xml.exists():
             _convert(load_identified(weights), xml, say)
+        elif weights.path is not None:
+            remember_sha256(weights.path)  # converted from these very bytes before: the file is good
         core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
