@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from samcache.cli import main
 from samcache.outputs import MARKER_NAME
-from tests.helpers import EMBED_FLAGS, copy_tree, tree_fingerprint
+from tests.helpers import EMBED_FLAGS, copy_tree, micro_weights, tree_fingerprint
 
 QUICK = ["--epochs", "1", "--batch-size", "2", "--objects-per-image", "2", "--workers", "0"]
 
@@ -270,17 +270,32 @@ def test_a_moved_dataset_is_followed_without_asking(stamps, tmp_path):
     assert json.loads((cache / "dataset.json").read_text())["path"] == str(moved.resolve())
 
 
-@pytest.mark.parametrize("content", [b"garbage", b"", "pickle"])
+@pytest.mark.parametrize("content", ["garbage", "empty", "pickle", "truncated", "other model"])
 def test_embed_with_weights_that_do_not_load_writes_nothing(stamps, tmp_path, content):
     import pickle
 
-    weights = tmp_path / "weights" / "w.pth"
-    weights.parent.mkdir()
-    weights.write_bytes(pickle.dumps({"x": print}, protocol=2) if content == "pickle" else content)
+    import torch
+
+    from samcache.models.weights import build_seeded
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    weights = folder / "w.pth"
+    if content in ("truncated", "other model"):
+        good = micro_weights(folder, seed=3)
+        if content == "truncated":
+            weights.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        else:
+            torch.save(build_seeded("tiny").state_dict(), weights)  # SAM's widths where micro has 32
+    else:
+        weights.write_bytes({"garbage": b"garbage", "empty": b"",
+                             "pickle": pickle.dumps({"x": print}, protocol=2)}[content])
     cache = tmp_path / "cache"
     result = _run("embed", stamps, "--out", cache, *EMBED_FLAGS, "--checkpoint", weights)
-    assert result.exit_code == 1 and str(weights) in result.output
+    assert result.exit_code == 1 and str(weights) in result.output and "Traceback" not in result.output
     assert not cache.exists()
+    fixed = _run("embed", stamps, "--out", cache, *EMBED_FLAGS)  # the corrected command is not refused
+    assert fixed.exit_code == 0, fixed.output
 
 
 # -------------------------------------------------------------------------------- data stamps
