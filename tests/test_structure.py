@@ -189,8 +189,9 @@ def test_readme_lists_every_module_in_dependency_order():
 
 
 def test_only_the_family_definitions_ask_which_model_it_is():
-    """Nothing outside models/families.py compares a model type or a family's name, nor tests a
-    model's class: everything that differs between families is asked of the family object."""
+    """Nothing outside models/families.py compares a model type or a family's name, keys a mapping
+    by one, nor tests a model's class: everything that differs between families is asked of the
+    family object."""
     from samcache.models.families import FAMILIES
     from samcache.models.specs import MODEL_TYPES
 
@@ -207,6 +208,12 @@ def test_only_the_family_definitions_ask_which_model_it_is():
                 if any(isinstance(o, ast.Attribute) and o.attr == "name" and "family" in ast.unparse(o)
                        for o in operands):
                     offenders.append(f"{path.name}:{node.lineno} compares a family's name")
+            if isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value in names | {"sam"}
+                                                  for k in node.keys):
+                offenders.append(f"{path.name}:{node.lineno} keys a mapping by model type or family name")
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Attribute) and (
+                    node.slice.attr == "name" and "family" in ast.unparse(node.slice)):
+                offenders.append(f"{path.name}:{node.lineno} looks a family's name up")
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance":
                 if "Sam2AsSam" in ast.unparse(node) or "Sam)" in ast.unparse(node):
                     offenders.append(f"{path.name}:{node.lineno} tests the model's class")

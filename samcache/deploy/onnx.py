@@ -17,6 +17,10 @@
 Tracing fixes every Python number it sees, so the mask crop of `SamOnnxModel` (to the resized
 image's size, taken with `int()`) would be frozen at the size used for tracing and be wrong for
 any other image: `OfficialDecoder` crops with tensors instead, which the graph keeps symbolic.
+
+Before the files are put in place, onnxruntime runs them (`check_graphs`): each decoder must give
+the run's own mask for one prompt on a fixed random embedding. An existing file is replaced only
+when it is an earlier export's (listed in its export.json with the SHA-256 it still has).
 """
 
 from __future__ import annotations
@@ -25,20 +29,32 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.onnx import SamOnnxModel
 
 from samcache import __version__
+from samcache.deploy.export import (
+    CHECK_SIZE,
+    STAGING_MARK,
+    check_case,
+    command_inputs,
+    compare_masks,
+    input_named,
+    remove_leftovers,
+)
 from samcache.errors import OutputError, SamcacheError
-from samcache.fileio import atomic_write_json, refuse_to_replace, sha256_file
+from samcache.faults import crash_point
+from samcache.fileio import atomic_write_json, read_json_mapping, refuse_to_replace, sha256_file
 from samcache.models.families import family_of
 from samcache.models.specs import (
     EMBEDDING_SIZE,
@@ -48,7 +64,8 @@ from samcache.models.specs import (
     PIXEL_STD,
     PROMPT_EMBED_DIM,
 )
-from samcache.train.runs import RunFolder
+from samcache.models.weights import LoadedModel
+from samcache.train.runs import RunCheckpoint, RunFolder
 
 OPSET = 17
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
@@ -57,6 +74,15 @@ ENCODER_INPUT, ENCODER_OUTPUT = "input_image", "image_embeddings"
 FILES = ("decoder.onnx", "encoder.onnx", "xanylabeling.yaml", "README.md", "export.json")
 DECODER_SINGLE = ("decoder_single_mask.onnx",)
 QUANTIZED_FILES = ("decoder.quant.onnx", "encoder.quant.onnx")
+SUPPORT_FILES = ("xanylabeling.yaml", "README.md")
+GRAPHS = ("decoder.onnx", *DECODER_SINGLE, "encoder.onnx", *QUANTIZED_FILES)
+OUTPUTS = (*FILES, *DECODER_SINGLE, *QUANTIZED_FILES, *(f"{graph}.data" for graph in GRAPHS))
+"""Every name an export may write in its folder (GRAPH.data: the weights of a graph over 2 GB)."""
+# What killed exports leave in the folder: a staging folder (`.samcache-export-PID-` and tempfile's 8
+# characters, or `.export-` and 8 characters when it holds an export's files only, see _made_by_an_export)
+# and the temporary file of export.json's atomic write.
+_LEFTOVERS = re.compile(rf"\.{STAGING_MARK}-(?P<pid>\d+)-[a-z0-9_]{{8}}|\.export-[a-z0-9_]{{8}}"
+                        r"|\.export\.json\.[a-z0-9_]{8}\.tmp")
 DECODER_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
 
 
@@ -119,27 +145,27 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, weights: str = "bes
       quantize: also write decoder.quant.onnx and encoder.quant.onnx (dynamic uint8 weights per
         channel, onnxruntime's quantizer, as segment-anything's export script offers; on the demo's
         fine-tuned tiny, box masks of the quantized decoder overlap the float one's at IoU 0.99).
-      overwrite: replace the files of an earlier export in `out_dir`.
+      overwrite: replace the files of an earlier export in `out_dir` (those its export.json lists
+        with the SHA-256 they still have); no other file is ever replaced.
     Returns the metadata written to export.json.
 
-    Every file is made in a staging folder inside `out_dir` and moved into place at the end,
-    export.json last: a failed export leaves the folder as it was.
+    Every file is made in a staging folder inside `out_dir` (`.samcache-export-PID-...`, removed by
+    the next export to `out_dir` when a killed export left it), checked (`check_graphs`) and moved
+    into place at the end, export.json last: a failed export leaves the folder as it was.
     """
     _require("onnx", "--format onnx")
-    if quantize:
-        _require("onnxruntime", "--quantize")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SamcacheError(f"--out {out_dir} is a file; --format onnx writes a folder")
-    for name in FILES + DECODER_SINGLE + QUANTIZED_FILES:
-        refuse_to_replace(out_dir / name, overwrite=overwrite)
-    model_type = RunFolder(run_dir).read_checkpoint(weights).model_type
+    _require("onnxruntime", "--format onnx")  # the check runs what was written
+    out_dir, run = Path(out_dir), RunFolder(run_dir)
+    _check_outputs(out_dir, command_inputs(run, weights, checkpoint), overwrite=overwrite)
+    model_type = run.read_checkpoint(weights).model_type
     family_of(model_type).require("onnx", model_type)  # before building a model only to refuse it
-    model, run_checkpoint = RunFolder(run_dir).load_model(weights, checkpoint)
+    model, run_checkpoint = run.load_model(weights, checkpoint)
     sam = model.sam.eval().float().cpu()
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+        remove_leftovers(out_dir, _LEFTOVERS, _made_by_an_export)
+        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{STAGING_MARK}-{os.getpid()}-"))
     except OSError as exc:
         raise OutputError(f"could not write {out_dir}: {exc.strerror or exc}") from exc
     try:
@@ -156,37 +182,149 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, weights: str = "bes
             for name in ("decoder", "encoder"):
                 _quantize(staging / f"{name}.onnx", staging / f"{name}.quant.onnx")
             files += list(QUANTIZED_FILES)
-        name = Path(run_dir).resolve().name
+        name = run.path.resolve().name
         decoder_for_tools = "decoder.onnx" if return_single_mask else DECODER_SINGLE[0]
         (staging / "xanylabeling.yaml").write_text(xanylabeling_config(model_type, name, decoder_for_tools))
         (staging / "README.md").write_text(deploy_readme(model_type, return_single_mask, quantize))
-        metadata = {
-            "format": "onnx",
-            "opset": OPSET,
-            "files": {f: sha256_file(staging / f) for f in files},
-            "model_type": model_type,
-            "base_weights_sha256": run_checkpoint.base_weights_sha256,
-            "fine_tuned": run_checkpoint.trained,
-            "run": str(Path(run_dir).resolve()),
-            "run_weights": weights,
-            "return_single_mask": return_single_mask,
-            "decoder": {"inputs": list(DECODER_INPUTS), "outputs": list(DECODER_OUTPUTS)},
-            "encoder": {"input": f"{ENCODER_INPUT}: float32 (h, w, 3) RGB 0..255, longest side at most {IMAGE_SIZE}",
-                        "output": f"{ENCODER_OUTPUT}: float32 (1, {PROMPT_EMBED_DIM}, {EMBEDDING_SIZE}, "
-                                  f"{EMBEDDING_SIZE})"},
-            "samcache_version": __version__,
-        }
-        for stale in DECODER_SINGLE + QUANTIZED_FILES:  # an earlier export's extras, not made this time
-            if stale not in files:
+        crash_point("export-staged")
+        check = check_graphs(staging, model, files, out_dir)
+        metadata = _metadata(staging, files, run, run_checkpoint, weights, return_single_mask, check)
+        for stale in OUTPUTS:  # an earlier export's graphs, not made this time (checked as its own above)
+            if stale.endswith((".onnx", ".data")) and stale not in files:
                 (out_dir / stale).unlink(missing_ok=True)
-        for produced in [*files, "xanylabeling.yaml", "README.md"]:
+        for produced in [*files, *SUPPORT_FILES]:
             os.replace(staging / produced, out_dir / produced)
         atomic_write_json(out_dir / "export.json", metadata)
     except OSError as exc:
         raise OutputError(f"could not write {out_dir}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):  # a failed export leaves no folder it made either
+            out_dir.rmdir()
     return metadata
+
+
+def _metadata(staging: Path, files: list[str], run: RunFolder, run_checkpoint: RunCheckpoint, weights: str,
+              return_single_mask: bool, check: dict) -> dict:
+    """export.json: what the files are, their SHA-256 (what a later --overwrite may replace) and the run."""
+    return {
+        "format": "onnx",
+        "opset": OPSET,
+        "files": {f: sha256_file(staging / f) for f in files},
+        "support_files": {f: sha256_file(staging / f) for f in SUPPORT_FILES},
+        "model_type": run_checkpoint.model_type,
+        "base_weights_sha256": run_checkpoint.base_weights_sha256,
+        "fine_tuned": run_checkpoint.trained,
+        "run": str(run.path.resolve()),
+        "run_weights": weights,
+        "return_single_mask": return_single_mask,
+        "decoder": {"inputs": list(DECODER_INPUTS), "outputs": list(DECODER_OUTPUTS)},
+        "encoder": {"input": f"{ENCODER_INPUT}: float32 (h, w, 3) RGB 0..255, longest side at most {IMAGE_SIZE}",
+                    "output": f"{ENCODER_OUTPUT}: float32 (1, {PROMPT_EMBED_DIM}, {EMBEDDING_SIZE}, {EMBEDDING_SIZE})"},
+        "check": check,
+        "samcache_version": __version__,
+    }
+
+
+def _check_outputs(out_dir: Path, inputs: dict[Path, str], *, overwrite: bool) -> None:
+    """Refuses an `out_dir` whose files of the names an export writes are not an earlier export's
+    (or are one and `overwrite` was not given), or are inputs of this export."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SamcacheError(f"--out {out_dir} is a file; --format onnx writes a folder")
+    earlier = _earlier_export(out_dir)
+    for name in OUTPUTS:
+        path = out_dir / name
+        if not path.exists():
+            continue
+        what = input_named(path, inputs)
+        if what:
+            raise OutputError(f"--out {out_dir}: {path} is {what}: an export never replaces its own inputs; "
+                              "choose another --out")
+        problem = _not_from_earlier_export(name, path, earlier)
+        if problem:
+            raise OutputError(f"{path} {problem}: samcache replaces only its own earlier exports; "
+                              "choose another --out")
+        refuse_to_replace(path, overwrite=overwrite)
+
+
+def _earlier_export(out_dir: Path) -> Optional[dict[str, str]]:
+    """{file: SHA-256} of the files the export.json in `out_dir` lists; None when there is no
+    export.json of an ONNX export there."""
+    metadata = read_json_mapping(out_dir / "export.json")
+    listed = [metadata.get("files"), metadata.get("support_files", {})]
+    if metadata.get("format") != "onnx" or not all(isinstance(files, dict) for files in listed):
+        return None
+    return {**listed[0], **listed[1]}
+
+
+def _not_from_earlier_export(name: str, path: Path, earlier: Optional[dict[str, str]]) -> Optional[str]:
+    """Why the existing `path` is not a file of the earlier export (None when it is one)."""
+    if path.is_dir():
+        return "is a folder, not a samcache export's file"
+    if earlier is None:
+        return "is not a samcache export's metadata" if name == "export.json" else "is not a samcache export"
+    if name == "export.json":
+        return None
+    if name not in earlier:
+        return "is not a samcache export (the export.json beside it does not list it)"
+    if earlier[name] != sha256_file(path):
+        return ("is not the file the samcache export beside it wrote (its SHA-256 differs from export.json's: "
+                "it was changed or replaced since)")
+    return None
+
+
+def _made_by_an_export(path: Path) -> bool:
+    """Whether a leftover is an export's: anything under samcache's staging name; under the name
+    `.export-*`, which is not samcache's alone, only a folder of the files an export makes."""
+    if not path.name.startswith(".export-") or path.name.startswith(".export.json."):
+        return True
+    return path.is_dir() and all(entry.name in OUTPUTS or any(entry.name.startswith(f".{name}.") for name in OUTPUTS)
+                                 for entry in path.iterdir())
+
+
+@torch.no_grad()
+def check_graphs(folder: Path, model: LoadedModel, files: list[str], out_dir: Path) -> dict:
+    """Runs the graphs made in `folder` in onnxruntime. Each float decoder must predict the run's
+    own mask for the check's prompt on a fixed random embedding (export.check_case), the quantized
+    ones a mask of the image's size, and the encoders must load with their interface. Anything
+    else is an OutputError naming the file in `out_dir` and what differed. Returns what was compared."""
+    import onnxruntime as ort
+
+    case = check_case(model)
+    prompt = case.prompt
+    feed = {  # the point, then the box's corners (labels 2, 3): SamPredictor's order, no padding point
+        "image_embeddings": case.features.numpy(),
+        "point_coords": np.stack([prompt.points[0], prompt.box[:2], prompt.box[2:]])[None].astype(np.float32),
+        "point_labels": np.array([[1, 2, 3]], np.float32),
+        "mask_input": np.zeros((1, 1, LOW_RES_SIZE, LOW_RES_SIZE), np.float32),
+        "has_mask_input": np.zeros(1, np.float32),
+        "orig_im_size": np.array(CHECK_SIZE, np.float32),
+    }
+    checked = {}
+    for name in (f for f in files if f.endswith(".onnx")):
+        failed = f"{out_dir / name} was not written: the export run in onnxruntime"
+        try:
+            session = ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types for a graph it cannot load
+            raise OutputError(f"{out_dir / name} was not written: onnxruntime cannot load the export "
+                              f"({' '.join(str(exc).split())[:300]})") from exc
+        interface = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        if name.startswith("encoder"):
+            if interface != ([ENCODER_INPUT], [ENCODER_OUTPUT]):
+                raise OutputError(f"{failed} has inputs {interface[0]} and outputs {interface[1]}, not "
+                                  f"{[ENCODER_INPUT]} and {[ENCODER_OUTPUT]}")
+            checked[name] = "loads, with its interface"
+            continue
+        if interface != (list(DECODER_INPUTS), list(DECODER_OUTPUTS)):
+            raise OutputError(f"{failed} has inputs {interface[0]} and outputs {interface[1]}, not SAM's")
+        masks, scores, _ = session.run(None, feed)
+        if name in QUANTIZED_FILES:  # uint8 weights: close to the float decoder's masks, not equal
+            if tuple(masks.shape[-2:]) != CHECK_SIZE:
+                raise OutputError(f"{failed} makes masks of {masks.shape[-2:]} for an image of {CHECK_SIZE}")
+            checked[name] = "loads and predicts masks of the image's size"
+            continue
+        checked[name] = compare_masks(case, masks[0, 0] > 0, float(scores[0, 0]), failed)
+    return checked
 
 
 def _require(module: str, what: str) -> None:

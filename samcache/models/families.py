@@ -57,6 +57,10 @@ class ModelFamily:
     encoder (SAM's ResizeLongestSide); False when the encoder takes the decoded images."""
     export_formats: tuple[str, ...] = ("pth", "safetensors", "onnx")
     """What `samcache export --format` writes for its runs."""
+    export_reader: str = "segment_anything"
+    """Whose code reads its exports back (what `load_with` names): "segment_anything"
+    (sam_model_registry + SamPredictor), "samcache" (load_sam) or "sam2" (build_sam2 +
+    SAM2ImagePredictor). Export reads every file back through it before leaving it in place."""
     automatic_masks: bool = True
     """Whether segment everything (SAM's automatic mask generator) runs on its decoder."""
     own_weights: bool = False
@@ -158,6 +162,9 @@ class ModelFamily:
 
     def load_with(self, model_type: str, fmt: str) -> str:
         """The call that loads an export of `model_type` written as `fmt` (recorded in its metadata)."""
+        if fmt == "safetensors":  # sam_model_registry reads torch.save files only
+            return (f"segment_anything.sam_model_registry[{model_type!r}]().load_state_dict("
+                    "safetensors.torch.load_file(FILE))")
         return f"segment_anything.sam_model_registry[{model_type!r}](checkpoint=FILE)"
 
 
@@ -175,6 +182,7 @@ class TinyFamily(SamFamily):
     SAM) or seeded random weights; the cache, decoding and export are SAM's."""
 
     name = "tiny"
+    export_reader = "samcache"
     model_types = ("tiny",)
     own_weights = True
     ships_pretrained = True
@@ -247,6 +255,7 @@ class Sam2Family(ModelFamily):
     (sam2_decoder.py), SAM 2's loss, conv_s0 / conv_s1 frozen, exports in sam2's layout."""
 
     name = "sam2.1"
+    export_reader = "sam2"
     model_types = SAM2_MODEL_TYPES
     layout = SAM2_LAYOUT
     preprocessing = Preprocessing(resize="stretch to 1024x1024 (SAM2Transforms: bilinear, antialiased, on 0..1)")
