@@ -167,6 +167,8 @@ def open_for_writing(cache_dir: Path, provenance: Provenance) -> None:
 
 
 DATASET_NAME = "dataset.json"
+DAMAGED_REMOVAL = "damaged"
+"""How the reason of a removal record that `verify` wrote starts: such an image is never restored."""
 
 
 def read_followed_dataset(cache_dir: str | Path) -> Optional[dict]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from samcache.cache import index as cache_index
 from samcache.cache.format import (
+    DAMAGED_REMOVAL,
     HEADER_NAME,
     FailedEntry,
     ImageInfo,
@@ -249,6 +250,8 @@ class EmbeddingCache:
             self._earlier = {}
             for r in rows:
                 self._earlier.setdefault(text(t.name[r]), []).append(int(r))
+        if self.removed.get(name, "").startswith(DAMAGED_REMOVAL):
+            return None  # verify took it out: embed it anew
         t = self.tables
         for r in self._earlier.get(name, []):
             file = FileIdentity(text(t.path[r]), text(t.sha256[r]), int(t.file_size[r]), int(t.file_mtime_ns[r]))
@@ -409,7 +412,12 @@ class EarlierRecord:
             f"({problem}): it cannot be restored"))
 
     def preview_bytes(self) -> bytes:
-        return self.cache._preview_at(*self._where())
+        """Its preview JPEG; DamagedImageError when it is not a whole one."""
+        data = self.cache._preview_at(*self._where())
+        if not _is_whole_jpeg(data):
+            raise DamagedImageError(f"{self.cache.cache_dir}: the earlier preview of {self.file.path} is not a whole "
+                                    "JPEG: it cannot be restored")
+        return data
 
 
 class _Images(Sequence):

@@ -11,7 +11,7 @@ from typing import Optional
 import h5py
 
 from samcache.cache import index as cache_index
-from samcache.cache.format import SHARD_DIR, Provenance, read_header, shard_paths, text
+from samcache.cache.format import DAMAGED_REMOVAL, SHARD_DIR, Provenance, read_header, shard_paths, text
 from samcache.cache.reader import (
     DAMAGED_DIR,
     DamagedImageError,
@@ -172,7 +172,7 @@ def _take_out(cache: EmbeddingCache, damaged: list[tuple[str, str, str]]) -> Non
     writer = ShardWriter(cache.cache_dir, generation=next_generation(cache.cache_dir), rank=0, sequence=0,
                          provenance=cache.provenance)
     for name, shard, problem in damaged:
-        writer.add_removal(name, f"damaged in {shard}: {problem}")
+        writer.add_removal(name, f"{DAMAGED_REMOVAL} in {shard}: {problem}")
     try:
         writer.commit()
     except OSError as exc:
