@@ -261,6 +261,18 @@ def test_two_datasets_embedded_into_one_cache_at_once_leave_one_dataset(stamps, 
     assert info["images"] == len(list((winner / "images").iterdir()))
 
 
+def test_a_cache_from_before_datasets_were_recorded_drops_nothing_unasked(stamps_copy, stamps_cache_copy):
+    (stamps_cache_copy / "dataset.json").unlink()
+    train = json.loads((stamps_copy / "train.json").read_text())
+    train["images"] = train["images"][1:]
+    (stamps_copy / "train.json").write_text(json.dumps(train))
+    refused = _run("embed", stamps_copy, "--out", stamps_cache_copy, *EMBED_FLAGS)
+    assert refused.exit_code == 1 and "was made before caches recorded their dataset" in refused.output
+    adopted = _run("embed", stamps_copy, "--out", stamps_cache_copy, *EMBED_FLAGS, "--switch-dataset")
+    assert adopted.exit_code == 0 and "dropped 1 no longer in the dataset" in adopted.output
+    assert json.loads((stamps_cache_copy / "dataset.json").read_text())["path"] == str(stamps_copy.resolve())
+
+
 def test_a_moved_dataset_is_followed_without_asking(stamps, tmp_path):
     cache = tmp_path / "cache"
     assert _run("embed", stamps, "--out", cache, *EMBED_FLAGS).exit_code == 0
