@@ -13,18 +13,23 @@ REPORT := reports/stamps
 DEMO_TRAIN := --epochs 8 --lr 1e-3 --loss sam --batch-size 4 --objects-per-image 4
 DEMO_PAGES ?= 60
 
-.PHONY: install demo test test-all clean
+.PHONY: install browser demo test test-all clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,serve]'
 	# sam2 ships as source: built against the torch above (no isolated build, which would download
 	# another torch) and without its optional CUDA extension.
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation -c constraints.txt 'sam2==1.1.0'
 	touch $@
+
+# The system Chromium and its chromedriver, for the browser tests (tests/browser.py): installed from
+# Debian's packages here, never downloaded by selenium at test time.
+browser:
+	bash scripts/install-browser.sh
 
 demo: install
 	@test -f $(STAMPS)/train.json || $(SAMCACHE) data stamps --out $(STAMPS) --n $(DEMO_PAGES) --seed 0
@@ -36,12 +41,13 @@ demo: install
 	$(SAMCACHE) eval $(CACHE) --run $(RUN) --out $(REPORT) --split test --overwrite
 
 # The fast suite: every unit and pipeline test (the pipeline's on samcache's micro model), in a few
-# minutes; `test-all` adds the slow acceptance cases (pytest marker `slow`). CI runs both.
+# minutes, without a browser; `test-all` adds the slow acceptance cases (pytest marker `slow`) and
+# the tests in headless Chromium (marker `browser`). CI runs both.
 test: install
 	$(VENV)/bin/ruff check samcache
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not browser"
 
-test-all: install
+test-all: install browser
 	$(VENV)/bin/ruff check samcache
 	$(PY) -m pytest -q
 

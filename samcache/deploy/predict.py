@@ -186,16 +186,7 @@ def predict_images(
         image_points = [_point_in_image(p, original, path, warnings) for p in points or []]
         embedding, source = run.embedding(path, image)
         frame = predictor.family.input_size(original)
-        if points:  # one prompt: the points, with the box when there is one
-            prompt = make_prompt(image_boxes[0] if box is not None else np.zeros(4),
-                                 np.array([p[:2] for p in image_points], np.float64),
-                                 np.array([p[2] for p in image_points]),
-                                 is_box=box is not None, original_size=original, frame=frame)
-            prompts = PromptBatch.from_prompts([prompt], torch.zeros(1, dtype=torch.long)).to(torch_device)
-        else:
-            boxes = torch.as_tensor(transform_boxes(np.array(image_boxes, dtype=np.float64), original, frame),
-                                    dtype=torch.float32, device=torch_device)
-            prompts = PromptBatch.boxes_of_one_image(boxes)
+        prompts = image_prompts(original, frame, boxes=image_boxes, points=image_points).to(torch_device)
         # fp32, as SamPredictor (SAM2ImagePredictor): these masks are meant to equal the predictor's
         predictions = predict_masks(run.decoder, embedding, prompts, [(frame, original)])
         predicted = np.stack([p.mask for p in predictions])
@@ -254,6 +245,23 @@ def predict_everything(predictor: Predictor, images: list[str | Path], out_dir: 
         "images": image_records, "categories": [{"id": 1, "name": "object"}], "predictions": results})
     run.output.complete()
     return {"predictions": results, "images": len(image_records), "seconds": seconds}
+
+
+def image_prompts(original: tuple[int, int], frame: tuple[int, int], *, boxes: list, points: list) -> PromptBatch:
+    """The prompts `predict` decodes for one image, in the encoder's input frame: with points, one
+    prompt of them and the first box (if any), as `SamPredictor.predict(point_coords, point_labels,
+    box)`; without, one prompt per box. `samcache serve` decodes the same way, so its masks equal these.
+
+    Arguments:
+      original: the image's (H, W); frame: its (h, w) in the encoder's input.
+      boxes: XYXY boxes in original pixels; points: (x, y, label) in original pixels.
+    """
+    if points:
+        prompt = make_prompt(boxes[0] if boxes else np.zeros(4), np.array([p[:2] for p in points], np.float64),
+                             np.array([p[2] for p in points]), is_box=bool(boxes), original_size=original, frame=frame)
+        return PromptBatch.from_prompts([prompt], torch.zeros(1, dtype=torch.long))
+    return PromptBatch.boxes_of_one_image(torch.as_tensor(
+        transform_boxes(np.array(boxes, dtype=np.float64), original, frame), dtype=torch.float32))
 
 
 def _match_boxes(boxes_by_name: dict[str, list], images: list[Path]) -> list[str]:

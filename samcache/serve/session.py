@@ -1,0 +1,146 @@
+"""What `samcache serve` works with, and every check a request meets before it touches a model.
+
+A session opens the cache, the run (optional) and their decoders once, at start; a request names
+an image of the cache by its name, never a path, and a mask is decoded from the cached embedding
+(one decoder pass: the image encoder never runs while serving). Masks are decoded exactly as
+`samcache predict` decodes them (deploy/predict.py `image_prompts` and `predict_masks`, fp32), so
+the two agree pixel for pixel for the same prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from samcache.cache.reader import EmbeddingCache
+from samcache.config import MAX_POINTS, EvalConfig
+from samcache.data import masks
+from samcache.deploy.predict import image_prompts
+from samcache.devices import resolve_device
+from samcache.errors import SamcacheError
+from samcache.evaluate.evaluator import load_decoders
+from samcache.train.inference import predict_masks
+from samcache.train.runs import RunFolder
+
+MODELS = ("zero_shot", "fine_tuned")
+
+
+class RequestError(SamcacheError):
+    """A request the session refuses; `status` is its HTTP status (400: malformed, 404: unknown image)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class ServeSession:
+    """The cache, the run and their decoders, opened once for every request.
+
+    Arguments:
+      cache_dir: the cache whose images are served.
+      run_dir: a run trained on it, whose decoder is the "fine_tuned" model (optional).
+      device: where the decoders run ("auto", "cpu", "cuda").
+    """
+
+    def __init__(self, cache_dir: str | Path, run_dir: Optional[str | Path] = None, *, device: str = "cpu"):
+        self.cache = EmbeddingCache(cache_dir)
+        self.run = RunFolder(run_dir) if run_dir is not None else None
+        self.device = resolve_device(device)
+        self.decoders = load_decoders(self.cache, self.run, EvalConfig(), self.device)
+        self.family = self.cache.provenance.family
+        self._lock = threading.Lock()  # one h5py handle and one decoder: requests take turns
+
+    def images(self) -> list[dict]:
+        """Every image of the cache: name, split, width, height, number of objects, categories."""
+        out = []
+        for index in range(len(self.cache)):
+            info = self.cache.images[index]
+            height, width = info.original_size
+            out.append({"name": info.name, "split": info.split, "width": width, "height": height,
+                        "objects": len(info.objects), "categories": sorted({o.category for o in info.objects})})
+        return out
+
+    def predict(self, request: Any) -> dict:
+        """A mask for a prompt on a cached image.
+
+        Arguments:
+          request: {"image": NAME, "model": "zero_shot" | "fine_tuned", "box": [x0, y0, x1, y1]
+            (optional), "points": [[x, y, label], ...] (optional)}, in the image's original pixels;
+            a box, points, or both.
+        Returns {"image", "model", "segmentation" (COCO RLE at the original resolution), "score"
+        (the predicted IoU), "area"}.
+        """
+        if not isinstance(request, dict):
+            raise RequestError("the request body must be a JSON object")
+        unknown = sorted(set(request) - {"image", "model", "box", "points"})
+        if unknown:
+            raise RequestError(f"unknown field(s) {', '.join(unknown)}: a prediction takes image, model, box, points")
+        index = self._image_index(request.get("image"))
+        model = request.get("model", "zero_shot")
+        if model not in self.decoders:
+            known = ", ".join(self.decoders)
+            why = " (the server was started without --run)" if model == "fine_tuned" else ""
+            raise RequestError(f"model {model!r} is not served{why}; served: {known}")
+        height, width = self.cache.images[index].original_size
+        box = _box(request.get("box"), width, height)
+        points = _points(request.get("points"), width, height)
+        if box is None and not points:
+            raise RequestError("give a box, points, or both")
+        frame = self.cache.images[index].input_size
+        prompts = image_prompts((height, width), frame, boxes=[box] if box else [], points=points)
+        with self._lock:
+            embedding = torch.from_numpy(self.cache.embedding(index)).float()[None].to(self.device)
+            (prediction,) = predict_masks(self.decoders[model], embedding, prompts.to(self.device),
+                                          [(frame, (height, width))])
+        return {"image": self.cache.name_of(index), "model": model, "segmentation": masks.encode(prediction.mask),
+                "score": prediction.score, "area": int(prediction.mask.sum())}
+
+    def _image_index(self, name: Any) -> int:
+        if not isinstance(name, str) or not name:
+            raise RequestError("image must be the name of an image of the cache (GET /api/images lists them)")
+        index = self.cache.index_of(name)
+        if index is None:
+            raise RequestError(f"no image {name!r} in the cache (GET /api/images lists them); images are named, "
+                               "never given by path", status=404)
+        return index
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _box(value: Any, width: int, height: int) -> Optional[tuple[float, float, float, float]]:
+    """The box, checked: four finite numbers, x1 > x0 and y1 > y0, inside the image."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 4:
+        raise RequestError(f"box must be [x0, y0, x1, y1] in image pixels, got {value!r}")
+    x0, y0, x1, y1 = (_number(v, "a box coordinate") for v in value)
+    if x1 <= x0 or y1 <= y0:
+        raise RequestError(f"box {value}: x1 must exceed x0 and y1 must exceed y0")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise RequestError(f"box {value} reaches outside the {width}x{height} image")
+    return (x0, y0, x1, y1)
+
+
+def _points(value: Any, width: int, height: int) -> list[tuple[float, float, int]]:
+    """The points, checked: [x, y, label] with label 1 (on the object) or 0 (not), inside the image."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_POINTS:
+        raise RequestError(f"points must be a list of at most {MAX_POINTS} [x, y, label], got {value!r}")
+    points = []
+    for point in value:
+        if not isinstance(point, list) or len(point) != 3 or point[2] not in (0, 1) or isinstance(point[2], bool):
+            raise RequestError(f"a point is [x, y, label] with label 1 (object) or 0 (background), got {point!r}")
+        x, y = _number(point[0], "a point's x"), _number(point[1], "a point's y")
+        if not (0 <= x < width and 0 <= y < height):
+            raise RequestError(f"point {point} lies outside the {width}x{height} image")
+        points.append((x, y, int(point[2])))
+    return points

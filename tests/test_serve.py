@@ -1,0 +1,130 @@
+"""`samcache serve`'s JSON API: the images of the cache, and masks equal to `samcache predict`'s;
+every bad request a clear 4xx that changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from samcache.cli import main
+from samcache.data import masks
+from tests.helpers import tree_fingerprint
+
+@pytest.fixture(scope="module")
+def client(stamps_cache, stamps_run):
+    from fastapi.testclient import TestClient
+
+    from samcache.serve.app import create_app
+    from samcache.serve.session import ServeSession
+
+    with TestClient(create_app(ServeSession(stamps_cache, stamps_run))) as test_client:
+        yield test_client
+
+
+def _a_val_image(client) -> dict:
+    return next(im for im in client.get("/api/images").json()["images"] if im["split"] == "val")
+
+
+def test_images_lists_the_cache(client, stamps_cache):
+    from samcache.cache.reader import EmbeddingCache
+
+    listed = client.get("/api/images").json()
+    cache = EmbeddingCache(stamps_cache)
+    assert [im["name"] for im in listed["images"]] == [cache.name_of(i) for i in range(len(cache))]
+    first = cache.images[0]
+    assert listed["images"][0] == {"name": first.name, "split": first.split, "width": first.original_size[1],
+                                   "height": first.original_size[0], "objects": len(first.objects),
+                                   "categories": sorted({o.category for o in first.objects})}
+    assert listed["models"] == ["zero_shot", "fine_tuned"]
+
+
+@pytest.mark.parametrize("prompt", [{"box": [40, 60, 400, 300]},
+                                    {"box": [40, 60, 400, 300], "points": [[200, 180, 1], [60, 80, 0]]},
+                                    {"points": [[200, 180, 1]]}])
+def test_a_mask_equals_samcache_predicts(client, stamps, stamps_run, tmp_path, prompt):
+    image = _a_val_image(client)
+    answer = client.post("/api/predict", json={"image": image["name"], "model": "fine_tuned", **prompt})
+    assert answer.status_code == 200, answer.text
+    served = masks.decode(answer.json()["segmentation"])
+    assert served.shape == (image["height"], image["width"]) and served.any()
+
+    flags = []
+    if "box" in prompt:
+        flags += ["--box", ",".join(map(str, prompt["box"]))]
+    for x, y, label in prompt.get("points", []):
+        flags += ["--point", f"{x},{y},{label}"]
+    out = tmp_path / "predicted"
+    result = CliRunner().invoke(main, ["predict", str(stamps / "images" / image["name"]), "--run", str(stamps_run),
+                                       *flags, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    predicted = json.loads((out / "predictions.json").read_text())["predictions"][0]
+    assert np.array_equal(served, masks.decode(predicted["segmentation"]))
+    assert answer.json()["score"] == pytest.approx(predicted["score"], abs=1e-6)
+
+
+def test_zero_shot_and_fine_tuned_differ_and_both_answer(client):
+    image = _a_val_image(client)
+    prompt = {"image": image["name"], "box": [40, 60, 400, 300]}
+    zero = client.post("/api/predict", json={**prompt, "model": "zero_shot"}).json()
+    tuned = client.post("/api/predict", json={**prompt, "model": "fine_tuned"}).json()
+    assert zero["model"] == "zero_shot" and tuned["model"] == "fine_tuned"
+    assert zero["segmentation"] != tuned["segmentation"]  # the run changed the decoder
+
+
+@pytest.mark.parametrize("body, status, said", [
+    ({"image": "nowhere.jpg", "box": [0, 0, 10, 10]}, 404, "no image 'nowhere.jpg'"),
+    ({"image": "../../etc/passwd", "box": [0, 0, 10, 10]}, 404, "never given by path"),
+    ({"image": "/etc/passwd", "box": [0, 0, 10, 10]}, 404, "never given by path"),
+    ({"image": "VAL", "box": [0, 0, 1e9, 10]}, 400, "reaches outside"),
+    ({"image": "VAL", "box": [10, 10, 5, 20]}, 400, "x1 must exceed x0"),
+    ({"image": "VAL", "box": [0, 0, "10", 10]}, 400, "finite number"),
+    ({"image": "VAL", "points": [[float("nan"), 5, 1]]}, 400, "finite number"),
+    ({"image": "VAL", "points": [[5, 5, 2]]}, 400, "label 1 (object) or 0"),
+    ({"image": "VAL", "points": [[-1, 5, 1]]}, 400, "outside"),
+    ({"image": "VAL"}, 400, "give a box, points, or both"),
+    ({"image": "VAL", "box": [0, 0, 10, 10], "model": "everything"}, 400, "is not served"),
+    ({"image": "VAL", "box": [0, 0, 10, 10], "path": "/tmp/x"}, 400, "unknown field(s) path"),
+    (["not", "an", "object"], 400, "must be a JSON object"),
+])
+def test_bad_requests_are_a_clear_4xx_and_change_nothing(client, stamps_cache, stamps_run, body, status, said):
+    before = tree_fingerprint(stamps_cache), tree_fingerprint(stamps_run)
+    if isinstance(body, dict) and body.get("image") == "VAL":
+        body = {**body, "image": _a_val_image(client)["name"]}
+    answer = client.post("/api/predict", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert answer.status_code == status and said in answer.json()["error"], answer.text
+    assert (tree_fingerprint(stamps_cache), tree_fingerprint(stamps_run)) == before
+
+
+def test_malformed_json_is_a_400(client):
+    answer = client.post("/api/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and "not JSON" in answer.json()["error"]
+
+
+def test_without_a_run_only_the_zero_shot_model_is_served(stamps_cache):
+    from fastapi.testclient import TestClient
+
+    from samcache.serve.app import create_app
+    from samcache.serve.session import ServeSession
+
+    with TestClient(create_app(ServeSession(stamps_cache))) as client:
+        name = client.get("/api/images").json()["images"][0]["name"]
+        answer = client.post("/api/predict", json={"image": name, "model": "fine_tuned", "box": [0, 0, 50, 50]})
+        assert answer.status_code == 400 and "started without --run" in answer.json()["error"]
+
+
+def test_serve_without_the_extra_says_how_to_install_it(stamps_cache, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_uvicorn(name, *args, **kwargs):
+        if name == "uvicorn":
+            raise ImportError("No module named 'uvicorn'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_uvicorn)
+    result = CliRunner().invoke(main, ["serve", str(stamps_cache)])
+    assert result.exit_code == 1 and "pip install 'samcache[serve]'" in result.output
