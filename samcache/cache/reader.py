@@ -192,6 +192,12 @@ class EmbeddingCache:
         t, r = self.tables, self._rows[index]
         return FileIdentity(text(t.path[r]), text(t.sha256[r]), int(t.file_size[r]), int(t.file_mtime_ns[r]))
 
+    def sizes_of(self, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(original (H, W), input (h, w)) of image `index`, from the columns (no shard read)."""
+        t, r = self.tables, self._rows[index]
+        return (int(t.original_size[r, 0]), int(t.original_size[r, 1])), (int(t.input_size[r, 0]),
+                                                                          int(t.input_size[r, 1]))
+
     def annotations_sha256_of(self, index: int) -> str:
         return text(self.tables.annotations_sha256[self._rows[index]])
 

@@ -85,12 +85,11 @@ class ServeSession:
             known = ", ".join(self.decoders)
             why = " (the server was started without --run)" if model == "fine_tuned" else ""
             raise RequestError(f"model {model!r} is not served{why}; served: {known}")
-        height, width = self.cache.images[index].original_size
+        (height, width), frame = self.cache.sizes_of(index)
         box = _box(request.get("box"), width, height)
         points = _points(request.get("points"), width, height)
         if box is None and not points:
             raise RequestError("give a box, points, or both")
-        frame = self.cache.images[index].input_size
         prompts = image_prompts((height, width), frame, boxes=[box] if box else [], points=points)
         with self._lock:
             embedding = torch.from_numpy(self.cache.embedding(index)).float()[None].to(self.device)
