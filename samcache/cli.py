@@ -559,12 +559,14 @@ def predict_cmd(images, out_dir: Path, overwrite: bool, **options) -> None:
 @click.argument("cache_dir", metavar="CACHE", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A run trained on CACHE: its decoder is the fine_tuned model.")
+@click.option("--dataset", type=click.Path(exists=True, path_type=Path),
+              help="The COCO dataset corrections are saved into (default: the one CACHE follows).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Where to listen: localhost only by default (the app has no login).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="TCP port (0: any free).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the decoder runs.")
-def serve_cmd(cache_dir: Path, run_dir, host: str, port: int, device: str) -> None:
+def serve_cmd(cache_dir: Path, run_dir, dataset, host: str, port: int, device: str) -> None:
     """A local web app over CACHE: its images, and masks from box and point prompts decoded from the
     cached embeddings (one decoder pass; the image encoder never runs).
 
@@ -573,6 +575,7 @@ def serve_cmd(cache_dir: Path, run_dir, host: str, port: int, device: str) -> No
       GET  /api/images
       POST /api/predict  {"image": NAME, "model": "zero_shot" | "fine_tuned",
                           "box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}
+      GET  /api/objects?image=NAME;  POST /api/objects;  PATCH, DELETE /api/objects/ID
 
     \b
     Example:
@@ -586,7 +589,7 @@ def serve_cmd(cache_dir: Path, run_dir, host: str, port: int, device: str) -> No
     from samcache.serve.app import create_app
     from samcache.serve.session import ServeSession
 
-    session = ServeSession(cache_dir, run_dir, device=device)
+    session = ServeSession(cache_dir, run_dir, dataset=dataset, device=device)
     app = create_app(session)
     click.echo(f"serving {cache_dir} ({len(session.cache)} images; models: {', '.join(session.decoders)}) "
                f"at http://{host}:{port}/ (Ctrl+C stops)")

@@ -128,3 +128,39 @@ def test_serve_without_the_extra_says_how_to_install_it(stamps_cache, monkeypatc
     monkeypatch.setattr(builtins, "__import__", no_uvicorn)
     result = CliRunner().invoke(main, ["serve", str(stamps_cache)])
     assert result.exit_code == 1 and "pip install 'samcache[serve]'" in result.output
+
+
+def test_corrections_are_saved_into_the_dataset_and_refused_when_stale(stamps_copy, stamps_cache_copy):
+    from fastapi.testclient import TestClient
+
+    from samcache.serve.app import create_app
+    from samcache.serve.session import ServeSession
+
+    with TestClient(create_app(ServeSession(stamps_cache_copy))) as client:
+        image = next(im for im in client.get("/api/images").json()["images"] if im["split"] == "val")
+        loaded = client.get("/api/objects", params={"image": image["name"]}).json()
+        assert len(loaded["objects"]) == image["objects"]
+        mask = client.post("/api/predict", json={"image": image["name"], "box": [40, 60, 400, 300]}).json()
+        added = client.post("/api/objects", json={"image": image["name"], "version": loaded["version"],
+                                                  "segmentation": mask["segmentation"], "category": "corrected"})
+        assert added.status_code == 200, added.text
+        stale = client.post("/api/objects", json={"image": image["name"], "version": loaded["version"],
+                                                  "segmentation": mask["segmentation"], "category": "again"})
+        assert stale.status_code == 409 and "nothing was saved" in stale.json()["error"]
+        renamed = client.patch(f"/api/objects/{added.json()['object_id']}",
+                               json={"image": image["name"], "version": added.json()["version"], "category": "stamp"})
+        assert renamed.status_code == 200, renamed.text
+        now = client.get("/api/objects", params={"image": image["name"]}).json()
+        new = [o for o in now["objects"] if o["id"] == added.json()["object_id"]]
+        assert len(now["objects"]) == image["objects"] + 1 and new[0]["category"] == "stamp"
+        assert np.array_equal(masks.decode(new[0]["segmentation"]), masks.decode(mask["segmentation"]))
+        gone = client.delete(f"/api/objects/{new[0]['id']}",
+                             params={"image": image["name"], "version": renamed.json()["version"]})
+        assert gone.status_code == 200, gone.text
+        assert len(client.get("/api/objects", params={"image": image["name"]}).json()["objects"]) == image["objects"]
+        for bad, status in ((client.delete("/api/objects/x", params={"image": image["name"], "version": "v"}), 400),
+                            (client.get("/api/objects", params={"image": "../train.json"}), 404)):
+            assert bad.status_code == status and "error" in bad.json()
+    split = json.loads((stamps_copy / "val.json").read_text())
+    assert all(a["category_id"] in {c["id"] for c in split["categories"]} for a in split["annotations"])
+    assert (stamps_copy / "val.json.previous").is_file()

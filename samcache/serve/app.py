@@ -1,17 +1,25 @@
 """The HTTP side of `samcache serve`: a FastAPI app over a ServeSession (session.py).
 
-    GET  /api/images    every image of the cache: name, split, width, height, objects, categories
-    POST /api/predict   {"image", "model", "box", "points"} -> {"segmentation" (COCO RLE), "score", ...}
+    GET    /api/images              every image of the cache: name, split, width, height, objects, categories
+    POST   /api/predict             {"image", "model", "box", "points"} -> {"segmentation" (COCO RLE), "score", ...}
+    GET    /api/objects?image=NAME  the image's objects in the dataset, and the annotations' version
+    POST   /api/objects             {"image", "version", "segmentation", "category"}: a new object
+    PATCH  /api/objects/ID          {"image", "version", "segmentation" and/or "category"}: a corrected object
+    DELETE /api/objects/ID?image=NAME&version=V
 
-A refused request is a JSON `{"error": message}` with a 4xx status, and changes nothing.
+A refused request is a JSON `{"error": message}` with a 4xx status (409: the annotations changed
+since they were loaded), and changes nothing.
 """
 
 import json
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from samcache.errors import OutputError
+from samcache.serve.corrections import CorrectionError
 from samcache.serve.session import RequestError, ServeSession
 
 
@@ -21,8 +29,18 @@ def create_app(session: ServeSession) -> FastAPI:
     app = FastAPI(title="samcache serve", docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestError)
-    async def refused(request: Request, exc: RequestError):
+    @app.exception_handler(CorrectionError)
+    async def refused(request: Request, exc: RequestError | CorrectionError):
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, exc: RequestValidationError):  # e.g. an object id that is no integer
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": f"malformed request ({where})"}, status_code=400)
+
+    @app.exception_handler(OutputError)
+    async def not_written(request: Request, exc: OutputError):  # a full disk: the file is as it was
+        return JSONResponse({"error": str(exc)}, status_code=500)
 
     @app.get("/api/images")
     def images() -> dict:
@@ -30,11 +48,30 @@ def create_app(session: ServeSession) -> FastAPI:
 
     @app.post("/api/predict")
     async def predict(request: Request):
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RequestError(f"the request body is not JSON ({exc})") from None
         # The decoder pass runs in a worker thread: the event loop keeps answering meanwhile.
-        return await run_in_threadpool(session.predict, body)
+        return await run_in_threadpool(session.predict, await _json(request))
+
+    @app.get("/api/objects")
+    def objects(image: str = "") -> dict:
+        return session.objects(image)
+
+    @app.post("/api/objects")
+    async def add(request: Request):
+        return await run_in_threadpool(session.edit, await _json(request))
+
+    @app.patch("/api/objects/{object_id}")
+    async def correct(object_id: int, request: Request):
+        return await run_in_threadpool(session.edit, await _json(request), object_id)
+
+    @app.delete("/api/objects/{object_id}")
+    def delete(object_id: int, image: str = "", version: str = "") -> dict:
+        return session.edit({"image": image, "version": version}, object_id, delete=True)
 
     return app
+
+
+async def _json(request: Request):
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not JSON ({exc})") from None

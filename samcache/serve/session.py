@@ -23,6 +23,7 @@ from samcache.deploy.predict import image_prompts
 from samcache.devices import resolve_device
 from samcache.errors import SamcacheError
 from samcache.evaluate.evaluator import load_decoders
+from samcache.serve.corrections import Annotations
 from samcache.train.inference import predict_masks
 from samcache.train.runs import RunFolder
 
@@ -43,11 +44,14 @@ class ServeSession:
     Arguments:
       cache_dir: the cache whose images are served.
       run_dir: a run trained on it, whose decoder is the "fine_tuned" model (optional).
+      dataset: the COCO dataset corrections are saved into (default: the one the cache follows).
       device: where the decoders run ("auto", "cpu", "cuda").
     """
 
-    def __init__(self, cache_dir: str | Path, run_dir: Optional[str | Path] = None, *, device: str = "cpu"):
+    def __init__(self, cache_dir: str | Path, run_dir: Optional[str | Path] = None, *,
+                 dataset: Optional[str | Path] = None, device: str = "cpu"):
         self.cache = EmbeddingCache(cache_dir)
+        self._dataset, self._annotations = dataset, None
         self.run = RunFolder(run_dir) if run_dir is not None else None
         self.device = resolve_device(device)
         self.decoders = load_decoders(self.cache, self.run, EvalConfig(), self.device)
@@ -97,6 +101,50 @@ class ServeSession:
                                           [(frame, (height, width))])
         return {"image": self.cache.name_of(index), "model": model, "segmentation": masks.encode(prediction.mask),
                 "score": prediction.score, "area": int(prediction.mask.sum())}
+
+    def annotations(self) -> Annotations:
+        """The dataset's annotations, opened at the first correction (a cache whose dataset is not
+        COCO still serves masks)."""
+        if self._annotations is None:
+            try:
+                self._annotations = Annotations.of_cache(self.cache.cache_dir, self._dataset)
+            except SamcacheError as exc:
+                raise RequestError(f"corrections cannot be saved: {exc}", status=409) from None
+        return self._annotations
+
+    def objects(self, image: Any) -> dict:
+        """{"image", "version", "width", "height", "objects"}: the image's objects in the dataset now."""
+        index = self._image_index(image)
+        return self.annotations().load(self.cache.name_of(index)).to_json()
+
+    def edit(self, request: Any, object_id: Optional[int] = None, *, delete: bool = False) -> dict:
+        """Saves one correction into the dataset: a new object (no `object_id`), a replaced mask and/or
+        category, or a deletion. `request`: {"image", "version" (from `objects`), "segmentation"
+        (COCO RLE, as /api/predict answers), "category"}. Returns {"version", "object_id"}."""
+        if not isinstance(request, dict):
+            raise RequestError("the request body must be a JSON object")
+        unknown = sorted(set(request) - {"image", "version", "segmentation", "category"})
+        if unknown:
+            raise RequestError(f"unknown field(s) {', '.join(unknown)}: an edit takes image, version, segmentation, "
+                               "category")
+        name = self.cache.name_of(self._image_index(request.get("image")))
+        annotations, version = self.annotations(), request.get("version")
+        segmentation, category = request.get("segmentation"), request.get("category")
+        if delete:
+            return annotations.delete_object(name, object_id, version=version).to_json()
+        if object_id is None:
+            if segmentation is None or category is None:
+                raise RequestError("a new object needs a segmentation and a category")
+            return annotations.add_object(name, segmentation, category, version=version).to_json()
+        if segmentation is None and category is None:
+            raise RequestError("give a segmentation, a category, or both")
+        saved = None
+        if segmentation is not None:
+            saved = annotations.replace_object(name, object_id, segmentation, version=version)
+            version = saved.version
+        if category is not None:
+            saved = annotations.set_category(name, object_id, category, version=version)
+        return saved.to_json()
 
     def _image_index(self, name: Any) -> int:
         if not isinstance(name, str) or not name:
