@@ -571,7 +571,8 @@ def serve_cmd(cache_dir: Path, run_dir, dataset, host: str, port: int, device: s
     cached embeddings (one decoder pass; the image encoder never runs).
 
     \b
-    JSON API (images are named as GET /api/images lists them; requests never name paths):
+    The page: GET / . JSON API (images are named as GET /api/images lists them; requests never
+    name paths):
       GET  /api/images
       POST /api/predict  {"image": NAME, "model": "zero_shot" | "fine_tuned",
                           "box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}

@@ -1,5 +1,8 @@
 """The HTTP side of `samcache serve`: a FastAPI app over a ServeSession (session.py).
 
+    GET    /                        the page (static/index.html): draw a box or click points, save the mask
+    GET    /static/FILE             the page's script and style (only the files of samcache/serve/static)
+    GET    /api/preview?image=NAME  the image's preview JPEG from the cache (longest side PREVIEW_SIZE)
     GET    /api/images              every image of the cache: name, split, width, height, objects, categories
     POST   /api/predict             {"image", "model", "box", "points"} -> {"segmentation" (COCO RLE), "score", ...}
     GET    /api/objects?image=NAME  the image's objects in the dataset, and the annotations' version
@@ -12,15 +15,20 @@ since they were loaded), and changes nothing.
 """
 
 import json
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from samcache.cache.reader import DamagedImageError
 from samcache.errors import OutputError
 from samcache.serve.corrections import CorrectionError
 from samcache.serve.session import RequestError, ServeSession
+
+STATIC = Path(__file__).parent / "static"
 
 
 def create_app(session: ServeSession) -> FastAPI:
@@ -41,6 +49,21 @@ def create_app(session: ServeSession) -> FastAPI:
     @app.exception_handler(OutputError)
     async def not_written(request: Request, exc: OutputError):  # a full disk: the file is as it was
         return JSONResponse({"error": str(exc)}, status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    # StaticFiles serves only what lies in STATIC: a path that climbs out of it is a 404.
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/preview")
+    def preview(image: str = "") -> Response:
+        try:
+            jpeg = session.preview(image)
+        except DamagedImageError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=500)
+        return Response(jpeg, media_type="image/jpeg")
 
     @app.get("/api/images")
     def images() -> dict:

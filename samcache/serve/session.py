@@ -102,6 +102,12 @@ class ServeSession:
         return {"image": self.cache.name_of(index), "model": model, "segmentation": masks.encode(prediction.mask),
                 "score": prediction.score, "area": int(prediction.mask.sum())}
 
+    def preview(self, image: Any) -> bytes:
+        """The image's preview JPEG as the cache holds it (longest side PREVIEW_SIZE)."""
+        index = self._image_index(image)
+        with self._lock:  # the cache's h5py handles are shared with the decoder passes
+            return self.cache.preview_bytes(index)
+
     def annotations(self) -> Annotations:
         """The dataset's annotations, opened at the first correction (a cache whose dataset is not
         COCO still serves masks)."""
