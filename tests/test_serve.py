@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 from click.testing import CliRunner
 
@@ -164,3 +165,37 @@ def test_corrections_are_saved_into_the_dataset_and_refused_when_stale(stamps_co
     split = json.loads((stamps_copy / "val.json").read_text())
     assert all(a["category_id"] in {c["id"] for c in split["categories"]} for a in split["annotations"])
     assert (stamps_copy / "val.json.previous").is_file()
+
+
+def test_a_further_click_feeds_the_previous_mask_back_as_sampredictor_does(client, stamps_cache, stamps_run):
+    from segment_anything import SamPredictor
+
+    from samcache.cache.reader import EmbeddingCache
+    from samcache.train.runs import RunFolder
+
+    image = _a_val_image(client)
+    box, point = [40, 60, 400, 300], [200, 180, 1]
+    first = client.post("/api/predict", json={"image": image["name"], "model": "fine_tuned", "box": box}).json()
+    second = client.post("/api/predict", json={"image": image["name"], "model": "fine_tuned", "box": box,
+                                               "points": [point], "previous": first["state"]})
+    assert second.status_code == 200, second.text
+
+    cache = EmbeddingCache(stamps_cache)
+    info = cache.images[cache.index_of(image["name"])]
+    predictor = SamPredictor(RunFolder(stamps_run).load_model("best")[0].sam.eval())
+    predictor.features = torch.from_numpy(cache.embedding(info.index)).float()[None]
+    predictor.original_size, predictor.input_size, predictor.is_image_set = info.original_size, info.input_size, True
+    _, _, low_res = predictor.predict(box=np.array(box), multimask_output=False)
+    expected, _, _ = predictor.predict(point_coords=np.array([point[:2]]), point_labels=np.array([1]),
+                                       box=np.array(box), mask_input=low_res, multimask_output=False)
+    served = masks.decode(second.json()["segmentation"])
+    assert (served == expected[0]).mean() > 0.999  # float rounding at a few edge pixels at most
+    without = client.post("/api/predict", json={"image": image["name"], "model": "fine_tuned", "box": box,
+                                                "points": [point]}).json()
+    assert without["segmentation"] != second.json()["segmentation"]  # the fed-back mask changed the answer
+
+    other = client.post("/api/predict", json={"image": image["name"], "model": "zero_shot", "box": box,
+                                              "previous": first["state"]})
+    assert other.status_code == 400 and "by fine_tuned, not" in other.json()["error"]
+    stale = client.post("/api/predict", json={"image": image["name"], "box": box, "previous": "feedbeef"})
+    assert stale.status_code == 400 and "unknown or expired" in stale.json()["error"]

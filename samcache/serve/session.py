@@ -9,8 +9,11 @@ the two agree pixel for pixel for the same prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import secrets
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,11 +26,14 @@ from samcache.deploy.predict import image_prompts
 from samcache.devices import resolve_device
 from samcache.errors import SamcacheError
 from samcache.evaluate.evaluator import load_decoders
+from samcache.models.specs import LOW_RES_SIZE
 from samcache.serve.corrections import Annotations
 from samcache.train.inference import predict_masks
 from samcache.train.runs import RunFolder
 
 MODELS = ("zero_shot", "fine_tuned")
+KEPT_STATES = 256
+"""Predictions whose low-res logits the session keeps for a further click (256 KiB each)."""
 
 
 class RequestError(SamcacheError):
@@ -57,6 +63,7 @@ class ServeSession:
         self.decoders = load_decoders(self.cache, self.run, EvalConfig(), self.device)
         self.family = self.cache.provenance.family
         self._lock = threading.Lock()  # one h5py handle and one decoder: requests take turns
+        self._states: OrderedDict[str, tuple] = OrderedDict()  # token -> (image, model, low-res logits)
 
     def images(self) -> list[dict]:
         """Every image of the cache: name, split, width, height, number of objects, categories."""
@@ -73,16 +80,18 @@ class ServeSession:
 
         Arguments:
           request: {"image": NAME, "model": "zero_shot" | "fine_tuned", "box": [x0, y0, x1, y1]
-            (optional), "points": [[x, y, label], ...] (optional)}, in the image's original pixels;
-            a box, points, or both.
+            (optional), "points": [[x, y, label], ...] (optional), "previous": the "state" of the
+            prediction before this click (optional: its mask is fed back as SamPredictor's
+            mask_input)}, in the image's original pixels; a box, points, or both.
         Returns {"image", "model", "segmentation" (COCO RLE at the original resolution), "score"
-        (the predicted IoU), "area"}.
+        (the predicted IoU), "area", "state"}.
         """
         if not isinstance(request, dict):
             raise RequestError("the request body must be a JSON object")
-        unknown = sorted(set(request) - {"image", "model", "box", "points"})
+        unknown = sorted(set(request) - {"image", "model", "box", "points", "previous"})
         if unknown:
-            raise RequestError(f"unknown field(s) {', '.join(unknown)}: a prediction takes image, model, box, points")
+            raise RequestError(f"unknown field(s) {', '.join(unknown)}: a prediction takes image, model, box, points, "
+                               "previous")
         index = self._image_index(request.get("image"))
         model = request.get("model", "zero_shot")
         if model not in self.decoders:
@@ -94,13 +103,35 @@ class ServeSession:
         points = _points(request.get("points"), width, height)
         if box is None and not points:
             raise RequestError("give a box, points, or both")
+        name = self.cache.name_of(index)
         prompts = image_prompts((height, width), frame, boxes=[box] if box else [], points=points)
+        previous = request.get("previous")
         with self._lock:
+            if previous is not None:  # the mask before this click, fed back as SamPredictor's mask_input
+                prompts = dataclasses.replace(prompts, masks=self._previous_logits(previous, name, model)[None])
             embedding = torch.from_numpy(self.cache.embedding(index)).float()[None].to(self.device)
             (prediction,) = predict_masks(self.decoders[model], embedding, prompts.to(self.device),
                                           [(frame, (height, width))])
-        return {"image": self.cache.name_of(index), "model": model, "segmentation": masks.encode(prediction.mask),
-                "score": prediction.score, "area": int(prediction.mask.sum())}
+            state = self._remember(name, model, prediction.low_res_logits)
+        return {"image": name, "model": model, "segmentation": masks.encode(prediction.mask),
+                "score": prediction.score, "area": int(prediction.mask.sum()), "state": state}
+
+    def _remember(self, image: str, model: str, logits: torch.Tensor) -> str:
+        """Keeps a prediction's low-res logits for a further click on the same object; returns its token."""
+        token = secrets.token_hex(8)
+        self._states[token] = (image, model, logits.reshape(LOW_RES_SIZE, LOW_RES_SIZE).cpu())
+        while len(self._states) > KEPT_STATES:
+            self._states.popitem(last=False)
+        return token
+
+    def _previous_logits(self, token: Any, image: str, model: str) -> torch.Tensor:
+        kept = self._states.get(token) if isinstance(token, str) else None
+        if kept is None:
+            raise RequestError("previous must be the state of a recent prediction (a prediction's \"state\"); "
+                               "this one is unknown or expired: predict again without it")
+        if kept[:2] != (image, model):
+            raise RequestError(f"previous is a prediction for {kept[0]!r} by {kept[1]}, not {image!r} by {model}")
+        return kept[2]
 
     def preview(self, image: Any) -> bytes:
         """The image's preview JPEG as the cache holds it (longest side PREVIEW_SIZE)."""

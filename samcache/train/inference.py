@@ -35,10 +35,13 @@ Size = tuple[int, int]
 
 @dataclass
 class MaskPrediction:
-    """One prompt's mask at the original resolution and its predicted IoU."""
+    """One prompt's mask at the original resolution and its predicted IoU; `low_res_logits`: the
+    chosen mask's (256, 256) logits, what a further prompt on the same object takes as its mask
+    prompt (`SamPredictor.predict(mask_input=...)`)."""
 
     mask: np.ndarray
     score: float
+    low_res_logits: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -72,7 +75,7 @@ def predict_masks(decoder: PromptDecoder, embeddings: torch.Tensor, prompts: Pro
         input_size, original_size = sizes[row]
         # One prompt at a time: a batch of full-resolution maps of a large scan would not fit.
         mask = decoder.upscale(logits[n : n + 1], input_size, original_size)[0] > 0
-        predictions.append(MaskPrediction(mask.cpu().numpy(), scores[n]))
+        predictions.append(MaskPrediction(mask.cpu().numpy(), scores[n], logits[n].detach()))
     return predictions
 
 
