@@ -38,8 +38,33 @@ def test_images_lists_the_cache(client, stamps_cache):
     first = cache.images[0]
     assert listed["images"][0] == {"name": first.name, "split": first.split, "width": first.original_size[1],
                                    "height": first.original_size[0], "objects": len(first.objects),
-                                   "categories": sorted({o.category for o in first.objects})}
+                                   "categories": sorted({o.category for o in first.objects}), "scores": {}}
     assert listed["models"] == ["zero_shot", "fine_tuned"]
+
+
+def test_each_image_carries_its_scores_from_the_runs_latest_eval(stamps_cache, stamps_run_copy, tmp_path):
+    import csv
+
+    from fastapi.testclient import TestClient
+
+    from samcache.serve.app import create_app
+    from samcache.serve.session import ServeSession
+
+    report = tmp_path / "report"
+    result = CliRunner().invoke(main, ["eval", str(stamps_cache), "--run", str(stamps_run_copy), "--split", "val",
+                                       "--out", str(report)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((report / "objects.csv").open()))
+    with TestClient(create_app(ServeSession(stamps_cache, stamps_run_copy))) as client:
+        images = client.get("/api/images").json()["images"]
+    for image in images:
+        mine = [r for r in rows if r["image"] == image["name"]]
+        if image["split"] != "val" or not mine:
+            assert image["scores"] == {}
+            continue
+        for model in ("zero_shot", "fine_tuned", "box_fill"):
+            expected = np.mean([float(r[f"{model}_iou"]) for r in mine])
+            assert image["scores"][model] == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize("prompt", [{"box": [40, 60, 400, 300]},

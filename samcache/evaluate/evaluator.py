@@ -82,6 +82,17 @@ class PromptKindScores:
             out["baselines"] = {name: summarize(rows) for name, rows in self.baselines.items()}
         return out
 
+    def per_image(self) -> dict[str, dict[str, float]]:
+        """{image: {model or baseline: mean IoU of its objects}}: what `samcache serve` sorts images by."""
+        out: dict[str, dict[str, float]] = {}
+        for name, rows in {**self.models, **self.baselines}.items():
+            by_image: dict[str, list[float]] = {}
+            for row in rows:
+                by_image.setdefault(row["image"], []).append(row["iou"])
+            for image, ious in by_image.items():
+                out.setdefault(image, {})[name] = round(float(np.mean(ious)), 6)
+        return out
+
 
 def score_prompt_kind(kind: str, decoders: dict, cache: EmbeddingCache, indices: list[int], config: EvalConfig,
                       device: torch.device) -> PromptKindScores:
@@ -224,6 +235,7 @@ def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,
         "model_type": cache.provenance.model_type, "config": config.model_dump(mode="json"), "prompt": lead,
         **scored[lead].summary(),
         "by_prompt": {kind: scores.summary() for kind, scores in scored.items()},
+        "per_image": scored[lead].per_image(),
     }
     if config.clicks:
         summary["clicks"] = {name: click_protocol(decoder, cache, indices, config.clicks, device=device,

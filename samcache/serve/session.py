@@ -66,13 +66,17 @@ class ServeSession:
         self._states: OrderedDict[str, tuple] = OrderedDict()  # token -> (image, model, low-res logits)
 
     def images(self) -> list[dict]:
-        """Every image of the cache: name, split, width, height, number of objects, categories."""
+        """Every image of the cache: name, split, width, height, number of objects, categories, and
+        `scores` ({model: mean IoU of its objects}) from the run's latest eval of its split, if any."""
+        evals = self.run.eval_summaries() if self.run is not None else {}
         out = []
         for index in range(len(self.cache)):
             info = self.cache.images[index]
             height, width = info.original_size
+            scores = evals.get(info.split, {}).get("per_image", {}).get(info.name)
             out.append({"name": info.name, "split": info.split, "width": width, "height": height,
-                        "objects": len(info.objects), "categories": sorted({o.category for o in info.objects})})
+                        "objects": len(info.objects), "categories": sorted({o.category for o in info.objects}),
+                        "scores": scores or {}})
         return out
 
     def predict(self, request: Any) -> dict:
