@@ -577,6 +577,7 @@ def serve_cmd(cache_dir: Path, run_dir, dataset, host: str, port: int, device: s
       POST /api/predict  {"image": NAME, "model": "zero_shot" | "fine_tuned",
                           "box": [x0, y0, x1, y1], "points": [[x, y, label], ...]}
       GET  /api/objects?image=NAME;  POST /api/objects;  PATCH, DELETE /api/objects/ID
+      POST /api/finetune {"epochs", "split"};  GET /api/finetune[/events];  POST /api/finetune/cancel
 
     \b
     Example:

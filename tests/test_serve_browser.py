@@ -194,3 +194,26 @@ def test_clicks_add_points_and_a_stale_save_is_refused_and_reloaded(live_server,
     assert (stamps_copy / "val.json").read_bytes() == written
     # The browser reports the refused request itself; nothing else went wrong.
     assert all("409" in error for error in console_errors(chrome)), console_errors(chrome)
+
+
+@pytest.mark.browser
+def test_the_list_sorts_worst_first_by_the_runs_latest_eval(live_server, chrome, stamps_cache, stamps_run_copy,
+                                                            tmp_path):
+    from selenium.webdriver.support.ui import Select
+
+    from samcache.serve.app import create_app
+    from samcache.serve.session import ServeSession
+
+    result = CliRunner().invoke(main, ["eval", str(stamps_cache), "--run", str(stamps_run_copy), "--split", "val",
+                                       "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    url = live_server(create_app(ServeSession(stamps_cache, stamps_run_copy)))
+    open_page(chrome, url + "/")
+    wait_for(chrome, "#status[data-state='ready']")
+    Select(chrome.find_element("css selector", "#split")).select_by_value("val")
+    Select(chrome.find_element("css selector", "#sort")).select_by_value("worst")
+    shown = [li.get_attribute("data-name") for li in chrome.find_elements("css selector", "#images li")]
+    images = {im["name"]: im for im in _get(url + "/api/images")["images"] if im["split"] == "val"}
+    assert shown == sorted(images, key=lambda n: (images[n]["scores"].get("fine_tuned", float("inf")), n))
+    assert any(images[n]["scores"] for n in shown)  # the eval's scores are there at all
+    assert console_errors(chrome) == []

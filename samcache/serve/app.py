@@ -9,26 +9,34 @@
     POST   /api/objects             {"image", "version", "segmentation", "category"}: a new object
     PATCH  /api/objects/ID          {"image", "version", "segmentation" and/or "category"}: a corrected object
     DELETE /api/objects/ID?image=NAME&version=V
+    POST   /api/finetune            {"epochs" (optional), "split": "val" | "test"} -> 202 {"run": NAME} (finetune.py)
+    GET    /api/finetune            the fine-tune's status: phase, epoch, step, loss, val_miou, eval table
+    GET    /api/finetune/events     the same status as server-sent events, one per change, until it ends
+    POST   /api/finetune/cancel     stops it (the new run keeps last.pt, resumable)
 
 A refused request is a JSON `{"error": message}` with a 4xx status (409: the annotations changed
-since they were loaded), and changes nothing.
+since they were loaded, or a fine-tune is running already), and changes nothing.
 """
 
+import asyncio
 import json
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from samcache.cache.reader import DamagedImageError
 from samcache.errors import OutputError
 from samcache.serve.corrections import CorrectionError
+from samcache.serve.finetune import ENDED, FineTune
 from samcache.serve.session import RequestError, ServeSession
 
 STATIC = Path(__file__).parent / "static"
+# How often the event stream looks at the fine-tune's status.
+EVENTS_POLL_S = 0.5
 
 
 def create_app(session: ServeSession) -> FastAPI:
@@ -90,7 +98,43 @@ def create_app(session: ServeSession) -> FastAPI:
     def delete(object_id: int, image: str = "", version: str = "") -> dict:
         return session.edit({"image": image, "version": version}, object_id, delete=True)
 
+    finetune = FineTune(session)
+
+    @app.post("/api/finetune", status_code=202)
+    async def start_finetune(request: Request):
+        body = await request.body()
+        return finetune.start(await _json(request) if body.strip() else {})
+
+    @app.get("/api/finetune")
+    def finetune_status() -> dict:
+        return finetune.status()
+
+    @app.get("/api/finetune/events")
+    def finetune_events() -> StreamingResponse:
+        return StreamingResponse(_events(finetune), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.post("/api/finetune/cancel")
+    async def cancel_finetune():
+        # Waits for the process to stop (seconds): in a worker thread, not the event loop.
+        return await run_in_threadpool(finetune.cancel)
+
     return app
+
+
+async def _events(finetune: FineTune):
+    """`data: STATUS` whenever the fine-tune's status changes; the stream ends once the job has
+    (or when none was ever started)."""
+    sent = None
+    while True:
+        status = finetune.status()
+        text = json.dumps(status)
+        if text != sent:
+            yield f"data: {text}\n\n"
+            sent = text
+        if status["phase"] in ENDED or status["phase"] == "idle":
+            return
+        await asyncio.sleep(EVENTS_POLL_S)
 
 
 async def _json(request: Request):

@@ -137,6 +137,22 @@ class ServeSession:
             raise RequestError(f"previous is a prediction for {kept[0]!r} by {kept[1]}, not {image!r} by {model}")
         return kept[2]
 
+    @property
+    def dataset(self) -> Optional[Path]:
+        """The dataset corrections go into when it was given (--dataset); None: the one the cache follows."""
+        return Path(self._dataset) if self._dataset is not None else None
+
+    def use_run(self, run_dir: str | Path) -> None:
+        """Serves `run_dir`'s decoder as "fine_tuned" from now on, over the cache reopened (a fine-tune
+        refreshed it first): built outside the lock, swapped in under it, the old cache closed."""
+        cache = EmbeddingCache(self.cache.cache_dir)
+        run = RunFolder(run_dir)
+        decoders = load_decoders(cache, run, EvalConfig(), self.device)
+        with self._lock:
+            old, self.cache, self.run, self.decoders = self.cache, cache, run, decoders
+            self._states.clear()  # logits of the old decoders do not prompt the new ones
+        old.close()
+
     def preview(self, image: Any) -> bytes:
         """The image's preview JPEG as the cache holds it (longest side PREVIEW_SIZE)."""
         index = self._image_index(image)

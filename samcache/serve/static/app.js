@@ -1,5 +1,5 @@
 // The page of `samcache serve`: pick an image, prompt a mask with a box and points, compare it with
-// the ground truth, save it as a new object. Talks to the JSON API of samcache/serve/app.py; every
+// the ground truth, save it as a new object, fine-tune a new run with the corrections. Talks to the JSON API of samcache/serve/app.py; every
 // coordinate sent is in the image's original pixels (the canvas shows the cache's smaller preview).
 "use strict";
 
@@ -135,9 +135,13 @@ function setStatus(stateName, text) {
 
 function renderImages() {
   const split = el("split").value;
-  const byObjects = el("sort").value === "objects";
+  const order = el("sort").value;
   const shown = state.images.filter((im) => !split || im.split === split);
-  shown.sort((a, b) => (byObjects && b.objects - a.objects) || a.name.localeCompare(b.name));
+  // Worst first: the served model's mean IoU from the run's latest eval; images never scored last.
+  const model = el("model").value;
+  const score = (im) => (im.scores && model in im.scores ? im.scores[model] : Infinity);
+  shown.sort((a, b) => (order === "objects" && b.objects - a.objects) ||
+    (order === "worst" && score(a) - score(b)) || a.name.localeCompare(b.name));
   const list = el("images");
   list.replaceChildren();
   for (const image of shown) {
@@ -145,7 +149,10 @@ function renderImages() {
     item.dataset.name = image.name;
     item.dataset.split = image.split;
     item.classList.toggle("selected", state.image !== null && state.image.name === image.name);
-    for (const [cls, text] of [["name", image.name], ["split", image.split], ["count", `${image.objects} obj`]]) {
+    const iou = image.scores && model in image.scores ? image.scores[model].toFixed(2) : "";
+    item.dataset.score = iou;
+    for (const [cls, text] of [["name", image.name], ["split", image.split], ["count", `${image.objects} obj`],
+                               ["score", iou]]) {
       const span = document.createElement("span");
       span.className = cls;
       span.textContent = text;
@@ -380,6 +387,118 @@ async function save() {
   }
 }
 
+// ------------------------------------------------------------------------- fine-tuning
+
+// A fine-tune runs in processes of the server's: the page follows its status through server-sent
+// events (/api/finetune/events) and, once it is done, predicts with the new run's decoder.
+const FINETUNE_RUNNING = ["refreshing", "training", "evaluating"];
+const FINETUNE_SPLITS = ["val", "test"];
+let finetuneEvents = null;
+
+const fixed = (value, digits = 4) => (typeof value === "number" ? value.toFixed(digits) : "–");
+
+function finetuneLine(status) {
+  const run = status.run;
+  switch (status.phase) {
+    case "refreshing": return `${run}: taking the saved corrections into the cache…`;
+    case "training": {
+      const epoch = status.epoch === undefined ? "–" : `${status.epoch}/${status.epochs ?? "?"}`;
+      return `${run}: training, epoch ${epoch}, step ${status.global_step ?? "–"}, loss ${fixed(status.loss)}, ` +
+             `validation mIoU ${fixed(status.val_miou)}`;
+    }
+    case "evaluating": return `${run}: trained (validation mIoU ${fixed(status.val_miou)}); evaluating on ${status.split}…`;
+    case "done": return `${run} done: ${status.note}`;
+    case "failed": return `${run} failed: ${status.error}`;
+    case "cancelled": return `${run}: ${status.note}`;
+    default: return "trains a new run from the cache, with the saved corrections";
+  }
+}
+
+function renderFinetuneTable(rows) {
+  const table = el("finetune-table");
+  table.hidden = !rows;
+  const body = table.querySelector("tbody");
+  body.replaceChildren();
+  for (const row of rows || []) {
+    const line = document.createElement("tr");
+    line.dataset.model = row.model;
+    for (const text of [row.model, row.objects, fixed(row.miou), fixed(row.mdice), fixed(row.boundary_f)]) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      line.append(cell);
+    }
+    body.append(line);
+  }
+}
+
+function showFinetune(status) {
+  const line = el("finetune-status");
+  line.dataset.phase = status.phase;
+  line.textContent = finetuneLine(status);
+  const running = FINETUNE_RUNNING.includes(status.phase);
+  el("finetune-start").disabled = running;
+  el("finetune-cancel").disabled = !running;
+  renderFinetuneTable(status.phase === "done" ? status.table : null);
+}
+
+// The server serves the new run as fine_tuned now: select it, and ask again for the current prompts.
+async function useNewRun() {
+  const answer = await api("GET", "/api/images");
+  const byName = new Map(answer.images.map((im) => [im.name, im]));
+  for (const image of state.images) Object.assign(image, byName.get(image.name) || {});  // the refreshed counts
+  renderImages();
+  const select = el("model");
+  for (const model of answer.models) {
+    if (![...select.options].some((o) => o.value === model)) select.append(new Option(model, model));
+  }
+  select.value = "fine_tuned";
+  await predict();
+}
+
+function watchFinetune() {
+  if (finetuneEvents) finetuneEvents.close();
+  const events = (finetuneEvents = new EventSource("/api/finetune/events"));
+  events.onmessage = (message) => {
+    const status = JSON.parse(message.data);
+    showFinetune(status);
+    if (FINETUNE_RUNNING.includes(status.phase)) return;
+    events.close();  // the stream ends with the job: no reconnecting
+    if (finetuneEvents === events) finetuneEvents = null;
+    if (status.phase === "done") useNewRun().catch((error) => setStatus("error", error.message));
+  };
+}
+
+async function startFinetune() {
+  const body = {};
+  const epochs = el("finetune-epochs").value.trim();
+  if (epochs) body.epochs = Number(epochs);
+  // The evaluation's split: the one the list shows, when it has ground truth to score.
+  if (FINETUNE_SPLITS.includes(el("split").value)) body.split = el("split").value;
+  el("finetune-start").disabled = true;
+  try {
+    await api("POST", "/api/finetune", body);
+    watchFinetune();
+  } catch (error) {
+    el("finetune-status").textContent = error.message;
+    el("finetune-start").disabled = false;
+  }
+}
+
+async function cancelFinetune() {
+  el("finetune-cancel").disabled = true;
+  try {
+    showFinetune(await api("POST", "/api/finetune/cancel"));
+  } catch (error) {
+    el("finetune-status").textContent = error.message;
+  }
+}
+
+async function loadFinetune() {
+  const status = await api("GET", "/api/finetune");
+  showFinetune(status);
+  if (FINETUNE_RUNNING.includes(status.phase)) watchFinetune();  // started before the page was (re)loaded
+}
+
 // ------------------------------------------------------------------------- wiring
 
 view.addEventListener("mousedown", (event) => {
@@ -403,11 +522,13 @@ el("split").addEventListener("change", renderImages);
 el("sort").addEventListener("change", renderImages);
 el("show-truth").addEventListener("change", draw);
 el("show-mask").addEventListener("change", draw);
-el("model").addEventListener("change", predict);
+el("model").addEventListener("change", () => { renderImages(); predict(); });
 el("clear").addEventListener("click", clearPrompts);
 el("save").addEventListener("click", save);
+el("finetune-start").addEventListener("click", startFinetune);
+el("finetune-cancel").addEventListener("click", cancelFinetune);
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape") clearPrompts();
 });
 
-loadImages().catch((error) => setStatus("error", error.message));
+loadImages().then(loadFinetune).catch((error) => setStatus("error", error.message));
