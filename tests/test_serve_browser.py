@@ -217,3 +217,50 @@ def test_the_list_sorts_worst_first_by_the_runs_latest_eval(live_server, chrome,
     assert shown == sorted(images, key=lambda n: (images[n]["scores"].get("fine_tuned", float("inf")), n))
     assert any(images[n]["scores"] for n in shown)  # the eval's scores are there at all
     assert console_errors(chrome) == []
+
+
+@pytest.mark.browser
+def test_an_object_is_replaced_renamed_and_deleted_from_the_page_and_a_click_refines_the_mask(
+        live_server, chrome, stamps_copy, stamps_cache_copy, stamps_run):
+    from samcache.serve.app import create_app
+    from samcache.serve.session import ServeSession
+
+    url = live_server(create_app(ServeSession(stamps_cache_copy, stamps_run)))
+    open_page(chrome, url + "/")
+    wait_for(chrome, "#status[data-state='ready']")
+    name = wait_for(chrome, "#images li[data-split='val']").get_attribute("data-name")
+    image = next(im for im in _get(url + "/api/images")["images"] if im["name"] == name)
+    truth = _get(url + "/api/objects?image=" + urllib.parse.quote(name))
+    _select(chrome, name)
+    width, height = _canvas_size(chrome)
+    scale = width / image["width"]
+    x, y, w, h = truth["objects"][0]["bbox"]
+    drag_on_canvas(chrome, "#view", (max(x * scale - 6, 1), max(y * scale - 6, 1)),
+                   (min((x + w) * scale + 6, width - 2), min((y + h) * scale + 6, height - 2)))
+    wait_for(chrome, "#status[data-state='predicted']", timeout=PREDICT_TIMEOUT_S)
+    first = chrome.execute_script("return window.samcache.lastPrediction;")
+    # A click inside the box: the request carries the first mask's state (fed back as mask_input).
+    ActionChains(chrome).move_to_element_with_offset(
+        chrome.find_element("css selector", "#view"), int((x + w / 2) * scale - width / 2),
+        int((y + h / 2) * scale - height / 2)).click().perform()
+    request = _wait_until(chrome, "const r = window.samcache.lastRequest; return r.points && r;")
+    assert request["previous"] == first["state"] and request["box"]
+    wait_for(chrome, "#status[data-state='predicted']", timeout=PREDICT_TIMEOUT_S)
+    refined = chrome.execute_script("return window.samcache.lastPrediction;")
+
+    target = truth["objects"][0]["id"]
+    chrome.find_element("css selector", f"#objects li[data-id='{target}'] button.replace").click()
+    wait_for(chrome, "#status[data-state='saved']")
+    chrome.find_element("css selector", "#category").send_keys("checked")
+    chrome.find_element("css selector", f"#objects li[data-id='{target}'] button.rename").click()
+    wait_for(chrome, f"#objects li[data-id='{target}'][data-category='checked']")
+    saved = json.loads((stamps_copy / "val.json").read_text())
+    stored = next(a for a in saved["annotations"] if a["id"] == target)
+    assert np.array_equal(masks.decode(stored["segmentation"]), masks.decode(refined["segmentation"]))
+    assert {c["id"]: c["name"] for c in saved["categories"]}[stored["category_id"]] == "checked"
+
+    chrome.find_element("css selector", f"#objects li[data-id='{target}'] button.delete").click()
+    wait_for(chrome, "#status[data-state='saved']")
+    assert not chrome.find_elements("css selector", f"#objects li[data-id='{target}']")
+    assert target not in {a["id"] for a in json.loads((stamps_copy / "val.json").read_text())["annotations"]}
+    assert console_errors(chrome) == []

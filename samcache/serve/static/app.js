@@ -240,6 +240,15 @@ function renderObjects() {
     const text = document.createElement("span");
     text.textContent = `#${o.id} ${o.category} (${o.area} px)`;
     item.append(swatch, text);
+    // Corrections of this object: its mask replaced by the prediction, its category by the one
+    // typed above, or the object deleted. Each names the version the list was loaded at.
+    for (const [action, label] of [["replace", "mask ←"], ["rename", "category ←"], ["delete", "delete"]]) {
+      const button = document.createElement("button");
+      button.className = `edit ${action}`;
+      button.textContent = label;
+      button.addEventListener("click", () => edit(action, o));
+      item.append(button);
+    }
     list.append(item);
   });
 }
@@ -302,10 +311,12 @@ function onMouseUp(event) {
     const [bx, by] = toOriginal(end, width, height);
     state.box = [Math.min(ax, bx), Math.min(ay, by), Math.max(ax, bx), Math.max(ay, by)];
     state.points = [];  // a new box starts a new object
+    state.feedback = false;
   } else {
     // A point lies inside the image: at most its last pixel.
     const [x, y] = toOriginal(drag.start, width - 1, height - 1);
     state.points.push([x, y, event.shiftKey ? 0 : 1]);
+    state.feedback = true;  // a further click refines the mask before it, as SamPredictor's mask_input
   }
   draw();
   predict();
@@ -317,6 +328,10 @@ async function predict() {
   if (state.box) request.box = state.box;
   if (state.points.length) request.points = state.points;
   if (!request.box && !request.points) return;
+  const before = samcache.lastPrediction;
+  if (state.feedback && before && before.image === request.image && before.model === request.model) {
+    request.previous = before.state;
+  }
   const ticket = ++state.sent;
   setStatus("predicting", "predicting…");
   try {
@@ -384,6 +399,40 @@ async function save() {
     if (error.status === 409) await loadObjects().then(draw).catch(() => {});
   } finally {
     el("save").disabled = !samcache.lastPrediction;
+  }
+}
+
+async function edit(action, object) {
+  const prediction = samcache.lastPrediction;
+  const body = { image: state.image.name, version: state.objects.version };
+  if (action === "replace") {
+    if (!prediction || prediction.image !== state.image.name) {
+      setStatus("error", "draw a box for the new mask first");
+      return;
+    }
+    body.segmentation = prediction.segmentation;
+  } else if (action === "rename") {
+    body.category = el("category").value.trim();
+    if (!body.category) {
+      setStatus("error", "type the new category first");
+      return;
+    }
+  }
+  setStatus("saving", "saving…");
+  try {
+    const url = `/api/objects/${object.id}`;
+    if (action === "delete") {
+      const query = new URLSearchParams({ image: body.image, version: body.version });
+      await api("DELETE", `${url}?${query}`);
+    } else {
+      await api("PATCH", url, body);
+    }
+    await loadObjects();
+    draw();
+    setStatus("saved", `object #${object.id}: ${action === "delete" ? "deleted" : action + "d"}`);
+  } catch (error) {
+    setStatus("error", error.message);
+    if (error.status === 409) await loadObjects().then(draw).catch(() => {});
   }
 }
 
