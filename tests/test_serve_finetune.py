@@ -100,8 +100,10 @@ def test_a_failing_step_ends_the_job_with_its_error_line(stamps_copy, stamps_cac
         assert client.post("/api/finetune", json={"epochs": 1}).status_code == 202
         status = _wait(client, ("failed",), until=lambda s: True)
         assert status["error"].startswith("samcache embed failed: ") and "val.json" in status["error"], status
-        assert not (stamps_run_copy.parent / status["run"]).exists()  # training never started
-        assert (stamps_run_copy.parent / status["log"]).is_file()
+        run = stamps_run_copy.parent / status["run"]
+        assert status["log"] == f"{status['run']}/serve.log" and (stamps_run_copy.parent / status["log"]).is_file()
+        # training never started: the new run folder holds the log and samcache's marker only
+        assert sorted(p.name for p in run.iterdir()) == [".samcache-output.json", "serve.log"]
 
 
 @pytest.mark.slow
@@ -139,7 +141,7 @@ def test_a_fine_tune_takes_in_corrections_trains_evaluates_and_serves_the_new_ru
         assert status["global_step"] == steps[-1]["global_step"] and status["loss"] == steps[-1]["loss"]
         assert status["history"] == [m["val_miou"] for m in metrics if m["type"] == "epoch"]
 
-        summary = json.loads((stamps_run_copy.parent / "run_copy-tuned-1-eval-val" / "summary.json").read_text())
+        summary = json.loads((stamps_run_copy.parent / "run_copy-tuned-1" / "report-val" / "summary.json").read_text())
         assert summary["split"] == "val" and summary["run"] == str(new_run.resolve())
         expected = [(name, summary[name]) for name in ("zero_shot", "fine_tuned")]
         expected.append(("box_fill", summary["baselines"]["box_fill"]))
@@ -180,7 +182,7 @@ def test_cancel_stops_training_and_leaves_the_run_resumable(stamps_cache_copy, s
         assert 1 <= state.epoch < 100
         note = cancelled.json()["note"]
         assert f"(epoch {state.epoch}, step {state.global_step}) is kept" in note and "--resume" in note
-        assert not (stamps_run_copy.parent / f"{status['run']}-eval-val").exists()
+        assert not (stamps_run_copy.parent / status["run"] / "report-val").exists()
         assert client.post("/api/finetune/cancel").status_code == 409
 
 
@@ -194,7 +196,7 @@ def test_without_a_run_the_new_run_goes_beside_the_cache_and_a_cancel_before_tra
         cancelled = client.post("/api/finetune/cancel").json()
         assert cancelled["phase"] == "cancelled"
         assert not (stamps_cache_copy.parent / "cache_copy-tuned-1" / "last.pt").exists()
-        # The next job takes the next free name: the first one's log is there.
+        # The next job takes the next free name: the first one's folder is there, with its log.
         assert client.post("/api/finetune", json={}).json() == {"run": "cache_copy-tuned-2"}
         client.post("/api/finetune/cancel")
 
@@ -217,7 +219,7 @@ def test_the_fine_tune_button_shows_progress_and_the_eval_table(live_server, chr
     wait_for(chrome, "#finetune-status[data-phase='done']", timeout=JOB_TIMEOUT_S)
     rows = chrome.find_elements("css selector", "#finetune-table tbody tr")
     assert [r.get_attribute("data-model") for r in rows] == ["zero_shot", "fine_tuned", "box_fill"]
-    summary = json.loads((stamps_run_copy.parent / "run_copy-tuned-1-eval-val" / "summary.json").read_text())
+    summary = json.loads((stamps_run_copy.parent / "run_copy-tuned-1" / "report-val" / "summary.json").read_text())
     shown = rows[1].find_elements("css selector", "td")
     assert shown[2].text == f"{summary['fine_tuned']['miou']:.4f}"
     assert chrome.find_element("css selector", "#model").get_attribute("value") == "fine_tuned"

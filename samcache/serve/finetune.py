@@ -1,12 +1,16 @@
 """Fine-tuning from `samcache serve`: one job at a time, in separate processes, never in the server's.
 
 A job runs three commands of the command line, each `python -m samcache ...` with its output in
-a log file beside the new run:
+NEWRUN/serve.log:
 
     embed DATASET --out CACHE        the cache takes in the corrections saved into the dataset
                                      (annotations only: the image encoder does not run)
     train CACHE --out NEWRUN ...     the served run's options (its config.yaml), or the demo's
-    eval CACHE --run NEWRUN --split SPLIT --out NEWRUN-eval-SPLIT
+    eval CACHE --run NEWRUN --split SPLIT --out NEWRUN/report-SPLIT
+
+Everything a job writes is inside NEWRUN (marked as a samcache run before the first command, so
+`train` takes it with the log already in it): the server writes nothing else but the dataset's
+annotations.
 
 NEWRUN is a new folder: RUN-tuned-N beside the served run (RUN's own -tuned-N suffix replaced),
 or CACHE-tuned-N beside the cache when the server has no run; N is the first number free. The
@@ -31,8 +35,9 @@ from typing import Any, Optional
 
 from samcache.cache.format import read_followed_dataset
 from samcache.errors import SamcacheError
+from samcache.outputs import OutputFolder
 from samcache.serve.session import RequestError, ServeSession
-from samcache.train.runs import RunCheckpoint, RunFolder
+from samcache.train.runs import RUN_KIND, RunCheckpoint, RunFolder
 
 # The demo's training options (the Makefile's DEMO_TRAIN), for a server started without a run.
 DEMO_TRAIN = ["--epochs", "8", "--lr", "1e-3", "--loss", "sam", "--batch-size", "4", "--objects-per-image", "4"]
@@ -44,6 +49,7 @@ ENDED = ("done", "failed", "cancelled")
 KILL_AFTER_S = 5.0
 TABLE_MODELS = ("zero_shot", "fine_tuned")
 _TUNED = re.compile(r"-tuned-\d+$")
+LOG_NAME = "serve.log"
 
 
 class _Stopped(Exception):
@@ -97,7 +103,8 @@ class FineTune:
                                    "wait for it or cancel it first", status=409)
             run = self._new_run_folder()
             options, epochs = self._train_options(epochs)
-            self._job = _Job(run=run, split=split, epochs=epochs, log=run.parent / f"{run.name}.log")
+            OutputFolder(run, RUN_KIND).mark()  # the log goes in first; train takes a folder marked as a run
+            self._job = _Job(run=run, split=split, epochs=epochs, log=run / LOG_NAME)
             self._thread = threading.Thread(target=self._work, args=(self._job, options), daemon=True,
                                             name="samcache-finetune")
             self._thread.start()
@@ -114,7 +121,7 @@ class FineTune:
             self._read_metrics(job)
             return {"phase": job.phase, "run": job.run.name, "split": job.split, "epochs": job.epochs,
                     **job.progress, "history": list(job.history), "table": job.table, "note": job.note,
-                    "error": job.error, "log": job.log.name}
+                    "error": job.error, "log": str(job.log.relative_to(job.run.parent))}
 
     def cancel(self) -> dict:
         """Stops the running job (SIGTERM, then SIGKILL after KILL_AFTER_S) and returns its status."""
@@ -141,7 +148,7 @@ class FineTune:
             else:
                 self._step(job, "refreshing", refresh)
             self._step(job, "training", ["train", str(cache_dir), "--out", str(job.run), *options])
-            report = job.run.parent / f"{job.run.name}-eval-{job.split}"
+            report = job.run / f"report-{job.split}"
             self._step(job, "evaluating", ["eval", str(cache_dir), "--run", str(job.run), "--split", job.split,
                                            "--out", str(report)])
             table = eval_table(json.loads((report / "summary.json").read_text()))
@@ -196,7 +203,7 @@ class FineTune:
         base = base.resolve()
         stem = _TUNED.sub("", base.name)
         n = 1
-        while any(p.exists() for p in (base.parent / f"{stem}-tuned-{n}", base.parent / f"{stem}-tuned-{n}.log")):
+        while (base.parent / f"{stem}-tuned-{n}").exists():
             n += 1
         return base.parent / f"{stem}-tuned-{n}"
 
