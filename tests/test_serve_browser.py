@@ -216,6 +216,13 @@ def test_the_list_sorts_worst_first_by_the_runs_latest_eval(live_server, chrome,
     images = {im["name"]: im for im in _get(url + "/api/images")["images"] if im["split"] == "val"}
     assert shown == sorted(images, key=lambda n: (images[n]["scores"].get("fine_tuned", float("inf")), n))
     assert any(images[n]["scores"] for n in shown)  # the eval's scores are there at all
+
+    every = {im["name"]: im for im in _get(url + "/api/images")["images"]}
+    Select(chrome.find_element("css selector", "#split")).select_by_value("")
+    for category in sorted({c for im in every.values() for c in im["categories"]}):
+        Select(chrome.find_element("css selector", "#category-filter")).select_by_value(category)
+        shown = {li.get_attribute("data-name") for li in chrome.find_elements("css selector", "#images li")}
+        assert shown == {n for n, im in every.items() if category in im["categories"]} != set(every)
     assert console_errors(chrome) == []
 
 

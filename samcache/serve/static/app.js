@@ -136,7 +136,9 @@ function setStatus(stateName, text) {
 function renderImages() {
   const split = el("split").value;
   const order = el("sort").value;
-  const shown = state.images.filter((im) => !split || im.split === split);
+  const category = el("category-filter").value;
+  const shown = state.images.filter((im) => (!split || im.split === split) &&
+    (!category || im.categories.includes(category)));
   // Worst first: the served model's mean IoU from the run's latest eval; images never scored last.
   const model = el("model").value;
   const score = (im) => (im.scores && model in im.scores ? im.scores[model] : Infinity);
@@ -169,6 +171,9 @@ async function loadImages() {
   state.images = answer.images;
   for (const split of [...new Set(answer.images.map((im) => im.split))].sort()) {
     el("split").append(new Option(split, split));
+  }
+  for (const category of [...new Set(answer.images.flatMap((im) => im.categories))].sort()) {
+    el("category-filter").append(new Option(category, category));
   }
   for (const model of answer.models) el("model").append(new Option(model, model));
   // The run's decoder when there is one: what the person is checking.
@@ -569,6 +574,7 @@ view.addEventListener("mouseleave", () => {
 });
 el("split").addEventListener("change", renderImages);
 el("sort").addEventListener("change", renderImages);
+el("category-filter").addEventListener("change", renderImages);
 el("show-truth").addEventListener("change", draw);
 el("show-mask").addEventListener("change", draw);
 el("model").addEventListener("change", () => { renderImages(); predict(); });
