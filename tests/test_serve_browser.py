@@ -40,6 +40,17 @@ def _select(chrome, name: str) -> None:
     wait_for(chrome, "#status[data-state='ready']")
 
 
+def _open_first_val_image(chrome, url: str) -> tuple[str, dict, dict]:
+    """Opens the page, selects its first val image; returns (name, its /api/images entry, its objects)."""
+    open_page(chrome, url + "/")
+    wait_for(chrome, "#status[data-state='ready']")
+    name = wait_for(chrome, "#images li[data-split='val']").get_attribute("data-name")
+    image = next(im for im in _get(url + "/api/images")["images"] if im["name"] == name)
+    truth = _get(url + "/api/objects?image=" + urllib.parse.quote(name))
+    _select(chrome, name)
+    return name, image, truth
+
+
 def _canvas_size(chrome) -> tuple[int, int]:
     return tuple(chrome.execute_script("const v = document.getElementById('view'); return [v.width, v.height];"))
 
@@ -80,12 +91,7 @@ def test_a_box_drawn_on_the_page_gives_predicts_mask_and_saves_it(live_server, c
     from samcache.serve.session import ServeSession
 
     url = live_server(create_app(ServeSession(stamps_cache_copy, stamps_run)))
-    open_page(chrome, url + "/")
-    wait_for(chrome, "#status[data-state='ready']")
-    name = wait_for(chrome, "#images li[data-split='val']").get_attribute("data-name")
-    image = next(im for im in _get(url + "/api/images")["images"] if im["name"] == name)
-    truth = _get(url + "/api/objects?image=" + urllib.parse.quote(name))
-    _select(chrome, name)
+    name, image, truth = _open_first_val_image(chrome, url)
 
     # A box a little larger than the first ground-truth object, dragged in canvas pixels.
     width, height = _canvas_size(chrome)
@@ -233,12 +239,7 @@ def test_an_object_is_replaced_renamed_and_deleted_from_the_page_and_a_click_ref
     from samcache.serve.session import ServeSession
 
     url = live_server(create_app(ServeSession(stamps_cache_copy, stamps_run)))
-    open_page(chrome, url + "/")
-    wait_for(chrome, "#status[data-state='ready']")
-    name = wait_for(chrome, "#images li[data-split='val']").get_attribute("data-name")
-    image = next(im for im in _get(url + "/api/images")["images"] if im["name"] == name)
-    truth = _get(url + "/api/objects?image=" + urllib.parse.quote(name))
-    _select(chrome, name)
+    name, image, truth = _open_first_val_image(chrome, url)
     width, height = _canvas_size(chrome)
     scale = width / image["width"]
     x, y, w, h = truth["objects"][0]["bbox"]
