@@ -73,13 +73,6 @@ class OutputFolder:
         self.path, self.kind = Path(path), kind
         self._kept: list[str] = []
 
-    def owned(self, legacy: Optional[Callable[[Path], bool]] = None) -> bool:
-        """True when the folder is samcache's output of this kind (by its marker, or `legacy`)."""
-        marker = read_marker(self.path)
-        if marker is not None:
-            return marker["kind"] == self.kind
-        return legacy is not None and self.path.is_dir() and legacy(self.path)
-
     def check(self, *, overwrite: bool = False, again: bool = False,
               legacy: Optional[Callable[[Path], bool]] = None) -> None:
         """Refuses a folder this command may not write into; writes nothing.

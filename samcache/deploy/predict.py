@@ -119,11 +119,13 @@ class _PredictionRun:
         cache = _usable_cache(cache_dir, predictor)
         out_dir, images = Path(out_dir), [Path(p) for p in images]
         stems = output_stems(images)
-        output = OutputFolder(out_dir, PREDICTIONS_KIND).claim(overwrite=overwrite, legacy=_written_by_samcache,
-                                                               inputs=images)
+        output = OutputFolder(out_dir, PREDICTIONS_KIND)
+        output.check(overwrite=overwrite, legacy=_written_by_samcache)
+        # Before the claim removes anything: no file this command writes may be one it reads.
         planned = [out_dir / PREDICTIONS_FILE] + [f for stem in stems.values()
                                                   for f in out_dir.glob(f"{glob.escape(stem)}_*.png")]
         refuse_inputs_as_outputs(planned, images, out_dir=out_dir)
+        output.claim(overwrite=overwrite, legacy=_written_by_samcache, inputs=images)
         sam = predictor.sam.to(torch_device)
         return cls(sam, predictor.family.decoder(sam, predictor.model_type), torch_device, cache,
                    cache.index_by_sha256() if cache is not None else {}, out_dir, stems, output)
