@@ -198,6 +198,11 @@ class EmbeddingCache:
         return (int(t.original_size[r, 0]), int(t.original_size[r, 1])), (int(t.input_size[r, 0]),
                                                                           int(t.input_size[r, 1]))
 
+    def categories_of(self, index: int) -> list[str]:
+        """The distinct categories of image `index`'s objects, sorted, from the columns (no shard read)."""
+        start, count = int(self.object_start[index]), int(self.object_count[index])
+        return sorted({text(c) for c in self.tables.category[self._objects[start : start + count]]})
+
     def annotations_sha256_of(self, index: int) -> str:
         return text(self.tables.annotations_sha256[self._rows[index]])
 

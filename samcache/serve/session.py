@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from samcache.cache.format import text
 from samcache.cache.reader import EmbeddingCache
 from samcache.config import MAX_POINTS, EvalConfig
 from samcache.data import masks
@@ -70,12 +71,13 @@ class ServeSession:
         `scores` ({model: mean IoU of its objects}) from the run's latest eval of its split, if any."""
         evals = self.run.eval_summaries() if self.run is not None else {}
         out = []
-        for index in range(len(self.cache)):
-            info = self.cache.images[index]
-            height, width = info.original_size
-            scores = evals.get(info.split, {}).get("per_image", {}).get(info.name)
-            out.append({"name": info.name, "split": info.split, "width": width, "height": height,
-                        "objects": len(info.objects), "categories": sorted({o.category for o in info.objects}),
+        cache = self.cache
+        for index in range(len(cache)):  # from the cache's columns: no shard is read to list the images
+            name, split = cache.name_of(index), text(cache.split_column[index])
+            (height, width), _ = cache.sizes_of(index)
+            scores = evals.get(split, {}).get("per_image", {}).get(name)
+            out.append({"name": name, "split": split, "width": width, "height": height,
+                        "objects": int(cache.object_count[index]), "categories": cache.categories_of(index),
                         "scores": scores or {}})
         return out
 
