@@ -20,7 +20,11 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,serve]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,serve,hq]'
+	# MobileSAM's own code (mobile_sam), as published on PyPI inside mobilesam-lite, reads vit_t exports
+	# back in export's check and the tests. Without its dependencies: it declares opencv-python, which
+	# would replace opencv-python-headless's cv2, and a vendored ultralytics that samcache never imports.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt 'mobilesam-lite==0.1.2'
 	# sam2 ships as source: built against the torch above (no isolated build, which would download
 	# another torch) and without its optional CUDA extension.
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation -c constraints.txt 'sam2==1.1.0'

@@ -472,7 +472,8 @@ def export_cmd(run_dir: Path, out_path: Path, overwrite: bool, **options) -> Non
     """Write the full model's state dict with the fine-tuned decoder, plus FILE.json metadata; or ONNX files.
 
     For vit_b/l/h the state dict loads with segment_anything.sam_model_registry[TYPE](checkpoint=FILE)
-    and works with SamPredictor as it is (the metadata says how each model type loads). With
+    and works with SamPredictor as it is; vit_t with MobileSAM's, hq_vit_* with segment_anything_hq's
+    (the metadata says how each model type loads). With
     --format onnx, --out is a folder (see its README.md).
 
     \b

@@ -60,7 +60,10 @@ PROMPT_MODES = ("box", "point", "mixed", "box+points", "interactive")
 MASK_PROMPT_GRADIENTS = ("detach", "backprop")
 EVAL_PROMPTS = ("box", "point")
 LOSSES = ("sam", "dice-bce", "mse-threshold")
-TRAINABLE = ("mask_decoder", "prompt_encoder")
+TRAINABLE = ("mask_decoder", "prompt_encoder", "hq_head")
+DECODER_MODULES = ("mask_decoder", "prompt_encoder")
+"""The modules a run's checkpoint holds (the model's `prompt_encoder` and `mask_decoder`); `--train hq_head`
+trains SAM-HQ's parts of its mask decoder."""
 RUN_WEIGHTS = ("best", "last")
 EXPORT_FORMATS = ("pth", "safetensors", "onnx")
 MEMORY_POLICIES = ("auto", "yes", "no")
@@ -117,8 +120,9 @@ class EmbedConfig(_Options):
     """Options of `samcache embed`."""
 
     model_type: Literal[MODEL_TYPES] = "tiny"
-    """Image encoder to run: SAM's (vit_b/l/h, samcache's tiny) or SAM 2.1's Hiera (sam2.1_hiera_t/s/b+/l:
-    needs the sam2 package; the cache then holds its three feature maps, 8 MiB per image)."""
+    """Image encoder to run: SAM's (vit_b/l/h, samcache's tiny), MobileSAM's (vit_t), SAM-HQ's (hq_vit_b/l/h/tiny:
+    the cache also holds the encoder's early feature, 8 MiB per image for hq_vit_b) or SAM 2.1's Hiera
+    (sam2.1_hiera_t/s/b+/l: needs the sam2 package; the cache then holds its three feature maps, 8 MiB per image)."""
     checkpoint: Optional[Path] = None
     """Weights file (default: Meta's official weights; for tiny, samcache's pretrained ones)."""
     random_init: bool = False
@@ -249,10 +253,12 @@ class TrainConfig(_Options):
     """How training prompts are drawn (mode, box jitter, points)."""
     loss: Literal[LOSSES] = "sam"
     """sam: the model's own recipe (SAM: 20 focal + dice + IoU MSE; SAM 2.1: 20 focal + dice + IoU L1 on
-    every multimask output + object score BCE), dice-bce, or mse-threshold (the tutorial's, for comparison)."""
-    trainable: Annotated[list[Literal[TRAINABLE]], BeforeValidator(_comma_list), Field(
-        min_length=1, validation_alias=AliasChoices("trainable", "train"))] = ["mask_decoder"]
-    """What is trainable: mask_decoder and/or prompt_encoder.
+    every multimask output + object score BCE; SAM-HQ: BCE + dice on its HQ token's mask at uncertain points),
+    dice-bce, or mse-threshold (the tutorial's, for comparison)."""
+    trainable: Optional[Annotated[list[Literal[TRAINABLE]], BeforeValidator(_comma_list), Field(min_length=1)]] = (
+        Field(None, validation_alias=AliasChoices("trainable", "train")))
+    """What is trainable: mask_decoder, prompt_encoder, hq_head (SAM-HQ's HQ token, its MLP and fusion layers).
+    Unset: the model's default, mask_decoder (SAM-HQ: hq_head, SAM's own decoder frozen as SAM-HQ trains it).
 
     Called `train` in YAML files and runs' saved configs too (--train on the command line)."""
     train_split: str = TRAIN_SPLIT
@@ -295,7 +301,7 @@ class TrainConfig(_Options):
 
     @model_validator(mode="after")
     def _unique_parts(self) -> "TrainConfig":
-        _each_once("train", "a part", self.trainable)
+        _each_once("train", "a part", self.trainable or [])
         return self
 
     @property

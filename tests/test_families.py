@@ -17,7 +17,7 @@ from samcache.models.weights import build_seeded, identify_weights
 def test_every_model_type_has_exactly_one_family():
     owners = {model_type: [f.name for f in FAMILIES if model_type in f.model_types] for model_type in MODEL_TYPES}
     assert all(len(names) == 1 for names in owners.values()), owners
-    assert {f.name for f in FAMILIES} == {"sam", "tiny", "micro", "sam2.1"}
+    assert {f.name for f in FAMILIES} == {"sam", "mobilesam", "sam_hq", "tiny", "micro", "sam2.1"}
     with pytest.raises(CheckpointError, match="unknown model type 'vit_x'; choose one of vit_b"):
         family_of("vit_x")
 

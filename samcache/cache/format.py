@@ -32,9 +32,11 @@ from samcache.fileio import FileIdentity, atomic_write_json
 from samcache.models.families import FAMILIES, ModelFamily, family_of
 from samcache.models.feature_layout import CacheLayout
 
-SCHEMA_VERSIONS = {family.layout.name: family.layout.schema_version for family in FAMILIES}
+SCHEMA_VERSIONS = {family.layout_of(t).name: family.layout_of(t).schema_version for family in FAMILIES
+                   for t in family.model_types}
 """The schema version of each cache layout (feature_layout.CacheLayout): a SAM 2.1 cache holds two
-more maps per image. What a shard stores per image is its family's `layout.stored_maps`."""
+more maps per image, a SAM-HQ cache one. What a shard stores per image is its family's
+`layout_of(model_type).stored_maps`."""
 
 
 HEADER_NAME = "cache.json"
@@ -91,7 +93,7 @@ class Provenance:
     @property
     def layout(self) -> CacheLayout:
         """What a shard stores per image, and the schema version."""
-        return self.family.layout
+        return self.family.layout_of(self.model_type)
 
     @property
     def made_by(self) -> str:

@@ -265,7 +265,8 @@ class CheckCase:
 def check_case(model: LoadedModel) -> CheckCase:
     """The run's prediction for the check's prompt, as `samcache predict` makes it."""
     family = model.family
-    features = torch.randn((1, *family.layout.feature_shape), generator=torch.Generator().manual_seed(0))
+    features = torch.randn((1, *family.layout_of(model.model_type).feature_shape),
+                           generator=torch.Generator().manual_seed(0))
     frame = family.input_size(CHECK_SIZE)
     prompt = make_prompt(np.array(CHECK_BOX), np.array([CHECK_POINT]), np.array([1]), is_box=True,
                          original_size=CHECK_SIZE, frame=frame)
@@ -353,11 +354,12 @@ def _reload_with_samcache(path: Path, model_type: str, fmt: str) -> Reloaded:
     return sam, _sam_predictor(sam)
 
 
-def _sam_predictor(sam: torch.nn.Module) -> Callable[[CheckCase], tuple[np.ndarray, float]]:
-    from segment_anything import SamPredictor
+def _sam_predictor(sam: torch.nn.Module, predictor_class=None) -> Callable[[CheckCase], tuple[np.ndarray, float]]:
+    if predictor_class is None:
+        from segment_anything import SamPredictor as predictor_class
 
     def predict(case: CheckCase) -> tuple[np.ndarray, float]:
-        predictor = SamPredictor(sam.eval())
+        predictor = predictor_class(sam.eval())
         # set_image's state, with the check's embedding in place of the encoder's
         predictor.features, predictor.is_image_set = case.features, True
         predictor.original_size, predictor.input_size = CHECK_SIZE, case.input_size
@@ -366,6 +368,72 @@ def _sam_predictor(sam: torch.nn.Module) -> Callable[[CheckCase], tuple[np.ndarr
         return masks[0], float(scores[0])
 
     return predict
+
+
+def import_mobile_sam():
+    """MobileSAM's own package: `mobile_sam` (installed from its GitHub repository), else the same code
+    as published on PyPI inside mobilesam-lite (`mobilesam_lite.mobile_sam`, identical to MobileSAM's
+    but for one import line). ImportError when neither is installed."""
+    import warnings
+
+    with warnings.catch_warnings():  # its TinyViT re-registers timm model names, and timm warns of each
+        warnings.filterwarnings("ignore", message="Overwriting tiny_vit", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+        try:
+            import mobile_sam
+        except ImportError:
+            from mobilesam_lite import mobile_sam
+    return mobile_sam
+
+
+def _reload_with_mobile_sam(path: Path, model_type: str, fmt: str) -> Reloaded:
+    try:
+        mobile_sam = import_mobile_sam()
+    except ImportError:
+        raise OutputError("reading a MobileSAM export back needs MobileSAM's package: pip install "
+                          "git+https://github.com/ChaoningZhang/MobileSAM, or pip install --no-deps "
+                          "mobilesam-lite (make install does)") from None
+    if fmt == "pth":
+        sam = mobile_sam.sam_model_registry[model_type](checkpoint=str(path))
+    else:
+        from safetensors.torch import load_file
+
+        sam = mobile_sam.sam_model_registry[model_type]()
+        sam.load_state_dict(load_file(str(path)), strict=True)
+    sam.eval()  # after loading: TinyViT's eval-mode attention biases are copied by .eval() (mobile_sam.py)
+    return sam, _sam_predictor(sam, mobile_sam.SamPredictor)
+
+
+def _reload_with_segment_anything_hq(path: Path, model_type: str, fmt: str) -> Reloaded:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Overwriting tiny_vit", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+        from segment_anything_hq import SamPredictor, sam_model_registry
+
+    registry_key = model_type.removeprefix("hq_")
+    with contextlib.redirect_stdout(io.StringIO()):  # its builders print load_state_dict's result
+        if fmt == "pth":
+            sam = sam_model_registry[registry_key](checkpoint=str(path))
+        else:
+            from safetensors.torch import load_file
+
+            sam = sam_model_registry[registry_key]()
+            sam.load_state_dict(load_file(str(path)), strict=True)
+    sam.eval()  # after loading, for hq_vit_tiny's TinyViT (mobile_sam.py)
+
+    def predict(case: CheckCase) -> tuple[np.ndarray, float]:
+        predictor = SamPredictor(sam)
+        embedding, early = case.features[:, :256], case.features[:, 256:]
+        predictor.features, predictor.interm_features = embedding, [early.permute(0, 2, 3, 1)]
+        predictor.is_image_set = True
+        predictor.original_size, predictor.input_size = CHECK_SIZE, case.input_size
+        masks, scores, _ = predictor.predict(point_coords=np.array([CHECK_POINT]), point_labels=np.array([1]),
+                                             box=np.array(CHECK_BOX), multimask_output=False)
+        return masks[0], float(scores[0])
+
+    return sam, predict
 
 
 def _reload_with_sam2(path: Path, model_type: str, fmt: str) -> Reloaded:
@@ -397,7 +465,8 @@ def _reload_with_sam2(path: Path, model_type: str, fmt: str) -> Reloaded:
 
 # What each family's `load_with` names, by family name.
 _READERS = {"segment_anything": _reload_with_segment_anything, "samcache": _reload_with_samcache,
-            "sam2": _reload_with_sam2}
+            "sam2": _reload_with_sam2, "mobile_sam": _reload_with_mobile_sam,
+            "segment_anything_hq": _reload_with_segment_anything_hq}
 
 
 def _metadata(run: RunFolder, run_checkpoint: RunCheckpoint, weights: str, out_file: Path, fmt: str,

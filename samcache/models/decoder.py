@@ -44,11 +44,13 @@ from samcache.models.specs import IMAGE_SIZE, LOW_RES_SIZE, MASK_OUTPUTS
 @dataclass
 class DecoderOutput:
     """Low-res logits (N, 4, 256, 256) and predicted IoUs (N, 4) of all four mask tokens; SAM 2.1's
-    decoder also scores whether the object is there at all (N, 1) logits, else None."""
+    decoder also scores whether the object is there at all (N, 1) logits, else None; SAM-HQ's also
+    returns its HQ token's mask alone (N, 1, 256, 256) logits (sam_hq.py), else None."""
 
     logits: torch.Tensor
     iou_pred: torch.Tensor
     object_score: Optional[torch.Tensor] = None
+    hq_logits: Optional[torch.Tensor] = None
 
 
 def predict_masks_batched(
@@ -77,7 +79,7 @@ def predict_masks_batched(
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
     _, c, h, w = image_embeddings.shape
     if shared_dense:  # the same dense embedding for all prompts: image-side work once per image
-        hs, src = _transformer_sharing_images(d.transformer, image_embeddings + dense[:1], batch_row, image_pe,
+        hs, src = transformer_sharing_images(d.transformer, image_embeddings + dense[:1], batch_row, image_pe,
                                               tokens)
     else:
         src = image_embeddings.index_select(0, batch_row) + dense
@@ -149,7 +151,7 @@ def _empty_outputs(like: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     return (like.new_empty((n, MASK_OUTPUTS, LOW_RES_SIZE, LOW_RES_SIZE)), like.new_empty((n, MASK_OUTPUTS)))
 
 
-def _transformer_sharing_images(transformer, image_src: torch.Tensor, batch_row: torch.Tensor,
+def transformer_sharing_images(transformer, image_src: torch.Tensor, batch_row: torch.Tensor,
                                 image_pe: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`TwoWayTransformer.forward` for N prompts over B images (`image_src` = embedding + the
     shared dense embedding, (B, C, H, W)), with the first block's image-side projections done

@@ -17,13 +17,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from samcache.errors import CheckpointError, SamcacheError
-from samcache.models.feature_layout import EMBEDDING_LAYOUT, MICRO_LAYOUT, SAM2_LAYOUT, CacheLayout
+from samcache.models.feature_layout import EMBEDDING_LAYOUT, MICRO_LAYOUT, SAM2_LAYOUT, SAM_HQ_LAYOUTS, CacheLayout
 from samcache.models.specs import (
     ENCODER_SPECS,
     IMAGE_SIZE,
     MICRO_EMBED_DIM,
+    MOBILE_SAM_TYPE,
     MODEL_TYPES,
     SAM2_MODEL_TYPES,
+    SAM_HQ_MODEL_TYPES,
     Preprocessing,
 )
 
@@ -47,7 +49,9 @@ class ModelFamily:
     """Short name ("sam", "tiny", "micro", "sam2.1")."""
     model_types: tuple[str, ...]
     layout: CacheLayout = EMBEDDING_LAYOUT
-    """What the cache stores per image (feature_layout.py); families may share one."""
+    """What the cache stores per image (feature_layout.py); families may share one. `layout_of` asks."""
+    default_trainable: tuple[str, ...] = ("mask_decoder",)
+    """What `samcache train` trains when `--train` is not given (config.TRAINABLE)."""
     preprocessing: Preprocessing = Preprocessing()
     """The image preprocessing of its predictor, recorded in every cache's provenance."""
     encoder_backends: tuple[str, ...] = ("torch", "openvino")
@@ -59,8 +63,9 @@ class ModelFamily:
     """What `samcache export --format` writes for its runs."""
     export_reader: str = "segment_anything"
     """Whose code reads its exports back (what `load_with` names): "segment_anything"
-    (sam_model_registry + SamPredictor), "samcache" (load_sam) or "sam2" (build_sam2 +
-    SAM2ImagePredictor). Export reads every file back through it before leaving it in place."""
+    (sam_model_registry + SamPredictor), "samcache" (load_sam), "sam2" (build_sam2 +
+    SAM2ImagePredictor), "mobile_sam" or "segment_anything_hq" (each package's sam_model_registry +
+    SamPredictor). Export reads every file back through it before leaving it in place."""
     automatic_masks: bool = True
     """Whether segment everything (SAM's automatic mask generator) runs on its decoder."""
     own_weights: bool = False
@@ -72,6 +77,10 @@ class ModelFamily:
     """Why a capability is missing, per capability (`require`'s message; {model_type} is filled in)."""
 
     # ------------------------------------------------------------------ facts per model type
+    def layout_of(self, model_type: str) -> CacheLayout:
+        """What a cache of `model_type` stores per image (the family's `layout` unless it varies by type)."""
+        return self.layout
+
     def label(self, model_type: str) -> str:
         """How reports name the base model: "SAM vit_b"."""
         return f"SAM {model_type}"
@@ -114,7 +123,7 @@ class ModelFamily:
     def recognise(self, state_dict: dict[str, Any]) -> Optional[str]:
         """The model type of this family whose weights the state dict holds, if it can tell."""
         pos = state_dict.get("image_encoder.pos_embed")
-        if pos is None:
+        if pos is None or "mask_decoder.hf_token.weight" in state_dict:  # no ViT, or SAM-HQ's decoder
             return None
         depth = 1 + max((int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")),
                         default=-1)
@@ -150,6 +159,13 @@ class ModelFamily:
     def frozen_by_cache(self, sam: "torch.nn.Module") -> list["torch.nn.Module"]:
         """Decoder-side modules whose outputs the cache holds, so training cannot change them."""
         return []
+
+    def trainable_modules(self, sam: "torch.nn.Module", part: str) -> list["torch.nn.Module"]:
+        """The modules `--train PART` trains (config.TRAINABLE); a part the family lacks is refused."""
+        if part == "hq_head":
+            raise SamcacheError("--train hq_head trains SAM-HQ's HQ token and fusion layers, which this model "
+                                "does not have: train mask_decoder and/or prompt_encoder")
+        return [getattr(sam, part)]
 
     def unused_parameters(self, loss_kind: str) -> bool:
         """True when a loss leaves some decoder parameter without a gradient (DDP must be told)."""
@@ -238,6 +254,119 @@ class MicroFamily(TinyFamily):
         return "samcache.models.weights.load_sam('micro', checkpoint=FILE)"
 
 
+class MobileSamFamily(SamFamily):
+    """MobileSAM (`vit_t`, mobile_sam.py): a TinyViT encoder distilled from vit_h, SAM's own prompt encoder
+    and mask decoder; SamPredictor's preprocessing; exports in mobile_sam.pt's layout, which MobileSAM's
+    `sam_model_registry["vit_t"]` loads."""
+
+    name = "mobilesam"
+    model_types = (MOBILE_SAM_TYPE,)
+    export_reader = "mobile_sam"
+
+    def label(self, model_type: str) -> str:
+        return "MobileSAM"
+
+    def zero_shot_title(self, model_type: str) -> str:
+        return "zero-shot MobileSAM (vit_t)"
+
+    def check_installed(self, model_type: str) -> None:
+        _require_segment_anything_hq(model_type)
+
+    def build(self, model_type: str) -> "torch.nn.Module":
+        from samcache.models.mobile_sam import build_mobile_sam
+
+        return build_mobile_sam()
+
+    def recognise(self, state_dict: dict[str, Any]) -> Optional[str]:
+        if "image_encoder.layers.0.blocks.0.conv1.c.weight" not in state_dict:  # TinyViT's first MBConv
+            return None
+        return "hq_vit_tiny" if "mask_decoder.hf_token.weight" in state_dict else MOBILE_SAM_TYPE
+
+    def load_with(self, model_type: str, fmt: str) -> str:
+        if fmt == "safetensors":
+            return ("mobile_sam.sam_model_registry['vit_t']().load_state_dict("
+                    "safetensors.torch.load_file(FILE)), then .eval()")
+        return "mobile_sam.sam_model_registry['vit_t'](checkpoint=FILE), then .eval()"
+
+
+class SamHqFamily(ModelFamily):
+    """SAM-HQ (sam_hq.py): SAM's ViT (or MobileSAM's TinyViT for hq_vit_tiny) and decoder plus an HQ token
+    and a fusion of the encoder's early feature, which the cache stores beside the embedding; SAM-HQ's
+    loss on the HQ token's mask; trains the HQ parts alone by default (SAM frozen, as SAM-HQ does);
+    exports in segment_anything_hq's layout."""
+
+    name = "sam_hq"
+    model_types = SAM_HQ_MODEL_TYPES
+    export_reader = "segment_anything_hq"
+    default_trainable = ("hq_head",)
+    encoder_backends = ("torch",)
+    export_formats = ("pth", "safetensors")
+    automatic_masks = False
+    why_not = {
+        "automatic_masks": "{model_type}: segment everything runs SAM's automatic mask generator on SAM's decoder "
+                           "outputs; it is not offered for SAM-HQ's",
+        "onnx": "--format onnx writes SAM's ONNX interface, which has no input for SAM-HQ's early encoder feature; "
+                "a {model_type} run exports as a checkpoint (--format pth) that segment_anything_hq loads",
+        "openvino": "--backend openvino runs SAM's encoders returning one map; {model_type}'s encoder also returns "
+                    "its early feature: use --backend torch (or auto)",
+    }
+
+    def layout_of(self, model_type: str) -> CacheLayout:
+        return SAM_HQ_LAYOUTS[model_type]
+
+    def label(self, model_type: str) -> str:
+        return f"SAM-HQ {model_type.removeprefix('hq_')}"
+
+    def zero_shot_title(self, model_type: str) -> str:
+        return f"zero-shot SAM-HQ ({model_type.removeprefix('hq_')})"
+
+    def check_installed(self, model_type: str) -> None:
+        _require_segment_anything_hq(model_type)
+
+    def build(self, model_type: str) -> "torch.nn.Module":
+        from samcache.models.sam_hq import build_sam_hq
+
+        return build_sam_hq(model_type)
+
+    def recognise(self, state_dict: dict[str, Any]) -> Optional[str]:
+        if "mask_decoder.hf_token.weight" not in state_dict:
+            return None
+        found = SamFamily().recognise({k: v for k, v in state_dict.items() if not k.startswith("mask_decoder.hf")})
+        return f"hq_{found}" if found else None  # hq_vit_tiny: MobileSamFamily.recognise
+
+    def decoder(self, sam: "torch.nn.Module", model_type: str) -> "PromptDecoder":
+        from samcache.models.sam_hq import SamHqPromptDecoder
+
+        return SamHqPromptDecoder(sam.prompt_encoder, sam.mask_decoder, family=self, model_type=model_type)
+
+    def trainable_modules(self, sam: "torch.nn.Module", part: str) -> list["torch.nn.Module"]:
+        if part == "hq_head":
+            from samcache.models.sam_hq import hq_modules
+
+            return hq_modules(sam.mask_decoder)
+        return [getattr(sam, part)]
+
+    def unused_parameters(self, loss_kind: str) -> bool:
+        return True  # SAM-HQ's loss scores the HQ token's mask only: SAM's own heads get no gradient
+
+    def load_with(self, model_type: str, fmt: str) -> str:
+        registry_key = model_type.removeprefix("hq_")
+        if fmt == "safetensors":
+            return (f"segment_anything_hq.sam_model_registry[{registry_key!r}]().load_state_dict("
+                    "safetensors.torch.load_file(FILE))")
+        return f"segment_anything_hq.sam_model_registry[{registry_key!r}](checkpoint=FILE)"
+
+
+def _require_segment_anything_hq(model_type: str) -> None:
+    """MobileSAM's TinyViT and SAM-HQ come from segment_anything_hq (whose TinyViT imports timm)."""
+    from importlib.util import find_spec
+
+    missing = [name for name in ("segment_anything_hq", "timm") if find_spec(name) is None]
+    if missing:
+        raise CheckpointError(f"{model_type} needs the package(s) {' and '.join(missing)}: "
+                              "pip install 'samcache[hq]' (make install does)")
+
+
 SAM2_CONFIGS = {
     "sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
     "sam2.1_hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
@@ -321,7 +450,8 @@ class Sam2Family(ModelFamily):
         return f"sam2.build_sam.build_sam2({SAM2_CONFIGS[model_type]!r}, FILE)"
 
 
-FAMILIES: tuple[ModelFamily, ...] = (SamFamily(), TinyFamily(), MicroFamily(), Sam2Family())
+FAMILIES: tuple[ModelFamily, ...] = (SamFamily(), MobileSamFamily(), SamHqFamily(), TinyFamily(), MicroFamily(),
+                                     Sam2Family())
 """Every family samcache knows, each model type in exactly one."""
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 if sorted(_BY_MODEL_TYPE) != sorted(MODEL_TYPES) or len(_BY_MODEL_TYPE) != sum(len(f.model_types) for f in FAMILIES):

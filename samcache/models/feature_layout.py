@@ -19,7 +19,14 @@ tensors, with any leading (batch) dimensions.
 
 from __future__ import annotations
 
-from samcache.models.specs import EMBEDDING_SHAPE, EMBEDDING_SIZE, MICRO_EMBED_DIM, SAM2_FEATURE_SHAPES
+from samcache.models.specs import (
+    EMBEDDING_SHAPE,
+    EMBEDDING_SIZE,
+    MICRO_EMBED_DIM,
+    PROMPT_EMBED_DIM,
+    SAM2_FEATURE_SHAPES,
+    SAM_HQ_VIT_CHANNELS,
+)
 
 # (name, shuffle factor) in packing order
 _PARTS = (("image_embed", 1), ("high_res_s1", 2), ("high_res_s0", 4))
@@ -129,6 +136,23 @@ class PackedSam2Layout(CacheLayout):
                           "high_res_s0": stored["high_res_s0"]})
 
 
+class SamHqLayout(CacheLayout):
+    """SAM-HQ's: the embedding (256, 64, 64) and the encoder's early feature (C, 64, 64), stored as two
+    datasets, handed out stacked along the channels (256 + C, 64, 64) (sam_hq.py)."""
+
+    def __init__(self, early_channels: int):
+        super().__init__(name="sam_hq", schema_version=3, channels=PROMPT_EMBED_DIM + early_channels,
+                         stored_maps={"embeddings": EMBEDDING_SHAPE,
+                                      "early_features": (early_channels, EMBEDDING_SIZE, EMBEDDING_SIZE)})
+
+    def to_stored(self, features) -> dict:
+        return {"embeddings": features[..., :PROMPT_EMBED_DIM, :, :],
+                "early_features": features[..., PROMPT_EMBED_DIM:, :, :]}
+
+    def from_stored(self, stored: dict):
+        return _concat([stored["embeddings"], stored["early_features"]], axis=-3)
+
+
 EMBEDDING_LAYOUT = CacheLayout(name="sam", schema_version=1, stored_maps={"embeddings": EMBEDDING_SHAPE},
                                channels=EMBEDDING_SHAPE[0])
 """SAM's (and every family whose decoder reads only the image embedding): one (256, 64, 64) map."""
@@ -137,3 +161,5 @@ MICRO_LAYOUT = CacheLayout(name="sam", schema_version=1, stored_maps={"embedding
                                                                                      EMBEDDING_SIZE)},
                            channels=MICRO_EMBED_DIM)
 """The micro model's: SAM's datasets at its narrower width (32, 64, 64)."""
+SAM_HQ_LAYOUTS = {model_type: SamHqLayout(channels) for model_type, channels in SAM_HQ_VIT_CHANNELS.items()}
+"""SAM-HQ's, per model type (the early feature's channels differ: 768 for hq_vit_b, 160 for hq_vit_tiny)."""

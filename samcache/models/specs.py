@@ -62,7 +62,15 @@ ENCODER_SPECS: dict[str, EncoderSpec] = {
 }
 SAM2_MODEL_TYPES = ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l")
 """SAM 2.1's image models (sam2.py)."""
-MODEL_TYPES = (*ENCODER_SPECS, "tiny", "micro", *SAM2_MODEL_TYPES)
+MOBILE_SAM_TYPE = "vit_t"
+"""MobileSAM (mobile_sam.py): a TinyViT encoder distilled from vit_h, SAM's own prompt encoder and mask decoder."""
+SAM_HQ_VIT_CHANNELS = {"hq_vit_b": 768, "hq_vit_l": 1024, "hq_vit_h": 1280, "hq_vit_tiny": 160}
+"""SAM-HQ's models (sam_hq.py) and the channels of the early encoder feature its decoder fuses: the
+first global-attention block's output of the ViT (its width), or the TinyViT's second stage."""
+SAM_HQ_MODEL_TYPES = tuple(SAM_HQ_VIT_CHANNELS)
+SAM_HQ_BASES = {"hq_vit_b": "vit_b", "hq_vit_l": "vit_l", "hq_vit_h": "vit_h", "hq_vit_tiny": MOBILE_SAM_TYPE}
+"""The model whose encoder and decoder each SAM-HQ model extends."""
+MODEL_TYPES = (*ENCODER_SPECS, MOBILE_SAM_TYPE, *SAM_HQ_MODEL_TYPES, "tiny", "micro", *SAM2_MODEL_TYPES)
 """Every model type, as the options offer them; each belongs to one family (families.py, which
 checks that it covers exactly these)."""
 MICRO_EMBED_DIM = 32
@@ -127,6 +135,36 @@ OFFICIAL_WEIGHTS.update({
         _SAM2_BASE_URL + "sam2.1_hiera_large.pt",
         "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318",
         898_083_611,
+    ),
+})
+# MobileSAM: the file in its authors' repository (ChaoningZhang/MobileSAM, weights/mobile_sam.pt). SAM-HQ: its
+# authors' Hugging Face repository (lkeab/hq-sam), which their README links; SHA-256 and sizes are those
+# repositories' Git LFS records of these files.
+OFFICIAL_WEIGHTS.update({
+    MOBILE_SAM_TYPE: OfficialWeights(
+        "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+        "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
+        40_728_226,
+    ),
+    "hq_vit_b": OfficialWeights(
+        "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_b.pth",
+        "14a9d662cd6f5a9c2dba6d40ab0058d88d287e4a18fd6fdc6ad5fb1a3fdeaa57",
+        379_335_069,
+    ),
+    "hq_vit_l": OfficialWeights(
+        "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_l.pth",
+        "e1a6c385d62bf005ded91a54d5ec55c985cfc4103ef89c08d90f39f04934c343",
+        1_254_865_805,
+    ),
+    "hq_vit_h": OfficialWeights(
+        "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_h.pth",
+        "a7ac14a085326d9fa6199c8c698c4f0e7280afdbb974d2c4660ec60877b45e35",
+        2_570_940_653,
+    ),
+    "hq_vit_tiny": OfficialWeights(
+        "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_tiny.pth",
+        "0f32c075ccdd870ae54db2f7630e7a0878ede5a2b06d05d6fe02c65a82fb7196",
+        42_526_881,
     ),
 })
 OFFICIAL_MODEL_TYPES = tuple(OFFICIAL_WEIGHTS)

@@ -44,9 +44,10 @@ import yaml
 
 from samcache import __version__
 from samcache.cache.format import Provenance
-from samcache.config import RUN_WEIGHTS, TRAINABLE, TrainConfig
+from samcache.config import DECODER_MODULES, RUN_WEIGHTS, TrainConfig
 from samcache.errors import RunError
 from samcache.fileio import append_text, atomic_write_bytes, atomic_write_json, read_json_mapping
+from samcache.models.families import family_of
 from samcache.models.weights import LoadedModel, load_matching
 from samcache.outputs import OutputFolder
 from samcache.plotting import plot_training_curves
@@ -101,10 +102,11 @@ class RunCheckpoint:
     def capture(cls, sam, optimizer: torch.optim.Optimizer, config: TrainConfig, provenance: Provenance,
                 state: TrainState) -> "RunCheckpoint":
         """The checkpoint of `sam`'s prompt encoder and mask decoder as they are now."""
-        weights = {f"{part}.{k}": v.detach().cpu().clone() for part in TRAINABLE
+        weights = {f"{part}.{k}": v.detach().cpu().clone() for part in DECODER_MODULES
                    for k, v in getattr(sam, part).state_dict().items()}
         return cls(model_type=provenance.model_type, base_weights_sha256=provenance.weights_sha256,
-                   trained=list(config.trainable), state_dict=weights, optimizer=optimizer.state_dict(),
+                   trained=list(trained_parts(config, provenance.model_type)), state_dict=weights,
+                   optimizer=optimizer.state_dict(),
                    config=config.model_dump(mode="json"), state=copy.deepcopy(state))
 
     def to_bytes(self) -> bytes:
@@ -151,6 +153,11 @@ class RunCheckpoint:
             )
 
 
+def trained_parts(config: TrainConfig, model_type: str) -> tuple[str, ...]:
+    """What a run trains: `--train`'s parts, else its model family's default."""
+    return tuple(config.trainable) if config.trainable else family_of(model_type).default_trainable
+
+
 def _written_by_samcache(folder: Path) -> bool:
     """A run folder from before runs carried the output marker: its run.json is samcache's."""
     info = read_json_mapping(folder / _INFO)
@@ -160,7 +167,7 @@ def _written_by_samcache(folder: Path) -> bool:
 def apply_weights(sam, checkpoint: RunCheckpoint) -> None:
     """Loads a run's prompt encoder and mask decoder into `sam` (strict keys): the one way a run's
     weights reach a model, for resume, eval, predict and export."""
-    for part in TRAINABLE:
+    for part in DECODER_MODULES:
         prefix = f"{part}."
         weights = {k[len(prefix):]: v for k, v in checkpoint.state_dict.items() if k.startswith(prefix)}
         try:

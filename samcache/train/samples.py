@@ -67,7 +67,7 @@ def should_hold_in_memory(policy: str, n_images: int, device: torch.device, budg
         return policy == "yes"
     if policy != "auto":
         raise ValueError(f"cache-in-memory must be auto, yes or no, not {policy!r}")
-    need = n_images * 2 * math.prod(family_of(model_type).layout.feature_shape)
+    need = n_images * 2 * math.prod(family_of(model_type).layout_of(model_type).feature_shape)
     budget = budget_bytes if budget_bytes is not None else available_memory_bytes(device) // 2
     return need <= budget
 

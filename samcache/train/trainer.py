@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from samcache.cache.reader import EmbeddingCache
-from samcache.config import RESUME_MAY_CHANGE, TRAINABLE, TrainConfig, resume_changes
+from samcache.config import DECODER_MODULES, RESUME_MAY_CHANGE, TrainConfig, resume_changes
 from samcache.data import masks
 from samcache.data.metrics import iou
 from samcache.devices import autocast, decoder_precision, resolve_device
@@ -45,7 +45,15 @@ from samcache.models.weights import LoadedModel, load_matching
 from samcache.progress import progress_bar
 from samcache.train.click_protocol import click_protocol
 from samcache.train.inference import predict_cached_objects
-from samcache.train.runs import RunCheckpoint, RunFolder, RunWriter, TrainState, apply_weights, upgrade_saved_config
+from samcache.train.runs import (
+    RunCheckpoint,
+    RunFolder,
+    RunWriter,
+    TrainState,
+    apply_weights,
+    trained_parts,
+    upgrade_saved_config,
+)
 from samcache.train.samples import (
     Batch,
     CacheSamples,
@@ -132,11 +140,14 @@ class Training:
                              recorded_source=cache.provenance.weights_source)
         base.sam.image_encoder = None  # never used in training; frees its memory
         base.sam.to(device)
-        for part in TRAINABLE:
-            getattr(base.sam, part).requires_grad_(part in config.trainable)
+        for part in DECODER_MODULES:
+            getattr(base.sam, part).requires_grad_(False)
+        for part in trained_parts(config, base.model_type):
+            for module in base.family.trainable_modules(base.sam, part):
+                module.requires_grad_(True)
         for module in base.family.frozen_by_cache(base.sam):  # e.g. SAM 2.1's conv_s0 / conv_s1: cached outputs
             module.requires_grad_(False)
-        parameters = [p for part in config.trainable for p in getattr(base.sam, part).parameters() if p.requires_grad]
+        parameters = [p for part in DECODER_MODULES for p in getattr(base.sam, part).parameters() if p.requires_grad]
         held = should_hold_in_memory(config.cache_in_memory, len(train_indices) + len(val_indices), device,
                                      config.memory_budget_mb * 2**20 if config.memory_budget_mb else None,
                                      model_type=cache.provenance.model_type)
@@ -219,7 +230,7 @@ def _wrap_for_distributed(module: PromptDecoder, config: TrainConfig, device: to
 
     # Parameters no loss reaches: the prompt encoder's unused point embeddings, and what the family
     # says a loss leaves out (SAM 2.1's object score head under a loss without its term).
-    unused = "prompt_encoder" in config.trainable or module.family.unused_parameters(config.loss)
+    unused = "prompt_encoder" in (config.trainable or ()) or module.family.unused_parameters(config.loss)
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=unused)
 
@@ -233,7 +244,8 @@ def _placeholder_step_inputs(device: torch.device, config: TrainConfig, model_ty
     if config.prompts.mode == "interactive":  # as many passes as the other ranks; no points, no masks
         schedules = ClickSchedules(torch.zeros((1, 3, click_passes(config.prompts))),
                                    torch.tensor([[LOW_RES_SIZE, LOW_RES_SIZE]])).to(device)
-    return Batch([], torch.zeros((1, *family_of(model_type).layout.feature_shape), device=device), prompts.to(device),
+    features = torch.zeros((1, *family_of(model_type).layout_of(model_type).feature_shape), device=device)
+    return Batch([], features, prompts.to(device),
                  torch.zeros((1, LOW_RES_SIZE, LOW_RES_SIZE), device=device), schedules)
 
 
