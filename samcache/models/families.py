@@ -160,11 +160,18 @@ class ModelFamily:
         """Decoder-side modules whose outputs the cache holds, so training cannot change them."""
         return []
 
+    trainable_parts: tuple[str, ...] = ("mask_decoder", "prompt_encoder")
+    """What `--train` may name for its models (config.TRAINABLE)."""
+
+    def check_trainable(self, parts: tuple[str, ...], model_type: str) -> None:
+        """Refuses, before anything is written, a `--train` part the model does not have."""
+        for part in parts:
+            if part not in self.trainable_parts:
+                raise SamcacheError(f"--train {part} trains SAM-HQ's HQ token and fusion layers; the cache's model, "
+                                    f"{model_type}, has none: train {' and/or '.join(self.trainable_parts)}")
+
     def trainable_modules(self, sam: "torch.nn.Module", part: str) -> list["torch.nn.Module"]:
-        """The modules `--train PART` trains (config.TRAINABLE); a part the family lacks is refused."""
-        if part == "hq_head":
-            raise SamcacheError("--train hq_head trains SAM-HQ's HQ token and fusion layers, which this model "
-                                "does not have: train mask_decoder and/or prompt_encoder")
+        """The modules `--train PART` trains (`check_trainable` has accepted PART)."""
         return [getattr(sam, part)]
 
     def unused_parameters(self, loss_kind: str) -> bool:
@@ -338,6 +345,8 @@ class SamHqFamily(ModelFamily):
         from samcache.models.sam_hq import SamHqPromptDecoder
 
         return SamHqPromptDecoder(sam.prompt_encoder, sam.mask_decoder, family=self, model_type=model_type)
+
+    trainable_parts = ("hq_head", "mask_decoder", "prompt_encoder")
 
     def trainable_modules(self, sam: "torch.nn.Module", part: str) -> list["torch.nn.Module"]:
         if part == "hq_head":

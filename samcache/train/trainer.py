@@ -267,6 +267,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
     """
     cache, run = EmbeddingCache(cache_dir), RunFolder(run_dir)
     splits = _splits(cache, config, dist)  # refused before anything is written
+    model_type = cache.provenance.model_type
+    family_of(model_type).check_trainable(trained_parts(config, model_type), model_type)
     if dist.is_main:
         run.check_writable(resume)  # before the lock file goes in: a folder that is not a run stays untouched
     with WriterLock(run.path, what="run folder", enabled=dist.is_main):  # one writer per run folder
