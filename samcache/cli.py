@@ -632,7 +632,8 @@ def models_cmd() -> None:
 @main.command("fetch")
 @click.argument("model_type", type=click.Choice(OFFICIAL_MODEL_TYPES))
 def fetch_cmd(model_type: str) -> None:
-    """Download Meta's official weights into SAMCACHE_HOME and verify their SHA-256.
+    """Download a model's official weights (Meta's; MobileSAM's and SAM-HQ's authors') into SAMCACHE_HOME and
+    verify their SHA-256.
 
     \b
     Example:

@@ -44,6 +44,13 @@ class RefreshingTinyViT(TinyViT):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        # TinyViT starts its attention biases at zero, which would make seeded random weights blind to
+        # stale biases; small random ones (as trained ones are not zero) keep the tests honest.
+        with torch.no_grad():
+            for name, parameter in self.named_parameters():
+                if name.endswith("attention_biases"):
+                    parameter.normal_(0.0, 0.02)
+        refresh_attention_biases(self)
         self.register_load_state_dict_post_hook(lambda module, _keys: refresh_attention_biases(module))
 
 

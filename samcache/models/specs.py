@@ -1,5 +1,6 @@
 """What SAM is, in numbers: the geometry every model type shares, each encoder's shape, the
-preprocessing record, and Meta's released checkpoints (the families themselves: families.py).
+preprocessing record, and the released checkpoints of Meta, MobileSAM and SAM-HQ (the families
+themselves: families.py).
 
 Plain constants, no PyTorch, so that the cache, the configs and the command line can use
 them without importing it (torch and segment_anything take seconds to import).
@@ -82,7 +83,7 @@ SAM2_FEATURE_SHAPES = {"image_embed": (256, 64, 64), "high_res_s1": (64, 128, 12
 
 @dataclass(frozen=True)
 class OfficialWeights:
-    """Meta's released checkpoint for a model type."""
+    """The released checkpoint of a model type, as its authors publish it."""
 
     url: str
     sha256: str

@@ -2,7 +2,7 @@
 
 `load_sam(model_type, checkpoint)` is the entry point. It builds the architecture with
 segment_anything's own modules, finds the weights (an explicit path, `$SAMCACHE_HOME`, or
-a verified download of Meta's official file), loads them without executing pickled code
+a verified download of the official file), loads them without executing pickled code
 (`weights_only=True`, or safetensors) and with strict keys, and says which weights it used
 (`weights_sha256`), so caches and runs can refuse to mix models.
 
@@ -219,7 +219,7 @@ def resolve_checkpoint(model_type: str, checkpoint: Optional[str | Path], *, dow
         digest = file_sha256_cached(path)
         if digest != official.sha256:
             raise CheckpointError(
-                f"{path} has SHA-256 {digest}, but Meta's {model_type} file has {official.sha256}; "
+                f"{path} has SHA-256 {digest}, but the official {model_type} file has {official.sha256}; "
                 f"delete it to download again, or pass it explicitly with --checkpoint {path}"
             )
         remember_sha256(path)
@@ -230,7 +230,7 @@ def resolve_checkpoint(model_type: str, checkpoint: Optional[str | Path], *, dow
 
 
 def download_official(model_type: str) -> Path:
-    """Downloads Meta's checkpoint for `model_type` into `$SAMCACHE_HOME`, verifying its SHA-256.
+    """Downloads the official checkpoint for `model_type` into `$SAMCACHE_HOME`, verifying its SHA-256.
 
     The file is written as `<name>.part` and renamed only once verified, so an interrupted or
     corrupted download never leaves a file that looks complete.
@@ -415,7 +415,7 @@ def load_matching(model_type: str, weights_sha256: str, checkpoint: Optional[str
     Training and evaluation start from the prompt encoder and mask decoder of those weights,
     since the embeddings they read were made by that model's image encoder. Without `checkpoint`,
     the weights are found again: the file the cache recorded (`recorded_source`, when it is
-    still there with that SHA-256), Meta's official file when the SHA-256 is Meta's, and for
+    still there with that SHA-256), the official file when the SHA-256 is its, and for
     tiny both of samcache's own weight sets (the shipped pretrained file, and the random init of
     seed 0, identified by its state dict's SHA-256). Weights that are none of these are never
     downloaded in their place: the error names the file and SHA-256 to pass with --checkpoint.
