@@ -277,6 +277,26 @@ def test_embed_caches_embedding_and_early_feature_as_sam_hq_predictor(hq_tiny):
             torch.testing.assert_close(got, tensor, rtol=2**-10, atol=1e-6, msg=f"{name} {key}")
 
 
+@pytest.mark.slow
+def test_openvino_embeds_both_maps_as_torch_does(hq_tiny, tmp_path, monkeypatch):
+    """The OpenVINO backend converts SAM-HQ's encoder with its two outputs packed into one, and caches
+    both maps as the torch backend does (a conversion: seconds for hq_vit_tiny, a minute for hq_vit_b)."""
+    monkeypatch.setenv("SAMCACHE_HOME", str(tmp_path / "home"))
+    cache = tmp_path / "cache_ov"
+    flags = [f for f in HQ_EMBED_FLAGS if f not in ("--backend", "torch")]
+    invoke(["embed", hq_tiny / "ds", "--out", cache, "--model", "hq_vit_tiny", "--checkpoint",
+            hq_tiny / "weights.pth", *flags, "--backend", "openvino"])
+    assert list((tmp_path / "home" / "openvino").glob("hq_vit_tiny-*-encoder.xml"))
+    ours, reference = stored_features(cache), stored_features(hq_tiny / "cache")
+    assert sorted(ours) == sorted(reference)
+    for name, arrays in ours.items():
+        for key in ("embeddings", "early_features"):
+            a, b = arrays[key].astype(np.float32).ravel(), reference[name][key].astype(np.float32).ravel()
+            assert a.shape == b.shape, key
+            cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+            assert cosine > 0.999, (name, key, cosine)
+
+
 # -------------------------------------------------------------------------------------------- train
 def _changed(run_checkpoint: Path, base: dict[str, torch.Tensor]) -> set[str]:
     state = RunCheckpoint.read(run_checkpoint).state_dict

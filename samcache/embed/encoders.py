@@ -2,7 +2,8 @@
 
 On a CPU, OpenVINO runs SAM's ViT encoder about 1.5x faster than torch in fp32 on the same
 weights (measured on vit_b, AVX2-only EPYC; it uses bf16 on CPUs with AMX or AVX512-BF16),
-with embeddings equal to torch's within float tolerance (cosine 1.000000: BENCHMARKS.md). So
+with embeddings equal to torch's within float tolerance (cosine 1.000000: BENCHMARKS.md). It converts
+MobileSAM's TinyViT too, and wins there as well (BENCHMARKS.md, "Embed for MobileSAM"). So
 `--backend auto` is OpenVINO on the CPU and torch on CUDA (bf16, batched).
 
 Converting a model takes minutes for vit_b (a trace of the whole encoder), so it happens once
@@ -21,6 +22,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -116,7 +118,11 @@ def _convert(loaded: LoadedModel, xml: Path, say: Callable[[str], None]) -> None
     started = time.time()
     ticker = _Ticker(say, started)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # The trace warns of every shape it fixes (TinyViT's asserts on sizes, `len(x)`) and of
+            # torch.jit's deprecation: the input size is fixed here on purpose, so none applies.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)
             model = ov.convert_model(encoder, example_input=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
         xml.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=xml.parent, prefix=".converting-"))

@@ -306,7 +306,6 @@ class SamHqFamily(ModelFamily):
     model_types = SAM_HQ_MODEL_TYPES
     export_reader = "segment_anything_hq"
     default_trainable = ("hq_head",)
-    encoder_backends = ("torch",)
     export_formats = ("pth", "safetensors")
     automatic_masks = False
     why_not = {
@@ -314,8 +313,6 @@ class SamHqFamily(ModelFamily):
                            "outputs; it is not offered for SAM-HQ's",
         "onnx": "--format onnx writes SAM's ONNX interface, which has no input for SAM-HQ's early encoder feature; "
                 "a {model_type} run exports as a checkpoint (--format pth) that segment_anything_hq loads",
-        "openvino": "--backend openvino runs SAM's encoders returning one map; {model_type}'s encoder also returns "
-                    "its early feature: use --backend torch (or auto)",
     }
 
     def layout_of(self, model_type: str) -> CacheLayout:
