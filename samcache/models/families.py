@@ -25,6 +25,7 @@ from samcache.models.specs import (
     MOBILE_SAM_TYPE,
     MODEL_TYPES,
     SAM2_MODEL_TYPES,
+    SAM_HQ_BASES,
     SAM_HQ_MODEL_TYPES,
     Preprocessing,
 )
@@ -52,6 +53,8 @@ class ModelFamily:
     """What the cache stores per image (feature_layout.py); families may share one. `layout_of` asks."""
     default_trainable: tuple[str, ...] = ("mask_decoder",)
     """What `samcache train` trains when `--train` is not given (config.TRAINABLE)."""
+    trainable_parts: tuple[str, ...] = ("mask_decoder", "prompt_encoder")
+    """What `--train` may name for its models (config.TRAINABLE)."""
     preprocessing: Preprocessing = Preprocessing()
     """The image preprocessing of its predictor, recorded in every cache's provenance."""
     encoder_backends: tuple[str, ...] = ("torch", "openvino")
@@ -159,9 +162,6 @@ class ModelFamily:
     def frozen_by_cache(self, sam: "torch.nn.Module") -> list["torch.nn.Module"]:
         """Decoder-side modules whose outputs the cache holds, so training cannot change them."""
         return []
-
-    trainable_parts: tuple[str, ...] = ("mask_decoder", "prompt_encoder")
-    """What `--train` may name for its models (config.TRAINABLE)."""
 
     def check_trainable(self, parts: tuple[str, ...], model_type: str) -> None:
         """Refuses, before anything is written, a `--train` part the model does not have."""
@@ -306,6 +306,7 @@ class SamHqFamily(ModelFamily):
     model_types = SAM_HQ_MODEL_TYPES
     export_reader = "segment_anything_hq"
     default_trainable = ("hq_head",)
+    trainable_parts = ("hq_head", "mask_decoder", "prompt_encoder")
     export_formats = ("pth", "safetensors")
     automatic_masks = False
     why_not = {
@@ -343,8 +344,6 @@ class SamHqFamily(ModelFamily):
 
         return SamHqPromptDecoder(sam.prompt_encoder, sam.mask_decoder, family=self, model_type=model_type)
 
-    trainable_parts = ("hq_head", "mask_decoder", "prompt_encoder")
-
     def trainable_modules(self, sam: "torch.nn.Module", part: str) -> list["torch.nn.Module"]:
         if part == "hq_head":
             from samcache.models.sam_hq import hq_modules
@@ -357,10 +356,12 @@ class SamHqFamily(ModelFamily):
 
     def load_with(self, model_type: str, fmt: str) -> str:
         registry_key = model_type.removeprefix("hq_")
+        # Its TinyViT copies its attention biases at .eval(), which the registry calls before loading.
+        then = ", then .eval()" if SAM_HQ_BASES[model_type] == MOBILE_SAM_TYPE else ""
         if fmt == "safetensors":
             return (f"segment_anything_hq.sam_model_registry[{registry_key!r}]().load_state_dict("
-                    "safetensors.torch.load_file(FILE))")
-        return f"segment_anything_hq.sam_model_registry[{registry_key!r}](checkpoint=FILE)"
+                    f"safetensors.torch.load_file(FILE)){then}")
+        return f"segment_anything_hq.sam_model_registry[{registry_key!r}](checkpoint=FILE){then}"
 
 
 def _require_segment_anything_hq(model_type: str) -> None:
