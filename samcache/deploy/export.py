@@ -39,6 +39,7 @@ from samcache.faults import crash_point
 from samcache.fileio import atomic_write_json, read_json_mapping, refuse_to_replace, sha256_file, write_failure
 from samcache.models.families import SAM2_CONFIGS, family_of
 from samcache.models.prompts import Prompt, PromptBatch, make_prompt
+from samcache.models.specs import PROMPT_EMBED_DIM
 from samcache.models.weights import LoadedModel
 from samcache.train.inference import predict_masks
 from samcache.train.runs import RunCheckpoint, RunFolder
@@ -354,7 +355,10 @@ def _reload_with_samcache(path: Path, model_type: str, fmt: str) -> Reloaded:
     return sam, _sam_predictor(sam)
 
 
-def _sam_predictor(sam: torch.nn.Module, predictor_class=None) -> Callable[[CheckCase], tuple[np.ndarray, float]]:
+def _sam_predictor(sam: torch.nn.Module, predictor_class=None, *,
+                   early_feature: bool = False) -> Callable[[CheckCase], tuple[np.ndarray, float]]:
+    """`predictor_class` (segment_anything's SamPredictor by default) on the check's features; with
+    `early_feature`, SAM-HQ's: the embedding, then its `interm_features` from the features' other channels."""
     if predictor_class is None:
         from segment_anything import SamPredictor as predictor_class
 
@@ -362,6 +366,9 @@ def _sam_predictor(sam: torch.nn.Module, predictor_class=None) -> Callable[[Chec
         predictor = predictor_class(sam.eval())
         # set_image's state, with the check's embedding in place of the encoder's
         predictor.features, predictor.is_image_set = case.features, True
+        if early_feature:
+            embedding, early = case.features[:, :PROMPT_EMBED_DIM], case.features[:, PROMPT_EMBED_DIM:]
+            predictor.features, predictor.interm_features = embedding, [early.permute(0, 2, 3, 1)]
         predictor.original_size, predictor.input_size = CHECK_SIZE, case.input_size
         masks, scores, _ = predictor.predict(point_coords=np.array([CHECK_POINT]), point_labels=np.array([1]),
                                              box=np.array(CHECK_BOX), multimask_output=False)
@@ -374,11 +381,9 @@ def import_mobile_sam():
     """MobileSAM's own package: `mobile_sam` (installed from its GitHub repository), else the same code
     as published on PyPI inside mobilesam-lite (`mobilesam_lite.mobile_sam`, identical to MobileSAM's
     but for one import line). ImportError when neither is installed."""
-    import warnings
+    from samcache.models.mobile_sam import quiet_tiny_vit_import
 
-    with warnings.catch_warnings():  # its TinyViT re-registers timm model names, and timm warns of each
-        warnings.filterwarnings("ignore", message="Overwriting tiny_vit", category=UserWarning)
-        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+    with quiet_tiny_vit_import():
         try:
             import mobile_sam
         except ImportError:
@@ -405,11 +410,9 @@ def _reload_with_mobile_sam(path: Path, model_type: str, fmt: str) -> Reloaded:
 
 
 def _reload_with_segment_anything_hq(path: Path, model_type: str, fmt: str) -> Reloaded:
-    import warnings
+    from samcache.models.mobile_sam import quiet_tiny_vit_import
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Overwriting tiny_vit", category=UserWarning)
-        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+    with quiet_tiny_vit_import():
         from segment_anything_hq import SamPredictor, sam_model_registry
 
     registry_key = model_type.removeprefix("hq_")
@@ -422,18 +425,7 @@ def _reload_with_segment_anything_hq(path: Path, model_type: str, fmt: str) -> R
             sam = sam_model_registry[registry_key]()
             sam.load_state_dict(load_file(str(path)), strict=True)
     sam.eval()  # after loading, for hq_vit_tiny's TinyViT (mobile_sam.py)
-
-    def predict(case: CheckCase) -> tuple[np.ndarray, float]:
-        predictor = SamPredictor(sam)
-        embedding, early = case.features[:, :256], case.features[:, 256:]
-        predictor.features, predictor.interm_features = embedding, [early.permute(0, 2, 3, 1)]
-        predictor.is_image_set = True
-        predictor.original_size, predictor.input_size = CHECK_SIZE, case.input_size
-        masks, scores, _ = predictor.predict(point_coords=np.array([CHECK_POINT]), point_labels=np.array([1]),
-                                             box=np.array(CHECK_BOX), multimask_output=False)
-        return masks[0], float(scores[0])
-
-    return sam, predict
+    return sam, _sam_predictor(sam, SamPredictor, early_feature=True)
 
 
 def _reload_with_sam2(path: Path, model_type: str, fmt: str) -> Reloaded:

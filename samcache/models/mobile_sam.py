@@ -9,17 +9,26 @@ drops. MobileSAM's own `mobile_sam` package is not on PyPI (it installs from its
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 
 from samcache.models.specs import IMAGE_SIZE
 
-with warnings.catch_warnings():
-    # Importing it registers TinyViT models in timm's registry under names timm already has; timm
-    # warns about each, which says nothing to a samcache user.
-    warnings.filterwarnings("ignore", message="Overwriting tiny_vit", category=UserWarning)
-    warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)  # its old imports
+
+@contextlib.contextmanager
+def quiet_tiny_vit_import():
+    """Importing a TinyViT package (segment_anything_hq, mobile_sam) registers TinyViT models in timm's
+    registry under names timm already has, through timm's deprecated module paths; timm warns about
+    each, which says nothing to a samcache user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Overwriting tiny_vit", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+        yield
+
+
+with quiet_tiny_vit_import():
     from segment_anything_hq.modeling.tiny_vit_sam import TinyViT
 
 TINY_VIT_ARGUMENTS = dict(img_size=IMAGE_SIZE, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320],

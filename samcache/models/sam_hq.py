@@ -15,7 +15,6 @@ state dict here is that package's layout (its `sam_model_registry` loads an expo
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import torch
@@ -33,7 +32,7 @@ from samcache.models.decoder import (
     upscale_logits,
     without_absent_masks,
 )
-from samcache.models.mobile_sam import TINY_VIT_ARGUMENTS, RefreshingTinyViT
+from samcache.models.mobile_sam import TINY_VIT_ARGUMENTS, RefreshingTinyViT, quiet_tiny_vit_import
 from samcache.models.prompts import PromptBatch
 from samcache.models.specs import (
     EMBEDDING_SIZE,
@@ -49,9 +48,7 @@ from samcache.models.specs import (
     SAM_HQ_VIT_CHANNELS,
 )
 
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="Overwriting tiny_vit", category=UserWarning)
-    warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)  # its old imports
+with quiet_tiny_vit_import():
     from segment_anything_hq.modeling import ImageEncoderViT, MaskDecoderHQ, TwoWayTransformer
 
 HQ_PARTS = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
