@@ -108,15 +108,10 @@ def decode(
     are decoded in separate batched calls, each with exactly its real points, as SamPredictor
     is called; the results come back in the prompts' order.
     """
-    logits, iou_pred = _empty_outputs(image_embeddings, len(prompts))
+    logits, iou_pred = empty_outputs(image_embeddings, len(prompts))
     image_pe = prompt_encoder.get_dense_pe()
     for select, has_box, k in prompt_groups(prompts):
-        sparse, dense = prompt_encoder(
-            points=(prompts.points[select, :k], prompts.labels[select, :k]) if k else None,
-            boxes=prompts.boxes[select] if has_box else None,
-            masks=None if prompts.masks is None else prompts.masks[select].unsqueeze(1),
-        )
-        dense = without_absent_masks(prompt_encoder, prompts, select, dense)
+        sparse, dense = encode_prompt_group(prompt_encoder, prompts, select, has_box=has_box, n_points=k)
         out = predict_masks_batched(
             mask_decoder, image_embeddings, prompts.batch_row[select], image_pe, sparse, dense,
             # without mask prompts every prompt's dense embedding is the prompt encoder's no-mask one
@@ -138,6 +133,18 @@ def prompt_groups(prompts: PromptBatch):
         yield (shape_of == group).nonzero().squeeze(1), bool(has_box), k
 
 
+def encode_prompt_group(prompt_encoder, prompts: PromptBatch, select: torch.Tensor, *, has_box: bool,
+                        n_points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's prompt encoder on the prompts `select` (one group of `prompt_groups`): their sparse and
+    dense embeddings, the no-mask embedding where a prompt has no mask."""
+    sparse, dense = prompt_encoder(
+        points=(prompts.points[select, :n_points], prompts.labels[select, :n_points]) if n_points else None,
+        boxes=prompts.boxes[select] if has_box else None,
+        masks=None if prompts.masks is None else prompts.masks[select].unsqueeze(1),
+    )
+    return sparse, without_absent_masks(prompt_encoder, prompts, select, dense)
+
+
 def without_absent_masks(prompt_encoder, prompts: PromptBatch, select: torch.Tensor,
                          dense: torch.Tensor) -> torch.Tensor:
     """The dense embeddings of `select`, with the no-mask embedding where a prompt has no mask."""
@@ -147,7 +154,7 @@ def without_absent_masks(prompt_encoder, prompts: PromptBatch, select: torch.Ten
     return torch.where(prompts.has_mask[select].view(-1, 1, 1, 1), dense, no_mask)
 
 
-def _empty_outputs(like: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def empty_outputs(like: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (like.new_empty((n, MASK_OUTPUTS, LOW_RES_SIZE, LOW_RES_SIZE)), like.new_empty((n, MASK_OUTPUTS)))
 
 

@@ -26,11 +26,12 @@ from samcache.models.decoder import (
     LossParts,
     PromptDecoder,
     compute_loss,
+    empty_outputs,
+    encode_prompt_group,
     mask_iou,
     prompt_groups,
     transformer_sharing_images,
     upscale_logits,
-    without_absent_masks,
 )
 from samcache.models.mobile_sam import TINY_VIT_ARGUMENTS, RefreshingTinyViT, quiet_tiny_vit_import
 from samcache.models.prompts import PromptBatch
@@ -153,16 +154,11 @@ class SamHqPromptDecoder(PromptDecoder):
         d, pe = self.mask_decoder, self.prompt_encoder
         embeddings, early = features[:, :PROMPT_EMBED_DIM], features[:, PROMPT_EMBED_DIM:]
         hq_features = d.embedding_encoder(embeddings) + d.compress_vit_feat(early)  # once per image
-        n = len(prompts)
-        logits = features.new_empty((n, MASK_OUTPUTS, LOW_RES_SIZE, LOW_RES_SIZE))
-        iou_pred = features.new_empty((n, MASK_OUTPUTS))
-        hq_logits = features.new_empty((n, 1, LOW_RES_SIZE, LOW_RES_SIZE))
+        logits, iou_pred = empty_outputs(features, len(prompts))
+        hq_logits = features.new_empty((len(prompts), 1, LOW_RES_SIZE, LOW_RES_SIZE))
         image_pe = pe.get_dense_pe()
         for select, has_box, k in prompt_groups(prompts):
-            sparse, dense = pe(points=(prompts.points[select, :k], prompts.labels[select, :k]) if k else None,
-                               boxes=prompts.boxes[select] if has_box else None,
-                               masks=None if prompts.masks is None else prompts.masks[select].unsqueeze(1))
-            dense = without_absent_masks(pe, prompts, select, dense)
+            sparse, dense = encode_prompt_group(pe, prompts, select, has_box=has_box, n_points=k)
             group_sam, group_iou, group_hq = predict_masks_hq(d, embeddings, hq_features, prompts.batch_row[select],
                                                               image_pe, sparse, dense,
                                                               shared_dense=prompts.masks is None)
