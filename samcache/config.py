@@ -60,7 +60,9 @@ PROMPT_MODES = ("box", "point", "mixed", "box+points", "interactive")
 MASK_PROMPT_GRADIENTS = ("detach", "backprop")
 EVAL_PROMPTS = ("box", "point")
 LOSSES = ("sam", "dice-bce", "mse-threshold")
-TRAINABLE = ("mask_decoder", "prompt_encoder", "hq_head")
+TRAINABLE = ("mask_decoder", "prompt_encoder", "hq_head", "tail", "neck")
+TAIL_PARTS = ("tail", "neck")
+"""The --train parts of the image encoder, trained from a cache's tail tokens (models/encoder_tail.py)."""
 DECODER_MODULES = ("mask_decoder", "prompt_encoder")
 """The modules a run's checkpoint holds (the model's `prompt_encoder` and `mask_decoder`); `--train hq_head`
 trains SAM-HQ's parts of its mask decoder."""
@@ -147,6 +149,10 @@ class EmbedConfig(_Options):
     """Stop at the first image that fails to decode (after committing what is done)."""
     intensity: Literal[INTENSITY_MODES] = "percentile"
     """How images with more than 8 bits become 8-bit (images.read_image)."""
+    tail_blocks: Annotated[Int, Field(ge=0, le=64)] = 0
+    """Also store, per image, the encoder's hidden state before its last K blocks (vit_b: 768x64x64 fp16,
+    6 MiB per image; the tiny: 192x64x64, 1.5 MiB), so `train --train tail` can train those blocks and
+    the neck from the cache. 0: the embedding alone."""
     shard_images: Annotated[Int, Field(ge=1, le=MAX_COUNT)] = 64
     """Commit a shard after this many images (what a crash can lose at most)."""
     shard_seconds: Annotated[Float, Field(gt=0)] = 60.0
@@ -257,10 +263,20 @@ class TrainConfig(_Options):
     dice-bce, or mse-threshold (the tutorial's, for comparison)."""
     trainable: Optional[Annotated[list[Literal[TRAINABLE]], BeforeValidator(_comma_list), Field(min_length=1)]] = (
         Field(None, validation_alias=AliasChoices("trainable", "train")))
-    """What is trainable: mask_decoder, prompt_encoder, hq_head (SAM-HQ's HQ token, its MLP and fusion layers).
+    """What is trainable: mask_decoder, prompt_encoder, hq_head (SAM-HQ's HQ token, its MLP and fusion layers),
+    tail (the encoder's last K blocks and its neck, from a cache made with `embed --tail-blocks K`; with
+    lora_rank, LoRA adapters on the blocks' attention and MLP projections instead of their weights) or neck
+    (the encoder's neck alone, the K cached blocks frozen).
     Unset: the model's default, mask_decoder (SAM-HQ: hq_head, SAM's own decoder frozen as SAM-HQ trains it).
 
     Called `train` in YAML files and runs' saved configs too (--train on the command line)."""
+    tail_lr: Optional[Annotated[Float, Field(gt=0)]] = None
+    """Peak learning rate of the encoder's tail and neck (--train tail or neck), on the same schedule as lr.
+    Unset: lr / 10, since pretrained encoder blocks move further per step than the small decoder."""
+    lora_rank: Optional[Annotated[Int, Field(ge=1, le=256)]] = None
+    """With --train tail: train rank-R LoRA adapters (update B @ A, scale 1) on the tail blocks' attention and
+    MLP projections instead of the blocks' weights (the neck trains in full); merged into the weights at
+    export. Unset: the blocks' weights train in full."""
     train_split: str = TRAIN_SPLIT
     """The cache split to train on."""
     val_split: str = VAL_SPLIT
@@ -302,7 +318,21 @@ class TrainConfig(_Options):
     @model_validator(mode="after")
     def _unique_parts(self) -> "TrainConfig":
         _each_once("train", "a part", self.trainable or [])
+        if self.lora_rank is not None and "tail" not in (self.trainable or []):
+            raise _combination("--lora-rank adapts the encoder's tail blocks: add tail to --train "
+                              "(--train tail,mask_decoder)")
+        if "tail" in (self.trainable or []) and "neck" in self.trainable:
+            raise _combination("--train tail trains the neck too: name tail or neck, not both")
         return self
+
+    @property
+    def trains_tail(self) -> bool:
+        """Whether the run trains the encoder's tail or neck (and so reads the cache's tail tokens)."""
+        return bool(set(TAIL_PARTS) & set(self.trainable or ()))
+
+    @property
+    def tail_lr_in_effect(self) -> float:
+        return self.tail_lr if self.tail_lr is not None else self.lr / 10
 
     @property
     def val_clicks_in_effect(self) -> int:
@@ -533,6 +563,7 @@ FLAGS: dict[type, dict[str, str]] = {
         "model_type": "--model", "checkpoint": "--checkpoint", "random_init": "--random-init",
         "batch_size": "--batch-size", "device": "--device", "precision": "--precision", "backend": "--backend",
         "workers": "--workers", "intensity": "--intensity", "shard_images": "--shard-images",
+        "tail_blocks": "--tail-blocks",
     },
     TrainConfig: {
         "epochs": "--epochs", "batch_size": "--batch-size", "objects_per_image": "--objects-per-image", "lr": "--lr",
@@ -540,7 +571,8 @@ FLAGS: dict[type, dict[str, str]] = {
         "prompts.mode": "--prompt", "prompts.box_jitter": "--box-jitter", "prompts.box_jitter_max": "--box-jitter-max",
         "prompts.point_ratio": "--point-ratio", "prompts.click_iterations": "--click-iterations",
         "prompts.mask_prompt_prob": "--mask-prompt-prob", "prompts.mask_prompt_gradient": "--mask-prompt-gradient",
-        "loss": "--loss", "trainable": "--train", "val_split": "--val-split", "val_prompt": "--val-prompt",
+        "loss": "--loss", "trainable": "--train", "tail_lr": "--tail-lr", "lora_rank": "--lora-rank",
+        "val_split": "--val-split", "val_prompt": "--val-prompt",
         "val_clicks": "--val-clicks", "val_max_images": "--val-max-images", "seed": "--seed", "device": "--device",
         "workers": "--workers", "cache_in_memory": "--cache-in-memory", "save_every": "--save-every",
         "checkpoint": "--checkpoint",

@@ -32,7 +32,7 @@ def test_openvino_equals_the_stock_encoder_and_converts_once(tmp_path, monkeypat
     assert any("converting the tiny image encoder" in line for line in said) and "converted in" in said[-1]
 
     batch = torch.randn(2, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
-    expected = TorchEncoder(loaded.sam, torch.device("cpu"), "fp32")(batch)
+    expected = TorchEncoder(loaded.sam.image_encoder, torch.device("cpu"), "fp32")(batch)
     got = encoder(batch)
     assert got.shape == expected.shape == (2, 256, 64, 64) and got.dtype == np.float32
     assert _cosine(got, expected) > 0.99999

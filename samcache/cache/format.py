@@ -70,6 +70,8 @@ class Provenance:
         the backends agree within float tolerance, tested).
       weights_source: where the weights came from (informative; not compared).
       samcache_version: the version that created the cache (informative; not compared).
+      tail_blocks: K > 0 when each image also holds the encoder's tokens before its last K blocks
+        (`embed --tail-blocks`, the `tail_tokens` dataset); a header leaves it out when 0.
     """
 
     model_type: str
@@ -81,9 +83,10 @@ class Provenance:
     encoder_backend: str = "torch"
     weights_source: str = ""
     samcache_version: str = __version__
+    tail_blocks: int = 0
 
     # These must agree for two sets of embeddings to be one dataset.
-    COMPARED = ("model_type", "weights_sha256", "preprocessing", "intensity", "embedding_dtype")
+    COMPARED = ("model_type", "weights_sha256", "preprocessing", "intensity", "embedding_dtype", "tail_blocks")
 
     @property
     def family(self) -> ModelFamily:
@@ -93,7 +96,7 @@ class Provenance:
     @property
     def layout(self) -> CacheLayout:
         """What a shard stores per image, and the schema version."""
-        return self.family.layout_of(self.model_type)
+        return self.family.layout_of(self.model_type, self.tail_blocks)
 
     @property
     def made_by(self) -> str:
@@ -165,7 +168,16 @@ def open_for_writing(cache_dir: Path, provenance: Provenance) -> None:
         raise CacheError(f"{cache_dir} is a non-empty folder without {HEADER_NAME}: not a samcache cache")
     (cache_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_json(header_path, {"schema_version": provenance.layout.schema_version,
-                                    "provenance": asdict(provenance)})
+                                    "provenance": provenance_to_dict(provenance)})
+
+
+def provenance_to_dict(provenance: Provenance) -> dict:
+    """The header's form: `tail_blocks` only when the cache holds tail tokens, so a cache without
+    them has the header every earlier samcache reads."""
+    values = asdict(provenance)
+    if not values["tail_blocks"]:
+        del values["tail_blocks"]
+    return values
 
 
 DATASET_NAME = "dataset.json"
@@ -249,7 +261,12 @@ def provenance_from_dict(values: dict, *, source: Path) -> Provenance:
         problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
             [f"unknown {', '.join(unknown)}"] if unknown else [])
         raise CacheError(f"{source}: the provenance has {'; '.join(problems)}: not a header this samcache wrote")
-    return Provenance(**values)
+    provenance = Provenance(**values)
+    tail_blocks = values.get("tail_blocks", 0)
+    if type(tail_blocks) is not int or not 0 <= tail_blocks <= provenance.family.tail_shape(provenance.model_type)[0]:
+        raise CacheError(f"{source}: tail_blocks is {_json_kind(values, 'tail_blocks')}, not a block count of "
+                         f"{provenance.model_type}'s encoder: not a header this samcache wrote")
+    return provenance
 
 
 def write_strings(group: h5py.Group, name: str, values: list[str]) -> None:

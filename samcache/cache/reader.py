@@ -230,13 +230,40 @@ class EmbeddingCache:
         map's Fletcher32 checksum (HDF5 verifies it on read) and finite values; DamagedImageError
         else. SAM: the (256, 64, 64) embedding; SAM 2.1: its three maps packed into (1024, 64, 64)
         (feature_layout.py)."""
-        shard_index, row = self._location[index]
-        return self._embedding_at(int(shard_index), int(row),
-                                  lambda problem: DamagedImageError.for_image(self, index, problem))
+        layout = self.provenance.layout
+        return layout.decoder_input(self._maps(index, layout.decoder_maps))
 
-    def _embedding_at(self, shard_index: int, row: int, damaged) -> np.ndarray:
+    def tail_tokens(self, index: int) -> np.ndarray:
+        """The encoder's tokens before its last K blocks (C, 64, 64) float16, checked as `embedding`
+        (a cache made with `embed --tail-blocks K`; CacheError for one without)."""
+        if not self.provenance.tail_blocks:
+            raise CacheError(f"{self.cache_dir} holds no tail tokens: make a cache with `samcache embed "
+                             "--tail-blocks K` to train the encoder's last blocks")
+        return self._maps(index, ("tail_tokens",))["tail_tokens"]
+
+    def features(self, index: int, which: str) -> np.ndarray:
+        """`embedding(index)` for which="embedding", `tail_tokens(index)` for which="tail_tokens"."""
+        return self.tail_tokens(index) if which == "tail_tokens" else self.embedding(index)
+
+    def feature_shape(self, which: str) -> tuple[int, int, int]:
+        """The shape `features(index, which)` returns."""
+        layout = self.provenance.layout
+        return layout.tail_shape if which == "tail_tokens" else layout.decoder_shape
+
+    def stored_features(self, index: int) -> np.ndarray:
+        """Everything stored for image `index`, as the encoder gave it (what a shard writer's `add`
+        takes), checked as `embedding`."""
+        layout = self.provenance.layout
+        return layout.from_stored(self._maps(index, tuple(layout.stored_maps)))
+
+    def _maps(self, index: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        shard_index, row = self._location[index]
+        return self._maps_at(int(shard_index), int(row), names,
+                             lambda problem: DamagedImageError.for_image(self, index, problem))
+
+    def _maps_at(self, shard_index: int, row: int, names: tuple[str, ...], damaged) -> dict[str, np.ndarray]:
         handle, maps = self._handle(shard_index), {}
-        for name in self.provenance.layout.stored_maps:
+        for name in names:
             try:
                 maps[name] = handle[name][row]
             except OSError as exc:  # h5py reports a checksum mismatch as a failed read
@@ -245,7 +272,7 @@ class EmbeddingCache:
                 raise damaged(f"{name} is missing from the shard") from exc
             if not np.isfinite(maps[name]).all():
                 raise damaged(f"non-finite values in {name}")
-        return self.provenance.layout.from_stored(maps)
+        return maps
 
     def earlier_record(self, name: str, path: str | Path) -> Optional["EarlierRecord"]:
         """The latest stored record of `name` that the view no longer shows (the dataset dropped the
@@ -360,6 +387,7 @@ class EmbeddingCache:
             "embedding_dtype": self.provenance.embedding_dtype,
             "stored_maps": {name: list(shape) for name, shape in self.provenance.layout.stored_maps.items()},
             "embedding_shape": list(self.provenance.layout.stored_maps["embeddings"]),
+            "tail_blocks": self.provenance.tail_blocks,
             # per image, from its shard: a cache extended later with another backend says so
             "computed": {text(m): int(n) for m, n in zip(*np.unique(self.tables.made_by[self._rows],
                                                                       return_counts=True))},
@@ -415,12 +443,13 @@ class EarlierRecord:
         return int(t.image_shard[self.row]), int(t.image_row[self.row])
 
     def embedding(self) -> np.ndarray:
-        """Its stored maps, checked as EmbeddingCache.embedding checks them."""
+        """Its stored maps (EmbeddingCache.stored_features), checked as EmbeddingCache.embedding checks them."""
         shard_index, row = self._where()
         shard = self.cache.shards[shard_index]
-        return self.cache._embedding_at(shard_index, row, lambda problem: DamagedImageError(
-            f"{self.cache.cache_dir}: the earlier embedding of {self.file.path} in shard {shard.name} is damaged "
-            f"({problem}): it cannot be restored"))
+        layout = self.cache.provenance.layout
+        return layout.from_stored(self.cache._maps_at(shard_index, row, tuple(layout.stored_maps), lambda problem: (
+            DamagedImageError(f"{self.cache.cache_dir}: the earlier embedding of {self.file.path} in shard "
+                              f"{shard.name} is damaged ({problem}): it cannot be restored"))))
 
     def preview_bytes(self) -> bytes:
         """Its preview JPEG; DamagedImageError when it is not a whole one."""

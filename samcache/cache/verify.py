@@ -152,7 +152,7 @@ def _damaged_images(cache: EmbeddingCache, progress: bool) -> list[tuple[str, st
     bar = progress_bar(len(cache), desc="verify", unit="img", enabled=progress and len(cache) > 0)
     for index in range(len(cache)):
         try:
-            cache.embedding(index)
+            cache.stored_features(index)
             for obj in cache.image_info(index).objects:  # each checked against the image's size there
                 masks.decode(obj.rle)
             cache.preview(index)

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +25,7 @@ from samcache.cache.format import (
     FailedEntry,
     ImageEntry,
     Provenance,
+    provenance_to_dict,
     shard_paths,
     write_strings,
 )
@@ -68,7 +68,7 @@ class ShardWriter:
         self.buffer = io.BytesIO()
         self.file = h5py.File(self.buffer, "w")
         self.file.attrs["schema_version"] = provenance.layout.schema_version
-        self.file.attrs["provenance"] = json.dumps(asdict(provenance), sort_keys=True)
+        self.file.attrs["provenance"] = json.dumps(provenance_to_dict(provenance), sort_keys=True)
         self.layout = provenance.layout
         self.maps = {
             name: self.file.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.float16,

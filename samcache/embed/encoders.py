@@ -63,13 +63,15 @@ def resolve_backend(backend: str, device: torch.device, model_type: str) -> str:
 
 
 def open_encoder(weights: WeightsIdentity, backend: str, device: torch.device, precision: str, *,
-                 say: Callable[[str], None] = print):
+                 tail_blocks: int = 0, say: Callable[[str], None] = print):
     """The encoder of `weights` on `backend` (resolve_backend's answer): a callable from the
-    model input (B, 3, 1024, 1024) to embeddings (B, 256, 64, 64) float32, or for a family whose
-    encoder takes the decoded images (SAM 2.1) from those to its features (ModelFamily.torch_encoder)."""
+    model input (B, 3, 1024, 1024) to embeddings (B, 256, 64, 64) float32 (with `tail_blocks` K, the
+    tokens before the last K blocks stacked after them: ModelFamily.encoder_module), or for a family
+    whose encoder takes the decoded images (SAM 2.1) from those to its features (ModelFamily.torch_encoder)."""
     if backend == "openvino":
-        return OpenVINOEncoder(weights, precision, say=say)
-    return family_of(weights.model_type).torch_encoder(load_identified(weights).sam, device, precision)
+        return OpenVINOEncoder(weights, precision, tail_blocks=tail_blocks, say=say)
+    return family_of(weights.model_type).torch_encoder(load_identified(weights).sam, device, precision,
+                                                       tail_blocks)
 
 
 class OpenVINOEncoder:
@@ -79,15 +81,17 @@ class OpenVINOEncoder:
       weights: the weights whose encoder to run (their SHA-256 names the converted files; they
         are loaded into torch only to convert them).
       precision: "bf16" (OpenVINO's bf16 inference, on CPUs that have it) or "fp32".
+      tail_blocks: K > 0 converts the encoder that also returns its tokens before the last K blocks.
       say: where to report a conversion (a line at the start and one at the end).
     """
 
-    def __init__(self, weights: WeightsIdentity, precision: str, *, say: Callable[[str], None] = print):
+    def __init__(self, weights: WeightsIdentity, precision: str, *, tail_blocks: int = 0,
+                 say: Callable[[str], None] = print):
         import openvino as ov
 
-        xml = converted_path(weights)
+        xml = converted_path(weights, tail_blocks)
         if not xml.exists():
-            _convert(load_identified(weights), xml, say)
+            _convert(load_identified(weights), xml, say, tail_blocks)
         elif weights.path is not None:
             remember_sha256(weights.path)  # converted from these very bytes before: the file is good
         core = ov.Core()
@@ -103,16 +107,17 @@ class OpenVINOEncoder:
         return np.concatenate([self.request.infer([inputs[i : i + 1]])[0].copy() for i in range(len(inputs))])
 
 
-def converted_path(weights: WeightsIdentity) -> Path:
+def converted_path(weights: WeightsIdentity, tail_blocks: int = 0) -> Path:
     """Where the OpenVINO model of these weights lives (`.xml`, with its `.bin` beside it)."""
     folder = samcache_home() / "openvino"
-    return folder / f"{weights.model_type}-{weights.weights_sha256[:16]}-encoder.xml"
+    tail = f"-tail{tail_blocks}" if tail_blocks else ""
+    return folder / f"{weights.model_type}-{weights.weights_sha256[:16]}-encoder{tail}.xml"
 
 
-def _convert(loaded: LoadedModel, xml: Path, say: Callable[[str], None]) -> None:
+def _convert(loaded: LoadedModel, xml: Path, say: Callable[[str], None], tail_blocks: int = 0) -> None:
     import openvino as ov
 
-    encoder = loaded.sam.image_encoder.float().eval()
+    encoder = loaded.family.encoder_module(loaded.sam, tail_blocks).float().eval()
     say(f"converting the {loaded.model_type} image encoder to OpenVINO, once for these weights "
         f"(vit_b takes about 2 minutes on 2 cores); it will be kept in {xml.parent}")
     started = time.time()

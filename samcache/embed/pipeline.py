@@ -189,10 +189,13 @@ def _embed(dataset: Dataset, source: str, cache_dir: Path, config: EmbedConfig, 
     weights = identify_weights(config.model_type, config.checkpoint, random_init=config.random_init)
     preprocessing = family_of(config.model_type).preprocessing
     backend = resolve_backend(config.backend, device, config.model_type)
+    if config.tail_blocks:
+        family_of(config.model_type).check_tail_blocks(config.tail_blocks, config.model_type)
     provenance = _provenance(weights, preprocessing, config, precision, backend)
     encoder = None
     if not is_cache(cache_dir) and dataset.images:  # a new cache: weights that do not load leave nothing behind
-        encoder = open_encoder(weights, backend, device, precision, say=_say(config, dist))
+        encoder = open_encoder(weights, backend, device, precision, tail_blocks=config.tail_blocks,
+                               say=_say(config, dist))
     existing = _open_cache(cache_dir, provenance, dist)
     gone = _no_longer_in(dataset, existing)
     pending, refresh, skipped, previously_failed = _plan(dataset.images, existing)
@@ -308,6 +311,7 @@ def _provenance(weights: WeightsIdentity, preprocessing: Preprocessing, config: 
         compute_precision=precision,
         encoder_backend=backend,
         weights_source=weights.weights_source,
+        tail_blocks=config.tail_blocks,
     )
 
 
@@ -327,7 +331,8 @@ def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageReco
     if not pending:
         return 0, 0
     if encoder is None:
-        encoder = open_encoder(weights, backend, device, precision, say=_say(config, dist))
+        encoder = open_encoder(weights, backend, device, precision, tail_blocks=config.tail_blocks,
+                               say=_say(config, dist))
     resize = family_of(weights.model_type).resizes_in_workers
     embedded, failed = 0, 0
     loader = DataLoader(
@@ -392,7 +397,7 @@ def _plan(records: list[ImageRecord], existing: EmbeddingCache):
                     skipped.append(record)
                 else:
                     refresh.append(_Copy(record, existing.file_of(index), partial(existing.preview_bytes, index),
-                                         partial(existing.embedding, index)))
+                                         partial(existing.stored_features, index)))
                 continue
         failure = failed_before.get(record.name)
         if failure is not None and failure.file.unchanged(record.path):

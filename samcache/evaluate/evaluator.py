@@ -136,7 +136,7 @@ def score_everything(decoders: dict, cache: EmbeddingCache, indices: list[int], 
     for name, decoder in decoders.items():
         started, found = time.perf_counter(), []
         for index in indices:
-            embedding = torch.from_numpy(cache.embedding(index)).float()[None].to(device)
+            embedding = torch.from_numpy(cache.features(index, decoder.reads)).float()[None].to(device)
             found += [m.coco_result(index + 1) for m in segment_everything(
                 decoder, embedding, cache.images[index].original_size, config.generator)]
         seconds = time.perf_counter() - started

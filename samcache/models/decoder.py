@@ -318,6 +318,10 @@ class PromptDecoder(torch.nn.Module):
       model_type: the model's type, for messages.
     """
 
+    reads = "embedding"
+    """Which of a cached image's features `forward` takes (EmbeddingCache.features): "embedding", the
+    decoder's input; "tail_tokens" for a decoder behind a trained encoder tail (encoder_tail.py)."""
+
     def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, *, family, model_type: str):
         super().__init__()
         self.prompt_encoder, self.mask_decoder = prompt_encoder, mask_decoder

@@ -10,14 +10,15 @@ from samcache.devices import autocast
 
 
 class TorchEncoder:
-    """SAM's own encoder module, in inference mode, bf16 autocast when `precision` is bf16."""
+    """An encoder module (SAM's own, or one that also returns tail tokens: ModelFamily.encoder_module), in
+    inference mode, bf16 autocast when `precision` is bf16."""
 
-    def __init__(self, sam: torch.nn.Module, device: torch.device, precision: str):
-        self.module = sam.image_encoder.to(device).eval()
+    def __init__(self, module: torch.nn.Module, device: torch.device, precision: str):
+        self.module = module.to(device).eval()
         self.device, self.precision = device, precision
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        """(B, 3, 1024, 1024) normalised and padded input -> (B, 256, 64, 64) float32."""
+        """(B, 3, 1024, 1024) normalised and padded input -> (B, C, 64, 64) float32."""
         with torch.inference_mode(), autocast(self.device, self.precision):
             return self.module(batch.to(self.device)).float().cpu().numpy()
 

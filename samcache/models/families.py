@@ -17,7 +17,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from samcache.errors import CheckpointError, SamcacheError
-from samcache.models.feature_layout import EMBEDDING_LAYOUT, MICRO_LAYOUT, SAM2_LAYOUT, SAM_HQ_LAYOUTS, CacheLayout
+from samcache.models.feature_layout import (
+    EMBEDDING_LAYOUT,
+    MICRO_LAYOUT,
+    SAM2_LAYOUT,
+    SAM_HQ_LAYOUTS,
+    CacheLayout,
+    TailLayout,
+)
 from samcache.models.specs import (
     ENCODER_SPECS,
     IMAGE_SIZE,
@@ -35,6 +42,7 @@ if TYPE_CHECKING:  # torch is imported by the methods that need it
     import torch
 
     from samcache.models.decoder import PromptDecoder
+    from samcache.models.encoder_tail import EncoderTail
 
 Size = tuple[int, int]
 
@@ -80,9 +88,31 @@ class ModelFamily:
     """Why a capability is missing, per capability (`require`'s message; {model_type} is filled in)."""
 
     # ------------------------------------------------------------------ facts per model type
-    def layout_of(self, model_type: str) -> CacheLayout:
-        """What a cache of `model_type` stores per image (the family's `layout` unless it varies by type)."""
+    def layout_of(self, model_type: str, tail_blocks: int = 0) -> CacheLayout:
+        """What a cache of `model_type` stores per image: the family's `layout` (unless it varies by
+        type), and with `tail_blocks` K the encoder's tokens before its last K blocks too."""
+        base = self._layout_without_tail(model_type)
+        if not tail_blocks:
+            return base
+        self.check_tail_blocks(tail_blocks, model_type)
+        return TailLayout(base, tail_channels=self.tail_shape(model_type)[1], tail_blocks=tail_blocks)
+
+    def _layout_without_tail(self, model_type: str) -> CacheLayout:
         return self.layout
+
+    def tail_shape(self, model_type: str) -> tuple[int, int]:
+        """(blocks, channels) of the encoder stage whose last blocks `--tail-blocks` names; (0, 0) when
+        the family's encoder offers no tail."""
+        return (0, 0)
+
+    def check_tail_blocks(self, tail_blocks: int, model_type: str) -> None:
+        """Refuses, in one line, a `--tail-blocks` the model's encoder cannot split at."""
+        depth = self.tail_shape(model_type)[0]
+        if not depth:
+            raise SamcacheError(self.why_not.get("tail", _NO_TAIL).format(model_type=model_type))
+        if not 1 <= tail_blocks <= depth:
+            raise SamcacheError(f"--tail-blocks {tail_blocks}: {model_type}'s encoder has {depth} blocks in the stage "
+                                f"before its neck; choose 1..{depth}")
 
     def label(self, model_type: str) -> str:
         """How reports name the base model: "SAM vit_b"."""
@@ -134,12 +164,27 @@ class ModelFamily:
                      if spec.embed_dim == pos.shape[-1] and spec.depth == depth), None)
 
     # ------------------------------------------------------------------------------ encoding
-    def torch_encoder(self, sam: "torch.nn.Module", device: "torch.device", precision: str):
+    def torch_encoder(self, sam: "torch.nn.Module", device: "torch.device", precision: str, tail_blocks: int = 0):
         """`embed`'s torch backend: a callable from a batch (see `resizes_in_workers`) to features
-        (B, C, 64, 64) float32 numpy."""
+        (B, C, 64, 64) float32 numpy (`encoder_module`'s)."""
         from samcache.models.encoding import TorchEncoder
 
-        return TorchEncoder(sam, device, precision)
+        return TorchEncoder(self.encoder_module(sam, tail_blocks), device, precision)
+
+    def encoder_module(self, sam: "torch.nn.Module", tail_blocks: int = 0) -> "torch.nn.Module":
+        """The module `embed` runs: the image encoder, or with `tail_blocks` K one that returns its
+        embedding and its tokens before the last K blocks stacked (encoder_tail.py)."""
+        if not tail_blocks:
+            return sam.image_encoder
+        from samcache.models.encoder_tail import SplitViT
+
+        return SplitViT(encoder=sam.image_encoder, tail_blocks=tail_blocks)
+
+    def encoder_tail(self, sam: "torch.nn.Module", tail_blocks: int) -> "EncoderTail":
+        """The last `tail_blocks` blocks and the neck of `sam`'s encoder, sharing its modules."""
+        from samcache.models.encoder_tail import ViTTail
+
+        return ViTTail(encoder=sam.image_encoder, blocks=tail_blocks)
 
     def encode(self, sam: "torch.nn.Module", image: "np.ndarray", device: "torch.device") -> "torch.Tensor":
         """One RGB uint8 image -> its features (1, C, 64, 64) on `device` (predict on a new image)."""
@@ -165,10 +210,15 @@ class ModelFamily:
 
     def check_trainable(self, parts: tuple[str, ...], model_type: str) -> None:
         """Refuses, before anything is written, a `--train` part the model does not have."""
+        offered = self.trainable_parts + (("tail", "neck") if self.tail_shape(model_type)[0] else ())
         for part in parts:
-            if part not in self.trainable_parts:
-                raise SamcacheError(f"--train {part} trains SAM-HQ's HQ token and fusion layers; the cache's model, "
-                                    f"{model_type}, has none: train {' and/or '.join(self.trainable_parts)}")
+            if part in offered:
+                continue
+            if part in ("tail", "neck"):
+                raise SamcacheError(self.why_not.get("tail", _NO_TAIL).format(model_type=model_type).replace(
+                    "--tail-blocks", f"--train {part}", 1))
+            raise SamcacheError(f"--train {part} trains SAM-HQ's HQ token and fusion layers; the cache's model, "
+                                f"{model_type}, has none: train {', '.join(offered)}")
 
     def trainable_modules(self, sam: "torch.nn.Module", part: str) -> list["torch.nn.Module"]:
         """The modules `--train PART` trains (`check_trainable` has accepted PART)."""
@@ -191,12 +241,20 @@ class ModelFamily:
         return f"segment_anything.sam_model_registry[{model_type!r}](checkpoint=FILE)"
 
 
+_NO_TAIL = ("--tail-blocks: {model_type}'s encoder is not split at a block here (tails are built for SAM's ViTs "
+            "vit_b/l/h and the tiny and micro models)")
+
+
 class SamFamily(ModelFamily):
     """Meta's Segment Anything: ViT-B/L/H image encoders, segment_anything's prompt encoder and
     mask decoder; SamPredictor's preprocessing (longest side to 1024, pad bottom-right)."""
 
     name = "sam"
     model_types = tuple(ENCODER_SPECS)
+
+    def tail_shape(self, model_type: str) -> tuple[int, int]:
+        spec = ENCODER_SPECS[model_type]
+        return (spec.depth, spec.embed_dim)
 
 
 class TinyFamily(SamFamily):
@@ -225,6 +283,21 @@ class TinyFamily(SamFamily):
     def recognise(self, state_dict: dict[str, Any]) -> Optional[str]:
         return None  # its weights are identified by SHA-256, never guessed
 
+    def tail_shape(self, model_type: str) -> tuple[int, int]:
+        return (6, 192)  # its stride-16 stage (tiny_encoder.ConvImageEncoder's defaults)
+
+    def encoder_module(self, sam: "torch.nn.Module", tail_blocks: int = 0) -> "torch.nn.Module":
+        if not tail_blocks:
+            return sam.image_encoder
+        from samcache.models.encoder_tail import SplitConvEncoder
+
+        return SplitConvEncoder(encoder=sam.image_encoder, tail_blocks=tail_blocks)
+
+    def encoder_tail(self, sam: "torch.nn.Module", tail_blocks: int) -> "EncoderTail":
+        from samcache.models.encoder_tail import ConvTail
+
+        return ConvTail(encoder=sam.image_encoder, blocks=tail_blocks)
+
     def load_with(self, model_type: str, fmt: str) -> str:
         return "samcache.models.weights.load_sam('tiny', checkpoint=FILE)"
 
@@ -245,6 +318,9 @@ class MicroFamily(TinyFamily):
 
     def label(self, model_type: str) -> str:
         return "micro"
+
+    def tail_shape(self, model_type: str) -> tuple[int, int]:
+        return (1, 32)  # build's stride-16 stage: one block, 32 channels
 
     def zero_shot_title(self, model_type: str) -> str:
         return "zero-shot (micro)"
@@ -269,6 +345,9 @@ class MobileSamFamily(SamFamily):
     name = "mobilesam"
     model_types = (MOBILE_SAM_TYPE,)
     export_reader = "mobile_sam"
+
+    def tail_shape(self, model_type: str) -> tuple[int, int]:
+        return (0, 0)  # its TinyViT's stages are not split here
 
     def label(self, model_type: str) -> str:
         return "MobileSAM"
@@ -314,9 +393,11 @@ class SamHqFamily(ModelFamily):
                            "outputs; it is not offered for SAM-HQ's",
         "onnx": "--format onnx writes SAM's ONNX interface, which has no input for SAM-HQ's early encoder feature; "
                 "a {model_type} run exports as a checkpoint (--format pth) that segment_anything_hq loads",
+        "tail": "--tail-blocks: tails are not built for SAM-HQ ({model_type}), whose decoder also reads an early "
+                "encoder feature; use vit_b/l/h",
     }
 
-    def layout_of(self, model_type: str) -> CacheLayout:
+    def _layout_without_tail(self, model_type: str) -> CacheLayout:
         return SAM_HQ_LAYOUTS[model_type]
 
     def label(self, model_type: str) -> str:
@@ -405,6 +486,8 @@ class Sam2Family(ModelFamily):
         "onnx": "--format onnx writes SAM's ONNX interface; a {model_type} run exports as a checkpoint in sam2's "
                 "layout (--format pth), which SAM 2.1's own tools load",
         "openvino": "--backend openvino runs SAM's encoders, not {model_type}'s Hiera: use --backend torch (or auto)",
+        "tail": "--tail-blocks: not built for {model_type}: SAM 2.1's neck reads all four Hiera stages, so a tail "
+                "would have to cache each stage's output (docs/cache-format.md)",
     }
 
     def input_size(self, original_size: Size) -> Size:
@@ -427,7 +510,7 @@ class Sam2Family(ModelFamily):
         blocks = {k.split(".")[3] for k in state_dict if k.startswith("image_encoder.trunk.blocks.")}
         return _HIERA_BLOCKS.get(len(blocks)) if blocks else None
 
-    def torch_encoder(self, sam: "torch.nn.Module", device: "torch.device", precision: str):
+    def torch_encoder(self, sam: "torch.nn.Module", device: "torch.device", precision: str, tail_blocks: int = 0):
         from samcache.models.encoding import Sam2Encoder
 
         return Sam2Encoder(sam, device, precision)

@@ -112,8 +112,22 @@ class CacheLayout:
         return {"embeddings": features}
 
     def from_stored(self, stored: dict):
-        """The shard's datasets of one image -> its decoder input, as `to_stored` took it."""
+        """The shard's datasets of one image -> its features, as `to_stored` took them."""
         return stored["embeddings"]
+
+    @property
+    def decoder_maps(self) -> tuple[str, ...]:
+        """The datasets the decoder's input is made of (`decoder_input`)."""
+        return tuple(self.stored_maps)
+
+    @property
+    def decoder_shape(self) -> tuple[int, int, int]:
+        """The decoder input's shape (C, 64, 64)."""
+        return self.feature_shape
+
+    def decoder_input(self, stored: dict):
+        """The datasets `decoder_maps` of one image -> the decoder's input."""
+        return self.from_stored(stored)
 
 
 class PackedSam2Layout(CacheLayout):
@@ -151,6 +165,48 @@ class SamHqLayout(CacheLayout):
 
     def from_stored(self, stored: dict):
         return _concat([stored["embeddings"], stored["early_features"]], axis=-3)
+
+
+class TailLayout(CacheLayout):
+    """A cache that also stores the encoder's tail tokens (encoder_tail.py): the base layout's datasets
+    plus `tail_tokens` (C, 64, 64), the hidden state before the encoder's last `tail_blocks` blocks.
+    The encoder hands the features out stacked (the base's channels, then the tokens'); the decoder
+    reads the base's datasets alone, and a tail in training reads `tail_tokens` alone.
+
+    Arguments:
+      base: the layout of the model's caches without tail tokens.
+      tail_channels: C of the tokens (768 for vit_b, 192 for the tiny).
+      tail_blocks: K, recorded in the cache's header.
+    """
+
+    def __init__(self, base: CacheLayout, *, tail_channels: int, tail_blocks: int):
+        super().__init__(name=base.name, schema_version=base.schema_version,
+                         stored_maps={**base.stored_maps,
+                                      "tail_tokens": (tail_channels, EMBEDDING_SIZE, EMBEDDING_SIZE)},
+                         channels=base.channels + tail_channels)
+        self.base, self.tail_channels, self.tail_blocks = base, tail_channels, tail_blocks
+
+    @property
+    def tail_shape(self) -> tuple[int, int, int]:
+        return (self.tail_channels, EMBEDDING_SIZE, EMBEDDING_SIZE)
+
+    def to_stored(self, features) -> dict:
+        return {**self.base.to_stored(features[..., : self.base.channels, :, :]),
+                "tail_tokens": features[..., self.base.channels :, :, :]}
+
+    def from_stored(self, stored: dict):
+        return _concat([self.base.from_stored(stored), stored["tail_tokens"]], axis=-3)
+
+    @property
+    def decoder_maps(self) -> tuple[str, ...]:
+        return tuple(self.base.stored_maps)
+
+    @property
+    def decoder_shape(self) -> tuple[int, int, int]:
+        return self.base.feature_shape
+
+    def decoder_input(self, stored: dict):
+        return self.base.from_stored(stored)
 
 
 EMBEDDING_LAYOUT = CacheLayout(name="sam", schema_version=1, stored_maps={"embeddings": EMBEDDING_SHAPE},

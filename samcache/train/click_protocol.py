@@ -115,7 +115,7 @@ def click_protocol(decoder: PromptDecoder, cache: EmbeddingCache,
         info = cache.images[index]
         if not info.objects:
             continue
-        embedding = torch.from_numpy(cache.embedding(index)).float()[None].to(device)
+        embedding = torch.from_numpy(cache.features(index, decoder.reads)).float()[None].to(device)
         truths = [masks.decode(o.rle).astype(bool) for o in info.objects]
         rows.append(click_ious(decoder, embedding, truths, info.input_size, clicks,
                                precision=precision))

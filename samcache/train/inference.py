@@ -88,7 +88,7 @@ def predict_cached_objects(decoder: PromptDecoder, cache: EmbeddingCache,
     Arguments:
       store: the embeddings already in memory (training holds them); None reads the cache.
     """
-    samples = CacheSamples(cache, settings, read_embeddings=store is None)
+    samples = CacheSamples(cache, settings, read_embeddings=store is None, features=decoder.reads)
     loader = DataLoader(samples, batch_sampler=EpochBatches(indices, batch_size, 0, shuffle=False),
                         num_workers=0, collate_fn=collate)
     for batch in loader:

@@ -21,7 +21,9 @@ A checkpoint holds tensors and plain types only, so it is read with
 `torch.load(weights_only=True)` and no code in it can run: `format`, `version`,
 `samcache_version`, `model_type` and `base_weights_sha256` (the weights whose encoder made the
 cache), `trained` (the parts that were trainable), `state_dict` (the prompt encoder's and mask
-decoder's tensors, keys as in SAM's state dict), `optimizer`, `config` (the TrainConfig as a
+decoder's tensors, keys as in SAM's state dict; a run that trains the encoder's tail adds its
+blocks' and neck's under `image_encoder.`, LoRA adapters unmerged), `tail_blocks` (K of the cache
+it trained from; 0 without a tail), `optimizer`, `config` (the TrainConfig as a
 dict; flat in checkpoints of version 1, nested since version 2) and `state` (a TrainState as a
 dict). A run belongs to every cache made with those base
 weights; `RunCheckpoint.check_cache` refuses any other.
@@ -37,7 +39,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import yaml
@@ -51,6 +53,10 @@ from samcache.models.families import family_of
 from samcache.models.weights import LoadedModel, load_matching
 from samcache.outputs import OutputFolder
 from samcache.plotting import plot_training_curves
+
+if TYPE_CHECKING:
+    from samcache.models.decoder import PromptDecoder
+    from samcache.models.encoder_tail import EncoderTail
 
 CHECKPOINT_FORMAT = "samcache-run-checkpoint"
 CHECKPOINT_VERSION = 2  # 2: `config` nested as TrainConfig is (prompt settings under "prompts"); 1: flat
@@ -97,24 +103,30 @@ class RunCheckpoint:
     state: TrainState
     samcache_version: str = __version__
     source: str = ""
+    tail_blocks: int = 0
 
     @classmethod
     def capture(cls, sam, optimizer: torch.optim.Optimizer, config: TrainConfig, provenance: Provenance,
-                state: TrainState) -> "RunCheckpoint":
-        """The checkpoint of `sam`'s prompt encoder and mask decoder as they are now."""
+                state: TrainState, tail: Optional["EncoderTail"] = None) -> "RunCheckpoint":
+        """The checkpoint of `sam`'s prompt encoder and mask decoder (and of `tail`, when the run trains
+        the encoder's tail) as they are now."""
         weights = {f"{part}.{k}": v.detach().cpu().clone() for part in DECODER_MODULES
                    for k, v in getattr(sam, part).state_dict().items()}
+        if tail is not None:
+            weights.update({f"image_encoder.{k}": v.detach().cpu().clone()
+                            for k, v in tail.encoder_state_dict().items()})
         return cls(model_type=provenance.model_type, base_weights_sha256=provenance.weights_sha256,
                    trained=list(trained_parts(config, provenance.model_type)), state_dict=weights,
                    optimizer=optimizer.state_dict(),
-                   config=config.model_dump(mode="json"), state=copy.deepcopy(state))
+                   config=config.model_dump(mode="json"), state=copy.deepcopy(state),
+                   tail_blocks=len(tail.blocks) if tail is not None else 0)
 
     def to_bytes(self) -> bytes:
         payload = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "samcache_version": self.samcache_version,
             "model_type": self.model_type, "base_weights_sha256": self.base_weights_sha256,
             "trained": self.trained, "state_dict": self.state_dict, "optimizer": self.optimizer,
-            "config": self.config, "state": asdict(self.state),
+            "config": self.config, "state": asdict(self.state), "tail_blocks": self.tail_blocks,
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
@@ -134,7 +146,7 @@ class RunCheckpoint:
                        trained=list(payload["trained"]), state_dict=payload["state_dict"],
                        optimizer=payload["optimizer"], config=payload["config"],
                        state=TrainState(**payload["state"]), samcache_version=payload.get("samcache_version", ""),
-                       source=str(path))
+                       source=str(path), tail_blocks=int(payload.get("tail_blocks", 0)))
         except (KeyError, TypeError) as exc:
             raise RunError(f"{path} is a samcache checkpoint with a field missing or malformed ({exc})") from exc
 
@@ -164,9 +176,15 @@ def _written_by_samcache(folder: Path) -> bool:
     return "samcache_version" in info and "model_type" in info
 
 
-def apply_weights(sam, checkpoint: RunCheckpoint) -> None:
+def apply_weights(sam, checkpoint: RunCheckpoint, tail: Optional["EncoderTail"] = None) -> None:
     """Loads a run's prompt encoder and mask decoder into `sam` (strict keys): the one way a run's
-    weights reach a model, for resume, eval, predict and export."""
+    weights reach a model, for resume, eval, predict and export.
+
+    A run that trained the encoder's tail loads it too: into `tail` as training holds it (resume:
+    LoRA adapters kept apart), else into `sam`'s own encoder with LoRA merged, so `sam` is then the
+    fine-tuned model in its official layout (what export writes and predict runs on new images)."""
+    if checkpoint.tail_blocks:
+        _apply_tail(sam, checkpoint, tail)
     for part in DECODER_MODULES:
         prefix = f"{part}."
         weights = {k[len(prefix):]: v for k, v in checkpoint.state_dict.items() if k.startswith(prefix)}
@@ -175,6 +193,36 @@ def apply_weights(sam, checkpoint: RunCheckpoint) -> None:
         except RuntimeError as exc:  # torch lists every key; one line is enough to say what is wrong
             raise RunError(f"{checkpoint.source}: its {part} does not fit the {checkpoint.model_type} model "
                            f"({' '.join(str(exc).split())[:300]})") from exc
+
+
+def _apply_tail(sam, checkpoint: RunCheckpoint, tail: Optional["EncoderTail"]) -> None:
+    from samcache.models.encoder_tail import add_lora, merge_lora
+
+    weights = {k[len("image_encoder."):]: v for k, v in checkpoint.state_dict.items() if k.startswith("image_encoder.")}
+    target = tail
+    if target is None:
+        target = family_of(checkpoint.model_type).encoder_tail(sam, checkpoint.tail_blocks)
+        rank = checkpoint.config.get("lora_rank")
+        if rank:
+            add_lora(target.blocks, rank=rank, alpha=rank)
+    try:
+        target.load_encoder_state_dict(weights)
+    except (KeyError, RuntimeError) as exc:
+        raise RunError(f"{checkpoint.source}: its encoder tail does not fit the {checkpoint.model_type} model "
+                       f"({' '.join(str(exc).split())[:300]})") from exc
+    if tail is None:
+        merge_lora(target)
+
+
+def run_decoder(model: LoadedModel, checkpoint: RunCheckpoint) -> "PromptDecoder":
+    """The decoder a run's fine-tuned model decodes cached images with: its family's, behind the
+    trained encoder tail (which then reads the cache's tail tokens) when the run trained one."""
+    decoder = model.decoder()
+    if not checkpoint.tail_blocks:
+        return decoder
+    from samcache.models.encoder_tail import TailedDecoder
+
+    return TailedDecoder(decoder, model.family.encoder_tail(model.sam, checkpoint.tail_blocks))
 
 
 class RunFolder:

@@ -23,7 +23,6 @@ from torch.utils.data import Sampler
 from samcache.cache.reader import EmbeddingCache
 from samcache.config import EPOCH_SEED_STRIDE, PromptSettings
 from samcache.devices import available_memory_bytes
-from samcache.models.families import family_of
 from samcache.models.prompts import (
     PromptBatch,
     click_schedule,
@@ -45,14 +44,17 @@ class EmbeddingStore:
       cache: the cache to read.
       indices: the image indices to hold.
       device: where to keep them.
+      features: which features of each image (EmbeddingCache.features): "embedding", or
+        "tail_tokens" when a run trains the encoder's tail.
     """
 
-    def __init__(self, cache: EmbeddingCache, indices: list[int], device: torch.device | str = "cpu"):
+    def __init__(self, cache: EmbeddingCache, indices: list[int], device: torch.device | str = "cpu", *,
+                 features: str = "embedding"):
         self.row_of = {index: row for row, index in enumerate(indices)}
-        shape = cache.provenance.layout.feature_shape
+        shape = cache.feature_shape(features)
         self.embeddings = torch.empty((len(indices), *shape), dtype=torch.float16, device=device)
         for row, index in enumerate(indices):
-            self.embeddings[row] = torch.from_numpy(cache.embedding(index)).to(device)
+            self.embeddings[row] = torch.from_numpy(cache.features(index, features)).to(device)
 
     def gather(self, indices: list[int]) -> torch.Tensor:
         rows = torch.tensor([self.row_of[i] for i in indices], device=self.embeddings.device)
@@ -60,14 +62,14 @@ class EmbeddingStore:
 
 
 def should_hold_in_memory(policy: str, n_images: int, device: torch.device, budget_bytes: Optional[int], *,
-                          model_type: str) -> bool:
-    """`yes`/`no`, or for `auto`: when the embeddings (fp16, of `model_type`'s shape) fit in the budget
+                          shape: tuple[int, ...]) -> bool:
+    """`yes`/`no`, or for `auto`: when the features (fp16, each of `shape`) fit in the budget
     (default: half the free memory)."""
     if policy in ("yes", "no"):
         return policy == "yes"
     if policy != "auto":
         raise ValueError(f"cache-in-memory must be auto, yes or no, not {policy!r}")
-    need = n_images * 2 * math.prod(family_of(model_type).layout_of(model_type).feature_shape)
+    need = n_images * 2 * math.prod(shape)
     budget = budget_bytes if budget_bytes is not None else available_memory_bytes(device) // 2
     return need <= budget
 
@@ -147,8 +149,9 @@ class CacheSamples(TorchDataset):
     h5py handles are opened lazily inside each DataLoader worker by `EmbeddingCache`.
     """
 
-    def __init__(self, cache: EmbeddingCache, settings: SampleSettings, *, read_embeddings: bool = True):
-        self.cache, self.settings, self.read_embeddings = cache, settings, read_embeddings
+    def __init__(self, cache: EmbeddingCache, settings: SampleSettings, *, read_embeddings: bool = True,
+                 features: str = "embedding"):
+        self.cache, self.settings, self.read_embeddings, self.features = cache, settings, read_embeddings, features
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -186,7 +189,7 @@ class CacheSamples(TorchDataset):
             item["schedules"] = np.stack(schedules)
             item["valid_sizes"] = np.tile(np.array(low_res_size(info.input_size)), (len(objects), 1))
         if self.read_embeddings:
-            item["embedding"] = torch.from_numpy(self.cache.embedding(index))
+            item["embedding"] = torch.from_numpy(self.cache.features(index, self.features))
         return item
 
 

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from samcache.cache.reader import EmbeddingCache
-from samcache.config import DECODER_MODULES, RESUME_MAY_CHANGE, TrainConfig, resume_changes
+from samcache.config import DECODER_MODULES, RESUME_MAY_CHANGE, TAIL_PARTS, TrainConfig, resume_changes
 from samcache.data import masks
 from samcache.data.metrics import iou
 from samcache.devices import autocast, decoder_precision, resolve_device
@@ -38,6 +38,7 @@ from samcache.errors import OutputError, RunError, TrainingError
 from samcache.faults import crash_point
 from samcache.locks import WriterLock
 from samcache.models.decoder import PromptDecoder
+from samcache.models.encoder_tail import EncoderTail, TailedDecoder, add_lora, tail_parameters
 from samcache.models.families import family_of
 from samcache.models.prompts import PromptBatch, click_passes, rng_for
 from samcache.models.specs import LOW_RES_SIZE
@@ -123,6 +124,7 @@ class Training:
     samples: CacheSamples
     sampler: EpochBatches
     steps_per_epoch: int
+    tail: Optional[EncoderTail] = None
 
     @classmethod
     def setup(cls, cache: EmbeddingCache, run: RunFolder, config: TrainConfig, splits: tuple[list[int], list[int]],
@@ -138,32 +140,47 @@ class Training:
         device = dist.device(resolve_device(config.device))
         base = load_matching(cache.provenance.model_type, cache.provenance.weights_sha256, config.checkpoint,
                              recorded_source=cache.provenance.weights_source)
-        base.sam.image_encoder = None  # never used in training; frees its memory
+        parts = trained_parts(config, base.model_type)
+        # The tail (the encoder's last K blocks and neck) keeps those modules alive; the rest of the
+        # encoder is never used in training, and dropping it frees its memory.
+        tail = base.family.encoder_tail(base.sam, cache.provenance.tail_blocks) if config.trains_tail else None
+        base.sam.image_encoder = None
         base.sam.to(device)
         for part in DECODER_MODULES:
             getattr(base.sam, part).requires_grad_(False)
-        for part in trained_parts(config, base.model_type):
-            for module in base.family.trainable_modules(base.sam, part):
+        for part in parts:
+            for module in [] if part in TAIL_PARTS else base.family.trainable_modules(base.sam, part):
                 module.requires_grad_(True)
         for module in base.family.frozen_by_cache(base.sam):  # e.g. SAM 2.1's conv_s0 / conv_s1: cached outputs
             module.requires_grad_(False)
         parameters = [p for part in DECODER_MODULES for p in getattr(base.sam, part).parameters() if p.requires_grad]
+        groups = [{"params": parameters}]
+        decoder = base.decoder()
+        if tail is not None:
+            tail.to(device).requires_grad_(False)
+            if config.lora_rank:
+                add_lora(tail.blocks, rank=config.lora_rank, alpha=config.lora_rank)
+            tail_params = [p for part in parts if part in TAIL_PARTS for p in tail_parameters(tail, part)]
+            for p in tail_params:
+                p.requires_grad_(True)
+            groups.append({"params": tail_params, "lr_scale": config.tail_lr_in_effect / config.lr})
+            parameters = parameters + tail_params
+            decoder = TailedDecoder(decoder, tail)
         held = should_hold_in_memory(config.cache_in_memory, len(train_indices) + len(val_indices), device,
                                      config.memory_budget_mb * 2**20 if config.memory_budget_mb else None,
-                                     model_type=cache.provenance.model_type)
-        store = EmbeddingStore(cache, train_indices + val_indices, device) if held else None
+                                     shape=cache.feature_shape(decoder.reads))
+        store = EmbeddingStore(cache, train_indices + val_indices, device, features=decoder.reads) if held else None
         sampler = EpochBatches(train_indices, config.batch_size, config.seed, rank=dist.rank,
                                world_size=dist.world_size)
-        decoder = base.decoder()
         return cls(
             config=config, cache=cache, run=run, dist=dist, device=device, base=base,
             decoder=decoder, module=_wrap_for_distributed(decoder, config, device, dist), parameters=parameters,
-            optimizer=torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay),
+            optimizer=torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay),
             train_indices=train_indices, val_indices=val_indices, store=store,
             samples=CacheSamples(cache, SampleSettings.training(objects_per_image=config.objects_per_image,
                                                                  prompts=config.prompts, seed=config.seed),
-                                 read_embeddings=store is None),
-            sampler=sampler, steps_per_epoch=len(sampler.global_batches()),
+                                 read_embeddings=store is None, features=decoder.reads),
+            sampler=sampler, steps_per_epoch=len(sampler.global_batches()), tail=tail,
         )
 
     @property
@@ -191,12 +208,12 @@ class Training:
         return optimize_step(output, batch.targets, batch.prompts.multimask, **common)
 
     def checkpoint(self, state: TrainState) -> RunCheckpoint:
-        return RunCheckpoint.capture(self.sam, self.optimizer, self.config, self.cache.provenance, state)
+        return RunCheckpoint.capture(self.sam, self.optimizer, self.config, self.cache.provenance, state, self.tail)
 
     def step_inputs(self, batch: Optional[Batch]) -> Batch:
         """The batch on the device (embeddings filled in); a placeholder for an empty share."""
         if batch is None:
-            return _placeholder_step_inputs(self.device, self.config, self.base.model_type)
+            return _placeholder_step_inputs(self.device, self.config, self.cache.feature_shape(self.decoder.reads))
         embeddings = self.store.gather(batch.indices) if self.store is not None else batch.embeddings.to(self.device)
         return Batch(batch.indices, embeddings, batch.prompts.to(self.device), batch.targets.to(self.device),
                      None if batch.schedules is None else batch.schedules.to(self.device))
@@ -235,7 +252,7 @@ def _wrap_for_distributed(module: PromptDecoder, config: TrainConfig, device: to
                                    find_unused_parameters=unused)
 
 
-def _placeholder_step_inputs(device: torch.device, config: TrainConfig, model_type: str) -> Batch:
+def _placeholder_step_inputs(device: torch.device, config: TrainConfig, shape: tuple[int, ...]) -> Batch:
     """One prompt on a blank embedding, in a batch of no images (so it weighs 0): a rank without
     images in a step must still run forward and backward as often as the others, since
     DistributedDataParallel averages gradients from all ranks."""
@@ -244,7 +261,7 @@ def _placeholder_step_inputs(device: torch.device, config: TrainConfig, model_ty
     if config.prompts.mode == "interactive":  # as many passes as the other ranks; no points, no masks
         schedules = ClickSchedules(torch.zeros((1, 3, click_passes(config.prompts))),
                                    torch.tensor([[LOW_RES_SIZE, LOW_RES_SIZE]])).to(device)
-    features = torch.zeros((1, *family_of(model_type).layout_of(model_type).feature_shape), device=device)
+    features = torch.zeros((1, *shape), device=device)
     return Batch([], features, prompts.to(device),
                  torch.zeros((1, LOW_RES_SIZE, LOW_RES_SIZE), device=device), schedules)
 
@@ -269,6 +286,10 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
     splits = _splits(cache, config, dist)  # refused before anything is written
     model_type = cache.provenance.model_type
     family_of(model_type).check_trainable(trained_parts(config, model_type), model_type)
+    if config.trains_tail and not cache.provenance.tail_blocks:
+        raise TrainingError(f"--train {'/'.join(sorted({'tail', 'neck'} & set(config.trainable)))} trains the "
+                            f"encoder from the cache's tail tokens, and {cache_dir} holds none: make a cache with "
+                            "`samcache embed --tail-blocks K` (K = the encoder blocks to train)")
     if dist.is_main:
         run.check_writable(resume)  # before the lock file goes in: a folder that is not a run stays untouched
     with WriterLock(run.path, what="run folder", enabled=dist.is_main):  # one writer per run folder
@@ -326,7 +347,7 @@ def resume_state(t: Training, writer: RunWriter) -> TrainState:
         raise RunError(f"--resume: {t.run} has already trained {checkpoint.state.epoch} epochs; --epochs "
                        f"{t.config.epochs} would end before that")
     writer.update_config(t.config)
-    apply_weights(t.sam, checkpoint)
+    apply_weights(t.sam, checkpoint, t.tail)
     t.optimizer.load_state_dict(checkpoint.optimizer)
     writer.truncate_metrics(checkpoint.state)
     return checkpoint.state
@@ -396,7 +417,7 @@ def validate(t: Training) -> float:
 
     Under torchrun each rank scores its own slice of the images and the sums are combined.
     """
-    t.sam.eval()
+    t.decoder.eval()
     settings = SampleSettings.fixed(t.config.val_prompt, seed=t.config.seed)
     indices = t.val_indices[t.dist.rank :: t.dist.world_size]
     scores = [
@@ -405,7 +426,7 @@ def validate(t: Training) -> float:
                                         device=t.device, precision=decoder_precision(t.device),
                                         batch_size=t.config.batch_size, store=t.store)
     ]
-    t.sam.train()
+    t.decoder.train()
     total, count = t.dist.sum([float(np.sum(scores)) if scores else 0.0, len(scores)])
     return total / count if count else float("nan")
 
@@ -416,11 +437,11 @@ def validate_clicks(t: Training) -> Optional[list[float]]:
     clicks = t.config.val_clicks_in_effect
     if not clicks:
         return None
-    t.sam.eval()
+    t.decoder.eval()
     indices = t.val_indices[t.dist.rank :: t.dist.world_size]
     result = click_protocol(t.decoder, t.cache, indices, clicks, device=t.device,
                             precision=decoder_precision(t.device))
-    t.sam.train()
+    t.decoder.train()
     count, *totals = t.dist.sum([result["objects"]] + [result["objects"] * m for m in result["miou"]])
     return [v / count if count else float("nan") for v in totals]
 
