@@ -369,6 +369,10 @@ def info_cmd(cache_dir: Path, as_json: bool) -> None:
     maps = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in info["stored_maps"].items())
     click.echo(f"  {info['embedding_dtype']} {maps}, computed in {_computed(info['computed'])}, "
                f"intensity {info['intensity']}")
+    if info["tail_blocks"]:
+        click.echo(f"  tail tokens before the encoder's last {info['tail_blocks']} block(s) (train --train tail)")
+    if info["views"]:
+        click.echo(f"  views besides the original: {', '.join(info['views'])}")
     click.echo(f"  {info['bytes_on_disk'] / 2**20:.1f} MiB on disk, "
                f"{info['bytes_per_image'] / 2**20:.2f} MiB per image, "
                f"{info['shards']} shard(s), {info['superseded_records']} superseded record(s)")

@@ -118,6 +118,13 @@ class _Options(BaseModel):
 
 
 # ----------------------------------------------------------------------------------- embed
+def _comma_list(value: Any) -> Any:
+    # `train: mask_decoder` (YAML) and `--train mask_decoder,prompt_encoder` (CLI) are lists too.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
 class EmbedConfig(_Options):
     """Options of `samcache embed`."""
 
@@ -149,6 +156,11 @@ class EmbedConfig(_Options):
     """Stop at the first image that fails to decode (after committing what is done)."""
     intensity: Literal[INTENSITY_MODES] = "percentile"
     """How images with more than 8 bits become 8-bit (images.read_image)."""
+    views: Annotated[list[str], BeforeValidator(_comma_list)] = []
+    """Also embed these views of each image (data/views.py): hflip, vflip, rot90, rot180, rot270, scaleS
+    (0 < S < 1: shrunk by S in the input frame), comma-separated; each costs one more encoder run and one
+    more embedding per image. Training draws one of the original and its views per image and epoch;
+    evaluation reads the original only."""
     tail_blocks: Annotated[Int, Field(ge=0, le=64)] = 0
     """Also store, per image, the encoder's hidden state before its last K blocks (vit_b: 768x64x64 fp16,
     6 MiB per image; the tiny: 192x64x64, 1.5 MiB), so `train --train tail` can train those blocks and
@@ -220,13 +232,6 @@ def _said_whole(message: str) -> PydanticCustomError:
 def _each_once(field: str, noun: str, values: list[str]) -> None:
     if len(set(values)) != len(values):
         raise ValueError(f"{field} names {noun} twice: {','.join(values)}")
-
-
-def _comma_list(value: Any) -> Any:
-    # `train: mask_decoder` (YAML) and `--train mask_decoder,prompt_encoder` (CLI) are lists too.
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
 
 
 def _memory_policy(value: Any) -> Any:
@@ -563,7 +568,7 @@ FLAGS: dict[type, dict[str, str]] = {
         "model_type": "--model", "checkpoint": "--checkpoint", "random_init": "--random-init",
         "batch_size": "--batch-size", "device": "--device", "precision": "--precision", "backend": "--backend",
         "workers": "--workers", "intensity": "--intensity", "shard_images": "--shard-images",
-        "tail_blocks": "--tail-blocks",
+        "tail_blocks": "--tail-blocks", "views": "--views",
     },
     TrainConfig: {
         "epochs": "--epochs", "batch_size": "--batch-size", "objects_per_image": "--objects-per-image", "lr": "--lr",

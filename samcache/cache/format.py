@@ -72,6 +72,8 @@ class Provenance:
       samcache_version: the version that created the cache (informative; not compared).
       tail_blocks: K > 0 when each image also holds the encoder's tokens before its last K blocks
         (`embed --tail-blocks`, the `tail_tokens` dataset); a header leaves it out when 0.
+      views: the names of the views each image also holds (`embed --views`, data/views.py), in
+        their stored order; a header leaves it out when there are none.
     """
 
     model_type: str
@@ -84,9 +86,11 @@ class Provenance:
     weights_source: str = ""
     samcache_version: str = __version__
     tail_blocks: int = 0
+    views: tuple[str, ...] = ()
 
     # These must agree for two sets of embeddings to be one dataset.
-    COMPARED = ("model_type", "weights_sha256", "preprocessing", "intensity", "embedding_dtype", "tail_blocks")
+    COMPARED = ("model_type", "weights_sha256", "preprocessing", "intensity", "embedding_dtype", "tail_blocks",
+                "views")
 
     @property
     def family(self) -> ModelFamily:
@@ -96,7 +100,7 @@ class Provenance:
     @property
     def layout(self) -> CacheLayout:
         """What a shard stores per image, and the schema version."""
-        return self.family.layout_of(self.model_type, self.tail_blocks)
+        return self.family.layout_of(self.model_type, self.tail_blocks, len(self.views))
 
     @property
     def made_by(self) -> str:
@@ -175,8 +179,9 @@ def provenance_to_dict(provenance: Provenance) -> dict:
     """The header's form: `tail_blocks` only when the cache holds tail tokens, so a cache without
     them has the header every earlier samcache reads."""
     values = asdict(provenance)
-    if not values["tail_blocks"]:
-        del values["tail_blocks"]
+    for optional in ("tail_blocks", "views"):
+        if not values[optional]:
+            del values[optional]
     return values
 
 
@@ -261,7 +266,11 @@ def provenance_from_dict(values: dict, *, source: Path) -> Provenance:
         problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
             [f"unknown {', '.join(unknown)}"] if unknown else [])
         raise CacheError(f"{source}: the provenance has {'; '.join(problems)}: not a header this samcache wrote")
-    provenance = Provenance(**values)
+    views = values.get("views", [])
+    if not isinstance(views, list) or not all(isinstance(v, str) for v in views):
+        raise CacheError(f"{source}: views is {_json_kind(values, 'views')}, not a list of view names: not a header "
+                         "this samcache wrote")
+    provenance = Provenance(**{**values, "views": tuple(views)})
     tail_blocks = values.get("tail_blocks", 0)
     if type(tail_blocks) is not int or not 0 <= tail_blocks <= provenance.family.tail_shape(provenance.model_type)[0]:
         raise CacheError(f"{source}: tail_blocks is {_json_kind(values, 'tail_blocks')}, not a block count of "

@@ -33,6 +33,7 @@ from samcache.cache.format import (
 from samcache.config import SPLITS
 from samcache.data import masks
 from samcache.data.records import ObjectRecord
+from samcache.data.views import View, parse_views
 from samcache.errors import CacheError
 from samcache.fileio import FileIdentity, atomic_write_bytes
 from samcache.models.feature_layout import CacheLayout
@@ -236,14 +237,32 @@ class EmbeddingCache:
     def tail_tokens(self, index: int) -> np.ndarray:
         """The encoder's tokens before its last K blocks (C, 64, 64) float16, checked as `embedding`
         (a cache made with `embed --tail-blocks K`; CacheError for one without)."""
+        self._require_tail_tokens()
+        return self._maps(index, ("tail_tokens",))["tail_tokens"]
+
+    def _require_tail_tokens(self) -> None:
         if not self.provenance.tail_blocks:
             raise CacheError(f"{self.cache_dir} holds no tail tokens: make a cache with `samcache embed "
                              "--tail-blocks K` to train the encoder's last blocks")
-        return self._maps(index, ("tail_tokens",))["tail_tokens"]
 
-    def features(self, index: int, which: str) -> np.ndarray:
-        """`embedding(index)` for which="embedding", `tail_tokens(index)` for which="tail_tokens"."""
-        return self.tail_tokens(index) if which == "tail_tokens" else self.embedding(index)
+    def features(self, index: int, which: str, view: int = 0) -> np.ndarray:
+        """`embedding(index)` for which="embedding", `tail_tokens(index)` for which="tail_tokens"; of
+        the image's view number `view` (1..V, `views`) instead of the original when `view` > 0."""
+        if not view:
+            return self.tail_tokens(index) if which == "tail_tokens" else self.embedding(index)
+        if which == "tail_tokens":
+            self._require_tail_tokens()
+        layout = self.provenance.layout
+        names = ("tail_tokens",) if which == "tail_tokens" else layout.decoder_maps
+        stored = self._maps(index, tuple(f"view_{n}" for n in names))
+        picked = {n: stored[f"view_{n}"][view - 1] for n in names}
+        return picked["tail_tokens"] if which == "tail_tokens" else layout.decoder_input(picked)
+
+    @property
+    def views(self) -> tuple[View, ...]:
+        """The views each image holds besides the original (`embed --views`), in stored order: view
+        number v is views[v - 1]."""
+        return parse_views(list(self.provenance.views)) if self.provenance.views else ()
 
     def feature_shape(self, which: str) -> tuple[int, int, int]:
         """The shape `features(index, which)` returns."""
@@ -388,6 +407,7 @@ class EmbeddingCache:
             "stored_maps": {name: list(shape) for name, shape in self.provenance.layout.stored_maps.items()},
             "embedding_shape": list(self.provenance.layout.stored_maps["embeddings"]),
             "tail_blocks": self.provenance.tail_blocks,
+            "views": list(self.provenance.views),
             # per image, from its shard: a cache extended later with another backend says so
             "computed": {text(m): int(n) for m, n in zip(*np.unique(self.tables.made_by[self._rows],
                                                                       return_counts=True))},

@@ -1,5 +1,9 @@
 """Export: the base SAM with the fine-tuned decoder, as a state dict SAM's own code loads.
 
+A run that trained the encoder's tail (`--train tail`) exports it too, LoRA adapters merged into
+the blocks' own weights (runs.apply_weights), so the file is still the model's plain layout; the
+metadata's `tail_blocks` says which of the encoder's blocks differ from the base's.
+
 The file is a plain `{name: tensor}` dict in Meta's key layout, so for vit_b/l/h
 `segment_anything.sam_model_registry[model_type](checkpoint=FILE)` and `SamPredictor` use it
 as they are. A SAM 2.1 run is written as Meta's sam2.1_hiera_*.pt are, `{"model": state_dict}` in
@@ -73,7 +77,7 @@ def export_run(run_dir: str | Path, out_file: str | Path, *, fmt: str = "pth", w
     """Writes the full SAM state dict with the run's decoder to `out_file`, checked, and its metadata beside it.
 
     Arguments:
-      run_dir: a training run.
+      run_dir: a training run (its trained encoder tail, if any, is part of the model written).
       out_file: the weights file to write.
       fmt: "pth" (torch.save of a plain state dict) or "safetensors".
       weights: the run's "best" or "last" checkpoint.
@@ -472,6 +476,7 @@ def _metadata(run: RunFolder, run_checkpoint: RunCheckpoint, weights: str, out_f
         "base_weights_sha256": run_checkpoint.base_weights_sha256,
         "base_weights_source": base_source,
         "fine_tuned": run_checkpoint.trained,
+        "tail_blocks": run_checkpoint.tail_blocks,
         "run": str(run.path.resolve()),
         "run_weights": weights,
         "epoch": run_checkpoint.state.epoch,

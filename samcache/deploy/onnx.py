@@ -18,9 +18,13 @@ Tracing fixes every Python number it sees, so the mask crop of `SamOnnxModel` (t
 image's size, taken with `int()`) would be frozen at the size used for tracing and be wrong for
 any other image: `OfficialDecoder` crops with tensors instead, which the graph keeps symbolic.
 
+A run that trained the encoder's tail exports it inside encoder.onnx (LoRA merged: RunFolder.load_model).
+
 Before the files are put in place, onnxruntime runs them (`check_graphs`): each decoder must give
-the run's own mask for one prompt on a fixed random embedding. An existing file is replaced only
-when it is an earlier export's (listed in its export.json with the SHA-256 it still has).
+the run's own mask for one prompt on a fixed random embedding; for a run that trained the
+encoder's tail, encoder.onnx must also give the run's encoder's embedding of a fixed random image.
+An existing file is replaced only when it is an earlier export's (listed in its export.json with
+the SHA-256 it still has).
 """
 
 from __future__ import annotations
@@ -84,6 +88,9 @@ OUTPUTS = (*FILES, *DECODER_SINGLE, *QUANTIZED_FILES, *(f"{graph}.data" for grap
 _LEFTOVERS = re.compile(rf"\.{STAGING_MARK}-(?P<pid>\d+)-[a-z0-9_]{{8}}|\.export-[a-z0-9_]{{8}}"
                         r"|\.export\.json\.[a-z0-9_]{8}\.tmp")
 DECODER_AXES = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+# onnxruntime's float32 kernels and torch's sum in other orders: a trained encoder's embedding,
+# whose values are of order 1 after the neck's LayerNorm, differs from torch's by about 1e-5.
+MAX_ENCODER_DIFFERENCE = 1e-3
 
 
 class OfficialDecoder(SamOnnxModel):
@@ -187,7 +194,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, weights: str = "bes
         (staging / "xanylabeling.yaml").write_text(xanylabeling_config(model_type, name, decoder_for_tools))
         (staging / "README.md").write_text(deploy_readme(model_type, return_single_mask, quantize))
         crash_point("export-staged")
-        check = check_graphs(staging, model, files, out_dir)
+        check = check_graphs(staging, model, files, out_dir, encoder_trained=bool(run_checkpoint.tail_blocks))
         metadata = _metadata(staging, files, run, run_checkpoint, weights, return_single_mask, check)
         for stale in OUTPUTS:  # an earlier export's graphs, not made this time (checked as its own above)
             if stale.endswith((".onnx", ".data")) and stale not in files:
@@ -215,6 +222,7 @@ def _metadata(staging: Path, files: list[str], run: RunFolder, run_checkpoint: R
         "model_type": run_checkpoint.model_type,
         "base_weights_sha256": run_checkpoint.base_weights_sha256,
         "fine_tuned": run_checkpoint.trained,
+        "tail_blocks": run_checkpoint.tail_blocks,
         "run": str(run.path.resolve()),
         "run_weights": weights,
         "return_single_mask": return_single_mask,
@@ -283,11 +291,14 @@ def _made_by_an_export(path: Path) -> bool:
 
 
 @torch.no_grad()
-def check_graphs(folder: Path, model: LoadedModel, files: list[str], out_dir: Path) -> dict:
+def check_graphs(folder: Path, model: LoadedModel, files: list[str], out_dir: Path, *,
+                 encoder_trained: bool = False) -> dict:
     """Runs the graphs made in `folder` in onnxruntime. Each float decoder must predict the run's
     own mask for the check's prompt on a fixed random embedding (export.check_case), the quantized
-    ones a mask of the image's size, and the encoders must load with their interface. Anything
-    else is an OutputError naming the file in `out_dir` and what differed. Returns what was compared."""
+    ones a mask of the image's size, and the encoders must load with their interface; with
+    `encoder_trained` (the run trained the encoder's tail), the float encoder must also compute the
+    run's encoder's embedding of a fixed random image (encoder_difference). Anything else is an
+    OutputError naming the file in `out_dir` and what differed. Returns what was compared."""
     import onnxruntime as ort
 
     case = check_case(model)
@@ -314,6 +325,13 @@ def check_graphs(folder: Path, model: LoadedModel, files: list[str], out_dir: Pa
                 raise OutputError(f"{failed} has inputs {interface[0]} and outputs {interface[1]}, not "
                                   f"{[ENCODER_INPUT]} and {[ENCODER_OUTPUT]}")
             checked[name] = "loads, with its interface"
+            if encoder_trained and name == "encoder.onnx":
+                difference = encoder_difference(session, model.sam)
+                if not difference <= MAX_ENCODER_DIFFERENCE:
+                    raise OutputError(f"{failed} computes another embedding than the run's encoder for the same "
+                                      f"image (largest difference {difference:.3g}, at most "
+                                      f"{MAX_ENCODER_DIFFERENCE} expected)")
+                checked[name] = {"embedding_max_difference": float(f"{difference:.3g}")}
             continue
         if interface != (list(DECODER_INPUTS), list(DECODER_OUTPUTS)):
             raise OutputError(f"{failed} has inputs {interface[0]} and outputs {interface[1]}, not SAM's")
@@ -325,6 +343,20 @@ def check_graphs(folder: Path, model: LoadedModel, files: list[str], out_dir: Pa
             continue
         checked[name] = compare_masks(case, masks[0, 0] > 0, float(scores[0, 0]), failed)
     return checked
+
+
+def check_image(height: int = IMAGE_SIZE * 3 // 4, width: int = IMAGE_SIZE, seed: int = 0) -> np.ndarray:
+    """A fixed random RGB image in the encoder graph's input (float32 (h, w, 3), 0..255)."""
+    return np.random.default_rng(seed).uniform(0, 255, (height, width, 3)).astype(np.float32)
+
+
+def encoder_difference(session, sam: Sam, image: Optional[np.ndarray] = None) -> float:
+    """The largest absolute difference between the embeddings of `image` (default check_image())
+    by the encoder graph run in the onnxruntime `session` and by `sam`'s own encoder in torch."""
+    image = check_image() if image is None else image
+    (got,) = session.run(None, {ENCODER_INPUT: image})
+    expected = EncoderWithPreprocessing(sam=sam.eval())(torch.from_numpy(image)).numpy()
+    return float(np.abs(got - expected).max())
 
 
 def _require(module: str, what: str) -> None:

@@ -2,7 +2,10 @@
 
 An image already in a cache made by the same encoder weights (same file SHA-256) takes its
 embedding from the cache; any other image goes through the image encoder, preprocessed
-exactly as `SamPredictor.set_image` does. Outputs, per image: one PNG mask per box
+exactly as `SamPredictor.set_image` does. A model whose encoder's last K blocks were fine-tuned
+(a run with `--train tail`, or its export) runs those blocks on the cache's tail tokens, so it
+takes cached images only from a cache embedded with `--tail-blocks K` (others go through its
+whole encoder, the trained tail included). Outputs, per image: one PNG mask per box
 (0/255), an overlay PNG, and for all of them `predictions.json` with COCO RLE masks. The prompt
 is a box, points, or a box with points, as `SamPredictor.predict` takes them.
 """
@@ -30,6 +33,7 @@ from samcache.errors import OutputError, SamcacheError
 from samcache.evaluate.automatic_masks import segment_everything
 from samcache.fileio import atomic_write_bytes, atomic_write_json, read_json_mapping, sha256_file
 from samcache.models.decoder import PromptDecoder
+from samcache.models.encoder_tail import EncoderTail
 from samcache.models.families import ModelFamily, family_of
 from samcache.models.preprocess import transform_boxes
 from samcache.models.prompts import PromptBatch, make_prompt
@@ -51,6 +55,8 @@ class Predictor:
     model_type: str
     encoder_weights_sha256: str
     source: str
+    tail_blocks: int = 0
+    """K when the encoder's last K blocks differ from the base encoder's (a run that trained its tail)."""
 
     @property
     def family(self) -> ModelFamily:
@@ -58,9 +64,10 @@ class Predictor:
 
 
 def predictor_from_run(run_dir: str | Path, *, weights: str = "best", checkpoint=None) -> Predictor:
-    """The base SAM of a run with the run's fine-tuned decoder."""
+    """The base SAM of a run with the run's fine-tuned decoder (and encoder tail, when it trained one)."""
     model, run_checkpoint = RunFolder(run_dir).load_model(weights, checkpoint)
-    return Predictor(model.sam.eval(), model.model_type, run_checkpoint.base_weights_sha256, f"{run_dir} ({weights})")
+    return Predictor(model.sam.eval(), model.model_type, run_checkpoint.base_weights_sha256, f"{run_dir} ({weights})",
+                     tail_blocks=run_checkpoint.tail_blocks)
 
 
 def predictor_from_checkpoint(checkpoint: str | Path, model_type: Optional[str] = None) -> Predictor:
@@ -74,7 +81,7 @@ def predictor_from_checkpoint(checkpoint: str | Path, model_type: Optional[str] 
                             f"{metadata_path(checkpoint).name} beside it)")
     loaded = load_sam(model_type, checkpoint)
     return Predictor(loaded.sam.eval(), model_type, metadata.get("base_weights_sha256", loaded.weights_sha256),
-                     str(checkpoint))
+                     str(checkpoint), tail_blocks=int(metadata.get("tail_blocks", 0)))
 
 
 def boxes_from_coco(path: str | Path) -> dict[str, list[tuple[float, float, float, float]]]:
@@ -109,6 +116,8 @@ class _PredictionRun:
     stems: dict[Path, str]
 
     output: OutputFolder
+    tail: Optional[EncoderTail] = None
+    """The model's trained encoder tail, which makes a cached image's embedding from its tail tokens."""
 
     @classmethod
     def start(cls, predictor: Predictor, images, out_dir, *, cache_dir, device: str,
@@ -127,15 +136,19 @@ class _PredictionRun:
         refuse_inputs_as_outputs(planned, images, out_dir=out_dir)
         output.claim(overwrite=overwrite, legacy=_written_by_samcache, inputs=images)
         sam = predictor.sam.to(torch_device)
+        tail = predictor.family.encoder_tail(sam, predictor.tail_blocks) if predictor.tail_blocks else None
         return cls(sam, predictor.family.decoder(sam, predictor.model_type), torch_device, cache,
-                   cache.index_by_sha256() if cache is not None else {}, out_dir, stems, output)
+                   cache.index_by_sha256() if cache is not None else {}, out_dir, stems, output, tail)
 
     def embedding(self, path: Path, image: np.ndarray) -> tuple[torch.Tensor, str]:
-        """The cached embedding when the file (by SHA-256) is in the cache, else the encoder's."""
+        """The cached embedding when the file (by SHA-256) is in the cache (with a trained tail: the
+        tail run on the cached tail tokens), else the encoder's."""
         if self.cache is not None:
             index = self.cached_by_sha.get(sha256_file(path))
             if index is not None and self.cache.images[index].original_size == image.shape[:2]:
-                return torch.from_numpy(self.cache.embedding(index)).float()[None].to(self.device), "cache"
+                which = "tail_tokens" if self.tail is not None else "embedding"
+                features = torch.from_numpy(self.cache.features(index, which)).float()[None].to(self.device)
+                return (self.tail(features) if self.tail is not None else features), "cache"
         return self.decoder.family.encode(self.sam, image, self.device), "encoder"
 
 
@@ -341,11 +354,15 @@ def output_stems(images: list[Path]) -> dict[Path, str]:
 
 
 def _usable_cache(cache_dir, predictor: Predictor) -> Optional[EmbeddingCache]:
+    """The cache when its features are the predictor's encoder's: the same base weights, and for a
+    trained tail of K blocks, the tokens before the last K stored (the stored embeddings are the
+    base encoder's then); None else, and images go through the encoder."""
     if cache_dir is None or not Path(cache_dir).exists():
         return None
     cache = EmbeddingCache(cache_dir)
     same = (cache.provenance.model_type == predictor.model_type
-            and cache.provenance.weights_sha256 == predictor.encoder_weights_sha256)
+            and cache.provenance.weights_sha256 == predictor.encoder_weights_sha256
+            and (not predictor.tail_blocks or cache.provenance.tail_blocks == predictor.tail_blocks))
     return cache if same else None
 
 

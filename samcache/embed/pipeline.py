@@ -45,6 +45,7 @@ from samcache.cache.writer import ShardRotation, remove_stale_temporaries
 from samcache.config import EmbedConfig
 from samcache.data.datasets import Dataset, ImageRecord
 from samcache.data.images import read_image
+from samcache.data.views import View, parse_views
 from samcache.devices import resolve_device, resolve_precision
 from samcache.distributed import SINGLE, Distributed
 from samcache.embed.encoders import open_encoder, resolve_backend
@@ -111,10 +112,13 @@ def annotations_sha256(record: ImageRecord) -> str:
 
 class _DecodeImages(TorchDataset):
     """Decodes, hashes and resizes images in DataLoader workers; errors come back as values.
-    `resize` False hands the decoded image on as it is (SAM 2.1 resizes the float image itself)."""
+    `resize` False hands the decoded image on as it is (SAM 2.1 resizes the float image itself);
+    `views` (data/views.py) are made from the resized image, each its own encoder input."""
 
-    def __init__(self, records: list[ImageRecord], intensity: str, image_size: int, *, resize: bool = True):
+    def __init__(self, records: list[ImageRecord], intensity: str, image_size: int, *, resize: bool = True,
+                 views: tuple[View, ...] = ()):
         self.records, self.intensity, self.image_size, self.resize = records, intensity, image_size, resize
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.records)
@@ -130,7 +134,9 @@ class _DecodeImages(TorchDataset):
                     f"{record.path}: decoded size {image.shape[0]}x{image.shape[1]} differs from the "
                     f"dataset's {record.height}x{record.width}"
                 )
-            item["image"] = torch.from_numpy(resize_image(image, self.image_size) if self.resize else image)
+            model_image = resize_image(image, self.image_size) if self.resize else image
+            item["image"] = torch.from_numpy(model_image)
+            item["views"] = [torch.from_numpy(view.input_image(model_image)) for view in self.views]
             # As a tensor it travels through shared memory: a large pickled message would leave a
             # worker orphaned by kill -9 blocked forever, flushing into a pipe nobody reads.
             item["preview"] = torch.frombuffer(bytearray(make_preview(image)), dtype=torch.uint8)
@@ -191,6 +197,9 @@ def _embed(dataset: Dataset, source: str, cache_dir: Path, config: EmbedConfig, 
     backend = resolve_backend(config.backend, device, config.model_type)
     if config.tail_blocks:
         family_of(config.model_type).check_tail_blocks(config.tail_blocks, config.model_type)
+    views = parse_views(config.views)
+    if views:
+        family_of(config.model_type).check_views(config.model_type)
     provenance = _provenance(weights, preprocessing, config, precision, backend)
     encoder = None
     if not is_cache(cache_dir) and dataset.images:  # a new cache: weights that do not load leave nothing behind
@@ -226,7 +235,7 @@ def _embed(dataset: Dataset, source: str, cache_dir: Path, config: EmbedConfig, 
             rotation.current().add(_entry(copy.record, copy.file, preview, weights.model_type), embedding)
             rotation.maybe_commit()
         embedded, failed = _run_encoder(weights, backend, pending, rotation, config, device, precision, preprocessing,
-                                        dist, encoder)
+                                        dist, encoder, views)
         rotation.commit()
     except OSError as exc:
         rotation.abandon()
@@ -312,6 +321,7 @@ def _provenance(weights: WeightsIdentity, preprocessing: Preprocessing, config: 
         encoder_backend=backend,
         weights_source=weights.weights_source,
         tail_blocks=config.tail_blocks,
+        views=tuple(view.name for view in parse_views(config.views)),
     )
 
 
@@ -324,10 +334,10 @@ def decoding_workers(config: EmbedConfig, device: torch.device) -> int:
 
 def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageRecord], rotation: ShardRotation,
                  config: EmbedConfig, device: torch.device, precision: str, preprocessing: Preprocessing,
-                 dist: Distributed, encoder=None) -> tuple[int, int]:
+                 dist: Distributed, encoder=None, views: tuple[View, ...] = ()) -> tuple[int, int]:
     """Decodes `pending` (in DataLoader workers, or in this process: decoding_workers) and encodes
-    them in batches into the rotation's shards (with `encoder` when it is open already); returns
-    (embedded, failed)."""
+    them (and their `views`) in batches into the rotation's shards (with `encoder` when it is open
+    already); returns (embedded, failed)."""
     if not pending:
         return 0, 0
     if encoder is None:
@@ -336,7 +346,7 @@ def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageReco
     resize = family_of(weights.model_type).resizes_in_workers
     embedded, failed = 0, 0
     loader = DataLoader(
-        _DecodeImages(pending, config.intensity, preprocessing.image_size, resize=resize),
+        _DecodeImages(pending, config.intensity, preprocessing.image_size, resize=resize, views=views),
         batch_size=config.batch_size or (8 if device.type == "cuda" else 1),
         num_workers=decoding_workers(config, device),
         collate_fn=_collate,
@@ -347,9 +357,11 @@ def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageReco
         for batch in loader:
             good = [item for item in batch if item["error"] is None]
             if good:
-                images = [item["image"] for item in good]
+                images = [image for item in good for image in (item["image"], *item["views"])]
                 features = encoder(batch_to_model_input(images, device=device, preprocessing=preprocessing)
                                    if resize else images)
+                if views:  # each image's features, then its views', stacked: (1 + V, C, 64, 64)
+                    features = features.reshape(len(good), 1 + len(views), *features.shape[1:])
                 for item, feature in zip(good, features):
                     entry = _entry(pending[item["i"]], item["file"], item["preview"].numpy().tobytes(),
                                    weights.model_type)

@@ -25,6 +25,7 @@ from torchvision.ops import batched_nms
 from samcache.config import EverythingSettings
 from samcache.data import masks as mask_codec
 from samcache.models.decoder import PromptDecoder
+from samcache.models.encoder_tail import TailedDecoder
 from samcache.models.preprocess import input_size, transform_coords
 from samcache.models.prompts import PromptBatch
 
@@ -67,12 +68,14 @@ def segment_everything(decoder: PromptDecoder, embedding: torch.Tensor,
     Arguments:
       decoder: a SAM-family decoder (families.ModelFamily.decoder), any weights; a family without
         automatic masks (SAM 2.1) is refused.
-      embedding: (1, 256, 64, 64), on the modules' device.
+      embedding: (1, 256, 64, 64), on the modules' device (the tail tokens, for a TailedDecoder).
       original_size: the image's (H, W).
       settings: the generator's options (config.EverythingSettings: SamAutomaticMaskGenerator's defaults).
       mask_threshold: the logit a mask pixel must exceed (Sam.mask_threshold).
     """
     decoder.family.require("automatic_masks", decoder.model_type)  # the callers refuse earlier, before any work
+    if isinstance(decoder, TailedDecoder):  # its tail makes the one embedding every batch of points decodes
+        embedding, decoder = decoder.tail(embedding), decoder.decoder
     device = embedding.device
     resized = input_size(original_size)
     grid = point_grid(original_size, settings.points_per_side)

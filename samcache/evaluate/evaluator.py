@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import io
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from samcache.data import masks
 from samcache.data.metrics import boundary_f, dice, iou
 from samcache.data.records import ObjectRecord
 from samcache.devices import decoder_precision, resolve_device
-from samcache.errors import OutputError, SamcacheError
+from samcache.errors import OutputError, RunError, SamcacheError
 from samcache.evaluate.automatic_masks import segment_everything
 from samcache.evaluate.report import write_eval_report
 from samcache.fileio import atomic_write_bytes, atomic_write_json, read_json_mapping
@@ -36,7 +37,7 @@ from samcache.models.weights import load_matching
 from samcache.outputs import OutputFolder
 from samcache.train.click_protocol import click_protocol
 from samcache.train.inference import ObjectPrediction, predict_cached_objects
-from samcache.train.runs import RunFolder, apply_weights
+from samcache.train.runs import RunCheckpoint, RunFolder, apply_weights, run_decoder
 from samcache.train.samples import SampleSettings
 
 REPORT_KIND = "evaluation report"
@@ -185,23 +186,43 @@ def coco_mask_ap(truth, results: list[dict]) -> dict:
 
 def load_decoders(cache: EmbeddingCache, run: Optional[RunFolder], config: EvalConfig, device: torch.device):
     """{"zero_shot": PromptDecoder, "fine_tuned": ...} on `device`, in eval mode: the base weights
-    that made the cache, and the same with the run's decoder applied."""
+    that made the cache, and the same with the run's weights applied (runs.run_decoder: behind
+    the run's trained encoder tail, reading the cache's tail tokens, when the run trained one)."""
     base_weights = config.checkpoint
     checkpoint = None
     if run is not None:
         checkpoint = run.read_checkpoint(config.weights)
         checkpoint.check_cache(cache.provenance)
+        check_tail_cache(checkpoint, cache)
         base_weights = base_weights or checkpoint.base_checkpoint
     loaded = load_matching(cache.provenance.model_type, cache.provenance.weights_sha256, base_weights,
                            recorded_source=cache.provenance.weights_source)
-    base, family = loaded.sam, loaded.family
-    base.image_encoder = None
-    decoders = {"zero_shot": family.decoder(base, loaded.model_type).to(device).eval()}
+    tuned = None
     if checkpoint is not None:
-        tuned = copy.deepcopy(base)
-        apply_weights(tuned, checkpoint)
-        decoders["fine_tuned"] = family.decoder(tuned, loaded.model_type).to(device).eval()
+        # A tail run needs the encoder's last blocks and neck (apply_weights loads them into it);
+        # a decoder-only run needs no encoder at all, so it is dropped before the copy.
+        if not checkpoint.tail_blocks:
+            loaded.sam.image_encoder = None
+        tuned = dataclasses.replace(loaded, sam=copy.deepcopy(loaded.sam))
+        apply_weights(tuned.sam, checkpoint)
+    loaded.sam.image_encoder = None  # zero-shot decodes the stored embeddings: the encoder never runs
+    decoders = {"zero_shot": loaded.decoder().to(device).eval()}
+    if tuned is not None:
+        decoders["fine_tuned"] = run_decoder(tuned, checkpoint).to(device).eval()
+        # The tail holds the encoder's last blocks and neck itself; the blocks before it are not needed.
+        tuned.sam.image_encoder = None
     return decoders
+
+
+def check_tail_cache(checkpoint: RunCheckpoint, cache: EmbeddingCache) -> None:
+    """Refuses, in one line, a cache without the tail tokens a run that trained the encoder's last K
+    blocks reads: none stored, or stored before another number of last blocks."""
+    wanted, stored = checkpoint.tail_blocks, cache.provenance.tail_blocks
+    if not wanted or stored == wanted:
+        return
+    held = "holds no tail tokens" if not stored else f"holds the tokens before the encoder's last {stored} blocks"
+    raise RunError(f"the run {Path(checkpoint.source).parent} trained the encoder's last {wanted} blocks on tail "
+                   f"tokens, but the cache {cache.cache_dir} {held}: embed with --tail-blocks {wanted} to evaluate it")
 
 
 def evaluate(cache_dir: str | Path, report_dir: str | Path, config: EvalConfig,

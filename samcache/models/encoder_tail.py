@@ -169,9 +169,10 @@ class LoraLinear(nn.Module):
       base: the nn.Linear or 1x1 nn.Conv2d to adapt (kept, frozen).
       rank: r, the update's rank.
       alpha: the update's scale numerator (alpha / rank, as LoRA's paper and peft).
+      generator: draws A's initial values (add_lora seeds it, so two runs start from the same A).
     """
 
-    def __init__(self, *, base: nn.Module, rank: int, alpha: float):
+    def __init__(self, *, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         conv = isinstance(base, nn.Conv2d)
         if conv and (base.kernel_size != (1, 1) or base.groups != 1):
@@ -180,9 +181,10 @@ class LoraLinear(nn.Module):
         self.base, self.rank, self.scale, self.conv = base, rank, alpha / rank, conv
         self.base.requires_grad_(False)
         # A as nn.Linear's own initialisation (Kaiming uniform), B zero: peft's and the paper's choice.
-        self.lora_a = nn.Parameter(torch.empty(rank, n_in, device=base.weight.device))
+        # Drawn on the CPU: the generator is a CPU one, and the values are then the same on any device.
+        lora_a = nn.init.kaiming_uniform_(torch.empty(rank, n_in), a=math.sqrt(5), generator=generator)
+        self.lora_a = nn.Parameter(lora_a.to(base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(n_out, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def delta(self) -> torch.Tensor:
         """The update of the base weight, (out, in)."""
@@ -208,14 +210,17 @@ LORA_TARGETS = ("qkv", "proj", "lin1", "lin2", "pwconv1", "pwconv2")
 the tiny's pointwise MLP convolutions (pwconv1, pwconv2)."""
 
 
-def add_lora(blocks: nn.Module, *, rank: int, alpha: float) -> list[nn.Parameter]:
+def add_lora(blocks: nn.Module, *, rank: int, alpha: float, seed: int = 0) -> list[nn.Parameter]:
     """Wraps every LORA_TARGETS layer inside `blocks` with LoraLinear; returns the adapters' parameters
-    (the only trainable ones of the wrapped layers)."""
+    (the only trainable ones of the wrapped layers). The A matrices are drawn from a generator of `seed`,
+    not the global random state, so the same command trains the same run (and a resumed run equals an
+    uninterrupted one)."""
+    generator = torch.Generator().manual_seed(seed)
     parameters = []
     for parent in list(blocks.modules()):
         for name, child in list(parent.named_children()):
             if name in LORA_TARGETS and isinstance(child, (nn.Linear, nn.Conv2d)):
-                adapted = LoraLinear(base=child, rank=rank, alpha=alpha)
+                adapted = LoraLinear(base=child, rank=rank, alpha=alpha, generator=generator)
                 setattr(parent, name, adapted)
                 parameters += [adapted.lora_a, adapted.lora_b]
     if not parameters:

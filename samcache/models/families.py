@@ -24,6 +24,7 @@ from samcache.models.feature_layout import (
     SAM_HQ_LAYOUTS,
     CacheLayout,
     TailLayout,
+    ViewsLayout,
 )
 from samcache.models.specs import (
     ENCODER_SPECS,
@@ -88,14 +89,25 @@ class ModelFamily:
     """Why a capability is missing, per capability (`require`'s message; {model_type} is filled in)."""
 
     # ------------------------------------------------------------------ facts per model type
-    def layout_of(self, model_type: str, tail_blocks: int = 0) -> CacheLayout:
+    def layout_of(self, model_type: str, tail_blocks: int = 0, views: int = 0) -> CacheLayout:
         """What a cache of `model_type` stores per image: the family's `layout` (unless it varies by
-        type), and with `tail_blocks` K the encoder's tokens before its last K blocks too."""
-        base = self._layout_without_tail(model_type)
-        if not tail_blocks:
-            return base
-        self.check_tail_blocks(tail_blocks, model_type)
-        return TailLayout(base, tail_channels=self.tail_shape(model_type)[1], tail_blocks=tail_blocks)
+        type); with `tail_blocks` K the encoder's tokens before its last K blocks too; with `views` V
+        the same for each of V views of the image (`embed --views`)."""
+        layout = self._layout_without_tail(model_type)
+        if tail_blocks:
+            self.check_tail_blocks(tail_blocks, model_type)
+            layout = TailLayout(layout, tail_channels=self.tail_shape(model_type)[1], tail_blocks=tail_blocks)
+        if views:
+            self.check_views(model_type)
+            layout = ViewsLayout(layout, views=views)
+        return layout
+
+    def check_views(self, model_type: str) -> None:
+        """Refuses `--views` for a family whose encoder does not take the resized image (views are made
+        on it: data/views.py)."""
+        if not self.resizes_in_workers:
+            raise SamcacheError(f"--views: views are made on the resized input image; {model_type}'s encoder "
+                                "resizes its images itself, so views are not offered for it")
 
     def _layout_without_tail(self, model_type: str) -> CacheLayout:
         return self.layout

@@ -209,6 +209,71 @@ class TailLayout(CacheLayout):
         return self.base.from_stored(stored)
 
 
+class ViewsLayout(CacheLayout):
+    """A cache that also holds each image's views (`embed --views`, data/views.py): for every dataset
+    `name` of the base layout, `view_<name>` (V, *shape), the features of the V views in their listed
+    order. The encoder hands out (1 + V, *base features) per image, the original first; the decoder
+    reads one of them (`view_input`), the original by default.
+
+    Arguments:
+      base: the layout without views (with tail tokens, when the cache has them).
+      views: V, how many views each image has.
+    """
+
+    def __init__(self, base: CacheLayout, *, views: int):
+        super().__init__(name=base.name, schema_version=base.schema_version,
+                         stored_maps={**base.stored_maps,
+                                      **{f"view_{n}": (views, *shape) for n, shape in base.stored_maps.items()}},
+                         channels=base.channels)
+        self.base, self.views = base, views
+        self.tail_channels = getattr(base, "tail_channels", 0)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return (1 + self.views, *self.base.feature_shape)
+
+    @property
+    def tail_shape(self) -> tuple[int, int, int]:
+        return self.base.tail_shape
+
+    def to_stored(self, features) -> dict:
+        original = self.base.to_stored(features[0])
+        views = [self.base.to_stored(features[1 + v]) for v in range(self.views)]
+        stacked = {f"view_{n}": _stack([view[n] for view in views]) for n in original}
+        return {**original, **stacked}
+
+    def from_stored(self, stored: dict):
+        original = self.base.from_stored(stored)
+        views = [self.base.from_stored({n: stored[f"view_{n}"][v] for n in self.base.stored_maps})
+                 for v in range(self.views)]
+        return _stack([original, *views])
+
+    @property
+    def decoder_maps(self) -> tuple[str, ...]:
+        return self.base.decoder_maps
+
+    @property
+    def decoder_shape(self) -> tuple[int, int, int]:
+        return self.base.decoder_shape
+
+    def decoder_input(self, stored: dict):
+        return self.base.decoder_input(stored)
+
+    def view_maps(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The datasets that hold the views of the base datasets `names`."""
+        return tuple(f"view_{n}" for n in names)
+
+
+def _stack(parts: list):
+    if hasattr(parts[0], "permute"):
+        import torch
+
+        return torch.stack(parts)
+    import numpy as np
+
+    return np.stack(parts)
+
+
 EMBEDDING_LAYOUT = CacheLayout(name="sam", schema_version=1, stored_maps={"embeddings": EMBEDDING_SHAPE},
                                channels=EMBEDDING_SHAPE[0])
 """SAM's (and every family whose decoder reads only the image embedding): one (256, 64, 64) map."""

@@ -115,8 +115,9 @@ class ServeSession:
         with self._lock:
             if previous is not None:  # the mask before this click, fed back as SamPredictor's mask_input
                 prompts = dataclasses.replace(prompts, masks=self._previous_logits(previous, name, model)[None])
-            embedding = torch.from_numpy(self.cache.embedding(index)).float()[None].to(self.device)
-            (prediction,) = predict_masks(self.decoders[model], embedding, prompts.to(self.device),
+            decoder = self.decoders[model]  # a run that trained the encoder's tail reads the tail tokens
+            features = torch.from_numpy(self.cache.features(index, decoder.reads)).float()[None].to(self.device)
+            (prediction,) = predict_masks(decoder, features, prompts.to(self.device),
                                           [(frame, (height, width))])
             state = self._remember(name, model, prediction.low_res_logits)
         return {"image": name, "model": model, "segmentation": masks.encode(prediction.mask),

@@ -35,6 +35,10 @@ from samcache.models.prompts import (
 )
 from samcache.models.specs import LOW_RES_SIZE
 
+VIEW_DRAW = 1
+"""rng_for's last key of an image's view draw: (seed, epoch, image, 0) draws its objects, so the view
+draw takes its own stream (seed, epoch, image, 0, VIEW_DRAW)."""
+
 
 class EmbeddingStore:
     """All the embeddings a run needs (for SAM 2.1 its packed features), held in memory (RAM, or GPU
@@ -46,19 +50,23 @@ class EmbeddingStore:
       device: where to keep them.
       features: which features of each image (EmbeddingCache.features): "embedding", or
         "tail_tokens" when a run trains the encoder's tail.
+      views: also hold each image's views (the cache's `views`), for training that draws them.
     """
 
     def __init__(self, cache: EmbeddingCache, indices: list[int], device: torch.device | str = "cpu", *,
-                 features: str = "embedding"):
+                 features: str = "embedding", views: bool = False):
         self.row_of = {index: row for row, index in enumerate(indices)}
-        shape = cache.feature_shape(features)
-        self.embeddings = torch.empty((len(indices), *shape), dtype=torch.float16, device=device)
+        shape, self.views = cache.feature_shape(features), len(cache.views) if views else 0
+        self.embeddings = torch.empty((len(indices), 1 + self.views, *shape), dtype=torch.float16, device=device)
         for row, index in enumerate(indices):
-            self.embeddings[row] = torch.from_numpy(cache.features(index, features)).to(device)
+            for view in range(1 + self.views):
+                self.embeddings[row, view] = torch.from_numpy(cache.features(index, features, view)).to(device)
 
-    def gather(self, indices: list[int]) -> torch.Tensor:
+    def gather(self, indices: list[int], views: Optional[list[int]] = None) -> torch.Tensor:
+        """The features of images `indices` (of their views number `views`, 0 the original)."""
         rows = torch.tensor([self.row_of[i] for i in indices], device=self.embeddings.device)
-        return self.embeddings.index_select(0, rows)
+        columns = torch.tensor(views or [0] * len(indices), device=self.embeddings.device)
+        return self.embeddings[rows, columns]
 
 
 def should_hold_in_memory(policy: str, n_images: int, device: torch.device, budget_bytes: Optional[int], *,
@@ -146,6 +154,9 @@ class SampleSettings:
 class CacheSamples(TorchDataset):
     """Item (epoch, image index) -> one image's embedding (unless held in memory), prompts, targets.
 
+    With training prompts from a cache that holds views (`embed --views`), each item is one of the
+    image's original and views, drawn as a function of (seed, epoch, image): the objects, the frame
+    and the features are the view's (data/views.py). Fixed prompts always read the original.
     h5py handles are opened lazily inside each DataLoader worker by `EmbeddingCache`.
     """
 
@@ -166,31 +177,44 @@ class CacheSamples(TorchDataset):
             objects = [objects[i] for i in sorted(chosen)]
         elif s.prompts is None:
             objects = objects[: s.objects_per_image] if s.objects_per_image else objects
+        view = self.view_of(epoch, index)
+        original_size, input_size = info.original_size, info.input_size
+        if view:
+            chosen_view = self.cache.views[view - 1]
+            objects = chosen_view.objects(objects, original_size)
+            original_size, input_size = chosen_view.original_size(original_size), chosen_view.input_size(input_size)
         prompts, schedules = [], []
         for j, obj in enumerate(objects):
             if s.prompts is None:
-                box = evaluation_box(obj.box, info.original_size, jitter=s.eval_box_jitter, seed=s.seed,
+                box = evaluation_box(obj.box, original_size, jitter=s.eval_box_jitter, seed=s.seed,
                                      image_index=index, object_number=j + 1)
-                prompts.append(evaluation_prompt(obj.rle, box, info.original_size, s.eval_prompt,
-                                                 frame=info.input_size))
+                prompts.append(evaluation_prompt(obj.rle, box, original_size, s.eval_prompt, frame=input_size))
             else:
                 rng = rng_for(s.seed, epoch, index, j + 1)
-                prompts.append(training_prompt(obj.rle, obj.box, info.original_size, s.prompts, rng,
-                                               frame=info.input_size))
+                prompts.append(training_prompt(obj.rle, obj.box, original_size, s.prompts, rng, frame=input_size))
                 if s.prompts.mode == "interactive":
                     schedules.append(click_schedule(s.prompts, s.seed, epoch, index, j + 1))
         item = {
             "index": index,
+            "view": view,
             "prompts": prompts,
-            "targets": np.stack([low_res_target(o.rle, info.input_size) for o in objects]) if objects else
+            "targets": np.stack([low_res_target(o.rle, input_size) for o in objects]) if objects else
             np.zeros((0, LOW_RES_SIZE, LOW_RES_SIZE), np.float32),
         }
         if schedules:
             item["schedules"] = np.stack(schedules)
-            item["valid_sizes"] = np.tile(np.array(low_res_size(info.input_size)), (len(objects), 1))
+            item["valid_sizes"] = np.tile(np.array(low_res_size(input_size)), (len(objects), 1))
         if self.read_embeddings:
-            item["embedding"] = torch.from_numpy(self.cache.features(index, self.features))
+            item["embedding"] = torch.from_numpy(self.cache.features(index, self.features, view))
         return item
+
+    def view_of(self, epoch: int, index: int) -> int:
+        """Which of image `index`'s original (0) and views (1..V) epoch `epoch` trains on: uniform, a
+        function of (seed, epoch, image) alone, so a resumed run draws what an uninterrupted one did."""
+        views = self.cache.views
+        if self.settings.prompts is None or not views:
+            return 0
+        return int(rng_for(self.settings.seed, epoch, index, 0, VIEW_DRAW).integers(0, 1 + len(views)))
 
 
 @dataclass
@@ -221,6 +245,7 @@ class Batch:
     prompts: PromptBatch
     targets: torch.Tensor
     schedules: Optional[ClickSchedules] = None
+    views: Optional[list[int]] = None
 
     @property
     def n_prompts(self) -> int:
@@ -239,6 +264,7 @@ def collate(items: list[dict]) -> Optional[Batch]:
         prompts=PromptBatch.from_prompts(prompts, batch_row),
         targets=torch.from_numpy(np.concatenate([item["targets"] for item in items])),
         schedules=_collate_schedules(items),
+        views=[item["view"] for item in items],
     )
 
 

@@ -168,8 +168,9 @@ class Training:
             decoder = TailedDecoder(decoder, tail)
         held = should_hold_in_memory(config.cache_in_memory, len(train_indices) + len(val_indices), device,
                                      config.memory_budget_mb * 2**20 if config.memory_budget_mb else None,
-                                     shape=cache.feature_shape(decoder.reads))
-        store = EmbeddingStore(cache, train_indices + val_indices, device, features=decoder.reads) if held else None
+                                     shape=(1 + len(cache.views), *cache.feature_shape(decoder.reads)))
+        store = (EmbeddingStore(cache, train_indices + val_indices, device, features=decoder.reads, views=True)
+                 if held else None)
         sampler = EpochBatches(train_indices, config.batch_size, config.seed, rank=dist.rank,
                                world_size=dist.world_size)
         return cls(
@@ -214,9 +215,10 @@ class Training:
         """The batch on the device (embeddings filled in); a placeholder for an empty share."""
         if batch is None:
             return _placeholder_step_inputs(self.device, self.config, self.cache.feature_shape(self.decoder.reads))
-        embeddings = self.store.gather(batch.indices) if self.store is not None else batch.embeddings.to(self.device)
+        embeddings = (self.store.gather(batch.indices, batch.views) if self.store is not None
+                      else batch.embeddings.to(self.device))
         return Batch(batch.indices, embeddings, batch.prompts.to(self.device), batch.targets.to(self.device),
-                     None if batch.schedules is None else batch.schedules.to(self.device))
+                     None if batch.schedules is None else batch.schedules.to(self.device), batch.views)
 
 
 def _splits(cache: EmbeddingCache, config: TrainConfig, dist: Distributed) -> tuple[list[int], list[int]]:
