@@ -192,14 +192,13 @@ def _embed(dataset: Dataset, source: str, cache_dir: Path, config: EmbedConfig, 
     precision = resolve_precision(config.precision, device)
     # Only the weights' identity now: the model is built when there is something to encode, and
     # not at all when the encoder was converted to OpenVINO before (encoders.py).
+    if config.tail_blocks:  # refused before looking for weights, which may need a download
+        family_of(config.model_type).check_tail_blocks(config.tail_blocks, config.model_type)
+    if parse_views(config.views):
+        family_of(config.model_type).check_views(config.model_type)
     weights = identify_weights(config.model_type, config.checkpoint, random_init=config.random_init)
     preprocessing = family_of(config.model_type).preprocessing
     backend = resolve_backend(config.backend, device, config.model_type)
-    if config.tail_blocks:
-        family_of(config.model_type).check_tail_blocks(config.tail_blocks, config.model_type)
-    views = parse_views(config.views)
-    if views:
-        family_of(config.model_type).check_views(config.model_type)
     provenance = _provenance(weights, preprocessing, config, precision, backend)
     encoder = None
     if not is_cache(cache_dir) and dataset.images:  # a new cache: weights that do not load leave nothing behind
