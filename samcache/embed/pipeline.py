@@ -194,7 +194,8 @@ def _embed(dataset: Dataset, source: str, cache_dir: Path, config: EmbedConfig, 
     # not at all when the encoder was converted to OpenVINO before (encoders.py).
     if config.tail_blocks:  # refused before looking for weights, which may need a download
         family_of(config.model_type).check_tail_blocks(config.tail_blocks, config.model_type)
-    if parse_views(config.views):
+    views = parse_views(config.views)
+    if views:
         family_of(config.model_type).check_views(config.model_type)
     weights = identify_weights(config.model_type, config.checkpoint, random_init=config.random_init)
     preprocessing = family_of(config.model_type).preprocessing
