@@ -39,9 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from samcache.data.synthetic import CocoSplits, split_at, split_counts
-from samcache.outputs import OutputFolder
-from samcache.progress import progress_bar
+from samcache.data.synthetic import write_synthetic_set
 
 CELLS_KIND = "cells dataset"
 _DESCRIPTION = "samcache synthetic cells"
@@ -96,23 +94,14 @@ def generate_cells(
     removed first: see outputs.py). More than `synthetic.MAX_IMAGES` images is a ConfigError;
     images are written one at a time, and memory does not grow with `n_images`.
     """
-    counts = split_counts(n_images, seed, fractions)
-    out_dir = Path(out_dir)
-    output = OutputFolder(out_dir, CELLS_KIND).claim(overwrite=overwrite)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    coco = CocoSplits(description=_DESCRIPTION, seed=int(seed), categories=CATEGORIES)
-    bar = progress_bar(sum(counts), desc="cells", unit="image", enabled=progress)
-    for index in range(sum(counts)):
+    def render(index: int) -> tuple:
         rendered = render_image(seed, index)
-        name = f"cell_{index:05d}.png"
-        (out_dir / "images" / name).write_bytes(rendered.png)
-        coco.add_image(split_at(index, counts), image_id=index + 1, file_name=name, width=rendered.width,
-                       height=rendered.height, masks=rendered.masks, category_ids=[CELL] * len(rendered.masks))
-        bar.update(1)
-    bar.close()
-    summary = coco.write(out_dir)
-    output.complete()
-    return summary
+        return (f"cell_{index:05d}.png", rendered.png, rendered.height, rendered.width, rendered.masks,
+                [CELL] * len(rendered.masks))
+
+    return write_synthetic_set(out_dir, n_images, seed, kind=CELLS_KIND, description=_DESCRIPTION,
+                               categories=CATEGORIES, unit="image", render=render, fractions=fractions,
+                               progress=progress, overwrite=overwrite)
 
 
 def render_image(seed: int, index: int) -> CellImage:

@@ -24,10 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from samcache.data.synthetic import CocoSplits, split_at, split_counts
+from samcache.data.synthetic import write_synthetic_set
 from samcache.fileio import read_json_mapping
-from samcache.outputs import OutputFolder
-from samcache.progress import progress_bar
 
 STAMPS_KIND = "stamps dataset"
 _DESCRIPTION = "samcache synthetic stamps"
@@ -118,23 +116,13 @@ def generate_stamps(
     removed first: see outputs.py). More than `synthetic.MAX_IMAGES` (1,000,000)
     pages is a ConfigError; pages are written one at a time, and memory does not grow with `n`.
     """
-    counts = split_counts(n, seed, fractions)
-    out_dir = Path(out_dir)
-    output = OutputFolder(out_dir, STAMPS_KIND).claim(overwrite=overwrite, legacy=_written_by_samcache)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    coco = CocoSplits(description=_DESCRIPTION, seed=int(seed), categories=CATEGORIES)
-    bar = progress_bar(sum(counts), desc="stamps", unit="page", enabled=progress)
-    for index in range(sum(counts)):
+    def render(index: int) -> tuple:
         page = render_page(seed, index)
-        name = f"page_{index:05d}.jpg"
-        (out_dir / "images" / name).write_bytes(page.jpeg)
-        coco.add_image(split_at(index, counts), image_id=index + 1, file_name=name, width=page.width,
-                       height=page.height, masks=page.masks, category_ids=page.category_ids)
-        bar.update(1)
-    bar.close()
-    summary = coco.write(out_dir)
-    output.complete()
-    return summary
+        return f"page_{index:05d}.jpg", page.jpeg, page.height, page.width, page.masks, page.category_ids
+
+    return write_synthetic_set(out_dir, n, seed, kind=STAMPS_KIND, description=_DESCRIPTION, categories=CATEGORIES,
+                               unit="page", render=render, fractions=fractions, progress=progress,
+                               overwrite=overwrite, legacy=_written_by_samcache)
 
 
 def _written_by_samcache(folder: Path) -> bool:

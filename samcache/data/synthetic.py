@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -20,6 +21,8 @@ from samcache.config import SPLITS
 from samcache.data.masks import area, bbox_xyxy, encode
 from samcache.data.records import check_fractions
 from samcache.errors import ConfigError, DatasetError
+from samcache.outputs import OutputFolder
+from samcache.progress import progress_bar
 
 # The most images one generated data set may hold: more is a typo, and would fill the disk for hours.
 MAX_IMAGES = 1_000_000
@@ -133,3 +136,31 @@ class _JsonList:
         shutil.copyfileobj(self.file, out)
         self.file.seek(0, 2)  # appending may go on after a write
         out.write("]")
+
+
+Rendered = tuple[str, bytes, int, int, list, list]
+"""What a generator renders for one image: (file name, file bytes, height, width, masks, category ids)."""
+
+
+def write_synthetic_set(out_dir: Path, n: int, seed: int, *, kind: str, description: str, categories, unit: str,
+                        render: Callable[[int], Rendered], fractions: Sequence[float], progress: bool,
+                        overwrite: bool, legacy: Optional[Callable[[Path], bool]] = None) -> dict:
+    """Writes images 0..n-1 of a generator (`render(index)`) to out_dir/images and their COCO splits, one
+    image at a time: the loop of the stamps and cells generators. `kind` and `legacy` are OutputFolder's
+    (only samcache's own earlier output of that kind is replaced, and only with `overwrite`)."""
+    counts = split_counts(n, seed, fractions)
+    out_dir = Path(out_dir)
+    output = OutputFolder(out_dir, kind).claim(overwrite=overwrite, legacy=legacy)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    coco = CocoSplits(description=description, seed=int(seed), categories=categories)
+    bar = progress_bar(sum(counts), desc=kind.split()[0], unit=unit, enabled=progress)
+    for index in range(sum(counts)):
+        name, data, height, width, masks, category_ids = render(index)
+        (out_dir / "images" / name).write_bytes(data)
+        coco.add_image(split_at(index, counts), image_id=index + 1, file_name=name, width=width, height=height,
+                       masks=masks, category_ids=category_ids)
+        bar.update(1)
+    bar.close()
+    summary = coco.write(out_dir)
+    output.complete()
+    return summary
