@@ -37,6 +37,8 @@ loop's, cosine of the flattened 256x64x64 embedding (minimum over images).
     python benchmarks/bench_embed_cpu.py --images 8 --rounds 2 --work /tmp/bench_embed_cpu
     python benchmarks/bench_embed_cpu.py --model vit_t --model vit_b --images 4 --rounds 2
     python benchmarks/bench_embed_cpu.py --model tiny --images 2 --rounds 2   # smoke run
+    python benchmarks/bench_embed_cpu.py --images 6 --rounds 2 --skip "loop bf16" --skip "samcache embed --" \
+        --skip "openvino script"   # samcache against the OpenVINO loop only
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_embed_cpu"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--skip", action="append", default=[], metavar="METHOD",
+                        help="leave out the methods whose name starts with this (e.g. 'loop bf16', "
+                             "'samcache embed --workers'); the fp32 loop, the reference, always runs")
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -123,7 +128,7 @@ def main() -> None:
           f"openvino {peak['openvino']:.3f} TFLOPS", flush=True)
     results = {}
     for model in args.model or ["vit_b"]:
-        results[model] = bench_model(model, rounds, work, args.images, peak)
+        results[model] = bench_model(model, rounds, work, args.images, peak, tuple(args.skip))
     if args.out:
         args.out.write_text(json.dumps({"cpu": cpu_description(), "matmul_peak_tflops": peak, "models": results},
                                        indent=2))
@@ -153,7 +158,7 @@ def shard_bytes_per_image(cache: Path) -> dict:
             "on_disk": sum(p.stat().st_blocks * 512 for p in shards) / images}
 
 
-def bench_model(model: str, rounds: list, work: Path, images: int, peak: dict) -> dict:
+def bench_model(model: str, rounds: list, work: Path, images: int, peak: dict, skip: tuple = ()) -> dict:
     """Times every method on `model` over `rounds` (the first is the warm-up) and prints its table."""
     env = dict(os.environ, SAMCACHE_HOME=str(work / "home"))
     weights = work / f"{model}_random.pth"
@@ -238,6 +243,8 @@ def bench_model(model: str, rounds: list, work: Path, images: int, peak: dict) -
         "samcache embed --backend torch": lambda paths: samcache_embed(paths, ["--backend", "torch"]),
         "openvino script, whole process": openvino_script,
     }
+    methods = {name: fn for name, fn in methods.items()
+               if name == "loop fp32" or not any(name.startswith(prefix) for prefix in skip)}
     for name, fn in methods.items():
         if not name.startswith("samcache"):  # samcache's warm-up was its conversion run above
             fn(rounds[0])

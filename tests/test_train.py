@@ -101,6 +101,50 @@ def test_sharing_the_first_blocks_image_work_changes_neither_outputs_nor_gradien
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["tiny", "micro"])
+def test_mask_logits_on_tokens_equal_the_stock_upscaling_outputs_and_gradients(model_type):
+    """The upscaling as matrix products on channels-last tokens (decoder.mask_logits) against the stock
+    `output_upscaling` modules and the hypernetwork product: the same logits and the same gradients for
+    every upscaling parameter and for the tokens, with a layer norm and biases that are not the identity."""
+    from samcache.models.decoder import mask_logits
+
+    sam = build_seeded(model_type, 0)
+    upscaling = sam.mask_decoder.output_upscaling
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in upscaling.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    c = sam.prompt_encoder.embed_dim
+    src = torch.randn(3, 64 * 64, c, requires_grad=True)
+    hyper_in = torch.randn(3, 4, upscaling[3].out_channels, requires_grad=True)
+    target = torch.randn(3, 4, 256, 256)
+    results = []
+    for fused in (False, True):
+        for p in (*upscaling.parameters(), src, hyper_in):
+            p.grad = None
+        if fused:
+            logits = mask_logits(upscaling, src, hyper_in, 64, 64)
+        else:
+            upscaled = upscaling(src.transpose(1, 2).reshape(3, c, 64, 64))
+            logits = (hyper_in @ upscaled.flatten(2)).reshape(3, 4, 256, 256)
+        (logits * target).mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in (*upscaling.parameters(), src, hyper_in)]))
+    assert results[0][0].shape == (3, 4, 256, 256)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    for fused_grad, stock_grad in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(fused_grad, stock_grad, rtol=1e-3, atol=1e-6)
+
+
+def test_mask_logits_runs_an_upscaling_of_another_shape_as_its_modules():
+    from samcache.models.decoder import mask_logits
+
+    torch.manual_seed(0)
+    upscaling = torch.nn.Sequential(torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(8, 4, 1))
+    src, hyper_in = torch.randn(2, 16, 8), torch.randn(2, 3, 4)
+    expected = (hyper_in @ upscaling(src.transpose(1, 2).reshape(2, 8, 4, 4)).flatten(2)).reshape(2, 3, 16, 16)
+    torch.testing.assert_close(mask_logits(upscaling, src, hyper_in, 4, 4), expected)
+
+
 def test_upscale_matches_sam_postprocess():
     sam = build_tiny(0)
     logits = torch.randn(2, 256, 256)
