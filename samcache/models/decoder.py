@@ -113,7 +113,7 @@ def mask_logits(upscaling: torch.nn.Sequential, src: torch.Tensor, hyper_in: tor
     stock modules (equal within float rounding: tested), without the transposes to channels-first,
     LayerNorm2d's separate mean, variance and scaling passes, or the full 32 x 256 x 256 upscaled
     map in channels-first order: on a CPU, where this stage is bound by memory traffic, a training
-    step runs about 1.4x faster in fp32. A decoder whose upscaling is built otherwise runs its
+    step runs 1.3x-1.4x faster in fp32. A decoder whose upscaling is built otherwise runs its
     modules as they are.
     """
     n, hw, c = src.shape
