@@ -24,7 +24,7 @@ import time
 CONFIGS = ("decoder", "neck_k1", "tail_k1", "encoder_in_loop_k1", "tail_k2", "lora_k2", "encoder_in_loop_k2")
 
 
-def one(config: str, steps: int) -> dict:
+def one(config: str, steps: int, precision: str = "fp32") -> dict:
     import torch
 
     from samcache.models.decoder import compute_loss
@@ -87,7 +87,8 @@ def one(config: str, steps: int) -> dict:
     times = []
     for step in range(steps + 1):
         started = time.perf_counter()
-        output = forward(features, prompts)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            output = forward(features, prompts)
         loss = compute_loss(output, targets, prompts.multimask, "sam").total
         optimizer.zero_grad()
         loss.backward()
@@ -104,24 +105,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: every configuration's forward under bf16 autocast (the encoder in the loop too)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="which configurations, comma-separated")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.steps)))
+        print(json.dumps(one(args.one, args.steps, args.precision)))
         return
-    results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    results: dict[str, list[dict]] = {c: [] for c in args.configs.split(",")}
     for _ in range(args.rounds):
-        for config in CONFIGS:
-            out = subprocess.run([sys.executable, __file__, "--one", config, "--steps", str(args.steps)],
+        for config in results:
+            out = subprocess.run([sys.executable, __file__, "--one", config, "--steps", str(args.steps),
+                                  "--precision", args.precision],
                                  check=True, capture_output=True, text=True).stdout
             results[config].append(json.loads(out.strip().splitlines()[-1]))
-    loops = {k: statistics.median(r["seconds_per_step"] for r in results[f"encoder_in_loop_k{k}"]) for k in (1, 2)}
+    loops = {k: statistics.median(r["seconds_per_step"] for r in results[f"encoder_in_loop_k{k}"]) for k in (1, 2)
+             if f"encoder_in_loop_k{k}" in results}
     print("| trained | s / step | the same blocks with the encoder in the loop: s / step, ratio | "
           "trained parameters | peak RSS MiB |")
     print("|---|---|---|---|---|")
     for config, rows in results.items():
         seconds = statistics.median(r["seconds_per_step"] for r in rows)
         k = int(config[-1]) if config[-1].isdigit() else 0
-        versus = f"{loops[k]:.2f}, {loops[k] / seconds:.1f}x" if k and not config.startswith("encoder") else "-"
+        versus = (f"{loops[k]:.2f}, {loops[k] / seconds:.1f}x" if k in loops and not config.startswith("encoder")
+                  else "-")
         print(f"| {config} | {seconds:.2f} | {versus} | {rows[0]['trained_parameters']:,} | "
               f"{max(r['peak_rss_mib'] for r in rows):.0f} |")
 
