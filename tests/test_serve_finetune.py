@@ -171,8 +171,10 @@ def test_cancel_stops_training_and_leaves_the_run_resumable(stamps_cache_copy, s
 
     with _serving(stamps_cache_copy, stamps_run_copy) as (_, client):
         assert client.post("/api/finetune", json={"epochs": 100}).status_code == 202
-        # Once the first epoch has ended (history: before training, after epoch 1), last.pt holds it.
-        status = _wait(client, ("training",), until=lambda s: len(s["history"]) >= 2)
+        # Once the first epoch has ended (history: before training, after epoch 1) and its checkpoint is
+        # written (the epoch's log line comes just before last.pt), a cancel keeps it.
+        status = _wait(client, ("training",), until=lambda s: len(s["history"]) >= 2
+                       and (stamps_run_copy.parent / s["run"] / "last.pt").exists())
         new_run = stamps_run_copy.parent / status["run"]
         assert _processes_naming(new_run)
         cancelled = client.post("/api/finetune/cancel")
