@@ -118,9 +118,7 @@ def mask_logits(upscaling: torch.nn.Sequential, src: torch.Tensor, hyper_in: tor
     """
     n, hw, c = src.shape
     if not _is_sam_upscaling(upscaling):
-        upscaled = upscaling(src.transpose(1, 2).reshape(n, c, h, w))
-        _, c_up, h_up, w_up = upscaled.shape
-        return (hyper_in @ upscaled.reshape(n, c_up, h_up * w_up)).reshape(n, -1, h_up, w_up)
+        return hypernetwork_logits(hyper_in, upscaling(src.transpose(1, 2).reshape(n, c, h, w)))
     conv1, norm, act1, conv2, act2 = upscaling
     c1, c2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
     # A ConvTranspose2d weight (C_in, C_out, 2, 2) as a (C_in, 4 * C_out) matrix, its columns
@@ -132,6 +130,13 @@ def mask_logits(upscaling: torch.nn.Sequential, src: torch.Tensor, hyper_in: tor
     # Token (i, j), first sub-pixel (a, b), second (a2, b2) -> pixel (4i + 2a + a2, 4j + 2b + b2).
     logits = logits.view(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
     return logits.reshape(n, m, 4 * h, 4 * w)
+
+
+def hypernetwork_logits(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
+    """Each mask token's hypernetwork output (N, M, C_up) dotted with every pixel of the upscaled
+    map (N, C_up, H, W): (N, M, H, W) logits, as `MaskDecoder.predict_masks` makes them."""
+    n, c_up, h_up, w_up = upscaled.shape
+    return (hyper_in @ upscaled.reshape(n, c_up, h_up * w_up)).reshape(n, -1, h_up, w_up)
 
 
 def _is_sam_upscaling(upscaling: torch.nn.Module) -> bool:

@@ -28,6 +28,7 @@ from samcache.models.decoder import (
     compute_loss,
     empty_outputs,
     encode_prompt_group,
+    hypernetwork_logits,
     mask_iou,
     prompt_groups,
     transformer_sharing_images,
@@ -137,9 +138,8 @@ def predict_masks_hq(mask_decoder: MaskDecoderHQ, embeddings: torch.Tensor, hq_f
     hyper_sam = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)],
                             dim=1)
     hyper_hq = d.hf_mlp(mask_tokens_out[:, MASK_OUTPUTS, :]).unsqueeze(1)
-    _, c_up, h_up, w_up = upscaled_sam.shape
-    logits_sam = (hyper_sam @ upscaled_sam.reshape(n, c_up, h_up * w_up)).reshape(n, -1, h_up, w_up)
-    logits_hq = (hyper_hq @ upscaled_hq.reshape(n, c_up, h_up * w_up)).reshape(n, 1, h_up, w_up)
+    logits_sam = hypernetwork_logits(hyper_sam, upscaled_sam)
+    logits_hq = hypernetwork_logits(hyper_hq, upscaled_hq)
     return logits_sam, d.iou_prediction_head(iou_token_out), logits_hq
 
 
