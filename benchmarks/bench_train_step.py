@@ -10,8 +10,9 @@ interleaved in ABBA order over `--rounds` rounds, each round one pass over the t
                     repeats the image for each prompt), one Adam step per image
   (each also under bf16 autocast where the CPU has bf16 instructions)
   samcache          `Training` with `samcache train`'s default options (batch 4 images x up to 8
-                    objects, jittered boxes, the SAM loss incl. the IoU head, AdamW, grad clip),
-                    one epoch without validation, through its DataLoader and HDF5 reads
+                    objects, jittered boxes, the SAM loss incl. the IoU head, AdamW, grad clip,
+                    bf16 autocast where the CPU has bf16 instructions), one epoch without
+                    validation, through its DataLoader and HDF5 reads; also with --precision fp32
 
 Targets for the stock loops are prepared once (not timed); samcache's time includes reading
 embeddings and building prompts and targets every step. prompts/s = prompts / seconds.
@@ -105,17 +106,22 @@ def main() -> None:
     sam.image_encoder = None
     optimizer = torch.optim.Adam(sam.mask_decoder.parameters(), lr=1e-5)
 
-    config = TrainConfig(val_split="train", workers=0, epochs=args.rounds * 2 + 1, save_every=None)
-    run = RunFolder(work / "run")
-    training = Training.setup(cache, run, config, _splits(cache, config, SINGLE), resume=False, dist=SINGLE)
-    writer = RunWriter(run, enabled=False)
-    state = TrainState(history=[0.0])
-    epoch = [0]
+    def samcache_method(precision: str):
+        config = TrainConfig(val_split="train", workers=0, epochs=args.rounds * 2 + 1, save_every=None,
+                             precision=precision)
+        run = RunFolder(work / f"run_{precision}")
+        training = Training.setup(cache, run, config, _splits(cache, config, SINGLE), resume=False, dist=SINGLE)
+        writer = RunWriter(run, enabled=False)
+        state = TrainState(history=[0.0])
+        epoch = [0]
 
-    def samcache_epoch() -> int:
-        prompts = train_epoch(training, state, writer, epoch[0], progress=False)
-        epoch[0] += 1
-        return prompts
+        def samcache_epoch() -> int:
+            prompts = train_epoch(training, state, writer, epoch[0], progress=False)
+            epoch[0] += 1
+            return prompts
+        return training.precision, samcache_epoch
+
+    default_precision, samcache_default = samcache_method("auto")
 
     methods = {
         "stock, one box, fp32": lambda: stock_epoch(sam, optimizer, items, all_boxes=False, bf16=False),
@@ -123,7 +129,8 @@ def main() -> None:
         **({"stock, one box, bf16": lambda: stock_epoch(sam, optimizer, items, all_boxes=False, bf16=True),
             "stock, all boxes, bf16": lambda: stock_epoch(sam, optimizer, items, all_boxes=True, bf16=True)}
            if bf16 else {}),
-        "samcache train (defaults)": samcache_epoch,
+        f"samcache train (defaults: {default_precision})": samcache_default,
+        **({"samcache train --precision fp32": samcache_method("fp32")[1]} if default_precision != "fp32" else {}),
     }
     for fn in methods.values():
         fn()  # warm-up

@@ -60,6 +60,8 @@ PROMPT_MODES = ("box", "point", "mixed", "box+points", "interactive")
 MASK_PROMPT_GRADIENTS = ("detach", "backprop")
 EVAL_PROMPTS = ("box", "point")
 LOSSES = ("sam", "dice-bce", "mse-threshold")
+DECODER_OUTPUTS = ("all", "used")
+"""Which mask outputs a decoder makes (models/decoder.py PromptDecoder.forward)."""
 TRAINABLE = ("mask_decoder", "prompt_encoder", "hq_head", "tail", "neck")
 TAIL_PARTS = ("tail", "neck")
 """The --train parts of the image encoder, trained from a cache's tail tokens (models/encoder_tail.py)."""
@@ -299,7 +301,11 @@ class TrainConfig(_Options):
     seed: Annotated[Int, Field(ge=0, le=MAX_SEED)] = 0
     """Seeds shuffling, object choice and prompt sampling."""
     device: Literal[DEVICES] = "auto"
-    """auto (CUDA when available), cpu or cuda. On CUDA, bf16 autocast."""
+    """auto (CUDA when available), cpu or cuda."""
+    precision: Literal[PRECISIONS] = "auto"
+    """The decoder's arithmetic in training steps. auto: bf16 autocast on CUDA and on CPUs with native bf16
+    (AVX512-BF16, AMX: about 2x the fp32 step, the loss within rounding of fp32's; BENCHMARKS.md), else fp32.
+    Validation decodes as `samcache eval` does (fp32 on the CPU), so that its mIoU is eval's."""
     workers: Annotated[Int, Field(ge=0, le=MAX_WORKERS)] = 2
     """DataLoader worker processes reading the cache and building targets."""
     cache_in_memory: Annotated[Literal[MEMORY_POLICIES], BeforeValidator(_memory_policy)] = "auto"
@@ -579,8 +585,8 @@ FLAGS: dict[type, dict[str, str]] = {
         "loss": "--loss", "trainable": "--train", "tail_lr": "--tail-lr", "lora_rank": "--lora-rank",
         "val_split": "--val-split", "val_prompt": "--val-prompt",
         "val_clicks": "--val-clicks", "val_max_images": "--val-max-images", "seed": "--seed", "device": "--device",
-        "workers": "--workers", "cache_in_memory": "--cache-in-memory", "save_every": "--save-every",
-        "checkpoint": "--checkpoint",
+        "precision": "--precision", "workers": "--workers", "cache_in_memory": "--cache-in-memory",
+        "save_every": "--save-every", "checkpoint": "--checkpoint",
     },
     EvalConfig: {
         "split": "--split", "prompt": "--prompt", "clicks": "--clicks", "box_jitter": "--box-jitter", "seed": "--seed",

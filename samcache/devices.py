@@ -1,9 +1,9 @@
 """Where tensors run and in which precision: the device, autocast and memory helpers of every stage.
 
-Stage one (embed) runs the encoder in bf16 autocast on CUDA and on CPUs with native bf16;
-stage two (train, eval) runs the decoder in bf16 autocast on CUDA and in fp32 on the CPU
-(the default BENCHMARKS.md's training figures were taken with); predict stays fp32 so that its
-masks are SamPredictor's.
+Embedding and training run in bf16 autocast on CUDA and on CPUs with native bf16 (their
+`--precision auto`, `resolve_precision`); `samcache eval` and training's validation decode in
+bf16 on CUDA and in fp32 on the CPU (`decoder_precision`), so that a CPU's figures do not depend on
+which CPU; predict stays fp32 so that its masks are SamPredictor's.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The encoder's precision: "auto" is bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    """The encoder's (embed) or the decoder's (train) precision: "auto" is bf16 on CUDA and on CPUs with
+    native bf16, else fp32."""
     if precision not in PRECISIONS:
         raise SamcacheError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -40,7 +41,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def decoder_precision(device: torch.device) -> str:
-    """The decoder's precision in training and evaluation: bf16 on CUDA, fp32 on the CPU."""
+    """The decoder's precision in evaluation and validation: bf16 on CUDA, fp32 on the CPU."""
     return "bf16" if device.type == "cuda" else "fp32"
 
 

@@ -23,6 +23,7 @@ from samcache.data.stamps import generate_stamps
 from samcache.embed.pipeline import embed_dataset
 from samcache.errors import ConfigError, RunError, TrainingError
 from samcache.models.decoder import compute_loss, decode, mask_iou, upscale_logits
+from samcache.models.families import family_of
 from samcache.models.prompts import (
     PromptBatch,
     evaluation_prompt,
@@ -143,6 +144,45 @@ def test_mask_logits_runs_an_upscaling_of_another_shape_as_its_modules():
     src, hyper_in = torch.randn(2, 16, 8), torch.randn(2, 3, 4)
     expected = (hyper_in @ upscaling(src.transpose(1, 2).reshape(2, 8, 4, 4)).flatten(2)).reshape(2, 3, 16, 16)
     torch.testing.assert_close(mask_logits(upscaling, src, hyper_in, 4, 4), expected)
+
+
+def test_decoding_only_the_used_output_gives_its_logits_loss_and_gradients():
+    """outputs="used" on prompts that all take output 0 (boxes, box + points) makes that output alone:
+    the same logits, loss and gradients as all four, and no gradient at all for the multimask outputs'
+    hypernetworks (so AdamW leaves them as they are); a single point in the batch brings all four back."""
+    sam = build_tiny(0)
+    torch.manual_seed(3)
+    embeddings, targets = torch.randn(2, 256, 64, 64), (torch.rand(3, 256, 256) > 0.6).float()
+    corner = torch.rand(3, 2) * 500
+    box_prompts = dict(batch_row=torch.tensor([0, 1, 1]), boxes=torch.cat([corner, corner + 300], 1),
+                       points=torch.rand(3, 1, 2) * 1000, labels=torch.tensor([[-1], [-1], [1]]),
+                       is_box=torch.ones(3, dtype=torch.bool))
+    module = family_of("tiny").decoder(sam, "tiny")
+    results = {}
+    for outputs in ("all", "used"):
+        sam.zero_grad(set_to_none=True)
+        prompts = PromptBatch(**box_prompts)
+        output = module(embeddings, prompts, outputs=outputs)
+        loss = compute_loss(output, targets, prompts.multimask, "sam").total
+        loss.backward()
+        results[outputs] = (output, loss.detach(), {n: p.grad for n, p in sam.mask_decoder.named_parameters()})
+    assert results["all"][0].logits.shape == (3, 4, 256, 256) and results["used"][0].logits.shape == (3, 1, 256, 256)
+    torch.testing.assert_close(results["used"][0].logits, results["all"][0].logits[:, :1])
+    torch.testing.assert_close(results["used"][0].iou_pred, results["all"][0].iou_pred)
+    torch.testing.assert_close(results["used"][1], results["all"][1])
+    unused = [n for n in results["all"][2] if n.startswith(("output_hypernetworks_mlps.1.", "output_hypernetworks_mlps.2.",
+                                                              "output_hypernetworks_mlps.3."))]
+    assert unused and all(results["used"][2][n] is None for n in unused)
+    assert all(float(results["all"][2][n].abs().max()) == 0 for n in unused)  # all four: zeros, which AdamW decays
+    for name, grad in results["all"][2].items():
+        if name not in unused:
+            torch.testing.assert_close(results["used"][2][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+    with_a_point = PromptBatch(**{**box_prompts, "is_box": torch.tensor([True, True, False])})
+    assert bool(with_a_point.multimask.any())
+    assert module(embeddings, with_a_point, outputs="used").logits.shape == (3, 4, 256, 256)
+    with pytest.raises(ValueError, match="unknown outputs"):
+        module(embeddings, with_a_point, outputs="some")
 
 
 def test_upscale_matches_sam_postprocess():
@@ -408,6 +448,54 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(stamps_cache, tmp_pa
     assert [r["global_step"] for r in steps if r["type"] == "step"] == list(range(1, got.state.global_step + 1))
 
 
+def test_bf16_training_follows_the_fp32_loss_trajectory(tiny_cache, tmp_path):
+    """--precision bf16 (the default on CPUs with native bf16) against fp32 on the same short run of the
+    demo's recipe (tiny, SAM's loss, lr 1e-3): the first step's loss within bf16's rounding (1%), every
+    step within 10% as the two trajectories part, validation mIoU within 0.01 after each epoch. The
+    demo's full run: BENCHMARKS.md (bench_train_precision.py)."""
+    losses, histories = {}, {}
+    for precision in ("fp32", "bf16"):
+        result = train(tiny_cache, tmp_path / precision, TrainConfig(**{
+            **QUICK, "epochs": 2, "objects_per_image": 4, "lr": 1e-3, "loss": "sam", "precision": precision}),
+            progress=False)
+        records = [json.loads(line) for line in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+        losses[precision] = np.array([r["loss"] for r in records if r["type"] == "step"])
+        histories[precision] = np.array(result.history)
+    assert len(losses["fp32"]) >= 6
+    relative = np.abs(losses["bf16"] - losses["fp32"]) / losses["fp32"]
+    assert relative[0] < 0.01 and relative.max() < 0.10, relative
+    assert relative.max() > 0  # bf16 really ran: its rounding shows
+    # Validation decodes in fp32 whatever the training precision: the same start.
+    assert histories["bf16"][0] == histories["fp32"][0]
+    np.testing.assert_allclose(histories["bf16"], histories["fp32"], atol=0.01)
+
+
+def test_a_stop_between_the_epoch_checkpoint_and_its_log_line_resumes_with_the_line(stamps_cache, tmp_path):
+    """An epoch's last.pt is written before its metrics.jsonl record (so a reader of the record finds the
+    checkpoint); killed between the two, --resume writes the record the checkpoint carries, and the log
+    ends as the uninterrupted run's."""
+    args = ["--epochs", "2", "--batch-size", "2", "--objects-per-image", "2", "--workers", "0"]
+    reference = train_process(stamps_cache, tmp_path / "reference", args)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = train_process(stamps_cache, tmp_path / "killed", args, crash_at="epoch-checkpointed:1")
+    assert killed.returncode == -signal.SIGKILL
+
+    def records(run: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert RunCheckpoint.read(tmp_path / "killed" / "last.pt").state.epoch == 1
+    assert [r["epoch"] for r in records("killed") if r["type"] == "epoch"] == [0]  # epoch 1's line not yet written
+    resumed = train_process(stamps_cache, tmp_path / "killed", ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_last_checkpoint(tmp_path / "reference", tmp_path / "killed")
+
+    def comparable(run: str) -> list[tuple]:
+        return [(r["type"], r["epoch"], r["global_step"], r.get("val_miou"), r.get("loss")) for r in records(run)]
+
+    assert comparable("killed") == comparable("reference")
+    assert [r["epoch"] for r in records("killed") if r["type"] == "epoch"] == [0, 1, 2]
+
+
 @pytest.mark.slow
 def test_it_learns_on_a_small_stamps_cache(tmp_path):
     """The mechanics, from a decoder that knows nothing: the tiny model's random weights (--random-init),
@@ -422,7 +510,7 @@ def test_it_learns_on_a_small_stamps_cache(tmp_path):
                   EmbedConfig(workers=0, progress=False, precision="fp32", random_init=True, backend="torch"))
     # 15 epochs of 3 steps: learning from random weights starts slowly (0.06 after 5 epochs here).
     config = TrainConfig(epochs=15, batch_size=2, objects_per_image=4, lr=1e-3, loss="dice-bce", workers=0,
-                         warmup_steps=5, save_every=None, val_split="train")
+                         warmup_steps=5, save_every=None, val_split="train", precision="fp32")
     result = train(tmp_path / "cache", tmp_path / "run", config, progress=False)
     assert result.val_miou_start < 0.1
     # Seen here (opencv 5.1): 0.032 before, 0.06 after 5 epochs, 0.27 after 15.

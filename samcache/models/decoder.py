@@ -39,14 +39,15 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder
 from segment_anything.modeling.common import LayerNorm2d
 from torchvision.ops import sigmoid_focal_loss
 
-from samcache.config import LOSSES
+from samcache.config import DECODER_OUTPUTS, LOSSES
 from samcache.models.prompts import PromptBatch
 from samcache.models.specs import IMAGE_SIZE, LOW_RES_SIZE, MASK_OUTPUTS
 
 
 @dataclass
 class DecoderOutput:
-    """Low-res logits (N, 4, 256, 256) and predicted IoUs (N, 4) of all four mask tokens; SAM 2.1's
+    """Low-res logits (N, 4, 256, 256) (or (N, 1, 256, 256): output 0 alone, PromptDecoder.forward's
+    outputs="used") and predicted IoUs (N, 4) of all four mask tokens; SAM 2.1's
     decoder also scores whether the object is there at all (N, 1) logits, else None; SAM-HQ's also
     returns its HQ token's mask alone (N, 1, 256, 256) logits (sam_hq.py), else None."""
 
@@ -65,6 +66,7 @@ def predict_masks_batched(
     dense: torch.Tensor,
     *,
     shared_dense: bool = False,
+    first_output_only: bool = False,
 ) -> DecoderOutput:
     """`MaskDecoder.predict_masks` with prompt n attending to image `batch_row[n]`.
 
@@ -75,6 +77,7 @@ def predict_masks_batched(
       sparse, dense: the prompt encoder's outputs for the N prompts.
       shared_dense: every prompt's dense embedding is the same (no mask prompts), which lets
         the first block's image-side work be done once per image.
+      first_output_only: make only output 0's logits, (N, 1, 256, 256) (the predicted IoUs stay four).
     """
     d = mask_decoder
     n = sparse.shape[0]
@@ -90,9 +93,8 @@ def predict_masks_batched(
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1 : 1 + d.num_mask_tokens, :]
 
-    hyper_in = torch.stack(
-        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1
-    )
+    mlps = d.output_hypernetworks_mlps[:1] if first_output_only else d.output_hypernetworks_mlps
+    hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(mlps)], dim=1)
     return DecoderOutput(mask_logits(d.output_upscaling, src, hyper_in, h, w), d.iou_prediction_head(iou_token_out))
 
 
@@ -156,21 +158,25 @@ def decode(
     mask_decoder: MaskDecoder,
     image_embeddings: torch.Tensor,
     prompts: PromptBatch,
+    *,
+    outputs: str = "all",
 ) -> DecoderOutput:
-    """Encodes the prompts and decodes all four masks for each of them, with SAM's modules.
+    """Encodes the prompts and decodes their masks with SAM's modules: all four for each prompt, or
+    with `outputs="used"` only output 0 when no prompt is a single point (PromptDecoder.forward).
 
     Prompts with different numbers of sparse tokens (with or without a box; how many points)
     are decoded in separate batched calls, each with exactly its real points, as SamPredictor
     is called; the results come back in the prompts' order.
     """
-    logits, iou_pred = empty_outputs(image_embeddings, len(prompts))
+    first_only = first_output_only(outputs, prompts)
+    logits, iou_pred = empty_outputs(image_embeddings, len(prompts), masks=1 if first_only else MASK_OUTPUTS)
     image_pe = prompt_encoder.get_dense_pe()
     for select, has_box, k in prompt_groups(prompts):
         sparse, dense = encode_prompt_group(prompt_encoder, prompts, select, has_box=has_box, n_points=k)
         out = predict_masks_batched(
             mask_decoder, image_embeddings, prompts.batch_row[select], image_pe, sparse, dense,
             # without mask prompts every prompt's dense embedding is the prompt encoder's no-mask one
-            shared_dense=prompts.masks is None,
+            shared_dense=prompts.masks is None, first_output_only=first_only,
         )
         logits = logits.index_copy(0, select, out.logits.to(logits.dtype))
         iou_pred = iou_pred.index_copy(0, select, out.iou_pred.to(iou_pred.dtype))
@@ -209,8 +215,16 @@ def without_absent_masks(prompt_encoder, prompts: PromptBatch, select: torch.Ten
     return torch.where(prompts.has_mask[select].view(-1, 1, 1, 1), dense, no_mask)
 
 
-def empty_outputs(like: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return (like.new_empty((n, MASK_OUTPUTS, LOW_RES_SIZE, LOW_RES_SIZE)), like.new_empty((n, MASK_OUTPUTS)))
+def empty_outputs(like: torch.Tensor, n: int, *, masks: int = MASK_OUTPUTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (n, masks, 256, 256) and predicted IoUs (n, 4) to fill."""
+    return (like.new_empty((n, masks, LOW_RES_SIZE, LOW_RES_SIZE)), like.new_empty((n, MASK_OUTPUTS)))
+
+
+def first_output_only(outputs: str, prompts: PromptBatch) -> bool:
+    """Whether a decoder asked for `outputs` ("all" or "used") may make output 0's logits alone."""
+    if outputs not in DECODER_OUTPUTS:
+        raise ValueError(f"unknown outputs {outputs!r}; choose one of {', '.join(DECODER_OUTPUTS)}")
+    return outputs == "used" and not bool(prompts.multimask.any())
 
 
 def transformer_sharing_images(transformer, image_src: torch.Tensor, batch_row: torch.Tensor,
@@ -382,7 +396,12 @@ class PromptDecoder(torch.nn.Module):
         self.prompt_encoder, self.mask_decoder = prompt_encoder, mask_decoder
         self.family, self.model_type = family, model_type
 
-    def forward(self, features: torch.Tensor, prompts: PromptBatch) -> DecoderOutput:
+    def forward(self, features: torch.Tensor, prompts: PromptBatch, *, outputs: str = "all") -> DecoderOutput:
+        """Decodes `prompts` on `features`. `outputs`: "all" makes all four mask outputs (what
+        SamPredictor can return); "used" may leave out the outputs no loss or choice reads (the
+        multimask ones when no prompt is a single point; training's setting: their logits and
+        gradients are a quarter or more of the step's memory traffic, and their hypernetworks then
+        stay as they are rather than drift under weight decay)."""
         raise NotImplementedError
 
     def upscale(self, logits: torch.Tensor, input_size: tuple[int, int],
@@ -398,8 +417,8 @@ class PromptDecoder(torch.nn.Module):
 class SamPromptDecoder(PromptDecoder):
     """SAM's (and the tiny's): `decode`, `Sam.postprocess_masks`, `compute_loss`."""
 
-    def forward(self, features: torch.Tensor, prompts: PromptBatch) -> DecoderOutput:
-        return decode(self.prompt_encoder, self.mask_decoder, features, prompts)
+    def forward(self, features: torch.Tensor, prompts: PromptBatch, *, outputs: str = "all") -> DecoderOutput:
+        return decode(self.prompt_encoder, self.mask_decoder, features, prompts, outputs=outputs)
 
     def upscale(self, logits, input_size, original_size):
         return upscale_logits(logits, input_size, original_size)

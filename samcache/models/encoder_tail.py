@@ -274,8 +274,8 @@ class TailedDecoder(PromptDecoder):
                          model_type=decoder.model_type)
         self.decoder, self.tail = decoder, tail
 
-    def forward(self, features: torch.Tensor, prompts: PromptBatch) -> DecoderOutput:
-        return self.decoder(self.tail(features), prompts)
+    def forward(self, features: torch.Tensor, prompts: PromptBatch, *, outputs: str = "all") -> DecoderOutput:
+        return self.decoder(self.tail(features), prompts, outputs=outputs)
 
     def upscale(self, logits, input_size, original_size):
         return self.decoder.upscale(logits, input_size, original_size)

@@ -236,10 +236,6 @@ class ModelFamily:
         """The modules `--train PART` trains (`check_trainable` has accepted PART)."""
         return [getattr(sam, part)]
 
-    def unused_parameters(self, loss_kind: str) -> bool:
-        """True when a loss leaves some decoder parameter without a gradient (DDP must be told)."""
-        return False
-
     # -------------------------------------------------------------------------------- export
     def checkpoint_payload(self, state_dict: dict) -> dict:
         """What a `.pth` export holds, as the family's official checkpoints do."""
@@ -444,9 +440,6 @@ class SamHqFamily(ModelFamily):
             return hq_modules(sam.mask_decoder)
         return [getattr(sam, part)]
 
-    def unused_parameters(self, loss_kind: str) -> bool:
-        return True  # SAM-HQ's loss scores the HQ token's mask only: SAM's own heads get no gradient
-
     def load_with(self, model_type: str, fmt: str) -> str:
         registry_key = model_type.removeprefix("hq_")
         # Its TinyViT copies its attention biases at .eval(), which the registry calls before loading.
@@ -538,9 +531,6 @@ class Sam2Family(ModelFamily):
     def frozen_by_cache(self, sam: "torch.nn.Module") -> list["torch.nn.Module"]:
         # The encoder side applies the mask decoder's conv_s0 / conv_s1; the cache stores their outputs.
         return [sam.mask_decoder.conv_s0, sam.mask_decoder.conv_s1]
-
-    def unused_parameters(self, loss_kind: str) -> bool:
-        return loss_kind != "sam"  # only SAM 2's loss reaches the object score head
 
     def checkpoint_payload(self, state_dict: dict) -> dict:
         return {"model": state_dict}  # as Meta's sam2.1_hiera_*.pt

@@ -40,7 +40,8 @@ from samcache.models.specs import LOW_RES_SIZE, MASK_OUTPUTS
 class Sam2PromptDecoder(PromptDecoder):
     """SAM 2.1's `sam_prompt_encoder` and `sam_mask_decoder`, fed the packed features (B, 1024, 64, 64)."""
 
-    def forward(self, features: torch.Tensor, prompts: PromptBatch) -> DecoderOutput:
+    def forward(self, features: torch.Tensor, prompts: PromptBatch, *, outputs: str = "all") -> DecoderOutput:
+        # Always all four outputs: sam2's MaskDecoder makes them in one call, however many are read.
         n = len(prompts)
         logits = features.new_empty((n, MASK_OUTPUTS, LOW_RES_SIZE, LOW_RES_SIZE))
         iou_pred = features.new_empty((n, MASK_OUTPUTS))

@@ -150,7 +150,8 @@ class SamHqPromptDecoder(PromptDecoder):
     the best of 1-3 (a single point) gives SAM-HQ's predictor's mask (`hq_token_only=False`, its
     default); `DecoderOutput.hq_logits` holds the HQ token's mask alone, what its loss trains."""
 
-    def forward(self, features: torch.Tensor, prompts: PromptBatch) -> DecoderOutput:
+    def forward(self, features: torch.Tensor, prompts: PromptBatch, *, outputs: str = "all") -> DecoderOutput:
+        # Always all four outputs: the HQ mask is added to each of SAM's, and its loss reads the HQ mask.
         d, pe = self.mask_decoder, self.prompt_encoder
         embeddings, early = features[:, :PROMPT_EMBED_DIM], features[:, PROMPT_EMBED_DIM:]
         hq_features = d.embedding_encoder(embeddings) + d.compress_vit_feat(early)  # once per image

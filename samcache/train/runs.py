@@ -80,6 +80,8 @@ class TrainState:
       global_step: optimizer steps so far (the learning rate is a function of it).
       best_miou, best_epoch: the best validation mIoU so far and its epoch (-1 before any).
       history: validation mIoU before training (first) and after each epoch.
+      epoch_log: at an epoch boundary, that epoch's metrics.jsonl record: the checkpoint is written
+        before the record, and --resume writes the record when a stop came between the two.
     """
 
     epoch: int = 0
@@ -88,6 +90,7 @@ class TrainState:
     best_miou: float = -1.0
     best_epoch: int = -1
     history: list[float] = field(default_factory=list)
+    epoch_log: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -472,17 +475,21 @@ class RunWriter:
 
     def truncate_metrics(self, state: TrainState) -> None:
         """Drops log lines written after the checkpoint a resumed run starts from (and, in
-        TensorBoard, the events from that step on)."""
+        TensorBoard, the events from that step on); writes the checkpoint's epoch record when the
+        run stopped after the checkpoint but before its record."""
         self._purge_step = state.global_step + 1
-        if not self.enabled or not self.metrics.exists():
+        if not self.enabled:
             return
-        kept = []
-        for line in self.metrics.read_text().splitlines():
+        kept, epochs = [], set()
+        for line in self.metrics.read_text().splitlines() if self.metrics.exists() else []:
             record = json.loads(line)
             if record["global_step"] < state.global_step or (record["global_step"] == state.global_step and (
                     record["type"] == "step" or record["epoch"] <= state.epoch)):
                 kept.append(line)
+                epochs.update([record["epoch"]] if record["type"] == "epoch" else [])
         atomic_write_bytes(self.metrics, ("\n".join(kept) + "\n").encode() if kept else b"")
+        if state.epoch_log and state.batch == 0 and state.epoch not in epochs:
+            self.log(state.epoch_log)
 
     def save_checkpoint(self, which: str, checkpoint: RunCheckpoint) -> None:
         if self.enabled:
@@ -529,6 +536,8 @@ def upgrade_saved_config(values: dict) -> dict:
     prompt keys (checkpoints of version 1) nested, options added since set to what those runs did."""
     if "val_max_images" not in values:  # runs before the option validated on every image
         values = {**values, "val_max_images": None}
+    if "precision" not in values:  # runs before the option trained in fp32 on the CPU, bf16 on CUDA
+        values = {**values, "precision": "bf16" if values.get("device") == "cuda" else "fp32"}
     if "prompts" in values or not set(values) & set(_FLAT_PROMPT_KEYS):
         return values
     values = dict(values)

@@ -116,7 +116,7 @@ def interactive_step(module: torch.nn.Module, embeddings: torch.Tensor, first: P
         prompts = simulation.prompts()
         with _locally_unless(module, number == simulation.passes - 1):
             with autocast(embeddings.device, precision):
-                output = module(embeddings, prompts)
+                output = module(embeddings, prompts, outputs="used")
             pass_loss = loss(output, targets, prompts.multimask)
             if detach:
                 (pass_loss.total * weight).backward()

@@ -32,7 +32,7 @@ from samcache.cache.reader import EmbeddingCache
 from samcache.config import DECODER_MODULES, RESUME_MAY_CHANGE, TAIL_PARTS, TrainConfig, resume_changes
 from samcache.data import masks
 from samcache.data.metrics import iou
-from samcache.devices import autocast, decoder_precision, resolve_device
+from samcache.devices import autocast, decoder_precision, resolve_device, resolve_precision
 from samcache.distributed import SINGLE, Distributed
 from samcache.errors import OutputError, RunError, TrainingError
 from samcache.faults import crash_point
@@ -124,6 +124,9 @@ class Training:
     samples: CacheSamples
     sampler: EpochBatches
     steps_per_epoch: int
+    precision: str
+    """The decoder's arithmetic in training steps: "fp32" or "bf16" (autocast). Validation decodes as
+    `samcache eval` does (devices.decoder_precision), so that its mIoU is eval's."""
     tail: Optional[EncoderTail] = None
 
     @classmethod
@@ -175,13 +178,14 @@ class Training:
                                world_size=dist.world_size)
         return cls(
             config=config, cache=cache, run=run, dist=dist, device=device, base=base,
-            decoder=decoder, module=_wrap_for_distributed(decoder, config, device, dist), parameters=parameters,
+            decoder=decoder, module=_wrap_for_distributed(decoder, device, dist), parameters=parameters,
             optimizer=torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay),
             train_indices=train_indices, val_indices=val_indices, store=store,
             samples=CacheSamples(cache, SampleSettings.training(objects_per_image=config.objects_per_image,
                                                                  prompts=config.prompts, seed=config.seed),
                                  read_embeddings=store is None, features=decoder.reads),
-            sampler=sampler, steps_per_epoch=len(sampler.global_batches()), tail=tail,
+            sampler=sampler, steps_per_epoch=len(sampler.global_batches()),
+            precision=resolve_precision(config.precision, device), tail=tail,
         )
 
     @property
@@ -196,7 +200,7 @@ class Training:
     def step(self, batch: Batch) -> StepStats:
         """One optimizer step on a batch from `step_inputs` (a placeholder batch has no indices
         and weighs nothing)."""
-        config, precision = self.config, decoder_precision(self.device)
+        config, precision = self.config, self.precision
         n_local = batch.n_prompts if batch.indices else 0
         embeddings = batch.embeddings.float()
         common = dict(loss=partial(self.decoder.loss, kind=config.loss), optimizer=self.optimizer,
@@ -205,7 +209,7 @@ class Training:
             return interactive_step(self.module, embeddings, batch.prompts, batch.targets, batch.schedules,
                                     settings=config.prompts, precision=precision, **common)
         with autocast(self.device, precision):
-            output = self.module(embeddings, batch.prompts)
+            output = self.module(embeddings, batch.prompts, outputs="used")
         return optimize_step(output, batch.targets, batch.prompts.multimask, **common)
 
     def checkpoint(self, state: TrainState) -> RunCheckpoint:
@@ -241,17 +245,18 @@ def _splits(cache: EmbeddingCache, config: TrainConfig, dist: Distributed) -> tu
     return train_indices, val_indices
 
 
-def _wrap_for_distributed(module: PromptDecoder, config: TrainConfig, device: torch.device,
-                          dist: Distributed) -> torch.nn.Module:
+def _wrap_for_distributed(module: PromptDecoder, device: torch.device, dist: Distributed) -> torch.nn.Module:
     if not dist.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    # Parameters no loss reaches: the prompt encoder's unused point embeddings, and what the family
-    # says a loss leaves out (SAM 2.1's object score head under a loss without its term).
-    unused = "prompt_encoder" in (config.trainable or ()) or module.family.unused_parameters(config.loss)
+    # Parameters a step may not reach: the multimask outputs' hypernetworks when no prompt of a rank's
+    # share is a single point (steps decode only the outputs they use), the prompt encoder's unused
+    # point embeddings, SAM's own heads under SAM-HQ's loss (it scores the HQ mask alone), SAM 2.1's
+    # object score head under a loss without its term. DDP then finds them each step; one unused on
+    # every rank keeps no gradient, as in a single process.
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=unused)
+                                   find_unused_parameters=True)
 
 
 def _placeholder_step_inputs(device: torch.device, config: TrainConfig, shape: tuple[int, ...]) -> Batch:
@@ -400,13 +405,17 @@ def end_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, pro
     improved = miou > state.best_miou
     if improved:
         state.best_miou, state.best_epoch = miou, epoch + 1
-    writer.log({"type": "epoch", "epoch": epoch + 1, "global_step": state.global_step, "val_miou": miou,
-                **_clicks_field(click_miou), "samples_per_s": prompts / max(time.time() - started, 1e-9)})
+    # The checkpoint first, then the record: whoever reads "epoch N ended" in metrics.jsonl (the
+    # serve app's progress, a cancel) finds epoch N's last.pt on disk.
+    state.epoch_log = {"type": "epoch", "epoch": epoch + 1, "global_step": state.global_step, "val_miou": miou,
+                       **_clicks_field(click_miou), "samples_per_s": prompts / max(time.time() - started, 1e-9)}
     if writer.enabled:  # only the writing rank builds checkpoints
         checkpoint = t.checkpoint(state)
         if improved:
             writer.save_checkpoint("best", checkpoint)
         writer.save_checkpoint("last", checkpoint)
+    crash_point("epoch-checkpointed")
+    writer.log(state.epoch_log)
     writer.plot()
     if progress and t.dist.is_main:
         print(f"epoch {epoch + 1}/{t.config.epochs}: validation mIoU {miou:.4f}"
