@@ -61,6 +61,30 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Lets this process keep the memory it frees, for the next allocation, instead of handing it back.
+
+    glibc's malloc serves each request above 32 MiB with its own mmap and unmaps it when freed, so
+    every training step's large activations (a few hundred MiB: N prompts x 32 x 256 x 256 floats and
+    their gradients) come back as fresh pages that the kernel faults in and zeroes one by one: millions
+    of page faults per epoch, a third of a bf16 step on these CPUs (BENCHMARKS.md, "The decoder training
+    step"). Served from the heap and not trimmed, the freed blocks are reused as they are. The price is
+    that the process's resident memory stays at its peak until it exits, which suits a training
+    process. True when applied (Linux with glibc), False elsewhere (nothing changes)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def available_memory_bytes(device: torch.device) -> int:
     """Free memory on `device`: the GPU's, or the machine's available RAM."""
     if device.type == "cuda":

@@ -448,6 +448,43 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(stamps_cache, tmp_pa
     assert [r["global_step"] for r in steps if r["type"] == "step"] == list(range(1, got.state.global_step + 1))
 
 
+_PAGE_FAULTS = """
+import resource, sys, torch
+from samcache.devices import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+faults = []
+for mib in (128, 112, 96, 80, 64):  # large blocks, each a little smaller than the one freed before it
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(mib * 2**20 // 4)
+    del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, *faults)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="page-fault counts of Linux")
+def test_keeping_freed_memory_spares_the_page_faults_of_large_blocks():
+    """Training keeps the memory it frees (devices.keep_freed_memory): a large block asked for after a
+    larger one was freed comes from the process's heap, not from fresh pages the kernel faults in."""
+    import platform
+    import sys
+
+    faults = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
+        applied, *counts = out.stdout.split()
+        faults[mode] = [int(c) for c in counts]
+    if platform.libc_ver()[0] != "glibc":
+        assert applied == "False"
+        return
+    assert applied == "True"
+    later_pages = sum((112, 96, 80, 64)) * 2**20 // 4096
+    # By default every block is mapped afresh and faulted in (page by page, or by huge pages where the
+    # kernel gives them); kept, the later blocks reuse the first one's pages.
+    assert sum(faults["keep"][1:]) < later_pages // 100, faults
+    assert sum(faults["keep"][1:]) * 10 < sum(faults["default"][1:]), faults
+
+
 def test_bf16_training_follows_the_fp32_loss_trajectory(tiny_cache, tmp_path):
     """--precision bf16 (the default on CPUs with native bf16) against fp32 on the same short run of the
     demo's recipe (tiny, SAM's loss, lr 1e-3): the first step's loss within bf16's rounding (1%), every

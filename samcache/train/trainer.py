@@ -32,7 +32,7 @@ from samcache.cache.reader import EmbeddingCache
 from samcache.config import DECODER_MODULES, RESUME_MAY_CHANGE, TAIL_PARTS, TrainConfig, resume_changes
 from samcache.data import masks
 from samcache.data.metrics import iou
-from samcache.devices import autocast, decoder_precision, resolve_device, resolve_precision
+from samcache.devices import autocast, decoder_precision, keep_freed_memory, resolve_device, resolve_precision
 from samcache.distributed import SINGLE, Distributed
 from samcache.errors import OutputError, RunError, TrainingError
 from samcache.faults import crash_point
@@ -288,7 +288,9 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig, *, re
         DistributedDataParallel; every global batch of `batch_size` images is split between the
         ranks, and the loss is weighed so the averaged gradient equals the single-process one.
         Only rank 0 writes to `run_dir`.
+    The process keeps the memory its steps free from then on (devices.keep_freed_memory).
     """
+    keep_freed_memory()
     cache, run = EmbeddingCache(cache_dir), RunFolder(run_dir)
     splits = _splits(cache, config, dist)  # refused before anything is written
     model_type = cache.provenance.model_type
