@@ -52,7 +52,8 @@ def main() -> None:
     steps = {p: [r for r in records(args.work / p) if r["type"] == "step"] for p in ("fp32", "bf16")}
     epochs = {p: [r for r in records(args.work / p) if r["type"] == "epoch"] for p in ("fp32", "bf16")}
     assert [r["global_step"] for r in steps["fp32"]] == [r["global_step"] for r in steps["bf16"]]
-    print("\n| epoch | train loss fp32 | train loss bf16 | val mIoU fp32 | val mIoU bf16 | prompts/s fp32 | prompts/s bf16 |")
+    print("\n| epoch | train loss fp32 | train loss bf16 | val mIoU fp32 | val mIoU bf16 | prompts/s fp32 "
+          "| prompts/s bf16 |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for e32, e16 in zip(epochs["fp32"], epochs["bf16"]):
         n = e32["epoch"]
