@@ -3,15 +3,18 @@
 
 The tiny's prompt encoder and mask decoder (SAM's shapes: a step costs what vit_b's does), random
 256x64x64 embeddings, random targets; one process, the variants interleaved over `--rounds` rounds
-after one warm-up step each (the compiled variant's warm-up is its compilation, reported).
+after one warm-up step each (a compiled variant's warm-up is its compilation, reported).
 
-  stock, all boxes, bf16   per image: PromptEncoder (no grad) + MaskDecoder(multimask_output=False)
-                           under bf16 autocast, 20 x focal + dice, Adam: the best stock step
-  upscaling as modules     samcache's batched decoder with SAM's `output_upscaling` modules
-                           (channels-first, LayerNorm2d), fp32 or bf16 autocast
-  upscaling on tokens      the same with decoder.mask_logits (samcache's path), fp32 or bf16
-  ... mask 0 only          only the mask the box prompts' loss reads (1 of 4 hypernetwork products)
-  ... compiled             mask_logits under torch.compile (inductor's C++ backend)
+  stock, all boxes, bf16     per image: PromptEncoder (no grad) + MaskDecoder(multimask_output=False)
+                             under bf16 autocast, 20 x focal + dice, Adam: the best stock step
+  batched, stock modules     all 32 prompts in one call: each prompt's image embedding, SAM's
+                             TwoWayTransformer and `output_upscaling` modules, all four masks
+  + transformer folded       two_way_attention.two_way_transformer (the first block per image)
+  + upscaling on tokens      upscaling.mask_logits: the upscaling as matrix products on
+                             channels-last tokens (samcache's)
+  + mask 0 only              only the mask the box prompts' loss reads: samcache's step
+  (bf16 autocast throughout, as `samcache train` on a CPU with bf16; the last also in fp32)
+  --compile adds samcache's step with the transformer and the upscaling under torch.compile.
 
     python benchmarks/bench_decoder_levers.py --rounds 3
 """
@@ -29,8 +32,10 @@ from torchvision.ops import sigmoid_focal_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samcache.devices import cpu_description  # noqa: E402
-from samcache.models.decoder import DecoderOutput, compute_loss, dice_loss, mask_logits, transformer_sharing_images  # noqa: E402,E501
+from samcache.devices import cpu_description, keep_freed_memory  # noqa: E402
+from samcache.models.decoder import DecoderOutput, compute_loss, dice_loss  # noqa: E402
+from samcache.models.two_way_attention import two_way_transformer  # noqa: E402
+from samcache.models.upscaling import mask_logits  # noqa: E402
 from samcache.models.weights import load_sam  # noqa: E402
 
 IMAGES, PER_IMAGE = 4, 8
@@ -46,11 +51,13 @@ def stock_upscaling(upscaling, src, hyper_in, h, w):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also samcache's step under torch.compile")
     args = parser.parse_args()
     torch.manual_seed(0)
     sam = load_sam("tiny").sam
     prompt_encoder, decoder = sam.prompt_encoder, sam.mask_decoder
     embeddings = torch.randn(IMAGES, 256, 64, 64)
+    keep_freed_memory()  # as `samcache train`; the best stock step gains nothing from it (bench_train_step)
     corner = torch.rand(N, 2) * 700
     boxes = torch.cat([corner, corner + 100 + torch.rand(N, 2) * 200], 1)
     targets = (torch.rand(N, 256, 256) > 0.7).float()
@@ -61,18 +68,21 @@ def main() -> None:
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-6)
     multimask = torch.zeros(N, dtype=torch.bool)
 
-    def forward(upscale, masks):
+    def forward(transformer, upscale, masks):
         tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([tokens.unsqueeze(0).expand(N, -1, -1), sparse], dim=1)
-        hs, src = transformer_sharing_images(decoder.transformer, embeddings + dense[:1], batch_row, image_pe, tokens)
+        if transformer == "stock":
+            hs, src = decoder.transformer(embeddings.index_select(0, batch_row) + dense, image_pe, tokens)
+        else:
+            hs, src = transformer(decoder.transformer, embeddings + dense[:1], image_pe, tokens, batch_row)
         hyper_in = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps[:masks])],
                                dim=1)
         return DecoderOutput(upscale(decoder.output_upscaling, src, hyper_in, 64, 64),
                              decoder.iou_prediction_head(hs[:, 0]))
 
-    def samcache_step(upscale, bf16, masks=4):
+    def samcache_step(transformer, upscale, *, bf16=True, masks=4):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            output = forward(upscale, masks)
+            output = forward(transformer, upscale, masks)
         loss = compute_loss(output, targets, multimask, "sam").total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -93,16 +103,18 @@ def main() -> None:
             optimizer.step()
         return N
 
-    compiled = torch.compile(mask_logits, dynamic=False)
+    folded = two_way_transformer
     variants = {
         "stock, all boxes, bf16": stock_step,
-        "upscaling as modules, fp32": lambda: samcache_step(stock_upscaling, False),
-        "upscaling as modules, bf16": lambda: samcache_step(stock_upscaling, True),
-        "upscaling on tokens, fp32": lambda: samcache_step(mask_logits, False),
-        "upscaling on tokens, bf16": lambda: samcache_step(mask_logits, True),
-        "upscaling on tokens, bf16, mask 0 only": lambda: samcache_step(mask_logits, True, masks=1),
-        "upscaling on tokens, bf16, compiled": lambda: samcache_step(compiled, True),
+        "batched, stock modules, bf16": lambda: samcache_step("stock", stock_upscaling),
+        "+ transformer folded": lambda: samcache_step(folded, stock_upscaling),
+        "+ upscaling on tokens": lambda: samcache_step(folded, mask_logits),
+        "+ mask 0 only (samcache's step)": lambda: samcache_step(folded, mask_logits, masks=1),
+        "samcache's step in fp32": lambda: samcache_step(folded, mask_logits, bf16=False, masks=1),
     }
+    if args.compile:
+        compiled = torch.compile(two_way_transformer, dynamic=False), torch.compile(mask_logits, dynamic=False)
+        variants["samcache's step, compiled"] = lambda: samcache_step(compiled[0], compiled[1], masks=1)
     print(f"CPU: {cpu_description()}; torch {torch.__version__}; {N} box prompts over {IMAGES} images", flush=True)
     for name, step in variants.items():
         started = time.perf_counter()

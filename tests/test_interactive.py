@@ -203,12 +203,14 @@ def _step_case(n: int = 2, seed: int = 0):
 
 
 def _manual_gradient(sam, embeddings, first, targets, schedules, *, detach: bool) -> dict:
-    """The step's gradient written plainly: all passes in one graph, the mean of their losses."""
+    """The step's gradient written plainly: all passes in one graph, the mean of their losses. It decodes
+    the outputs the step decodes: logits a rounding apart can move a corrective click to another pixel
+    (decoding only the used output is tested on its own)."""
     simulation = ClickSimulation(first, targets, schedules, detach=detach)
     losses = []
     for _ in range(simulation.passes):
         prompts = simulation.prompts()
-        output = decode(sam.prompt_encoder, sam.mask_decoder, embeddings, prompts)
+        output = decode(sam.prompt_encoder, sam.mask_decoder, embeddings, prompts, outputs="used")
         losses.append(compute_loss(output, targets, prompts.multimask, "sam").total)
         simulation.update(output, prompts)
     sam.mask_decoder.zero_grad()

@@ -12,14 +12,13 @@ through an index, `batch_row[n]` = the image of prompt n. One embedding read the
 all the prompts of its image.
 
 Work that does not depend on the prompt is done once per image, not once per prompt: without
-a mask prompt the dense prompt embedding is the same for every prompt, so in the transformer's
-first block the image side's projections (the keys and values the tokens attend to, and the
-queries with which the image attends back) are computed on the B images and shared by their
-prompts. Those are 3 of the ~13 image-sized matmuls (4096 x 256 x 128 multiply-adds each, the
-upscaling counted in the same units) of a prompt's forward pass; the rest follows the stock
-modules exactly (tested against `MaskDecoder.predict_masks`), the upscaling to 256 x 256 as
-matrix products on the transformer's channels-last tokens (`mask_logits`: the same arithmetic,
-less memory traffic).
+a mask prompt the dense prompt embedding is the same for every prompt, so the transformer's first
+block reads the B images and its products serve their prompts side by side. The transformer's
+cross-attentions are folded into the prompt tokens (two_way_attention.py) and the upscaling runs
+on the transformer's channels-last tokens, its largest stage recomputed in the backward a few
+prompts at a time (upscaling.py): the stock modules' arithmetic within float rounding (tested
+against `MaskDecoder.predict_masks` and `TwoWayTransformer.forward`), with a fraction of the
+memory traffic, which bounds a decoder step on a CPU.
 
 A single point alone is ambiguous: it uses the three multimask outputs, as SAM was trained (the
 loss takes the best of the three, inference (inference.py) the one with the highest predicted
@@ -29,19 +28,19 @@ SamPredictor's `multimask_output=False`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder
-from segment_anything.modeling.common import LayerNorm2d
 from torchvision.ops import sigmoid_focal_loss
 
 from samcache.config import DECODER_OUTPUTS, LOSSES
 from samcache.models.prompts import PromptBatch
 from samcache.models.specs import IMAGE_SIZE, LOW_RES_SIZE, MASK_OUTPUTS
+from samcache.models.two_way_attention import two_way_transformer
+from samcache.models.upscaling import mask_logits
 
 
 @dataclass
@@ -85,72 +84,16 @@ def predict_masks_batched(
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
     _, c, h, w = image_embeddings.shape
     if shared_dense:  # the same dense embedding for all prompts: image-side work once per image
-        hs, src = transformer_sharing_images(d.transformer, image_embeddings + dense[:1], batch_row, image_pe,
-                                              tokens)
+        hs, src = two_way_transformer(d.transformer, image_embeddings + dense[:1], image_pe, tokens, batch_row)
     else:
-        src = image_embeddings.index_select(0, batch_row) + dense
-        hs, src = d.transformer(src, image_pe.expand(n, -1, -1, -1), tokens)
+        hs, src = two_way_transformer(d.transformer, image_embeddings.index_select(0, batch_row) + dense, image_pe,
+                                      tokens)
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1 : 1 + d.num_mask_tokens, :]
 
     mlps = d.output_hypernetworks_mlps[:1] if first_output_only else d.output_hypernetworks_mlps
     hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(mlps)], dim=1)
     return DecoderOutput(mask_logits(d.output_upscaling, src, hyper_in, h, w), d.iou_prediction_head(iou_token_out))
-
-
-def mask_logits(upscaling: torch.nn.Sequential, src: torch.Tensor, hyper_in: torch.Tensor, h: int,
-                w: int) -> torch.Tensor:
-    """The mask decoder's last stage: `output_upscaling` of the transformer's image tokens, then
-    each mask token's hypernetwork output dotted with every upscaled pixel.
-
-    Arguments:
-      upscaling: the decoder's `output_upscaling`.
-      src: (N, h*w, C) the transformer's image tokens; hyper_in: (N, M, C_up).
-    Returns (N, M, 4h, 4w) logits.
-
-    SAM's upscaling is two 2x2 transposed convolutions of stride 2, with a LayerNorm2d and
-    activations between. Such a convolution maps each input pixel to its own 2x2 output pixels,
-    so it is one matrix product on the tokens as they come out of the transformer (channels last),
-    and the layer norm is one `layer_norm` over their last axis. That is the same arithmetic as the
-    stock modules (equal within float rounding: tested), without the transposes to channels-first,
-    LayerNorm2d's separate mean, variance and scaling passes, or the full 32 x 256 x 256 upscaled
-    map in channels-first order: on a CPU, where this stage is bound by memory traffic, a training
-    step runs 1.3x-1.4x faster in fp32. A decoder whose upscaling is built otherwise runs its
-    modules as they are.
-    """
-    n, hw, c = src.shape
-    if not _is_sam_upscaling(upscaling):
-        return hypernetwork_logits(hyper_in, upscaling(src.transpose(1, 2).reshape(n, c, h, w)))
-    conv1, norm, act1, conv2, act2 = upscaling
-    c1, c2, m = conv1.out_channels, conv2.out_channels, hyper_in.shape[1]
-    # A ConvTranspose2d weight (C_in, C_out, 2, 2) as a (C_in, 4 * C_out) matrix, its columns
-    # ordered (sub-row, sub-column, channel), so the channels stay last.
-    y = (src @ conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)).view(n, hw, 4, c1) + conv1.bias
-    y = act1(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-    z = act2((y @ conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)).view(n, hw, 16, c2) + conv2.bias)
-    logits = z.view(n, hw * 16, c2) @ hyper_in.transpose(1, 2)  # (N, pixels, M)
-    # Token (i, j), first sub-pixel (a, b), second (a2, b2) -> pixel (4i + 2a + a2, 4j + 2b + b2).
-    logits = logits.view(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
-    return logits.reshape(n, m, 4 * h, 4 * w)
-
-
-def hypernetwork_logits(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
-    """Each mask token's hypernetwork output (N, M, C_up) dotted with every pixel of the upscaled
-    map (N, C_up, H, W): (N, M, H, W) logits, as `MaskDecoder.predict_masks` makes them."""
-    n, c_up, h_up, w_up = upscaled.shape
-    return (hyper_in @ upscaled.reshape(n, c_up, h_up * w_up)).reshape(n, -1, h_up, w_up)
-
-
-def _is_sam_upscaling(upscaling: torch.nn.Module) -> bool:
-    """Whether `upscaling` is SAM's: two 2x2 stride-2 transposed convolutions around a LayerNorm2d,
-    an elementwise activation after each."""
-    if not isinstance(upscaling, torch.nn.Sequential) or len(upscaling) != 5:
-        return False
-    conv1, norm, _, conv2, _ = upscaling
-    return (all(isinstance(conv, torch.nn.ConvTranspose2d) and conv.kernel_size == (2, 2) and conv.stride == (2, 2)
-                and conv.padding == (0, 0) and conv.output_padding == (0, 0) and conv.groups == 1
-                and conv.dilation == (1, 1) and conv.bias is not None for conv in (conv1, conv2))
-            and isinstance(norm, LayerNorm2d) and norm.weight.shape[0] == conv1.out_channels)
 
 
 def decode(
@@ -203,6 +146,10 @@ def encode_prompt_group(prompt_encoder, prompts: PromptBatch, select: torch.Tens
         boxes=prompts.boxes[select] if has_box else None,
         masks=None if prompts.masks is None else prompts.masks[select].unsqueeze(1),
     )
+    if prompts.masks is None:
+        # Every prompt's dense embedding is the no-mask one: that one vector, which broadcasts over the
+        # image, rather than its expansion to (N, C, H, W), whose backward would fill and sum that size.
+        return sparse, prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
     return sparse, without_absent_masks(prompt_encoder, prompts, select, dense)
 
 
@@ -225,42 +172,6 @@ def first_output_only(outputs: str, prompts: PromptBatch) -> bool:
     if outputs not in DECODER_OUTPUTS:
         raise ValueError(f"unknown outputs {outputs!r}; choose one of {', '.join(DECODER_OUTPUTS)}")
     return outputs == "used" and not bool(prompts.multimask.any())
-
-
-def transformer_sharing_images(transformer, image_src: torch.Tensor, batch_row: torch.Tensor,
-                                image_pe: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`TwoWayTransformer.forward` for N prompts over B images (`image_src` = embedding + the
-    shared dense embedding, (B, C, H, W)), with the first block's image-side projections done
-    per image. The later blocks see per-prompt keys and run as stock."""
-    keys_image = image_src.flatten(2).permute(0, 2, 1)  # (B, HW, C)
-    key_pe = image_pe.flatten(2).permute(0, 2, 1)  # (1, HW, C)
-    first, queries, query_pe = transformer.layers[0], tokens, tokens
-
-    # The first block, as TwoWayAttentionBlock with skip_first_layer_pe.
-    queries = first.norm1(first.self_attn(q=queries, k=queries, v=queries))
-    t2i = first.cross_attn_token_to_image
-    keys_with_pe = keys_image + key_pe
-    attended = _attend(t2i, t2i.q_proj(queries + query_pe),
-                       t2i.k_proj(keys_with_pe).index_select(0, batch_row),
-                       t2i.v_proj(keys_image).index_select(0, batch_row))
-    queries = first.norm2(queries + attended)
-    queries = first.norm3(queries + first.mlp(queries))
-    i2t = first.cross_attn_image_to_token
-    attended = _attend(i2t, i2t.q_proj(keys_with_pe).index_select(0, batch_row),
-                       i2t.k_proj(queries + query_pe), i2t.v_proj(queries))
-    keys = first.norm4(keys_image.index_select(0, batch_row) + attended)
-
-    for layer in transformer.layers[1:]:
-        queries, keys = layer(queries=queries, keys=keys, query_pe=query_pe, key_pe=key_pe)
-    attended = transformer.final_attn_token_to_image(q=queries + query_pe, k=keys + key_pe, v=keys)
-    return transformer.norm_final_attn(queries + attended), keys
-
-
-def _attend(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """segment_anything's `Attention.forward` after its input projections."""
-    q, k, v = (attention._separate_heads(x, attention.num_heads) for x in (q, k, v))
-    attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
-    return attention.out_proj(attention._recombine_heads(attn @ v))
 
 
 # ------------------------------------------------------------------------------------- losses

@@ -28,10 +28,8 @@ from samcache.models.decoder import (
     compute_loss,
     empty_outputs,
     encode_prompt_group,
-    hypernetwork_logits,
     mask_iou,
     prompt_groups,
-    transformer_sharing_images,
     upscale_logits,
 )
 from samcache.models.mobile_sam import TINY_VIT_ARGUMENTS, RefreshingTinyViT, quiet_tiny_vit_import
@@ -49,6 +47,8 @@ from samcache.models.specs import (
     SAM_HQ_BASES,
     SAM_HQ_VIT_CHANNELS,
 )
+from samcache.models.two_way_attention import two_way_transformer
+from samcache.models.upscaling import hypernetwork_logits
 
 with quiet_tiny_vit_import():
     from segment_anything_hq.modeling import ImageEncoderViT, MaskDecoderHQ, TwoWayTransformer
@@ -126,10 +126,9 @@ def predict_masks_hq(mask_decoder: MaskDecoderHQ, embeddings: torch.Tensor, hq_f
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
     _, c, h, w = embeddings.shape
     if shared_dense:
-        hs, src = transformer_sharing_images(d.transformer, embeddings + dense[:1], batch_row, image_pe, tokens)
+        hs, src = two_way_transformer(d.transformer, embeddings + dense[:1], image_pe, tokens, batch_row)
     else:
-        src = embeddings.index_select(0, batch_row) + dense
-        hs, src = d.transformer(src, image_pe.expand(n, -1, -1, -1), tokens)
+        hs, src = two_way_transformer(d.transformer, embeddings.index_select(0, batch_row) + dense, image_pe, tokens)
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1 : 1 + MASK_OUTPUTS + 1, :]  # SAM's four, then the HQ token
 

@@ -1,0 +1,68 @@
+"""The mask decoder's last stage: the transformer's image tokens upscaled 4x, each mask token's
+hypernetwork output dotted with every upscaled pixel.
+
+SAM's upscaling is two 2x2 transposed convolutions of stride 2, with a LayerNorm2d and an
+activation between and an activation after. Such a convolution maps each input pixel to its own
+2x2 output pixels, so it is one matrix product on the tokens as they come out of the transformer
+(channels last), and the layer norm is one `layer_norm` over their last axis: the stock modules'
+arithmetic, without the transposes to channels-first or LayerNorm2d's separate mean, variance
+and scaling passes over the upscaled maps. On a CPU, where this stage is bound by memory traffic,
+that doubles the speed of a whole bf16 training step (BENCHMARKS.md, "Decoder step levers").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+
+
+def mask_logits(upscaling: torch.nn.Sequential, src: torch.Tensor, hyper_in: torch.Tensor, h: int,
+                w: int) -> torch.Tensor:
+    """`output_upscaling` of the image tokens, then each mask token's hypernetwork output dotted with
+    every upscaled pixel, as `MaskDecoder.predict_masks` (equal within float rounding: tested).
+
+    Arguments:
+      upscaling: the decoder's `output_upscaling`.
+      src: (N, h*w, C) the transformer's image tokens; hyper_in: (N, M, C_up).
+    Returns (N, M, 4h, 4w) logits. A decoder whose upscaling is built otherwise than SAM's runs
+    its modules as they are.
+    """
+    n, hw, c = src.shape
+    if not is_sam_upscaling(upscaling):
+        return hypernetwork_logits(hyper_in, upscaling(src.transpose(1, 2).reshape(n, c, h, w)))
+    conv1, norm, act1, conv2, act2 = upscaling
+    c1, m = conv1.out_channels, hyper_in.shape[1]
+    y = F.linear(src, token_weight(conv1), conv1.bias.repeat(4)).view(n, hw * 4, c1)
+    y = act1(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
+    # The biases go in with the products (no separate pass), in the products' precision under autocast.
+    z = act2(F.linear(y, token_weight(conv2), conv2.bias.repeat(4)))
+    logits = z.view(n, hw * 16, -1) @ hyper_in.transpose(1, 2)  # (N, pixels, M)
+    # Token (i, j), first sub-pixel (a, b), second (a2, b2) -> pixel (4i + 2a + a2, 4j + 2b + b2).
+    logits = logits.view(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return logits.reshape(n, m, 4 * h, 4 * w)
+
+
+def token_weight(conv: torch.nn.ConvTranspose2d) -> torch.Tensor:
+    """A 2x2 stride-2 ConvTranspose2d's weight (C_in, C_out, 2, 2) as a linear layer's (4 * C_out,
+    C_in), its outputs ordered (sub-row, sub-column, channel), so the channels stay last."""
+    return conv.weight.permute(2, 3, 1, 0).reshape(4 * conv.out_channels, conv.in_channels)
+
+
+def hypernetwork_logits(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
+    """Each mask token's hypernetwork output (N, M, C_up) dotted with every pixel of the upscaled
+    map (N, C_up, H, W): (N, M, H, W) logits, as `MaskDecoder.predict_masks` makes them."""
+    n, c_up, h_up, w_up = upscaled.shape
+    return (hyper_in @ upscaled.reshape(n, c_up, h_up * w_up)).reshape(n, -1, h_up, w_up)
+
+
+def is_sam_upscaling(upscaling: torch.nn.Module) -> bool:
+    """Whether `upscaling` is SAM's: two 2x2 stride-2 transposed convolutions around a LayerNorm2d,
+    an elementwise activation after each."""
+    if not isinstance(upscaling, torch.nn.Sequential) or len(upscaling) != 5:
+        return False
+    conv1, norm, _, conv2, _ = upscaling
+    return (all(isinstance(conv, torch.nn.ConvTranspose2d) and conv.kernel_size == (2, 2) and conv.stride == (2, 2)
+                and conv.padding == (0, 0) and conv.output_padding == (0, 0) and conv.groups == 1
+                and conv.dilation == (1, 1) and conv.bias is not None for conv in (conv1, conv2))
+            and isinstance(norm, LayerNorm2d) and norm.weight.shape[0] == conv1.out_channels)
