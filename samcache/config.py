@@ -304,7 +304,7 @@ class TrainConfig(_Options):
     """auto (CUDA when available), cpu or cuda."""
     precision: Literal[PRECISIONS] = "auto"
     """The decoder's arithmetic in training steps. auto: bf16 autocast on CUDA and on CPUs with native bf16
-    (AVX512-BF16, AMX: the demo's run 1.24x as fast as in fp32, its losses following fp32's; BENCHMARKS.md), else fp32.
+    (AVX512-BF16, AMX: the demo's run 1.40x as fast as in fp32, its losses following fp32's; BENCHMARKS.md), else fp32.
     Validation decodes as `samcache eval` does (fp32 on the CPU), so that its mIoU is eval's."""
     workers: Annotated[Int, Field(ge=0, le=MAX_WORKERS)] = 2
     """DataLoader worker processes reading the cache and building targets."""
