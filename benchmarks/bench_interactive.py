@@ -10,11 +10,13 @@ and point prompts and 5 clicks of the click protocol. Variants (the same epochs,
   half-feedback --prompt interactive --mask-prompt-prob 0.5 (micro-sam's choice; the default)
   no-feedback   --prompt interactive --mask-prompt-prob 0 (the points alone, 9 passes)
   backprop      --prompt interactive --mask-prompt-prob 1 --mask-prompt-gradient backprop (SAM 2's)
+  3-trained     --prompt interactive --trained-passes 3 (the default's passes, 3 of the 11
+                backpropagated, the others forward only)
 
 Part 2, cost. One process, the same batches (the train split, batch 4 x 4 objects), steps of each
 kind interleaved round by round: the box step, and the interactive step with the defaults (mask
 feedback on half the passes, detached), with mask feedback on every pass detached and with backprop,
-and without feedback; prompts/s counts each prompt once per step
+without feedback, and with 3 of the default's passes backpropagated; prompts/s counts each prompt once per step
 (not per pass). Peak memory, measured first: each kind alone in a fresh subprocess, its max RSS
 after one step (a backprop step of 16 prompts peaks at 15 GiB).
 
@@ -46,10 +48,11 @@ VARIANTS = {
     "half-feedback": ["--prompt", "interactive", "--mask-prompt-prob", "0.5"],
     "no-feedback": ["--prompt", "interactive", "--mask-prompt-prob", "0"],
     "backprop": ["--prompt", "interactive", "--mask-prompt-prob", "1", "--mask-prompt-gradient", "backprop"],
+    "3-trained": ["--prompt", "interactive", "--mask-prompt-prob", "0.5", "--trained-passes", "3"],
 }
 CLICKS = 5
 COST_KINDS = ("box step", "interactive, default", "interactive, detached", "interactive, backprop",
-              "interactive, no feedback")
+              "interactive, no feedback", "interactive, 3 trained passes")
 
 
 def samcache(*args) -> None:
@@ -115,6 +118,7 @@ def cost_setup(cache_dir: Path, work: Path):
         "interactive, backprop": PromptSettings(mode="interactive", mask_prompt_prob=1.0,
                                                 mask_prompt_gradient="backprop"),
         "interactive, no feedback": PromptSettings(mode="interactive", mask_prompt_prob=0.0),
+        "interactive, 3 trained passes": PromptSettings(mode="interactive", trained_passes=3),
     }
     assert tuple(modes) == COST_KINDS
     config = TrainConfig(batch_size=4, objects_per_image=4, lr=1e-5, loss="dice-bce", workers=0, save_every=None,

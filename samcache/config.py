@@ -77,6 +77,8 @@ MAX_POINTS = 8
 """Points per prompt beyond this are ignored; fixed so that prompts stack into batches."""
 MAX_CLICK_ITERATIONS = 24
 """The most corrective points `--prompt interactive` adds after the first prompt."""
+REFINE_PASSES = 2
+"""Passes of the interactive recipe that add no point, only the mask prompt (SAM: 2)."""
 MAX_COUNT = 2**63 - 1
 """The most images, objects or steps a count option takes: sys.maxsize, the largest size that
 itertools.islice (DataLoader's batches), range() and list slices accept. The data bounds a batch
@@ -212,12 +214,30 @@ class PromptSettings(_Options):
     micro-sam; each pass is backpropagated at once, so memory is one pass's) or backprop (the
     gradient flows back through them into earlier passes, as in SAM 2; memory grows with the
     passes)."""
+    trained_passes: Optional[Annotated[Int, Field(ge=1, le=1 + MAX_CLICK_ITERATIONS + REFINE_PASSES)]] = None
+    """With mode interactive: backpropagate only this many of each step's passes, drawn at random
+    (seeded by the step's first image); the others run forward only, to place the next point and
+    feed back their mask. A cheaper recipe than SAM's, which trains every pass (none, the default):
+    a pass's backward is over half its cost (BENCHMARKS.md, "Interactive training"). Needs
+    mask_prompt_gradient detach."""
+
+    @property
+    def passes(self) -> int:
+        """Decoder passes per step of the interactive recipe: the first prompt, one per corrective
+        point, and the refinement passes when there is mask feedback (SAM: 1 + 8 + 2 = 11)."""
+        return 1 + self.click_iterations + (REFINE_PASSES if self.mask_prompt_prob > 0 else 0)
 
     @model_validator(mode="after")
     def _points_fit(self) -> "PromptSettings":
         if self.positive_points + self.negative_points > MAX_POINTS:
             raise ValueError(f"positive_points + negative_points is at most {MAX_POINTS}, got "
                              f"{self.positive_points} + {self.negative_points}")
+        if self.trained_passes is not None and self.mask_prompt_gradient != "detach":
+            raise _combination("--trained-passes leaves passes out of the backward: it needs "
+                               "--mask-prompt-gradient detach")
+        if self.trained_passes is not None and self.trained_passes > self.passes:
+            raise _combination(f"--trained-passes {self.trained_passes} is more than the {self.passes} passes of a "
+                               f"step (1 + --click-iterations + {REFINE_PASSES} with mask feedback)")
         return self
 
 
@@ -582,6 +602,7 @@ FLAGS: dict[type, dict[str, str]] = {
         "prompts.mode": "--prompt", "prompts.box_jitter": "--box-jitter", "prompts.box_jitter_max": "--box-jitter-max",
         "prompts.point_ratio": "--point-ratio", "prompts.click_iterations": "--click-iterations",
         "prompts.mask_prompt_prob": "--mask-prompt-prob", "prompts.mask_prompt_gradient": "--mask-prompt-gradient",
+        "prompts.trained_passes": "--trained-passes",
         "loss": "--loss", "trainable": "--train", "tail_lr": "--tail-lr", "lora_rank": "--lora-rank",
         "val_split": "--val-split", "val_prompt": "--val-prompt",
         "val_clicks": "--val-clicks", "val_max_images": "--val-max-images", "seed": "--seed", "device": "--device",

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from samcache.config import PromptSettings, TrainConfig
 from samcache.models.decoder import DecoderOutput, compute_loss, decode
 from samcache.models.families import family_of
-from samcache.models.prompts import PromptBatch, click_passes, click_schedule, training_prompt
+from samcache.models.prompts import PromptBatch, click_passes, click_schedule, trained_passes, training_prompt
 from samcache.models.weights import build_tiny
 from samcache.train.interactive import ADDS_POINT, PICK, USES_MASK, ClickSimulation, error_points
 from samcache.train.runs import RunCheckpoint
@@ -276,6 +277,86 @@ def test_the_interactive_step_under_ddp_equals_the_plain_module(tmp_path):
 
 
 @pytest.mark.slow
+# -------------------------------------------------------------------------- trained passes
+def test_trained_passes_are_drawn_per_step_from_the_seed_epoch_and_first_image():
+    settings = PromptSettings(mode="interactive", trained_passes=3)  # of 11
+    drawn = trained_passes(settings, 0, 1, 5)
+    assert drawn.shape == (11,) and drawn.dtype == bool and drawn.sum() == 3
+    np.testing.assert_array_equal(trained_passes(settings, 0, 1, 5), drawn)  # a resumed step draws the same
+    others = [trained_passes(settings, seed, epoch, image) for seed, epoch, image in ((1, 1, 5), (0, 2, 5), (0, 1, 6))]
+    assert all(o.sum() == 3 for o in others) and any(not np.array_equal(o, drawn) for o in others)
+    assert trained_passes(PromptSettings(mode="interactive"), 0, 1, 5).all()  # SAM's recipe: every pass
+
+
+@pytest.mark.parametrize("prompts, said", [
+    ({"trained_passes": 3, "mask_prompt_gradient": "backprop"}, "--trained-passes leaves passes out of the backward"),
+    ({"trained_passes": 12}, "--trained-passes 12 is more than the 11 passes of a step"),
+    ({"trained_passes": 10, "mask_prompt_prob": 0.0}, "--trained-passes 10 is more than the 9 passes"),
+])
+def test_trained_passes_that_cannot_be_are_refused_in_one_line(stamps_cache, tmp_path, prompts, said):
+    from click.testing import CliRunner
+
+    from samcache.cli import main
+
+    flags = {"trained_passes": "--trained-passes", "mask_prompt_gradient": "--mask-prompt-gradient",
+             "mask_prompt_prob": "--mask-prompt-prob"}
+    args = [a for key, value in prompts.items() for a in (flags[key], str(value))]
+    result = CliRunner().invoke(main, ["train", str(stamps_cache), "--out", str(tmp_path / "run"), "--prompt",
+                                       "interactive", *args])
+    assert result.exit_code == 2, result.output
+    assert said in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_interactive_step_backpropagates_only_its_trained_passes():
+    """With 2 of the 5 passes trained, the update is the mean gradient of those two passes' losses; the
+    other passes still run (their points and fed-back masks shape the trained ones) and count in the log."""
+    sam, embeddings, first, targets, schedules, settings = _step_case()
+    settings = settings.model_copy(update={"trained_passes": 2})
+    schedules = ClickSchedules(schedules.draws, schedules.valid_sizes, torch.tensor([False, True, False, True, False]))
+    simulation = ClickSimulation(first, targets, schedules, detach=True)
+    losses, chosen = [], []
+    for number in range(simulation.passes):
+        prompts = simulation.prompts()
+        output = decode(sam.prompt_encoder, sam.mask_decoder, embeddings, prompts, outputs="used")
+        losses.append(compute_loss(output, targets, prompts.multimask, "sam").total)
+        if number in (1, 3):
+            chosen.append(losses[-1])
+        simulation.update(output, prompts)
+    sam.mask_decoder.zero_grad()
+    torch.stack(chosen).mean().backward()
+    expected = {k: p.grad.clone() for k, p in sam.mask_decoder.named_parameters() if p.grad is not None}
+
+    parameters = list(sam.mask_decoder.parameters())
+    before = {k: p.detach().clone() for k, p in sam.mask_decoder.named_parameters()}
+    stats = interactive_step(family_of("tiny").decoder(sam, "tiny"), embeddings, first, targets, schedules,
+                             settings=settings, loss=partial(compute_loss, kind="sam"),
+                             optimizer=torch.optim.SGD(parameters, lr=1.0), parameters=parameters, grad_clip=0.0,
+                             precision="fp32")
+    assert stats.loss == pytest.approx(float(torch.stack(losses).mean().detach()), rel=1e-4)  # the log: all five
+    for key, p in sam.mask_decoder.named_parameters():
+        torch.testing.assert_close(before[key] - p.detach(), expected.get(key, torch.zeros_like(p)),
+                                   rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_interactive_training_with_trained_passes_runs_from_the_cli(stamps_cache, tmp_path):
+    from click.testing import CliRunner
+
+    from samcache.cli import main
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(stamps_cache), "--out", str(run), "--epochs", "1",
+                                       "--batch-size", "2", "--objects-per-image", "2", "--workers", "0",
+                                       "--val-max-images", "2", "--prompt", "interactive", "--click-iterations",
+                                       "3", "--trained-passes", "2"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["type"] == "step"] and all(np.isfinite(r["loss"]) for r in records
+                                                               if r["type"] == "step")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert TrainConfig.model_validate(saved).prompts.trained_passes == 2
+
+
 def test_bf16_autocast_interactive_step_runs_and_learns():
     sam, embeddings, first, targets, schedules, settings = _step_case()
     parameters = list(sam.mask_decoder.parameters())

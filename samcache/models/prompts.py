@@ -203,14 +203,26 @@ def training_prompt(rle: dict, box, original_size, settings: PromptSettings, rng
                        frame=frame)
 
 
-REFINE_PASSES = 2
-"""Passes of the interactive recipe that add no point, only the mask prompt (SAM: 2)."""
+TRAINED_PASSES_DRAW = 2
+"""The last key of rng_for(seed, epoch, image, 0, TRAINED_PASSES_DRAW), which draws a step's trained
+passes (samples.VIEW_DRAW is 1)."""
 
 
 def click_passes(settings: PromptSettings) -> int:
-    """Decoder passes per step of the interactive recipe: the first prompt, one per corrective
-    point, and the refinement passes when there is mask feedback (SAM: 1 + 8 + 2 = 11)."""
-    return 1 + settings.click_iterations + (REFINE_PASSES if settings.mask_prompt_prob > 0 else 0)
+    """Decoder passes per step of the interactive recipe (PromptSettings.passes)."""
+    return settings.passes
+
+
+def trained_passes(settings: PromptSettings, seed: int, epoch: int, image_index: int) -> np.ndarray:
+    """Which passes of a step of the interactive recipe are backpropagated, (passes,) bool: all of
+    them, or `settings.trained_passes` drawn without replacement from rng_for(seed, epoch, image, 0,
+    TRAINED_PASSES_DRAW) for the step whose first image is `image_index`."""
+    chosen = np.ones(settings.passes, bool)
+    if settings.trained_passes is not None:
+        chosen[:] = False
+        rng = rng_for(seed, epoch, image_index, 0, TRAINED_PASSES_DRAW)
+        chosen[rng.choice(settings.passes, settings.trained_passes, replace=False)] = True
+    return chosen
 
 
 def click_schedule(settings: PromptSettings, seed: int, epoch: int, image_index: int,

@@ -102,25 +102,30 @@ def interactive_step(module: torch.nn.Module, embeddings: torch.Tensor, first: P
 
     With detached mask prompts the passes share no graph, so each is backpropagated as soon as
     it is done and memory stays at one pass's; with backprop all passes are kept for one
-    backward. Under DDP gradients accumulate locally until the last pass, which alone is
-    all-reduced.
+    backward. With `schedules.trained` (--trained-passes) only those passes are backpropagated,
+    the loss the mean of theirs; the others run forward only (the logged loss still averages all
+    passes). Under DDP gradients accumulate locally until the last backpropagated pass, which
+    alone is all-reduced.
     """
     n_local = targets.shape[0] if n_local is None else n_local
     n_global = int(dist.sum([n_local])[0])
     detach = settings.mask_prompt_gradient == "detach"
     simulation = ClickSimulation(first, targets, schedules, detach=detach)
-    weight = rank_loss_weight(n_local, n_global, dist.world_size) / simulation.passes
+    trained = (list(range(simulation.passes)) if schedules.trained is None
+               else schedules.trained.nonzero().flatten().tolist())
+    weight = rank_loss_weight(n_local, n_global, dist.world_size) / len(trained)
     optimizer.zero_grad(set_to_none=True)
     parts, kept = [], []
     for number in range(simulation.passes):
         prompts = simulation.prompts()
-        with _locally_unless(module, number == simulation.passes - 1):
+        backpropagated = number in trained
+        with _locally_unless(module, number == trained[-1]), torch.set_grad_enabled(backpropagated):
             with autocast(embeddings.device, precision):
                 output = module(embeddings, prompts, outputs="used")
             pass_loss = loss(output, targets, prompts.multimask)
-            if detach:
+            if backpropagated and detach:
                 (pass_loss.total * weight).backward()
-            else:
+            elif backpropagated:
                 kept.append(pass_loss.total)
         parts.append(torch.stack([pass_loss.total, pass_loss.mask, pass_loss.iou, pass_loss.train_iou]).detach())
         simulation.update(output, prompts)
