@@ -26,7 +26,10 @@ arithmetic is the stock modules' up to float rounding, with the same parameters 
 
 The first block's image side is the cached embedding plus the dense prompt embedding. Without
 mask prompts that is the same for all the prompts of an image, so its products are made once
-per image, the prompts of the image side by side (`ImageRows`).
+per image, the prompts of the image side by side (`ImageRows`). From then on the image tokens are
+per prompt, and each attention over them is one autograd function (`AttendImage`,
+`AttendTokens`) whose backward makes their gradient in one product, where autograd would make one
+per use and add them: they are the largest tensor a decoder step reads and writes.
 """
 
 from __future__ import annotations
