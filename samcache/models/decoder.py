@@ -15,10 +15,10 @@ Work that does not depend on the prompt is done once per image, not once per pro
 a mask prompt the dense prompt embedding is the same for every prompt, so the transformer's first
 block reads the B images and its products serve their prompts side by side. The transformer's
 cross-attentions are folded into the prompt tokens (two_way_attention.py) and the upscaling runs
-on the transformer's channels-last tokens, its largest stage recomputed in the backward a few
-prompts at a time (upscaling.py): the stock modules' arithmetic within float rounding (tested
-against `MaskDecoder.predict_masks` and `TwoWayTransformer.forward`), with a fraction of the
-memory traffic, which bounds a decoder step on a CPU.
+as matrix products on the transformer's channels-last tokens (upscaling.py): the stock modules'
+arithmetic within float rounding (tested against `MaskDecoder.predict_masks` and
+`TwoWayTransformer.forward`), with a fraction of the memory traffic, which bounds a decoder step
+on a CPU.
 
 A single point alone is ambiguous: it uses the three multimask outputs, as SAM was trained (the
 loss takes the best of the three, inference (inference.py) the one with the highest predicted

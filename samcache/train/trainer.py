@@ -180,7 +180,7 @@ class Training:
             config=config, cache=cache, run=run, dist=dist, device=device, base=base,
             decoder=decoder, module=_wrap_for_distributed(decoder, device, dist), parameters=parameters,
             # The fused update: one kernel over all parameters instead of a dozen ops per tensor
-            # (a tenth of a small step's time on a CPU); the same arithmetic, the same state dict.
+            # (a tenth of a small step's time on a CPU); the same update rule, the same state dict.
             optimizer=torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay,
                                         fused=device.type in ("cpu", "cuda")),
             train_indices=train_indices, val_indices=val_indices, store=store,
