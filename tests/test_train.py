@@ -510,6 +510,7 @@ def test_bf16_training_follows_the_fp32_loss_trajectory(tiny_cache, tmp_path):
     np.testing.assert_allclose(histories["bf16"], histories["fp32"], atol=0.01)
 
 
+@pytest.mark.slow  # SIGKILL and resume in subprocesses, as the other crash cases
 def test_a_stop_between_the_epoch_checkpoint_and_its_log_line_resumes_with_the_line(stamps_cache, tmp_path):
     """An epoch's last.pt is written before its metrics.jsonl record (so a reader of the record finds the
     checkpoint); killed between the two, --resume writes the record the checkpoint carries, and the log
