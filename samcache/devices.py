@@ -70,10 +70,10 @@ def keep_freed_memory() -> bool:
     glibc's malloc serves each request above 32 MiB with its own mmap and unmaps it when freed, so
     every training step's large activations (a few hundred MiB: N prompts x 32 x 256 x 256 floats and
     their gradients) come back as fresh pages that the kernel faults in and zeroes one by one: millions
-    of page faults per epoch: without them the demo's bf16 epochs ran 1.26x as fast (BENCHMARKS.md,
-    "Training epochs and the allocator"). Served from the heap and not trimmed, the freed blocks are
+    of page faults per epoch: without them the demo's epochs ran 1.09x (bf16) and 1.27x (fp32) as fast
+    (BENCHMARKS.md, "Training epochs and the allocator"). Served from the heap and not trimmed, the freed blocks are
     reused as they are. The price is that the process's resident memory stays at its peak until it
-    exits (+20% there), which suits a training process. True when applied (Linux with glibc), False
+    exits (+13% and +33% there), which suits a training process. True when applied (Linux with glibc), False
     elsewhere (nothing changes)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

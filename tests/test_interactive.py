@@ -15,7 +15,7 @@ import yaml
 from samcache.config import PromptSettings, TrainConfig
 from samcache.models.decoder import DecoderOutput, compute_loss, decode
 from samcache.models.families import family_of
-from samcache.models.prompts import PromptBatch, click_passes, click_schedule, trained_passes, training_prompt
+from samcache.models.prompts import PromptBatch, click_schedule, trained_passes, training_prompt
 from samcache.models.weights import build_tiny
 from samcache.train.interactive import ADDS_POINT, PICK, USES_MASK, ClickSimulation, error_points
 from samcache.train.runs import RunCheckpoint
@@ -75,7 +75,7 @@ def test_error_points_never_fall_in_the_padding():
 def test_the_schedule_is_sams_eleven_passes_seeded_by_its_keys():
     sams = PromptSettings(mode="interactive", mask_prompt_prob=1.0)
     schedule = click_schedule(sams, 0, 1, 5, 2)
-    assert schedule.shape == (3, 11) == (3, click_passes(sams))
+    assert schedule.shape == (3, 11) == (3, sams.passes)
     adds, uses, picks = schedule
     assert adds[0] == 0 and uses[0] == 0  # pass 0 is the first prompt
     assert adds.sum() == 8  # the corrective points

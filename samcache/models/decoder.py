@@ -83,17 +83,25 @@ def predict_masks_batched(
     output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
     _, c, h, w = image_embeddings.shape
-    if shared_dense:  # the same dense embedding for all prompts: image-side work once per image
-        hs, src = two_way_transformer(d.transformer, image_embeddings + dense[:1], image_pe, tokens, batch_row)
-    else:
-        hs, src = two_way_transformer(d.transformer, image_embeddings.index_select(0, batch_row) + dense, image_pe,
-                                      tokens)
+    hs, src = transformer_on_prompts(d.transformer, image_embeddings, batch_row, image_pe, tokens, dense,
+                                     shared_dense=shared_dense)
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1 : 1 + d.num_mask_tokens, :]
 
     mlps = d.output_hypernetworks_mlps[:1] if first_output_only else d.output_hypernetworks_mlps
     hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(mlps)], dim=1)
     return DecoderOutput(mask_logits(d.output_upscaling, src, hyper_in, h, w), d.iou_prediction_head(iou_token_out))
+
+
+def transformer_on_prompts(transformer, image_embeddings: torch.Tensor, batch_row: torch.Tensor,
+                           image_pe: torch.Tensor, tokens: torch.Tensor, dense: torch.Tensor, *,
+                           shared_dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask decoder's two-way transformer for N prompts (tokens (N, T, C)) over their images:
+    with `shared_dense` the image side is made once per image (embedding + the one dense embedding),
+    else once per prompt (its image's embedding + its own dense embedding)."""
+    if shared_dense:
+        return two_way_transformer(transformer, image_embeddings + dense[:1], image_pe, tokens, batch_row)
+    return two_way_transformer(transformer, image_embeddings.index_select(0, batch_row) + dense, image_pe, tokens)
 
 
 def decode(

@@ -208,11 +208,6 @@ TRAINED_PASSES_DRAW = 2
 passes (samples.VIEW_DRAW is 1)."""
 
 
-def click_passes(settings: PromptSettings) -> int:
-    """Decoder passes per step of the interactive recipe (PromptSettings.passes)."""
-    return settings.passes
-
-
 def trained_passes(settings: PromptSettings, seed: int, epoch: int, image_index: int) -> np.ndarray:
     """Which passes of a step of the interactive recipe are backpropagated, (passes,) bool: all of
     them, or `settings.trained_passes` drawn without replacement from rng_for(seed, epoch, image, 0,
@@ -234,7 +229,7 @@ def click_schedule(settings: PromptSettings, seed: int, epoch: int, image_index:
     each of the others adds a point and gets the mask prompt with probability mask_prompt_prob.
     Pass p's draws come from rng_for(seed, epoch, image, object, p), the refinement position from
     key 0, so the schedule never depends on anything else."""
-    passes = click_passes(settings)
+    passes = settings.passes
     adds_point, uses_mask, pick = np.zeros((3, passes), np.float32)
     refine = set()
     if passes > 1 + settings.click_iterations:  # refinement passes: the last and one random earlier one

@@ -30,6 +30,7 @@ from samcache.models.decoder import (
     encode_prompt_group,
     mask_iou,
     prompt_groups,
+    transformer_on_prompts,
     upscale_logits,
 )
 from samcache.models.mobile_sam import TINY_VIT_ARGUMENTS, RefreshingTinyViT, quiet_tiny_vit_import
@@ -47,7 +48,6 @@ from samcache.models.specs import (
     SAM_HQ_BASES,
     SAM_HQ_VIT_CHANNELS,
 )
-from samcache.models.two_way_attention import two_way_transformer
 from samcache.models.upscaling import hypernetwork_logits
 
 with quiet_tiny_vit_import():
@@ -125,10 +125,8 @@ def predict_masks_hq(mask_decoder: MaskDecoderHQ, embeddings: torch.Tensor, hq_f
     output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight, d.hf_token.weight], dim=0)
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
     _, c, h, w = embeddings.shape
-    if shared_dense:
-        hs, src = two_way_transformer(d.transformer, embeddings + dense[:1], image_pe, tokens, batch_row)
-    else:
-        hs, src = two_way_transformer(d.transformer, embeddings.index_select(0, batch_row) + dense, image_pe, tokens)
+    hs, src = transformer_on_prompts(d.transformer, embeddings, batch_row, image_pe, tokens, dense,
+                                     shared_dense=shared_dense)
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1 : 1 + MASK_OUTPUTS + 1, :]  # SAM's four, then the HQ token
 

@@ -148,10 +148,10 @@ def _image_to_tokens(attention, keys: torch.Tensor, key_pe: torch.Tensor, k: tor
     heads = attention.num_heads
     k_heads = attention.k_proj(k).view(n, t, heads, -1)
     v_heads = attention.v_proj(v).view(n, t, heads, -1)
-    scale = 1 / math.sqrt(k_heads.shape[-1])
+    scaled = k_heads / math.sqrt(k_heads.shape[-1])
     wq = _heads(attention.q_proj.weight, heads).to(k_heads.dtype)  # (H, d, C)
-    a = torch.einsum("nthd,hdc->nhtc", k_heads * scale, wq).reshape(n, heads * t, -1)  # (N, H*T, C)
-    bias = torch.einsum("nthd,hd->nht", k_heads * scale, attention.q_proj.bias.view(heads, -1).to(k_heads.dtype))
+    a = torch.einsum("nthd,hdc->nhtc", scaled, wq).reshape(n, heads * t, -1)  # (N, H*T, C)
+    bias = torch.einsum("nthd,hd->nht", scaled, attention.q_proj.bias.view(heads, -1).to(k_heads.dtype))
     pe_scores = a @ key_pe[0].T + bias.reshape(n, -1, 1)  # (N, H*T, HW)
     wo = attention.out_proj.weight.view(-1, heads, v_heads.shape[-1]).to(v_heads.dtype)  # (C, H, d)
     # The attended values through the output projection, its bias spread over the H heads' weights.

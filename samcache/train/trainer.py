@@ -40,7 +40,7 @@ from samcache.locks import WriterLock
 from samcache.models.decoder import PromptDecoder
 from samcache.models.encoder_tail import EncoderTail, TailedDecoder, add_lora, tail_parameters
 from samcache.models.families import family_of
-from samcache.models.prompts import PromptBatch, click_passes, rng_for
+from samcache.models.prompts import PromptBatch, rng_for
 from samcache.models.specs import LOW_RES_SIZE
 from samcache.models.weights import LoadedModel, load_matching
 from samcache.progress import progress_bar
@@ -269,7 +269,7 @@ def _placeholder_step_inputs(device: torch.device, config: TrainConfig, shape: t
     prompts = PromptBatch.boxes_of_one_image(torch.tensor([[0.0, 0.0, 64.0, 64.0]]))
     schedules = None
     if config.prompts.mode == "interactive":  # as many passes as the other ranks; no points, no masks
-        schedules = ClickSchedules(torch.zeros((1, 3, click_passes(config.prompts))),
+        schedules = ClickSchedules(torch.zeros((1, 3, config.prompts.passes)),
                                    torch.tensor([[LOW_RES_SIZE, LOW_RES_SIZE]])).to(device)
     features = torch.zeros((1, *shape), device=device)
     return Batch([], features, prompts.to(device),
