@@ -1,11 +1,13 @@
 """Benchmark: `samcache embed` as a whole command against what a skilled user would write on a CPU.
 
-Same weights on every side (random weights, seed 0, saved in the official layout: vit_b in
-Meta's, vit_t in MobileSAM's mobile_sam.pt), same synthetic stamp pages, in one run, methods
-interleaved per round in ABBA order after one untimed warm-up image each. Several --model values
-run one after the other on the same pages, in one invocation. The user's predictor is the model's
-own package: segment_anything's SamPredictor for vit_b, MobileSAM's (mobile_sam, else
-mobilesam-lite's copy) for vit_t, built by its sam_model_registry from the saved weights.
+Same weights on every side (random weights, seed 0, saved in the official layout: vit_b in Meta's,
+its relative positions drawn N(0, 0.3^2), as SAM's init leaves them zero and trained checkpoints
+do not, and samcache's converted encoder folds them into its attention's keys; vit_t in
+MobileSAM's mobile_sam.pt), same synthetic stamp pages, in one run, methods interleaved per round
+in ABBA order after one untimed warm-up image each. Several --model values run one after the other
+on the same pages, in one invocation. The user's predictor is the model's own package:
+segment_anything's SamPredictor for vit_b, MobileSAM's (mobile_sam, else mobilesam-lite's copy)
+for vit_t, built by its sam_model_registry from the saved weights.
 
   loop fp32      per image: cv2.imread + cvtColor + SamPredictor.set_image (torch, fp32)
   loop bf16      the same under torch.autocast("cpu", bfloat16) (on CPUs with bf16 instructions)
@@ -168,7 +170,10 @@ def bench_model(model: str, rounds: list, work: Path, images: int, peak: dict, s
             torch.save(build_seeded("vit_t", 0).state_dict(), weights)
         else:
             torch.manual_seed(0)
-            torch.save(build_sam(model).state_dict(), weights)
+            state = build_sam(model).state_dict()
+            for key in [k for k in state if ".rel_pos_" in k]:
+                state[key] = torch.randn(state[key].shape) * 0.3
+            torch.save(state, weights)
     sam, predictor = build_user_model(model, weights)
     print(f"\n{model}", flush=True)
 
