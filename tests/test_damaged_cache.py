@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from samcache.cache import index as cache_index
-from samcache.cache.reader import EmbeddingCache
+from samcache.cache.reader import DamagedImageError, EmbeddingCache
 from samcache.cli import main
 from samcache.data import masks
 from tests.helpers import EMBED_FLAGS
@@ -193,3 +193,26 @@ def test_a_schema_version_of_another_type_says_so(stamps_cache_copy, version, sa
     (stamps_cache_copy / "cache.json").write_text(json.dumps(header))
     _refused(_run("info", stamps_cache_copy), stamps_cache_copy / "cache.json",
              f"schema_version is {said}, not an integer")
+
+
+def test_a_reader_checks_an_images_mask_encodings_once_within_its_bound(stamps_cache_copy, monkeypatch):
+    """Training reads each image's objects every epoch: one reader reads and checks them once (its
+    shards do not change under it), up to reader.CHECKED_MASKS_CHARS characters; past that bound
+    they are read and checked on each access, as a fresh reader does."""
+    from samcache.cache import reader
+
+    name, shard, row = _train_image(stamps_cache_copy)
+    kept = EmbeddingCache(stamps_cache_copy)
+    monkeypatch.setattr(reader, "CHECKED_MASKS_CHARS", 0)
+    unkept = EmbeddingCache(stamps_cache_copy)
+    index = kept.index_of(name)
+    first = kept.images[index].objects
+    assert unkept.images[index].objects == first
+    kept.close()
+    unkept.close()
+    _set_first_mask(shard, row, "abc")
+
+    assert kept.images[index].objects == first  # checked before, by this reader
+    for fresh in (unkept, EmbeddingCache(stamps_cache_copy)):
+        with pytest.raises(DamagedImageError, match="end inside a number"):
+            fresh.images[index]

@@ -7,6 +7,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -254,6 +255,27 @@ def test_low_res_target_sits_where_the_decoder_predicts():
     target = low_res_target(rle, (512, 1024))
     assert target.shape == (256, 256)
     assert target[:64, :128].min() == 1.0 and target[64:, :].max() == 0.0 and target[:, 128:].max() == 0.0
+
+
+@pytest.mark.parametrize("size,cells", [((1114, 934), (256, 215)), ((600, 800), (150, 200)), ((97, 131), (40, 57)),
+                                        ((300, 200), (256, 171)), ((100, 120), (256, 215))])
+def test_mask_coverage_is_cv2s_area_resize_of_the_mask(size, cells):
+    """masks.coverage works on the mask's box alone; the whole-image INTER_AREA resize it replaces
+    gives the same map (non-integer and integer scales, masks at the edges, empty and full masks)."""
+    rng = np.random.default_rng(sum(size))
+    h, w = size
+    cases = [np.zeros(size, bool), np.ones(size, bool)]
+    for _ in range(6):
+        y0, x0 = rng.integers(0, h - 1), rng.integers(0, w - 1)
+        y1, x1 = rng.integers(y0 + 1, h + 1), rng.integers(x0 + 1, w + 1)
+        mask = np.zeros(size, bool)
+        mask[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < 0.7
+        cases.append(mask)
+    for mask in cases:
+        expected = cv2.resize(mask.astype(np.float32), cells[::-1], interpolation=cv2.INTER_AREA)
+        got = masks.coverage(masks.encode(mask), cells)
+        assert got.shape == cells and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=2e-6)
 
 
 # --------------------------------------------------------------------------------------- losses

@@ -41,6 +41,8 @@ from samcache.models.specs import IMAGE_SIZE
 
 DAMAGED_DIR = "damaged"
 """Where `samcache verify` moves the shards it cannot read (CACHE/damaged/NAME): out of the cache, never deleted."""
+CHECKED_MASKS_CHARS = 64 * 2**20
+"""How many characters of checked mask encodings a reader keeps (about 64 MiB of strings)."""
 
 
 def _worker_message(message: str, error: type) -> str:
@@ -137,6 +139,10 @@ class EmbeddingCache:
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
         self._earlier: Optional[dict[str, list[int]]] = None  # name -> hidden image rows (earlier_record)
+        # index -> its objects' checked mask encodings: training reads every image's each epoch, and
+        # the shards a reader opened do not change under it. Bounded, so a huge cache cannot fill memory.
+        self._checked_masks: dict[int, list[str]] = {}
+        self._checked_chars_left = CHECKED_MASKS_CHARS
 
     def __len__(self) -> int:
         return len(self.names)
@@ -365,7 +371,19 @@ class EmbeddingCache:
     def _mask_encodings(self, index: int, objects: np.ndarray, size: tuple[int, int]) -> list[str]:
         """The RLE strings of `objects` (rows of the tables' objects) of image `index`, each checked
         to decode to a mask of `size`: a damaged one is a message naming it here, never a crash
-        where it is decoded (a DataLoader worker, say)."""
+        where it is decoded (a DataLoader worker, say). Read and checked once per reader, up to
+        CHECKED_MASKS_CHARS characters in all."""
+        known = self._checked_masks.get(index)
+        if known is not None:
+            return known
+        counts = self._read_mask_encodings(index, objects, size)
+        chars = sum(len(c) for c in counts)
+        if chars <= self._checked_chars_left:
+            self._checked_masks[index] = counts
+            self._checked_chars_left -= chars
+        return counts
+
+    def _read_mask_encodings(self, index: int, objects: np.ndarray, size: tuple[int, int]) -> list[str]:
         shard_rows = self.tables.object_row[objects]
         first, last = int(shard_rows[0]), int(shard_rows[-1]) + 1  # an image's objects are contiguous in its shard
         try:

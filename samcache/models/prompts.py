@@ -279,14 +279,13 @@ def evaluation_prompt(rle: dict, box, original_size, mode: str, *, frame: Option
 def low_res_target(rle: dict, input_size: tuple[int, int], image_size: int = IMAGE_SIZE) -> np.ndarray:
     """The object's mask in the decoder's 256x256 frame, as a float32 coverage map in [0, 1].
 
-    The mask is resized like the image (to `input_size`), padded bottom-right to the square
-    input, then area-averaged down by 4, matching where the decoder's low-res logits sit.
+    The mask is area-averaged to the image's part of the frame (where the image, resized to
+    `input_size` and padded bottom-right to the square input, lands 4x smaller), zero in the
+    padding: where the decoder's low-res logits sit.
     """
-    mask = masks.decode(rle).astype(np.float32)
     low_h, low_w = low_res_size(input_size, image_size)
-    resized = cv2.resize(mask, (low_w, low_h), interpolation=cv2.INTER_AREA)
     target = np.zeros((LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
-    target[:low_h, :low_w] = resized
+    target[:low_h, :low_w] = masks.coverage(rle, (low_h, low_w))
     return target
 
 

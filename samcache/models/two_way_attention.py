@@ -86,11 +86,12 @@ def two_way_transformer(transformer, image_src: torch.Tensor, image_pe: torch.Te
         batch_row, tokens = batch_row[order], tokens[order]
     rows = None if batch_row is None else ImageRows.of(batch_row)
     device = image_src.device.type
-    # Under autocast the image tokens go in its precision once here, so the per-prompt image tokens
-    # and their gradients stay in it (each product would cast them again otherwise).
+    # Under autocast the image tokens and their positional encoding go in its precision once here,
+    # so the per-prompt image tokens and their gradients stay in it (each product would cast them
+    # again otherwise).
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else image_src.dtype
     keys = image_src.flatten(2).transpose(1, 2).to(dtype)  # (B, HW, C)
-    key_pe = image_pe.flatten(2).transpose(1, 2)  # (1, HW, C)
+    key_pe = image_pe.flatten(2).transpose(1, 2).to(dtype)  # (1, HW, C)
     queries, query_pe = tokens, tokens
     for i, layer in enumerate(transformer.layers):
         queries, keys = _two_way_block(layer, queries, keys, query_pe, key_pe, rows if i == 0 else None)
