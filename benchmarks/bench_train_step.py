@@ -21,6 +21,12 @@ interleaved in ABBA order over `--rounds` rounds, each round one pass over the t
 Targets for the stock loops are prepared once (not timed); samcache's time includes reading
 embeddings and building prompts and targets every step. prompts/s = prompts / seconds.
 
+Every method first runs `--warmup` untimed rounds: the figures are steady-state rates, what a run
+of many epochs sees. A step with a prompt count (and number of images) it has not run before
+costs ~100 ms more, once (the kernels and memory for the new shapes); samcache's epochs here are
+2 steps of varying composition, so without the warm-up its first rounds pay that cost rather
+than their steps'. `--warmup 1` gives those cold figures.
+
     python benchmarks/bench_train_step.py --pages 8 --rounds 2 --work /tmp/bench_train_step
 """
 
@@ -102,6 +108,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pages", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=8,
+                        help="untimed rounds of every method first: samcache's epochs draw new batch compositions "
+                             "(prompt counts per step), and a step of a new shape runs ~100 ms slower once")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_train_step"))
     args = parser.parse_args()
     work = args.work
@@ -124,7 +133,7 @@ def main() -> None:
     optimizer = torch.optim.Adam(sam.mask_decoder.parameters(), lr=1e-5)
 
     def samcache_method(precision: str):
-        config = TrainConfig(val_split="train", workers=0, epochs=args.rounds * 2 + 1, save_every=None,
+        config = TrainConfig(val_split="train", workers=0, epochs=args.warmup + args.rounds + 1, save_every=None,
                              precision=precision)
         run = RunFolder(work / f"run_{precision}")
         training = Training.setup(cache, run, config, _splits(cache, config, SINGLE), resume=False, dist=SINGLE)
@@ -161,8 +170,11 @@ def main() -> None:
     }
     methods = {name: fn if "kept" in name or name.startswith("samcache") else with_memory(False, fn)
                for name, fn in methods.items()}
-    for fn in methods.values():
-        fn()  # warm-up
+    warmup_started = time.perf_counter()
+    for _ in range(args.warmup):
+        for fn in methods.values():
+            fn()
+    print(f"warm-up: {args.warmup} rounds of every method, {time.perf_counter() - warmup_started:.0f} s", flush=True)
     rates = {name: [] for name in methods}
     for r in range(args.rounds):
         for name in (methods if r % 2 == 0 else reversed(list(methods))):
