@@ -60,6 +60,7 @@ def test_encoders_without_sams_vit_attention_are_left_as_they_are():
         assert replaced == 0
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
 def test_the_converted_graph_has_one_attention_op_per_block_and_the_stock_output():
     ov = pytest.importorskip("openvino")
     vit = _small_vit(img_size=128)
