@@ -4,6 +4,8 @@ separate softmax, the stock modules back afterwards."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +60,11 @@ def test_encoders_without_sams_vit_attention_are_left_as_they_are():
     tiny = build_seeded("tiny", 0).image_encoder
     with fused_vit_attention(tiny) as replaced:
         assert replaced == 0
+    if importlib.util.find_spec("segment_anything_hq") is not None:  # MobileSAM's TinyViT: an `Attention` of its own
+        tiny_vit = build_seeded("vit_t", 0).image_encoder
+        assert any(type(m).__name__ == "Attention" for m in tiny_vit.modules())
+        with fused_vit_attention(tiny_vit) as replaced:
+            assert replaced == 0
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
