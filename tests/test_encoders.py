@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from samcache.cache.reader import EmbeddingCache
 from samcache.cli import main
-from samcache.embed.encoders import OpenVINOEncoder, converted_path, resolve_backend
+from samcache.embed.encoders import CONVERSION, OpenVINOEncoder, converted_path, resolve_backend
 from samcache.errors import SamcacheError
 from samcache.models.encoding import TorchEncoder
 from samcache.models.weights import identify_weights, load_identified
@@ -24,12 +24,23 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def test_openvino_equals_the_stock_encoder_and_converts_once(tmp_path, monkeypatch):
     monkeypatch.setenv("SAMCACHE_HOME", str(tmp_path / "home"))  # a conversion of its own
     weights = identify_weights("tiny")
+    # An earlier form's files of these weights, and another tail's: kept; the earlier form is named.
+    folder = tmp_path / "home" / "openvino"
+    folder.mkdir(parents=True)
+    prefix = f"tiny-{weights.weights_sha256[:16]}-encoder"
+    kept = (f"{prefix}.xml", f"{prefix}.bin", f"{prefix}-tail1-{CONVERSION}.xml")
+    for name in kept:
+        (folder / name).write_bytes(b"x" * 2**20)
     said: list[str] = []
     encoder = OpenVINOEncoder(weights, "fp32", say=said.append)
+    older = [line for line in said if "an earlier form of this conversion" in line]
+    assert len(older) == 1 and f"{prefix}.xml (and its .bin, 2 MiB)" in older[0]
+    assert all((folder / name).exists() for name in kept)
     loaded = load_identified(weights)
     assert converted_path(weights).is_file() and converted_path(weights).parent == tmp_path / "home" / "openvino"
     assert weights.weights_sha256[:16] in converted_path(weights).name
-    assert any("converting the tiny image encoder" in line for line in said) and "converted in" in said[-1]
+    assert any("converting the tiny image encoder" in line for line in said)
+    assert any(line.startswith("converted in") for line in said)
 
     batch = torch.randn(2, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
     expected = TorchEncoder(loaded.sam.image_encoder, torch.device("cpu"), "fp32")(batch)

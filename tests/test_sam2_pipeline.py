@@ -292,3 +292,81 @@ def test_safetensors_export_loads_as_its_metadata_says(sam2_run, tmp_path):
     tuned = RunFolder(sam2_run).read_checkpoint("best").state_dict
     loaded = model.sam_mask_decoder.state_dict()
     assert all(torch.equal(loaded[k[len("mask_decoder."):]], v) for k, v in tuned.items() if k.startswith("mask_"))
+
+
+@pytest.mark.parametrize("gradients", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["outputs", "outputs-and-gradients"])
+def test_the_batched_decoder_equals_sam2s_predict_masks(hiera_t_checkpoint, gradients):
+    """Sam2PromptDecoder (the transformer folded, the upscaling on tokens with the high-resolution
+    maps in the tokens' order, an image's prompts sharing its first block) against sam2's own
+    MaskDecoder.predict_masks on each prompt's image, in fp32: outputs (and every gradient, a slow
+    case), for boxes over unsorted images, points alone, and mask prompts on some of the prompts."""
+    from samcache.models.prompts import PromptBatch
+
+    model_type = "sam2.1_hiera_t"
+    sam = load_sam(model_type, checkpoint=hiera_t_checkpoint).sam
+    decoder = family_of(model_type).decoder(sam, model_type).train()
+    decoder.prompt_encoder.requires_grad_(False)  # as `samcache train` leaves it by default
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in decoder.mask_decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    maps = {name: torch.randn(2, *shape) for name, shape in SAM2_FEATURE_SHAPES.items()}
+    features = pack_sam2(maps)
+    n = 3  # a point alone, a box alone, a box with a negative point; images out of order
+    base = dict(batch_row=torch.tensor([1, 0, 1]), boxes=torch.tensor([[100., 120, 500, 400]] * n) +
+                torch.arange(float(n))[:, None] * 30,
+                points=torch.tensor([[[300., 300]], [[0., 0]], [[250., 260]]]),
+                labels=torch.tensor([[1], [-1], [0]]), is_box=torch.tensor([False, True, True]))
+    previous = torch.randn(n, 256, 256) * 3
+    cases = {"boxes and points": PromptBatch(**base),
+             "mask prompts on some": PromptBatch(**base, masks=previous, has_mask=torch.tensor([True, False, True]))}
+
+    def stock(prompts):
+        pe, md = decoder.prompt_encoder, decoder.mask_decoder
+        logits = torch.empty(n, 4, 256, 256)
+        for i in range(n):
+            row = prompts.batch_row[i : i + 1]
+            coords, labels = [], []
+            if prompts.is_box[i]:
+                coords.append(prompts.boxes[i : i + 1].reshape(1, 2, 2))
+                labels.append(torch.tensor([[2, 3]]))
+            if prompts.labels[i, 0] >= 0:
+                coords.append(prompts.points[i : i + 1, :1])
+                labels.append(prompts.labels[i : i + 1, :1])
+            given = prompts.masks is not None and bool(prompts.has_mask[i])
+            sparse, dense = pe(points=(torch.cat(coords, 1), torch.cat(labels, 1)), boxes=None,
+                               masks=prompts.masks[i : i + 1, None] if given else None)
+            out, _, _, _ = md.predict_masks(
+                image_embeddings=maps["image_embed"][row], image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense, repeat_image=False,
+                high_res_features=[maps["high_res_s0"][row], maps["high_res_s1"][row]])
+            logits[i] = out[0]
+        return logits
+
+    weights = torch.randn(n, 4, 256, 256)
+    for name, prompts in cases.items():
+        results = []
+        for run in (lambda: decoder(features, prompts).logits, lambda: stock(prompts)):
+            decoder.zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(gradients):
+                logits = run()
+            if gradients:
+                (logits * weights).sum().backward()
+            results.append((logits.detach(), {k: p.grad.clone() for k, p in decoder.mask_decoder.named_parameters()
+                                              if p.grad is not None}))
+        (ours, our_grads), (theirs, their_grads) = results
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=name)
+        if not gradients:
+            continue
+        # A key projection's bias shifts all of a query's scores alike, which the softmax cancels: sam2's
+        # modules give it rounding noise as gradient, the folded attentions none.
+        cancelled = {k for k in their_grads if k.endswith("k_proj.bias")}
+        assert cancelled and our_grads.keys() - cancelled == their_grads.keys() - cancelled, name
+        largest = max(float(g.abs().max()) for g in their_grads.values())
+        assert all(float(grads[k].abs().max()) < 1e-5 * largest
+                   for grads in (our_grads, their_grads) for k in cancelled if k in grads), name
+        for key in our_grads.keys() - cancelled:
+            scale = float(their_grads[key].abs().max()) + 1e-6
+            torch.testing.assert_close(our_grads[key], their_grads[key], rtol=1e-3, atol=1e-4 * scale,
+                                       msg=f"{name}: {key}")

@@ -20,6 +20,7 @@ not used: with it the test process segfaulted later in the suite.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -150,6 +151,18 @@ def _convert(loaded: LoadedModel, xml: Path, say: Callable[[str], None], tail_bl
         ticker.stop()
     size = xml.with_suffix(".bin").stat().st_size / 2**20
     say(f"converted in {time.time() - started:.0f} s ({size:.0f} MiB): {xml}")
+    for older in older_conversions(xml):
+        size = sum(p.stat().st_size for p in (older, older.with_suffix(".bin")) if p.exists()) / 2**20
+        say(f"  {older.name} (and its .bin, {size:.0f} MiB), an earlier form of this conversion, is no longer "
+            "read: delete them to free the space")
+
+
+def older_conversions(xml: Path) -> list[Path]:
+    """The converted files of the same weights (and tail) in earlier forms (another CONVERSION, or
+    none), beside `xml`: samcache keeps them, a user may delete them."""
+    stem = xml.name.removesuffix(f"-{CONVERSION}.xml")
+    form = re.compile(re.escape(stem) + r"(-v\d+)?\.xml")
+    return sorted(p for p in xml.parent.glob(f"{stem}*.xml") if p != xml and form.fullmatch(p.name))
 
 
 class _Ticker:

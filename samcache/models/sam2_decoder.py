@@ -30,11 +30,13 @@ from samcache.models.decoder import (
     mask_iou,
     mask_terms,
     prompt_groups,
+    transformer_on_prompts,
     without_absent_masks,
 )
 from samcache.models.feature_layout import unpack_sam2
 from samcache.models.prompts import PromptBatch
 from samcache.models.specs import LOW_RES_SIZE, MASK_OUTPUTS
+from samcache.models.upscaling import mask_logits
 
 
 class Sam2PromptDecoder(PromptDecoder):
@@ -72,15 +74,23 @@ class Sam2PromptDecoder(PromptDecoder):
         masks = None if prompts.masks is None else prompts.masks[select].unsqueeze(1)
         sparse, dense = prompt_encoder(points=points, boxes=None, masks=masks)
         dense = without_absent_masks(prompt_encoder, prompts, select, dense)
-        maps = {name: value.index_select(0, rows) for name, value in maps.items()}  # each prompt's own image
-        logits, iou_pred, _, object_score = mask_decoder.predict_masks(
-            image_embeddings=maps["image_embed"],
-            image_pe=prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            repeat_image=False,
-            high_res_features=[maps["high_res_s0"], maps["high_res_s1"]],
-        )
+        d = mask_decoder
+        first = [d.obj_score_token.weight] if d.pred_obj_scores else []  # output tokens: sam2's order
+        output_tokens = torch.cat([*first, d.iou_token.weight, d.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(len(select), -1, -1), sparse], dim=1)
+        image_embed = maps["image_embed"]
+        hs, src = transformer_on_prompts(d.transformer, image_embed, rows, prompt_encoder.get_dense_pe(), tokens,
+                                         dense, shared_dense=prompts.masks is None)
+        s = len(first)
+        mask_tokens_out = hs[:, s + 1 : s + 1 + d.num_mask_tokens, :]
+        hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)],
+                               dim=1)
+        high_res = (maps["high_res_s0"], maps["high_res_s1"]) if d.use_high_res_features else None
+        logits = mask_logits(d.output_upscaling, src, hyper_in, *image_embed.shape[-2:], high_res=high_res,
+                             batch_row=rows)
+        iou_pred = d.iou_prediction_head(hs[:, s, :])
+        object_score = (d.pred_obj_score_head(hs[:, 0, :]) if d.pred_obj_scores
+                        else 10.0 * iou_pred.new_ones(iou_pred.shape[0], 1))  # sam2's "present" when not predicted
         if mask_decoder.dynamic_multimask_via_stability and not mask_decoder.training:
             single, single_iou = mask_decoder._dynamic_multimask_via_stability(logits, iou_pred)
             logits = torch.cat([single, logits[:, 1:]], dim=1)
