@@ -19,7 +19,8 @@ Random weights (speed does not depend on them); rounds interleaved A B A B ...
     python benchmarks/bench_sam2_step.py --pages 10 --rounds 2 --model sam2.1_hiera_l
     python benchmarks/bench_sam2_step.py --device cuda --pages 64 --batch-size 8 --rounds 3   # gpu.sh
 
-On CUDA both sides run on the GPU and the decoder step in bf16 autocast, as `samcache train` does.
+The decoder step runs in `samcache train`'s default precision: bf16 autocast on CUDA and on CPUs
+with native bf16, else fp32. On CUDA both sides run on the GPU.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from samcache.config import EmbedConfig, PromptSettings  # noqa: E402
 from samcache.data.datasets import load_dataset  # noqa: E402
 from samcache.data.images import read_image  # noqa: E402
 from samcache.data.stamps import generate_stamps  # noqa: E402
-from samcache.devices import autocast, cpu_description, decoder_precision, resolve_precision  # noqa: E402
+from samcache.devices import autocast, cpu_description, resolve_precision  # noqa: E402
 from samcache.embed.pipeline import embed_dataset  # noqa: E402
 from samcache.models.weights import (  # noqa: E402
     build_sam,  # noqa: E402
@@ -76,7 +77,9 @@ def main() -> None:
     embed_dataset(load_dataset(data), cache_dir, EmbedConfig(model_type=args.model, checkpoint=checkpoint,
                                                              progress=False, workers=0, device=args.device))
     cache = EmbeddingCache(cache_dir)
-    precision, step_precision = resolve_precision("auto", device), decoder_precision(device)
+    # The decoder step in `samcache train`'s default precision (bf16 where the device has it), the
+    # encoder in the fastest simple form (the same).
+    precision = step_precision = resolve_precision("auto", device)
 
     loaded = load_sam(args.model, checkpoint)
     sam = loaded.sam.to(device)
