@@ -13,8 +13,12 @@ The same call as `SAM2ImagePredictor._predict`, with each prompt paired to its o
 - masks go back to the image in one bilinear resize (SAM2Transforms.postprocess_masks): its
   input frame is the whole image, stretched.
 
-All four mask outputs come back, as for SAM. `Sam2PromptDecoder` is what the SAM 2.1 family
-(families.py) hands out.
+All four mask outputs come back, as for SAM. The arithmetic is sam2's `MaskDecoder.predict_masks`
+run as SAM's decoder is (decoder.py): the two-way transformer's cross-attentions folded into the
+prompt tokens, an image's prompts sharing its first block, the upscaling as products on the
+tokens with the high-resolution maps put in the tokens' order once per image (upscaling.py); equal
+to sam2's own call within float rounding, outputs and gradients (tests/test_sam2_pipeline.py).
+`Sam2PromptDecoder` is what the SAM 2.1 family (families.py) hands out.
 """
 
 from __future__ import annotations
