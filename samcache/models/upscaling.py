@@ -44,14 +44,14 @@ def mask_logits(upscaling: torch.nn.Sequential, src: torch.Tensor, hyper_in: tor
     c1, m = conv1.out_channels, hyper_in.shape[1]
     y = F.linear(src, token_weight(conv1), conv1.bias.repeat(4)).view(n, hw * 4, c1)
     s0 = s1 = None
-    if high_res is not None:
-        s0, s1 = (tokens.index_select(0, batch_row) for tokens in high_res_tokens(*high_res, h, w))
-        y = y + s1.to(y.dtype)
+    if high_res is not None:  # in the products' precision per image, then per prompt
+        s0, s1 = (tokens.to(y.dtype).index_select(0, batch_row) for tokens in high_res_tokens(*high_res, h, w))
+        y = y + s1
     y = act1(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
     # The biases go in with the products (no separate pass), in the products' precision under autocast.
     z = F.linear(y, token_weight(conv2), conv2.bias.repeat(4))
     if s0 is not None:
-        z = z + s0.view_as(z).to(z.dtype)
+        z = z + s0.view_as(z)
     z = act2(z)
     logits = z.view(n, hw * 16, -1) @ hyper_in.transpose(1, 2)  # (N, pixels, M)
     # Token (i, j), first sub-pixel (a, b), second (a2, b2) -> pixel (4i + 2a + a2, 4j + 2b + b2).
