@@ -83,8 +83,23 @@ def test_the_converted_graph_has_one_attention_op_per_block_and_the_stock_output
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_sam_hq_vit_attention_is_recognised():
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_sam_hq_vit_attention_is_fused_alike():
+    """SAM-HQ's ViT (its own copy of SAM's classes, two outputs) converts the same way."""
     pytest.importorskip("segment_anything_hq")
-    from segment_anything_hq.modeling.image_encoder import Attention
+    from segment_anything_hq.modeling.image_encoder import ImageEncoderViT as HqViT
 
-    assert is_vit_attention(Attention(dim=32, num_heads=2, use_rel_pos=True, input_size=(4, 4)))
+    torch.manual_seed(0)
+    vit = HqViT(img_size=128, patch_size=16, embed_dim=32, depth=3, num_heads=2, out_chans=16, use_rel_pos=True,
+                window_size=3, global_attn_indexes=(1,)).eval()
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        image = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+        expected, expected_early = vit(image)
+        with fused_vit_attention(vit) as replaced:
+            got, got_early = vit(image)
+    assert replaced == 3
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    for g, e in zip(got_early, expected_early):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()))
