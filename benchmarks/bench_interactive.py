@@ -106,6 +106,7 @@ def cost_setup(cache_dir: Path, work: Path):
     from samcache.cache.reader import EmbeddingCache
     from samcache.config import PromptSettings, TrainConfig
     from samcache.distributed import SINGLE
+    from samcache.models.prompts import trained_passes
     from samcache.train.runs import RunFolder
     from samcache.train.samples import CacheSamples, EpochBatches, SampleSettings, collate
     from samcache.train.trainer import Training, _splits
@@ -129,7 +130,9 @@ def cost_setup(cache_dir: Path, work: Path):
     for name, settings in modes.items():
         samples = CacheSamples(cache, SampleSettings.training(objects_per_image=4, prompts=settings, seed=0), read_embeddings=False)
         sampler = EpochBatches(training.train_indices, 4, 0)
-        batches[name] = [training.step_inputs(collate([samples[key] for key in keys])) for keys in sampler]
+        # the step's trained passes drawn as the trainer draws them (from its first image; all for SAM's recipe)
+        batches[name] = [training.step_inputs(collate([samples[key] for key in keys]), torch.from_numpy(
+            trained_passes(settings, 0, *keys[0]))) for keys in sampler]
     return training, modes, batches, torch
 
 

@@ -426,3 +426,42 @@ def test_interactive_options_are_checked_and_resume_may_not_change_them(stamps_c
     assert changed == ["prompts.mask_prompt_gradient ('detach' -> 'backprop')"]
     assert TrainConfig().val_clicks_in_effect == 0 and _interactive_config().val_clicks_in_effect == 3
     assert _interactive_config(val_clicks=0).val_clicks_in_effect == 0
+
+
+def test_every_ranks_share_of_a_step_trains_the_same_passes(stamps_cache, tmp_path, monkeypatch):
+    """Under torchrun each rank takes every world_size-th image of a step's global batch, and all
+    of them must backpropagate the same passes (DDP all-reduces at the last one): the trainer draws
+    them from the global batch's first image, for a rank whose share starts elsewhere, or is empty
+    (the placeholder step), alike; a share's own first image would draw other passes."""
+    from samcache.cache.reader import EmbeddingCache
+    from samcache.distributed import SINGLE
+    from samcache.train.runs import RunFolder, RunWriter, TrainState
+    from samcache.train.samples import EpochBatches
+    from samcache.train.trainer import Training, _splits, train_epoch
+
+    class FirstStep(Exception):
+        pass
+
+    def record(self, batch):
+        raise FirstStep(batch.indices, batch.schedules.trained.tolist())
+
+    monkeypatch.setattr(Training, "step", record)
+    cache = EmbeddingCache(stamps_cache)
+    for batch_size in (3, 1):  # shares of 2 and 1 images; of 1 and none
+        config = TrainConfig(prompts=PromptSettings(mode="interactive", click_iterations=3, trained_passes=2),
+                             batch_size=batch_size, objects_per_image=1, workers=0, save_every=None, epochs=1)
+        training = Training.setup(cache, RunFolder(tmp_path / f"run{batch_size}"), config,
+                                  _splits(cache, config, SINGLE), resume=False, dist=SINGLE)
+        first_step = []
+        for rank in (0, 1):
+            training.sampler = EpochBatches(training.train_indices, batch_size, config.seed, rank=rank, world_size=2)
+            with pytest.raises(FirstStep) as raised:
+                train_epoch(training, TrainState(history=[0.0]), RunWriter(training.run, enabled=False), 0,
+                            progress=False)
+            first_step.append(raised.value.args)
+        (share_0, passes_0), (share_1, passes_1) = first_step
+        global_first = training.sampler.global_batches()[0][0]
+        assert share_0[0] == global_first and share_1 != share_0 and sum(passes_0) == 2
+        assert passes_0 == passes_1 == trained_passes(config.prompts, config.seed, 0, global_first).tolist()
+        if share_1:  # what rank 1's own first image would have drawn
+            assert trained_passes(config.prompts, config.seed, 0, share_1[0]).tolist() != passes_1

@@ -31,7 +31,6 @@ from samcache.models.prompts import (
     low_res_size,
     low_res_target,
     rng_for,
-    trained_passes,
     training_prompt,
 )
 from samcache.models.specs import LOW_RES_SIZE
@@ -205,7 +204,6 @@ class CacheSamples(TorchDataset):
         if schedules:
             item["schedules"] = np.stack(schedules)
             item["valid_sizes"] = np.tile(np.array(low_res_size(input_size)), (len(objects), 1))
-            item["trained_passes"] = trained_passes(s.prompts, s.seed, epoch, index)
         if self.read_embeddings:
             item["embedding"] = torch.from_numpy(self.cache.features(index, self.features, view))
         return item
@@ -227,8 +225,8 @@ class ClickSchedules:
       draws: (N, 3, passes) float: rows adds_point, uses_mask (0/1), pick (uniform in [0, 1)).
       valid_sizes: (N, 2) long, (height, width) of each prompt's image in the 256x256 frame:
         corrective points are never drawn in the padding.
-      trained: (passes,) bool, the passes whose loss is backpropagated (prompts.trained_passes);
-        None: all of them.
+      trained: (passes,) bool, the passes whose loss is backpropagated (prompts.trained_passes, set
+        per step by the trainer: every rank's share of a step trains the same passes); None: all of them.
     """
 
     draws: torch.Tensor
@@ -279,6 +277,4 @@ def _collate_schedules(items: list[dict]) -> Optional[ClickSchedules]:
     if not with_objects:
         return None
     return ClickSchedules(torch.from_numpy(np.concatenate([item["schedules"] for item in with_objects])),
-                          torch.from_numpy(np.concatenate([item["valid_sizes"] for item in with_objects])).long(),
-                          # the step's passes are those its first image drew
-                          torch.from_numpy(with_objects[0]["trained_passes"]))
+                          torch.from_numpy(np.concatenate([item["valid_sizes"] for item in with_objects])).long())

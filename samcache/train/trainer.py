@@ -40,7 +40,7 @@ from samcache.locks import WriterLock
 from samcache.models.decoder import PromptDecoder
 from samcache.models.encoder_tail import EncoderTail, TailedDecoder, add_lora, tail_parameters
 from samcache.models.families import family_of
-from samcache.models.prompts import PromptBatch, rng_for
+from samcache.models.prompts import PromptBatch, rng_for, trained_passes
 from samcache.models.specs import LOW_RES_SIZE
 from samcache.models.weights import LoadedModel, load_matching
 from samcache.progress import progress_bar
@@ -218,14 +218,27 @@ class Training:
     def checkpoint(self, state: TrainState) -> RunCheckpoint:
         return RunCheckpoint.capture(self.sam, self.optimizer, self.config, self.cache.provenance, state, self.tail)
 
-    def step_inputs(self, batch: Optional[Batch]) -> Batch:
-        """The batch on the device (embeddings filled in); a placeholder for an empty share."""
+    def step_inputs(self, batch: Optional[Batch], trained: Optional[torch.Tensor] = None) -> Batch:
+        """The batch on the device (embeddings filled in); a placeholder for an empty share. With
+        the interactive recipe, `trained` (`trained_passes`) are the passes its step backpropagates."""
         if batch is None:
-            return _placeholder_step_inputs(self.device, self.config, self.cache.feature_shape(self.decoder.reads))
-        embeddings = (self.store.gather(batch.indices, batch.views) if self.store is not None
+            batch = _placeholder_step_inputs(self.config, self.cache.feature_shape(self.decoder.reads))
+        embeddings = (self.store.gather(batch.indices, batch.views) if self.store is not None and batch.indices
                       else batch.embeddings.to(self.device))
+        schedules = batch.schedules
+        if schedules is not None:
+            schedules = ClickSchedules(schedules.draws, schedules.valid_sizes, trained).to(self.device)
         return Batch(batch.indices, embeddings, batch.prompts.to(self.device), batch.targets.to(self.device),
-                     None if batch.schedules is None else batch.schedules.to(self.device), batch.views)
+                     schedules, batch.views)
+
+    def trained_passes(self, epoch: int, global_batch: list[int]) -> Optional[torch.Tensor]:
+        """The passes a step of the interactive recipe backpropagates (None: all, SAM's recipe),
+        drawn from the first image of the step's global batch: every rank's share of the step
+        (an empty one too) trains the same passes, so all of them all-reduce at the same pass."""
+        settings = self.config.prompts
+        if settings.mode != "interactive" or settings.trained_passes is None:
+            return None
+        return torch.from_numpy(trained_passes(settings, self.config.seed, epoch, global_batch[0]))
 
 
 def _splits(cache: EmbeddingCache, config: TrainConfig, dist: Distributed) -> tuple[list[int], list[int]]:
@@ -262,7 +275,7 @@ def _wrap_for_distributed(module: PromptDecoder, device: torch.device, dist: Dis
                                    find_unused_parameters=True)
 
 
-def _placeholder_step_inputs(device: torch.device, config: TrainConfig, shape: tuple[int, ...]) -> Batch:
+def _placeholder_step_inputs(config: TrainConfig, shape: tuple[int, ...]) -> Batch:
     """One prompt on a blank embedding, in a batch of no images (so it weighs 0): a rank without
     images in a step must still run forward and backward as often as the others, since
     DistributedDataParallel averages gradients from all ranks."""
@@ -270,10 +283,8 @@ def _placeholder_step_inputs(device: torch.device, config: TrainConfig, shape: t
     schedules = None
     if config.prompts.mode == "interactive":  # as many passes as the other ranks; no points, no masks
         schedules = ClickSchedules(torch.zeros((1, 3, config.prompts.passes)),
-                                   torch.tensor([[LOW_RES_SIZE, LOW_RES_SIZE]])).to(device)
-    features = torch.zeros((1, *shape), device=device)
-    return Batch([], features, prompts.to(device),
-                 torch.zeros((1, LOW_RES_SIZE, LOW_RES_SIZE), device=device), schedules)
+                                   torch.tensor([[LOW_RES_SIZE, LOW_RES_SIZE]]))
+    return Batch([], torch.zeros((1, *shape)), prompts, torch.zeros((1, LOW_RES_SIZE, LOW_RES_SIZE)), schedules)
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -375,11 +386,12 @@ def train_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, *
     t.module.train()
     bar = _progress(len(t.sampler), f"epoch {epoch + 1}/{config.epochs}", progress and t.dist.is_main)
     started, prompts = time.time(), 0
+    global_batches = t.sampler.global_batches()
     for batch_number, batch in enumerate(loader, start=t.sampler.start_batch):
         lr = learning_rate(state.global_step, t.steps_per_epoch * config.epochs, config)
         set_learning_rate(t.optimizer, lr)
         try:
-            stats = t.step(t.step_inputs(batch))
+            stats = t.step(t.step_inputs(batch, t.trained_passes(epoch, global_batches[batch_number])))
         except NonFiniteLoss as exc:
             raise TrainingError(f"{exc} at epoch {epoch + 1}, step {batch_number + 1}: stopped. "
                                 f"{t.run.after_failure()}") from None
