@@ -1,14 +1,19 @@
 """The cost of training vit_b's encoder tail from cached tokens: seconds per training step and peak memory,
 for decoder only, the neck, the last 1 and 2 blocks (in full and LoRA r4), beside the strongest simple
 alternative without samcache's cache boundary: the whole encoder in the loop (its first N - K blocks
-frozen under no_grad, the last K blocks and neck trained), which is what a trainer without a cache runs
-(micro-sam's preset for small GPUs trains vit_b's last block this way).
+frozen under no_grad, the last K blocks and neck trained, stock segment_anything modules), which is what
+a trainer without a cache runs (micro-sam's preset for small GPUs trains vit_b's last block this way).
 
 Random vit_b weights (the cost does not depend on them), one 1024x1024 image and 4 box prompts per
-step, fp32 as `samcache train` runs on a CPU, AdamW over what trains. Each configuration runs in its own
-process (its peak resident memory is its own); the order is interleaved over `--rounds`.
+step, AdamW over what trains, `--precision` fp32 or bf16 autocast (samcache train's default on CPUs
+with native bf16). Each configuration runs in its own process (its peak resident memory is its own);
+the order is interleaved over `--rounds`. samcache's configurations run as `samcache train` does: the
+process keeps the memory it frees (devices.keep_freed_memory) and trained ViT blocks run their
+attention in chunks (models/vit_attention.py); `tail_k1_stock` is tail_k1 with the stock attention.
+The encoder in the loop runs with glibc's defaults, as users run it, and again as `..._kept` with
+samcache's allocator setting, so that both comparisons are in the table.
 
-    python benchmarks/bench_tail_step.py --steps 3 --rounds 2
+    python benchmarks/bench_tail_step.py --steps 3 --rounds 2 --precision bf16
 """
 
 from __future__ import annotations
@@ -21,17 +26,31 @@ import subprocess
 import sys
 import time
 
-CONFIGS = ("decoder", "neck_k1", "tail_k1", "encoder_in_loop_k1", "tail_k2", "lora_k2", "encoder_in_loop_k2")
+CONFIGS = ("decoder", "neck_k1", "tail_k1", "tail_k1_stock", "encoder_in_loop_k1", "encoder_in_loop_k1_kept", "tail_k2",
+           "lora_k2", "encoder_in_loop_k2", "encoder_in_loop_k2_kept")
+
+
+def _blocks(config: str) -> int:
+    return int(config.split("_k")[1][0])
 
 
 def one(config: str, steps: int, precision: str = "fp32") -> dict:
+    from contextlib import nullcontext
+
     import torch
 
+    import samcache.models.encoder_tail
+    from samcache.devices import keep_freed_memory
     from samcache.models.decoder import compute_loss
     from samcache.models.encoder_tail import TailedDecoder, add_lora, tail_parameters
     from samcache.models.families import family_of
     from samcache.models.prompts import PromptBatch
 
+    loop = config.startswith("encoder_in_loop")
+    if not loop or config.endswith("_kept"):
+        keep_freed_memory()
+    if config.endswith("_stock"):
+        samcache.models.encoder_tail.vit_attention_in_chunks = lambda blocks: nullcontext()
     torch.manual_seed(0)
     family = family_of("vit_b")
     sam = family.build("vit_b")
@@ -50,8 +69,8 @@ def one(config: str, steps: int, precision: str = "fp32") -> dict:
     sam.mask_decoder.requires_grad_(True)
     params = list(sam.mask_decoder.parameters())
     features = embedding
-    if config != "decoder" and not config.startswith("encoder_in_loop"):
-        blocks = 1 if config.endswith("k1") else 2
+    if config != "decoder" and not loop:
+        blocks = _blocks(config)
         tail = family.encoder_tail(sam, blocks)
         if config.startswith("lora"):
             add_lora(tail.blocks, rank=4, alpha=4)
@@ -62,23 +81,24 @@ def one(config: str, steps: int, precision: str = "fp32") -> dict:
         params += tail_params
         decoder = TailedDecoder(decoder, tail)
         features = tokens1 if blocks == 1 else tokens2
-    if config.startswith("encoder_in_loop"):
-        blocks = int(config[-1])
-        tail = family.encoder_tail(sam, blocks)
-        tail_params = tail_parameters(tail, "tail")
+    if loop:
+        blocks = _blocks(config)
+        encoder = sam.image_encoder
+        split_at = len(encoder.blocks) - blocks
+        tail_params = [p for block in encoder.blocks[split_at:] for p in block.parameters()]
+        tail_params += list(encoder.neck.parameters())
         for p in tail_params:
             p.requires_grad_(True)
         params += tail_params
-        split_at = len(sam.image_encoder.blocks) - blocks
-        inner = TailedDecoder(decoder, tail)
 
         def forward(_features, batch):
-            encoder = sam.image_encoder
             with torch.no_grad():  # the frozen blocks need no graph
                 x = encoder.patch_embed(image) + encoder.pos_embed
                 for block in encoder.blocks[:split_at]:
                     x = block(x)
-            return inner(x.permute(0, 3, 1, 2), batch)
+            for block in encoder.blocks[split_at:]:
+                x = block(x)
+            return decoder(encoder.neck(x.permute(0, 3, 1, 2)), batch)
     else:
         def forward(_features, batch):
             return decoder(_features, batch)
@@ -119,19 +139,20 @@ def main() -> None:
                                   "--precision", args.precision],
                                  check=True, capture_output=True, text=True).stdout
             results[config].append(json.loads(out.strip().splitlines()[-1]))
-    loops = {k: statistics.median(r["seconds_per_step"] for r in results[f"encoder_in_loop_k{k}"]) for k in (1, 2)
-             if f"encoder_in_loop_k{k}" in results}
-    print("| trained | s / step | the same blocks with the encoder in the loop: s / step, ratio | "
-          "trained parameters | peak RSS MiB |")
-    print("|---|---|---|---|---|")
-    for config, rows in results.items():
-        seconds = statistics.median(r["seconds_per_step"] for r in rows)
-        k = int(config[-1]) if config[-1].isdigit() else 0
-        versus = (f"{loops[k]:.2f}, {loops[k] / seconds:.1f}x" if k in loops and not config.startswith("encoder")
-                  else "-")
-        print(f"| {config} | {seconds:.2f} | {versus} | {rows[0]['trained_parameters']:,} | "
-              f"{max(r['peak_rss_mib'] for r in rows):.0f} |")
+    def median(config: str) -> float | None:
+        return statistics.median(r["seconds_per_step"] for r in results[config]) if config in results else None
 
+    print("| trained | s / step | the encoder in the loop, as users run it: s / step, ratio | the same with samcache's "
+          "allocator setting: s / step, ratio | trained parameters | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for config, rows in results.items():
+        seconds = median(config)
+        versus = []
+        for suffix in ("", "_kept"):
+            loop = median(f"encoder_in_loop_k{_blocks(config)}{suffix}") if "_k" in config else None
+            versus.append(f"{loop:.2f}, {loop / seconds:.1f}x" if loop and not config.startswith("encoder") else "-")
+        print(f"| {config} | {seconds:.2f} | {versus[0]} | {versus[1]} | {rows[0]['trained_parameters']:,} | "
+              f"{max(r['peak_rss_mib'] for r in rows):.0f} |")
 
 if __name__ == "__main__":
     main()

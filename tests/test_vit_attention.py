@@ -1,6 +1,7 @@
 """SAM's ViT attention fused into one scaled-dot-product attention (models/vit_attention.py): the
 stock encoder's outputs in torch, a converted graph with one attention op per block and no
-separate softmax, the stock modules back afterwards."""
+separate softmax, the stock modules back afterwards. Its training form in chunks: the stock
+block's outputs and every gradient, in fp32 and within bf16's rounding under autocast."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 
-from samcache.models.vit_attention import fused_vit_attention, is_vit_attention
+from samcache.models.vit_attention import fused_vit_attention, is_vit_attention, vit_attention_in_chunks
 
 
 def _small_vit(seed: int = 0, *, img_size: int = 128) -> ImageEncoderViT:
@@ -24,6 +25,7 @@ def _small_vit(seed: int = 0, *, img_size: int = 128) -> ImageEncoderViT:
     with torch.no_grad():
         for p in vit.parameters():
             p.add_(torch.randn_like(p) * 0.3)
+    vit.stock_names = {p: name for name, p in vit.named_parameters()}
     return vit
 
 
@@ -103,3 +105,97 @@ def test_sam_hq_vit_attention_is_fused_alike():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     for g, e in zip(got_early, expected_early):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()))
+
+
+def _outputs_and_gradients(vit: ImageEncoderViT, image: torch.Tensor, weights: torch.Tensor, *,
+                           bf16: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    # parameters by object, named as the stock encoder names them (inside vit_attention_in_chunks
+    # their names carry the wrapper's prefix)
+    names = vit.stock_names
+    vit.zero_grad()
+    image = image.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = vit(image)
+    (out.float() * weights).sum().backward()
+    grads = {names[p]: p.grad.clone() for p in vit.parameters()}
+    grads["image"] = image.grad.clone()
+    return out.detach().float(), grads
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 24, 200])
+def test_attention_in_chunks_gives_the_stock_outputs_and_gradients_in_fp32(chunk_elements):
+    # 24 scores at a time: a global block's 64 x 64 scores in chunks of 1 query row... of 24 // 64 -> 1
+    # query; windowed blocks (9 scores a window) two windows at a time. 200: global chunks of 3 queries,
+    # windowed groups of 22 windows. 4 Mi: everything at once.
+    vit = _small_vit()
+    vit.train()
+    image = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    expected, expected_grads = _outputs_and_gradients(vit, image, weights)
+    with vit_attention_in_chunks(vit, chunk_elements=chunk_elements) as replaced:
+        got, grads = _outputs_and_gradients(vit, image, weights)
+    assert replaced == 3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert set(grads) == set(expected_grads)
+    for name, grad in grads.items():
+        e = expected_grads[name]
+        torch.testing.assert_close(grad, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()), msg=name)
+    assert float(expected_grads["blocks.1.attn.rel_pos_h"].abs().max()) > 0  # the positions train here
+
+
+def test_attention_in_chunks_without_relative_positions():
+    torch.manual_seed(0)
+    vit = ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, out_chans=8,
+                          use_rel_pos=False, window_size=0, global_attn_indexes=())
+    vit.stock_names = {p: name for name, p in vit.named_parameters()}
+    image, weights = torch.randn(1, 3, 64, 64), torch.randn(1, 8, 4, 4)
+    expected, expected_grads = _outputs_and_gradients(vit, image, weights)
+    with vit_attention_in_chunks(vit, chunk_elements=8):
+        got, grads = _outputs_and_gradients(vit, image, weights)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_attention_in_chunks_under_bf16_autocast_is_as_close_to_fp32_as_the_stock_block():
+    # The chunked form rounds differently (scores in one product, probabilities kept in bf16): its
+    # distance to the fp32 result must stay of the stock bf16 block's own order, output and gradients.
+    vit = _small_vit(3)
+    vit.train()
+    image = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    weights = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    reference, reference_grads = _outputs_and_gradients(vit, image, weights)
+    stock, stock_grads = _outputs_and_gradients(vit, image, weights, bf16=True)
+    with vit_attention_in_chunks(vit, chunk_elements=200):
+        got, grads = _outputs_and_gradients(vit, image, weights, bf16=True)
+
+    def distance(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    assert distance(got, reference) < 1.5 * distance(stock, reference) + 1e-3
+    for name, reference_grad in reference_grads.items():
+        if reference_grad.norm() > 0:
+            stock_error = distance(stock_grads[name], reference_grad)
+            assert distance(grads[name], reference_grad) < 1.5 * stock_error + 5e-3, name
+    assert distance(got, reference) < 0.05
+
+
+def test_a_trained_vit_tail_runs_its_attention_in_chunks_and_keeps_the_stock_modules():
+    from samcache.models.encoder_tail import ViTTail
+
+    vit = _small_vit(6)
+    tail = ViTTail(encoder=vit, blocks=2)
+    tokens = torch.randn(1, 32, 8, 8)
+    stock = [block.attn for block in tail.blocks]
+    seen = []
+    hooks = [block.register_forward_pre_hook(lambda m, _: seen.append(type(m.attn).__name__)) for block in tail.blocks]
+    tail(tokens).sum().backward()  # trains: chunks
+    with torch.no_grad():
+        tail(tokens)  # does not: the stock attention
+    vit.requires_grad_(False)
+    tail.neck.requires_grad_(True)
+    tail(tokens).sum().backward()  # the neck alone trains: the blocks run without a graph, stock
+    for hook in hooks:
+        hook.remove()
+    assert seen == ["ChunkedRelPosAttention"] * 2 + ["Attention"] * 4
+    assert [block.attn for block in tail.blocks] == stock

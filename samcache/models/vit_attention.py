@@ -14,15 +14,24 @@ fused kernel: vit_b's encoder 1.65 -> 1.13 s per image (BENCHMARKS.md, "Embed on
 embeddings within bf16 rounding. The keys grow by H + W columns (128 for a global block), paid
 in the products, which AMX does fast.
 
-Only conversion uses it (`fused_vit_attention`, around `ov.convert_model`): in torch on a CPU the
-extended form falls back to SDPA's unfused path (values narrower than keys), slower than the stock
-block, and SDPA's CPU backward is slower than the stock block's in training (encoder tails).
+Conversion uses it (`fused_vit_attention`, around `ov.convert_model`). In torch on a CPU that one
+call falls back to SDPA's unfused path (values narrower than keys), slower than the stock block, and
+SDPA's CPU flash backward is slower than the stock block's too.
+
+Training a global block on a CPU (encoder tails) takes the same extended queries and keys to
+`AttentionInChunks` instead (`vit_attention_in_chunks`): the scores are made a chunk of queries at
+a time by one product (no adds), the probabilities kept in the compute dtype (bf16 under autocast:
+one 12 x 4096 x 4096 tensor per image where the stock block keeps fp32 probabilities and a bf16
+copy), and the backward runs from them in chunks with the softmax's subtraction folded into a
+product (the gradient of the scores is P * (dO V^T - rowsum(dO * O)); the row sums ride as an
+extra column of dO against a column of ones in V). The relative positions' gradients come out of
+the queries' gradient, as their scores came out of the product.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +66,111 @@ class FusedRelPosAttention(nn.Module):
         return a.proj(x)
 
 
+CHUNK_ELEMENTS = 1 << 23
+"""Scores one product makes at a time in AttentionInChunks (queries x keys): 2048 queries of a
+global block of vit_b. vit_b's last block trained in bf16 on a 2-core Xeon with AMX: 0.90, 0.87
+and 0.86 s a step with 4, 8 and 16 Mi (medians of 3; the rounds' spread about 5%)."""
+
+
+class ChunkedRelPosAttention(nn.Module):
+    """A ViT `Attention` of segment_anything (or segment_anything_hq) for training: its scores from
+    the extended queries and keys, through AttentionInChunks; it holds the original's modules and
+    parameters (no copies).
+
+    Arguments:
+      attention: the stock attention module.
+      chunk_elements: scores made at a time (see CHUNK_ELEMENTS).
+    """
+
+    def __init__(self, *, attention: nn.Module, chunk_elements: int = CHUNK_ELEMENTS):
+        super().__init__()
+        self.attention, self.chunk_elements = attention, chunk_elements
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attention
+        batch, height, width, _ = x.shape
+        heads, tokens = a.num_heads, height * width
+        qkv = a.qkv(x).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, batch * heads, tokens, -1).unbind(0)
+        channels = q.shape[-1]
+        if a.use_rel_pos:
+            q, k = rel_pos_in_queries_and_keys(q, k, a.rel_pos_h, a.rel_pos_w, (height, width), a.scale)
+        else:
+            q = q * a.scale
+        x = AttentionInChunks.apply(q, k, v.to(q.dtype), channels, self.chunk_elements)
+        x = x.view(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+        return a.proj(x)
+
+
+class AttentionInChunks(torch.autograd.Function):
+    """softmax(q k^T) v for (B, N, D) queries and keys and (B, N, C) values, scale already in q.
+
+    The forward makes the scores a chunk of queries at a time, keeps the probabilities (B, N, N) in
+    q's dtype and nothing else that large; the backward runs in the same chunks (module docstring).
+    Keys' gradients are computed for their first `key_grad_columns` columns only (the rest are the
+    relative positions' one-hots, constants): zeros there. Autocast is off inside: the inputs'
+    dtype is the compute dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_grad_columns: int,  # type: ignore[override]
+                chunk_elements: int) -> torch.Tensor:
+        with torch.autocast(q.device.type, enabled=False):
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            probabilities = q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+            out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+            keys_t = k.transpose(1, 2)
+            for group, rows in _chunks(q.shape[0], q.shape[1], k.shape[1], chunk_elements):
+                for r in rows:
+                    p = probabilities[group, r]
+                    torch.ops.aten._softmax.out(torch.bmm(q[group, r], keys_t[group]), -1, False, out=p)
+                    torch.bmm(p, v[group], out=out[group, r])
+        ctx.save_for_backward(q, k, v, out, probabilities)
+        ctx.key_grad_columns, ctx.chunk_elements = key_grad_columns, chunk_elements
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        q, k, v, out, probabilities = ctx.saved_tensors
+        dtype, columns = q.dtype, ctx.key_grad_columns
+        with torch.autocast(q.device.type, enabled=False):
+            grad_out = grad_out.to(dtype).contiguous()
+            # rowsum(dO * O) in fp32, carried as two parts of `dtype` (high and low): in bf16 one part
+            # would round it as coarsely as the difference it is subtracted from.
+            row_sums = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+            high = row_sums.to(dtype)
+            low = (row_sums - high.float()).to(dtype)
+            grad_out_ext = torch.cat([grad_out, -high, -low], dim=-1)
+            values_ext_t = torch.cat([v, v.new_ones(*v.shape[:2], 2)], dim=-1).transpose(1, 2)
+            grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.empty_like(v)
+            for group, rows in _chunks(q.shape[0], q.shape[1], k.shape[1], ctx.chunk_elements):
+                grad_scores = q.new_empty(group.stop - group.start, q.shape[1], k.shape[1])
+                for r in rows:
+                    g = grad_scores[:, r]
+                    torch.bmm(grad_out_ext[group, r], values_ext_t[group], out=g)
+                    g.mul_(probabilities[group, r])
+                    torch.bmm(g, k[group], out=grad_q[group, r])
+                # dK = dS^T Q and dV = P^T dO made as (Q^T dS)^T and (dO^T P)^T: the large operand read in
+                # its own row order (1.5x faster for a 4096 x 4096 one in bf16 with oneDNN)
+                grad_k[group, :, :columns] = torch.bmm(q[group, :, :columns].transpose(1, 2).contiguous(),
+                                                       grad_scores).transpose(1, 2)
+                grad_v[group] = torch.bmm(grad_out[group].transpose(1, 2).contiguous(),
+                                          probabilities[group]).transpose(1, 2)
+        return grad_q, grad_k, grad_v, None, None
+
+
+def _chunks(batch: int, queries: int, keys: int, chunk_elements: int) -> list[tuple[slice, list[slice]]]:
+    """Groups of the batch, each with its chunks of queries: one slice at a time with chunks of rows
+    when a slice's scores exceed `chunk_elements` (a global block), else as many whole slices as fit
+    (windowed blocks: 14 x 14 tokens each)."""
+    if queries * keys >= chunk_elements:
+        step = max(1, chunk_elements // keys)
+        rows = [slice(r, min(queries, r + step)) for r in range(0, queries, step)]
+        return [(slice(b, b + 1), rows) for b in range(batch)]
+    step = max(1, chunk_elements // (queries * keys))
+    return [(slice(b, min(batch, b + step)), [slice(0, queries)]) for b in range(0, batch, step)]
+
+
 def rel_pos_in_queries_and_keys(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
                                 size: tuple[int, int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys (B, H * W, C) of one square of tokens, extended so that their products are
@@ -88,11 +202,25 @@ def fused_vit_attention(module: nn.Module) -> Iterator[int]:
     """Within the block, every ViT attention inside `module` runs as FusedRelPosAttention; yields
     how many were replaced (0 for encoders without one: MobileSAM's TinyViT, the tiny). The
     stock modules are back afterwards, whatever happened."""
+    with _vit_attention_as(module, lambda attention: FusedRelPosAttention(attention=attention)) as replaced:
+        yield replaced
+
+
+@contextmanager
+def vit_attention_in_chunks(module: nn.Module, *, chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[int]:
+    """Within the block, every ViT attention inside `module` runs as ChunkedRelPosAttention (for
+    training); yields how many were replaced; the stock modules are back afterwards."""
+    with _vit_attention_as(module, lambda a: ChunkedRelPosAttention(attention=a, chunk_elements=chunk_elements)) as n:
+        yield n
+
+
+@contextmanager
+def _vit_attention_as(module: nn.Module, form: Callable[[nn.Module], nn.Module]) -> Iterator[int]:
     replaced = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
                 if is_vit_attention(child)]
     try:
         for parent, name, child in replaced:
-            setattr(parent, name, FusedRelPosAttention(attention=child))
+            setattr(parent, name, form(child))
         yield len(replaced)
     finally:
         for parent, name, child in replaced:
