@@ -124,9 +124,9 @@ def _outputs_and_gradients(vit: ImageEncoderViT, image: torch.Tensor, weights: t
 
 @pytest.mark.parametrize("chunk_elements", [1 << 22, 24, 200])
 def test_attention_in_chunks_gives_the_stock_outputs_and_gradients_in_fp32(chunk_elements):
-    # 24 scores at a time: a global block's 64 x 64 scores in chunks of 1 query row... of 24 // 64 -> 1
-    # query; windowed blocks (9 scores a window) two windows at a time. 200: global chunks of 3 queries,
-    # windowed groups of 22 windows. 4 Mi: everything at once.
+    # The global block has 64 tokens (64 x 64 scores), the windowed ones 9 a window (81 scores). 24 scores
+    # at a time: chunks of 1 query (global) and of 2 queries (each window). 200: chunks of 3 queries
+    # (global), 2 whole windows at a time. 4 Mi: every window at once, the global block in one chunk.
     vit = _small_vit()
     vit.train()
     image = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
