@@ -180,7 +180,7 @@ def test_attention_in_chunks_under_bf16_autocast_is_as_close_to_fp32_as_the_stoc
     assert distance(got, reference) < 0.05
 
 
-def test_a_trained_vit_tail_runs_its_attention_in_chunks_and_keeps_the_stock_modules():
+def test_a_vit_tail_on_a_cpu_runs_its_attention_in_chunks_and_keeps_the_stock_modules():
     from samcache.models.encoder_tail import ViTTail
 
     vit = _small_vit(6)
@@ -189,13 +189,11 @@ def test_a_trained_vit_tail_runs_its_attention_in_chunks_and_keeps_the_stock_mod
     stock = [block.attn for block in tail.blocks]
     seen = []
     hooks = [block.register_forward_pre_hook(lambda m, _: seen.append(type(m.attn).__name__)) for block in tail.blocks]
-    tail(tokens).sum().backward()  # trains: chunks
+    tail(tokens).sum().backward()  # trains
     with torch.no_grad():
-        tail(tokens)  # does not: the stock attention
-    vit.requires_grad_(False)
-    tail.neck.requires_grad_(True)
-    tail(tokens).sum().backward()  # the neck alone trains: the blocks run without a graph, stock
+        tail(tokens)  # evaluates
     for hook in hooks:
         hook.remove()
-    assert seen == ["ChunkedRelPosAttention"] * 2 + ["Attention"] * 4
+    assert seen == ["ChunkedRelPosAttention"] * 4
     assert [block.attn for block in tail.blocks] == stock
+    assert list(tail.state_dict()) == [k for k in tail.state_dict() if ".attention." not in k]
