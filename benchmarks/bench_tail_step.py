@@ -139,6 +139,7 @@ def main() -> None:
                                   "--precision", args.precision],
                                  check=True, capture_output=True, text=True).stdout
             results[config].append(json.loads(out.strip().splitlines()[-1]))
+
     def median(config: str) -> float | None:
         return statistics.median(r["seconds_per_step"] for r in results[config]) if config in results else None
 
@@ -153,6 +154,7 @@ def main() -> None:
             versus.append(f"{loop:.2f}, {loop / seconds:.1f}x" if loop and not config.startswith("encoder") else "-")
         print(f"| {config} | {seconds:.2f} | {versus[0]} | {versus[1]} | {rows[0]['trained_parameters']:,} | "
               f"{max(r['peak_rss_mib'] for r in rows):.0f} |")
+
 
 if __name__ == "__main__":
     main()
