@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class FusedRelPosAttention(nn.Module):
-    """A ViT `Attention` of segment_anything (or segment_anything_hq) computed as one
-    scaled-dot-product attention; it holds the original's modules and parameters (no copies).
+class ExtendedRelPosAttention(nn.Module):
+    """A ViT `Attention` of segment_anything (or segment_anything_hq) computed from its extended
+    queries and keys (scale and relative positions inside them: `rel_pos_in_queries_and_keys`); it
+    holds the original's modules and parameters (no copies). Its forms differ in `attend`.
 
     Arguments:
       attention: the stock attention module (its qkv, proj, num_heads, scale and, with
@@ -57,13 +58,25 @@ class FusedRelPosAttention(nn.Module):
         heads, tokens = a.num_heads, height * width
         qkv = a.qkv(x).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, batch * heads, tokens, -1).unbind(0)
+        channels = q.shape[-1]
         if a.use_rel_pos:
             q, k = rel_pos_in_queries_and_keys(q, k, a.rel_pos_h, a.rel_pos_w, (height, width), a.scale)
-            x = F.scaled_dot_product_attention(q, k, v, scale=1.0)
         else:
-            x = F.scaled_dot_product_attention(q, k, v, scale=a.scale)
+            q = q * a.scale
+        x = self.attend(q, k, v, channels)
         x = x.view(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
         return a.proj(x)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, channels: int) -> torch.Tensor:
+        """softmax(q k^T) v of (B, N, D) extended queries and keys whose first `channels` are q's and k's own."""
+        raise NotImplementedError
+
+
+class FusedRelPosAttention(ExtendedRelPosAttention):
+    """The attention as one scaled-dot-product attention call (for the converted encoder)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, channels: int) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
 
 
 CHUNK_ELEMENTS = 1 << 23
@@ -72,10 +85,8 @@ global block of vit_b. vit_b's last block trained in bf16 on a 2-core Xeon with 
 and 0.86 s a step with 4, 8 and 16 Mi (medians of 3; the rounds' spread about 5%)."""
 
 
-class ChunkedRelPosAttention(nn.Module):
-    """A ViT `Attention` of segment_anything (or segment_anything_hq) for training: its scores from
-    the extended queries and keys, through AttentionInChunks; it holds the original's modules and
-    parameters (no copies).
+class ChunkedRelPosAttention(ExtendedRelPosAttention):
+    """The attention through AttentionInChunks (for training on a CPU).
 
     Arguments:
       attention: the stock attention module.
@@ -83,23 +94,11 @@ class ChunkedRelPosAttention(nn.Module):
     """
 
     def __init__(self, *, attention: nn.Module, chunk_elements: int = CHUNK_ELEMENTS):
-        super().__init__()
-        self.attention, self.chunk_elements = attention, chunk_elements
+        super().__init__(attention=attention)
+        self.chunk_elements = chunk_elements
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.attention
-        batch, height, width, _ = x.shape
-        heads, tokens = a.num_heads, height * width
-        qkv = a.qkv(x).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, batch * heads, tokens, -1).unbind(0)
-        channels = q.shape[-1]
-        if a.use_rel_pos:
-            q, k = rel_pos_in_queries_and_keys(q, k, a.rel_pos_h, a.rel_pos_w, (height, width), a.scale)
-        else:
-            q = q * a.scale
-        x = AttentionInChunks.apply(q, k, v.to(q.dtype), channels, self.chunk_elements)
-        x = x.view(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
-        return a.proj(x)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, channels: int) -> torch.Tensor:
+        return AttentionInChunks.apply(q, k, v.to(q.dtype), channels, self.chunk_elements)
 
 
 class AttentionInChunks(torch.autograd.Function):
