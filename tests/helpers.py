@@ -156,3 +156,18 @@ def assert_same_last_checkpoint(expected_run: Path, got_run: Path):
         assert torch.equal(got.state_dict[key], tensor), key
     assert got.state.history == expected.state.history
     return got
+
+
+def small_vit(seed: int = 0, *, img_size: int = 128):
+    """segment_anything's ViT at toy width: 8 x 8 tokens (img_size 128), windows of 3 (padded to 9 x 9)
+    in blocks 0 and 2, global attention in block 1; every parameter moved off its initial value (SAM's
+    relative positions start at zero, which would hide them)."""
+    from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+    torch.manual_seed(seed)
+    vit = ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=32, depth=3, num_heads=2, out_chans=16,
+                          use_rel_pos=True, window_size=3, global_attn_indexes=(1,)).eval()
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return vit

@@ -20,7 +20,7 @@ import torch
 from samcache.cache.reader import EmbeddingCache
 from samcache.models.weights import load_sam
 from samcache.train.runs import RunCheckpoint
-from tests.helpers import STAMPS_PAGES
+from tests.helpers import STAMPS_PAGES, small_vit
 
 pytestmark = pytest.mark.slow
 
@@ -214,3 +214,47 @@ def test_torchrun_train_killed_mid_epoch_resumes_to_the_uninterrupted_weights(si
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
     steps = _steps(run_dir)
     assert [(s["epoch"], s["step"]) for s in steps] == [(s["epoch"], s["step"]) for s in _steps(two_process_run)]
+
+
+_VIT_TAIL_RANK = """
+import sys
+import torch
+import torch.distributed as dist
+from samcache.models.encoder_tail import ViTTail
+from tests.helpers import small_vit
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+tail = ViTTail(encoder=small_vit(0).train(), blocks=2)
+seen = []
+for block in tail.blocks:
+    block.register_forward_pre_hook(lambda m, _: seen.append(type(m.attn).__name__))
+tokens = torch.randn(2, 32, 8, 8, generator=torch.Generator().manual_seed(1))
+weights = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+model = torch.nn.parallel.DistributedDataParallel(tail)
+(model(tokens[rank : rank + 1]) * weights[rank : rank + 1]).sum().backward()
+torch.save({"seen": seen, "grads": {n: p.grad for n, p in tail.named_parameters()}}, f"{sys.argv[1]}.{rank}")
+"""
+
+
+def test_a_vit_tail_under_ddp_trains_in_chunks_with_the_single_process_gradient(tmp_path):
+    """Two ranks of one image each: DistributedDataParallel's averaged gradient of a ViT tail (its
+    attention swapped for the chunked form inside each forward) equals one process's on both images."""
+    from samcache.models.encoder_tail import ViTTail
+
+    script = tmp_path / "rank.py"
+    script.write_text(_VIT_TAIL_RANK)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    _ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script), str(tmp_path / "grads")], env=env, capture_output=True, text=True, timeout=300))
+    tail = ViTTail(encoder=small_vit(0).train(), blocks=2)
+    tokens = torch.randn(2, 32, 8, 8, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    ((tail(tokens) * weights).sum() / 2).backward()
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"grads.{rank}", weights_only=True)
+        assert saved["seen"] == ["ChunkedRelPosAttention"] * 2
+        assert set(saved["grads"]) == {n for n, _ in tail.named_parameters()}
+        for name, p in tail.named_parameters():
+            torch.testing.assert_close(saved["grads"][name], p.grad, rtol=1e-4,
+                                       atol=1e-5 * float(p.grad.abs().max()), msg=name)

@@ -13,18 +13,13 @@ import torch
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 
 from samcache.models.vit_attention import fused_vit_attention, is_vit_attention, vit_attention_in_chunks
+from tests.helpers import small_vit
 
 
 def _small_vit(seed: int = 0, *, img_size: int = 128) -> ImageEncoderViT:
-    """segment_anything's ViT at toy width: 8 x 8 tokens, windows of 3 (padded to 9 x 9) in blocks 0
-    and 2, global attention in block 1; every parameter moved off its initial value (SAM's
-    relative positions start at zero, which would hide them)."""
-    torch.manual_seed(seed)
-    vit = ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=32, depth=3, num_heads=2, out_chans=16,
-                          use_rel_pos=True, window_size=3, global_attn_indexes=(1,)).eval()
-    with torch.no_grad():
-        for p in vit.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    """helpers.small_vit, its parameters' stock names kept (`stock_names`): inside the context
+    managers here the names carry the wrapper's prefix."""
+    vit = small_vit(seed, img_size=img_size)
     vit.stock_names = {p: name for name, p in vit.named_parameters()}
     return vit
 
