@@ -56,7 +56,7 @@ class EncoderTail(nn.Module):
         # Blocks that do not train need no graph (`--train neck`): only the neck's is kept.
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.blocks.parameters())
         # On a CPU SAM's ViT attention runs in chunks (vit_attention.py): the same values and gradients,
-        # faster (vit_b's global block: 1.19x a bf16 training step, 1.3-1.5x a forward alone) and in bf16 a
+        # faster (vit_b's last block: a bf16 training step 1.10-1.19x, a forward alone 1.3-1.5x) and in bf16 a
         # third of the stock block's stored probabilities. Not measured on GPUs, where the stock one runs.
         chunked = vit_attention_in_chunks(self.blocks) if x.device.type == "cpu" else nullcontext()
         with torch.set_grad_enabled(trains), chunked:

@@ -18,8 +18,8 @@ Conversion uses it (`fused_vit_attention`, around `ov.convert_model`). In torch 
 call falls back to SDPA's unfused path (values narrower than keys), slower than the stock block, and
 SDPA's CPU flash backward is slower than the stock block's too.
 
-Training a global block on a CPU (encoder tails) takes the same extended queries and keys to
-`AttentionInChunks` instead (`vit_attention_in_chunks`): the scores are made a chunk of queries at
+Encoder tails on a CPU (trained, and run in eval and predict) take the same extended queries and
+keys to `AttentionInChunks` instead (`vit_attention_in_chunks`): the scores are made a chunk of queries at
 a time by one product (no adds), the probabilities kept in the compute dtype (bf16 under autocast:
 one 12 x 4096 x 4096 tensor per image where the stock block keeps fp32 probabilities and a bf16
 copy), and the backward runs from them in chunks with the softmax's subtraction folded into a
@@ -86,7 +86,7 @@ and 0.86 s a step with 4, 8 and 16 Mi (medians of 3; the rounds' spread about 5%
 
 
 class ChunkedRelPosAttention(ExtendedRelPosAttention):
-    """The attention through AttentionInChunks (for training on a CPU).
+    """The attention through AttentionInChunks (encoder tails on a CPU).
 
     Arguments:
       attention: the stock attention module.
@@ -207,8 +207,8 @@ def fused_vit_attention(module: nn.Module) -> Iterator[int]:
 
 @contextmanager
 def vit_attention_in_chunks(module: nn.Module, *, chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[int]:
-    """Within the block, every ViT attention inside `module` runs as ChunkedRelPosAttention (for
-    training); yields how many were replaced; the stock modules are back afterwards."""
+    """Within the block, every ViT attention inside `module` runs as ChunkedRelPosAttention; yields
+    how many were replaced; the stock modules are back afterwards."""
     with _vit_attention_as(module, lambda a: ChunkedRelPosAttention(attention=a, chunk_elements=chunk_elements)) as n:
         yield n
 
