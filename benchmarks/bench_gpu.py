@@ -122,10 +122,11 @@ def main() -> None:
     data, cache, run = work / "data", work / "cache", work / "run"
     if not (data / "train.json").exists():
         samcache("data", "stamps", "--out", data, "--n", args.pages, "--seed", 0, "--overwrite")
-    subprocess.run(["rm", "-rf", str(cache), str(run)], check=True)
+    clicks = work / "run_interactive"
+    subprocess.run(["rm", "-rf", str(cache), str(run), str(clicks)], check=True)
     embedded, embed_wall = samcache("embed", data, "--out", cache, "--model", args.model, "--checkpoint", weights,
                                     "--device", args.device)
-    match = re.search(r"embedded (\d+) images in ([\d.]+) s \(([\d.]+) images/s\)", embedded.stdout)
+    match = re.search(r"embedded (\d+) images in ([\d.]+) s \(([\d.]+) images/s[;)]", embedded.stdout)
     embed = {"images": int(match[1]), "seconds": float(match[2]), "images_per_s": float(match[3]),
              "wall_s": embed_wall}
     print(f"samcache embed: {embed['images_per_s']:.1f} images/s ({embed['images']} images, whole command "
@@ -136,6 +137,13 @@ def main() -> None:
     train_rate = [s for s in steps if s["type"] == "step" and s["epoch"] == last_epoch][-1]["samples_per_s"]
     train = {"prompts_per_s": train_rate, "epochs": args.epochs, "wall_s": train_wall}
     print(f"samcache train: {train_rate:.0f} prompts/s (epoch {last_epoch})", flush=True)
+    # SAM's interactive recipe (a box or point, then clicks from the errors: 11 passes a prompt), one epoch
+    _, clicks_wall = samcache("train", cache, "--out", clicks, "--epochs", 1, "--prompt", "interactive",
+                              "--device", args.device)
+    steps = [json.loads(line) for line in (clicks / "metrics.jsonl").read_text().splitlines()]
+    clicks_rate = [s for s in steps if s["type"] == "step"][-1]["samples_per_s"]
+    train["interactive_prompts_per_s"] = clicks_rate
+    print(f"samcache train --prompt interactive: {clicks_rate:.0f} prompts/s", flush=True)
 
     table = render(name, args, encoder, embed, train)
     print("\n" + table)
@@ -166,6 +174,8 @@ def render(name: str, args, encoder: list[dict], embed: dict, train: dict) -> st
               f"| `samcache embed` (defaults), {embed['images']} pages | {embed['images_per_s']:.1f} images/s "
               f"(whole command {embed['wall_s']:.0f} s) |",
               f"| `samcache train` (defaults), epoch {train['epochs']} | {train['prompts_per_s']:.0f} prompts/s |",
+              f"| `samcache train --prompt interactive`, epoch 1 | {train['interactive_prompts_per_s']:.0f} "
+              "prompts/s |",
               "", "Goals on one H100/H200: embed >= 450 images/s, decoder training >= 3000 prompts/s."]
     return "\n".join(lines)
 

@@ -34,7 +34,7 @@ def _blocks(config: str) -> int:
     return int(config.split("_k")[1][0])
 
 
-def one(config: str, steps: int, precision: str = "fp32") -> dict:
+def one(config: str, steps: int, precision: str = "fp32", device_name: str = "cpu") -> dict:
     from contextlib import nullcontext
 
     import torch
@@ -51,11 +51,12 @@ def one(config: str, steps: int, precision: str = "fp32") -> dict:
         keep_freed_memory()
     if config.endswith("_stock"):
         samcache.models.encoder_tail.vit_attention_in_chunks = lambda blocks: nullcontext()
+    device = torch.device(device_name)
     torch.manual_seed(0)
     family = family_of("vit_b")
-    sam = family.build("vit_b")
+    sam = family.build("vit_b").to(device)
     sam.requires_grad_(False)
-    image = torch.randn(1, 3, 1024, 1024)
+    image = torch.randn(1, 3, 1024, 1024).to(device)
     with torch.no_grad():
         split = family.encoder_module(sam, 2)(image)
     embedding, tokens2 = split[:, :256], split[:, 256:]
@@ -63,8 +64,8 @@ def one(config: str, steps: int, precision: str = "fp32") -> dict:
         tokens1 = sam.image_encoder.blocks[10](tokens2.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     boxes = torch.tensor([[100.0, 100.0, 400.0, 380.0], [500, 200, 900, 700], [50, 600, 300, 1000],
                           [600, 650, 1000, 1000]])
-    prompts = PromptBatch.boxes_of_one_image(boxes)
-    targets = (torch.rand(4, 256, 256) > 0.5).float()
+    prompts = PromptBatch.boxes_of_one_image(boxes).to(device)
+    targets = (torch.rand(4, 256, 256) > 0.5).float().to(device)
     decoder = family.decoder(sam, "vit_b")
     sam.mask_decoder.requires_grad_(True)
     params = list(sam.mask_decoder.parameters())
@@ -107,17 +108,21 @@ def one(config: str, steps: int, precision: str = "fp32") -> dict:
     times = []
     for step in range(steps + 1):
         started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             output = forward(features, prompts)
         loss = compute_loss(output, targets, prompts.multimask, "sam").total
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         if step:  # the first step warms up
             times.append(time.perf_counter() - started)
+    # on a GPU the peak of its memory, else the process's resident memory
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"config": config, "seconds_per_step": statistics.median(times), "trained_parameters": trained,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "threads": torch.get_num_threads()}
+            "peak_mib": peak / 2**20, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -128,23 +133,26 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: every configuration's forward under bf16 autocast (the encoder in the loop too)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which configurations, comma-separated")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU the tail's attention is the stock one "
+                                                       "and the peak is the GPU's memory)")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.steps, args.precision)))
+        print(json.dumps(one(args.one, args.steps, args.precision, args.device)))
         return
     results: dict[str, list[dict]] = {c: [] for c in args.configs.split(",")}
     for _ in range(args.rounds):
         for config in results:
             out = subprocess.run([sys.executable, __file__, "--one", config, "--steps", str(args.steps),
-                                  "--precision", args.precision],
+                                  "--precision", args.precision, "--device", args.device],
                                  check=True, capture_output=True, text=True).stdout
             results[config].append(json.loads(out.strip().splitlines()[-1]))
 
     def median(config: str) -> float | None:
         return statistics.median(r["seconds_per_step"] for r in results[config]) if config in results else None
 
+    peak = "GPU memory" if args.device != "cpu" else "RSS"
     print("| trained | s / step | the encoder in the loop, as users run it: s / step, ratio | the same with samcache's "
-          "allocator setting: s / step, ratio | trained parameters | peak RSS MiB |")
+          f"allocator setting: s / step, ratio | trained parameters | peak {peak} MiB |")
     print("|---|---|---|---|---|---|")
     for config, rows in results.items():
         seconds = median(config)
@@ -153,7 +161,7 @@ def main() -> None:
             loop = median(f"encoder_in_loop_k{_blocks(config)}{suffix}") if "_k" in config else None
             versus.append(f"{loop:.2f}, {loop / seconds:.1f}x" if loop and not config.startswith("encoder") else "-")
         print(f"| {config} | {seconds:.2f} | {versus[0]} | {versus[1]} | {rows[0]['trained_parameters']:,} | "
-              f"{max(r['peak_rss_mib'] for r in rows):.0f} |")
+              f"{max(r['peak_mib'] for r in rows):.0f} |")
 
 
 if __name__ == "__main__":
