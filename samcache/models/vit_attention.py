@@ -98,7 +98,7 @@ class ChunkedRelPosAttention(ExtendedRelPosAttention):
         self.chunk_elements = chunk_elements
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, channels: int) -> torch.Tensor:
-        return AttentionInChunks.apply(q, k, v.to(q.dtype), channels, self.chunk_elements)
+        return AttentionInChunks.apply(q, k, v, channels, self.chunk_elements)
 
 
 class AttentionInChunks(torch.autograd.Function):
