@@ -6,6 +6,7 @@ command works on the rest and `embed` embeds what was lost again."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -61,9 +62,12 @@ def test_a_damaged_mask_encoding_is_one_line_from_a_worker_and_verify_takes_its_
     name, shard, row = _train_image(stamps_cache_copy)
     object_row = _set_first_mask(shard, row, counts)
 
+    workers_before = set(multiprocessing.active_children())
     trained = _run("train", stamps_cache_copy, "--out", tmp_path / "run", *TRAIN)
     _refused(trained, shard.name, f"objects/rle_counts row {object_row}", name, why,
              f"samcache verify {stamps_cache_copy}")
+    # The failed epoch's DataLoader worker ended with the command, not at some later garbage collection.
+    assert set(multiprocessing.active_children()) <= workers_before
 
     checked = _run("verify", stamps_cache_copy, "--check-only")
     assert checked.exit_code == 1 and f"{name} in {shard.name}: objects/rle_counts row {object_row}" in checked.output

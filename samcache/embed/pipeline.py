@@ -61,6 +61,7 @@ from samcache.models.preprocess import (
 )
 from samcache.models.weights import WeightsIdentity, identify_weights
 from samcache.progress import progress_bar
+from samcache.workers import batches_of
 
 
 @dataclass
@@ -345,10 +346,10 @@ def decoding_workers(config: EmbedConfig, device: torch.device) -> int:
 
 def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageRecord], rotation: ShardRotation,
                  config: EmbedConfig, device: torch.device, precision: str, preprocessing: Preprocessing,
-                 dist: Distributed, encoder=None, views: tuple[View, ...] = ()) -> tuple[int, int]:
+                 dist: Distributed, encoder=None, views: tuple[View, ...] = ()) -> tuple[int, int, float]:
     """Decodes `pending` (in DataLoader workers, or in this process: decoding_workers) and encodes
     them (and their `views`) in batches into the rotation's shards (with `encoder` when it is open
-    already); returns (embedded, failed)."""
+    already); returns (embedded, failed, seconds from the first batch on)."""
     if not pending:
         return 0, 0, 0.0
     if encoder is None:
@@ -366,32 +367,33 @@ def _run_encoder(weights: WeightsIdentity, backend: str, pending: list[ImageReco
     progress = _progress_bar(len(pending), config.progress and dist.is_main, dist.label())
     started = time.time()
     try:
-        for batch in loader:
-            good = [item for item in batch if item["error"] is None]
-            if good:
-                images = [image for item in good for image in (item["image"], *item["views"])]
-                features = encoder(batch_to_model_input(images, device=device, preprocessing=preprocessing)
-                                   if resize else images)
-                if views:  # each image's features, then its views', stacked: (1 + V, C, 64, 64)
-                    features = features.reshape(len(good), 1 + len(views), *features.shape[1:])
-                for item, feature in zip(good, features):
-                    entry = _entry(pending[item["i"]], item["file"], item["preview"].numpy().tobytes(),
-                                   weights.model_type)
-                    rotation.current().add(entry, feature)
-                embedded += len(good)
-            for item in batch:
-                if item["error"] is not None:
-                    record = pending[item["i"]]
-                    rotation.current().add_failure(FailedEntry(record.name, item["file"], item["error"]))
-                    failed += 1
-                    progress.write(f"failed: {record.name}: {item['error']}")
-                    if config.strict:
-                        rotation.commit()
-                        raise CacheError(f"--strict: {record.path} could not be embedded: {item['error']}")
-            progress.update(len(batch))
-            progress.set_postfix(failed=failed)
-            rotation.maybe_commit()
-            crash_point("batch-done")
+        with batches_of(loader) as batches:
+            for batch in batches:
+                good = [item for item in batch if item["error"] is None]
+                if good:
+                    images = [image for item in good for image in (item["image"], *item["views"])]
+                    features = encoder(batch_to_model_input(images, device=device, preprocessing=preprocessing)
+                                       if resize else images)
+                    if views:  # each image's features, then its views', stacked: (1 + V, C, 64, 64)
+                        features = features.reshape(len(good), 1 + len(views), *features.shape[1:])
+                    for item, feature in zip(good, features):
+                        entry = _entry(pending[item["i"]], item["file"], item["preview"].numpy().tobytes(),
+                                       weights.model_type)
+                        rotation.current().add(entry, feature)
+                    embedded += len(good)
+                for item in batch:
+                    if item["error"] is not None:
+                        record = pending[item["i"]]
+                        rotation.current().add_failure(FailedEntry(record.name, item["file"], item["error"]))
+                        failed += 1
+                        progress.write(f"failed: {record.name}: {item['error']}")
+                        if config.strict:
+                            rotation.commit()
+                            raise CacheError(f"--strict: {record.path} could not be embedded: {item['error']}")
+                progress.update(len(batch))
+                progress.set_postfix(failed=failed)
+                rotation.maybe_commit()
+                crash_point("batch-done")
     finally:
         progress.close()
     return embedded, failed, time.time() - started

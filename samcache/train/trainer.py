@@ -66,6 +66,7 @@ from samcache.train.samples import (
     should_hold_in_memory,
 )
 from samcache.train.step import NonFiniteLoss, StepStats, interactive_step, optimize_step
+from samcache.workers import batches_of
 
 
 @dataclass
@@ -387,27 +388,28 @@ def train_epoch(t: Training, state: TrainState, writer: RunWriter, epoch: int, *
     bar = _progress(len(t.sampler), f"epoch {epoch + 1}/{config.epochs}", progress and t.dist.is_main)
     started, prompts = time.time(), 0
     global_batches = t.sampler.global_batches()
-    for batch_number, batch in enumerate(loader, start=t.sampler.start_batch):
-        lr = learning_rate(state.global_step, t.steps_per_epoch * config.epochs, config)
-        set_learning_rate(t.optimizer, lr)
-        try:
-            stats = t.step(t.step_inputs(batch, t.trained_passes(epoch, global_batches[batch_number])))
-        except NonFiniteLoss as exc:
-            raise TrainingError(f"{exc} at epoch {epoch + 1}, step {batch_number + 1}: stopped. "
-                                f"{t.run.after_failure()}") from None
-        state.global_step += 1
-        state.batch = batch_number + 1
-        prompts += stats.prompts
-        rate = prompts / max(time.time() - started, 1e-9)
-        writer.log({"type": "step", "epoch": epoch + 1, "step": state.batch, "global_step": state.global_step,
-                    "loss": stats.loss, "mask_loss": stats.mask_loss, "iou_loss": stats.iou_loss,
-                    "train_iou": stats.train_iou, "lr": lr, "prompts": stats.prompts, "samples_per_s": rate})
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", samples_s=f"{rate:.1f}")
-        if (writer.enabled and config.save_every and state.global_step % config.save_every == 0
-                and state.batch < t.steps_per_epoch):
-            writer.save_checkpoint("last", t.checkpoint(state))
-        crash_point("train-step")
+    with batches_of(loader) as batches:
+        for batch_number, batch in enumerate(batches, start=t.sampler.start_batch):
+            lr = learning_rate(state.global_step, t.steps_per_epoch * config.epochs, config)
+            set_learning_rate(t.optimizer, lr)
+            try:
+                stats = t.step(t.step_inputs(batch, t.trained_passes(epoch, global_batches[batch_number])))
+            except NonFiniteLoss as exc:
+                raise TrainingError(f"{exc} at epoch {epoch + 1}, step {batch_number + 1}: stopped. "
+                                    f"{t.run.after_failure()}") from None
+            state.global_step += 1
+            state.batch = batch_number + 1
+            prompts += stats.prompts
+            rate = prompts / max(time.time() - started, 1e-9)
+            writer.log({"type": "step", "epoch": epoch + 1, "step": state.batch, "global_step": state.global_step,
+                        "loss": stats.loss, "mask_loss": stats.mask_loss, "iou_loss": stats.iou_loss,
+                        "train_iou": stats.train_iou, "lr": lr, "prompts": stats.prompts, "samples_per_s": rate})
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", samples_s=f"{rate:.1f}")
+            if (writer.enabled and config.save_every and state.global_step % config.save_every == 0
+                    and state.batch < t.steps_per_epoch):
+                writer.save_checkpoint("last", t.checkpoint(state))
+            crash_point("train-step")
     bar.close()
     return prompts
 
