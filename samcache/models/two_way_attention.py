@@ -40,6 +40,8 @@ from typing import Optional
 
 import torch
 
+from samcache.models.layer_norm import layer_norm
+
 
 @dataclass
 class ImageRows:
@@ -117,7 +119,8 @@ def _two_way_block(block, queries: torch.Tensor, keys: torch.Tensor, query_pe: t
     queries = block.norm2(queries + attended)
     queries = block.norm3(queries + block.mlp(queries))
     keys = _image_to_tokens(block.cross_attn_image_to_token, keys, key_pe, queries + query_pe, queries, rows)
-    return queries, block.norm4(keys)
+    # The image tokens are in bf16 under autocast: norm4's parameter gradients are summed in fp32.
+    return queries, layer_norm(keys, block.norm4.weight, block.norm4.bias, block.norm4.eps)
 
 
 def _tokens_to_image(attention, q: torch.Tensor, keys: torch.Tensor, key_pe: torch.Tensor,

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 
+from samcache.models.layer_norm import layer_norm
+
 
 def mask_logits(upscaling: torch.nn.Sequential, src: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int, *,
                 high_res: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
@@ -47,7 +49,7 @@ def mask_logits(upscaling: torch.nn.Sequential, src: torch.Tensor, hyper_in: tor
     if high_res is not None:  # in the products' precision per image, then per prompt
         s0, s1 = (tokens.to(y.dtype).index_select(0, batch_row) for tokens in high_res_tokens(*high_res, h, w))
         y = y + s1
-    y = act1(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
+    y = act1(layer_norm(y, norm.weight, norm.bias, norm.eps))  # its parameters' gradients summed in fp32
     # The biases go in with the products (no separate pass), in the products' precision under autocast.
     z = F.linear(y, token_weight(conv2), conv2.bias.repeat(4))
     if s0 is not None:
