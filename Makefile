@@ -47,9 +47,18 @@ demo: install
 # The fast suite: every unit and pipeline test (the pipeline's on samcache's micro model), in a few
 # minutes, without a browser; `test-all` adds the slow acceptance cases (pytest marker `slow`) and
 # the tests in headless Chromium (marker `browser`). CI runs both.
+# The fast suite runs in one pytest process per core (pytest-xdist, each test file in one process)
+# with one torch thread each: as many threads as cores, never more, and the cores stay busy through
+# the Python, file and process work between the products (one process with 2 threads kept ~1.3 of
+# 2 cores busy). TEST_PROCESSES=1 runs it in this process, with torch's default threads.
+TEST_PROCESSES ?= auto
 test: install
 	$(VENV)/bin/ruff check samcache
+ifeq ($(TEST_PROCESSES),1)
 	$(PY) -m pytest -q -m "not slow and not browser"
+else
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not browser" -n $(TEST_PROCESSES) --dist loadfile
+endif
 
 test-all: install browser
 	$(VENV)/bin/ruff check samcache
