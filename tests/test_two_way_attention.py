@@ -8,10 +8,7 @@ import torch
 
 from samcache.models.two_way_attention import ImageRows, two_way_transformer
 from samcache.models.weights import build_seeded
-
-# A key projection's bias shifts every score of a query by the same amount, which the softmax cancels:
-# the stock modules give it a gradient of rounding noise, the folded cross-attentions none.
-CANCELLED_BY_SOFTMAX = "k_proj.bias"
+from tests.helpers import CANCELLED_BY_SOFTMAX
 
 
 def _perturbed(model_type: str):
