@@ -47,6 +47,11 @@ RUN_TRAIN = dict(QUICK_TRAIN, lr=1e-3)
 CANCELLED_BY_SOFTMAX = "k_proj.bias"
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """|got - want| / |want| (Frobenius norms), `got` in any precision against an fp32 `want`."""
+    return float((got.float() - want).norm() / want.norm())
+
+
 def write_image(path: Path, height: int, width: int, seed: int = 0) -> np.ndarray:
     """A random RGB PNG (lossless, so tests can compare pixels) and the array written."""
     rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)

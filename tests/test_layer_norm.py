@@ -13,11 +13,7 @@ from samcache.models.families import family_of
 from samcache.models.layer_norm import layer_norm
 from samcache.models.prompts import PromptBatch
 from samcache.models.weights import build_tiny
-from tests.helpers import CANCELLED_BY_SOFTMAX
-
-
-def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want).norm() / want.norm())
+from tests.helpers import CANCELLED_BY_SOFTMAX, relative_error
 
 
 @pytest.mark.parametrize("channels, rows", [(64, 40_000), (256, 9_000)])
@@ -44,8 +40,8 @@ def test_a_bf16_input_gets_torchs_output_and_input_gradient_and_fp32_parameter_s
     assert ours[1] is not None and ours[1].dtype == torch.bfloat16
     torch.testing.assert_close(ours[1], stock_bf16[1], rtol=0, atol=0)  # and input gradient
     assert ours[2].dtype == weight.dtype and ours[3].dtype == bias.dtype
-    assert _relative(ours[2], reference[2]) < 0.01  # weight: within bf16's rounding of the input
-    assert _relative(ours[3], reference[3]) < 1e-4  # bias: the gradient's sum, exact in fp32
+    assert relative_error(ours[2], reference[2]) < 0.01  # weight: within bf16's rounding of the input
+    assert relative_error(ours[3], reference[3]) < 1e-4  # bias: the gradient's sum, exact in fp32
 
 
 def test_an_fp32_input_is_torchs_layer_norm():
@@ -85,7 +81,8 @@ def test_every_decoder_parameter_gradient_under_bf16_autocast_is_close_to_fp32()
         loss.backward()
         grads[bf16] = {n: p.grad for n, p in sam.mask_decoder.named_parameters() if p.grad is not None}
     assert grads[True].keys() == grads[False].keys()
-    checked = {n: _relative(grads[True][n], g) for n, g in grads[False].items() if not n.endswith(CANCELLED_BY_SOFTMAX)}
+    checked = {n: relative_error(grads[True][n], g) for n, g in grads[False].items()
+               if not n.endswith(CANCELLED_BY_SOFTMAX)}
     assert {"transformer.layers.0.norm4.bias", "output_upscaling.1.weight"} <= checked.keys()
     worst = max(checked, key=checked.get)
     assert checked[worst] < 0.1, (worst, checked[worst])

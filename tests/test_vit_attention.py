@@ -13,7 +13,7 @@ import torch
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 
 from samcache.models.vit_attention import fused_vit_attention, is_vit_attention, vit_attention_in_chunks
-from tests.helpers import small_vit
+from tests.helpers import relative_error, small_vit
 
 
 def _small_vit(seed: int = 0, *, img_size: int = 128) -> ImageEncoderViT:
@@ -164,15 +164,12 @@ def test_attention_in_chunks_under_bf16_autocast_is_as_close_to_fp32_as_the_stoc
     with vit_attention_in_chunks(vit, chunk_elements=200):
         got, grads = _outputs_and_gradients(vit, image, weights, bf16=True)
 
-    def distance(a, b):
-        return float((a.float() - b).norm() / b.norm())
-
-    assert distance(got, reference) < 1.5 * distance(stock, reference) + 1e-3
+    assert relative_error(got, reference) < 1.5 * relative_error(stock, reference) + 1e-3
     for name, reference_grad in reference_grads.items():
         if reference_grad.norm() > 0:
-            stock_error = distance(stock_grads[name], reference_grad)
-            assert distance(grads[name], reference_grad) < 1.5 * stock_error + 5e-3, name
-    assert distance(got, reference) < 0.05
+            stock_error = relative_error(stock_grads[name], reference_grad)
+            assert relative_error(grads[name], reference_grad) < 1.5 * stock_error + 5e-3, name
+    assert relative_error(got, reference) < 0.05
 
 
 def test_a_vit_tail_on_a_cpu_runs_its_attention_in_chunks_and_keeps_the_stock_modules():
