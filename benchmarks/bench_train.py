@@ -29,14 +29,23 @@ Three measurements, all in ONE run so that the ratios are taken under the same m
     order; rate = prompts / summed epoch times (from metrics.jsonl, as in (a)).
     Goal: HDF5 / in-memory >= 0.9.
 
-(c) Peak RSS of `python -m samcache train` in a subprocess (workers 0, one epoch, batch size 1,
-    one object per image: the decoder's activations for 16 prompts alone peak near 2.7 GiB and
-    their allocator noise (+-300 MiB) would hide the embeddings) with
-    cache_in_memory="auto" and memory_budget_mb below the cache's embeddings, so it streams
-    from HDF5, on a small cache and one with ~3x the images. Peak RSS is the child's VmHWM
-    from /proc, polled every 50 ms (ru_maxrss would include the parent's RSS at fork). For contrast the same runs with cache_in_memory="yes". Goal
-    ("bounded"): the streaming runs' peak RSS grows by less than 25% of the growth in
-    embedding bytes (in-memory runs should grow by about 100%).
+(c) Peak RSS of `python -m samcache train` in a subprocess (workers 0, batch size 1, one object
+    per image: the decoder's activations for 16 prompts alone peak near 2.7 GiB and their
+    allocator noise (+-300 MiB) would hide the embeddings) with cache_in_memory="auto" and
+    memory_budget_mb below the cache's embeddings, so it streams from HDF5, on a small cache and
+    one with 10x the images. Both runs take as many steps (the small cache 10 epochs, the large
+    one 1): the heap a training process keeps grows over its first hundred or so steps whatever
+    it reads, so only the images differ. Peak RSS is the child's VmHWM from /proc, polled every
+    50 ms (ru_maxrss would include the parent's RSS at fork). For contrast the same runs with
+    cache_in_memory="yes". Each of the four runs repeats --rss-rounds times, interleaved, and
+    the medians count: one run's peak moves by up to +-60 MiB from one run to the next (the
+    checkpoint's bytes and the curves' late imports land wherever the heap has room), hence
+    the 10x cache. And, without that noise, the reader alone in this process: RSS growth over
+    each of three reads of every image's training sample (embedding, prompts, targets): the first
+    fills what the reader keeps per image (the checked mask encodings, bounded), later ones
+    should add nothing. Goal
+    ("bounded"): the streaming runs' peak RSS grows by less than 25% of the growth in embedding
+    bytes (in-memory runs should grow by about 100%).
 
     python benchmarks/bench_train.py --out bench_train.json      # the real run (~5-8 min)
     python benchmarks/bench_train.py --quick                     # smoke run, tiny model (~1 min)
@@ -61,6 +70,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from samcache.cache.reader import EmbeddingCache
 from samcache.config import EmbedConfig, PromptSettings, TrainConfig
 from samcache.data import masks
 from samcache.data.datasets import load_dataset
@@ -71,11 +81,13 @@ from samcache.models.decoder import DecoderOutput, compute_loss
 from samcache.models.preprocess import batch_to_model_input, resize_image, transform_boxes
 from samcache.models.weights import build_sam, load_sam
 from samcache.train.runs import RunFolder
+from samcache.train.samples import CacheSamples, SampleSettings
 from samcache.train.trainer import train
 
 GOAL_EPOCH_SPEEDUP = 50.0
 GOAL_HDF5_RATIO = 0.9
 GOAL_RSS_GROWTH_SHARE = 0.25
+RSS_CACHE_RATIO = 10  # (c)'s large cache holds 10x the small one's images
 LOSS = "dice-bce"
 MIB = 2**20
 EMBEDDING_BYTES = 256 * 64 * 64 * 2  # one fp16 embedding
@@ -93,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--io-images", type=int, default=None, help="train images of (b) (default 16; 8 with --quick)")
     p.add_argument("--io-rounds", type=int, default=None, help="ABBA rounds of (b) (default 2: no,yes,yes,no)")
     p.add_argument("--rss-images", type=int, default=None, help="train images of (c)'s small cache (default 20; 4 quick)")
+    p.add_argument("--rss-rounds", type=int, default=None,
+                   help="runs of each of (c)'s four commands (default 3; 1 quick)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers in (b) (default 0)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c")
     p.add_argument("--seed", type=int, default=0)
@@ -101,7 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     defaults = dict(model="tiny" if quick else "vit_b", images=2 if quick else 4, cached_epochs=2 if quick else 3,
-                    io_images=8 if quick else 16, io_rounds=1 if quick else 2, rss_images=4 if quick else 20)
+                    io_images=8 if quick else 16, io_rounds=1 if quick else 2, rss_images=4 if quick else 20,
+                    rss_rounds=1 if quick else 3)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -279,11 +294,11 @@ def bench_io(args, cache_dir: Path, workdir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- (c) peak RSS
-def train_subprocess(cache_dir: Path, run_dir: Path, mode: str, budget_mb: int, workdir: Path) -> dict:
+def train_subprocess(cache_dir: Path, run_dir: Path, mode: str, budget_mb: int, workdir: Path, epochs: int) -> dict:
     config_file = workdir / f"{run_dir.name}.yaml"
     config_file.write_text(f"memory_budget_mb: {budget_mb}\nsave_every: null\nloss: {LOSS}\n")
     command = [sys.executable, "-m", "samcache", "train", str(cache_dir), "--out", str(run_dir),
-               "--config", str(config_file), "--epochs", "1", "--batch-size", "1", "--objects-per-image", "1",
+               "--config", str(config_file), "--epochs", str(epochs), "--batch-size", "1", "--objects-per-image", "1",
                "--workers", "0", "--cache-in-memory", mode]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -310,21 +325,58 @@ def train_subprocess(cache_dir: Path, run_dir: Path, mode: str, budget_mb: int, 
             "seconds": time.perf_counter() - start}
 
 
+def rss_mib() -> float:
+    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def reader_rss_growth(cache_dir: Path, passes: int) -> dict:
+    """This process's RSS growth over each of `passes` reads of every image's training sample, as
+    the training DataLoader reads them from a streaming cache (after one read to open the shards)."""
+    cache = EmbeddingCache(cache_dir)
+    samples = CacheSamples(cache, SampleSettings.training(objects_per_image=1, prompts=PromptSettings(), seed=0))
+    samples[(0, 0)]
+    growth, before = [], rss_mib()
+    for epoch in range(passes):
+        for index in range(len(cache)):
+            samples[(epoch, index)]
+        growth.append(rss_mib() - before)
+        before += growth[-1]
+    return {"images": len(cache), "passes": passes, "rss_growth_per_pass_mib": growth,
+            "embeddings_mib": len(cache) * EMBEDDING_BYTES / MIB}
+
+
 def bench_rss(args, caches: dict, workdir: Path) -> dict:
     budget_mb = 1  # below any cache's embeddings: "auto" must stream from HDF5
+    # As many steps on both caches: the heap a training process keeps (devices.keep_freed_memory)
+    # settles over its first hundred or so steps, which 1 epoch of the small cache would not reach.
+    n_small, n_large = caches["small"][1], caches["large"][1]
+    epochs = {"small": max(1, n_large // n_small), "large": 1}
+    peaks: dict[str, list[float]] = {}
     rows = {}
-    for size, (cache_dir, n_images) in caches.items():
+    for round_index in range(args.rss_rounds):
         for mode in ("auto", "yes"):
-            row = train_subprocess(cache_dir, workdir / f"run_c_{size}_{mode}", mode, budget_mb, workdir)
-            row.update(images=n_images, embeddings_mib=n_images * EMBEDDING_BYTES / MIB, cache_mib=dir_mib(cache_dir))
-            rows[f"{size}_{mode}"] = row
-            log(f"(c) {size} cache ({n_images} images, {row['cache_mib']:.0f} MiB) cache_in_memory={mode} "
-                f"(held: {row['held_in_memory']}): peak RSS {row['peak_rss_mib']:.0f} MiB")
+            for size, (cache_dir, n_images) in caches.items():
+                key = f"{size}_{mode}"
+                run_dir = workdir / f"run_c_{key}_{round_index}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                row = train_subprocess(cache_dir, run_dir, mode, budget_mb, workdir, epochs[size])
+                peaks.setdefault(key, []).append(row["peak_rss_mib"])
+                rows[key] = dict(row, images=n_images, epochs=epochs[size],
+                                 embeddings_mib=n_images * EMBEDDING_BYTES / MIB, cache_mib=dir_mib(cache_dir))
+                log(f"(c) round {round_index + 1}: {size} cache ({n_images} images, {rows[key]['cache_mib']:.0f} MiB) "
+                    f"cache_in_memory={mode} (held: {row['held_in_memory']}): peak RSS {row['peak_rss_mib']:.0f} MiB")
+    for key, row in rows.items():
+        row.update(peak_rss_mib=statistics.median(peaks[key]), peak_rss_runs_mib=peaks[key])
+    reader = reader_rss_growth(caches["large"][0], passes=3)
+    growth = ", ".join(f"{g:+.1f}" for g in reader["rss_growth_per_pass_mib"])
+    log(f"(c) the reader alone: RSS {growth} MiB over {reader['passes']} reads of {reader['images']} images' "
+        f"samples ({reader['embeddings_mib']:.0f} MiB of embeddings each)")
     assert not rows["small_auto"]["held_in_memory"] and not rows["large_auto"]["held_in_memory"]
     embeddings_growth = rows["large_auto"]["embeddings_mib"] - rows["small_auto"]["embeddings_mib"]
     stream_growth = rows["large_auto"]["peak_rss_mib"] - rows["small_auto"]["peak_rss_mib"]
     memory_growth = rows["large_yes"]["peak_rss_mib"] - rows["small_yes"]["peak_rss_mib"]
     return {"model": "tiny", "memory_budget_mb": budget_mb, "batch_size": 1, "objects_per_image": 1, "runs": rows,
+            "rounds": args.rss_rounds, "reader_alone": reader,
             "embeddings_growth_mib": embeddings_growth, "streaming_rss_growth_mib": stream_growth,
             "in_memory_rss_growth_mib": memory_growth,
             "streaming_growth_share": stream_growth / embeddings_growth,
@@ -364,11 +416,16 @@ def table(results: dict) -> str:
         c = results["c"]
         for key, r in c["runs"].items():
             mode = "stream (auto)" if r["cache_in_memory"] == "auto" else "in memory"
-            row(f"(c) {r['images']} imgs, cache {r['cache_mib']:.0f} MiB (emb {r['embeddings_mib']:.0f}), {mode}: peak RSS",
-                f"{r['peak_rss_mib']:.0f} MiB")
+            runs = ", ".join(f"{v:.0f}" for v in r.get("peak_rss_runs_mib", []))
+            row(f"(c) {r['images']} imgs x {r.get('epochs', 1)} ep, cache {r['cache_mib']:.0f} MiB (emb {r['embeddings_mib']:.0f}), {mode}: peak RSS",
+                f"{r['peak_rss_mib']:.0f} MiB", f"median of {runs}" if runs else "")
         row("(c) streaming RSS growth / embedding growth",
             f"{c['streaming_rss_growth_mib']:.0f}/{c['embeddings_growth_mib']:.0f} MiB",
             f"< {GOAL_RSS_GROWTH_SHARE:.0%}: {yes_no(c['goal_met'])} ({c['streaming_growth_share']:.0%})")
+        reader = c["reader_alone"]
+        row(f"(c) the reader alone: RSS growth per read of {reader['images']} images, MiB",
+            ", ".join(f"{g:+.1f}" for g in reader["rss_growth_per_pass_mib"]),
+            f"({reader['embeddings_mib']:.0f} MiB of embeddings a read)")
         row("(c) in-memory RSS growth / embedding growth (contrast)",
             f"{c['in_memory_rss_growth_mib']:.0f}/{c['embeddings_growth_mib']:.0f} MiB", f"({c['in_memory_growth_share']:.0%})")
     return "\n".join(lines)
@@ -390,7 +447,7 @@ def main(argv=None) -> dict:
             results["a"] = bench_epoch(args, workdir)
         if not {"b", "c"} <= skip:
             n_small = args.rss_images
-            n_large = max(3 * n_small, args.io_images)
+            n_large = max(RSS_CACHE_RATIO * n_small, args.io_images)
             log(f"(b/c) stamps: {n_large} train + 1 val pages; tiny caches of {n_small} and {n_large} train images")
             dataset = make_stamps(workdir / "stamps_bc", n_large, 1, args.seed)
             train_records, val_records = dataset.split("train"), dataset.split("val")
