@@ -12,6 +12,8 @@ and point prompts and 5 clicks of the click protocol. Variants (the same epochs,
   backprop      --prompt interactive --mask-prompt-prob 1 --mask-prompt-gradient backprop (SAM 2's)
   3-trained     --prompt interactive --trained-passes 3 (the default's passes, 3 of the 11
                 backpropagated, the others forward only)
+With --seeds 0,1,2 every variant trains once per seed (the runs' shuffles, prompts and clicks
+differ; the test prompts do not) and the table adds each variant's mean over the seeds.
 
 Part 2, cost. One process, the same batches (the train split, batch 4 x 4 objects), steps of each
 kind interleaved round by round: the box step, and the interactive step with the defaults (mask
@@ -61,41 +63,56 @@ def samcache(*args) -> None:
     subprocess.run(command, cwd=REPO, check=True)
 
 
-def quality(cache: Path, work: Path, variants: list[str], epochs: int) -> dict:
-    results = {}
-    for name in variants:
-        run, report = work / "runs" / name, work / "reports" / name
-        started = time.time()
-        if not (run / "run.json").exists() or "result" not in json.loads((run / "run.json").read_text()):
-            resume = ["--resume"] if (run / "last.pt").exists() else []
-            samcache("train", cache, "--out", run, "--epochs", epochs, *DEMO_TRAIN, *VARIANTS[name], *resume)
-        if not (report / "summary.json").exists():
-            samcache("eval", cache, "--run", run, "--out", report, "--split", "test", "--prompt", "box,point",
-                     "--clicks", CLICKS, "--overwrite")
-        summary = json.loads((report / "summary.json").read_text())
-        result = json.loads((run / "run.json").read_text())["result"]
-        results[name] = {"summary": summary, "train_seconds": result["seconds"],
-                         "prompts_per_s": result["samples_per_second"], "wall": time.time() - started}
+def quality(cache: Path, work: Path, variants: list[str], epochs: int, seeds: list[int]) -> dict:
+    """variant -> seed -> the test split's summary and the run's training figures."""
+    results: dict = {}
+    for seed in seeds:
+        for name in variants:
+            label = name if seed == 0 else f"{name}-seed{seed}"  # seed 0's folders keep their plain names
+            run, report = work / "runs" / label, work / "reports" / label
+            started = time.time()
+            if not (run / "run.json").exists() or "result" not in json.loads((run / "run.json").read_text()):
+                resume = ["--resume"] if (run / "last.pt").exists() else []
+                samcache("train", cache, "--out", run, "--epochs", epochs, *DEMO_TRAIN, *VARIANTS[name],
+                         "--seed", seed, *resume)
+            if not (report / "summary.json").exists():
+                samcache("eval", cache, "--run", run, "--out", report, "--split", "test", "--prompt", "box,point",
+                         "--clicks", CLICKS, "--overwrite")
+            summary = json.loads((report / "summary.json").read_text())
+            result = json.loads((run / "run.json").read_text())["result"]
+            results.setdefault(name, {})[seed] = {"summary": summary, "train_seconds": result["seconds"],
+                                                  "prompts_per_s": result["samples_per_second"],
+                                                  "wall": time.time() - started}
     return results
 
 
+def quality_figures(summary: dict, model: str) -> list[float]:
+    """box mIoU, point mIoU, mIoU after 1..CLICKS clicks, NoC85, NoC90."""
+    clicks = summary["clicks"][model]
+    return [summary["by_prompt"]["box"][model]["miou"], summary["by_prompt"]["point"][model]["miou"],
+            *clicks["miou"], clicks["noc85"], clicks["noc90"]]
+
+
 def quality_table(results: dict) -> str:
-    first = next(iter(results.values()))["summary"]
+    first = next(iter(next(iter(results.values())).values()))["summary"]
     rows = ["| model | box mIoU | point mIoU | " + " | ".join(f"{k} click{'s' if k > 1 else ''}"
                                                             for k in range(1, CLICKS + 1)) + " | NoC85 | NoC90 |",
             "| --- | ---: | ---: | " + " | ".join("---:" for _ in range(CLICKS)) + " | ---: | ---: |"]
 
-    def row(label: str, summary: dict, model: str) -> str:
-        clicks = summary["clicks"][model]
-        return (f"| {label} | {summary['by_prompt']['box'][model]['miou']:.3f} | "
-                f"{summary['by_prompt']['point'][model]['miou']:.3f} | "
-                + " | ".join(f"{v:.3f}" for v in clicks["miou"]) + f" | {clicks['noc85']:.2f} | {clicks['noc90']:.2f} |")
+    def row(label: str, figures: list[float]) -> str:
+        cells = [f"{v:.3f}" for v in figures[:-2]] + [f"{v:.2f}" for v in figures[-2:]]
+        return f"| {label} | " + " | ".join(cells) + " |"
 
     box_fill = first["by_prompt"]["box"]["baselines"]["box_fill"]["miou"]
     rows.append(f"| box-fill baseline | {box_fill:.3f} | | " + " | ".join("" for _ in range(CLICKS)) + " | | |")
-    rows.append(row("zero-shot (pretrained tiny)", first, "zero_shot"))
-    for name, result in results.items():
-        rows.append(row(f"trained: {name}", result["summary"], "fine_tuned"))
+    rows.append(row("zero-shot (pretrained tiny)", quality_figures(first, "zero_shot")))
+    for name, by_seed in results.items():
+        per_seed = {seed: quality_figures(r["summary"], "fine_tuned") for seed, r in by_seed.items()}
+        for seed, figures in per_seed.items():
+            rows.append(row(f"trained: {name}, seed {seed}", figures))
+        if len(per_seed) > 1:
+            mean = [statistics.mean(column) for column in zip(*per_seed.values())]
+            rows.append(row(f"**trained: {name}, mean of {len(per_seed)} seeds**", mean))
     return "\n".join(rows)
 
 
@@ -192,6 +209,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("quality", "cost"))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--epochs", type=int, default=4, help="epochs of every training run")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds of the quality part")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1, help="steps per round and kind in the cost part")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)
@@ -203,12 +221,15 @@ def main() -> None:
 
     print(f"CPU: {cpu_description()}", flush=True)
     if args.only != "cost":
-        results = quality(args.cache, args.work, args.variants.split(","), args.epochs)
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        results = quality(args.cache, args.work, args.variants.split(","), args.epochs, seeds)
         (args.work / "quality.json").write_text(json.dumps(results, indent=1))
         print(f"\nCPU: {cpu_description()}; {args.epochs} epochs")
         print(quality_table(results), flush=True)
-        for name, result in results.items():
-            print(f"{name}: trained in {result['train_seconds']:.0f} s, {result['prompts_per_s']:.2f} prompts/s")
+        for name, by_seed in results.items():
+            for seed, result in by_seed.items():
+                print(f"{name}, seed {seed}: trained in {result['train_seconds']:.0f} s, "
+                      f"{result['prompts_per_s']:.2f} prompts/s")
     if args.only != "quality":
         result = cost(args.cache, args.work, args.rounds, args.steps)
         (args.work / "cost.json").write_text(json.dumps(result, indent=1))
