@@ -13,7 +13,9 @@ and point prompts and 5 clicks of the click protocol. Variants (the same epochs,
   3-trained     --prompt interactive --trained-passes 3 (the default's passes, 3 of the 11
                 backpropagated, the others forward only)
 With --seeds 0,1,2 every variant trains once per seed (the runs' shuffles, prompts and clicks
-differ; the test prompts do not) and the table adds each variant's mean over the seeds.
+differ; the test prompts do not) and the table adds each variant's mean over the seeds. The demo's
+test split holds 11 objects; --eval-cache scores the runs on other pages embedded with the same
+model (e.g. `samcache data stamps --seed 7`, all of its --eval-split train pages held out).
 
 Part 2, cost. One process, the same batches (the train split, batch 4 x 4 objects), steps of each
 kind interleaved round by round: the box step, and the interactive step with the defaults (mask
@@ -63,21 +65,25 @@ def samcache(*args) -> None:
     subprocess.run(command, cwd=REPO, check=True)
 
 
-def quality(cache: Path, work: Path, variants: list[str], epochs: int, seeds: list[int]) -> dict:
-    """variant -> seed -> the test split's summary and the run's training figures."""
+def quality(cache: Path, work: Path, variants: list[str], epochs: int, seeds: list[int],
+            eval_cache: Path, eval_split: str) -> dict:
+    """variant -> seed -> the summary of `eval_cache`'s `eval_split` and the run's training figures."""
     results: dict = {}
+    reports = work / "reports"
+    if (eval_cache.resolve(), eval_split) != (cache.resolve(), "test"):
+        reports = work / f"reports-{eval_cache.resolve().name}-{eval_split}"
     for seed in seeds:
         for name in variants:
             label = name if seed == 0 else f"{name}-seed{seed}"  # seed 0's folders keep their plain names
-            run, report = work / "runs" / label, work / "reports" / label
+            run, report = work / "runs" / label, reports / label
             started = time.time()
             if not (run / "run.json").exists() or "result" not in json.loads((run / "run.json").read_text()):
                 resume = ["--resume"] if (run / "last.pt").exists() else []
                 samcache("train", cache, "--out", run, "--epochs", epochs, *DEMO_TRAIN, *VARIANTS[name],
                          "--seed", seed, *resume)
             if not (report / "summary.json").exists():
-                samcache("eval", cache, "--run", run, "--out", report, "--split", "test", "--prompt", "box,point",
-                         "--clicks", CLICKS, "--overwrite")
+                samcache("eval", eval_cache, "--run", run, "--out", report, "--split", eval_split,
+                         "--prompt", "box,point", "--clicks", CLICKS, "--overwrite")
             summary = json.loads((report / "summary.json").read_text())
             result = json.loads((run / "run.json").read_text())["result"]
             results.setdefault(name, {})[seed] = {"summary": summary, "train_seconds": result["seconds"],
@@ -210,6 +216,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--epochs", type=int, default=4, help="epochs of every training run")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds of the quality part")
+    parser.add_argument("--eval-cache", type=Path, help="score the runs on this cache (default: --cache), e.g. "
+                        "held-out pages embedded with the same model")
+    parser.add_argument("--eval-split", default="test", help="the split of the scored cache (default: test)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1, help="steps per round and kind in the cost part")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)
@@ -222,7 +231,8 @@ def main() -> None:
     print(f"CPU: {cpu_description()}", flush=True)
     if args.only != "cost":
         seeds = [int(seed) for seed in args.seeds.split(",")]
-        results = quality(args.cache, args.work, args.variants.split(","), args.epochs, seeds)
+        results = quality(args.cache, args.work, args.variants.split(","), args.epochs, seeds,
+                          args.eval_cache or args.cache, args.eval_split)
         (args.work / "quality.json").write_text(json.dumps(results, indent=1))
         print(f"\nCPU: {cpu_description()}; {args.epochs} epochs")
         print(quality_table(results), flush=True)
