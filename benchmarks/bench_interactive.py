@@ -12,6 +12,8 @@ and point prompts and 5 clicks of the click protocol. Variants (the same epochs,
   backprop      --prompt interactive --mask-prompt-prob 1 --mask-prompt-gradient backprop (SAM 2's)
   3-trained     --prompt interactive --trained-passes 3 (the default's passes, 3 of the 11
                 backpropagated, the others forward only)
+  half-feedback-lr1e-4  the default recipe at --lr 1e-4 (samcache train's default rate) instead
+                of the demo's 1e-3
 With --seeds 0,1,2 every variant trains once per seed (the runs' shuffles, prompts and clicks
 differ; the test prompts do not) and the table adds each variant's mean over the seeds. The demo's
 test split holds 11 objects; --eval-cache scores the runs on other pages embedded with the same
@@ -53,6 +55,7 @@ VARIANTS = {
     "no-feedback": ["--prompt", "interactive", "--mask-prompt-prob", "0"],
     "backprop": ["--prompt", "interactive", "--mask-prompt-prob", "1", "--mask-prompt-gradient", "backprop"],
     "3-trained": ["--prompt", "interactive", "--mask-prompt-prob", "0.5", "--trained-passes", "3"],
+    "half-feedback-lr1e-4": ["--prompt", "interactive", "--mask-prompt-prob", "0.5", "--lr", "1e-4"],
 }
 CLICKS = 5
 COST_KINDS = ("box step", "interactive, default", "interactive, detached", "interactive, backprop",
