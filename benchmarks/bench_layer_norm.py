@@ -10,7 +10,8 @@ Medians of --repeats calls, the variants interleaved; one process, torch's threa
 
   torch, all three gradients    native_layer_norm_backward: bf16 sums (the defect samcache avoids)
   torch, input gradient only    the part samcache keeps
-  fp32 blocks (samcache)        layer_norm.BLOCK_ELEMENTS rows x channels at a time, fp32
+  fp32 blocks (samcache)        layer_norm.parameter_gradients: BLOCK_ELEMENTS rows x channels
+                                at a time, fp32
   fp32 blocks, 4x smaller/larger
   normalized rows, sum(dtype=fp32)   torch's forward without weight and bias for the normalized rows
                                      (one fused bf16 pass), then torch.sum(..., dtype=torch.float32)
@@ -39,20 +40,6 @@ from samcache.models import layer_norm  # noqa: E402
 EPS = 1e-6
 
 
-def fp32_blocks(x, grad, mean, rstd, block_elements=layer_norm.BLOCK_ELEMENTS):
-    """The parameter sums as `models/layer_norm.py` computes them."""
-    c = x.shape[-1]
-    weight_grad, bias_grad = torch.zeros(c), torch.zeros(c)
-    mean, rstd = mean.float(), rstd.float()
-    step = max(1, block_elements // c)
-    for start in range(0, x.shape[0], step):
-        end = start + step
-        block = grad[start:end].float()
-        bias_grad += block.sum(0)
-        weight_grad += (block * ((x[start:end].float() - mean[start:end]) * rstd[start:end])).sum(0)
-    return weight_grad, bias_grad
-
-
 def normalized_sum_fp32(x, grad, mean, rstd):
     normalized = torch.native_layer_norm(x, (x.shape[-1],), None, None, EPS)[0]
     return torch.sum(grad * normalized, 0, dtype=torch.float32), torch.sum(grad, 0, dtype=torch.float32)
@@ -78,9 +65,11 @@ def matrix_vector_blocks(x, grad, mean, rstd, block_elements=1 << 18):
 
 
 SUMS = {
-    "fp32 blocks (samcache)": fp32_blocks,
-    "fp32 blocks, 4x smaller": lambda *a: fp32_blocks(*a, block_elements=layer_norm.BLOCK_ELEMENTS // 4),
-    "fp32 blocks, 4x larger": lambda *a: fp32_blocks(*a, block_elements=layer_norm.BLOCK_ELEMENTS * 4),
+    "fp32 blocks (samcache)": layer_norm.parameter_gradients,
+    "fp32 blocks, 4x smaller": lambda *a: layer_norm.parameter_gradients(
+        *a, block_elements=layer_norm.BLOCK_ELEMENTS // 4),
+    "fp32 blocks, 4x larger": lambda *a: layer_norm.parameter_gradients(
+        *a, block_elements=layer_norm.BLOCK_ELEMENTS * 4),
     "normalized rows, sum(dtype=fp32)": normalized_sum_fp32,
     "bf16 matrix-vector sums": matrix_vector,
     "bf16 matrix-vector, in blocks": matrix_vector_blocks,

@@ -43,9 +43,8 @@ Three measurements, all in ONE run so that the ratios are taken under the same m
     the 10x cache. And, without that noise, the reader alone in this process: RSS growth over
     each of three reads of every image's training sample (embedding, prompts, targets): the first
     fills what the reader keeps per image (the checked mask encodings, bounded), later ones
-    should add nothing. Goal
-    ("bounded"): the streaming runs' peak RSS grows by less than 25% of the growth in embedding
-    bytes (in-memory runs should grow by about 100%).
+    should add nothing. Goal ("bounded"): the streaming runs' peak RSS grows by less than 25% of
+    the growth in embedding bytes (in-memory runs should grow by about 100%).
 
     python benchmarks/bench_train.py --out bench_train.json      # the real run (~5-8 min)
     python benchmarks/bench_train.py --quick                     # smoke run, tiny model (~1 min)
@@ -298,8 +297,8 @@ def train_subprocess(cache_dir: Path, run_dir: Path, mode: str, budget_mb: int, 
     config_file = workdir / f"{run_dir.name}.yaml"
     config_file.write_text(f"memory_budget_mb: {budget_mb}\nsave_every: null\nloss: {LOSS}\n")
     command = [sys.executable, "-m", "samcache", "train", str(cache_dir), "--out", str(run_dir),
-               "--config", str(config_file), "--epochs", str(epochs), "--batch-size", "1", "--objects-per-image", "1",
-               "--workers", "0", "--cache-in-memory", mode]
+               "--config", str(config_file), "--epochs", str(epochs), "--batch-size", "1",
+               "--objects-per-image", "1", "--workers", "0", "--cache-in-memory", mode]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -417,7 +416,8 @@ def table(results: dict) -> str:
         for key, r in c["runs"].items():
             mode = "stream (auto)" if r["cache_in_memory"] == "auto" else "in memory"
             runs = ", ".join(f"{v:.0f}" for v in r.get("peak_rss_runs_mib", []))
-            row(f"(c) {r['images']} imgs x {r.get('epochs', 1)} ep, cache {r['cache_mib']:.0f} MiB (emb {r['embeddings_mib']:.0f}), {mode}: peak RSS",
+            row(f"(c) {r['images']} imgs x {r.get('epochs', 1)} ep, cache {r['cache_mib']:.0f} MiB "
+                f"(emb {r['embeddings_mib']:.0f}), {mode}: peak RSS",
                 f"{r['peak_rss_mib']:.0f} MiB", f"median of {runs}" if runs else "")
         row("(c) streaming RSS growth / embedding growth",
             f"{c['streaming_rss_growth_mib']:.0f}/{c['embeddings_growth_mib']:.0f} MiB",

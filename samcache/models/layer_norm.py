@@ -48,16 +48,25 @@ class _LayerNormWithFp32Sums(torch.autograd.Function):
                                                                [True, False, False])[0]
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            rows, grads = x.reshape(-1, c), grad.reshape(-1, c)
-            mean, rstd = mean.reshape(-1, 1).float(), rstd.reshape(-1, 1).float()
-            grad_weight = torch.zeros(c, dtype=torch.float32, device=x.device)
-            grad_bias = torch.zeros(c, dtype=torch.float32, device=x.device)
-            step = max(1, BLOCK_ELEMENTS // c)
-            for start in range(0, rows.shape[0], step):
-                end = start + step
-                block = grads[start:end].float()
-                grad_bias += block.sum(0)
-                normalized = (rows[start:end].float() - mean[start:end]) * rstd[start:end]
-                grad_weight += (block * normalized).sum(0)
+            grad_weight, grad_bias = parameter_gradients(x.reshape(-1, c), grad.reshape(-1, c), mean, rstd)
             grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
         return grad_x, grad_weight, grad_bias, None
+
+
+def parameter_gradients(rows: torch.Tensor, grads: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, *,
+                        block_elements: int = BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight's and the bias's gradients (fp32) of a layer norm over `rows` (R x C), from the
+    output's gradient `grads` (R x C) and the forward's per-row `mean` and `rstd` (R values each),
+    summed in fp32 over `block_elements` rows x channels at a time."""
+    c = rows.shape[-1]
+    mean, rstd = mean.reshape(-1, 1).float(), rstd.reshape(-1, 1).float()
+    grad_weight = torch.zeros(c, dtype=torch.float32, device=rows.device)
+    grad_bias = torch.zeros(c, dtype=torch.float32, device=rows.device)
+    step = max(1, block_elements // c)
+    for start in range(0, rows.shape[0], step):
+        end = start + step
+        block = grads[start:end].float()
+        grad_bias += block.sum(0)
+        normalized = (rows[start:end].float() - mean[start:end]) * rstd[start:end]
+        grad_weight += (block * normalized).sum(0)
+    return grad_weight, grad_bias
