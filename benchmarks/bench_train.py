@@ -293,6 +293,11 @@ def bench_io(args, cache_dir: Path, workdir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- (c) peak RSS
+def status_mib(pid: int | str, field: str) -> float:
+    """A memory field of /proc/PID/status ("VmRSS", "VmHWM": kB there) in MiB."""
+    return int(Path(f"/proc/{pid}/status").read_text().split(f"{field}:")[1].split()[0]) / 1024
+
+
 def train_subprocess(cache_dir: Path, run_dir: Path, mode: str, budget_mb: int, workdir: Path, epochs: int) -> dict:
     config_file = workdir / f"{run_dir.name}.yaml"
     config_file.write_text(f"memory_budget_mb: {budget_mb}\nsave_every: null\nloss: {LOSS}\n")
@@ -307,11 +312,10 @@ def train_subprocess(cache_dir: Path, run_dir: Path, mode: str, budget_mb: int, 
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.append(process.stdout.read()), daemon=True)
     reader.start()
-    peak_kib = 0
+    peak_mib = 0.0
     while process.poll() is None:
         try:
-            status = Path(f"/proc/{process.pid}/status").read_text()
-            peak_kib = max(peak_kib, int(status.split("VmHWM:")[1].split()[0]))
+            peak_mib = max(peak_mib, status_mib(process.pid, "VmHWM"))
         except (OSError, IndexError, ValueError):
             pass
         time.sleep(0.05)
@@ -320,12 +324,8 @@ def train_subprocess(cache_dir: Path, run_dir: Path, mode: str, budget_mb: int, 
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{output[-3000:]}")
     held = RunFolder(run_dir).info()["embeddings_in_memory"]
-    return {"cache_in_memory": mode, "held_in_memory": held, "peak_rss_mib": peak_kib / 1024,
+    return {"cache_in_memory": mode, "held_in_memory": held, "peak_rss_mib": peak_mib,
             "seconds": time.perf_counter() - start}
-
-
-def rss_mib() -> float:
-    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
 
 
 def reader_rss_growth(cache_dir: Path, passes: int) -> dict:
@@ -334,11 +334,11 @@ def reader_rss_growth(cache_dir: Path, passes: int) -> dict:
     cache = EmbeddingCache(cache_dir)
     samples = CacheSamples(cache, SampleSettings.training(objects_per_image=1, prompts=PromptSettings(), seed=0))
     samples[(0, 0)]
-    growth, before = [], rss_mib()
+    growth, before = [], status_mib("self", "VmRSS")
     for epoch in range(passes):
         for index in range(len(cache)):
             samples[(epoch, index)]
-        growth.append(rss_mib() - before)
+        growth.append(status_mib("self", "VmRSS") - before)
         before += growth[-1]
     return {"images": len(cache), "passes": passes, "rss_growth_per_pass_mib": growth,
             "embeddings_mib": len(cache) * EMBEDDING_BYTES / MIB}
@@ -350,22 +350,23 @@ def bench_rss(args, caches: dict, workdir: Path) -> dict:
     # settles over its first hundred or so steps, which 1 epoch of the small cache would not reach.
     n_small, n_large = caches["small"][1], caches["large"][1]
     epochs = {"small": max(1, n_large // n_small), "large": 1}
-    peaks: dict[str, list[float]] = {}
-    rows = {}
+    rows = {f"{size}_{mode}": {"images": n_images, "epochs": epochs[size], "peak_rss_runs_mib": [],
+                               "embeddings_mib": n_images * EMBEDDING_BYTES / MIB, "cache_mib": dir_mib(cache_dir)}
+            for mode in ("auto", "yes") for size, (cache_dir, n_images) in caches.items()}
     for round_index in range(args.rss_rounds):
         for mode in ("auto", "yes"):
             for size, (cache_dir, n_images) in caches.items():
                 key = f"{size}_{mode}"
                 run_dir = workdir / f"run_c_{key}_{round_index}"
                 shutil.rmtree(run_dir, ignore_errors=True)
-                row = train_subprocess(cache_dir, run_dir, mode, budget_mb, workdir, epochs[size])
-                peaks.setdefault(key, []).append(row["peak_rss_mib"])
-                rows[key] = dict(row, images=n_images, epochs=epochs[size],
-                                 embeddings_mib=n_images * EMBEDDING_BYTES / MIB, cache_mib=dir_mib(cache_dir))
+                run = train_subprocess(cache_dir, run_dir, mode, budget_mb, workdir, epochs[size])
+                rows[key]["peak_rss_runs_mib"].append(run.pop("peak_rss_mib"))
+                rows[key].update(run)
                 log(f"(c) round {round_index + 1}: {size} cache ({n_images} images, {rows[key]['cache_mib']:.0f} MiB) "
-                    f"cache_in_memory={mode} (held: {row['held_in_memory']}): peak RSS {row['peak_rss_mib']:.0f} MiB")
-    for key, row in rows.items():
-        row.update(peak_rss_mib=statistics.median(peaks[key]), peak_rss_runs_mib=peaks[key])
+                    f"cache_in_memory={mode} (held: {run['held_in_memory']}): "
+                    f"peak RSS {rows[key]['peak_rss_runs_mib'][-1]:.0f} MiB")
+    for row in rows.values():
+        row["peak_rss_mib"] = statistics.median(row["peak_rss_runs_mib"])
     reader = reader_rss_growth(caches["large"][0], passes=3)
     growth = ", ".join(f"{g:+.1f}" for g in reader["rss_growth_per_pass_mib"])
     log(f"(c) the reader alone: RSS {growth} MiB over {reader['passes']} reads of {reader['images']} images' "
