@@ -17,6 +17,7 @@ import torch
 from samcache.data import masks
 from tests.helpers import (
     RUN_TRAIN,
+    SAM2_PAGES,
     SHARED_EMBED,
     STAMPS_PAGES,
     STAMPS_SEED,
@@ -79,10 +80,23 @@ def hiera_t_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sam2_cache(stamps, hiera_t_checkpoint, tmp_path_factory) -> Path:
-    """`stamps` embedded by the random Hiera-T, fp32 (stored fp16), shards of 2 images."""
+def sam2_stamps(tmp_path_factory) -> Path:
+    """The first SAM2_PAGES pages of `stamps`, one a split: a Hiera-T embeds a page in seconds on one
+    thread, where the micro model takes a fraction of a second."""
+    from samcache.data.stamps import generate_stamps
+
+    out = tmp_path_factory.mktemp("shared") / "sam2_stamps"
+    summary = generate_stamps(out, SAM2_PAGES, seed=STAMPS_SEED, progress=False, fractions=(1 / 3, 1 / 3, 1 / 3))
+    assert all(split["objects"] > 0 for split in summary["splits"].values()), summary["splits"]
+    with left_unchanged(out, "SAM 2.1 stamps data set"):
+        yield out
+
+
+@pytest.fixture(scope="session")
+def sam2_cache(sam2_stamps, hiera_t_checkpoint, tmp_path_factory) -> Path:
+    """`sam2_stamps` embedded by the random Hiera-T, fp32 (stored fp16), shards of 2 images."""
     out = tmp_path_factory.mktemp("shared") / "sam2_cache"
-    embed(stamps, out, **{**SHARED_EMBED, "model_type": "sam2.1_hiera_t", "checkpoint": hiera_t_checkpoint})
+    embed(sam2_stamps, out, **{**SHARED_EMBED, "model_type": "sam2.1_hiera_t", "checkpoint": hiera_t_checkpoint})
     with left_unchanged(out, "SAM 2.1 stamps cache"):
         yield out
 

@@ -20,6 +20,8 @@ import torch
 # (9 objects), val 1 page (3 objects), test 1 page (2 objects); every split has objects.
 STAMPS_PAGES = 7
 STAMPS_SEED = 31
+# The SAM 2.1 cache's data set (conftest.sam2_stamps): the first 3 of those pages, one a split.
+SAM2_PAGES = 3
 
 # Embedding settings of the shared cache: the micro model (SAM's prompt encoder and mask decoder
 # classes at width 32: the pipeline's tests do not need SAM's widths, and a decoder pass costs a

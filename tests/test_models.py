@@ -133,13 +133,14 @@ def test_download_verifies_sha256_and_lands_in_home(tmp_path, monkeypatch, vit_b
     server = _serve(served)
     try:
         _fake_official(monkeypatch, f"http://127.0.0.1:{server.server_port}/sam_vit_b_01ec64.pth", payload)
-        loaded = models.load_sam("vit_b")
+        # What load_sam would load (loading vit_b from Meta's layout: test_random_vit_b_in_official_layout_loads)
+        found = models.identify_weights("vit_b")
         home_file = models.samcache_home() / "sam_vit_b_01ec64.pth"
         assert home_file.read_bytes() == payload
-        assert loaded.weights_source == str(home_file)
+        assert found.weights_source == str(home_file) and found.path == home_file
         # The second call finds the verified file and does not download again.
         server.shutdown()
-        assert models.load_sam("vit_b").weights_sha256 == hashlib.sha256(payload).hexdigest()
+        assert models.identify_weights("vit_b").weights_sha256 == hashlib.sha256(payload).hexdigest()
     finally:
         server.shutdown()
 

@@ -17,6 +17,7 @@ from samcache.data import masks
 from samcache.data.images import read_image
 from samcache.deploy.onnx import DECODER_INPUTS, DECODER_OUTPUTS
 from samcache.models.preprocess import resize_image, transform_coords
+from tests.helpers import copy_tree, left_unchanged
 
 NO_MASK = {"mask_input": np.zeros((1, 1, 256, 256), np.float32), "has_mask_input": np.zeros(1, np.float32)}
 
@@ -25,6 +26,22 @@ def export(run: Path, out: Path, *args: str) -> Path:
     result = CliRunner().invoke(main, ["export", "--run", str(run), "--format", "onnx", "--out", str(out), *args])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_run, tmp_path_factory) -> Path:
+    """tiny_run exported with the default options (an export takes seconds: the tests share two)."""
+    out = export(tiny_run, tmp_path_factory.mktemp("onnx") / "onnx")
+    with left_unchanged(out, "tiny ONNX export"):
+        yield out
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx_single_quantized(tiny_run, tmp_path_factory) -> Path:
+    """tiny_run exported with --return-single-mask --quantize."""
+    out = export(tiny_run, tmp_path_factory.mktemp("onnx") / "single", "--return-single-mask", "--quantize")
+    with left_unchanged(out, "tiny single-mask quantized ONNX export"):
+        yield out
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -100,8 +117,8 @@ def check_against_predict(export_dir: Path, run: Path, cache_dir: Path, tmp_path
     raise AssertionError(f"the cache has fewer than {images} images with objects")
 
 
-def test_tiny_onnx_equals_predict_on_the_cache(tiny_run, tiny_cache, tmp_path):
-    out = export(tiny_run, tmp_path / "onnx")
+def test_tiny_onnx_equals_predict_on_the_cache(tiny_onnx, tiny_run, tiny_cache, tmp_path):
+    out = tiny_onnx
     sizes = check_against_predict(out, tiny_run, tiny_cache, tmp_path, images=3)
     assert len(sizes) > 1  # one graph (traced at 1500x2250) crops and pads every resized size
     metadata = json.loads((out / "export.json").read_text())
@@ -113,9 +130,9 @@ def test_tiny_onnx_equals_predict_on_the_cache(tiny_run, tiny_cache, tmp_path):
     assert "orig_im_size" in (out / "README.md").read_text()
 
 
-def test_single_mask_and_quantized_variants(tiny_run, tiny_cache, tmp_path):
-    full = session(export(tiny_run, tmp_path / "full") / "decoder.onnx")
-    out = export(tiny_run, tmp_path / "single", "--return-single-mask", "--quantize")
+def test_single_mask_and_quantized_variants(tiny_onnx, tiny_onnx_single_quantized, tiny_cache):
+    full = session(tiny_onnx / "decoder.onnx")
+    out = tiny_onnx_single_quantized
     single = session(out / "decoder.onnx")
     cache = EmbeddingCache(tiny_cache)
     index = next(i for i, info in enumerate(cache.images) if info.objects)
@@ -149,23 +166,23 @@ def test_single_mask_and_quantized_variants(tiny_run, tiny_cache, tmp_path):
     assert not (out / "decoder_single_mask.onnx").exists()  # decoder.onnx is the single-mask one
 
 
-def test_onnx_export_refuses_to_overwrite_and_checks_options(tiny_run, tmp_path):
-    out = export(tiny_run, tmp_path / "onnx")
-    before = (out / "decoder.onnx").read_bytes()
+def test_onnx_export_refuses_to_overwrite_and_checks_options(tiny_onnx, tiny_onnx_single_quantized, tiny_run,
+                                                             tmp_path):
+    out = tiny_onnx  # left_unchanged checks that the refused export wrote nothing there
     again = CliRunner().invoke(main, ["export", "--run", str(tiny_run), "--format", "onnx", "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
-    assert (out / "decoder.onnx").read_bytes() == before
     file = tmp_path / "a_file"
     file.write_text("x")
     not_a_folder = CliRunner().invoke(main, ["export", "--run", str(tiny_run), "--format", "onnx",
                                              "--out", str(file)])
     assert not_a_folder.exit_code == 1 and "is a file" in not_a_folder.output and file.read_text() == "x"
     # --overwrite with other options leaves no file of the earlier export behind that export.json does not list
-    quantized = export(tiny_run, tmp_path / "q", "--quantize")
+    quantized = copy_tree(tiny_onnx_single_quantized, tmp_path / "q")
     assert (quantized / "decoder.quant.onnx").exists()
     export(tiny_run, quantized, "--overwrite")
     listed = json.loads((quantized / "export.json").read_text())["files"]
     assert sorted(p.name for p in quantized.glob("*.onnx")) == sorted(listed)
+    assert sorted(listed) == sorted(p.name for p in tiny_onnx.glob("*.onnx"))  # the default export's files
     assert not [p for p in quantized.iterdir() if p.name.startswith(".")]  # no staging folder left
     wrong = CliRunner().invoke(main, ["export", "--run", str(tiny_run), "--out", str(tmp_path / "m.pth"),
                                       "--quantize"])

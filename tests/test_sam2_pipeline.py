@@ -35,7 +35,7 @@ from samcache.models.sam2_decoder import sam2_loss
 from samcache.models.specs import OFFICIAL_WEIGHTS, SAM2_FEATURE_SHAPES
 from samcache.models.weights import identify_weights, load_sam
 from samcache.train.runs import RunFolder
-from tests.helpers import EMBED_FLAGS, STAMPS_PAGES, copy_tree, embed
+from tests.helpers import EMBED_FLAGS, SAM2_PAGES, copy_tree, embed
 
 CONFIG_T = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
@@ -52,7 +52,7 @@ def test_packing_is_lossless_and_pixel_unshuffle_order():
     assert np.array_equal(as_numpy, packed[0].numpy())
 
 
-def test_cache_holds_the_three_maps_of_sam2_image_predictor(sam2_cache, hiera_t_checkpoint, stamps):
+def test_cache_holds_the_three_maps_of_sam2_image_predictor(sam2_cache, hiera_t_checkpoint):
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
@@ -60,7 +60,7 @@ def test_cache_holds_the_three_maps_of_sam2_image_predictor(sam2_cache, hiera_t_
     assert header["schema_version"] == SCHEMA_VERSIONS["sam2.1"] == 2
     assert header["provenance"]["model_type"] == "sam2.1_hiera_t"
     cache = EmbeddingCache(sam2_cache)
-    assert len(cache) == STAMPS_PAGES
+    assert len(cache) == SAM2_PAGES
     info = cache.info()
     assert info["model_family"] == "sam2.1" and info["embedding_shape"] == [256, 64, 64]
     assert info["stored_maps"] == {"embeddings": [256, 64, 64], "high_res_s1": [64, 128, 128],
@@ -71,24 +71,24 @@ def test_cache_holds_the_three_maps_of_sam2_image_predictor(sam2_cache, hiera_t_
                             ("high_res_s0", (32, 256, 256))):
             assert shard[name].shape[1:] == shape and shard[name].dtype == np.float16 and shard[name].fletcher32
 
+    assert all(image.input_size == (1024, 1024) for image in cache.images)  # stretched, whatever the page's shape
+    # The last image, in the cache's second shard (a Hiera-T forward costs seconds on one thread)
     predictor = SAM2ImagePredictor(build_sam2(CONFIG_T, str(hiera_t_checkpoint), device="cpu"))
-    for index in (0, len(cache) - 1):
-        image_info = cache.images[index]
-        assert image_info.input_size == (1024, 1024)  # stretched, whatever the page's shape
-        predictor.set_image(read_image(image_info.file.path))
-        theirs = {"image_embed": predictor._features["image_embed"][0],
-                  "high_res_s0": predictor._features["high_res_feats"][0][0],
-                  "high_res_s1": predictor._features["high_res_feats"][1][0]}
-        ours = unpack_sam2(torch.from_numpy(cache.embedding(index)).float())
-        for name, value in theirs.items():
-            torch.testing.assert_close(ours[name], value, atol=2e-2, rtol=2e-3)  # fp16 storage
+    index = len(cache) - 1
+    predictor.set_image(read_image(cache.images[index].file.path))
+    theirs = {"image_embed": predictor._features["image_embed"][0],
+              "high_res_s0": predictor._features["high_res_feats"][0][0],
+              "high_res_s1": predictor._features["high_res_feats"][1][0]}
+    ours = unpack_sam2(torch.from_numpy(cache.embedding(index)).float())
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, atol=2e-2, rtol=2e-3)  # fp16 storage
 
 
-def test_embedding_is_incremental_and_never_mixes_families(sam2_cache, stamps_cache, hiera_t_checkpoint, stamps,
-                                                            tmp_path):
+def test_embedding_is_incremental_and_never_mixes_families(sam2_cache, sam2_stamps, stamps_cache, hiera_t_checkpoint,
+                                                            stamps, tmp_path):
     cache = copy_tree(sam2_cache, tmp_path / "cache")
-    again = embed(stamps, cache, model_type="sam2.1_hiera_t", checkpoint=hiera_t_checkpoint, precision="fp32")
-    assert again.embedded == 0 and again.skipped == STAMPS_PAGES
+    again = embed(sam2_stamps, cache, model_type="sam2.1_hiera_t", checkpoint=hiera_t_checkpoint, precision="fp32")
+    assert again.embedded == 0 and again.skipped == SAM2_PAGES
     sam_cache = copy_tree(stamps_cache, tmp_path / "sam_cache")
     with pytest.raises(CacheError, match="model_type is 'micro' in the cache, 'sam2.1_hiera_t' now"):
         embed(stamps, sam_cache, model_type="sam2.1_hiera_t", checkpoint=hiera_t_checkpoint)
@@ -99,10 +99,10 @@ def test_embedding_is_incremental_and_never_mixes_families(sam2_cache, stamps_ca
 
 
 @pytest.mark.slow
-def test_killed_embed_resumes_to_the_same_cache(sam2_cache, hiera_t_checkpoint, stamps, tmp_path):
+def test_killed_embed_resumes_to_the_same_cache(sam2_cache, hiera_t_checkpoint, sam2_stamps, tmp_path):
     cache = tmp_path / "killed"
     env = dict(os.environ, SAMCACHE_CRASH_AT="shard-before-rename:2")
-    command = [sys.executable, "-m", "samcache", "embed", str(stamps), "--out", str(cache), "--model",
+    command = [sys.executable, "-m", "samcache", "embed", str(sam2_stamps), "--out", str(cache), "--model",
                "sam2.1_hiera_t", "--checkpoint", str(hiera_t_checkpoint), *EMBED_FLAGS[2:]]  # its own --model
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr

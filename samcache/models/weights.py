@@ -172,8 +172,9 @@ def load_identified(weights: WeightsIdentity) -> LoadedModel:
     if weights.path is None:
         sam = build_seeded(weights.model_type, weights.seed)
     else:
+        state_dict = read_state_dict(weights.path)  # first: a refused file costs no model build
         sam = build_sam(weights.model_type)
-        load_weights_into(family_of(weights.model_type).weights_module(sam), read_state_dict(weights.path),
+        load_weights_into(family_of(weights.model_type).weights_module(sam), state_dict,
                           model_type=weights.model_type, source=weights.path)
         remember_sha256(weights.path)  # loaded: worth remembering; a refused file is not
     return LoadedModel(sam, weights.model_type, weights.weights_sha256, weights.weights_source)
