@@ -1,8 +1,8 @@
 """Benchmark: box training vs SAM's interactive recipe (`--prompt interactive`), on the demo's stamps.
 
 Part 1, quality. Each variant is a `samcache train` run on the demo's cache (the pretrained tiny,
-the demo's options: `make demo`'s DEMO_TRAIN), then `samcache eval` on the test split with box
-and point prompts and 5 clicks of the click protocol. Variants (the same epochs, --epochs, and seed):
+the demo's batch and rate with the dice + BCE loss: DEMO_TRAIN below), then `samcache eval` on the
+test split with box and point prompts and 5 clicks of the click protocol. Variants (the same epochs, --epochs, and seed):
 
   box           --prompt box (the demo's run)
   feedback      --prompt interactive --mask-prompt-prob 1 (SAM's counts: 8 corrective points,

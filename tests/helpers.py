@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,6 +49,12 @@ RUN_TRAIN = dict(QUICK_TRAIN, lr=1e-3)
 # A key projection's bias shifts every score of a query by the same amount, which the softmax cancels:
 # the stock modules give it a gradient of rounding noise, the folded cross-attentions none.
 CANCELLED_BY_SOFTMAX = "k_proj.bias"
+
+
+def demo_train_flags() -> list[str]:
+    """`make demo`'s training flags: the Makefile's DEMO_TRAIN."""
+    makefile = Path(__file__).resolve().parents[1] / "Makefile"
+    return shlex.split(re.search(r"^DEMO_TRAIN := (.*)$", makefile.read_text(), re.M).group(1))
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

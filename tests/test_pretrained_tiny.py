@@ -10,9 +10,6 @@ weights, so nothing here falls back to them.
 from __future__ import annotations
 
 import json
-import re
-import shlex
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -24,22 +21,16 @@ from samcache.data.stamps import generate_stamps
 from samcache.embed.pipeline import embed_dataset
 from samcache.evaluate.evaluator import evaluate
 from samcache.models import weights as models
+from tests.helpers import demo_train_flags
 
 pytestmark = pytest.mark.slow
 
-MAKEFILE = Path(__file__).resolve().parents[1] / "Makefile"
 # Seen on a 2-core AMD EPYC with AVX512-BF16 (constraints.txt's versions, fp32 embeddings; 40 pages, 12 test
 # pages, 27 objects; the demo's flags, --loss sam): test mIoU zero-shot 0.752, box fill 0.762, fine-tuned 0.802;
 # boundary F 0.419 -> 0.632. The margin leaves room for other CPUs and versions without letting a model that
 # does not beat both through.
 MARGIN = 0.02
 PAGES = 40
-
-
-def demo_train_flags() -> list[str]:
-    """`make demo`'s training flags (the Makefile's DEMO_TRAIN), so this tests the demo's recipe."""
-    line = re.search(r"^DEMO_TRAIN := (.*)$", MAKEFILE.read_text(), re.M).group(1)
-    return shlex.split(line)
 
 
 def test_fine_tuned_tiny_beats_zero_shot_and_the_filled_box_on_held_out_stamps(tmp_path):
@@ -52,7 +43,7 @@ def test_fine_tuned_tiny_beats_zero_shot_and_the_filled_box_on_held_out_stamps(t
     cache_provenance = json.loads((tmp_path / "cache" / "cache.json").read_text())["provenance"]
     assert cache_provenance["weights_sha256"] == models.TINY_PRETRAINED_SHA256  # the default is the pretrained model
 
-    flags = demo_train_flags()
+    flags = demo_train_flags()  # the demo's recipe
     result = CliRunner().invoke(main, ["train", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), *flags,
                                        "--workers", "0"])
     assert result.exit_code == 0, result.output

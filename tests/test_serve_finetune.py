@@ -17,12 +17,19 @@ from samcache.cli import main
 from samcache.data import masks
 from tests import browser
 from tests.browser import console_errors, open_page, wait_for
+from tests.helpers import demo_train_flags
 
 chrome = browser.chrome
 live_server = browser.live_server
 
 # A one-epoch job on the micro model takes about 25 s on two CPU cores (three processes start).
 JOB_TIMEOUT_S = 180
+
+
+def test_a_server_without_a_run_fine_tunes_with_the_demos_recipe():
+    from samcache.serve.finetune import DEMO_TRAIN
+
+    assert DEMO_TRAIN == demo_train_flags()
 
 
 @contextmanager
