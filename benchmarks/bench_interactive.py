@@ -1,10 +1,13 @@
 """Benchmark: box training vs SAM's interactive recipe (`--prompt interactive`), on the demo's stamps.
 
 Part 1, quality. Each variant is a `samcache train` run on the demo's cache (the pretrained tiny,
-the demo's batch and rate with the dice + BCE loss: DEMO_TRAIN below), then `samcache eval` on the
-test split with box and point prompts and 5 clicks of the click protocol. Variants (the same epochs, --epochs, and seed):
+the demo's batch and rate, with the dice + BCE loss or --loss sam, the demo's), then `samcache eval` on
+the test split with box and point prompts and 5 clicks of the click protocol. Variants (the same
+epochs, --epochs, and seed):
 
   box           --prompt box (the demo's run)
+  mixed         --prompt mixed (a box or, with probability 0.5, a point per object)
+  box+points    --prompt box+points (the box and a point in one prompt)
   feedback      --prompt interactive --mask-prompt-prob 1 (SAM's counts: 8 corrective points,
                 mask feedback on every pass, detached)
   half-feedback --prompt interactive --mask-prompt-prob 0.5 (micro-sam's choice; the default)
@@ -47,9 +50,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DEMO_TRAIN = ["--lr", "1e-3", "--loss", "dice-bce", "--batch-size", "4", "--objects-per-image", "4"]
+DEMO_TRAIN = ["--lr", "1e-3", "--batch-size", "4", "--objects-per-image", "4"]
 VARIANTS = {
     "box": ["--prompt", "box"],
+    "mixed": ["--prompt", "mixed"],
+    "box+points": ["--prompt", "box+points"],
     "feedback": ["--prompt", "interactive", "--mask-prompt-prob", "1"],
     "half-feedback": ["--prompt", "interactive", "--mask-prompt-prob", "0.5"],
     "no-feedback": ["--prompt", "interactive", "--mask-prompt-prob", "0"],
@@ -68,7 +73,7 @@ def samcache(*args) -> None:
     subprocess.run(command, cwd=REPO, check=True)
 
 
-def quality(cache: Path, work: Path, variants: list[str], epochs: int, seeds: list[int],
+def quality(cache: Path, work: Path, variants: list[str], epochs: int, loss: str, seeds: list[int],
             eval_cache: Path, eval_split: str) -> dict:
     """variant -> seed -> the summary of `eval_cache`'s `eval_split` and the run's training figures."""
     results: dict = {}
@@ -82,7 +87,7 @@ def quality(cache: Path, work: Path, variants: list[str], epochs: int, seeds: li
             started = time.time()
             if not (run / "run.json").exists() or "result" not in json.loads((run / "run.json").read_text()):
                 resume = ["--resume"] if (run / "last.pt").exists() else []
-                samcache("train", cache, "--out", run, "--epochs", epochs, *DEMO_TRAIN, *VARIANTS[name],
+                samcache("train", cache, "--out", run, "--epochs", epochs, "--loss", loss, *DEMO_TRAIN, *VARIANTS[name],
                          "--seed", seed, *resume)
             if not (report / "summary.json").exists():
                 samcache("eval", eval_cache, "--run", run, "--out", report, "--split", eval_split,
@@ -154,7 +159,8 @@ def cost_setup(cache_dir: Path, work: Path):
                               resume=False, dist=SINGLE)
     batches = {}
     for name, settings in modes.items():
-        samples = CacheSamples(cache, SampleSettings.training(objects_per_image=4, prompts=settings, seed=0), read_embeddings=False)
+        samples = CacheSamples(cache, SampleSettings.training(objects_per_image=4, prompts=settings, seed=0),
+                               read_embeddings=False)
         sampler = EpochBatches(training.train_indices, 4, 0)
         # the step's trained passes drawn as the trainer draws them (from its first image; all for SAM's recipe)
         batches[name] = [training.step_inputs(collate([samples[key] for key in keys]), torch.from_numpy(
@@ -218,6 +224,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("quality", "cost"))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--epochs", type=int, default=4, help="epochs of every training run")
+    parser.add_argument("--loss", default="dice-bce", help="the loss of every training run (the demo's: sam)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds of the quality part")
     parser.add_argument("--eval-cache", type=Path, help="score the runs on this cache (default: --cache), e.g. "
                         "held-out pages embedded with the same model")
@@ -234,10 +241,10 @@ def main() -> None:
     print(f"CPU: {cpu_description()}", flush=True)
     if args.only != "cost":
         seeds = [int(seed) for seed in args.seeds.split(",")]
-        results = quality(args.cache, args.work, args.variants.split(","), args.epochs, seeds,
+        results = quality(args.cache, args.work, args.variants.split(","), args.epochs, args.loss, seeds,
                           args.eval_cache or args.cache, args.eval_split)
         (args.work / "quality.json").write_text(json.dumps(results, indent=1))
-        print(f"\nCPU: {cpu_description()}; {args.epochs} epochs")
+        print(f"\nCPU: {cpu_description()}; {args.epochs} epochs, --loss {args.loss}")
         print(quality_table(results), flush=True)
         for name, by_seed in results.items():
             for seed, result in by_seed.items():
