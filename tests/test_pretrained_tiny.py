@@ -43,7 +43,7 @@ def test_fine_tuned_tiny_beats_zero_shot_and_the_filled_box_on_held_out_stamps(t
     cache_provenance = json.loads((tmp_path / "cache" / "cache.json").read_text())["provenance"]
     assert cache_provenance["weights_sha256"] == models.TINY_PRETRAINED_SHA256  # the default is the pretrained model
 
-    flags = demo_train_flags()  # the demo's recipe
+    flags = demo_train_flags()
     result = CliRunner().invoke(main, ["train", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), *flags,
                                        "--workers", "0"])
     assert result.exit_code == 0, result.output
