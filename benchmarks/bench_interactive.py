@@ -73,6 +73,17 @@ def samcache(*args) -> None:
     subprocess.run(command, cwd=REPO, check=True)
 
 
+def _same_options(run: Path, epochs: int, loss: str) -> None:
+    """A kept run is reused only if it was trained with this call's --epochs and --loss."""
+    import yaml
+
+    if (run / "config.yaml").exists():
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        if (config["epochs"], config["loss"]) != (epochs, loss):
+            sys.exit(f"{run} was trained with --epochs {config['epochs']} --loss {config['loss']}, not "
+                     f"--epochs {epochs} --loss {loss}: give another --work for other options")
+
+
 def quality(cache: Path, work: Path, variants: list[str], epochs: int, loss: str, seeds: list[int],
             eval_cache: Path, eval_split: str) -> dict:
     """variant -> seed -> the summary of `eval_cache`'s `eval_split` and the run's training figures."""
@@ -85,6 +96,7 @@ def quality(cache: Path, work: Path, variants: list[str], epochs: int, loss: str
             label = name if seed == 0 else f"{name}-seed{seed}"  # seed 0's folders keep their plain names
             run, report = work / "runs" / label, reports / label
             started = time.time()
+            _same_options(run, epochs, loss)
             if not (run / "run.json").exists() or "result" not in json.loads((run / "run.json").read_text()):
                 resume = ["--resume"] if (run / "last.pt").exists() else []
                 samcache("train", cache, "--out", run, "--epochs", epochs, "--loss", loss, *DEMO_TRAIN, *VARIANTS[name],
