@@ -83,11 +83,7 @@ def hiera_t_checkpoint(tmp_path_factory) -> Path:
 def sam2_stamps(tmp_path_factory) -> Path:
     """The first SAM2_PAGES pages of `stamps`, one a split: a Hiera-T embeds a page in seconds on one
     thread, where the micro model takes a fraction of a second."""
-    from samcache.data.stamps import generate_stamps
-
-    out = tmp_path_factory.mktemp("shared") / "sam2_stamps"
-    summary = generate_stamps(out, SAM2_PAGES, seed=STAMPS_SEED, progress=False, fractions=(1 / 3, 1 / 3, 1 / 3))
-    assert all(split["objects"] > 0 for split in summary["splits"].values()), summary["splits"]
+    out = _shared_stamps(tmp_path_factory, "sam2_stamps", SAM2_PAGES, fractions=(1 / 3, 1 / 3, 1 / 3))
     with left_unchanged(out, "SAM 2.1 stamps data set"):
         yield out
 
@@ -139,13 +135,19 @@ def coco_dir(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def stamps(tmp_path_factory) -> Path:
     """The synthetic stamps data set: STAMPS_PAGES pages (seed STAMPS_SEED), COCO train/val/test."""
-    from samcache.data.stamps import generate_stamps
-
-    out = tmp_path_factory.mktemp("shared") / "stamps"
-    summary = generate_stamps(out, STAMPS_PAGES, seed=STAMPS_SEED, progress=False)
-    assert all(split["objects"] > 0 for split in summary["splits"].values()), summary["splits"]
+    out = _shared_stamps(tmp_path_factory, "stamps", STAMPS_PAGES)
     with left_unchanged(out, "stamps data set"):
         yield out
+
+
+def _shared_stamps(tmp_path_factory, name: str, pages: int, **options) -> Path:
+    """`pages` stamps pages of seed STAMPS_SEED in a new shared folder `name`; every split has objects."""
+    from samcache.data.stamps import generate_stamps
+
+    out = tmp_path_factory.mktemp("shared") / name
+    summary = generate_stamps(out, pages, seed=STAMPS_SEED, progress=False, **options)
+    assert all(split["objects"] > 0 for split in summary["splits"].values()), summary["splits"]
+    return out
 
 
 @pytest.fixture(scope="session")
